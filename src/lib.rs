@@ -1,0 +1,1 @@
+//! kairos: streaming inference engine.
