@@ -1,1 +1,11 @@
-//! kairos: streaming inference engine.
+//! kairos: a real-time streaming inference engine.
+//!
+//! Data flow: connectors → pipeline → scheduler → engine → backend → kernels.
+//! Layers here, bottom up: `quant` (weight formats), `model` (configs,
+//! checkpoints, tokenizer), `backend` (CPU reference, CUDA), `engine`
+//! (sampling, generation, constrained decoding).
+
+pub mod backend;
+pub mod engine;
+pub mod model;
+pub mod quant;

@@ -1,0 +1,48 @@
+// argmax: logits f32 [n, V] -> ids i32 [n] (greedy; ties: lowest index; NaN ignored).
+// Two passes over a u64 scratch [n, parts] of keys (orderable float bits << 32 | ~index):
+// argmax_partial grid (parts, n), block 256; argmax_final grid (n), block 32.
+__device__ __forceinline__ unsigned long long amax_key(float v, u32 i) {
+    u32 u = __float_as_uint(v);
+    u32 o = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)o << 32) | (0xffffffffu - i);
+}
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long k) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long t = __shfl_xor_sync(0xffffffffu, k, o);
+        k = t > k ? t : k;
+    }
+    return k;
+}
+extern "C" __global__ void argmax_partial(const float* __restrict__ logits, unsigned long long* __restrict__ keys, int V) {
+    __shared__ unsigned long long sk[8];
+    int parts = gridDim.x, part = blockIdx.x, row = blockIdx.y;
+    int chunk = (V + parts - 1) / parts;
+    int lo = part * chunk, hi = min(V, lo + chunk);
+    const float* lg = logits + (long long)row * V;
+    unsigned long long best = 0;
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float v = lg[i];
+        if (v == v) {
+            unsigned long long k = amax_key(v, (u32)i);
+            best = k > best ? k : best;
+        }
+    }
+    best = warp_max_u64(best);
+    if ((threadIdx.x & 31) == 0) sk[threadIdx.x >> 5] = best;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        unsigned long long k = threadIdx.x < (blockDim.x >> 5) ? sk[threadIdx.x] : 0ull;
+        k = warp_max_u64(k);
+        if (threadIdx.x == 0) keys[(long long)row * parts + part] = k;
+    }
+}
+extern "C" __global__ void argmax_final(const unsigned long long* __restrict__ keys, int* __restrict__ out, int parts) {
+    unsigned long long best = 0;
+    for (int i = threadIdx.x; i < parts; i += 32) {
+        unsigned long long k = keys[(long long)blockIdx.x * parts + i];
+        best = k > best ? k : best;
+    }
+    best = warp_max_u64(best);
+    if (threadIdx.x == 0) out[blockIdx.x] = best == 0 ? 0 : (int)(0xffffffffu - (u32)(best & 0xffffffffull));
+}

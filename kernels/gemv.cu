@@ -1,0 +1,60 @@
+// Dense bf16 GEMV: y f32 [n, rows] = x [n, cols] . W^T, W bf16 [rows, cols], n = 1..8.
+// x is bf16 or f32. Entry points bf16_gemv_{bf16x,f32x}_n{1..8} (n compiled in).
+// block 256 = 8 warps; each warp owns R rows (R = 2 when n >= 4, else 1), so a
+// block covers 8*R rows; each x load serves all R rows. 16-byte weight loads
+// when cols % 8 == 0, a scalar path otherwise.
+template <typename TX, int N, int R>
+__device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
+                          int rows, int cols) {
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
+    if (row0 >= rows) return;
+    const bf16_t* wr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) wr[r] = W + (long long)min(row0 + r, rows - 1) * cols;  // clamped: never stored
+    float acc[R][N];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int j = 0; j < N; j++) acc[r][j] = 0.f;
+    if ((cols & 7) == 0) {
+        const int c8 = cols / 8;
+#pragma unroll 4
+        for (int c = lane; c < c8; c += 32) {
+            float w[R][8];
+#pragma unroll
+            for (int r = 0; r < R; r++) unpack8(__ldg((const uint4*)(wr[r] + c * 8)), w[r]);
+#pragma unroll
+            for (int j = 0; j < N; j++) {
+                float xv[8];
+                load8(x + (long long)j * cols + c * 8, xv);
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[r][j] += w[r][e] * xv[e];
+            }
+        }
+    } else {
+        for (int c = lane; c < cols; c += 32) {
+#pragma unroll
+            for (int j = 0; j < N; j++) {
+                float xv = to_f(x[(long long)j * cols + c]);
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r][j] += bf2f(wr[r][c]) * xv;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            float v = warp_sum(acc[r][j]);
+            if (lane == 0 && row0 + r < rows) y[(long long)j * rows + row0 + r] = v;
+        }
+}
+#define GEMV_ENTRY(NN, RR) \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, int cols) { \
+    gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols); } \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf16_t* W, const float* x, float* y, int rows, int cols) { \
+    gemv_impl<float, NN, RR>(W, x, y, rows, cols); }
+GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5, 2) GEMV_ENTRY(6, 2) GEMV_ENTRY(7, 2) GEMV_ENTRY(8, 2)

@@ -1,0 +1,520 @@
+//! Typed launch wrappers, one per kernel. Shapes are checked against slice
+//! lengths; launches are asynchronous on `ctx.stream`.
+//! bf16 data is `CudaSlice<u16>`; `Act` picks the bf16 (u16) or f32 variant.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{CudaContext, CudaError, Result};
+
+/// Element type of an activation tensor: `u16` (bf16 bits) or `f32`.
+pub trait Act: DeviceRepr {
+    const NAME: &'static str;
+}
+impl Act for u16 {
+    const NAME: &'static str = "bf16";
+}
+impl Act for f32 {
+    const NAME: &'static str = "f32";
+}
+
+/// Shape of a KV cache laid out `[slot][layer][kv_head][pos][head_dim]`
+/// (one such buffer for K and one for V, bf16).
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    pub n_slots: usize,
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub max_pos: usize,
+    pub head_dim: usize,
+}
+impl KvShape {
+    pub fn len(&self) -> usize {
+        self.n_slots * self.n_layers * self.n_kv_heads * self.max_pos * self.head_dim
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Scratch for split-K decode attention: partial outputs of every split.
+pub struct AttnWorkspace {
+    pub acc: CudaSlice<f32>,
+    pub ml: CudaSlice<f32>,
+    pub max_seqs: usize,
+    pub n_q_heads: usize,
+    pub max_splits: usize,
+    pub head_dim: usize,
+}
+
+impl AttnWorkspace {
+    pub fn new(cx: &CudaContext, max_seqs: usize, n_q_heads: usize, max_splits: usize, head_dim: usize) -> Result<Self> {
+        let n = max_seqs * n_q_heads * max_splits;
+        Ok(Self {
+            acc: cx.stream.alloc_zeros::<f32>(n * head_dim)?,
+            ml: cx.stream.alloc_zeros::<f32>(n * 2)?,
+            max_seqs,
+            n_q_heads,
+            max_splits,
+            head_dim,
+        })
+    }
+}
+
+fn need(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(CudaError::Shape(what()))
+    }
+}
+
+fn len_at_least<T>(s: &CudaSlice<T>, n: usize, name: &str) -> Result<()> {
+    need(s.len() >= n, || format!("{name}: has {} elements, needs {n}", s.len()))
+}
+
+fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+const NULL: u64 = 0;
+
+/// Most rows one `argmax` call takes.
+pub const ARGMAX_MAX_ROWS: usize = 1024;
+/// Blocks per row in `argmax`'s first pass.
+pub const ARGMAX_PARTS: usize = 64;
+
+impl CudaContext {
+    fn mxfp4_prefix(&self) -> &'static str {
+        if self.mxfp4_alu.load(std::sync::atomic::Ordering::Relaxed) {
+            "mxfp4alu"
+        } else {
+            "mxfp4"
+        }
+    }
+
+    /// out[t, :] = table[ids[t], :]; table bf16 [vocab, hidden]; out f32 or bf16 [n_tokens, hidden].
+    pub fn embedding_gather<O: Act>(
+        &self,
+        table: &CudaSlice<u16>,
+        ids: &CudaSlice<i32>,
+        out: &mut CudaSlice<O>,
+        n_tokens: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        len_at_least(ids, n_tokens, "ids")?;
+        len_at_least(out, n_tokens * hidden, "out")?;
+        need(hidden > 0 && table.len() % hidden == 0, || "table len not a multiple of hidden".into())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let (h, v) = (hidden as i32, (table.len() / hidden) as i32);
+        let f = self.func(&format!("embedding_gather_{}", O::NAME));
+        let mut b = self.stream.launch_builder(f);
+        b.arg(table).arg(ids).arg(out).arg(&h).arg(&v);
+        unsafe { b.launch(grid(n_tokens, 1, 1, 256)) }?;
+        Ok(())
+    }
+
+    /// Per row: residual += delta (if given); out = rmsnorm(residual) * weight.
+    /// residual f32 [n_rows, hidden] (updated), weight bf16 [hidden], out bf16 or f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_residual<O: Act>(
+        &self,
+        residual: &mut CudaSlice<f32>,
+        delta: Option<&CudaSlice<f32>>,
+        weight: &CudaSlice<u16>,
+        out: &mut CudaSlice<O>,
+        n_rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        len_at_least(residual, n_rows * hidden, "residual")?;
+        if let Some(d) = delta {
+            len_at_least(d, n_rows * hidden, "delta")?;
+        }
+        len_at_least(weight, hidden, "weight")?;
+        len_at_least(out, n_rows * hidden, "out")?;
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let h = hidden as i32;
+        let name = if O::NAME == "bf16" { "rmsnorm_residual" } else { "rmsnorm_residual_f32out" };
+        let mut b = self.stream.launch_builder(self.func(name));
+        b.arg(residual);
+        match delta {
+            Some(d) => b.arg(d),
+            None => b.arg(&NULL),
+        };
+        b.arg(weight).arg(out).arg(&h).arg(&eps);
+        unsafe { b.launch(grid(n_rows, 1, 1, 256)) }?;
+        Ok(())
+    }
+
+    /// In place on qkv f32 [n_tokens, (n_q + 2 n_kv) * head_dim] ([q | k | v] per token):
+    /// optional per-head RMSNorm of q and k (weights bf16 [head_dim]), then
+    /// rotate-half RoPE with angle positions[t] * inv_freq[i], inv_freq f32 [head_dim/2];
+    /// cos and sin are scaled by `mscale` (1.0 unless YaRN).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qk(
+        &self,
+        qkv: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        q_norm: Option<&CudaSlice<u16>>,
+        k_norm: Option<&CudaSlice<u16>>,
+        n_tokens: usize,
+        n_q: usize,
+        n_kv: usize,
+        head_dim: usize,
+        eps: f32,
+        mscale: f32,
+    ) -> Result<()> {
+        len_at_least(qkv, n_tokens * (n_q + 2 * n_kv) * head_dim, "qkv")?;
+        len_at_least(positions, n_tokens, "positions")?;
+        len_at_least(inv_freq, head_dim / 2, "inv_freq")?;
+        need(head_dim % 2 == 0, || "head_dim must be even".into())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let (nq, nk, d) = (n_q as i32, n_kv as i32, head_dim as i32);
+        let mut b = self.stream.launch_builder(self.func("rope_qk"));
+        b.arg(qkv).arg(positions).arg(inv_freq);
+        match q_norm {
+            Some(w) => b.arg(w),
+            None => b.arg(&NULL),
+        };
+        match k_norm {
+            Some(w) => b.arg(w),
+            None => b.arg(&NULL),
+        };
+        b.arg(&nq).arg(&nk).arg(&d).arg(&eps).arg(&mscale);
+        unsafe { b.launch(grid(n_tokens * (n_q + n_kv), 1, 1, 32)) }?;
+        Ok(())
+    }
+
+    /// Writes each token's k and v (from qkv f32, as laid out for `rope_qk`) into the
+    /// bf16 caches at (slots[t], layer, head, positions[t]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_cache_write(
+        &self,
+        qkv: &CudaSlice<f32>,
+        k_cache: &mut CudaSlice<u16>,
+        v_cache: &mut CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        positions: &CudaSlice<i32>,
+        n_tokens: usize,
+        n_q: usize,
+        layer: usize,
+        kv: &KvShape,
+    ) -> Result<()> {
+        len_at_least(qkv, n_tokens * (n_q + 2 * kv.n_kv_heads) * kv.head_dim, "qkv")?;
+        len_at_least(k_cache, kv.len(), "k_cache")?;
+        len_at_least(v_cache, kv.len(), "v_cache")?;
+        len_at_least(slots, n_tokens, "slots")?;
+        len_at_least(positions, n_tokens, "positions")?;
+        need(layer < kv.n_layers, || "layer out of range".into())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let a = [n_q as i32, kv.n_kv_heads as i32, kv.head_dim as i32, layer as i32, kv.n_layers as i32, kv.max_pos as i32];
+        let mut b = self.stream.launch_builder(self.func("kv_cache_write"));
+        b.arg(qkv).arg(k_cache).arg(v_cache).arg(slots).arg(positions);
+        for v in a.iter() {
+            b.arg(v);
+        }
+        unsafe { b.launch(grid(n_tokens, kv.n_kv_heads, 1, 64)) }?;
+        Ok(())
+    }
+
+    /// Decode attention: q f32 (sequence s at q[s * q_stride..], [n_q, D]; q_stride = n_q*D
+    /// when packed, (n_q + 2 n_kv)*D to read it from the qkv buffer of `rope_qk`)
+    /// -> out f32 [n_seq, n_q, D], over the
+    /// first seq_lens[s] positions of cache slot slots[s] (the last `window` of them
+    /// when window > 0), with optional per-head sinks f32 [n_q]. Split-K over
+    /// `n_splits` chunks (fixed grid: graph-capturable; lengths are read on device).
+    /// head_dim must be 64, 128 or 256; n_q a multiple of n_kv.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        sinks: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        ws: &mut AttnWorkspace,
+        n_seq: usize,
+        n_q: usize,
+        q_stride: usize,
+        layer: usize,
+        kv: &KvShape,
+        scale: f32,
+        window: usize,
+        n_splits: usize,
+    ) -> Result<()> {
+        let d = kv.head_dim;
+        let name = match d {
+            64 => "attention_split_d64",
+            128 => "attention_split_d128",
+            256 => "attention_split_d256",
+            _ => return Err(CudaError::Shape(format!("attention: head_dim {d} not in 64/128/256"))),
+        };
+        need(n_q % kv.n_kv_heads == 0, || "n_q not a multiple of n_kv".into())?;
+        need(n_splits >= 1 && n_splits <= ws.max_splits && n_seq <= ws.max_seqs && n_q <= ws.n_q_heads && d <= ws.head_dim, || {
+            "attention workspace too small".into()
+        })?;
+        need(layer < kv.n_layers, || "layer out of range".into())?;
+        need(q_stride >= n_q * d, || "attention: q_stride < n_q * head_dim".into())?;
+        if n_seq > 0 {
+            len_at_least(q, (n_seq - 1) * q_stride + n_q * d, "q")?;
+        }
+        len_at_least(out, n_seq * n_q * d, "out")?;
+        len_at_least(k_cache, kv.len(), "k_cache")?;
+        len_at_least(v_cache, kv.len(), "v_cache")?;
+        len_at_least(slots, n_seq, "slots")?;
+        len_at_least(seq_lens, n_seq, "seq_lens")?;
+        if let Some(s) = sinks {
+            len_at_least(s, n_q, "sinks")?;
+        }
+        if n_seq == 0 {
+            return Ok(());
+        }
+        let g = n_q / kv.n_kv_heads;
+        let groups = g.div_ceil(8);
+        let a = [
+            n_q as i32,
+            kv.n_kv_heads as i32,
+            layer as i32,
+            kv.n_layers as i32,
+            kv.max_pos as i32,
+        ];
+        let (win, ns) = (window as i32, n_splits as i32);
+        {
+            let mut b = self.stream.launch_builder(self.func(name));
+            b.arg(q).arg(k_cache).arg(v_cache).arg(slots).arg(seq_lens).arg(&mut ws.acc).arg(&mut ws.ml);
+            for v in a.iter() {
+                b.arg(v);
+            }
+            let qs = q_stride as i64;
+            b.arg(&scale).arg(&win).arg(&ns).arg(&qs);
+            unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, 128)) }?;
+        }
+        let dd = d as i32;
+        let mut b = self.stream.launch_builder(self.func("attention_reduce"));
+        b.arg(&ws.acc).arg(&ws.ml);
+        match sinks {
+            Some(s) => b.arg(s),
+            None => b.arg(&NULL),
+        };
+        b.arg(out).arg(&a[0]).arg(&ns).arg(&dd);
+        unsafe { b.launch(grid(n_q, n_seq, 1, 128)) }?;
+        Ok(())
+    }
+
+    /// A split count for `attention_decode` that gives the GPU ~8 blocks per SM for
+    /// sequences of up to `max_len` positions (at least 32 positions per split, at most `cap`).
+    pub fn attention_splits(&self, n_seq: usize, n_q: usize, n_kv: usize, max_len: usize, cap: usize) -> usize {
+        let groups = (n_q / n_kv.max(1)).div_ceil(8).max(1);
+        let blocks = (n_seq * n_kv * groups).max(1);
+        let want = (8 * self.sm_count as usize).div_ceil(blocks);
+        want.min(max_len.div_ceil(32)).clamp(1, cap.max(1))
+    }
+
+    /// y f32 [n, rows] = x [n, cols] . W^T with MXFP4 W (blocks u8 [rows, cols/32, 16],
+    /// scales u8 [rows, cols/32]); n = 1..8; x bf16 or f32; cols % 32 == 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mxfp4_gemv<X: Act>(
+        &self,
+        blocks: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        x: &CudaSlice<X>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        n: usize,
+    ) -> Result<()> {
+        need(cols % 32 == 0, || format!("mxfp4: cols {cols} not a multiple of 32"))?;
+        need((1..=8).contains(&n), || format!("mxfp4: n {n} not in 1..=8"))?;
+        len_at_least(blocks, rows * cols / 2, "blocks")?;
+        len_at_least(scales, rows * cols / 32, "scales")?;
+        len_at_least(x, n * cols, "x")?;
+        len_at_least(y, n * rows, "y")?;
+        let a = [rows as i32, cols as i32];
+        let xdiv = 1i32;
+        let rows_per_block = if n >= 4 { 16 } else { 8 };
+        let mut b = self.stream.launch_builder(self.func(&format!("{}_gemv_{}x_n{n}", self.mxfp4_prefix(), X::NAME)));
+        b.arg(blocks).arg(scales).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL).arg(&xdiv);
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
+        Ok(())
+    }
+
+    /// MoE expert GEMV with device-side routing (no host sync): weights
+    /// blocks u8 [E, rows, cols/32, 16], scales u8 [E, rows, cols/32]; for each
+    /// assignment a < n_assign: y[a, :] = W[expert_ids[a]] . x[a / x_div, :].
+    /// (gate/up: x per token, x_div = k; down: x per assignment, x_div = 1.)
+    #[allow(clippy::too_many_arguments)]
+    pub fn mxfp4_moe_gemv<X: Act>(
+        &self,
+        blocks: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        x: &CudaSlice<X>,
+        y: &mut CudaSlice<f32>,
+        expert_ids: &CudaSlice<i32>,
+        n_assign: usize,
+        x_div: usize,
+        rows: usize,
+        cols: usize,
+        n_experts: usize,
+    ) -> Result<()> {
+        need(cols % 32 == 0 && x_div >= 1, || "mxfp4_moe: cols % 32 != 0 or x_div == 0".into())?;
+        len_at_least(blocks, n_experts * rows * cols / 2, "blocks")?;
+        len_at_least(scales, n_experts * rows * cols / 32, "scales")?;
+        len_at_least(x, n_assign.div_ceil(x_div) * cols, "x")?;
+        len_at_least(y, n_assign * rows, "y")?;
+        len_at_least(expert_ids, n_assign, "expert_ids")?;
+        if n_assign == 0 {
+            return Ok(());
+        }
+        let a = [rows as i32, cols as i32, x_div as i32];
+        let mut b = self.stream.launch_builder(self.func(&format!("{}_gemv_{}x_n1", self.mxfp4_prefix(), X::NAME)));
+        b.arg(blocks).arg(scales).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(expert_ids).arg(&a[2]);
+        unsafe { b.launch(grid(rows.div_ceil(8), n_assign, 1, 256)) }?;
+        Ok(())
+    }
+
+    /// y f32 [n, rows] = x [n, cols] . W^T, W bf16 [rows, cols], n = 1..8, x bf16 or f32.
+    pub fn bf16_gemv<X: Act>(
+        &self,
+        w: &CudaSlice<u16>,
+        x: &CudaSlice<X>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        n: usize,
+    ) -> Result<()> {
+        need((1..=8).contains(&n), || format!("bf16_gemv: n {n} not in 1..=8"))?;
+        len_at_least(w, rows * cols, "w")?;
+        len_at_least(x, n * cols, "x")?;
+        len_at_least(y, n * rows, "y")?;
+        let a = [rows as i32, cols as i32];
+        let mut b = self.stream.launch_builder(self.func(&format!("bf16_gemv_{}x_n{n}", X::NAME)));
+        b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]);
+        let rows_per_block = if n >= 4 { 16 } else { 8 };
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
+        Ok(())
+    }
+
+    fn elementwise_grid(&self, total: usize) -> LaunchConfig {
+        grid(total.div_ceil(256).clamp(1, self.sm_count as usize * 16), 1, 1, 256)
+    }
+
+    /// gu f32 [n, 2*inter] = [gate | up] per row -> out [n, inter] = silu(gate) * up.
+    pub fn swiglu<O: Act>(&self, gu: &CudaSlice<f32>, out: &mut CudaSlice<O>, n: usize, inter: usize) -> Result<()> {
+        len_at_least(gu, n * 2 * inter, "gu")?;
+        len_at_least(out, n * inter, "out")?;
+        if n * inter == 0 {
+            return Ok(());
+        }
+        let a = [n as i32, inter as i32];
+        let mut b = self.stream.launch_builder(self.func(&format!("swiglu_{}", O::NAME)));
+        b.arg(gu).arg(out).arg(&a[0]).arg(&a[1]);
+        unsafe { b.launch(self.elementwise_grid(n * inter)) }?;
+        Ok(())
+    }
+
+    /// gpt-oss SwiGLU: gu interleaved [g0, u0, g1, u1, ...] per row;
+    /// out = (clamp(u, ±limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit).
+    pub fn swiglu_oai<O: Act>(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<O>,
+        n: usize,
+        inter: usize,
+        alpha: f32,
+        limit: f32,
+    ) -> Result<()> {
+        len_at_least(gu, n * 2 * inter, "gu")?;
+        len_at_least(out, n * inter, "out")?;
+        if n * inter == 0 {
+            return Ok(());
+        }
+        let a = [n as i32, inter as i32];
+        let mut b = self.stream.launch_builder(self.func(&format!("swiglu_oai_{}", O::NAME)));
+        b.arg(gu).arg(out).arg(&a[0]).arg(&a[1]).arg(&alpha).arg(&limit);
+        unsafe { b.launch(self.elementwise_grid(n * inter)) }?;
+        Ok(())
+    }
+
+    /// Per token: softmax over n_experts logits, top-k (ties: lowest index),
+    /// weights renormalised over the k when `renorm`. ids i32 [n, k], weights f32 [n, k].
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_router_topk(
+        &self,
+        logits: &CudaSlice<f32>,
+        ids: &mut CudaSlice<i32>,
+        weights: &mut CudaSlice<f32>,
+        n: usize,
+        n_experts: usize,
+        k: usize,
+        renorm: bool,
+    ) -> Result<()> {
+        need(n_experts <= 256 && k >= 1 && k <= n_experts, || format!("router: E {n_experts} k {k}"))?;
+        len_at_least(logits, n * n_experts, "logits")?;
+        len_at_least(ids, n * k, "ids")?;
+        len_at_least(weights, n * k, "weights")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let a = [n as i32, n_experts as i32, k as i32, renorm as i32];
+        let mut b = self.stream.launch_builder(self.func("moe_router_topk"));
+        b.arg(logits).arg(ids).arg(weights).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]);
+        unsafe { b.launch(grid(n.div_ceil(4), 1, 1, 128)) }?;
+        Ok(())
+    }
+
+    /// out f32 [n, hidden] = sum_r weights[t, r] * y[t*k + r, :]  (y f32 [n*k, hidden]).
+    pub fn moe_combine(
+        &self,
+        y: &CudaSlice<f32>,
+        weights: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        len_at_least(y, n * k * hidden, "y")?;
+        len_at_least(weights, n * k, "weights")?;
+        len_at_least(out, n * hidden, "out")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let a = [k as i32, hidden as i32];
+        let mut b = self.stream.launch_builder(self.func("moe_combine"));
+        b.arg(y).arg(weights).arg(out).arg(&a[0]).arg(&a[1]);
+        unsafe { b.launch(grid(n, 1, 1, 256)) }?;
+        Ok(())
+    }
+
+    /// out i32 [n] = argmax over each row of logits f32 [n, vocab] (ties: lowest index;
+    /// NaN ignored). n <= ARGMAX_MAX_ROWS. Uses the context's scratch (two launches).
+    pub fn argmax(&self, logits: &CudaSlice<f32>, out: &mut CudaSlice<i32>, n: usize, vocab: usize) -> Result<()> {
+        len_at_least(logits, n * vocab, "logits")?;
+        len_at_least(out, n, "out")?;
+        need(n <= ARGMAX_MAX_ROWS, || format!("argmax: n {n} > {ARGMAX_MAX_ROWS}"))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let parts = ARGMAX_PARTS.min(vocab.div_ceil(256)).max(1);
+        let (v, p) = (vocab as i32, parts as i32);
+        {
+            let mut b = self.stream.launch_builder(self.func("argmax_partial"));
+            b.arg(logits).arg(&self.argmax_scratch).arg(&v);
+            unsafe { b.launch(grid(parts, n, 1, 256)) }?;
+        }
+        let mut b = self.stream.launch_builder(self.func("argmax_final"));
+        b.arg(&self.argmax_scratch).arg(out).arg(&p);
+        unsafe { b.launch(grid(n, 1, 1, 32)) }?;
+        Ok(())
+    }
+}

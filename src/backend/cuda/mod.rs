@@ -1,0 +1,219 @@
+//! CUDA backend: device context, NVRTC compilation of `kernels/*.cu` (with an
+//! on-disk PTX cache) and typed kernel launches (see `kernels.rs`).
+//!
+//! Conventions: bf16 tensors are `CudaSlice<u16>` (raw bf16 bits, e.g.
+//! `half::bf16::to_bits`), activations are f32 unless a wrapper says bf16,
+//! token ids / positions / slots are i32. All launches go on `ctx.stream`
+//! and never synchronize the host (graph-capturable); call
+//! `ctx.stream.synchronize()` or copy back to wait.
+
+pub mod kernels;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DriverError};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+/// Helpers prepended to every kernel source.
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// (module name, source, entry points)
+const SOURCES: &[(&str, &str, &[&str])] = &[
+    ("embedding", include_str!("../../../kernels/embedding.cu"), &["embedding_gather_f32", "embedding_gather_bf16"]),
+    ("rmsnorm", include_str!("../../../kernels/rmsnorm.cu"), &["rmsnorm_residual", "rmsnorm_residual_f32out"]),
+    ("rope", include_str!("../../../kernels/rope.cu"), &["rope_qk", "kv_cache_write"]),
+    (
+        "attention",
+        include_str!("../../../kernels/attention.cu"),
+        &["attention_split_d64", "attention_split_d128", "attention_split_d256", "attention_reduce"],
+    ),
+    // entries ending in "_n" are loaded as _n1 ..= _n8
+    ("mxfp4", include_str!("../../../kernels/mxfp4.cu"), &["mxfp4_gemv_bf16x_n", "mxfp4_gemv_f32x_n", "mxfp4alu_gemv_bf16x_n", "mxfp4alu_gemv_f32x_n"]),
+    ("gemv", include_str!("../../../kernels/gemv.cu"), &["bf16_gemv_bf16x_n", "bf16_gemv_f32x_n"]),
+    ("swiglu", include_str!("../../../kernels/swiglu.cu"), &["swiglu_f32", "swiglu_bf16", "swiglu_oai_f32", "swiglu_oai_bf16"]),
+    ("moe", include_str!("../../../kernels/moe.cu"), &["moe_router_topk", "moe_combine"]),
+    ("argmax", include_str!("../../../kernels/argmax.cu"), &["argmax_partial", "argmax_final"]),
+];
+
+/// Errors of the CUDA backend.
+#[derive(Debug)]
+pub enum CudaError {
+    Driver(DriverError),
+    Compile { module: String, log: String },
+    Shape(String),
+}
+
+impl std::fmt::Display for CudaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CudaError::Driver(e) => write!(f, "CUDA driver error: {e:?}"),
+            CudaError::Compile { module, log } => write!(f, "NVRTC failed to compile kernels/{module}.cu: {log}"),
+            CudaError::Shape(s) => write!(f, "CUDA kernel shape error: {s}"),
+        }
+    }
+}
+impl std::error::Error for CudaError {}
+impl From<DriverError> for CudaError {
+    fn from(e: DriverError) -> Self {
+        CudaError::Driver(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+/// One GPU: its driver context, one stream, and every kernel loaded.
+pub struct CudaContext {
+    pub ctx: Arc<cudarc::driver::CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// e.g. "sm_90"
+    pub arch: String,
+    pub name: String,
+    pub sm_count: u32,
+    /// how many modules came from the on-disk cache (the rest were compiled)
+    pub ptx_cache_hits: usize,
+    funcs: HashMap<String, CudaFunction>,
+    /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
+    pub(crate) argmax_scratch: CudaSlice<u64>,
+    /// MXFP4 dequantization: false = E2M1 table in shared memory, true = bit
+    /// arithmetic. Both are exact; pick the faster (see bench/results).
+    pub mxfp4_alu: std::sync::atomic::AtomicBool,
+}
+
+fn fnv1a(h: &mut u64, bytes: &[u8]) {
+    for b in bytes {
+        *h ^= *b as u64;
+        *h = h.wrapping_mul(0x100000001b3);
+    }
+}
+
+/// `$KAIROS_PTX_CACHE`, else `$XDG_CACHE_HOME/kairos/ptx`, else `~/.cache/kairos/ptx`.
+pub fn ptx_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KAIROS_PTX_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(p).join("kairos").join("ptx"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("kairos").join("ptx"))
+}
+
+fn driver_version() -> i32 {
+    let mut v = 0i32;
+    unsafe {
+        let _ = cudarc::driver::sys::cuDriverGetVersion(&mut v);
+    }
+    v
+}
+
+fn nvrtc_version() -> (i32, i32) {
+    let (mut a, mut b) = (0i32, 0i32);
+    unsafe {
+        let _ = cudarc::nvrtc::sys::nvrtcVersion(&mut a, &mut b);
+    }
+    (a, b)
+}
+
+/// PTX of one module: from the cache when present, else compiled by NVRTC (and cached).
+/// Returns (ptx, came_from_cache).
+fn compile_cached(
+    module: &str,
+    src: &str,
+    opts_list: &[String],
+    cache: Option<&std::path::Path>,
+    arch: &str,
+    drv: i32,
+    nvrtc: (i32, i32),
+) -> Result<(Ptx, bool)> {
+    let full = format!("{COMMON}\n#line 1 \"kernels/{module}.cu\"\n{src}");
+    let mut h = 0xcbf29ce484222325u64;
+    fnv1a(&mut h, full.as_bytes());
+    fnv1a(&mut h, format!("{arch}|{drv}|{nvrtc:?}|{opts_list:?}").as_bytes());
+    let path = cache.map(|d| d.join(format!("{module}-{h:016x}.ptx")));
+    if let Some(s) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok((Ptx::from_src(s), true));
+    }
+    let opts = CompileOptions { options: opts_list.to_vec(), name: Some(format!("{module}.cu")), ..Default::default() };
+    let ptx = compile_ptx_with_opts(&full, opts).map_err(|e| CudaError::Compile {
+        module: module.to_string(),
+        log: match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        },
+    })?;
+    if let Some(p) = &path {
+        // best effort; a failed write only costs a recompile next time
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, ptx.to_src()).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok((ptx, false))
+}
+
+impl CudaContext {
+    /// Opens device `ordinal`, creates a stream, and compiles (or loads from
+    /// the PTX cache) every kernel for the device's architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let ctx = cudarc::driver::CudaContext::new(ordinal)?;
+        // One stream per context: no cross-stream event tracking (it would
+        // also get in the way of graph capture).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let (maj, min) = ctx.compute_capability()?;
+        let arch = format!("sm_{maj}{min}");
+        let name = ctx.name()?;
+        let sm_count = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as u32;
+        let opts_list: Vec<String> = vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".into(),
+        ];
+        let drv = driver_version();
+        let nvrtc = nvrtc_version();
+        let cache = ptx_cache_dir();
+        // Compile (or read from the cache) every module in parallel: NVRTC is
+        // thread-safe and a cold compile of all modules takes seconds.
+        let ptxs: Vec<Result<(Ptx, bool)>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = SOURCES
+                .iter()
+                .map(|(module, src, _)| {
+                    let opts_list = &opts_list;
+                    let cache = &cache;
+                    let arch = &arch;
+                    sc.spawn(move || compile_cached(module, src, opts_list, cache.as_deref(), arch, drv, nvrtc))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("NVRTC thread panicked")).collect()
+        });
+        let mut funcs = HashMap::new();
+        let mut hits = 0;
+        for ((_, _, entries), ptx) in SOURCES.iter().zip(ptxs) {
+            let (ptx, hit) = ptx?;
+            hits += hit as usize;
+            let m = ctx.load_module(ptx)?;
+            for e in entries.iter() {
+                if e.ends_with("_n") {
+                    for n in 1..=8 {
+                        let name = format!("{e}{n}");
+                        let f = m.load_function(&name)?;
+                        funcs.insert(name, f);
+                    }
+                } else {
+                    funcs.insert(e.to_string(), m.load_function(e)?);
+                }
+            }
+        }
+        let argmax_scratch = stream.alloc_zeros::<u64>(kernels::ARGMAX_MAX_ROWS * kernels::ARGMAX_PARTS)?;
+        Ok(Self { ctx, stream, arch, name, sm_count, ptx_cache_hits: hits, funcs, argmax_scratch, mxfp4_alu: false.into() })
+    }
+
+    pub(crate) fn func(&self, name: &str) -> &CudaFunction {
+        self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} not loaded"))
+    }
+}

@@ -1,0 +1,59 @@
+//! Backends run the model forward over resident weights and KV caches.
+//! `cpu` is the reference every other backend is tested against; `cuda`
+//! (feature `cuda`) is the fast one. The engine sees only `Backend`.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod rope;
+
+/// A sequence's KV-cache slot inside a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub usize);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("unknown sequence {0:?}")]
+    UnknownSequence(SeqId),
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("sequence {seq:?} would reach {len} tokens, over the context limit of {limit}")]
+    ContextFull { seq: SeqId, len: usize, limit: usize },
+    #[error("device error: {0}")]
+    Device(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only each chunk's last token (generation).
+    Last,
+    /// Every token of every chunk (evaluation, speculative verification).
+    All,
+}
+
+/// New tokens for one sequence in a forward pass.
+pub struct Chunk<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+}
+
+pub trait Backend: Send {
+    fn name(&self) -> String;
+    fn vocab_size(&self) -> usize;
+    /// Longest sequence a slot can hold.
+    fn max_context(&self) -> usize;
+    fn new_sequence(&mut self) -> SeqId;
+    fn free_sequence(&mut self, seq: SeqId);
+    /// Tokens currently cached for `seq`.
+    fn seq_len(&self, seq: SeqId) -> Result<usize, BackendError>;
+    /// Drops cached tokens beyond `len` (speculative rollback, prefix reuse).
+    fn truncate(&mut self, seq: SeqId, len: usize) -> Result<(), BackendError>;
+    /// Copies the first `len` cached tokens of `from` into `to` (shared prompt prefixes).
+    fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> Result<(), BackendError>;
+    /// Appends each chunk's tokens to its sequence and returns logits, row-major:
+    /// one row per chunk (`Last`) or per token in chunk order (`All`).
+    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError>;
+}

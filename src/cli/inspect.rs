@@ -1,0 +1,108 @@
+//! `kairos inspect`: what a model is and what a decode step costs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use kairos::model::accounting::{kv_step_bytes, precision_mix, ParamCounts};
+use kairos::model::config::ModelConfig;
+use kairos::model::gguf::GgufFile;
+use kairos::model::load::{gguf_config, read_hf_config};
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// HF folder, a config.json file, or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Memory bandwidth for the roofline, GB/s (H100 copy bandwidth measured: 2840).
+    #[arg(long, default_value_t = 2840.0)]
+    bandwidth_gbs: f64,
+    /// Context length for the KV-cache term.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Also load the weights and report the measured resident bytes.
+    #[arg(long)]
+    load: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_config(path: &Path) -> anyhow::Result<ModelConfig> {
+    if path.is_dir() {
+        return Ok(read_hf_config(path)?.1);
+    }
+    if path.extension().is_some_and(|e| e == "json") {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        return Ok(ModelConfig::from_hf_json(&v)?);
+    }
+    let f = GgufFile::open(path)?;
+    Ok(gguf_config(&f)?.1)
+}
+
+pub fn run(a: InspectArgs) -> anyhow::Result<()> {
+    let c = read_config(&a.model)?;
+    let p = ParamCounts::from_config(&c);
+    let mixes = [("f32", "f32"), ("bf16", "bf16"), ("mxfp4", "bf16"), ("nvfp4", "bf16"), ("mxfp4", "fp8")];
+    let kv = kv_step_bytes(&c, a.context, 2);
+    let rows: Vec<_> = mixes.iter().map(|(e, d)| precision_mix(&c, &p, e, d)).collect();
+    let measured = if a.load {
+        let m = kairos::model::load_model(&a.model)?;
+        Some(resident_bytes(&m.weights))
+    } else {
+        None
+    };
+    if a.json {
+        let v = serde_json::json!({
+            "architecture": c.arch.name(),
+            "layers": c.num_layers, "hidden": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim, "vocab": c.vocab_size,
+            "moe": c.moe.as_ref().map(|m| serde_json::json!({"experts": m.num_experts, "top_k": m.top_k, "expert_width": m.expert_intermediate})),
+            "params": p, "params_total": p.total(), "params_active": p.active(),
+            "kv_bytes_per_step": kv, "context": a.context, "bandwidth_gbs": a.bandwidth_gbs,
+            "mixes": rows.iter().map(|r| serde_json::json!({
+                "name": r.name, "resident_bytes": r.resident_bytes, "step_bytes": r.step_bytes,
+                "roofline_tokens_per_s": a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64,
+            })).collect::<Vec<_>>(),
+            "measured_resident_bytes": measured,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("architecture   {}", c.arch.name());
+    println!("layers         {}   hidden {}   heads {} / kv {} x {}   vocab {}", c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size);
+    if let Some(m) = &c.moe {
+        println!("experts        {} top-{} width {}", m.num_experts, m.top_k, m.expert_intermediate);
+    }
+    println!("parameters     {:.3} B total, {:.3} B active per token", p.total() as f64 / 1e9, p.active() as f64 / 1e9);
+    println!("  embedding {}  lm_head {}  attention {}  dense mlp {}  experts {} (active {})  router {}  norms {}",
+        p.embedding, p.lm_head, p.attention, p.dense_mlp, p.experts_total, p.experts_active, p.router, p.norms);
+    println!("kv cache read per step at context {}: {:.1} MB (bf16)", a.context, kv as f64 / 1e6);
+    println!("{:<28} {:>14} {:>16} {:>22}", "precision mix", "resident MB", "step MB (b=1)", format!("roofline tok/s @{:.0}GB/s", a.bandwidth_gbs));
+    for r in &rows {
+        println!("{:<28} {:>14.1} {:>16.2} {:>22.0}", r.name, r.resident_bytes as f64 / 1e6, r.step_bytes as f64 / 1e6,
+            a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64);
+    }
+    if let Some(m) = measured {
+        println!("measured resident (as loaded): {:.1} MB", m as f64 / 1e6);
+    }
+    Ok(())
+}
+
+/// Bytes the loaded weights occupy, counted from the tensors themselves.
+pub fn resident_bytes(w: &kairos::model::ModelWeights) -> u64 {
+    let mut total = w.embed.bytes() as u64 + w.lm_head.as_ref().map_or(0, |l| l.bytes() as u64);
+    total += (w.final_norm.len() * 4) as u64;
+    for (_, lin) in w.linears() {
+        total += lin.weight.bytes() as u64 + lin.bias.as_ref().map_or(0, |b| (b.len() * 4) as u64);
+    }
+    for l in &w.layers {
+        total += ((l.input_norm.len() + l.post_attention_norm.len()) * 4) as u64;
+        let a = &l.attention;
+        for v in [&a.q_norm, &a.k_norm, &a.sinks].into_iter().flatten() {
+            total += (v.len() * 4) as u64;
+        }
+    }
+    total
+}

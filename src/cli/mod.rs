@@ -1,0 +1,64 @@
+//! Command-line interface (DESIGN.md fixes the commands and flags).
+
+mod generate;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kairos", version, about = "Real-time streaming inference: events in, verdicts out")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One completion from a model (HF folder or .gguf file).
+    Generate(generate::GenerateArgs),
+    /// Architecture, parameter counts, bytes per decode step, roofline.
+    Inspect(inspect::InspectArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    }
+}
+
+/// `--device cpu|cuda:K`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if s == "cuda" {
+            return Ok(Device::Cuda(0));
+        }
+        match s.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(k)) => Ok(Device::Cuda(k)),
+            _ => Err(format!("`{s}`: expected cpu, cuda or cuda:K")),
+        }
+    }
+}
+
+/// Builds the backend for `device` over loaded weights.
+pub fn make_backend(
+    device: Device,
+    weights: std::sync::Arc<kairos::model::ModelWeights>,
+) -> anyhow::Result<Box<dyn kairos::backend::Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(kairos::backend::cpu::CpuBackend::new(weights))),
+        Device::Cuda(k) => {
+            anyhow::bail!("--device cuda:{k}: this build has no CUDA backend for whole models yet; use --device cpu")
+        }
+    }
+}
