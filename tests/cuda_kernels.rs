@@ -3,7 +3,6 @@
 //! cuda_kernels -- --test-threads=1 --nocapture`.
 #![cfg(feature = "cuda")]
 
-use std::sync::atomic::Ordering;
 use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -376,6 +375,7 @@ fn attention_decode() {
         (64, 8, 64, 2, 300, 0, true, 16),
         (16, 1, 256, 2, 333, 0, false, 5),
         (8, 8, 128, 3, 200, 50, true, 2),
+        (32, 4, 128, 2, 1024, 0, true, 300),
     ] {
         let kv = KvShape { n_slots: nseq + 2, n_layers: 2, n_kv_heads: nkv, max_pos: maxp, head_dim: d };
         let layer = 1;
@@ -495,11 +495,7 @@ fn rand_mxfp4(r: &mut StdRng, e: usize, rows: usize, cols: usize) -> (Vec<u8>, V
 #[test]
 fn mxfp4_gemv() {
     guard!();
-    for alu in [false, true] {
-        cx().mxfp4_alu.store(alu, Ordering::Relaxed);
-        mxfp4_variant(if alu { "alu" } else { "lut" });
-    }
-    cx().mxfp4_alu.store(false, Ordering::Relaxed);
+    mxfp4_variant("lut");
 }
 
 fn mxfp4_variant(v: &str) {

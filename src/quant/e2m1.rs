@@ -44,7 +44,11 @@ pub fn e2m1_encode_rne(v: f32) -> u8 {
     } else {
         7
     };
-    let sign = if v.is_sign_negative() && !v.is_nan() { 0x8 } else { 0 };
+    let sign = if v.is_sign_negative() && !v.is_nan() {
+        0x8
+    } else {
+        0
+    };
     sign | mag
 }
 
@@ -105,7 +109,10 @@ pub(crate) fn assert_elem_bound(x: f32, q: f32, d: f32) {
     let tol = 1e-6 * x.abs().max(d);
     if a > E2M1_MAX {
         let sat = x.abs() - E2M1_MAX * d;
-        assert!((err - sat).abs() <= tol + 1e-6 * sat, "saturated {x}: err {err} vs {sat}");
+        assert!(
+            (err - sat).abs() <= tol + 1e-6 * sat,
+            "saturated {x}: err {err} vs {sat}"
+        );
     } else {
         assert!(err <= half_ulp(a) * d + tol, "x={x} q={q} d={d} err={err}");
     }

@@ -27,13 +27,16 @@ pub struct Fp8Matrix {
 
 /// Chooses the scale for a group of values: spec = amax/448 (1.0 for all-zero groups);
 /// MseSearch tries a few smaller scales (clipping the extremes) and keeps the lowest SSE.
-fn choose_scale<'a>(group: impl Fn() -> Box<dyn Iterator<Item = f32> + 'a>, rule: ScaleRule) -> f32 {
+fn choose_scale<'a>(
+    group: impl Fn() -> Box<dyn Iterator<Item = f32> + 'a>,
+    rule: ScaleRule,
+) -> f32 {
     let amax = group().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         return 1.0;
     }
     let spec = amax / E4M3_MAX;
-    if !(spec > 0.0) {
+    if spec.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return f32::MIN_POSITIVE; // amax so tiny the scale underflows: everything rounds to 0
     }
     match rule {
@@ -63,26 +66,44 @@ fn choose_scale<'a>(group: impl Fn() -> Box<dyn Iterator<Item = f32> + 'a>, rule
 impl Fp8Matrix {
     /// Quantizes a row-major `[rows, cols]` matrix with one scale per output row.
     /// Errors on a length mismatch or NaN/±inf input ([`QuantError::NonFinite`]).
-    pub fn quantize(w: &[f32], rows: usize, cols: usize, rule: ScaleRule) -> Result<Self, QuantError> {
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        rule: ScaleRule,
+    ) -> Result<Self, QuantError> {
         check_len("fp8 weights", rows * cols, w.len())?;
         check_finite(w)?;
         let mut data = vec![0u8; rows * cols];
         let mut scales = vec![1f32; rows];
         if cols > 0 {
-            data.par_chunks_mut(cols).zip(scales.par_iter_mut()).zip(w.par_chunks(cols)).for_each(
-                |((d, s), row)| {
+            data.par_chunks_mut(cols)
+                .zip(scales.par_iter_mut())
+                .zip(w.par_chunks(cols))
+                .for_each(|((d, s), row)| {
                     *s = choose_scale(|| Box::new(row.iter().copied()), rule);
                     for (o, &x) in d.iter_mut().zip(row) {
                         *o = e4m3_encode_rne(x / *s);
                     }
-                },
-            );
+                });
         }
-        Ok(Self { rows, cols, data, scales, scale_block: None })
+        Ok(Self {
+            rows,
+            cols,
+            data,
+            scales,
+            scale_block: None,
+        })
     }
 
     /// Quantizes with one scale per `block × block` tile (edge tiles may be partial).
-    pub fn quantize_blocked(w: &[f32], rows: usize, cols: usize, block: usize, rule: ScaleRule) -> Result<Self, QuantError> {
+    pub fn quantize_blocked(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        block: usize,
+        rule: ScaleRule,
+    ) -> Result<Self, QuantError> {
         if block == 0 {
             return Err(QuantError::ScaleBlock(block));
         }
@@ -95,47 +116,89 @@ impl Fp8Matrix {
                 let (r0, c0) = ((t / bc) * block, (t % bc) * block);
                 let (r1, c1) = ((r0 + block).min(rows), (c0 + block).min(cols));
                 let group = move || -> Box<dyn Iterator<Item = f32> + '_> {
-                    Box::new((r0..r1).flat_map(move |r| w[r * cols + c0..r * cols + c1].iter().copied()))
+                    Box::new(
+                        (r0..r1).flat_map(move |r| w[r * cols + c0..r * cols + c1].iter().copied()),
+                    )
                 };
                 choose_scale(group, rule)
             })
             .collect();
         let mut data = vec![0u8; rows * cols];
         if cols > 0 {
-            data.par_chunks_mut(cols).zip(w.par_chunks(cols)).enumerate().for_each(|(r, (d, row))| {
-                for (c, (o, &x)) in d.iter_mut().zip(row).enumerate() {
-                    *o = e4m3_encode_rne(x / scales[(r / block) * bc + c / block]);
-                }
-            });
+            data.par_chunks_mut(cols)
+                .zip(w.par_chunks(cols))
+                .enumerate()
+                .for_each(|(r, (d, row))| {
+                    for (c, (o, &x)) in d.iter_mut().zip(row).enumerate() {
+                        *o = e4m3_encode_rne(x / scales[(r / block) * bc + c / block]);
+                    }
+                });
         }
-        Ok(Self { rows, cols, data, scales, scale_block: Some(block) })
+        Ok(Self {
+            rows,
+            cols,
+            data,
+            scales,
+            scale_block: Some(block),
+        })
     }
 
     /// Wraps checkpoint tensors with per-row scales (a per-tensor scale can be broadcast
     /// by the caller). Validates sizes, rejects NaN data bytes and non-finite scales.
-    pub fn from_parts(rows: usize, cols: usize, data: Vec<u8>, scales: Vec<f32>) -> Result<Self, QuantError> {
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        scales: Vec<f32>,
+    ) -> Result<Self, QuantError> {
         check_len("fp8 scales", rows, scales.len())?;
         Self::validate(rows, cols, data, scales, None)
     }
 
     /// Wraps checkpoint tensors with `block × block` scales (`[ceil(rows/b), ceil(cols/b)]`).
-    pub fn from_parts_blocked(rows: usize, cols: usize, data: Vec<u8>, scales: Vec<f32>, block: usize) -> Result<Self, QuantError> {
+    pub fn from_parts_blocked(
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        scales: Vec<f32>,
+        block: usize,
+    ) -> Result<Self, QuantError> {
         if block == 0 {
             return Err(QuantError::ScaleBlock(block));
         }
-        check_len("fp8 block scales", rows.div_ceil(block) * cols.div_ceil(block), scales.len())?;
+        check_len(
+            "fp8 block scales",
+            rows.div_ceil(block) * cols.div_ceil(block),
+            scales.len(),
+        )?;
         Self::validate(rows, cols, data, scales, Some(block))
     }
 
-    fn validate(rows: usize, cols: usize, data: Vec<u8>, scales: Vec<f32>, scale_block: Option<usize>) -> Result<Self, QuantError> {
+    fn validate(
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        scales: Vec<f32>,
+        scale_block: Option<usize>,
+    ) -> Result<Self, QuantError> {
         check_len("fp8 data", rows * cols, data.len())?;
         if let Some(index) = data.iter().position(|&b| b & 0x7f == 0x7f) {
-            return Err(QuantError::NanEncoding { what: "fp8 data", index, byte: data[index] });
+            return Err(QuantError::NanEncoding {
+                what: "fp8 data",
+                index,
+                byte: data[index],
+            });
         }
         if let Some(s) = scales.iter().find(|s| !s.is_finite()) {
             return Err(QuantError::TensorScale(*s));
         }
-        Ok(Self { rows, cols, data, scales, scale_block })
+        Ok(Self {
+            rows,
+            cols,
+            data,
+            scales,
+            scale_block,
+        })
     }
 
     /// Scale of element (r, c).
@@ -151,7 +214,9 @@ impl Fp8Matrix {
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         if self.cols > 0 {
-            out.par_chunks_mut(self.cols).enumerate().for_each(|(r, row)| self.dequantize_row(r, row));
+            out.par_chunks_mut(self.cols)
+                .enumerate()
+                .for_each(|(r, row)| self.dequantize_row(r, row));
         }
         out
     }
@@ -160,7 +225,11 @@ impl Fp8Matrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let data = &self.data[r * self.cols..(r + 1) * self.cols];
         let step = self.scale_block.unwrap_or(self.cols.max(1));
-        for (c0, (o, d)) in out[..self.cols].chunks_mut(step).zip(data.chunks(step)).enumerate() {
+        for (c0, (o, d)) in out[..self.cols]
+            .chunks_mut(step)
+            .zip(data.chunks(step))
+            .enumerate()
+        {
             let s = self.scale_at(r, c0 * step);
             for (v, &b) in o.iter_mut().zip(d) {
                 *v = E4M3_LUT[b as usize] * s;
@@ -178,8 +247,27 @@ impl Fp8Matrix {
         self.matmul_impl(x, n, y, use_avx2());
     }
 
+    /// Panics unless the (public) fields are still consistent; the SIMD kernels rely on it.
+    fn assert_consistent(&self) {
+        let nscales = match self.scale_block {
+            None => self.rows,
+            Some(b) => self.rows.div_ceil(b.max(1)) * self.cols.div_ceil(b.max(1)),
+        };
+        assert!(
+            self.data.len() == self.rows * self.cols
+                && self.scales.len() == nscales
+                && self.scale_block != Some(0),
+            "Fp8Matrix fields are inconsistent with rows = {}, cols = {}",
+            self.rows,
+            self.cols
+        );
+    }
+
     pub(crate) fn matmul_impl(&self, x: &[f32], n: usize, y: &mut [f32], simd: bool) {
-        let simd = simd && self.cols % 32 == 0 && self.scale_block.is_none_or(|b| b % 32 == 0);
+        self.assert_consistent();
+        let simd = simd
+            && self.cols.is_multiple_of(32)
+            && self.scale_block.is_none_or(|b| b.is_multiple_of(32));
         par_matmul(self.rows, self.cols, x, n, y, |r0, r1, xs, nn, out| {
             #[cfg(target_arch = "x86_64")]
             if simd {
@@ -201,10 +289,15 @@ impl Fp8Matrix {
             let mut c0 = 0;
             while c0 < cols {
                 // chunks of up to 32 that never straddle a scale block
-                let lim = self.scale_block.map_or(cols, |b| ((c0 / b + 1) * b).min(cols));
+                let lim = self
+                    .scale_block
+                    .map_or(cols, |b| ((c0 / b + 1) * b).min(cols));
                 let len = (lim - c0).min(32);
                 let s = self.scale_at(r, c0);
-                for (v, &b) in wv.iter_mut().zip(&self.data[r * cols + c0..r * cols + c0 + len]) {
+                for (v, &b) in wv
+                    .iter_mut()
+                    .zip(&self.data[r * cols + c0..r * cols + c0 + len])
+                {
                     *v = E4M3_LUT[b as usize] * s;
                 }
                 for (i, a) in acc.iter_mut().enumerate().take(nn) {
@@ -226,7 +319,12 @@ impl Fp8Matrix {
         rows_x32(r0, r1, cols / 32, cols, xs, nn, out, |r, k| {
             let p = dp.add(r * cols + k * 32);
             // decoded values are E4M3 · 2^-8; the 256 is folded into the scale
-            let w = [decode_e4m3x8(p), decode_e4m3x8(p.add(8)), decode_e4m3x8(p.add(16)), decode_e4m3x8(p.add(24))];
+            let w = [
+                decode_e4m3x8(p),
+                decode_e4m3x8(p.add(8)),
+                decode_e4m3x8(p.add(16)),
+                decode_e4m3x8(p.add(24)),
+            ];
             (w, _mm256_set1_ps(self.scale_at(r, k * 32) * 256.0))
         });
     }
@@ -249,10 +347,17 @@ mod tests {
         for (k, (&x, &y)) in w.iter().zip(&d).enumerate() {
             let s = q.scale_at(k / q.cols, k % q.cols);
             let a = (x / s).abs();
-            let half_ulp = if a < 2f32.powi(-6) { 2f32.powi(-10) } else { 2f32.powi(crate::quant::e8m0_floor_log2(a) - 4) };
+            let half_ulp = if a < 2f32.powi(-6) {
+                2f32.powi(-10)
+            } else {
+                2f32.powi(crate::quant::e8m0_floor_log2(a) - 4)
+            };
             let err = (x - y).abs();
             if a > E4M3_MAX {
-                assert!((err - (x.abs() - E4M3_MAX * s)).abs() <= 1e-5 * x.abs(), "saturation {x}");
+                assert!(
+                    (err - (x.abs() - E4M3_MAX * s)).abs() <= 1e-5 * x.abs(),
+                    "saturation {x}"
+                );
             } else {
                 assert!(err <= half_ulp * s * (1.0 + 1e-5), "x={x} y={y} s={s}");
             }
@@ -305,16 +410,43 @@ mod tests {
     fn rejects_bad_input() {
         let mut w = vec![1f32; 64];
         w[9] = f32::NAN;
-        assert!(matches!(Fp8Matrix::quantize(&w, 2, 32, ScaleRule::Spec), Err(QuantError::NonFinite { index: 9, .. })));
+        assert!(matches!(
+            Fp8Matrix::quantize(&w, 2, 32, ScaleRule::Spec),
+            Err(QuantError::NonFinite { index: 9, .. })
+        ));
         w[9] = f32::INFINITY;
-        assert!(matches!(Fp8Matrix::quantize_blocked(&w, 2, 32, 128, ScaleRule::Spec), Err(QuantError::NonFinite { index: 9, .. })));
-        assert!(matches!(Fp8Matrix::quantize(&w, 3, 32, ScaleRule::Spec), Err(QuantError::Length { .. })));
-        assert!(matches!(Fp8Matrix::quantize_blocked(&w, 2, 32, 0, ScaleRule::Spec), Err(QuantError::ScaleBlock(0))));
-        assert!(matches!(Fp8Matrix::from_parts(2, 4, vec![0; 8], vec![1.0]), Err(QuantError::Length { .. })));
-        assert!(matches!(Fp8Matrix::from_parts(2, 4, vec![0; 7], vec![1.0; 2]), Err(QuantError::Length { .. })));
-        assert!(matches!(Fp8Matrix::from_parts(2, 4, vec![0, 0, 0xff, 0, 0, 0, 0, 0], vec![1.0; 2]), Err(QuantError::NanEncoding { index: 2, .. })));
-        assert!(matches!(Fp8Matrix::from_parts(2, 4, vec![0; 8], vec![1.0, f32::INFINITY]), Err(QuantError::TensorScale(_))));
-        assert!(matches!(Fp8Matrix::from_parts_blocked(200, 300, vec![0; 60000], vec![1.0; 5], 128), Err(QuantError::Length { .. })));
+        assert!(matches!(
+            Fp8Matrix::quantize_blocked(&w, 2, 32, 128, ScaleRule::Spec),
+            Err(QuantError::NonFinite { index: 9, .. })
+        ));
+        assert!(matches!(
+            Fp8Matrix::quantize(&w, 3, 32, ScaleRule::Spec),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            Fp8Matrix::quantize_blocked(&w, 2, 32, 0, ScaleRule::Spec),
+            Err(QuantError::ScaleBlock(0))
+        ));
+        assert!(matches!(
+            Fp8Matrix::from_parts(2, 4, vec![0; 8], vec![1.0]),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            Fp8Matrix::from_parts(2, 4, vec![0; 7], vec![1.0; 2]),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            Fp8Matrix::from_parts(2, 4, vec![0, 0, 0xff, 0, 0, 0, 0, 0], vec![1.0; 2]),
+            Err(QuantError::NanEncoding { index: 2, .. })
+        ));
+        assert!(matches!(
+            Fp8Matrix::from_parts(2, 4, vec![0; 8], vec![1.0, f32::INFINITY]),
+            Err(QuantError::TensorScale(_))
+        ));
+        assert!(matches!(
+            Fp8Matrix::from_parts_blocked(200, 300, vec![0; 60000], vec![1.0; 5], 128),
+            Err(QuantError::Length { .. })
+        ));
         let m = Fp8Matrix::from_parts_blocked(200, 300, vec![0; 60000], vec![1.0; 6], 128).unwrap();
         assert_eq!(m.bytes(), 60000 + 24);
     }
@@ -329,7 +461,11 @@ mod tests {
         for q in [&spec, &mse, &blk] {
             check_bounds(&w, q);
         }
-        let (a, b, c) = (rmse(&w, &spec.dequantize()), rmse(&w, &mse.dequantize()), rmse(&w, &blk.dequantize()));
+        let (a, b, c) = (
+            rmse(&w, &spec.dequantize()),
+            rmse(&w, &mse.dequantize()),
+            rmse(&w, &blk.dequantize()),
+        );
         println!("fp8 RMSE on N(0,1): per-row spec {a:.6}, per-row mse-search {b:.6}, block-128 spec {c:.6}");
         assert!(b <= a);
     }
@@ -343,7 +479,8 @@ mod tests {
             check_matmul(&wd, rows, cols, |x, n, y| q.matmul(x, n, y));
             check_matmul(&wd, rows, cols, |x, n, y| q.matmul_impl(x, n, y, false));
             for block in [32, 128, 48] {
-                let q = Fp8Matrix::quantize_blocked(&w, rows, cols, block, ScaleRule::MseSearch).unwrap();
+                let q = Fp8Matrix::quantize_blocked(&w, rows, cols, block, ScaleRule::MseSearch)
+                    .unwrap();
                 let wd = q.dequantize();
                 check_matmul(&wd, rows, cols, |x, n, y| q.matmul(x, n, y));
                 check_matmul(&wd, rows, cols, |x, n, y| q.matmul_impl(x, n, y, false));

@@ -48,8 +48,18 @@ pub(crate) fn par_matmul<F>(rows: usize, cols: usize, x: &[f32], n: usize, y: &m
 where
     F: Fn(usize, usize, &[f32], usize, &mut [f32]) + Sync,
 {
-    assert!(x.len() >= n * cols, "matmul: x has {} values, need {}", x.len(), n * cols);
-    assert!(y.len() >= n * rows, "matmul: y has {} values, need {}", y.len(), n * rows);
+    assert!(
+        x.len() >= n * cols,
+        "matmul: x has {} values, need {}",
+        x.len(),
+        n * cols
+    );
+    assert!(
+        y.len() >= n * rows,
+        "matmul: y has {} values, need {}",
+        y.len(),
+        n * rows
+    );
     if n == 0 || rows == 0 {
         return;
     }
@@ -93,7 +103,7 @@ pub fn matmul_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &
     let avx = use_avx2();
     par_matmul(rows, cols, x, n, y, |r0, r1, xs, nn, out| {
         #[cfg(target_arch = "x86_64")]
-        if avx && cols % 32 == 0 {
+        if avx && cols.is_multiple_of(32) {
             // SAFETY: CPU features checked by `use_avx2`; slices sized by the driver.
             unsafe { avx2::f32_chunk(w, cols, r0, r1, xs, nn, out) };
             return;
@@ -198,7 +208,14 @@ pub(crate) mod avx2 {
     /// `acc[i] += scale · Σ_k w[k] · x_i[k*8..]` for the `nn` rows of x (stride `cols`).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn fma_block4(w: &[__m256; 4], sv: __m256, x: *const f32, cols: usize, nn: usize, acc: &mut [__m256; MAX_N]) {
+    pub unsafe fn fma_block4(
+        w: &[__m256; 4],
+        sv: __m256,
+        x: *const f32,
+        cols: usize,
+        nn: usize,
+        acc: &mut [__m256; MAX_N],
+    ) {
         for (i, a) in acc.iter_mut().enumerate().take(nn) {
             let xp = x.add(i * cols);
             let p0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
@@ -212,7 +229,13 @@ pub(crate) mod avx2 {
     /// n = 1 variant of [`fma_block4`] with two register accumulators.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn fma_block4_one(w: &[__m256; 4], sv: __m256, xp: *const f32, a0: &mut __m256, a1: &mut __m256) {
+    pub unsafe fn fma_block4_one(
+        w: &[__m256; 4],
+        sv: __m256,
+        xp: *const f32,
+        a0: &mut __m256,
+        a1: &mut __m256,
+    ) {
         let p0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
         let p1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xp.add(8)));
         let p0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), p0);
@@ -228,8 +251,16 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rows_x32<F>(r0: usize, r1: usize, steps: usize, cols: usize, xs: &[f32], nn: usize, out: &mut [f32], dec: F)
-    where
+    pub unsafe fn rows_x32<F>(
+        r0: usize,
+        r1: usize,
+        steps: usize,
+        cols: usize,
+        xs: &[f32],
+        nn: usize,
+        out: &mut [f32],
+        dec: F,
+    ) where
         F: Fn(usize, usize) -> ([__m256; 4], __m256),
     {
         let xp = xs.as_ptr();
@@ -257,7 +288,14 @@ pub(crate) mod avx2 {
     /// Like [`fma_block4`] for a 16-element block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn fma_block2(w: &[__m256; 2], sv: __m256, x: *const f32, cols: usize, nn: usize, acc: &mut [__m256; MAX_N]) {
+    pub unsafe fn fma_block2(
+        w: &[__m256; 2],
+        sv: __m256,
+        x: *const f32,
+        cols: usize,
+        nn: usize,
+        acc: &mut [__m256; MAX_N],
+    ) {
         for (i, a) in acc.iter_mut().enumerate().take(nn) {
             let xp = x.add(i * cols);
             let p0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
@@ -277,12 +315,25 @@ pub(crate) mod avx2 {
 
     /// f32 reference chunk kernel (`cols % 32 == 0`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn f32_chunk(w: &[f32], cols: usize, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
+    pub unsafe fn f32_chunk(
+        w: &[f32],
+        cols: usize,
+        r0: usize,
+        r1: usize,
+        xs: &[f32],
+        nn: usize,
+        out: &mut [f32],
+    ) {
         let one = _mm256_set1_ps(1.0);
         let wp = w.as_ptr();
         rows_x32(r0, r1, cols / 32, cols, xs, nn, out, |r, k| {
             let p = wp.add(r * cols + k * 32);
-            let wv = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let wv = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
             (wv, one)
         });
     }
@@ -332,9 +383,15 @@ mod tests {
         let mx = Mxfp4Matrix::quantize(&w, rows, cols, ScaleRule::Spec).unwrap();
         let nv = Nvfp4Matrix::quantize(&w, rows, cols, ScaleRule::Spec).unwrap();
         let f8 = Fp8Matrix::quantize(&w, rows, cols, ScaleRule::Spec).unwrap();
-        println!("shape {rows}x{cols}, avx2 {}; best-of-batches time per call (machine is shared)", use_avx2());
+        println!(
+            "shape {rows}x{cols}, avx2 {}; best-of-batches time per call (machine is shared)",
+            use_avx2()
+        );
         for threads in [1usize, 2] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             for n in [1usize, 8] {
                 let x = normal(n * cols, 7);
                 let time = |name: &str, bytes: usize, f: &(dyn Fn(&mut [f32]) + Sync)| {
@@ -357,13 +414,85 @@ mod tests {
                         bytes as f64 / 1024.0
                     );
                 };
-                time("f32", 4 * rows * cols, &|y| matmul_f32(&w, rows, cols, &x, n, y));
+                // cold: weights evicted from all caches (64 MiB sweep) before each timed call,
+                // as in real decode where a layer's weights are not cache-resident
+                let cold = |name: &str, f: &(dyn Fn(&mut [f32]) + Sync)| {
+                    let mut y = vec![0f32; n * rows];
+                    let mut sweep = vec![0u8; 64 << 20];
+                    let mut ts: Vec<f64> = pool.install(|| {
+                        (0..15u8)
+                            .map(|k| {
+                                sweep
+                                    .iter_mut()
+                                    .step_by(64)
+                                    .for_each(|b| *b = b.wrapping_add(k));
+                                let t = Instant::now();
+                                f(&mut y);
+                                t.elapsed().as_secs_f64() * 1e6
+                            })
+                            .collect()
+                    });
+                    ts.sort_by(|a, b| a.total_cmp(b));
+                    println!(
+                        "threads={threads} n={n} {name:<13} {:8.1} us  (cold cache, median)",
+                        ts[ts.len() / 2]
+                    );
+                };
+                cold("f32", &|y| matmul_f32(&w, rows, cols, &x, n, y));
+                cold("mxfp4", &|y| mx.matmul(&x, n, y));
+                cold("nvfp4", &|y| nv.matmul(&x, n, y));
+                cold("fp8", &|y| f8.matmul(&x, n, y));
+                time("f32", 4 * rows * cols, &|y| {
+                    matmul_f32(&w, rows, cols, &x, n, y)
+                });
                 time("mxfp4", mx.bytes(), &|y| mx.matmul(&x, n, y));
-                time("mxfp4 scalar", mx.bytes(), &|y| mx.matmul_impl(&x, n, y, false));
+                time("mxfp4 scalar", mx.bytes(), &|y| {
+                    mx.matmul_impl(&x, n, y, false)
+                });
                 time("nvfp4", nv.bytes(), &|y| nv.matmul(&x, n, y));
-                time("nvfp4 scalar", nv.bytes(), &|y| nv.matmul_impl(&x, n, y, false));
+                time("nvfp4 scalar", nv.bytes(), &|y| {
+                    nv.matmul_impl(&x, n, y, false)
+                });
                 time("fp8", f8.bytes(), &|y| f8.matmul(&x, n, y));
-                time("fp8 scalar", f8.bytes(), &|y| f8.matmul_impl(&x, n, y, false));
+                time("fp8 scalar", f8.bytes(), &|y| {
+                    f8.matmul_impl(&x, n, y, false)
+                });
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_decoders_match_scalar_tables() {
+        use crate::quant::e2m1::decode_packed;
+        use crate::quant::e4m3::E4M3_LUT;
+        use std::arch::x86_64::*;
+        if !use_avx2() {
+            return;
+        }
+        let lanes =
+            |v: __m256| -> [f32; 8] { unsafe { std::mem::transmute::<__m256, [f32; 8]>(v) } };
+        // every byte value appears in some 16-byte group, in both nibble positions
+        for base in (0..256).step_by(16) {
+            let bytes: Vec<u8> = (0..16).map(|k| (base + k * 7) as u8).collect();
+            let mut want = [0f32; 32];
+            decode_packed(&bytes, 2.0, &mut want);
+            let got = unsafe { avx2::decode_fp4x32(bytes.as_ptr(), avx2::fp4_lut()) };
+            let got: Vec<f32> = got.iter().flat_map(|&v| lanes(v)).collect();
+            assert_eq!(got, want);
+            let got16 = unsafe { avx2::decode_fp4x16(bytes.as_ptr(), avx2::fp4_lut()) };
+            let got16: Vec<f32> = got16.iter().flat_map(|&v| lanes(v)).collect();
+            assert_eq!(got16, want[..16]);
+        }
+        for base in (0..256).step_by(8) {
+            let bytes: Vec<u8> = (base..base + 8).map(|b| b as u8).collect();
+            let got = lanes(unsafe { avx2::decode_e4m3x8(bytes.as_ptr()) });
+            for (k, &b) in bytes.iter().enumerate() {
+                if b & 0x7f != 0x7f {
+                    let want = E4M3_LUT[b as usize];
+                    assert_eq!(got[k] * 256.0, want, "byte {b:#x}");
+                    assert_eq!((got[k] * 256.0).is_sign_negative(), want.is_sign_negative());
+                }
             }
         }
     }

@@ -34,8 +34,7 @@ pub mod nvfp4;
 
 pub use e2m1::{e2m1_decode, e2m1_encode_rne, E2M1_MAX, E2M1_VALUES};
 pub use e4m3::{
-    e4m3_decode, e4m3_encode_rne, e8m0_decode, e8m0_encode_exp, e8m0_floor_log2, E4M3_MAX,
-    E8M0_NAN,
+    e4m3_decode, e4m3_encode_rne, e8m0_decode, e8m0_encode_exp, e8m0_floor_log2, E4M3_MAX, E8M0_NAN,
 };
 pub use fp8::Fp8Matrix;
 pub use kernels::matmul_f32;
@@ -47,16 +46,28 @@ pub use nvfp4::Nvfp4Matrix;
 pub enum QuantError {
     /// The column count is not a multiple of the format's block size.
     #[error("{format}: cols = {cols} is not a multiple of the block size {block}")]
-    BlockAlignment { format: &'static str, cols: usize, block: usize },
+    BlockAlignment {
+        format: &'static str,
+        cols: usize,
+        block: usize,
+    },
     /// A buffer does not have the length implied by `rows`/`cols`.
     #[error("{what}: expected length {expected}, got {got}")]
-    Length { what: &'static str, expected: usize, got: usize },
+    Length {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
     /// The input contains NaN or ±inf at the given flat index.
     #[error("non-finite input value {value} at index {index}")]
     NonFinite { index: usize, value: f32 },
     /// A stored scale or data byte is a NaN encoding (E8M0 0xFF, E4M3 0x7F/0xFF).
     #[error("{what}: NaN encoding 0x{byte:02x} at index {index}")]
-    NanEncoding { what: &'static str, index: usize, byte: u8 },
+    NanEncoding {
+        what: &'static str,
+        index: usize,
+        byte: u8,
+    },
     /// The per-tensor scale is not finite and positive.
     #[error("invalid tensor scale {0}")]
     TensorScale(f32),
@@ -120,7 +131,10 @@ impl FromStr for QuantFormat {
 /// Returns the first non-finite value of `w` as an error.
 pub(crate) fn check_finite(w: &[f32]) -> Result<(), QuantError> {
     match w.iter().position(|v| !v.is_finite()) {
-        Some(index) => Err(QuantError::NonFinite { index, value: w[index] }),
+        Some(index) => Err(QuantError::NonFinite {
+            index,
+            value: w[index],
+        }),
         None => Ok(()),
     }
 }
@@ -129,7 +143,11 @@ pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
     if expected == got {
         Ok(())
     } else {
-        Err(QuantError::Length { what, expected, got })
+        Err(QuantError::Length {
+            what,
+            expected,
+            got,
+        })
     }
 }
 
@@ -160,7 +178,12 @@ pub(crate) mod testutil {
     /// Checks `matmul(x, n, y)` against an f64 reference built from the dequantized
     /// weights `wd`, for n in {1, 3, 17}: |err| <= 1e-5 · Σ|w·x| (relative to the
     /// magnitude of the terms, so cancellation cannot make the bound vacuous).
-    pub fn check_matmul(wd: &[f32], rows: usize, cols: usize, matmul: impl Fn(&[f32], usize, &mut [f32])) {
+    pub fn check_matmul(
+        wd: &[f32],
+        rows: usize,
+        cols: usize,
+        matmul: impl Fn(&[f32], usize, &mut [f32]),
+    ) {
         for n in [1usize, 3, 17] {
             let x = normal(n * cols, 1000 + n as u64);
             let mut y = vec![f32::NAN; n * rows];
@@ -174,7 +197,10 @@ pub(crate) mod testutil {
                         mag += t.abs();
                     }
                     let got = y[i * rows + r] as f64;
-                    assert!((got - s).abs() <= 1e-5 * mag + 1e-30, "n={n} i={i} r={r}: {got} vs {s}");
+                    assert!(
+                        (got - s).abs() <= 1e-5 * mag + 1e-30,
+                        "n={n} i={i} r={r}: {got} vs {s}"
+                    );
                 }
             }
         }
@@ -185,7 +211,10 @@ pub(crate) mod testutil {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             let d = (x - y).abs();
-            assert!(d <= tol * y.abs().max(1.0), "index {i}: {x} vs {y} (diff {d})");
+            assert!(
+                d <= tol * y.abs().max(1.0),
+                "index {i}: {x} vs {y} (diff {d})"
+            );
         }
     }
 }
@@ -199,7 +228,10 @@ mod tests {
         assert_eq!("mxfp4".parse::<QuantFormat>(), Ok(QuantFormat::Mxfp4));
         assert_eq!("NVFP4".parse::<QuantFormat>(), Ok(QuantFormat::Nvfp4));
         assert_eq!("fp8".parse::<QuantFormat>(), Ok(QuantFormat::Fp8));
-        assert!(matches!("int4".parse::<QuantFormat>(), Err(QuantError::UnknownFormat(_))));
+        assert!(matches!(
+            "int4".parse::<QuantFormat>(),
+            Err(QuantError::UnknownFormat(_))
+        ));
         for f in [QuantFormat::Mxfp4, QuantFormat::Nvfp4, QuantFormat::Fp8] {
             assert_eq!(f.to_string().parse::<QuantFormat>(), Ok(f));
         }

@@ -86,9 +86,18 @@ fn quantize_block(xs: &[f32], out: &mut [u8], rule: ScaleRule) -> u8 {
 impl Mxfp4Matrix {
     /// Quantizes a row-major `[rows, cols]` f32 matrix. Errors if `cols % 32 != 0`, if
     /// `w.len() != rows*cols`, or if `w` holds NaN/±inf ([`QuantError::NonFinite`]).
-    pub fn quantize(w: &[f32], rows: usize, cols: usize, rule: ScaleRule) -> Result<Self, QuantError> {
-        if cols % MXFP4_BLOCK != 0 {
-            return Err(QuantError::BlockAlignment { format: "mxfp4", cols, block: MXFP4_BLOCK });
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        rule: ScaleRule,
+    ) -> Result<Self, QuantError> {
+        if !cols.is_multiple_of(MXFP4_BLOCK) {
+            return Err(QuantError::BlockAlignment {
+                format: "mxfp4",
+                cols,
+                block: MXFP4_BLOCK,
+            });
         }
         check_len("mxfp4 weights", rows * cols, w.len())?;
         check_finite(w)?;
@@ -100,28 +109,53 @@ impl Mxfp4Matrix {
             .zip(w.par_chunks(MXFP4_BLOCK))
             .with_min_len(256)
             .for_each(|((out, s), xs)| *s = quantize_block(xs, out, rule));
-        Ok(Self { rows, cols, blocks, scales })
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            scales,
+        })
     }
 
     /// Wraps checkpoint tensors (e.g. one expert's `*_blocks` / `*_scales` slices).
     /// Validates alignment and sizes and rejects NaN scales (0xff).
-    pub fn from_parts(rows: usize, cols: usize, blocks: Vec<u8>, scales: Vec<u8>) -> Result<Self, QuantError> {
-        if cols % MXFP4_BLOCK != 0 {
-            return Err(QuantError::BlockAlignment { format: "mxfp4", cols, block: MXFP4_BLOCK });
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        blocks: Vec<u8>,
+        scales: Vec<u8>,
+    ) -> Result<Self, QuantError> {
+        if !cols.is_multiple_of(MXFP4_BLOCK) {
+            return Err(QuantError::BlockAlignment {
+                format: "mxfp4",
+                cols,
+                block: MXFP4_BLOCK,
+            });
         }
         check_len("mxfp4 blocks", rows * cols / 2, blocks.len())?;
         check_len("mxfp4 scales", rows * cols / MXFP4_BLOCK, scales.len())?;
         if let Some(index) = scales.iter().position(|&s| s == E8M0_NAN) {
-            return Err(QuantError::NanEncoding { what: "mxfp4 scales", index, byte: E8M0_NAN });
+            return Err(QuantError::NanEncoding {
+                what: "mxfp4 scales",
+                index,
+                byte: E8M0_NAN,
+            });
         }
-        Ok(Self { rows, cols, blocks, scales })
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            scales,
+        })
     }
 
     /// Dequantizes the whole matrix to row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         if self.cols > 0 {
-            out.par_chunks_mut(self.cols).enumerate().for_each(|(r, row)| self.dequantize_row(r, row));
+            out.par_chunks_mut(self.cols)
+                .enumerate()
+                .for_each(|(r, row)| self.dequantize_row(r, row));
         }
         out
     }
@@ -150,7 +184,20 @@ impl Mxfp4Matrix {
         self.matmul_impl(x, n, y, use_avx2());
     }
 
+    /// Panics unless the (public) fields are still consistent; the SIMD kernels rely on it.
+    fn assert_consistent(&self) {
+        assert!(
+            self.cols.is_multiple_of(MXFP4_BLOCK)
+                && self.blocks.len() == self.rows * self.cols / 2
+                && self.scales.len() == self.rows * self.cols / MXFP4_BLOCK,
+            "Mxfp4Matrix fields are inconsistent with rows = {}, cols = {}",
+            self.rows,
+            self.cols
+        );
+    }
+
     pub(crate) fn matmul_impl(&self, x: &[f32], n: usize, y: &mut [f32], simd: bool) {
+        self.assert_consistent();
         par_matmul(self.rows, self.cols, x, n, y, |r0, r1, xs, nn, out| {
             #[cfg(target_arch = "x86_64")]
             if simd {
@@ -194,7 +241,10 @@ impl Mxfp4Matrix {
         rows_x32(r0, r1, nb, self.cols, xs, nn, out, |r, b| {
             let k = r * nb + b;
             // decoded values are 2× E2M1: the table holds 2^(s-127) / 2
-            (decode_fp4x32(bp.add(k * 16), lut), _mm256_set1_ps(E8M0_HALF[*sp.add(k) as usize]))
+            (
+                decode_fp4x32(bp.add(k * 16), lut),
+                _mm256_set1_ps(E8M0_HALF[*sp.add(k) as usize]),
+            )
         });
     }
 
@@ -302,17 +352,41 @@ mod tests {
             Err(QuantError::NonFinite { index: 40, .. })
         ));
         w[40] = f32::NEG_INFINITY;
-        assert!(matches!(Mxfp4Matrix::quantize(&w, 1, 64, ScaleRule::MseSearch), Err(QuantError::NonFinite { .. })));
-        assert!(matches!(Mxfp4Matrix::quantize(&w[..48], 1, 48, ScaleRule::Spec), Err(QuantError::BlockAlignment { .. })));
-        assert!(matches!(Mxfp4Matrix::quantize(&w, 2, 64, ScaleRule::Spec), Err(QuantError::Length { .. })));
-        assert!(matches!(Mxfp4Matrix::from_parts(2, 64, vec![0; 63], vec![127; 4]), Err(QuantError::Length { .. })));
-        assert!(matches!(Mxfp4Matrix::from_parts(2, 64, vec![0; 64], vec![127; 3]), Err(QuantError::Length { .. })));
+        assert!(matches!(
+            Mxfp4Matrix::quantize(&w, 1, 64, ScaleRule::MseSearch),
+            Err(QuantError::NonFinite { .. })
+        ));
+        assert!(matches!(
+            Mxfp4Matrix::quantize(&w[..48], 1, 48, ScaleRule::Spec),
+            Err(QuantError::BlockAlignment { .. })
+        ));
+        assert!(matches!(
+            Mxfp4Matrix::quantize(&w, 2, 64, ScaleRule::Spec),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            Mxfp4Matrix::from_parts(2, 64, vec![0; 63], vec![127; 4]),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            Mxfp4Matrix::from_parts(2, 64, vec![0; 64], vec![127; 3]),
+            Err(QuantError::Length { .. })
+        ));
         assert!(matches!(
             Mxfp4Matrix::from_parts(2, 64, vec![0; 64], vec![127, 127, 255, 127]),
             Err(QuantError::NanEncoding { index: 2, .. })
         ));
         let m = Mxfp4Matrix::from_parts(2, 64, vec![0; 64], vec![127; 4]).unwrap();
         assert_eq!(m.bytes(), 68);
+    }
+
+    #[test]
+    #[should_panic(expected = "inconsistent")]
+    fn matmul_rejects_tampered_fields() {
+        let mut m = Mxfp4Matrix::from_parts(2, 64, vec![0; 64], vec![127; 4]).unwrap();
+        m.blocks.truncate(10); // public fields: the kernels must not trust them blindly
+        let mut y = [0f32; 2];
+        m.matmul(&[0f32; 64], 1, &mut y);
     }
 
     #[test]

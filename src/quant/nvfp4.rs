@@ -71,15 +71,28 @@ impl Nvfp4Matrix {
     /// Quantizes a row-major `[rows, cols]` f32 matrix. The tensor scale is
     /// `amax / (6·448)` (1.0 for an all-zero tensor). Errors if `cols % 16 != 0`, on a
     /// length mismatch, or if `w` holds NaN/±inf ([`QuantError::NonFinite`]).
-    pub fn quantize(w: &[f32], rows: usize, cols: usize, rule: ScaleRule) -> Result<Self, QuantError> {
-        if cols % NVFP4_BLOCK != 0 {
-            return Err(QuantError::BlockAlignment { format: "nvfp4", cols, block: NVFP4_BLOCK });
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        rule: ScaleRule,
+    ) -> Result<Self, QuantError> {
+        if !cols.is_multiple_of(NVFP4_BLOCK) {
+            return Err(QuantError::BlockAlignment {
+                format: "nvfp4",
+                cols,
+                block: NVFP4_BLOCK,
+            });
         }
         check_len("nvfp4 weights", rows * cols, w.len())?;
         check_finite(w)?;
-        let amax = w.par_iter().with_min_len(4096).map(|v| v.abs()).reduce(|| 0.0, f32::max);
+        let amax = w
+            .par_iter()
+            .with_min_len(4096)
+            .map(|v| v.abs())
+            .reduce(|| 0.0, f32::max);
         let mut tensor_scale = amax / (E2M1_MAX * E4M3_MAX);
-        if !(tensor_scale > 0.0) {
+        if tensor_scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             // all-zero tensor (or amax so tiny the scale underflows: everything rounds to 0)
             tensor_scale = 1.0;
         }
@@ -91,31 +104,59 @@ impl Nvfp4Matrix {
             .zip(w.par_chunks(NVFP4_BLOCK))
             .with_min_len(256)
             .for_each(|((out, s), xs)| *s = quantize_block(xs, tensor_scale, out, rule));
-        Ok(Self { rows, cols, packed, scales, tensor_scale })
+        Ok(Self {
+            rows,
+            cols,
+            packed,
+            scales,
+            tensor_scale,
+        })
     }
 
     /// Wraps checkpoint tensors (`weight`, `weight_scale`, `weight_scale_2`). Validates
     /// sizes, rejects NaN E4M3 scales (0x7f/0xff) and a non-finite tensor scale.
-    pub fn from_parts(rows: usize, cols: usize, packed: Vec<u8>, scales: Vec<u8>, tensor_scale: f32) -> Result<Self, QuantError> {
-        if cols % NVFP4_BLOCK != 0 {
-            return Err(QuantError::BlockAlignment { format: "nvfp4", cols, block: NVFP4_BLOCK });
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        packed: Vec<u8>,
+        scales: Vec<u8>,
+        tensor_scale: f32,
+    ) -> Result<Self, QuantError> {
+        if !cols.is_multiple_of(NVFP4_BLOCK) {
+            return Err(QuantError::BlockAlignment {
+                format: "nvfp4",
+                cols,
+                block: NVFP4_BLOCK,
+            });
         }
         check_len("nvfp4 packed", rows * cols / 2, packed.len())?;
         check_len("nvfp4 scales", rows * cols / NVFP4_BLOCK, scales.len())?;
         if let Some(index) = scales.iter().position(|&s| s & 0x7f == 0x7f) {
-            return Err(QuantError::NanEncoding { what: "nvfp4 scales", index, byte: scales[index] });
+            return Err(QuantError::NanEncoding {
+                what: "nvfp4 scales",
+                index,
+                byte: scales[index],
+            });
         }
         if !tensor_scale.is_finite() {
             return Err(QuantError::TensorScale(tensor_scale));
         }
-        Ok(Self { rows, cols, packed, scales, tensor_scale })
+        Ok(Self {
+            rows,
+            cols,
+            packed,
+            scales,
+            tensor_scale,
+        })
     }
 
     /// Dequantizes the whole matrix to row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         if self.cols > 0 {
-            out.par_chunks_mut(self.cols).enumerate().for_each(|(r, row)| self.dequantize_row(r, row));
+            out.par_chunks_mut(self.cols)
+                .enumerate()
+                .for_each(|(r, row)| self.dequantize_row(r, row));
         }
         out
     }
@@ -144,7 +185,20 @@ impl Nvfp4Matrix {
         self.matmul_impl(x, n, y, use_avx2());
     }
 
+    /// Panics unless the (public) fields are still consistent; the SIMD kernels rely on it.
+    fn assert_consistent(&self) {
+        assert!(
+            self.cols.is_multiple_of(NVFP4_BLOCK)
+                && self.packed.len() == self.rows * self.cols / 2
+                && self.scales.len() == self.rows * self.cols / NVFP4_BLOCK,
+            "Nvfp4Matrix fields are inconsistent with rows = {}, cols = {}",
+            self.rows,
+            self.cols
+        );
+    }
+
     pub(crate) fn matmul_impl(&self, x: &[f32], n: usize, y: &mut [f32], simd: bool) {
+        self.assert_consistent();
         par_matmul(self.rows, self.cols, x, n, y, |r0, r1, xs, nn, out| {
             #[cfg(target_arch = "x86_64")]
             if simd {
@@ -179,7 +233,9 @@ impl Nvfp4Matrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn chunk_avx2(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
-        use super::kernels::avx2::{decode_fp4x16, decode_fp4x32, fma_block2, fma_block4, fp4_lut, rows_x32, store};
+        use super::kernels::avx2::{
+            decode_fp4x16, decode_fp4x32, fma_block2, fma_block4, fp4_lut, rows_x32, store,
+        };
         use std::arch::x86_64::*;
         let (cols, nb) = (self.cols, self.cols / NVFP4_BLOCK);
         let lut = fp4_lut();
@@ -192,7 +248,15 @@ impl Nvfp4Matrix {
                 let w = decode_fp4x32(bp.add(b * 8), lut);
                 let sa = _mm256_set1_ps(e4m3_decode(*sp.add(b)) * half_ts);
                 let sb = _mm256_set1_ps(e4m3_decode(*sp.add(b + 1)) * half_ts);
-                ([_mm256_mul_ps(w[0], sa), _mm256_mul_ps(w[1], sa), _mm256_mul_ps(w[2], sb), _mm256_mul_ps(w[3], sb)], one)
+                (
+                    [
+                        _mm256_mul_ps(w[0], sa),
+                        _mm256_mul_ps(w[1], sa),
+                        _mm256_mul_ps(w[2], sb),
+                        _mm256_mul_ps(w[3], sb),
+                    ],
+                    one,
+                )
             });
             return;
         }
@@ -205,8 +269,20 @@ impl Nvfp4Matrix {
                 let mut w = decode_fp4x32(bp.add(b * 8), lut);
                 let sa = _mm256_set1_ps(e4m3_decode(sp[b]) * half_ts);
                 let sb = _mm256_set1_ps(e4m3_decode(sp[b + 1]) * half_ts);
-                w = [_mm256_mul_ps(w[0], sa), _mm256_mul_ps(w[1], sa), _mm256_mul_ps(w[2], sb), _mm256_mul_ps(w[3], sb)];
-                fma_block4(&w, one, xs.as_ptr().add(b * NVFP4_BLOCK), cols, nn, &mut acc);
+                w = [
+                    _mm256_mul_ps(w[0], sa),
+                    _mm256_mul_ps(w[1], sa),
+                    _mm256_mul_ps(w[2], sb),
+                    _mm256_mul_ps(w[3], sb),
+                ];
+                fma_block4(
+                    &w,
+                    one,
+                    xs.as_ptr().add(b * NVFP4_BLOCK),
+                    cols,
+                    nn,
+                    &mut acc,
+                );
                 b += 2;
             }
             if b < nb {
@@ -234,7 +310,11 @@ mod tests {
     fn check_bounds(w: &[f32], q: &Nvfp4Matrix) {
         let d = q.dequantize();
         for (k, (&x, &y)) in w.iter().zip(&d).enumerate() {
-            assert_elem_bound(x, y, e4m3_decode(q.scales[k / NVFP4_BLOCK]) * q.tensor_scale);
+            assert_elem_bound(
+                x,
+                y,
+                e4m3_decode(q.scales[k / NVFP4_BLOCK]) * q.tensor_scale,
+            );
         }
     }
 
@@ -289,7 +369,7 @@ mod tests {
         // E4M3 rounding of the block scale can push scaled values past 6: they saturate
         let mut w = vec![0.0f32; 16];
         w[0] = 6.36; // ts = 1 (fixed by the next block): scale e4m3(1.06) = 1.0, 6.36 -> 6
-        w.extend(std::iter::repeat(2688.0).take(16));
+        w.extend(std::iter::repeat_n(2688.0, 16));
         let q = Nvfp4Matrix::quantize(&w, 1, 32, ScaleRule::Spec).unwrap();
         assert_eq!(q.scales[0], ONE_E4M3);
         assert_eq!(q.dequantize()[0], 6.0);
@@ -309,7 +389,11 @@ mod tests {
         }
         for rule in [ScaleRule::Spec, ScaleRule::MseSearch] {
             let q = Nvfp4Matrix::quantize(&w, 1, 64, rule).unwrap();
-            assert!(q.scales[1] < 0x08, "expected subnormal scale, got {:#x}", q.scales[1]);
+            assert!(
+                q.scales[1] < 0x08,
+                "expected subnormal scale, got {:#x}",
+                q.scales[1]
+            );
             assert_eq!(q.scales[2], 0x01);
             check_bounds(&w, &q);
         }
@@ -319,14 +403,35 @@ mod tests {
     fn rejects_bad_input() {
         let mut w = vec![1f32; 32];
         w[3] = f32::INFINITY;
-        assert!(matches!(Nvfp4Matrix::quantize(&w, 1, 32, ScaleRule::Spec), Err(QuantError::NonFinite { index: 3, .. })));
+        assert!(matches!(
+            Nvfp4Matrix::quantize(&w, 1, 32, ScaleRule::Spec),
+            Err(QuantError::NonFinite { index: 3, .. })
+        ));
         w[3] = f32::NAN;
-        assert!(matches!(Nvfp4Matrix::quantize(&w, 1, 32, ScaleRule::MseSearch), Err(QuantError::NonFinite { index: 3, .. })));
-        assert!(matches!(Nvfp4Matrix::quantize(&w[..24], 1, 24, ScaleRule::Spec), Err(QuantError::BlockAlignment { .. })));
-        assert!(matches!(Nvfp4Matrix::from_parts(1, 32, vec![0; 15], vec![0x38; 2], 1.0), Err(QuantError::Length { .. })));
-        assert!(matches!(Nvfp4Matrix::from_parts(1, 32, vec![0; 16], vec![0x38; 3], 1.0), Err(QuantError::Length { .. })));
-        assert!(matches!(Nvfp4Matrix::from_parts(1, 32, vec![0; 16], vec![0x38, 0xff], 1.0), Err(QuantError::NanEncoding { index: 1, .. })));
-        assert!(matches!(Nvfp4Matrix::from_parts(1, 32, vec![0; 16], vec![0x38; 2], f32::NAN), Err(QuantError::TensorScale(_))));
+        assert!(matches!(
+            Nvfp4Matrix::quantize(&w, 1, 32, ScaleRule::MseSearch),
+            Err(QuantError::NonFinite { index: 3, .. })
+        ));
+        assert!(matches!(
+            Nvfp4Matrix::quantize(&w[..24], 1, 24, ScaleRule::Spec),
+            Err(QuantError::BlockAlignment { .. })
+        ));
+        assert!(matches!(
+            Nvfp4Matrix::from_parts(1, 32, vec![0; 15], vec![0x38; 2], 1.0),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            Nvfp4Matrix::from_parts(1, 32, vec![0; 16], vec![0x38; 3], 1.0),
+            Err(QuantError::Length { .. })
+        ));
+        assert!(matches!(
+            Nvfp4Matrix::from_parts(1, 32, vec![0; 16], vec![0x38, 0xff], 1.0),
+            Err(QuantError::NanEncoding { index: 1, .. })
+        ));
+        assert!(matches!(
+            Nvfp4Matrix::from_parts(1, 32, vec![0; 16], vec![0x38; 2], f32::NAN),
+            Err(QuantError::TensorScale(_))
+        ));
         let m = Nvfp4Matrix::from_parts(1, 32, vec![0; 16], vec![0x38; 2], 1.0).unwrap();
         assert_eq!(m.bytes(), 16 + 2 + 4);
     }

@@ -99,6 +99,12 @@ kafka_config! {
         /// (ms). Default: 60 % of `session_timeout_ms`; must be below it.
         #[serde(default)]
         pub revoke_drain_ms: Option<u64>,
+        /// Events read ahead of the (full) event channel before the assigned
+        /// partitions are paused; they are resumed when half of these have
+        /// been handed on. Bounds memory together with the channel capacity.
+        /// Default 1024.
+        #[serde(default = "default_read_ahead")]
+        pub read_ahead_events: usize,
         /// On shutdown, how long to wait for in-flight events (ms). Default 10000.
         #[serde(default = "default_shutdown_drain")]
         pub shutdown_drain_ms: u64,
@@ -142,6 +148,9 @@ fn default_heartbeat() -> u64 {
 }
 fn default_commit_interval() -> u64 {
     1_000
+}
+fn default_read_ahead() -> usize {
+    1024
 }
 fn default_shutdown_drain() -> u64 {
     10_000

@@ -31,6 +31,8 @@ pub struct KafkaSourceStats {
     pub revocations: AtomicU64,
     /// Synchronous commits that failed.
     pub commit_errors: AtomicU64,
+    /// Events read from Kafka and waiting for room in the channel.
+    pub read_ahead: AtomicU64,
     /// Whether the partitions are paused right now.
     pub paused: AtomicBool,
 }
@@ -132,7 +134,13 @@ fn commit_sync(consumer: &BaseConsumer<SourceContext>, marks: &[(Tp, i64)], stat
     if marks.is_empty() {
         return;
     }
-    if let Err(e) = consumer.commit(&tpl_of(marks), CommitMode::Sync) {
+    let tpl = tpl_of(marks);
+    // store first: the auto-commit on unassign/close commits the stored
+    // offsets and must not move the group back behind this commit
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::debug!(error = %e, "offset store before commit failed");
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
         stats.commit_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %e, "synchronous offset commit failed");
     }
@@ -199,11 +207,12 @@ impl KafkaSource {
         let (tx, rx) = mpsc::channel(capacity);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let drain = Duration::from_millis(cfg.shutdown_drain_ms);
+        let read_ahead = cfg.read_ahead_events.max(1);
         let sh = shared.clone();
         std::thread::Builder::new()
             .name("kairos-kafka-source".into())
             .spawn(move || {
-                let r = poll_loop(&consumer, &sh, tx, &shutdown, drain);
+                let r = poll_loop(&consumer, &sh, tx, &shutdown, drain, read_ahead);
                 drop(consumer); // leaves the group (revoke callback commits)
                 let _ = done_tx.send(r);
             })
@@ -235,6 +244,7 @@ fn poll_loop(
     tx: mpsc::Sender<Event>,
     shutdown: &Shutdown,
     drain: Duration,
+    read_ahead: usize,
 ) -> Result<SourceStats> {
     let mut backlog: VecDeque<Event> = VecDeque::new();
     let mut delivered = 0u64;
@@ -264,14 +274,17 @@ fn poll_loop(
                 }
             }
         }
+        // hysteresis: pausing purges librdkafka's prefetch and resuming
+        // takes a fetch round, so do neither too often
+        shared.stats.read_ahead.store(backlog.len() as u64, Ordering::Relaxed);
         let paused = shared.stats.paused.load(Ordering::SeqCst);
-        if !backlog.is_empty() && !paused {
+        if backlog.len() >= read_ahead && !paused {
             set_paused(consumer, shared, true);
-        } else if backlog.is_empty() && paused {
+        } else if backlog.len() <= read_ahead / 2 && paused {
             set_paused(consumer, shared, false);
         }
         store(consumer, shared);
-        let wait = if backlog.is_empty() { 100 } else { 20 };
+        let wait = if backlog.is_empty() { 100 } else { 5 };
         match consumer.poll(Duration::from_millis(wait)) {
             None => {}
             Some(Ok(m)) => {

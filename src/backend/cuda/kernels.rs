@@ -78,20 +78,14 @@ fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
 
 const NULL: u64 = 0;
 
+/// Most splits `attention_decode` takes (shared memory of its reduce kernel).
+pub const ATTN_MAX_SPLITS: usize = 1024;
 /// Most rows one `argmax` call takes.
 pub const ARGMAX_MAX_ROWS: usize = 1024;
 /// Blocks per row in `argmax`'s first pass.
 pub const ARGMAX_PARTS: usize = 64;
 
 impl CudaContext {
-    fn mxfp4_prefix(&self) -> &'static str {
-        if self.mxfp4_alu.load(std::sync::atomic::Ordering::Relaxed) {
-            "mxfp4alu"
-        } else {
-            "mxfp4"
-        }
-    }
-
     /// out[t, :] = table[ids[t], :]; table bf16 [vocab, hidden]; out f32 or bf16 [n_tokens, hidden].
     pub fn embedding_gather<O: Act>(
         &self,
@@ -261,7 +255,7 @@ impl CudaContext {
             _ => return Err(CudaError::Shape(format!("attention: head_dim {d} not in 64/128/256"))),
         };
         need(n_q % kv.n_kv_heads == 0, || "n_q not a multiple of n_kv".into())?;
-        need(n_splits >= 1 && n_splits <= ws.max_splits && n_seq <= ws.max_seqs && n_q <= ws.n_q_heads && d <= ws.head_dim, || {
+        need(n_splits >= 1 && n_splits <= ATTN_MAX_SPLITS && n_splits <= ws.max_splits && n_seq <= ws.max_seqs && n_q <= ws.n_q_heads && d <= ws.head_dim, || {
             "attention workspace too small".into()
         })?;
         need(layer < kv.n_layers, || "layer out of range".into())?;
@@ -343,7 +337,7 @@ impl CudaContext {
         let a = [rows as i32, cols as i32];
         let xdiv = 1i32;
         let rows_per_block = if n >= 4 { 16 } else { 8 };
-        let mut b = self.stream.launch_builder(self.func(&format!("{}_gemv_{}x_n{n}", self.mxfp4_prefix(), X::NAME)));
+        let mut b = self.stream.launch_builder(self.func(&format!("mxfp4_gemv_{}x_n{n}", X::NAME)));
         b.arg(blocks).arg(scales).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL).arg(&xdiv);
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
         Ok(())
@@ -377,7 +371,7 @@ impl CudaContext {
             return Ok(());
         }
         let a = [rows as i32, cols as i32, x_div as i32];
-        let mut b = self.stream.launch_builder(self.func(&format!("{}_gemv_{}x_n1", self.mxfp4_prefix(), X::NAME)));
+        let mut b = self.stream.launch_builder(self.func(&format!("mxfp4_gemv_{}x_n1", X::NAME)));
         b.arg(blocks).arg(scales).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(expert_ids).arg(&a[2]);
         unsafe { b.launch(grid(rows.div_ceil(8), n_assign, 1, 256)) }?;
         Ok(())

@@ -30,7 +30,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
         &["attention_split_d64", "attention_split_d128", "attention_split_d256", "attention_reduce"],
     ),
     // entries ending in "_n" are loaded as _n1 ..= _n8
-    ("mxfp4", include_str!("../../../kernels/mxfp4.cu"), &["mxfp4_gemv_bf16x_n", "mxfp4_gemv_f32x_n", "mxfp4alu_gemv_bf16x_n", "mxfp4alu_gemv_f32x_n"]),
+    ("mxfp4", include_str!("../../../kernels/mxfp4.cu"), &["mxfp4_gemv_bf16x_n", "mxfp4_gemv_f32x_n"]),
     ("gemv", include_str!("../../../kernels/gemv.cu"), &["bf16_gemv_bf16x_n", "bf16_gemv_f32x_n"]),
     ("swiglu", include_str!("../../../kernels/swiglu.cu"), &["swiglu_f32", "swiglu_bf16", "swiglu_oai_f32", "swiglu_oai_bf16"]),
     ("moe", include_str!("../../../kernels/moe.cu"), &["moe_router_topk", "moe_combine"]),
@@ -76,9 +76,6 @@ pub struct CudaContext {
     funcs: HashMap<String, CudaFunction>,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
-    /// MXFP4 dequantization: false = E2M1 table in shared memory, true = bit
-    /// arithmetic. Both are exact; pick the faster (see bench/results).
-    pub mxfp4_alu: std::sync::atomic::AtomicBool,
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -210,7 +207,7 @@ impl CudaContext {
             }
         }
         let argmax_scratch = stream.alloc_zeros::<u64>(kernels::ARGMAX_MAX_ROWS * kernels::ARGMAX_PARTS)?;
-        Ok(Self { ctx, stream, arch, name, sm_count, ptx_cache_hits: hits, funcs, argmax_scratch, mxfp4_alu: false.into() })
+        Ok(Self { ctx, stream, arch, name, sm_count, ptx_cache_hits: hits, funcs, argmax_scratch })
     }
 
     pub(crate) fn func(&self, name: &str) -> &CudaFunction {

@@ -7,86 +7,16 @@ use serde_json::Value;
 
 use super::*;
 
+#[rustfmt::skip]
 pub(super) const FRAGMENTS: &[&str] = &[
-    "{\"",
-    "{",
-    "\"",
-    "decision",
-    "\":\"",
-    "\":",
-    "block",
-    "bl",
-    "ock\"",
-    "ock",
-    "allow",
-    "al",
-    "low",
-    "review",
-    "rev",
-    "iew\"",
-    ",\"",
-    "\",\"",
-    "0.",
-    "0.9",
-    ".5",
-    "1",
-    "12",
-    "99",
-    "100",
-    "86400",
-    "-",
-    "-1",
-    "score",
-    "reason",
-    "signal",
-    "confidence",
-    "horizon_s",
-    "buy",
-    "sell",
-    "hold",
-    "\"buy\"",
-    "ignore",
-    " previous",
-    " instructions",
-    "ignore previous instructions",
-    "Ignore",
-    " the",
-    " card",
-    " velocity",
-    " mismatch",
-    "  ",
-    "    ",
-    "\"}",
-    "\"},",
-    "}",
-    "\\\"",
-    "\\n",
-    "\n",
-    "\t",
-    "é",
-    "日本",
-    "😀",
-    "ü",
-    "\"decision\":\"block\"",
-    "block\",\"score\":",
-    ",\"score\":",
-    ",\"reason\":\"",
-    "0",
-    "00",
-    "5",
-    ".",
-    "e",
-    "E5",
-    "true",
-    "null",
-    " ",
-    "a",
-    "ab",
-    "x",
-    "-0",
-    "-0.5",
-    "7.",
-    "\u{85}",
+    "{\"", "{", "\"", "decision", "\":\"", "\":", "block", "bl", "ock\"", "ock", "allow", "al",
+    "low", "review", "rev", "iew\"", ",\"", "\",\"", "0.", "0.9", ".5", "1", "12", "99", "100",
+    "86400", "-", "-1", "score", "reason", "signal", "confidence", "horizon_s", "buy", "sell",
+    "hold", "\"buy\"", "ignore", " previous", " instructions", "ignore previous instructions",
+    "Ignore", " the", " card", " velocity", " mismatch", "  ", "    ", "\"}", "\"},", "}", "\\\"",
+    "\\n", "\n", "\t", "é", "日本", "😀", "ü", "\"decision\":\"block\"", "block\",\"score\":",
+    ",\"score\":", ",\"reason\":\"", "0", "00", "5", ".", "e", "E5", "true", "null", " ", "a",
+    "ab", "x", "-0", "-0.5", "7.", "\u{85}",
 ];
 
 /// Synthetic vocabulary: all 256 single bytes, fragments, some split UTF-8,
@@ -454,4 +384,64 @@ fn grammar_is_send_sync() {
     fn check<T: Send + Sync>() {}
     check::<VerdictGrammar>();
     check::<VerdictState>();
+}
+
+#[test]
+fn string_limit_forces_close() {
+    let (vocab, eos) = small_vocab();
+    let schema = VerdictSchema {
+        fields: vec![
+            FieldSpec::new(
+                "decision",
+                FieldKind::Enum {
+                    values: vec!["x".into()],
+                },
+            ),
+            FieldSpec::new("reason", FieldKind::String { max_chars: 5 }),
+        ],
+    };
+    let g = VerdictGrammar::compile(&schema, &vocab, &[eos]).expect("compile");
+    let id = |s: &str| {
+        vocab
+            .iter()
+            .position(|v| v == s.as_bytes())
+            .expect("in vocab") as u32
+    };
+    let mut st = g.start();
+    // Single-valued enum: the whole prefix up to the string content is forced.
+    let f: Vec<u8> = st
+        .forced(&g)
+        .expect("forced")
+        .iter()
+        .flat_map(|&t| vocab[t as usize].clone())
+        .collect();
+    assert_eq!(f, br#"{"decision":"x","reason":""#);
+    for t in st.forced(&g).expect("forced") {
+        st.advance(&g, t).expect("advance");
+    }
+    assert!(st.decision_done());
+    st.advance(&g, id("日本")).expect("2 chars");
+    assert!(
+        st.advance(&g, id(" velocity")).is_err(),
+        "9 chars do not fit in 3"
+    );
+    assert!(st.advance(&g, id(" the")).is_err(), "2 + 4 > 5");
+    st.advance(&g, id("ab")).expect("4 chars");
+    let mut mask = Vec::new();
+    st.allowed(&g, &mut mask);
+    assert!(mask[id("x") as usize] && mask[id("\"}") as usize] && !mask[id("ab") as usize]);
+    st.advance(&g, id("😀")).expect("5 chars");
+    assert!(st.advance(&g, id("a")).is_err());
+    let f: Vec<u8> = st
+        .forced(&g)
+        .expect("forced")
+        .iter()
+        .flat_map(|&t| vocab[t as usize].clone())
+        .collect();
+    assert_eq!(f, b"\"}");
+    for t in st.forced(&g).expect("forced") {
+        st.advance(&g, t).expect("advance");
+    }
+    assert!(st.is_complete());
+    assert_eq!(st.text(), r#"{"decision":"x","reason":"日本ab😀"}"#);
 }
