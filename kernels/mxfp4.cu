@@ -51,7 +51,9 @@ __device__ void mxfp4_impl(const u8* __restrict__ blocks, const u8* __restrict__
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int j = 0; j < N; j++) acc[r][j] = 0.f;
-#pragma unroll 4
+    // all loads of up to 8 steps in flight for small n; 4 for larger n (registers)
+    constexpr int UNR = N <= 2 ? 8 : 4;
+#pragma unroll UNR
     for (int b = lane >> 2; b < nb; b += 8) {
         u32 wq[R];
         float sc[R];

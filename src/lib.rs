@@ -9,3 +9,5 @@ pub mod backend;
 pub mod engine;
 pub mod model;
 pub mod quant;
+pub mod pipeline;
+pub mod scheduler;

@@ -30,7 +30,7 @@ pub enum SinkConfig {
     /// JSON lines appended to a file.
     File(FileSinkConfig),
     /// Kafka output + DLQ topics through an idempotent producer.
-    Kafka(KafkaSinkConfig),
+    Kafka(Box<KafkaSinkConfig>),
 }
 
 impl SinkConfig {
@@ -135,5 +135,41 @@ impl Sink for JsonLinesSink {
             let mut out = self.out.lock().await;
             out.flush().await.map_err(|e| ConnectorError::io(&self.what, e))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, Origin};
+
+    #[tokio::test]
+    async fn file_sink_writes_json_lines() {
+        let path = std::env::temp_dir().join(format!("kairos-sink-test-{}.jsonl", std::process::id()));
+        let cfg: SinkConfig =
+            serde_json::from_value(serde_json::json!({"type": "file", "path": path, "truncate": true})).expect("config");
+        let sink = cfg.build().await.expect("build");
+        let ev = Event {
+            key: Some(b"card-1".to_vec()),
+            payload: b"{\"amount\":3}".to_vec(),
+            headers: vec![("traceparent".into(), b"00-x-y-01".to_vec())],
+            origin: Origin { topic: "t".into(), partition: 0, offset: 4 },
+            timestamp_ms: None,
+            received: std::time::Instant::now(),
+        };
+        sink.send(OutRecord::output_for(&ev, b"{\"decision\":\"allow\"}".to_vec())).await.expect("send");
+        sink.send(OutRecord::dlq_for(&ev, "bad")).await.expect("send");
+        sink.flush().await.expect("flush");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["topic"], "output");
+        assert_eq!(lines[0]["key"], "card-1");
+        assert_eq!(lines[0]["payload"]["decision"], "allow");
+        assert_eq!(lines[0]["headers"]["traceparent"], "00-x-y-01");
+        assert_eq!(lines[1]["topic"], "dlq");
+        assert_eq!(lines[1]["headers"]["kairos-dlq-reason"], "bad");
+        assert!(serde_json::from_str::<SinkConfig>(r#"{"type":"stdout","bogus":1}"#).is_err());
     }
 }

@@ -106,7 +106,7 @@ pub enum SourceConfig {
     /// JSONL on standard input, one event per line.
     Stdin(StdinSourceConfig),
     /// Kafka consumer group.
-    Kafka(KafkaSourceConfig),
+    Kafka(Box<KafkaSourceConfig>),
 }
 
 /// Default capacity of the event channel.
@@ -123,7 +123,7 @@ impl SourceConfig {
             SourceConfig::Generator(c) => crate::generator::start(c.clone(), capacity, shutdown),
             SourceConfig::File(c) => crate::file::start_file(c.clone(), capacity, shutdown),
             SourceConfig::Stdin(c) => crate::file::start_stdin(c.clone(), capacity, shutdown),
-            SourceConfig::Kafka(c) => crate::kafka::KafkaSource::start(c.clone(), capacity, shutdown),
+            SourceConfig::Kafka(c) => crate::kafka::KafkaSource::start((**c).clone(), capacity, shutdown),
         }
     }
 }

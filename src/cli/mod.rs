@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -18,12 +19,15 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Architecture, parameter counts, bytes per decode step, roofline.
     Inspect(inspect::InspectArgs),
+    /// The main job: sources -> pipeline -> sinks (configs/*.toml).
+    Run(run::RunArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Run(a) => run::run(a),
     }
 }
 

@@ -295,7 +295,7 @@ fn min_value_size(ty: u32) -> Option<u64> {
     Some(match ty {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
-        4 | 5 | 6 => 4,
+        4..=6 => 4,
         8 => 8,
         9 => 12,
         10..=12 => 8,
@@ -587,7 +587,7 @@ fn validate_tensor(t: &GgufTensorInfo, alignment: u64) -> Result<(), GgufError> 
     (n / blk as u64)
         .checked_mul(sz as u64)
         .ok_or_else(|| bad("byte size overflows".into()))?;
-    if t.offset % alignment != 0 {
+    if !t.offset.is_multiple_of(alignment) {
         return Err(bad(format!(
             "data offset {} is not aligned to {alignment}",
             t.offset

@@ -295,7 +295,10 @@ pub fn try_unpermute_qk(
         tensor: "q/k projection".into(),
         what,
     };
-    if n_heads == 0 || rows % (2 * n_heads) != 0 {
+    if n_heads
+        .checked_mul(2)
+        .is_none_or(|d| d == 0 || !rows.is_multiple_of(d))
+    {
         return Err(bad(format!(
             "{rows} rows cannot be split into {n_heads} heads of even size"
         )));

@@ -21,9 +21,7 @@ pub struct GgufTokenizer {
     /// End-of-generation ids: eos, then eot / eom when the file names them.
     pub eos_ids: Vec<u32>,
     pub chat_template: Option<String>,
-    /// Whether the model expects a BOS at the start of a prompt. The built
-    /// tokenizer's post-processor already adds it when
-    /// `encode(text, add_special_tokens = true)` is used.
+    /// Whether prompts start with BOS; `encode(text, true)` already adds it.
     pub add_bos: bool,
 }
 
@@ -126,17 +124,14 @@ fn merges_from_scores(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> 
         merges.extend(local);
     }
     let key = |m: &(&str, &str, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
+    // Descending and stable, like Python's `sorted(..., reverse=True)`.
     merges.sort_by(|a, b| {
         let (ka, kb) = (key(a), key(b));
-        kb.0.partial_cmp(&ka.0)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(kb.1.cmp(&ka.1))
-            .then(kb.2.cmp(&ka.2))
+        let by_score = kb.0.partial_cmp(&ka.0).unwrap_or(std::cmp::Ordering::Equal);
+        by_score.then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
     });
-    merges
-        .into_iter()
-        .map(|(l, r, _)| (l.to_string(), r.to_string()))
-        .collect()
+    let owned = |(l, r, _): (&str, &str, f32)| (l.to_string(), r.to_string());
+    merges.into_iter().map(owned).collect()
 }
 
 fn template_post_processor(bos: Option<(&str, u32)>, eos: Option<(&str, u32)>) -> Value {
@@ -542,15 +537,13 @@ mod tests {
 
     #[test]
     fn unsupported_vocab_is_an_error() {
-        let kvs = [
-            kv("tokenizer.ggml.model", 8, s("bert")),
-            kv_strs("tokenizer.ggml.tokens", &["a"]),
-        ];
+        let (model, toks) = (s("bert"), kv_strs("tokenizer.ggml.tokens", &["a"]));
+        let kvs = [kv("tokenizer.ggml.model", 8, model), toks];
         let f = GgufFile::from_bytes(write_gguf(&kvs, &[])).unwrap();
         assert!(matches!(tokenizer_from_gguf(&f), Err(E::Tokenizer(_))));
     }
 
-    const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/cache/");
+    const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/cache");
 
     #[test]
     fn real_smollm2_gguf() {
@@ -575,18 +568,19 @@ mod tests {
         }
 
         let t = tokenizer_from_gguf(&f).unwrap();
-        assert_eq!((t.add_bos, t.bos_id), (false, Some(1)));
-        assert_eq!(t.eos_ids, vec![2]);
+        assert_eq!(
+            (t.add_bos, t.bos_id, &t.eos_ids[..]),
+            (false, Some(1), &[2][..])
+        );
         assert!(t.chat_template.unwrap_or_default().contains("<|im_start|>"));
         let enc = |s: &str| t.tokenizer.encode(s, true).unwrap().get_ids().to_vec();
         // Ids from transformers' GGUF conversion of this file.
         let chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>";
         assert_eq!(enc(chat), [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2]);
-        let fixture = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/smollm2_tokenizer_summary.json"
-        );
-        let Ok(text) = std::fs::read_to_string(fixture) else {
+        let text = "<|im_start|>user\nHéllo, wörld! 12<|im_end|>";
+        assert_eq!(t.tokenizer.decode(&enc(text), false).unwrap(), text);
+        let fixture = format!("{MODELS}/../../tests/fixtures/smollm2_tokenizer_summary.json");
+        let Ok(text) = std::fs::read_to_string(&fixture) else {
             return eprintln!("skipping transformers comparison: {fixture} not present");
         };
         let summary: Value = serde_json::from_str(&text).unwrap();
@@ -601,7 +595,5 @@ mod tests {
         }
         let added: Value = serde_json::from_str(&t.tokenizer.to_string(false).unwrap()).unwrap();
         assert_eq!(added["added_tokens"], summary["added_tokens"]);
-        let text = "<|im_start|>user\nHéllo, wörld! 12<|im_end|>";
-        assert_eq!(t.tokenizer.decode(&enc(text), false).unwrap(), text);
     }
 }

@@ -157,3 +157,67 @@ impl TextTokenizer {
         self.encode(&text, false)
     }
 }
+
+/// GPT-2's byte -> printable-char table inverted: the raw byte behind each
+/// char of a byte-level BPE token.
+fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
+    let mut map = std::collections::HashMap::new();
+    let mut extra = 0u32;
+    for b in 0u32..256 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let ch = if printable {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        if let Some(c) = char::from_u32(ch) {
+            map.insert(c, b as u8);
+        }
+    }
+    map
+}
+
+impl TextTokenizer {
+    /// The raw bytes each token id stands for (empty for special tokens), as
+    /// constrained decoding needs them: byte-level BPE chars are mapped back
+    /// to bytes, SentencePiece `▁` to a space and `<0xNN>` to the byte.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let n = self.inner.get_vocab_size(true);
+        let specials: std::collections::HashSet<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let byte_level = self
+            .inner
+            .get_vocab(true)
+            .keys()
+            .any(|t| t.starts_with('Ġ') || t.contains('Ċ'));
+        let inv = byte_level_decoder();
+        (0..n as u32)
+            .map(|id| {
+                if specials.contains(&id) {
+                    return Vec::new();
+                }
+                let Some(tok) = self.inner.id_to_token(id) else { return Vec::new() };
+                if byte_level {
+                    let mut out = Vec::with_capacity(tok.len());
+                    for c in tok.chars() {
+                        match inv.get(&c) {
+                            Some(&b) => out.push(b),
+                            None => out.extend_from_slice(c.to_string().as_bytes()),
+                        }
+                    }
+                    out
+                } else if let Some(hex) = tok.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+                    u8::from_str_radix(hex, 16).map(|b| vec![b]).unwrap_or_default()
+                } else {
+                    tok.replace('\u{2581}', " ").into_bytes()
+                }
+            })
+            .collect()
+    }
+}

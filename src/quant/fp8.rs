@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::e4m3::{e4m3_encode_rne, E4M3_LUT, E4M3_MAX};
-use super::kernels::{dot, par_matmul, use_avx2, MAX_N};
+use super::kernels::{accumulate, lane_sums, par_matmul, use_avx2, MAX_N};
 use super::{check_finite, check_len, QuantError, ScaleRule};
 
 /// Scale-shrink factors tried by [`ScaleRule::MseSearch`] (1.0 = the spec scale).
@@ -285,7 +285,7 @@ impl Fp8Matrix {
         let cols = self.cols;
         let mut wv = [0f32; 32];
         for r in r0..r1 {
-            let mut acc = [0f32; MAX_N];
+            let mut acc = [[0f32; 8]; MAX_N];
             let mut c0 = 0;
             while c0 < cols {
                 // chunks of up to 32 that never straddle a scale block
@@ -300,12 +300,10 @@ impl Fp8Matrix {
                 {
                     *v = E4M3_LUT[b as usize] * s;
                 }
-                for (i, a) in acc.iter_mut().enumerate().take(nn) {
-                    *a += dot(&wv[..len], &xs[i * cols + c0..i * cols + c0 + len]);
-                }
+                accumulate(&wv[..len], xs, cols, c0, nn, &mut acc);
                 c0 += len;
             }
-            out[(r - r0) * MAX_N..(r - r0) * MAX_N + nn].copy_from_slice(&acc[..nn]);
+            lane_sums(&acc, nn, &mut out[(r - r0) * MAX_N..]);
         }
     }
 

@@ -110,27 +110,56 @@ pub fn matmul_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &
         }
         let _ = avx;
         for r in r0..r1 {
-            let wr = &w[r * cols..(r + 1) * cols];
-            for i in 0..nn {
-                out[(r - r0) * MAX_N + i] = dot(wr, &xs[i * cols..(i + 1) * cols]);
+            let mut acc = [[0f32; 8]; MAX_N];
+            for c0 in (0..cols).step_by(32) {
+                let len = (cols - c0).min(32);
+                accumulate(
+                    &w[r * cols + c0..r * cols + c0 + len],
+                    xs,
+                    cols,
+                    c0,
+                    nn,
+                    &mut acc,
+                );
             }
+            lane_sums(&acc, nn, &mut out[(r - r0) * MAX_N..]);
         }
     });
 }
 
-/// Portable dot product with 8 independent accumulators (autovectorizes).
+/// Portable accumulation used by the scalar kernels: `acc[i][k % 8] += w[k] · x_i[off + k]`
+/// for the `nn` rows of `xs` (stride `cols`). Lanes are reduced once per output row
+/// (see [`lane_sums`]), not per block; the 8-wide inner loop autovectorizes.
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
+pub(crate) fn accumulate(
+    w: &[f32],
+    xs: &[f32],
+    cols: usize,
+    off: usize,
+    nn: usize,
+    acc: &mut [[f32; 8]; MAX_N],
+) {
+    let len = w.len();
+    let main = len - len % 8;
+    for (i, a) in acc.iter_mut().enumerate().take(nn) {
+        let x = &xs[i * cols + off..i * cols + off + len];
+        for (wc, xc) in w[..main].chunks_exact(8).zip(x[..main].chunks_exact(8)) {
+            for k in 0..8 {
+                a[k] += wc[k] * xc[k];
+            }
+        }
+        for k in main..len {
+            a[k - main] += w[k] * x[k];
         }
     }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+}
+
+/// Writes the lane sums of `acc[..nn]` to `out[..nn]`.
+#[inline]
+pub(crate) fn lane_sums(acc: &[[f32; 8]; MAX_N], nn: usize, out: &mut [f32]) {
+    for (o, a) in out.iter_mut().zip(acc).take(nn) {
+        *o = a.iter().sum();
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -371,96 +400,6 @@ mod tests {
         }
     }
 
-    /// Speed comparison (never asserted). Run with
-    /// `cargo test --release quant::kernels::tests::timing_vs_f32 -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn timing_vs_f32() {
-        use crate::quant::{Fp8Matrix, Mxfp4Matrix, Nvfp4Matrix, ScaleRule};
-        use std::time::Instant;
-        let (rows, cols) = (576, 1536);
-        let w = normal(rows * cols, 42);
-        let mx = Mxfp4Matrix::quantize(&w, rows, cols, ScaleRule::Spec).unwrap();
-        let nv = Nvfp4Matrix::quantize(&w, rows, cols, ScaleRule::Spec).unwrap();
-        let f8 = Fp8Matrix::quantize(&w, rows, cols, ScaleRule::Spec).unwrap();
-        println!(
-            "shape {rows}x{cols}, avx2 {}; best-of-batches time per call (machine is shared)",
-            use_avx2()
-        );
-        for threads in [1usize, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for n in [1usize, 8] {
-                let x = normal(n * cols, 7);
-                let time = |name: &str, bytes: usize, f: &(dyn Fn(&mut [f32]) + Sync)| {
-                    let mut y = vec![0f32; n * rows];
-                    let best = pool.install(|| {
-                        let mut best = f64::INFINITY;
-                        for _ in 0..40 {
-                            let t = Instant::now();
-                            for _ in 0..5 {
-                                f(&mut y);
-                            }
-                            best = best.min(t.elapsed().as_secs_f64() / 5.0);
-                        }
-                        best
-                    });
-                    let us = best * 1e6;
-                    let gflops = 2.0 * (n * rows * cols) as f64 / us / 1e3;
-                    println!(
-                        "threads={threads} n={n} {name:<13} {us:8.1} us  {gflops:6.2} GFLOP/s  weights {:6.0} KiB",
-                        bytes as f64 / 1024.0
-                    );
-                };
-                // cold: weights evicted from all caches (64 MiB sweep) before each timed call,
-                // as in real decode where a layer's weights are not cache-resident
-                let cold = |name: &str, f: &(dyn Fn(&mut [f32]) + Sync)| {
-                    let mut y = vec![0f32; n * rows];
-                    let mut sweep = vec![0u8; 64 << 20];
-                    let mut ts: Vec<f64> = pool.install(|| {
-                        (0..15u8)
-                            .map(|k| {
-                                sweep
-                                    .iter_mut()
-                                    .step_by(64)
-                                    .for_each(|b| *b = b.wrapping_add(k));
-                                let t = Instant::now();
-                                f(&mut y);
-                                t.elapsed().as_secs_f64() * 1e6
-                            })
-                            .collect()
-                    });
-                    ts.sort_by(|a, b| a.total_cmp(b));
-                    println!(
-                        "threads={threads} n={n} {name:<13} {:8.1} us  (cold cache, median)",
-                        ts[ts.len() / 2]
-                    );
-                };
-                cold("f32", &|y| matmul_f32(&w, rows, cols, &x, n, y));
-                cold("mxfp4", &|y| mx.matmul(&x, n, y));
-                cold("nvfp4", &|y| nv.matmul(&x, n, y));
-                cold("fp8", &|y| f8.matmul(&x, n, y));
-                time("f32", 4 * rows * cols, &|y| {
-                    matmul_f32(&w, rows, cols, &x, n, y)
-                });
-                time("mxfp4", mx.bytes(), &|y| mx.matmul(&x, n, y));
-                time("mxfp4 scalar", mx.bytes(), &|y| {
-                    mx.matmul_impl(&x, n, y, false)
-                });
-                time("nvfp4", nv.bytes(), &|y| nv.matmul(&x, n, y));
-                time("nvfp4 scalar", nv.bytes(), &|y| {
-                    nv.matmul_impl(&x, n, y, false)
-                });
-                time("fp8", f8.bytes(), &|y| f8.matmul(&x, n, y));
-                time("fp8 scalar", f8.bytes(), &|y| {
-                    f8.matmul_impl(&x, n, y, false)
-                });
-            }
-        }
-    }
-
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_decoders_match_scalar_tables() {
@@ -498,8 +437,15 @@ mod tests {
     }
 
     #[test]
-    fn dot_handles_tails() {
-        let a: Vec<f32> = (0..13).map(|v| v as f32).collect();
-        assert_eq!(dot(&a, &a), (0..13).map(|v| (v * v) as f32).sum::<f32>());
+    fn accumulate_handles_tails() {
+        let w: Vec<f32> = (0..13).map(|v| v as f32).collect();
+        let xs: Vec<f32> = (0..40).map(|v| (v % 13) as f32).collect(); // 2 rows, cols = 20
+        let mut acc = [[0f32; 8]; MAX_N];
+        accumulate(&w, &xs, 20, 0, 2, &mut acc);
+        let mut out = [0f32; 2];
+        lane_sums(&acc, 2, &mut out);
+        let want0: f32 = (0..13).map(|v| (v * v) as f32).sum();
+        let want1: f32 = (0..13).map(|v| (v * ((20 + v) % 13)) as f32).sum();
+        assert_eq!(out, [want0, want1]);
     }
 }

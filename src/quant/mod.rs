@@ -31,6 +31,8 @@ pub mod fp8;
 pub mod kernels;
 pub mod mxfp4;
 pub mod nvfp4;
+#[cfg(test)]
+mod timing;
 
 pub use e2m1::{e2m1_decode, e2m1_encode_rne, E2M1_MAX, E2M1_VALUES};
 pub use e4m3::{

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::e2m1::{block_sse, decode_packed, encode_block, pack_codes};
 use super::e4m3::{e8m0_decode, e8m0_encode_exp, e8m0_floor_log2, E8M0_NAN};
-use super::kernels::{dot, par_matmul, use_avx2, MAX_N};
+use super::kernels::{accumulate, lane_sums, par_matmul, use_avx2, MAX_N};
 use super::{check_finite, check_len, QuantError, ScaleRule};
 
 /// Elements per MXFP4 block.
@@ -215,17 +215,17 @@ impl Mxfp4Matrix {
         let (cols, nb) = (self.cols, self.cols / MXFP4_BLOCK);
         let mut wv = [0f32; MXFP4_BLOCK];
         for r in r0..r1 {
-            let mut acc = [0f32; MAX_N];
+            let mut acc = [[0f32; 8]; MAX_N];
             for b in 0..nb {
                 let k = r * nb + b;
-                decode_packed(&self.blocks[k * 16..k * 16 + 16], 1.0, &mut wv);
-                let s = e8m0_decode(self.scales[k]);
-                for (i, a) in acc.iter_mut().enumerate().take(nn) {
-                    let off = i * cols + b * MXFP4_BLOCK;
-                    *a += s * dot(&wv, &xs[off..off + MXFP4_BLOCK]);
-                }
+                decode_packed(
+                    &self.blocks[k * 16..k * 16 + 16],
+                    e8m0_decode(self.scales[k]),
+                    &mut wv,
+                );
+                accumulate(&wv, xs, cols, b * MXFP4_BLOCK, nn, &mut acc);
             }
-            out[(r - r0) * MAX_N..(r - r0) * MAX_N + nn].copy_from_slice(&acc[..nn]);
+            lane_sums(&acc, nn, &mut out[(r - r0) * MAX_N..]);
         }
     }
 

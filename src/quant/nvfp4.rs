@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::e2m1::{block_sse, decode_packed, encode_block, pack_codes};
 use super::e4m3::{e4m3_decode, e4m3_encode_rne, E4M3_MAX};
-use super::kernels::{dot, par_matmul, use_avx2, MAX_N};
+use super::kernels::{accumulate, lane_sums, par_matmul, use_avx2, MAX_N};
 use super::{check_finite, check_len, QuantError, ScaleRule, E2M1_MAX};
 
 /// Elements per NVFP4 block.
@@ -216,17 +216,14 @@ impl Nvfp4Matrix {
         let (cols, nb) = (self.cols, self.cols / NVFP4_BLOCK);
         let mut wv = [0f32; NVFP4_BLOCK];
         for r in r0..r1 {
-            let mut acc = [0f32; MAX_N];
+            let mut acc = [[0f32; 8]; MAX_N];
             for b in 0..nb {
                 let k = r * nb + b;
-                decode_packed(&self.packed[k * 8..k * 8 + 8], 1.0, &mut wv);
                 let s = e4m3_decode(self.scales[k]) * self.tensor_scale;
-                for (i, a) in acc.iter_mut().enumerate().take(nn) {
-                    let off = i * cols + b * NVFP4_BLOCK;
-                    *a += s * dot(&wv, &xs[off..off + NVFP4_BLOCK]);
-                }
+                decode_packed(&self.packed[k * 8..k * 8 + 8], s, &mut wv);
+                accumulate(&wv, xs, cols, b * NVFP4_BLOCK, nn, &mut acc);
             }
-            out[(r - r0) * MAX_N..(r - r0) * MAX_N + nn].copy_from_slice(&acc[..nn]);
+            lane_sums(&acc, nn, &mut out[(r - r0) * MAX_N..]);
         }
     }
 

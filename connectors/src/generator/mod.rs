@@ -154,7 +154,7 @@ pub(crate) fn start(cfg: GeneratorConfig, capacity: usize, shutdown: Shutdown) -
     let join = tokio::spawn(async move {
         let started = tokio::time::Instant::now();
         let mut seq: u64 = 0;
-        while cfg.count.map_or(true, |c| seq < c) {
+        while cfg.count.is_none_or(|c| seq < c) {
             if cfg.rate > 0.0 {
                 let at = started + Duration::from_secs_f64(seq as f64 / cfg.rate);
                 tokio::select! {

@@ -128,6 +128,10 @@ kafka_config! {
         /// Give up on a record after this long (ms), including retries. Default 30000.
         #[serde(default = "default_message_timeout")]
         pub message_timeout_ms: u64,
+        /// Attempts per record before `send` fails (each attempt already
+        /// includes librdkafka's own retries within `message_timeout_ms`). Default 3.
+        #[serde(default = "default_send_attempts")]
+        pub send_attempts: u32,
         /// Batching delay (ms). Default 2.
         #[serde(default = "default_linger")]
         pub linger_ms: u64,
@@ -160,6 +164,9 @@ fn default_isolation() -> String {
 }
 fn default_message_timeout() -> u64 {
     30_000
+}
+fn default_send_attempts() -> u32 {
+    3
 }
 fn default_linger() -> u64 {
     2

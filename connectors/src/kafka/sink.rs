@@ -1,11 +1,13 @@
 //! The Kafka sink: an idempotent producer for the output and DLQ topics.
 
+use std::sync::RwLock;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
 
 use super::config::KafkaSinkConfig;
 use crate::error::{ConnectorError, Result};
@@ -14,23 +16,57 @@ use crate::sink::Sink;
 
 /// Idempotent (`enable.idempotence=true`, `acks=all`) producer. Keys and
 /// headers are written as given; `send` resolves once the broker acked.
+/// A failed send is retried (`send_attempts`), on a new producer when the
+/// old one hit a fatal error; a retried record may then be written twice
+/// (at-least-once).
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: RwLock<FutureProducer>,
+    /// To rebuild the producer after a fatal error (`None` for transactional ones).
+    config: Option<ClientConfig>,
+    send_attempts: u32,
     output_topic: String,
     dlq_topic: Option<String>,
 }
 
 impl KafkaSink {
     pub fn new(cfg: &KafkaSinkConfig) -> Result<Self> {
-        let producer: FutureProducer = cfg
-            .producer_config()?
-            .create()
-            .map_err(|e| ConnectorError::kafka("create producer", e))?;
-        Ok(KafkaSink { producer, output_topic: cfg.output_topic.clone(), dlq_topic: cfg.dlq_topic.clone() })
+        let config = cfg.producer_config()?;
+        let producer: FutureProducer = config.create().map_err(|e| ConnectorError::kafka("create producer", e))?;
+        Ok(KafkaSink {
+            producer: RwLock::new(producer),
+            config: Some(config),
+            send_attempts: cfg.send_attempts.max(1),
+            output_topic: cfg.output_topic.clone(),
+            dlq_topic: cfg.dlq_topic.clone(),
+        })
     }
 
+    /// Wrap a transactional producer: no retries here, a failure aborts the transaction.
     pub(crate) fn from_producer(producer: FutureProducer, cfg: &KafkaSinkConfig) -> Self {
-        KafkaSink { producer, output_topic: cfg.output_topic.clone(), dlq_topic: cfg.dlq_topic.clone() }
+        KafkaSink {
+            producer: RwLock::new(producer),
+            config: None,
+            send_attempts: 1,
+            output_topic: cfg.output_topic.clone(),
+            dlq_topic: cfg.dlq_topic.clone(),
+        }
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// After a fatal producer error (e.g. the broker lost the idempotent
+    /// producer's sequence state), build a fresh producer.
+    fn rebuild_if_fatal(&self, failed: &FutureProducer) {
+        let Some(config) = &self.config else { return };
+        if let Some((code, reason)) = failed.client().fatal_error() {
+            tracing::warn!(?code, %reason, "fatal producer error; creating a new producer");
+            match config.create::<FutureProducer>() {
+                Ok(p) => *self.producer.write().unwrap_or_else(|e| e.into_inner()) = p,
+                Err(e) => tracing::warn!(error = %e, "cannot recreate producer"),
+            }
+        }
     }
 
     pub(crate) fn output_topic(&self) -> &str {
@@ -52,14 +88,25 @@ impl KafkaSink {
 
     /// Produce to an explicit topic; resolves to (partition, offset) once acked.
     pub async fn send_to(&self, topic: &str, record: &OutRecord) -> Result<(i32, i64)> {
-        let headers = owned_headers(&record.headers);
-        let mut fr = FutureRecord::<[u8], [u8]>::to(topic).payload(&record.payload[..]).headers(headers);
-        if let Some(k) = &record.key {
-            fr = fr.key(&k[..]);
-        }
-        match self.producer.send(fr, Timeout::Never).await {
-            Ok(d) => Ok((d.partition, d.offset)),
-            Err((e, _)) => Err(ConnectorError::kafka(format!("produce to {topic}"), e)),
+        let mut attempt = 1;
+        loop {
+            let producer = self.producer();
+            let mut fr = FutureRecord::<[u8], [u8]>::to(topic)
+                .payload(&record.payload[..])
+                .headers(owned_headers(&record.headers));
+            if let Some(k) = &record.key {
+                fr = fr.key(&k[..]);
+            }
+            match producer.send(fr, Timeout::Never).await {
+                Ok(d) => return Ok((d.partition, d.offset)),
+                Err((e, _)) if attempt < self.send_attempts => {
+                    tracing::warn!(error = %e, attempt, "produce failed; retrying");
+                    self.rebuild_if_fatal(&producer);
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err((e, _)) => return Err(ConnectorError::kafka(format!("produce to {topic}"), e)),
+            }
         }
     }
 }
@@ -80,7 +127,7 @@ impl Sink for KafkaSink {
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let p = self.producer.clone();
+            let p = self.producer();
             tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30)))
                 .await
                 .map_err(|e| ConnectorError::Task(e.to_string()))?

@@ -49,6 +49,8 @@ struct Shared {
     acked: Condvar,
     stats: Arc<KafkaSourceStats>,
     revoke_drain: Duration,
+    /// Set after the shutdown drain: the final revoke must not wait again.
+    closing: AtomicBool,
 }
 
 impl Shared {
@@ -95,11 +97,13 @@ impl ConsumerContext for SourceContext {
         self.0.stats.revocations.fetch_add(1, Ordering::Relaxed);
         let tps: Vec<Tp> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         if !consumer.assignment_lost() {
-            let left = self.0.wait_drained(Some(&tps), self.0.revoke_drain);
+            let budget = if self.0.closing.load(Ordering::SeqCst) { Duration::ZERO } else { self.0.revoke_drain };
+            let left = self.0.wait_drained(Some(&tps), budget);
             if left > 0 {
                 tracing::warn!(left, "revoke: in-flight events not acked in time; they will be redelivered");
             }
             let marks = self.0.lock().watermarks(&tps);
+            tracing::debug!(?marks, left, "revoke: committing");
             commit_sync(consumer, &marks, &self.0.stats);
         }
         let mut t = self.0.lock();
@@ -111,6 +115,7 @@ impl ConsumerContext for SourceContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.0.stats.assignments.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(assignment = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition(), e.offset())).collect::<Vec<_>>(), "assigned");
             // a new assignment starts unpaused
             self.0.stats.paused.store(false, Ordering::SeqCst);
             let mut t = self.0.lock();
@@ -140,6 +145,7 @@ fn commit_sync(consumer: &BaseConsumer<SourceContext>, marks: &[(Tp, i64)], stat
     if let Err(e) = consumer.store_offsets(&tpl) {
         tracing::debug!(error = %e, "offset store before commit failed");
     }
+    tracing::debug!(?marks, "commit");
     if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
         stats.commit_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %e, "synchronous offset commit failed");
@@ -181,8 +187,10 @@ impl KafkaSource {
     }
 
     /// Subscribe and start the poll loop on a dedicated thread. Events go to
-    /// a channel of `capacity`; when it is full the assigned partitions are
-    /// paused (polling goes on) and resumed once there is room. On
+    /// a channel of `capacity`; when it is full, up to `read_ahead_events`
+    /// more are held, then the assigned partitions are paused (polling goes
+    /// on, so the consumer stays in its group) and resumed once half of the
+    /// read-ahead has been handed on. On
     /// `shutdown` the loop stops taking events, waits up to
     /// `shutdown_drain_ms` for in-flight acks, commits and leaves the group;
     /// the channel closes after that.
@@ -197,6 +205,7 @@ impl KafkaSource {
             acked: Condvar::new(),
             stats: stats.clone(),
             revoke_drain: Duration::from_millis(cfg.revoke_drain()),
+            closing: AtomicBool::new(false),
         });
         let consumer: BaseConsumer<SourceContext> = cfg
             .consumer_config()?
@@ -246,16 +255,19 @@ fn poll_loop(
     drain: Duration,
     read_ahead: usize,
 ) -> Result<SourceStats> {
-    let mut backlog: VecDeque<Event> = VecDeque::new();
+    let mut backlog: VecDeque<(u64, Event)> = VecDeque::new();
     let mut delivered = 0u64;
     let mut closed = false;
     while !shutdown.is_triggered() && !closed {
         // hand the backlog to the pipeline while there is room
-        while let Some(ev) = backlog.pop_front() {
+        while let Some((epoch, ev)) = backlog.pop_front() {
             let tp = (ev.origin.topic.clone(), ev.origin.partition);
             let mut t = shared.lock();
-            if !t.owns(&tp) {
-                continue; // revoked while waiting: the new owner will read it
+            if t.epoch(&tp) != Some(epoch) {
+                tracing::debug!(?tp, offset = ev.origin.offset, "dropping stale read-ahead");
+                // revoked (and maybe re-assigned) since it was read: whoever
+                // owns the partition now reads it again from the commit
+                continue;
             }
             let offset = ev.origin.offset;
             match tx.try_send(ev) {
@@ -265,7 +277,7 @@ fn poll_loop(
                     shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(TrySendError::Full(ev)) => {
-                    backlog.push_front(ev);
+                    backlog.push_front((epoch, ev));
                     break;
                 }
                 Err(TrySendError::Closed(_)) => {
@@ -289,8 +301,13 @@ fn poll_loop(
             None => {}
             Some(Ok(m)) => {
                 let tp = (m.topic().to_string(), m.partition());
-                if !shared.lock().is_duplicate(&tp, m.offset()) {
-                    backlog.push_back(message_to_event(&m));
+                let mut t = shared.lock();
+                if let Some(epoch) = t.epoch(&tp) {
+                    if !t.is_duplicate(&tp, m.offset()) {
+                        backlog.push_back((epoch, message_to_event(&m)));
+                    } else {
+                        tracing::debug!(?tp, offset = m.offset(), "dropping duplicate");
+                    }
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
@@ -309,6 +326,7 @@ fn poll_loop(
     if left > 0 {
         tracing::warn!(left, "shutdown: in-flight events not acked in time; they will be redelivered");
     }
+    shared.closing.store(true, Ordering::SeqCst);
     let tps = shared.lock().partitions();
     let marks = shared.lock().watermarks(&tps);
     commit_sync(consumer, &marks, &shared.stats);

@@ -15,6 +15,8 @@ struct Part {
     stored: Option<i64>,
     /// One past the highest offset read from the broker (maybe not yet delivered).
     seen: Option<i64>,
+    /// Which assignment this is; records read under an older one are stale.
+    epoch: u64,
 }
 
 impl Part {
@@ -29,19 +31,25 @@ impl Part {
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     parts: HashMap<Tp, Part>,
+    epochs: u64,
 }
 
 impl Tracker {
     pub fn assign(&mut self, tp: Tp) {
-        self.parts.entry(tp).or_default();
+        self.epochs += 1;
+        let epoch = self.epochs;
+        self.parts.entry(tp).or_insert_with(|| Part { epoch, ..Part::default() });
+    }
+
+    /// The current assignment epoch of `tp` (None when not owned). A record
+    /// read under one epoch may only be delivered under the same epoch: after
+    /// a revoke and re-assign, fetching restarts from the committed offset.
+    pub fn epoch(&self, tp: &Tp) -> Option<u64> {
+        self.parts.get(tp).map(|p| p.epoch)
     }
 
     pub fn revoke(&mut self, tp: &Tp) {
         self.parts.remove(tp);
-    }
-
-    pub fn owns(&self, tp: &Tp) -> bool {
-        self.parts.contains_key(tp)
     }
 
     /// Whether `offset` was already read (a re-fetch after pause); if not,
@@ -118,6 +126,10 @@ mod tests {
         let mut t = Tracker::default();
         assert!(!t.deliver(&tp, 0), "not owned yet");
         t.assign(tp.clone());
+        let e1 = t.epoch(&tp);
+        t.revoke(&tp);
+        t.assign(tp.clone());
+        assert_ne!(t.epoch(&tp), e1);
         for o in 10..15 {
             assert!(t.deliver(&tp, o));
         }

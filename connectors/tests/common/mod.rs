@@ -56,6 +56,10 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let port = free_port();
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let data_dir = std::env::temp_dir().join(format!("kairos-noida-{}-{port}-{nanos}", std::process::id()));
@@ -101,9 +105,17 @@ impl Broker {
         std::fs::read_to_string(self.data_dir.join("broker.log")).unwrap_or_default()
     }
 
-    /// Kill the broker process (by PID) and wait for it.
+    /// Stop the broker process (SIGINT by PID, as Ctrl-C; SIGKILL after 5 s) and wait for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -150,6 +162,7 @@ pub fn sink_config(b: &Broker, out: &str, dlq: Option<&str>) -> KafkaSinkConfig 
         "brokers": b.brokers(),
         "output_topic": out,
         "dlq_topic": dlq,
+        "message_timeout_ms": 10000,
         "librdkafka": test_librdkafka(),
     });
     serde_json::from_value(json).expect("sink config")
@@ -207,7 +220,17 @@ pub fn echo(ev: &Event) -> OutRecord {
 
 /// Run an echo pipeline over a source until its channel closes: every event
 /// is answered through `sink`, then acked. `delay` slows each event down.
-pub fn spawn_echo(mut h: SourceHandle, sink: Arc<dyn Sink>, delay: Duration) -> tokio::task::JoinHandle<(u64, SourceHandle)> {
+pub fn spawn_echo(h: SourceHandle, sink: Arc<dyn Sink>, delay: Duration) -> tokio::task::JoinHandle<(u64, SourceHandle)> {
+    spawn_echo_logged(h, sink, delay, Arc::default())
+}
+
+/// [`spawn_echo`] that also records the input `i` of every acknowledged send.
+pub fn spawn_echo_logged(
+    mut h: SourceHandle,
+    sink: Arc<dyn Sink>,
+    delay: Duration,
+    sent: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+) -> tokio::task::JoinHandle<(u64, SourceHandle)> {
     tokio::spawn(async move {
         let mut n = 0;
         while let Some(ev) = h.events.recv().await {
@@ -215,6 +238,9 @@ pub fn spawn_echo(mut h: SourceHandle, sink: Arc<dyn Sink>, delay: Duration) -> 
                 tokio::time::sleep(delay).await;
             }
             sink.send(echo(&ev)).await.expect("sink send");
+            if let Some(i) = serde_json::from_slice::<serde_json::Value>(&ev.payload).ok().and_then(|v| v["i"].as_u64()) {
+                sent.lock().unwrap_or_else(|e| e.into_inner()).insert(i);
+            }
             h.acker.ack(&ev.origin);
             n += 1;
         }
@@ -233,6 +259,26 @@ pub struct Out {
 /// Read `topic` from the beginning (read_committed) until `want` records
 /// arrived (then `linger` longer, to catch extras) or `timeout` passes.
 pub async fn read_outputs(b: &Broker, topic: &str, want: usize, timeout: Duration, linger: Duration) -> Vec<Out> {
+    read_outputs_iso(b, topic, want, timeout, linger, "read_committed").await
+}
+
+/// Read `topic` until inputs `0..n` are all answered (then `linger`), or `timeout`.
+pub async fn read_until_answered(b: &Broker, topic: &str, n: u64, timeout: Duration, linger: Duration) -> Vec<Out> {
+    read_outputs_until(b, topic, timeout, linger, "read_committed", move |outs| answered(outs).len() as u64 >= n).await
+}
+
+pub async fn read_outputs_iso(b: &Broker, topic: &str, want: usize, timeout: Duration, linger: Duration, iso: &'static str) -> Vec<Out> {
+    read_outputs_until(b, topic, timeout, linger, iso, move |outs| outs.len() >= want).await
+}
+
+pub async fn read_outputs_until(
+    b: &Broker,
+    topic: &str,
+    timeout: Duration,
+    linger: Duration,
+    iso: &'static str,
+    done: impl Fn(&[Out]) -> bool + Send + 'static,
+) -> Vec<Out> {
     let brokers = b.brokers();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -241,7 +287,7 @@ pub async fn read_outputs(b: &Broker, topic: &str, want: usize, timeout: Duratio
             .set("group.id", format!("reader-{}", free_port()))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", iso)
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
             .create()
@@ -269,7 +315,7 @@ pub async fn read_outputs(b: &Broker, topic: &str, want: usize, timeout: Duratio
                     headers,
                     payload: serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(serde_json::Value::Null),
                 });
-                if out.len() >= want && linger_until.is_none() {
+                if linger_until.is_none() && done(&out) {
                     linger_until = Some(Instant::now() + linger);
                 }
             }

@@ -2,13 +2,16 @@
 //! Each weight row is read once per call and applied to all `n` input rows.
 
 use half::bf16;
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::model::weights::{Linear, Weight};
 
-/// Rows of W handled by one rayon task: large enough to amortise scheduling,
-/// small enough to balance two to sixty-four cores.
-const ROWS_PER_TASK: usize = 16;
+/// Block-quantized CPU kernels (opt-in, see [`quant_override`]). Declared here
+/// so it builds without touching `cpu/mod.rs`; it can move to `pub mod qdot;` there.
+#[path = "qdot.rs"]
+pub mod qdot;
 
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -48,27 +51,266 @@ fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
     s
 }
 
+/// Work per rayon task: at least this many weight bytes (so scheduling is
+/// amortised; the old fixed 16 rows gave ~13k tasks per SmolLM2 decode step)...
+const MIN_TASK_BYTES: usize = 64 * 1024;
+/// ...and about this many tasks per thread, so work stealing can balance a
+/// thread that is descheduled on a busy machine.
+const TASKS_PER_THREAD: usize = 8;
+
+/// Rows of W per rayon task, a multiple of 4 (the row-blocking of the kernels).
+fn rows_per_task(rows: usize, cols: usize, bytes_per_weight: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let min_rows = MIN_TASK_BYTES.div_ceil((cols * bytes_per_weight).max(1));
+    let balanced = rows.div_ceil(threads * TASKS_PER_THREAD);
+    (balanced.max(min_rows).max(1) + 3) & !3
+}
+
+/// Same summation order as [`dot`] (two 8-lane FMA accumulators over chunks of
+/// 16, scalar FMA tail, then the fixed reduction), so results are bit-identical.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod simd {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn reduce(a0: __m256, a1: __m256, s: f32) -> f32 {
+        let mut t = [0f32; 8];
+        _mm256_storeu_ps(t.as_mut_ptr(), _mm256_add_ps(a0, a1));
+        s + (t[0] + t[4]) + (t[1] + t[5]) + (t[2] + t[6]) + (t[3] + t[7])
+    }
+
+    #[inline(always)]
+    unsafe fn tail(w: &[f32], x: &[f32], from: usize) -> f32 {
+        let mut s = 0f32;
+        for (a, b) in w[from..].iter().zip(&x[from..]) {
+            s = a.mul_add(*b, s);
+        }
+        s
+    }
+
+    /// Four rows of W against one x, sharing the loads of x.
+    #[inline(always)]
+    pub unsafe fn dot4_f32(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let cols = x.len();
+        let body = cols / 16 * 16;
+        let z = _mm256_setzero_ps();
+        let mut acc = [z; 8];
+        let xp = x.as_ptr();
+        let wp = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+        let mut i = 0;
+        while i < body {
+            let x0 = _mm256_loadu_ps(xp.add(i));
+            let x1 = _mm256_loadu_ps(xp.add(i + 8));
+            for r in 0..4 {
+                acc[2 * r] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[r].add(i)), x0, acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[r].add(i + 8)), x1, acc[2 * r + 1]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            out[r] = reduce(acc[2 * r], acc[2 * r + 1], tail(w[r], x, body));
+        }
+        out
+    }
+
+    #[inline(always)]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let cols = x.len();
+        let body = cols / 16 * 16;
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut i = 0;
+        while i < body {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
+            i += 16;
+        }
+        reduce(a0, a1, tail(w, x, body))
+    }
+
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    /// Same order as [`super::dot_bf16`]: 16 lanes summed in order, then the tail.
+    #[inline(always)]
+    unsafe fn reduce_seq(a0: __m256, a1: __m256) -> f32 {
+        let mut t = [0f32; 16];
+        _mm256_storeu_ps(t.as_mut_ptr(), a0);
+        _mm256_storeu_ps(t.as_mut_ptr().add(8), a1);
+        t.iter().sum()
+    }
+
+    #[inline(always)]
+    pub unsafe fn dot4_bf16(w: [&[half::bf16]; 4], x: &[f32]) -> [f32; 4] {
+        let cols = x.len();
+        let body = cols / 16 * 16;
+        let z = _mm256_setzero_ps();
+        let mut acc = [z; 8];
+        let xp = x.as_ptr();
+        let wp = [w[0].as_ptr() as *const u16, w[1].as_ptr() as *const u16, w[2].as_ptr() as *const u16, w[3].as_ptr() as *const u16];
+        let mut i = 0;
+        while i < body {
+            let x0 = _mm256_loadu_ps(xp.add(i));
+            let x1 = _mm256_loadu_ps(xp.add(i + 8));
+            for r in 0..4 {
+                acc[2 * r] = _mm256_fmadd_ps(load_bf16(wp[r].add(i)), x0, acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(load_bf16(wp[r].add(i + 8)), x1, acc[2 * r + 1]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            let mut s = reduce_seq(acc[2 * r], acc[2 * r + 1]);
+            for (a, b) in w[r][body..].iter().zip(&x[body..]) {
+                s += a.to_f32() * b;
+            }
+            out[r] = s;
+        }
+        out
+    }
+}
+
+#[inline]
+fn dot4_f32(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: the target features are enabled at compile time; all slices are `x.len()` long.
+    unsafe {
+        debug_assert!(w.iter().all(|r| r.len() == x.len()));
+        simd::dot4_f32(w, x)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    [dot(w[0], x), dot(w[1], x), dot(w[2], x), dot(w[3], x)]
+}
+
+#[inline]
+fn dot1_f32(w: &[f32], x: &[f32]) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: as above.
+    unsafe {
+        debug_assert_eq!(w.len(), x.len());
+        simd::dot_f32(w, x)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    dot(w, x)
+}
+
+#[inline]
+fn dot4_bf16(w: [&[bf16]; 4], x: &[f32]) -> [f32; 4] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: as above.
+    unsafe {
+        debug_assert!(w.iter().all(|r| r.len() == x.len()));
+        simd::dot4_bf16(w, x)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    [dot_bf16(w[0], x), dot_bf16(w[1], x), dot_bf16(w[2], x), dot_bf16(w[3], x)]
+}
+
+/// `y[n, rows] = x[n, cols] · Wᵀ` for a row-major `[rows, cols]` float matrix of
+/// element type `T`: parallel over blocks of rows, four rows at a time.
+fn float_matmul<T: Sync>(
+    data: &[T],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    dot4: impl Fn([&[T]; 4], &[f32]) -> [f32; 4] + Sync,
+    dot1: impl Fn(&[T], &[f32]) -> f32 + Sync,
+) {
+    let per = rows_per_task(rows, cols, std::mem::size_of::<T>());
+    let row = |r: usize| &data[r * cols..(r + 1) * cols];
+    // One block of rows `r0..r0+out.len()/n`, written row-major `[rows_in_block, n]`.
+    let block = |r0: usize, out: &mut [f32]| {
+        let nr = out.len() / n;
+        let mut i = 0;
+        while i + 4 <= nr {
+            let w = [row(r0 + i), row(r0 + i + 1), row(r0 + i + 2), row(r0 + i + 3)];
+            for t in 0..n {
+                let v = dot4(w, &x[t * cols..(t + 1) * cols]);
+                for (k, vk) in v.into_iter().enumerate() {
+                    out[(i + k) * n + t] = vk;
+                }
+            }
+            i += 4;
+        }
+        for i in i..nr {
+            for t in 0..n {
+                out[i * n + t] = dot1(row(r0 + i), &x[t * cols..(t + 1) * cols]);
+            }
+        }
+    };
+    if n == 1 {
+        if rows <= per {
+            block(0, y);
+        } else {
+            y.par_chunks_mut(per).enumerate().for_each(|(c, out)| block(c * per, out));
+        }
+        return;
+    }
+    let mut yt = vec![0f32; rows * n];
+    if rows <= per {
+        block(0, &mut yt);
+    } else {
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(c, out)| block(c * per, out));
+    }
+    for r in 0..rows {
+        for t in 0..n {
+            y[t * rows + r] = yt[r * n + t];
+        }
+    }
+}
+
 /// y[n, rows] = x[n, cols] · Wᵀ, for any precision.
 pub fn matmul(w: &Weight, x: &[f32], n: usize, y: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     debug_assert_eq!(x.len(), n * cols);
     debug_assert_eq!(y.len(), n * rows);
     match w {
-        Weight::F32 { data, .. } => rows_parallel(rows, n, y, |r, out| {
-            let wr = &data[r * cols..(r + 1) * cols];
-            for (t, o) in out.iter_mut().enumerate() {
-                *o = dot(wr, &x[t * cols..(t + 1) * cols]);
-            }
-        }),
-        Weight::Bf16 { data, .. } => rows_parallel(rows, n, y, |r, out| {
-            let wr = &data[r * cols..(r + 1) * cols];
-            for (t, o) in out.iter_mut().enumerate() {
-                *o = dot_bf16(wr, &x[t * cols..(t + 1) * cols]);
-            }
-        }),
+        Weight::F32 { data, .. } => match quant_override(data, rows, cols) {
+            Some(q) => q.matmul(x, n, y),
+            None => float_matmul(data, rows, cols, x, n, y, dot4_f32, dot1_f32),
+        },
+        Weight::Bf16 { data, .. } => float_matmul(data, rows, cols, x, n, y, dot4_bf16, dot_bf16),
         #[allow(unreachable_patterns)]
         other => quantized_matmul(other, x, n, y),
     }
+}
+
+/// EXPERIMENTAL, off unless `KAIROS_CPU_QUANT` is set (`auto`, `q8_0` or
+/// `q4_1`): each f32 matrix (cols a multiple of 32) is re-quantized once, on
+/// first use, into a [`qdot::QMatrix`] cached by its address, and decode reads
+/// that instead (`auto`: Q4_1 where the f32 data is exactly Q4_1, as from a GGUF
+/// Q4_1 tensor, else Q8_0). Changes numerics (int8 activations), keeps the f32
+/// copy resident, and assumes weights are not freed while the process runs: a
+/// stand-in for a proper `Weight` variant that the loader would fill.
+fn quant_override(data: &[f32], rows: usize, cols: usize) -> Option<Arc<qdot::QMatrix>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static MODE: OnceLock<Option<Option<qdot::QFormat>>> = OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<(usize, usize, usize), Arc<qdot::QMatrix>>>> = OnceLock::new();
+    let mode = *MODE.get_or_init(|| match std::env::var("KAIROS_CPU_QUANT").ok()?.as_str() {
+        "auto" => Some(None),
+        "q8_0" => Some(Some(qdot::QFormat::Q8_0)),
+        "q4_1" => Some(Some(qdot::QFormat::Q4_1)),
+        _ => None,
+    });
+    let format = mode?;
+    if cols % qdot::QK != 0 {
+        return None;
+    }
+    let key = (data.as_ptr() as usize, rows, cols);
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    Some(Arc::clone(cache.entry(key).or_insert_with(|| {
+        Arc::new(match format {
+            Some(f) => qdot::QMatrix::quantize(rows, cols, data, f),
+            None => qdot::QMatrix::from_f32_auto(rows, cols, data),
+        })
+    })))
 }
 
 fn quantized_matmul(w: &Weight, x: &[f32], n: usize, y: &mut [f32]) {
@@ -77,30 +319,6 @@ fn quantized_matmul(w: &Weight, x: &[f32], n: usize, y: &mut [f32]) {
         Weight::Nvfp4(m) => m.matmul(x, n, y),
         Weight::Fp8(m) => m.matmul(x, n, y),
         Weight::F32 { .. } | Weight::Bf16 { .. } => unreachable!("float weights take the float path"),
-    }
-}
-
-/// Runs `f(row, out[n])` for every output row in parallel and writes the
-/// results transposed into `y[n, rows]`.
-fn rows_parallel(rows: usize, n: usize, y: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    if n == 1 {
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, out)| {
-            for (i, o) in out.iter_mut().enumerate() {
-                f(c * ROWS_PER_TASK + i, std::slice::from_mut(o));
-            }
-        });
-        return;
-    }
-    let mut yt = vec![0f32; rows * n];
-    yt.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(c, out)| {
-        for (i, o) in out.chunks_mut(n).enumerate() {
-            f(c * ROWS_PER_TASK + i, o);
-        }
-    });
-    for r in 0..rows {
-        for t in 0..n {
-            y[t * rows + r] = yt[r * n + t];
-        }
     }
 }
 

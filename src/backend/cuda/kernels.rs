@@ -47,7 +47,13 @@ pub struct AttnWorkspace {
 }
 
 impl AttnWorkspace {
-    pub fn new(cx: &CudaContext, max_seqs: usize, n_q_heads: usize, max_splits: usize, head_dim: usize) -> Result<Self> {
+    pub fn new(
+        cx: &CudaContext,
+        max_seqs: usize,
+        n_q_heads: usize,
+        max_splits: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         let n = max_seqs * n_q_heads * max_splits;
         Ok(Self {
             acc: cx.stream.alloc_zeros::<f32>(n * head_dim)?,
@@ -69,11 +75,17 @@ fn need(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
 }
 
 fn len_at_least<T>(s: &CudaSlice<T>, n: usize, name: &str) -> Result<()> {
-    need(s.len() >= n, || format!("{name}: has {} elements, needs {n}", s.len()))
+    need(s.len() >= n, || {
+        format!("{name}: has {} elements, needs {n}", s.len())
+    })
 }
 
 fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (x as u32, y as u32, z as u32),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 const NULL: u64 = 0;
@@ -97,7 +109,9 @@ impl CudaContext {
     ) -> Result<()> {
         len_at_least(ids, n_tokens, "ids")?;
         len_at_least(out, n_tokens * hidden, "out")?;
-        need(hidden > 0 && table.len() % hidden == 0, || "table len not a multiple of hidden".into())?;
+        need(hidden > 0 && table.len().is_multiple_of(hidden), || {
+            "table len not a multiple of hidden".into()
+        })?;
         if n_tokens == 0 {
             return Ok(());
         }
@@ -132,7 +146,11 @@ impl CudaContext {
             return Ok(());
         }
         let h = hidden as i32;
-        let name = if O::NAME == "bf16" { "rmsnorm_residual" } else { "rmsnorm_residual_f32out" };
+        let name = if O::NAME == "bf16" {
+            "rmsnorm_residual"
+        } else {
+            "rmsnorm_residual_f32out"
+        };
         let mut b = self.stream.launch_builder(self.func(name));
         b.arg(residual);
         match delta {
@@ -166,7 +184,9 @@ impl CudaContext {
         len_at_least(qkv, n_tokens * (n_q + 2 * n_kv) * head_dim, "qkv")?;
         len_at_least(positions, n_tokens, "positions")?;
         len_at_least(inv_freq, head_dim / 2, "inv_freq")?;
-        need(head_dim % 2 == 0, || "head_dim must be even".into())?;
+        need(head_dim.is_multiple_of(2), || {
+            "head_dim must be even".into()
+        })?;
         if n_tokens == 0 {
             return Ok(());
         }
@@ -201,7 +221,11 @@ impl CudaContext {
         layer: usize,
         kv: &KvShape,
     ) -> Result<()> {
-        len_at_least(qkv, n_tokens * (n_q + 2 * kv.n_kv_heads) * kv.head_dim, "qkv")?;
+        len_at_least(
+            qkv,
+            n_tokens * (n_q + 2 * kv.n_kv_heads) * kv.head_dim,
+            "qkv",
+        )?;
         len_at_least(k_cache, kv.len(), "k_cache")?;
         len_at_least(v_cache, kv.len(), "v_cache")?;
         len_at_least(slots, n_tokens, "slots")?;
@@ -210,9 +234,20 @@ impl CudaContext {
         if n_tokens == 0 {
             return Ok(());
         }
-        let a = [n_q as i32, kv.n_kv_heads as i32, kv.head_dim as i32, layer as i32, kv.n_layers as i32, kv.max_pos as i32];
+        let a = [
+            n_q as i32,
+            kv.n_kv_heads as i32,
+            kv.head_dim as i32,
+            layer as i32,
+            kv.n_layers as i32,
+            kv.max_pos as i32,
+        ];
         let mut b = self.stream.launch_builder(self.func("kv_cache_write"));
-        b.arg(qkv).arg(k_cache).arg(v_cache).arg(slots).arg(positions);
+        b.arg(qkv)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(slots)
+            .arg(positions);
         for v in a.iter() {
             b.arg(v);
         }
@@ -252,14 +287,27 @@ impl CudaContext {
             64 => "attention_split_d64",
             128 => "attention_split_d128",
             256 => "attention_split_d256",
-            _ => return Err(CudaError::Shape(format!("attention: head_dim {d} not in 64/128/256"))),
+            _ => {
+                return Err(CudaError::Shape(format!(
+                    "attention: head_dim {d} not in 64/128/256"
+                )))
+            }
         };
-        need(n_q % kv.n_kv_heads == 0, || "n_q not a multiple of n_kv".into())?;
-        need(n_splits >= 1 && n_splits <= ATTN_MAX_SPLITS && n_splits <= ws.max_splits && n_seq <= ws.max_seqs && n_q <= ws.n_q_heads && d <= ws.head_dim, || {
-            "attention workspace too small".into()
+        need(n_q.is_multiple_of(kv.n_kv_heads), || {
+            "n_q not a multiple of n_kv".into()
         })?;
+        need(
+            (1..=ATTN_MAX_SPLITS).contains(&n_splits)
+                && n_splits <= ws.max_splits
+                && n_seq <= ws.max_seqs
+                && n_q <= ws.n_q_heads
+                && d <= ws.head_dim,
+            || "attention workspace too small".into(),
+        )?;
         need(layer < kv.n_layers, || "layer out of range".into())?;
-        need(q_stride >= n_q * d, || "attention: q_stride < n_q * head_dim".into())?;
+        need(q_stride >= n_q * d, || {
+            "attention: q_stride < n_q * head_dim".into()
+        })?;
         if n_seq > 0 {
             len_at_least(q, (n_seq - 1) * q_stride + n_q * d, "q")?;
         }
@@ -286,7 +334,13 @@ impl CudaContext {
         let (win, ns) = (window as i32, n_splits as i32);
         {
             let mut b = self.stream.launch_builder(self.func(name));
-            b.arg(q).arg(k_cache).arg(v_cache).arg(slots).arg(seq_lens).arg(&mut ws.acc).arg(&mut ws.ml);
+            b.arg(q)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(slots)
+                .arg(seq_lens)
+                .arg(&mut ws.acc)
+                .arg(&mut ws.ml);
             for v in a.iter() {
                 b.arg(v);
             }
@@ -308,7 +362,14 @@ impl CudaContext {
 
     /// A split count for `attention_decode` that gives the GPU ~8 blocks per SM for
     /// sequences of up to `max_len` positions (at least 32 positions per split, at most `cap`).
-    pub fn attention_splits(&self, n_seq: usize, n_q: usize, n_kv: usize, max_len: usize, cap: usize) -> usize {
+    pub fn attention_splits(
+        &self,
+        n_seq: usize,
+        n_q: usize,
+        n_kv: usize,
+        max_len: usize,
+        cap: usize,
+    ) -> usize {
         let groups = (n_q / n_kv.max(1)).div_ceil(8).max(1);
         let blocks = (n_seq * n_kv * groups).max(1);
         let want = (8 * self.sm_count as usize).div_ceil(blocks);
@@ -328,8 +389,12 @@ impl CudaContext {
         cols: usize,
         n: usize,
     ) -> Result<()> {
-        need(cols % 32 == 0, || format!("mxfp4: cols {cols} not a multiple of 32"))?;
-        need((1..=8).contains(&n), || format!("mxfp4: n {n} not in 1..=8"))?;
+        need(cols.is_multiple_of(32), || {
+            format!("mxfp4: cols {cols} not a multiple of 32")
+        })?;
+        need((1..=8).contains(&n), || {
+            format!("mxfp4: n {n} not in 1..=8")
+        })?;
         len_at_least(blocks, rows * cols / 2, "blocks")?;
         len_at_least(scales, rows * cols / 32, "scales")?;
         len_at_least(x, n * cols, "x")?;
@@ -337,8 +402,17 @@ impl CudaContext {
         let a = [rows as i32, cols as i32];
         let xdiv = 1i32;
         let rows_per_block = if n >= 4 { 16 } else { 8 };
-        let mut b = self.stream.launch_builder(self.func(&format!("mxfp4_gemv_{}x_n{n}", X::NAME)));
-        b.arg(blocks).arg(scales).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL).arg(&xdiv);
+        let mut b = self
+            .stream
+            .launch_builder(self.func(&format!("mxfp4_gemv_{}x_n{n}", X::NAME)));
+        b.arg(blocks)
+            .arg(scales)
+            .arg(x)
+            .arg(y)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(&NULL)
+            .arg(&xdiv);
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
         Ok(())
     }
@@ -361,7 +435,9 @@ impl CudaContext {
         cols: usize,
         n_experts: usize,
     ) -> Result<()> {
-        need(cols % 32 == 0 && x_div >= 1, || "mxfp4_moe: cols % 32 != 0 or x_div == 0".into())?;
+        need(cols.is_multiple_of(32) && x_div >= 1, || {
+            "mxfp4_moe: cols % 32 != 0 or x_div == 0".into()
+        })?;
         len_at_least(blocks, n_experts * rows * cols / 2, "blocks")?;
         len_at_least(scales, n_experts * rows * cols / 32, "scales")?;
         len_at_least(x, n_assign.div_ceil(x_div) * cols, "x")?;
@@ -371,8 +447,17 @@ impl CudaContext {
             return Ok(());
         }
         let a = [rows as i32, cols as i32, x_div as i32];
-        let mut b = self.stream.launch_builder(self.func(&format!("mxfp4_gemv_{}x_n1", X::NAME)));
-        b.arg(blocks).arg(scales).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(expert_ids).arg(&a[2]);
+        let mut b = self
+            .stream
+            .launch_builder(self.func(&format!("mxfp4_gemv_{}x_n1", X::NAME)));
+        b.arg(blocks)
+            .arg(scales)
+            .arg(x)
+            .arg(y)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(expert_ids)
+            .arg(&a[2]);
         unsafe { b.launch(grid(rows.div_ceil(8), n_assign, 1, 256)) }?;
         Ok(())
     }
@@ -387,12 +472,16 @@ impl CudaContext {
         cols: usize,
         n: usize,
     ) -> Result<()> {
-        need((1..=8).contains(&n), || format!("bf16_gemv: n {n} not in 1..=8"))?;
+        need((1..=8).contains(&n), || {
+            format!("bf16_gemv: n {n} not in 1..=8")
+        })?;
         len_at_least(w, rows * cols, "w")?;
         len_at_least(x, n * cols, "x")?;
         len_at_least(y, n * rows, "y")?;
         let a = [rows as i32, cols as i32];
-        let mut b = self.stream.launch_builder(self.func(&format!("bf16_gemv_{}x_n{n}", X::NAME)));
+        let mut b = self
+            .stream
+            .launch_builder(self.func(&format!("bf16_gemv_{}x_n{n}", X::NAME)));
         b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]);
         let rows_per_block = if n >= 4 { 16 } else { 8 };
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
@@ -400,18 +489,31 @@ impl CudaContext {
     }
 
     fn elementwise_grid(&self, total: usize) -> LaunchConfig {
-        grid(total.div_ceil(256).clamp(1, self.sm_count as usize * 16), 1, 1, 256)
+        grid(
+            total.div_ceil(256).clamp(1, self.sm_count as usize * 16),
+            1,
+            1,
+            256,
+        )
     }
 
     /// gu f32 [n, 2*inter] = [gate | up] per row -> out [n, inter] = silu(gate) * up.
-    pub fn swiglu<O: Act>(&self, gu: &CudaSlice<f32>, out: &mut CudaSlice<O>, n: usize, inter: usize) -> Result<()> {
+    pub fn swiglu<O: Act>(
+        &self,
+        gu: &CudaSlice<f32>,
+        out: &mut CudaSlice<O>,
+        n: usize,
+        inter: usize,
+    ) -> Result<()> {
         len_at_least(gu, n * 2 * inter, "gu")?;
         len_at_least(out, n * inter, "out")?;
         if n * inter == 0 {
             return Ok(());
         }
         let a = [n as i32, inter as i32];
-        let mut b = self.stream.launch_builder(self.func(&format!("swiglu_{}", O::NAME)));
+        let mut b = self
+            .stream
+            .launch_builder(self.func(&format!("swiglu_{}", O::NAME)));
         b.arg(gu).arg(out).arg(&a[0]).arg(&a[1]);
         unsafe { b.launch(self.elementwise_grid(n * inter)) }?;
         Ok(())
@@ -434,8 +536,15 @@ impl CudaContext {
             return Ok(());
         }
         let a = [n as i32, inter as i32];
-        let mut b = self.stream.launch_builder(self.func(&format!("swiglu_oai_{}", O::NAME)));
-        b.arg(gu).arg(out).arg(&a[0]).arg(&a[1]).arg(&alpha).arg(&limit);
+        let mut b = self
+            .stream
+            .launch_builder(self.func(&format!("swiglu_oai_{}", O::NAME)));
+        b.arg(gu)
+            .arg(out)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(&alpha)
+            .arg(&limit);
         unsafe { b.launch(self.elementwise_grid(n * inter)) }?;
         Ok(())
     }
@@ -453,7 +562,9 @@ impl CudaContext {
         k: usize,
         renorm: bool,
     ) -> Result<()> {
-        need(n_experts <= 256 && k >= 1 && k <= n_experts, || format!("router: E {n_experts} k {k}"))?;
+        need(n_experts <= 256 && k >= 1 && k <= n_experts, || {
+            format!("router: E {n_experts} k {k}")
+        })?;
         len_at_least(logits, n * n_experts, "logits")?;
         len_at_least(ids, n * k, "ids")?;
         len_at_least(weights, n * k, "weights")?;
@@ -462,7 +573,13 @@ impl CudaContext {
         }
         let a = [n as i32, n_experts as i32, k as i32, renorm as i32];
         let mut b = self.stream.launch_builder(self.func("moe_router_topk"));
-        b.arg(logits).arg(ids).arg(weights).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]);
+        b.arg(logits)
+            .arg(ids)
+            .arg(weights)
+            .arg(&a[0])
+            .arg(&a[1])
+            .arg(&a[2])
+            .arg(&a[3]);
         unsafe { b.launch(grid(n.div_ceil(4), 1, 1, 128)) }?;
         Ok(())
     }
@@ -492,10 +609,18 @@ impl CudaContext {
 
     /// out i32 [n] = argmax over each row of logits f32 [n, vocab] (ties: lowest index;
     /// NaN ignored). n <= ARGMAX_MAX_ROWS. Uses the context's scratch (two launches).
-    pub fn argmax(&self, logits: &CudaSlice<f32>, out: &mut CudaSlice<i32>, n: usize, vocab: usize) -> Result<()> {
+    pub fn argmax(
+        &self,
+        logits: &CudaSlice<f32>,
+        out: &mut CudaSlice<i32>,
+        n: usize,
+        vocab: usize,
+    ) -> Result<()> {
         len_at_least(logits, n * vocab, "logits")?;
         len_at_least(out, n, "out")?;
-        need(n <= ARGMAX_MAX_ROWS, || format!("argmax: n {n} > {ARGMAX_MAX_ROWS}"))?;
+        need(n <= ARGMAX_MAX_ROWS, || {
+            format!("argmax: n {n} > {ARGMAX_MAX_ROWS}")
+        })?;
         if n == 0 {
             return Ok(());
         }

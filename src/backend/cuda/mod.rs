@@ -21,20 +21,62 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// (module name, source, entry points)
 const SOURCES: &[(&str, &str, &[&str])] = &[
-    ("embedding", include_str!("../../../kernels/embedding.cu"), &["embedding_gather_f32", "embedding_gather_bf16"]),
-    ("rmsnorm", include_str!("../../../kernels/rmsnorm.cu"), &["rmsnorm_residual", "rmsnorm_residual_f32out"]),
-    ("rope", include_str!("../../../kernels/rope.cu"), &["rope_qk", "kv_cache_write"]),
+    (
+        "embedding",
+        include_str!("../../../kernels/embedding.cu"),
+        &["embedding_gather_f32", "embedding_gather_bf16"],
+    ),
+    (
+        "rmsnorm",
+        include_str!("../../../kernels/rmsnorm.cu"),
+        &["rmsnorm_residual", "rmsnorm_residual_f32out"],
+    ),
+    (
+        "rope",
+        include_str!("../../../kernels/rope.cu"),
+        &["rope_qk", "kv_cache_write"],
+    ),
     (
         "attention",
         include_str!("../../../kernels/attention.cu"),
-        &["attention_split_d64", "attention_split_d128", "attention_split_d256", "attention_reduce"],
+        &[
+            "attention_split_d64",
+            "attention_split_d128",
+            "attention_split_d256",
+            "attention_reduce",
+        ],
     ),
     // entries ending in "_n" are loaded as _n1 ..= _n8
-    ("mxfp4", include_str!("../../../kernels/mxfp4.cu"), &["mxfp4_gemv_bf16x_n", "mxfp4_gemv_f32x_n"]),
-    ("gemv", include_str!("../../../kernels/gemv.cu"), &["bf16_gemv_bf16x_n", "bf16_gemv_f32x_n"]),
-    ("swiglu", include_str!("../../../kernels/swiglu.cu"), &["swiglu_f32", "swiglu_bf16", "swiglu_oai_f32", "swiglu_oai_bf16"]),
-    ("moe", include_str!("../../../kernels/moe.cu"), &["moe_router_topk", "moe_combine"]),
-    ("argmax", include_str!("../../../kernels/argmax.cu"), &["argmax_partial", "argmax_final"]),
+    (
+        "mxfp4",
+        include_str!("../../../kernels/mxfp4.cu"),
+        &["mxfp4_gemv_bf16x_n", "mxfp4_gemv_f32x_n"],
+    ),
+    (
+        "gemv",
+        include_str!("../../../kernels/gemv.cu"),
+        &["bf16_gemv_bf16x_n", "bf16_gemv_f32x_n"],
+    ),
+    (
+        "swiglu",
+        include_str!("../../../kernels/swiglu.cu"),
+        &[
+            "swiglu_f32",
+            "swiglu_bf16",
+            "swiglu_oai_f32",
+            "swiglu_oai_bf16",
+        ],
+    ),
+    (
+        "moe",
+        include_str!("../../../kernels/moe.cu"),
+        &["moe_router_topk", "moe_combine"],
+    ),
+    (
+        "argmax",
+        include_str!("../../../kernels/argmax.cu"),
+        &["argmax_partial", "argmax_final"],
+    ),
 ];
 
 /// Errors of the CUDA backend.
@@ -49,7 +91,9 @@ impl std::fmt::Display for CudaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CudaError::Driver(e) => write!(f, "CUDA driver error: {e:?}"),
-            CudaError::Compile { module, log } => write!(f, "NVRTC failed to compile kernels/{module}.cu: {log}"),
+            CudaError::Compile { module, log } => {
+                write!(f, "NVRTC failed to compile kernels/{module}.cu: {log}")
+            }
             CudaError::Shape(s) => write!(f, "CUDA kernel shape error: {s}"),
         }
     }
@@ -126,16 +170,25 @@ fn compile_cached(
     let full = format!("{COMMON}\n#line 1 \"kernels/{module}.cu\"\n{src}");
     let mut h = 0xcbf29ce484222325u64;
     fnv1a(&mut h, full.as_bytes());
-    fnv1a(&mut h, format!("{arch}|{drv}|{nvrtc:?}|{opts_list:?}").as_bytes());
+    fnv1a(
+        &mut h,
+        format!("{arch}|{drv}|{nvrtc:?}|{opts_list:?}").as_bytes(),
+    );
     let path = cache.map(|d| d.join(format!("{module}-{h:016x}.ptx")));
     if let Some(s) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
         return Ok((Ptx::from_src(s), true));
     }
-    let opts = CompileOptions { options: opts_list.to_vec(), name: Some(format!("{module}.cu")), ..Default::default() };
+    let opts = CompileOptions {
+        options: opts_list.to_vec(),
+        name: Some(format!("{module}.cu")),
+        ..Default::default()
+    };
     let ptx = compile_ptx_with_opts(&full, opts).map_err(|e| CudaError::Compile {
         module: module.to_string(),
         log: match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
             other => format!("{other:?}"),
         },
     })?;
@@ -150,6 +203,17 @@ fn compile_cached(
         }
     }
     Ok((ptx, false))
+}
+
+/// Whether a CUDA driver library can be loaded and reports at least one device
+/// (false on machines without a GPU, where opening a context would panic in
+/// cudarc's dynamic loader).
+pub fn device_available() -> bool {
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    present
+        && cudarc::driver::CudaContext::device_count()
+            .map(|n| n > 0)
+            .unwrap_or(false)
 }
 
 impl CudaContext {
@@ -167,10 +231,8 @@ impl CudaContext {
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as u32;
-        let opts_list: Vec<String> = vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".into(),
-        ];
+        let opts_list: Vec<String> =
+            vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
         let drv = driver_version();
         let nvrtc = nvrtc_version();
         let cache = ptx_cache_dir();
@@ -183,10 +245,15 @@ impl CudaContext {
                     let opts_list = &opts_list;
                     let cache = &cache;
                     let arch = &arch;
-                    sc.spawn(move || compile_cached(module, src, opts_list, cache.as_deref(), arch, drv, nvrtc))
+                    sc.spawn(move || {
+                        compile_cached(module, src, opts_list, cache.as_deref(), arch, drv, nvrtc)
+                    })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("NVRTC thread panicked")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("NVRTC thread panicked"))
+                .collect()
         });
         let mut funcs = HashMap::new();
         let mut hits = 0;
@@ -206,11 +273,23 @@ impl CudaContext {
                 }
             }
         }
-        let argmax_scratch = stream.alloc_zeros::<u64>(kernels::ARGMAX_MAX_ROWS * kernels::ARGMAX_PARTS)?;
-        Ok(Self { ctx, stream, arch, name, sm_count, ptx_cache_hits: hits, funcs, argmax_scratch })
+        let argmax_scratch =
+            stream.alloc_zeros::<u64>(kernels::ARGMAX_MAX_ROWS * kernels::ARGMAX_PARTS)?;
+        Ok(Self {
+            ctx,
+            stream,
+            arch,
+            name,
+            sm_count,
+            ptx_cache_hits: hits,
+            funcs,
+            argmax_scratch,
+        })
     }
 
     pub(crate) fn func(&self, name: &str) -> &CudaFunction {
-        self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} not loaded"))
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("kernel {name} not loaded"))
     }
 }
