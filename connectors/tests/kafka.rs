@@ -119,7 +119,7 @@ async fn stall_pauses_without_eviction() {
         assert!(d <= 10 + cap as u64, "source ran ahead of a stalled pipeline: {d} delivered");
         let r = stats.get(&stats.read_ahead);
         assert!(r <= 40, "read-ahead not bounded while paused: {r}");
-        assert!(stats.paused.load(Ordering::SeqCst), "resumed while stalled");
+        assert!(stats.paused.load(Ordering::SeqCst), "resumed while stalled: {stats:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let worker = spawn_echo(h, out, Duration::ZERO);

@@ -118,7 +118,11 @@ impl Loader<'_> {
     }
 
     pub fn linear(&self, prefix: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear, ModelError> {
-        let weight = self.matrix(&format!("{prefix}.weight"), rows, cols)?;
+        // Pre-quantized checkpoints (MXFP4 blocks, ModelOpt NVFP4, FP8) stay packed.
+        let weight = match super::quantize::packed::load_packed(self.src, prefix, rows, cols)? {
+            Some(w) => w,
+            None => self.matrix(&format!("{prefix}.weight"), rows, cols)?,
+        };
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), rows)?) } else { None };
         Ok(Linear { weight, bias })
     }

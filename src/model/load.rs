@@ -55,7 +55,8 @@ pub fn read_hf_config(dir: &Path) -> Result<(Value, ModelConfig), ModelError> {
 fn load_hf_dir(dir: &Path, name: String) -> Result<LoadedModel, ModelError> {
     let (raw, config) = read_hf_config(dir)?;
     let src = SafetensorsSource::open_dir(dir)?;
-    let weights = load_weights(config, &src)?;
+    let mut weights = load_weights(config, &src)?;
+    super::quantize::restore_recorded(&raw, &mut weights)?;
     let tokenizer = TextTokenizer::from_hf_dir(dir, &raw)?;
     Ok(LoadedModel { name, weights, tokenizer })
 }

@@ -9,6 +9,7 @@ pub mod gguf_quants;
 pub mod gguf_tokenizer;
 mod gpt_oss;
 pub mod load;
+pub mod quantize;
 pub mod tensors;
 pub mod tokenizer;
 pub mod weights;

@@ -57,7 +57,10 @@ pub struct Broker {
 impl Broker {
     pub fn start() -> Broker {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+            )
             .with_test_writer()
             .try_init();
         let port = free_port();

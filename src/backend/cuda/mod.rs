@@ -8,6 +8,7 @@
 //! `ctx.stream.synchronize()` or copy back to wait.
 
 pub mod kernels;
+pub mod model;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -76,6 +77,16 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
         "argmax",
         include_str!("../../../kernels/argmax.cu"),
         &["argmax_partial", "argmax_final"],
+    ),
+    (
+        "model",
+        include_str!("../../../kernels/model.cu"),
+        &[
+            "add_bias_f32",
+            "attention_generic",
+            "fill_random_bf16",
+            "fill_random_u8",
+        ],
     ),
 ];
 

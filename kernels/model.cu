@@ -1,0 +1,103 @@
+// Glue kernels of the CUDA model forward (src/backend/cuda/model.rs).
+
+// y f32 [n, cols] += b f32 [cols]. grid-stride, block 256.
+extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ b, int n, int cols) {
+    long long total = (long long)n * cols;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
+        y[i] += b[i % cols];
+}
+
+// Decode/prefill attention for any head_dim D <= 256 (the split kernels take 64/128/256 only):
+// one block (4 warps) per (query head, query row); lane l holds dims l, l+32, ...
+// Same arguments and semantics as attention_decode: row s reads q at q + s*q_stride,
+// attends to positions [lo, seq_lens[s]) of slot slots[s], lo = len - window when window > 0,
+// sinks optional. Rows with seq_len 0 produce zeros. grid (n_q, n_rows), block 128.
+extern "C" __global__ void __launch_bounds__(128) attention_generic(
+    const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+    const int* __restrict__ slots, const int* __restrict__ seq_lens, const float* __restrict__ sinks,
+    float* __restrict__ out, int n_q, int n_kv, int D, int layer, int n_layers, int max_pos,
+    float scale, int window, long long q_stride) {
+    __shared__ float sm_m[4], sm_l[4];
+    __shared__ float sm_acc[4][256];
+    const int h = blockIdx.x, s = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int G = n_q / n_kv, kvh = h / G;
+    const int len = min(seq_lens[s], max_pos);
+    const int lo = window > 0 ? max(0, len - window) : 0;
+    float qv[8], acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int d = lane + 32 * e;
+        qv[e] = d < D ? q[(long long)s * q_stride + (long long)h * D + d] * scale : 0.f;
+        acc[e] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    if (len > lo) {
+        const long long base = (((long long)slots[s] * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
+        for (int p = lo + warp; p < len; p += 4) {
+            const bf16_t* kr = kc + base + (long long)p * D;
+            const bf16_t* vr = vc + base + (long long)p * D;
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                int d = lane + 32 * e;
+                if (d < D) dot += qv[e] * bf2f(kr[d]);
+            }
+            dot = warp_sum(dot);
+            float mn = fmaxf(m, dot);
+            float corr = expf(m - mn);
+            float pr = expf(dot - mn);
+            l = l * corr + pr;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                int d = lane + 32 * e;
+                acc[e] = acc[e] * corr + (d < D ? pr * bf2f(vr[d]) : 0.f);
+            }
+            m = mn;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int d = lane + 32 * e;
+        if (d < 256) sm_acc[warp][d] = acc[e];
+    }
+    if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+    __syncthreads();
+    float M = NEG_INF;
+    for (int w = 0; w < 4; w++) M = fmaxf(M, sm_m[w]);
+    if (sinks) M = fmaxf(M, sinks[h]);
+    float L = 0.f;
+    if (M != NEG_INF) {
+        for (int w = 0; w < 4; w++)
+            if (sm_m[w] != NEG_INF) L += sm_l[w] * expf(sm_m[w] - M);
+        if (sinks) L += expf(sinks[h] - M);
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0.f;
+        if (M != NEG_INF)
+            for (int w = 0; w < 4; w++)
+                if (sm_m[w] != NEG_INF) o += sm_acc[w][d] * expf(sm_m[w] - M);
+        out[((long long)s * n_q + h) * D + d] = L > 0.f ? o / L : 0.f;
+    }
+}
+
+__device__ __forceinline__ unsigned int hash_u32(unsigned long long x) {
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
+    return (unsigned int)x;
+}
+
+// p[i] = bf16(offset + scale * u), u uniform in [-sqrt(3), sqrt(3)) (unit variance). Random
+// weights for benchmarks, made on the device.
+extern "C" __global__ void fill_random_bf16(bf16_t* __restrict__ p, long long n, unsigned long long seed,
+                                            float scale, float offset) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float u = (hash_u32(seed * 0x9e3779b97f4a7c15ULL + (unsigned long long)i) >> 8) * (1.f / 16777216.f);
+        p[i] = f2bf(offset + scale * (u * 2.f - 1.f) * 1.7320508f);
+    }
+}
+
+// p[i] = lo + hash % range (MXFP4 blocks: lo 0, range 256; E8M0 scales: a narrow range).
+extern "C" __global__ void fill_random_u8(u8* __restrict__ p, long long n, unsigned long long seed, int lo, int range) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        p[i] = (u8)(lo + (int)(hash_u32(seed * 0x9e3779b97f4a7c15ULL + (unsigned long long)i) % (unsigned)range));
+}
