@@ -6,6 +6,7 @@
 //! (sampling, generation, constrained decoding).
 
 pub mod backend;
+pub mod bench;
 pub mod engine;
 pub mod model;
 pub mod quant;

@@ -14,8 +14,17 @@ fn main() {
         .init();
     if let Err(e) = cli::run(args) {
         // One clear line: what went wrong and, through the chain, where.
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
+        // Error types often repeat their source's text; print each part once.
+        let mut line = String::new();
+        for part in e.chain().map(|c| c.to_string()) {
+            if !line.contains(&part) {
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(&part);
+            }
+        }
+        eprintln!("error: {}", line.replace('\n', " "));
         std::process::exit(1);
     }
 }

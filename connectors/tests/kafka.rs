@@ -104,7 +104,7 @@ async fn stall_pauses_without_eviction() {
     let cap = 8;
     let sd = Shutdown::new();
     let mut cfg = source_config(&b, "in", "g2");
-    cfg.read_ahead_events = 20;
+    cfg.read_ahead_events = 100;
     let (mut h, stats) = KafkaSource::start_with_stats(cfg, cap, sd.clone()).expect("source");
     for _ in 0..10 {
         let ev = tokio::time::timeout(T, h.events.recv()).await.expect("event in time").expect("event");
@@ -118,7 +118,7 @@ async fn stall_pauses_without_eviction() {
         let d = stats.get(&stats.delivered);
         assert!(d <= 10 + cap as u64, "source ran ahead of a stalled pipeline: {d} delivered");
         let r = stats.get(&stats.read_ahead);
-        assert!(r <= 40, "read-ahead not bounded while paused: {r}");
+        assert!(r <= 200, "read-ahead not bounded while paused: {r}");
         assert!(stats.paused.load(Ordering::SeqCst), "resumed while stalled: {stats:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -3,11 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 use kairos::engine::generate::{generate, GenerateRequest};
 use kairos::engine::sampling::SamplingParams;
-use kairos::model::load_model;
 
 use super::{make_backend, Device};
 
@@ -40,6 +38,9 @@ pub struct GenerateArgs {
     /// With --json: the K highest raw logits of every generated step.
     #[arg(long, default_value_t = 0)]
     top_logits: usize,
+    /// Quantize at load, e.g. experts=mxfp4 or experts=nvfp4,dense=fp8[,scale=mse].
+    #[arg(long)]
+    quant: Option<kairos::model::quantize::QuantSpec>,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -49,7 +50,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let model = load_model(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
     let tok = &model.tokenizer;
     let prompt_ids = if a.chat { tok.encode_chat(&a.prompt)? } else { tok.encode(&a.prompt, true)? };
     if prompt_ids.is_empty() {

@@ -23,6 +23,9 @@ pub struct InspectArgs {
     /// Also load the weights and report the measured resident bytes.
     #[arg(long)]
     load: bool,
+    /// With --load: quantize at load (e.g. experts=mxfp4,dense=fp8) before measuring.
+    #[arg(long)]
+    quant: Option<kairos::model::quantize::QuantSpec>,
     #[arg(long)]
     json: bool,
 }
@@ -48,7 +51,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     let kv = kv_step_bytes(&c, a.context, 2);
     let rows: Vec<_> = mixes.iter().map(|(e, d)| precision_mix(&c, &p, e, d)).collect();
     let measured = if a.load {
-        let m = kairos::model::load_model(&a.model)?;
+        let m = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
         Some(resident_bytes(&m.weights))
     } else {
         None
@@ -66,6 +69,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 "roofline_tokens_per_s": a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64,
             })).collect::<Vec<_>>(),
             "measured_resident_bytes": measured,
+            "measured_quant": a.quant.map(|q| q.to_string()),
         });
         println!("{v}");
         return Ok(());
@@ -85,7 +89,10 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64);
     }
     if let Some(m) = measured {
-        println!("measured resident (as loaded): {:.1} MB", m as f64 / 1e6);
+        match &a.quant {
+            Some(q) => println!("measured resident (loaded, --quant {q}): {:.1} MB", m as f64 / 1e6),
+            None => println!("measured resident (as loaded): {:.1} MB", m as f64 / 1e6),
+        }
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Command-line interface (DESIGN.md fixes the commands and flags).
 
+mod eval;
 mod generate;
 mod inspect;
+mod quantize;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,10 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// The main job: sources -> pipeline -> sinks (configs/*.toml).
     Run(run::RunArgs),
+    /// Write a model with FP4 experts as an HF-style folder.
+    Quantize(quantize::QuantizeArgs),
+    /// Perplexity on a text file; with --quant, agreement and KL against the unquantized model.
+    Eval(eval::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -28,6 +34,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
+        Command::Quantize(a) => quantize::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }
 

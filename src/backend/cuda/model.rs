@@ -1,0 +1,874 @@
+//! `CudaBackend`: the model forward on one GPU, implementing [`Backend`].
+//!
+//! Weights live on the device: attention, router, embeddings, norms and
+//! lm_head in bf16; dense MLPs in bf16; MoE experts in MXFP4 (kept packed when
+//! the checkpoint is MXFP4, quantized at upload otherwise). q|k|v and gate|up
+//! are fused into one matrix each. The KV cache is resident, bf16,
+//! `[slot][layer][kv_head][pos][head_dim]`, with a fixed number of positions
+//! per slot (`max_context`); slots grow by doubling when all are taken.
+//!
+//! One *step* runs up to `max_step_tokens` rows (tokens) through every layer.
+//! Each row carries its own (token, slot, position), so a step can mix
+//! sequences and prefill several tokens of one sequence (causality holds
+//! because each layer writes the step's K/V before attending, and each row
+//! attends to positions `0..=pos` of its slot). The forward order is the CPU
+//! reference's (`backend/cpu/mod.rs`):
+//! embed → per layer [rmsnorm → qkv (+bias) → q/k-norm + RoPE → KV write →
+//! attention (sinks, window) → o (+bias) → residual, rmsnorm → MLP or MoE
+//! (router → top-k → expert GEMVs → combine) → residual] → final norm → lm_head.
+//! Activations feeding a GEMV are bf16 (normed hidden, MLP activation) or
+//! f32 (attention output, final norm); the residual stream is f32.
+//!
+//! Decode steps (every chunk one token) are replayed from a CUDA graph
+//! captured once per batch bucket (1, 2, 4, …, `max_step_tokens`); padding rows
+//! have slot −1 and length 0 and touch nothing. A step uploads four small
+//! i32 arrays, launches the graph and reads back logits (or argmax ids):
+//! no allocation, no host sync inside the step. Longer chunks (prefill) run
+//! the same launches eagerly in micro-batches of `max_step_tokens` rows.
+//! GEMVs take at most 8 rows per launch, so steps of more than 8 rows read
+//! each dense weight `ceil(rows/8)` times (cuBLAS for large n is a next step).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::kernels::{AttnWorkspace, KvShape};
+use super::{CudaContext, CudaError};
+use crate::backend::rope::RopeTable;
+use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
+use crate::model::config::{Activation, AttentionKind, ModelConfig, RouterKind};
+use crate::model::family::{GatedMlp, Mlp, ModelWeights};
+use crate::model::weights::{Linear, Weight};
+use crate::quant::{Mxfp4Matrix, ScaleRule};
+
+type Res<T> = std::result::Result<T, CudaError>;
+
+fn dev(e: CudaError) -> BackendError {
+    BackendError::Device(e.to_string())
+}
+fn drv(e: cudarc::driver::DriverError) -> BackendError {
+    BackendError::Device(format!("CUDA driver error: {e:?}"))
+}
+
+/// How the backend sizes itself.
+#[derive(Debug, Clone)]
+pub struct CudaBackendOptions {
+    pub ordinal: usize,
+    /// Positions per KV slot; `None` = the model's `max_position_embeddings` capped at 8192.
+    pub max_context: Option<usize>,
+    /// KV slots allocated up front (more are added by doubling).
+    pub initial_slots: usize,
+    /// Rows per step (a power of two); also the largest decode batch one graph takes.
+    pub max_step_tokens: usize,
+    /// Replay decode steps from CUDA graphs (else launch eagerly).
+    pub graphs: bool,
+}
+
+impl Default for CudaBackendOptions {
+    fn default() -> Self {
+        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true }
+    }
+}
+
+/// A CUDA graph used from one thread at a time (the backend is `Send`, not `Sync`).
+struct SendGraph(CudaGraph);
+// SAFETY: the graph is only touched through `&mut CudaBackend`, so never concurrently;
+// cudarc binds the context to the calling thread on launch.
+unsafe impl Send for SendGraph {}
+
+struct Mx {
+    blocks: CudaSlice<u8>,
+    scales: CudaSlice<u8>,
+}
+
+enum DMlp {
+    Dense { gu: CudaSlice<u16>, down: CudaSlice<u16>, inter: usize },
+    Moe { router: CudaSlice<u16>, router_bias: Option<CudaSlice<f32>>, gu: Mx, down: Mx, inter: usize },
+}
+
+struct DLayer {
+    ln1: CudaSlice<u16>,
+    ln2: CudaSlice<u16>,
+    wqkv: CudaSlice<u16>,
+    bqkv: Option<CudaSlice<f32>>,
+    wo: CudaSlice<u16>,
+    bo: Option<CudaSlice<f32>>,
+    q_norm: Option<CudaSlice<u16>>,
+    k_norm: Option<CudaSlice<u16>>,
+    sinks: Option<CudaSlice<f32>>,
+    window: usize,
+    mlp: DMlp,
+}
+
+struct DWeights {
+    embed: CudaSlice<u16>,
+    lm_head: Option<CudaSlice<u16>>,
+    final_norm: CudaSlice<u16>,
+    layers: Vec<DLayer>,
+    inv_freq: CudaSlice<f32>,
+    mscale: f32,
+    /// bytes of weights resident on the device
+    bytes: usize,
+}
+
+/// Step buffers, sized for `max_step_tokens` rows.
+struct Bufs {
+    ids: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+    x: CudaSlice<f32>,
+    h: CudaSlice<u16>,
+    hf: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    gu: CudaSlice<f32>,
+    act: CudaSlice<u16>,
+    rlogits: CudaSlice<f32>,
+    tid: CudaSlice<i32>,
+    tw: CudaSlice<f32>,
+    ye: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    am: CudaSlice<i32>,
+    ws: AttnWorkspace,
+}
+
+/// Most attention splits a step uses (bounds the workspace).
+const MAX_SPLITS: usize = 64;
+
+pub struct CudaBackend {
+    cx: CudaContext,
+    cfg: ModelConfig,
+    w: DWeights,
+    b: Bufs,
+    k_cache: CudaSlice<u16>,
+    v_cache: CudaSlice<u16>,
+    kv: KvShape,
+    lens: Vec<Option<usize>>,
+    max_context: usize,
+    max_tok: usize,
+    use_graphs: bool,
+    graphs: HashMap<usize, SendGraph>,
+    scale: f32,
+}
+
+fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn dptr<T>(s: &CudaSlice<T>, st: &Arc<CudaStream>) -> u64 {
+    let (p, _g) = s.device_ptr(st);
+    p
+}
+
+fn bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect()
+}
+
+fn weight_bits(w: &Weight) -> Vec<u16> {
+    match w {
+        Weight::Bf16 { data, .. } => data.iter().map(|v| v.to_bits()).collect(),
+        other => bf16_bits(&other.to_f32()),
+    }
+}
+
+fn weight_mx(w: &Weight) -> std::result::Result<Mxfp4Matrix, BackendError> {
+    match w {
+        Weight::Mxfp4(m) => Ok(m.clone()),
+        other => Mxfp4Matrix::quantize(&other.to_f32(), other.rows(), other.cols(), ScaleRule::Spec)
+            .map_err(|e| BackendError::Unsupported(format!("cannot quantize an expert to MXFP4: {e}"))),
+    }
+}
+
+/// Rows of `a` then rows of `b`, or interleaved a0 b0 a1 b1 … (gpt-oss gate/up).
+fn fuse_rows<T: Copy>(a: &[T], b: &[T], row_len: usize, interleave: bool) -> Vec<T> {
+    if !interleave {
+        return [a, b].concat();
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    for (ra, rb) in a.chunks(row_len).zip(b.chunks(row_len)) {
+        out.extend_from_slice(ra);
+        out.extend_from_slice(rb);
+    }
+    out
+}
+
+fn no_bias(l: &Linear, what: &str) -> std::result::Result<(), BackendError> {
+    if l.bias.is_some() {
+        return Err(BackendError::Unsupported(format!("the CUDA backend has no {what} biases yet (gpt-oss)")));
+    }
+    Ok(())
+}
+
+impl CudaContext {
+    fn up<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Res<CudaSlice<T>> {
+        Ok(self.stream.memcpy_stod(v)?)
+    }
+
+    fn fill_bf16(&self, n: usize, seed: u64, scale: f32, offset: f32) -> Res<CudaSlice<u16>> {
+        let mut s = self.stream.alloc_zeros::<u16>(n.max(1))?;
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.func("fill_random_bf16"));
+        b.arg(&mut s).arg(&nn).arg(&seed).arg(&scale).arg(&offset);
+        unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
+        Ok(s)
+    }
+
+    fn fill_u8(&self, n: usize, seed: u64, lo: i32, range: i32) -> Res<CudaSlice<u8>> {
+        let mut s = self.stream.alloc_zeros::<u8>(n.max(1))?;
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.func("fill_random_u8"));
+        b.arg(&mut s).arg(&nn).arg(&seed).arg(&lo).arg(&range);
+        unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
+        Ok(s)
+    }
+
+    /// y f32 [n, rows] = x [n, cols] . W^T for any n (launches of up to 8 rows);
+    /// x and y are raw device pointers, x bf16 when `x_bf16`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_any(&self, w: &CudaSlice<u16>, x: u64, x_bf16: bool, y: u64, rows: usize, cols: usize, n: usize) -> Res<()> {
+        let xs = if x_bf16 { 2 } else { 4 };
+        let (r, c) = (rows as i32, cols as i32);
+        let mut j0 = 0;
+        while j0 < n {
+            let nn = (n - j0).min(8);
+            let name = format!("bf16_gemv_{}x_n{nn}", if x_bf16 { "bf16" } else { "f32" });
+            let xp = x + (j0 * cols * xs) as u64;
+            let yp = y + (j0 * rows * 4) as u64;
+            let mut b = self.stream.launch_builder(self.func(&name));
+            b.arg(w).arg(&xp).arg(&yp).arg(&r).arg(&c);
+            let rpb = if nn >= 4 { 16 } else { 8 };
+            unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
+            j0 += nn;
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, cols: usize) -> Res<()> {
+        let (nn, c) = (n as i32, cols as i32);
+        let mut b = self.stream.launch_builder(self.func("add_bias_f32"));
+        b.arg(y).arg(bias).arg(&nn).arg(&c);
+        unsafe { b.launch(lc((n * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
+        Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// Uploads `weights` to GPU `opts.ordinal` (experts quantized to MXFP4 unless already).
+    pub fn new(weights: &ModelWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
+        let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
+        let c = weights.config.clone();
+        let interleave = matches!(c.activation, Activation::GptOssGlu { .. });
+        let mut bytes = 0usize;
+        let mut mx_bytes = 0usize;
+        let mut up16 = |v: Vec<u16>| -> std::result::Result<CudaSlice<u16>, BackendError> {
+            bytes += v.len() * 2;
+            cx.up(&v).map_err(dev)
+        };
+        let embed = up16(weight_bits(&weights.embed))?;
+        let lm_head = match &weights.lm_head {
+            Some(w) => Some(up16(weight_bits(w))?),
+            None => None,
+        };
+        let final_norm = up16(bf16_bits(&weights.final_norm))?;
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for (li, l) in weights.layers.iter().enumerate() {
+            let a = &l.attention;
+            let wqkv = up16([weight_bits(&a.q.weight), weight_bits(&a.k.weight), weight_bits(&a.v.weight)].concat())?;
+            let wo = up16(weight_bits(&a.o.weight))?;
+            let bqkv = if a.q.bias.is_some() || a.k.bias.is_some() || a.v.bias.is_some() {
+                let mut v = Vec::new();
+                for lin in [&a.q, &a.k, &a.v] {
+                    match &lin.bias {
+                        Some(b) => v.extend_from_slice(b),
+                        None => v.extend(std::iter::repeat_n(0f32, lin.out_features())),
+                    }
+                }
+                Some(cx.up(&v).map_err(dev)?)
+            } else {
+                None
+            };
+            let bo = match &a.o.bias {
+                Some(b) => Some(cx.up(b).map_err(dev)?),
+                None => None,
+            };
+            let q_norm = match &a.q_norm {
+                Some(v) => Some(up16(bf16_bits(v))?),
+                None => None,
+            };
+            let k_norm = match &a.k_norm {
+                Some(v) => Some(up16(bf16_bits(v))?),
+                None => None,
+            };
+            let sinks = match &a.sinks {
+                Some(v) => Some(cx.up(v).map_err(dev)?),
+                None => None,
+            };
+            let window = match a.kind {
+                AttentionKind::Full => 0,
+                AttentionKind::Sliding(w) => w,
+            };
+            let mlp = match &l.mlp {
+                Mlp::Dense(m) => {
+                    for lin in [&m.gate, &m.up, &m.down] {
+                        no_bias(lin, "MLP")?;
+                    }
+                    let h = m.gate.in_features();
+                    let gu = up16(fuse_rows(&weight_bits(&m.gate.weight), &weight_bits(&m.up.weight), h, interleave))?;
+                    let down = up16(weight_bits(&m.down.weight))?;
+                    DMlp::Dense { gu, down, inter: m.gate.out_features() }
+                }
+                Mlp::Moe(block) => {
+                    let moe = c.moe.as_ref().ok_or_else(|| {
+                        BackendError::Unsupported(format!("layer {li} has experts but the config no MoE section"))
+                    })?;
+                    if moe.num_experts > 256 {
+                        return Err(BackendError::Unsupported("more than 256 experts".into()));
+                    }
+                    let inter = moe.expert_intermediate;
+                    let (mut gb, mut gs, mut db, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    for ex in &block.experts {
+                        let GatedMlp { gate, up, down } = ex;
+                        for lin in [gate, up, down] {
+                            no_bias(lin, "expert")?;
+                        }
+                        let (g, u, d) = (weight_mx(&gate.weight)?, weight_mx(&up.weight)?, weight_mx(&down.weight)?);
+                        gb.extend(fuse_rows(&g.blocks, &u.blocks, g.cols / 2, interleave));
+                        gs.extend(fuse_rows(&g.scales, &u.scales, g.cols / 32, interleave));
+                        db.extend_from_slice(&d.blocks);
+                        ds.extend_from_slice(&d.scales);
+                    }
+                    mx_bytes += gb.len() + gs.len() + db.len() + ds.len();
+                    let router = up16(weight_bits(&block.router.weight))?;
+                    let router_bias = match &block.router.bias {
+                        Some(b) => Some(cx.up(b).map_err(dev)?),
+                        None => None,
+                    };
+                    let gu = Mx { blocks: cx.up(&gb).map_err(dev)?, scales: cx.up(&gs).map_err(dev)? };
+                    let down = Mx { blocks: cx.up(&db).map_err(dev)?, scales: cx.up(&ds).map_err(dev)? };
+                    DMlp::Moe { router, router_bias, gu, down, inter }
+                }
+            };
+            layers.push(DLayer {
+                ln1: up16(bf16_bits(&l.input_norm))?,
+                ln2: up16(bf16_bits(&l.post_attention_norm))?,
+                wqkv,
+                bqkv,
+                wo,
+                bo,
+                q_norm,
+                k_norm,
+                sinks,
+                window,
+                mlp,
+            });
+        }
+        let rope = RopeTable::new(&c.rope, c.head_dim);
+        let inv: Vec<f32> = rope.inv_freq.iter().map(|&f| f as f32).collect();
+        let w = DWeights {
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            inv_freq: cx.up(&inv).map_err(dev)?,
+            mscale: rope.scale as f32,
+            bytes: bytes + mx_bytes,
+        };
+        Self::assemble(cx, c, w, opts)
+    }
+
+    /// Random weights of `config`'s shapes, made on the device (benchmarks):
+    /// bf16 dense weights, MXFP4 experts, norms = 1.
+    pub fn random(config: &ModelConfig, opts: CudaBackendOptions, seed: u64) -> std::result::Result<Self, BackendError> {
+        let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
+        let c = config.clone();
+        let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let mut s = seed;
+        let mut bytes = 0usize;
+        let mut mx_bytes = 0usize;
+        let mut next = || {
+            s = s.wrapping_add(1);
+            s
+        };
+        let mut bf = |n: usize, scale: f32, offset: f32, seed: u64| {
+            bytes += 2 * n;
+            cx.fill_bf16(n, seed, scale, offset).map_err(dev)
+        };
+        let embed = bf(c.vocab_size * h, 0.02, 0.0, next())?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(bf(c.vocab_size * h, 0.02, 0.0, next())?) };
+        let final_norm = bf(h, 0.0, 1.0, next())?;
+        let mut layers = Vec::new();
+        for li in 0..c.num_layers {
+            let qkv_rows = (nq + 2 * nkv) * hd;
+            let q_norm = if c.qk_norm { Some(bf(hd, 0.0, 1.0, next())?) } else { None };
+            let k_norm = if c.qk_norm { Some(bf(hd, 0.0, 1.0, next())?) } else { None };
+            let mlp = match (&c.moe, c.is_moe_layer(li)) {
+                (Some(m), true) => {
+                    let (e, i) = (m.num_experts, m.expert_intermediate);
+                    let mx = |rows: usize, cols: usize, s1: u64, s2: u64| -> std::result::Result<Mx, BackendError> {
+                        Ok(Mx {
+                            blocks: cx.fill_u8(e * rows * cols / 2, s1, 0, 256).map_err(dev)?,
+                            // E8M0 120..123: 2^-7 .. 2^-4 per block, E2M1 values up to 6
+                            scales: cx.fill_u8(e * rows * cols / 32, s2, 120, 4).map_err(dev)?,
+                        })
+                    };
+                    let gu = mx(2 * i, h, next(), next())?;
+                    let down = mx(h, i, next(), next())?;
+                    mx_bytes += e * 3 * i * h * 17 / 32;
+                    DMlp::Moe { router: bf(e * h, 0.02, 0.0, next())?, router_bias: None, gu, down, inter: i }
+                }
+                _ => {
+                    let i = c.intermediate_size;
+                    DMlp::Dense { gu: bf(2 * i * h, 0.02, 0.0, next())?, down: bf(h * i, 0.02, 0.0, next())?, inter: i }
+                }
+            };
+            layers.push(DLayer {
+                ln1: bf(h, 0.0, 1.0, next())?,
+                ln2: bf(h, 0.0, 1.0, next())?,
+                wqkv: bf(qkv_rows * h, 0.02, 0.0, next())?,
+                bqkv: None,
+                wo: bf(h * nq * hd, 0.02, 0.0, next())?,
+                bo: None,
+                q_norm,
+                k_norm,
+                sinks: None,
+                window: match c.layer_attention.get(li) {
+                    Some(AttentionKind::Sliding(w)) => *w,
+                    _ => 0,
+                },
+                mlp,
+            });
+        }
+        let rope = RopeTable::new(&c.rope, hd);
+        let inv: Vec<f32> = rope.inv_freq.iter().map(|&f| f as f32).collect();
+        let w = DWeights {
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            inv_freq: cx.up(&inv).map_err(dev)?,
+            mscale: rope.scale as f32,
+            bytes: bytes + mx_bytes,
+        };
+        Self::assemble(cx, c, w, opts)
+    }
+
+    fn assemble(cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
+        let t = opts.max_step_tokens.max(1).next_power_of_two();
+        let max_context = opts.max_context.unwrap_or(c.max_position_embeddings.min(8192)).max(1);
+        let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
+        let qkvd = (nq + 2 * nkv) * hd;
+        let (mut gu_w, mut act_w, mut e, mut k) = (2 * c.intermediate_size, c.intermediate_size, 1, 1);
+        if let Some(m) = &c.moe {
+            gu_w = gu_w.max(m.top_k * 2 * m.expert_intermediate);
+            act_w = act_w.max(m.top_k * m.expert_intermediate);
+            e = m.num_experts;
+            k = m.top_k;
+        }
+        let st = &cx.stream;
+        let z32 = |n: usize| st.alloc_zeros::<f32>(n.max(1));
+        let zi = |n: usize| st.alloc_zeros::<i32>(n.max(1));
+        let z16 = |n: usize| st.alloc_zeros::<u16>(n.max(1));
+        let b = (|| -> std::result::Result<Bufs, cudarc::driver::DriverError> {
+            Ok(Bufs {
+                ids: zi(t)?,
+                slots: zi(t)?,
+                pos: zi(t)?,
+                lens: zi(t)?,
+                x: z32(t * h)?,
+                h: z16(t * h)?,
+                hf: z32(t * h)?,
+                qkv: z32(t * qkvd)?,
+                attn: z32(t * nq * hd)?,
+                delta: z32(t * h)?,
+                gu: z32(t * gu_w)?,
+                act: z16(t * act_w)?,
+                rlogits: z32(t * e)?,
+                tid: zi(t * k)?,
+                tw: z32(t * k)?,
+                ye: z32(t * k * h)?,
+                logits: z32(t * v)?,
+                am: zi(t)?,
+                ws: AttnWorkspace {
+                    acc: z32(t * nq * MAX_SPLITS * hd)?,
+                    ml: z32(t * nq * MAX_SPLITS * 2)?,
+                    max_seqs: t,
+                    n_q_heads: nq,
+                    max_splits: MAX_SPLITS,
+                    head_dim: hd,
+                },
+            })
+        })()
+        .map_err(drv)?;
+        let slots = opts.initial_slots.max(1);
+        let kv = KvShape { n_slots: slots, n_layers: c.num_layers, n_kv_heads: nkv, max_pos: max_context, head_dim: hd };
+        let k_cache = z16(kv.len()).map_err(drv)?;
+        let v_cache = z16(kv.len()).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        Ok(Self {
+            scale: 1.0 / (hd as f32).sqrt(),
+            cx,
+            cfg: c,
+            w,
+            b,
+            k_cache,
+            v_cache,
+            kv,
+            lens: Vec::new(),
+            max_context,
+            max_tok: t,
+            use_graphs: opts.graphs,
+            graphs: HashMap::new(),
+        })
+    }
+
+    pub fn context(&self) -> &CudaContext {
+        &self.cx
+    }
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    /// Bytes of weights resident on the device.
+    pub fn weight_bytes(&self) -> usize {
+        self.w.bytes
+    }
+    /// Rows one step (and the largest graph bucket) takes.
+    pub fn max_step_tokens(&self) -> usize {
+        self.max_tok
+    }
+
+    fn splits_for(&self, n: usize, max_len: usize) -> usize {
+        self.cx.attention_splits(n, self.cfg.num_heads, self.cfg.num_kv_heads, max_len, MAX_SPLITS)
+    }
+
+    /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
+    fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, .. } = self;
+        let st = cx.stream.clone();
+        let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
+        let qkvd = (nq + 2 * nkv) * hd;
+        let eps = c.rms_norm_eps;
+        cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?;
+        for (li, l) in w.layers.iter().enumerate() {
+            let delta = if li == 0 { None } else { Some(&b.delta) };
+            cx.rmsnorm_residual::<u16>(&mut b.x, delta, &l.ln1, &mut b.h, n, h, eps)?;
+            cx.gemv_any(&l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n)?;
+            if let Some(bias) = &l.bqkv {
+                cx.add_bias(&mut b.qkv, bias, n, qkvd)?;
+            }
+            cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
+            cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, n, nq, li, kv)?;
+            if matches!(hd, 64 | 128 | 256) {
+                cx.attention_decode(
+                    &b.qkv, k_cache, v_cache, &b.slots, &b.lens, l.sinks.as_ref(), &mut b.attn, &mut b.ws, n, nq, qkvd, li,
+                    kv, *scale, l.window, splits,
+                )?;
+            } else {
+                if hd > 256 {
+                    return Err(CudaError::Shape(format!("head_dim {hd} > 256")));
+                }
+                let a = [nq as i32, nkv as i32, hd as i32, li as i32, kv.n_layers as i32, kv.max_pos as i32];
+                let (win, qs, null) = (l.window as i32, qkvd as i64, 0u64);
+                let mut lb = st.launch_builder(cx.func("attention_generic"));
+                lb.arg(&b.qkv).arg(&*k_cache).arg(&*v_cache).arg(&b.slots).arg(&b.lens);
+                match &l.sinks {
+                    Some(s) => lb.arg(s),
+                    None => lb.arg(&null),
+                };
+                lb.arg(&mut b.attn);
+                for x in a.iter() {
+                    lb.arg(x);
+                }
+                lb.arg(&*scale).arg(&win).arg(&qs);
+                unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
+            }
+            cx.gemv_any(&l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n)?;
+            if let Some(bias) = &l.bo {
+                cx.add_bias(&mut b.delta, bias, n, h)?;
+            }
+            cx.rmsnorm_residual::<u16>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, n, h, eps)?;
+            match &l.mlp {
+                DMlp::Dense { gu, down, inter } => {
+                    let inter = *inter;
+                    cx.gemv_any(gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n)?;
+                    activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
+                    cx.gemv_any(down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n)?;
+                }
+                DMlp::Moe { router, router_bias, gu, down, inter } => {
+                    let m = c.moe.as_ref().expect("MoE layer without MoE config");
+                    let (e, k, inter) = (m.num_experts, m.top_k, *inter);
+                    let renorm = match m.router {
+                        RouterKind::SoftmaxTopK { renormalize } => renormalize,
+                        // softmax over the top-k logits == softmax over all, renormalised over the k
+                        RouterKind::TopKSoftmax => true,
+                    };
+                    cx.gemv_any(router, dptr(&b.h, &st), true, dptr(&b.rlogits, &st), e, h, n)?;
+                    if let Some(bias) = router_bias {
+                        cx.add_bias(&mut b.rlogits, bias, n, e)?;
+                    }
+                    cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
+                    cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, &b.tid, n * k, k, 2 * inter, h, e)?;
+                    activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
+                    cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
+                    cx.moe_combine(&b.ye, &b.tw, &mut b.delta, n, k, h)?;
+                }
+            }
+        }
+        cx.rmsnorm_residual::<f32>(&mut b.x, Some(&b.delta), &w.final_norm, &mut b.hf, n, h, eps)?;
+        let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+        cx.gemv_any(head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n)?;
+        cx.argmax(&b.logits, &mut b.am, n, v)?;
+        Ok(())
+    }
+
+    /// Uploads step inputs for `rows` (token, slot, position), padded to `n_pad` rows.
+    fn upload(&mut self, rows: &[(u32, usize, usize)], n_pad: usize) -> std::result::Result<(), BackendError> {
+        let mut ids = vec![0i32; n_pad];
+        let mut slots = vec![-1i32; n_pad];
+        let mut pos = vec![-1i32; n_pad];
+        let mut lens = vec![0i32; n_pad];
+        for (i, &(t, s, p)) in rows.iter().enumerate() {
+            ids[i] = t as i32;
+            slots[i] = s as i32;
+            pos[i] = p as i32;
+            lens[i] = p as i32 + 1;
+        }
+        let st = &self.cx.stream;
+        st.memcpy_htod(&ids, &mut self.b.ids.slice_mut(0..n_pad)).map_err(drv)?;
+        st.memcpy_htod(&slots, &mut self.b.slots.slice_mut(0..n_pad)).map_err(drv)?;
+        st.memcpy_htod(&pos, &mut self.b.pos.slice_mut(0..n_pad)).map_err(drv)?;
+        st.memcpy_htod(&lens, &mut self.b.lens.slice_mut(0..n_pad)).map_err(drv)?;
+        Ok(())
+    }
+
+    /// Runs one decode step (one row per entry, at most `max_step_tokens`) from the
+    /// bucket's CUDA graph (captured on first use), or eagerly when graphs are off.
+    /// Returns the number of rows computed (the bucket).
+    fn decode_launch(&mut self, rows: &[(u32, usize, usize)]) -> std::result::Result<usize, BackendError> {
+        let n = rows.len();
+        let bucket = n.next_power_of_two().min(self.max_tok);
+        self.upload(rows, bucket)?;
+        if !self.use_graphs {
+            let max_len = rows.iter().map(|r| r.2 + 1).max().unwrap_or(1);
+            let splits = self.splits_for(bucket, max_len);
+            self.encode_step(bucket, splits).map_err(dev)?;
+            return Ok(bucket);
+        }
+        if !self.graphs.contains_key(&bucket) {
+            let splits = self.splits_for(bucket, self.max_context);
+            let st = self.cx.stream.clone();
+            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
+            let r = self.encode_step(bucket, splits);
+            let g = st.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+            r.map_err(dev)?;
+            let g = g.map_err(drv)?.ok_or_else(|| BackendError::Device("empty CUDA graph".into()))?;
+            self.graphs.insert(bucket, SendGraph(g));
+        }
+        self.graphs[&bucket].0.launch().map_err(drv)?;
+        Ok(bucket)
+    }
+
+    /// Replays the decode graph of `bucket` rows `times` times with the inputs of
+    /// the last step (benchmarks: GPU time per step without host round trips).
+    pub fn replay_decode_graph(&mut self, bucket: usize, times: usize) -> std::result::Result<(), BackendError> {
+        let g = self.graphs.get(&bucket).ok_or_else(|| BackendError::Device(format!("no graph for bucket {bucket}")))?;
+        for _ in 0..times {
+            g.0.launch().map_err(drv)?;
+        }
+        self.cx.stream.synchronize().map_err(drv)
+    }
+
+    fn check_chunks(&self, chunks: &[Chunk<'_>]) -> std::result::Result<Vec<usize>, BackendError> {
+        let mut starts = Vec::with_capacity(chunks.len());
+        let mut extra: HashMap<usize, usize> = HashMap::new();
+        for ch in chunks {
+            let len = self.seq_len(ch.seq)? + extra.get(&ch.seq.0).copied().unwrap_or(0);
+            if len + ch.tokens.len() > self.max_context {
+                return Err(BackendError::ContextFull { seq: ch.seq, len: len + ch.tokens.len(), limit: self.max_context });
+            }
+            if let Some(&id) = ch.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(BackendError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
+            }
+            starts.push(len);
+            *extra.entry(ch.seq.0).or_default() += ch.tokens.len();
+        }
+        Ok(starts)
+    }
+
+    /// One greedy decode step on the device: appends each chunk's single token and
+    /// returns the argmax id of each (only the ids cross to the host).
+    pub fn decode_argmax(&mut self, chunks: &[Chunk<'_>]) -> std::result::Result<Vec<u32>, BackendError> {
+        if chunks.iter().any(|c| c.tokens.len() != 1) || chunks.len() > self.max_tok {
+            return Err(BackendError::Unsupported("decode_argmax takes one token per chunk, at most max_step_tokens chunks".into()));
+        }
+        let starts = self.check_chunks(chunks)?;
+        let rows: Vec<(u32, usize, usize)> = chunks.iter().zip(&starts).map(|(c, &s)| (c.tokens[0], c.seq.0, s)).collect();
+        self.decode_launch(&rows)?;
+        let mut out = vec![0i32; rows.len()];
+        self.cx.stream.memcpy_dtoh(&self.b.am.slice(0..rows.len()), &mut out).map_err(drv)?;
+        self.cx.stream.synchronize().map_err(drv)?;
+        for ch in chunks {
+            *self.lens[ch.seq.0].as_mut().expect("checked") += 1;
+        }
+        Ok(out.into_iter().map(|v| v as u32).collect())
+    }
+
+    /// Sets a sequence's cached length without computing it (benchmarks: the cache
+    /// contents are whatever the slot held; attention cost is the same).
+    pub fn bench_set_len(&mut self, seq: SeqId, len: usize) -> std::result::Result<(), BackendError> {
+        if len > self.max_context {
+            return Err(BackendError::ContextFull { seq, len, limit: self.max_context });
+        }
+        *self.lens.get_mut(seq.0).and_then(Option::as_mut).ok_or(BackendError::UnknownSequence(seq))? = len;
+        Ok(())
+    }
+
+    fn grow_slots(&mut self) -> std::result::Result<(), BackendError> {
+        let old = self.kv;
+        let mut kv = old;
+        kv.n_slots = old.n_slots * 2;
+        let st = self.cx.stream.clone();
+        let mut k = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
+        let mut v = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
+        st.memcpy_dtod(&self.k_cache, &mut k.slice_mut(0..old.len())).map_err(drv)?;
+        st.memcpy_dtod(&self.v_cache, &mut v.slice_mut(0..old.len())).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        self.k_cache = k;
+        self.v_cache = v;
+        self.kv = kv;
+        // graphs hold the old cache pointers
+        self.graphs.clear();
+        Ok(())
+    }
+}
+
+fn activation(cx: &CudaContext, act: Activation, gu: &CudaSlice<f32>, out: &mut CudaSlice<u16>, n: usize, inter: usize) -> Res<()> {
+    match act {
+        Activation::SiluGlu => cx.swiglu::<u16>(gu, out, n, inter),
+        Activation::GptOssGlu { alpha, limit } => cx.swiglu_oai::<u16>(gu, out, n, inter, alpha, limit),
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", 0, self.cx.name)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    fn new_sequence(&mut self) -> SeqId {
+        if let Some(i) = self.lens.iter().position(Option::is_none) {
+            self.lens[i] = Some(0);
+            return SeqId(i);
+        }
+        if self.lens.len() >= self.kv.n_slots {
+            // The trait gives no error path here; a failed growth surfaces on the
+            // first forward of the new sequence (its slot is past the cache).
+            let _ = self.grow_slots();
+        }
+        self.lens.push(Some(0));
+        SeqId(self.lens.len() - 1)
+    }
+
+    fn free_sequence(&mut self, seq: SeqId) {
+        if let Some(s) = self.lens.get_mut(seq.0) {
+            *s = None;
+        }
+    }
+
+    fn seq_len(&self, seq: SeqId) -> std::result::Result<usize, BackendError> {
+        self.lens.get(seq.0).copied().flatten().ok_or(BackendError::UnknownSequence(seq))
+    }
+
+    fn truncate(&mut self, seq: SeqId, len: usize) -> std::result::Result<(), BackendError> {
+        let l = self.lens.get_mut(seq.0).and_then(Option::as_mut).ok_or(BackendError::UnknownSequence(seq))?;
+        *l = (*l).min(len);
+        Ok(())
+    }
+
+    fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> std::result::Result<(), BackendError> {
+        let len = len.min(self.seq_len(from)?);
+        self.seq_len(to)?;
+        if from.0 >= self.kv.n_slots || to.0 >= self.kv.n_slots {
+            return Err(BackendError::Device("KV slot beyond the cache (slot growth failed)".into()));
+        }
+        let kv = self.kv;
+        let st = self.cx.stream.clone();
+        let block = kv.max_pos * kv.head_dim;
+        let bytes = len * kv.head_dim * 2;
+        if bytes > 0 && from != to {
+            for cache in [&self.k_cache, &self.v_cache] {
+                let base = dptr(cache, &st);
+                for li in 0..kv.n_layers {
+                    for hh in 0..kv.n_kv_heads {
+                        let off = |slot: usize| (((slot * kv.n_layers + li) * kv.n_kv_heads + hh) * block * 2) as u64;
+                        unsafe {
+                            cudarc::driver::result::memcpy_dtod_async(base + off(to.0), base + off(from.0), bytes, st.cu_stream())
+                        }
+                        .map_err(drv)?;
+                    }
+                }
+            }
+        }
+        self.lens[to.0] = Some(len);
+        Ok(())
+    }
+
+    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> std::result::Result<Vec<f32>, BackendError> {
+        let starts = self.check_chunks(chunks)?;
+        if chunks.iter().any(|c| c.seq.0 >= self.kv.n_slots) {
+            return Err(BackendError::Device("KV slot beyond the cache (slot growth failed)".into()));
+        }
+        let v = self.cfg.vocab_size;
+        // rows: (token, slot, pos), and whether each row's logits are wanted
+        let mut rows = Vec::new();
+        let mut want = Vec::new();
+        for (ch, &s) in chunks.iter().zip(&starts) {
+            for (j, &t) in ch.tokens.iter().enumerate() {
+                rows.push((t, ch.seq.0, s + j));
+                want.push(which == LogitsFor::All || j + 1 == ch.tokens.len());
+            }
+        }
+        let mut out = Vec::with_capacity(want.iter().filter(|w| **w).count() * v);
+        let decode = chunks.iter().all(|c| c.tokens.len() == 1) && !rows.is_empty() && rows.len() <= self.max_tok;
+        if decode {
+            self.decode_launch(&rows)?;
+            out.resize(rows.len() * v, 0f32);
+            self.cx.stream.memcpy_dtoh(&self.b.logits.slice(0..rows.len() * v), &mut out).map_err(drv)?;
+        } else {
+            for (mb, wmb) in rows.chunks(self.max_tok).zip(want.chunks(self.max_tok)) {
+                let n = mb.len();
+                self.upload(mb, n)?;
+                let max_len = mb.iter().map(|r| r.2 + 1).max().unwrap_or(1);
+                let splits = self.splits_for(n, max_len);
+                self.encode_step(n, splits).map_err(dev)?;
+                if wmb.iter().all(|w| *w) {
+                    let at = out.len();
+                    out.resize(at + n * v, 0f32);
+                    self.cx.stream.memcpy_dtoh(&self.b.logits.slice(0..n * v), &mut out[at..]).map_err(drv)?;
+                } else {
+                    for (i, _) in wmb.iter().enumerate().filter(|(_, w)| **w) {
+                        let at = out.len();
+                        out.resize(at + v, 0f32);
+                        self.cx.stream.memcpy_dtoh(&self.b.logits.slice(i * v..(i + 1) * v), &mut out[at..]).map_err(drv)?;
+                    }
+                }
+            }
+        }
+        self.cx.stream.synchronize().map_err(drv)?;
+        for ch in chunks {
+            *self.lens[ch.seq.0].as_mut().expect("checked") += ch.tokens.len();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,5 @@
+//! Benchmarks behind `kairos bench …`: each returns a report (printable table
+//! and JSON); the CLI only parses flags and prints.
+
+#[cfg(feature = "cuda")]
+pub mod decode;

@@ -1,0 +1,27 @@
+//! Runs `kairos::bench::decode` on the GPU when `KAIROS_BENCH_DECODE=1`
+//! (a benchmark, not a check: it asserts only that it ran). Prints the table;
+//! writes the JSON report to `$KAIROS_BENCH_OUT` when set.
+//! `KAIROS_BENCH_SHAPES=qwen3-30b-a3b,smollm2-135m`, `KAIROS_BENCH_STEPS=50`.
+#![cfg(feature = "cuda")]
+
+#[test]
+fn bench_decode() {
+    if std::env::var_os("KAIROS_BENCH_DECODE").is_none() || !kairos::backend::cuda::device_available() {
+        println!("set KAIROS_BENCH_DECODE=1 on a CUDA machine to run: skipped");
+        return;
+    }
+    let mut o = kairos::bench::decode::DecodeBenchOptions::default();
+    if let Ok(s) = std::env::var("KAIROS_BENCH_SHAPES") {
+        o.shapes = s.split(',').map(str::to_string).collect();
+    }
+    if let Some(n) = std::env::var("KAIROS_BENCH_STEPS").ok().and_then(|s| s.parse().ok()) {
+        o.steps = n;
+    }
+    let r = kairos::bench::decode::run(&o).expect("bench decode");
+    println!("{}", kairos::bench::decode::table(&r));
+    let json = serde_json::to_string_pretty(&r).unwrap();
+    println!("{json}");
+    if let Some(p) = std::env::var_os("KAIROS_BENCH_OUT") {
+        std::fs::write(p, json).unwrap();
+    }
+}
