@@ -48,7 +48,12 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     int slot = slots[s];
     int lo = window > 0 ? max(0, len - window) : 0;
     int range = max(0, len - lo);
-    int chunk = (range + n_splits - 1) / n_splits;
+    // splits actually used: at least 32 positions each (the grid is sized for the longest
+    // context a graph may see; short sequences leave the rest idle). attention_reduce
+    // derives the same count.
+    const int eff = min(n_splits, max(1, (range + 31) / 32));
+    if (split >= eff) return;
+    int chunk = (range + eff - 1) / eff;
     int start = lo + split * chunk, end = min(len, start + chunk);
 
     float qr[MAXG][EPL], acc[MAXG][EPL], m[MAXG], l[MAXG];
@@ -151,11 +156,17 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS)
 #define ATT_MAX_SPLITS 1024
 extern "C" __global__ void __launch_bounds__(128) attention_reduce(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                             const float* __restrict__ sinks, float* __restrict__ out,
-                                            int n_q, int n_splits, int D) {
+                                            int n_q, int n_splits_grid, int D,
+                                            const int* __restrict__ seq_lens, int max_pos, int window) {
     __shared__ float sw[ATT_MAX_SPLITS];
     __shared__ float sh[33];
     int h = blockIdx.x, s = blockIdx.y;
-    long long pb = ((long long)s * n_q + h) * n_splits;
+    long long pb = ((long long)s * n_q + h) * n_splits_grid;
+    // the splits pass 1 used (same rule as attn_split_impl)
+    int len = min(seq_lens[s], max_pos);
+    int lo = window > 0 ? max(0, len - window) : 0;
+    int range = max(0, len - lo);
+    const int n_splits = min(n_splits_grid, max(1, (range + 31) / 32));
     float M = NEG_INF;
     for (int i = threadIdx.x; i < n_splits; i += blockDim.x) M = fmaxf(M, part_ml[(pb + i) * 2]);
     M = warp_max(M);

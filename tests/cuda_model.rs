@@ -5,13 +5,19 @@
 //! vectors rounded to bf16 values, MoE experts quantized to MXFP4 (what the
 //! CUDA backend stores). What still differs is the CUDA backend's bf16
 //! activations (normed hidden state, MLP activation, KV cache), so logits are
-//! compared with a tolerance relative to the step's largest |logit|:
-//! `max|gpu - cpu| <= TOL * max|cpu|`, TOL = 3e-2.
+//! compared with a tolerance relative to each row's largest |logit|:
+//! `max|gpu - cpu| <= tol * max|cpu|` per row, tol = 3e-2 for dense models,
+//! and the mean of that ratio over all rows <= tol / 2.
+//! MoE models get tol = 8e-2 per row (mean still <= 1.5e-2): the bf16
+//! activations can flip a near-tied top-k router choice, and a swapped expert
+//! moves the output by about its routing weight. `synthetic_moe_all_experts`
+//! (top-k = all experts, so no choice can flip) holds the MoE path to the
+//! dense tolerance.
 //!
 //! Greedy ids, margin rule: the sequences are teacher-forced with the CPU's
 //! greedy choices; at each step the GPU's argmax must equal the CPU's whenever
-//! the CPU's top-1 minus top-2 margin exceeds twice the error bound
-//! (`2 * TOL * max|cpu|`); closer calls are counted and printed, not asserted.
+//! the CPU's top-1 minus top-2 margin exceeds twice the row's error bound
+//! (`2 * tol * max|cpu|`); closer calls are counted and printed, not asserted.
 //!
 //! Covered: prefill (micro-batches of 64 rows, a 150-token prompt), decode
 //! steps from CUDA graphs (buckets 1 and 4 with a padded row), several
@@ -39,6 +45,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const TOL: f32 = 3e-2;
+const TOL_MOE: f32 = 8e-2;
 
 macro_rules! guard {
     () => {
@@ -115,8 +122,10 @@ fn prepared(dir: &str) -> ModelWeights {
 
 #[derive(Default)]
 struct Stats {
+    tol: f32,
     steps: usize,
     worst: f32,
+    sum: f32,
     id_checked: usize,
     id_close: usize,
 }
@@ -129,15 +138,17 @@ fn compare(what: &str, cpu: &[f32], gpu: &[f32], st: &mut Stats) -> u32 {
     let err = cpu.iter().zip(gpu).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     let rel = err / scale;
     st.worst = st.worst.max(rel);
+    st.sum += rel;
     st.steps += 1;
-    assert!(rel <= TOL, "{what}: max |gpu - cpu| = {err:.4e} is {rel:.4e} of max |logit| {scale:.4}, over {TOL}");
+    let tol = st.tol;
+    assert!(rel <= tol, "{what}: max |gpu - cpu| = {err:.4e} is {rel:.4e} of max |logit| {scale:.4}, over {tol}");
     let am = |v: &[f32]| v.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
     let (ci, gi) = (am(cpu), am(gpu));
     let top2 = cpu.iter().enumerate().filter(|(i, _)| *i != ci).fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
     let margin = cpu[ci] - top2;
-    if margin > 2.0 * TOL * scale {
+    if margin > 2.0 * tol * scale {
         st.id_checked += 1;
-        assert_eq!(ci, gi, "{what}: greedy id differs (cpu {ci}, gpu {gi}) with margin {margin:.4} > {:.4}", 2.0 * TOL * scale);
+        assert_eq!(ci, gi, "{what}: greedy id differs (cpu {ci}, gpu {gi}) with margin {margin:.4} > {:.4}", 2.0 * tol * scale);
     } else {
         st.id_close += 1;
     }
@@ -145,7 +156,7 @@ fn compare(what: &str, cpu: &[f32], gpu: &[f32], st: &mut Stats) -> u32 {
 }
 
 fn opts() -> CudaBackendOptions {
-    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true }
+    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true }
 }
 
 /// Random weights for a config (bf16 matrices, MXFP4 experts): the fixtures all have
@@ -230,6 +241,20 @@ fn synthetic_qwen3_moe_d128() {
     check_weights("synthetic qwen3-moe d128", w);
 }
 
+#[test]
+fn synthetic_moe_all_experts() {
+    guard!();
+    let w = synthetic(
+        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
+            "intermediate_size": 512, "num_experts": 8, "num_experts_per_tok": 8, "moe_intermediate_size": 96,
+            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
+        9,
+    );
+    check_weights("synthetic moe, top-k = all 8 experts", w);
+}
+
 fn check_family(dir: &str) {
     check_weights(dir, prepared(dir));
 }
@@ -240,7 +265,8 @@ fn check_weights(dir: &str, w: ModelWeights) {
     let mut cpu = CpuBackend::new(Arc::clone(&w));
     let mut gpu = CudaBackend::new(&w, opts()).unwrap_or_else(|e| panic!("{dir}: CudaBackend::new: {e}"));
     let mut rng = StdRng::seed_from_u64(0x5eed ^ dir.len() as u64);
-    let mut st = Stats::default();
+    let moe = w.config.moe.as_ref().is_some_and(|m| m.top_k < m.num_experts);
+    let mut st = Stats { tol: if moe { TOL_MOE } else { TOL }, ..Stats::default() };
 
     // 1. one sequence: 11-token prefill, then 12 teacher-forced decode steps (graph bucket 1)
     let prompt: Vec<u32> = (0..11).map(|_| rng.gen_range(0..vocab as u32)).collect();
@@ -319,10 +345,12 @@ fn check_weights(dir: &str, w: ModelWeights) {
     }
     // errors are reported as errors
     assert!(gpu.forward(&[Chunk { seq: gl, tokens: &[vocab as u32] }], LogitsFor::Last).is_err());
+    let mean = st.sum / st.steps as f32;
     println!(
-        "  {dir}: {} logit rows compared, worst max|gpu-cpu|/max|cpu| = {:.3e} (tol {TOL}); greedy ids checked {} (all equal), {} within the margin",
-        st.steps, st.worst, st.id_checked, st.id_close
+        "  {dir}: {} logit rows compared, max|gpu-cpu|/max|cpu| worst {:.3e}, mean {:.3e} (row tol {}); greedy ids checked {} (all equal), {} within the margin",
+        st.steps, st.worst, mean, st.tol, st.id_checked, st.id_close
     );
+    assert!(mean <= TOL / 2.0, "{dir}: mean relative error {mean:.3e} over {}", TOL / 2.0);
 }
 
 #[test]
@@ -377,4 +405,37 @@ fn graph_matches_eager() {
         assert!(err <= 1e-5 * scale.max(1.0), "step {step}: graph vs eager {err}");
     }
     println!("  graph replay == eager within 1e-5 over 5 steps");
+}
+
+/// The fused launches (RoPE + KV write, MoE combine + rmsnorm) compute what the
+/// separate ones do: same logits within 1e-6 of the largest, on an MoE model
+/// with head_dim 128 and q/k norm, over prefill and graph decode steps.
+#[test]
+fn fused_matches_unfused() {
+    guard!();
+    let w = synthetic(
+        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
+            "intermediate_size": 512, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 96,
+            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
+        10,
+    );
+    let mut a = CudaBackend::new(&w, opts()).unwrap();
+    let mut b = CudaBackend::new(&w, CudaBackendOptions { fused: false, ..opts() }).unwrap();
+    let p: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
+    let (sa, sb) = (a.new_sequence(), b.new_sequence());
+    let mut worst = 0f32;
+    let mut tok = [0u32; 1];
+    for step in 0..8 {
+        let t: &[u32] = if step == 0 { &p } else { &tok };
+        let la = a.forward(&[Chunk { seq: sa, tokens: t }], LogitsFor::Last).unwrap();
+        let lb = b.forward(&[Chunk { seq: sb, tokens: t }], LogitsFor::Last).unwrap();
+        let scale = lb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(err / scale);
+        assert!(err <= 1e-6 * scale.max(1.0), "step {step}: fused vs unfused {err}");
+        tok[0] = (lb.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0) as u32;
+    }
+    println!("  fused == unfused within {worst:.2e} of max |logit| over 8 steps");
 }

@@ -37,6 +37,8 @@ pub struct DecodeBenchOptions {
     pub steps: usize,
     pub ordinal: usize,
     pub seed: u64,
+    /// Fused launches in the step (see `CudaBackendOptions::fused`).
+    pub fused: bool,
 }
 
 impl Default for DecodeBenchOptions {
@@ -48,6 +50,7 @@ impl Default for DecodeBenchOptions {
             steps: 50,
             ordinal: 0,
             seed: 1,
+            fused: true,
         }
     }
 }
@@ -79,6 +82,7 @@ pub struct DecodeReport {
     /// Device-to-device copy, read + write bytes per second (GB/s).
     pub copy_gbps: f64,
     pub resident_weight_bytes: Vec<(String, usize)>,
+    pub fused: bool,
     pub rows: Vec<DecodeRow>,
 }
 
@@ -149,7 +153,7 @@ pub fn copy_bandwidth(cx: &CudaContext) -> Result<f64, String> {
 
 pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
-    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), rows: Vec::new() };
+    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), fused: o.fused, rows: Vec::new() };
     let max_b = o.batches.iter().copied().max().unwrap_or(1);
     let max_ctx = o.contexts.iter().copied().max().unwrap_or(128);
     for name in &o.shapes {
@@ -160,6 +164,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
             initial_slots: max_b,
             max_step_tokens: max_b.next_power_of_two().max(8),
             graphs: true,
+            fused: o.fused,
         };
         let mut bk = CudaBackend::random(&cfg, opts, o.seed).map_err(be)?;
         if report.device.is_empty() {
@@ -171,7 +176,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
         for &b in &o.batches {
             for &ctx in &o.contexts {
                 let mut toks: Vec<u32> = (0..b as u32).map(|i| 1 + i).collect();
-                let mut step = |bk: &mut CudaBackend, toks: &mut Vec<u32>| -> Result<(), String> {
+                let step = |bk: &mut CudaBackend, toks: &mut Vec<u32>| -> Result<(), String> {
                     let ch: Vec<Chunk> = (0..b).map(|i| Chunk { seq: seqs[i], tokens: std::slice::from_ref(&toks[i]) }).collect();
                     *toks = bk.decode_argmax(&ch).map_err(be)?;
                     Ok(())
@@ -219,7 +224,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
 
 /// The report as a Markdown table.
 pub fn table(r: &DecodeReport) -> String {
-    let mut s = format!("device: {}; copy bandwidth {:.0} GB/s (read + write)\n\n", r.device, r.copy_gbps);
+    let mut s = format!("device: {}; copy bandwidth {:.0} GB/s (read + write); fused launches: {}\n\n", r.device, r.copy_gbps, r.fused);
     s += "| shape | batch | context | step ms | graph-only ms | tokens/s | MB read/step (weights + KV) | GB/s | % of copy | % of copy (graph only) |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for x in &r.rows {

@@ -158,7 +158,9 @@ impl CudaContext {
             None => b.arg(&NULL),
         };
         b.arg(weight).arg(out).arg(&h).arg(&eps);
-        unsafe { b.launch(grid(n_rows, 1, 1, 256)) }?;
+        // few rows: one row is a latency-bound reduction, so give it more threads
+        let block = if n_rows < 64 { 1024 } else { 256 };
+        unsafe { b.launch(grid(n_rows, 1, 1, block)) }?;
         Ok(())
     }
 
@@ -355,7 +357,7 @@ impl CudaContext {
             Some(s) => b.arg(s),
             None => b.arg(&NULL),
         };
-        b.arg(out).arg(&a[0]).arg(&ns).arg(&dd);
+        b.arg(out).arg(&a[0]).arg(&ns).arg(&dd).arg(seq_lens).arg(&a[4]).arg(&win);
         unsafe { b.launch(grid(n_q, n_seq, 1, 128)) }?;
         Ok(())
     }

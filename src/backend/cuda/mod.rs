@@ -86,6 +86,9 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_generic",
             "fill_random_bf16",
             "fill_random_u8",
+            "rope_qk_kv",
+            "rmsnorm_moe_bf16",
+            "rmsnorm_moe_f32",
         ],
     ),
 ];

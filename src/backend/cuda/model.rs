@@ -21,7 +21,10 @@
 //!
 //! Decode steps (every chunk one token) are replayed from a CUDA graph
 //! captured once per batch bucket (1, 2, 4, …, `max_step_tokens`); padding rows
-//! have slot −1 and length 0 and touch nothing. A step uploads four small
+//! have slot −1 and length 0 and write no cache and attend to nothing (in MoE
+//! layers they still route, so a padded bucket may read a few more experts).
+//! With `fused` (default) RoPE and the KV write are one launch and the MoE
+//! combine is folded into the next rmsnorm. A step uploads four small
 //! i32 arrays, launches the graph and reads back logits (or argmax ids):
 //! no allocation, no host sync inside the step. Longer chunks (prefill) run
 //! the same launches eagerly in micro-batches of `max_step_tokens` rows.
@@ -35,7 +38,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::kernels::{AttnWorkspace, KvShape};
+use super::kernels::{Act, AttnWorkspace, KvShape};
 use super::{CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
 use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
@@ -65,11 +68,13 @@ pub struct CudaBackendOptions {
     pub max_step_tokens: usize,
     /// Replay decode steps from CUDA graphs (else launch eagerly).
     pub graphs: bool,
+    /// Fused launches (RoPE + KV write; MoE combine + next rmsnorm); off = one launch per op.
+    pub fused: bool,
 }
 
 impl Default for CudaBackendOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true }
+        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true }
     }
 }
 
@@ -154,6 +159,8 @@ pub struct CudaBackend {
     use_graphs: bool,
     graphs: HashMap<usize, SendGraph>,
     scale: f32,
+    ordinal: usize,
+    fused: bool,
 }
 
 fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
@@ -260,6 +267,9 @@ impl CudaContext {
 impl CudaBackend {
     /// Uploads `weights` to GPU `opts.ordinal` (experts quantized to MXFP4 unless already).
     pub fn new(weights: &ModelWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
+        if !super::device_available() {
+            return Err(BackendError::Device("no CUDA driver or device found".into()));
+        }
         let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
         let c = weights.config.clone();
         let interleave = matches!(c.activation, Activation::GptOssGlu { .. });
@@ -384,6 +394,9 @@ impl CudaBackend {
     /// Random weights of `config`'s shapes, made on the device (benchmarks):
     /// bf16 dense weights, MXFP4 experts, norms = 1.
     pub fn random(config: &ModelConfig, opts: CudaBackendOptions, seed: u64) -> std::result::Result<Self, BackendError> {
+        if !super::device_available() {
+            return Err(BackendError::Device("no CUDA driver or device found".into()));
+        }
         let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
         let c = config.clone();
         let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
@@ -523,6 +536,8 @@ impl CudaBackend {
             max_tok: t,
             use_graphs: opts.graphs,
             graphs: HashMap::new(),
+            ordinal: opts.ordinal,
+            fused: opts.fused,
         })
     }
 
@@ -547,21 +562,42 @@ impl CudaBackend {
 
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, .. } = self;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, .. } = self;
+        let fused = *fused;
+        let k_top = c.moe.as_ref().map_or(1, |m| m.top_k);
+        let mut pend = Pend::None;
         let st = cx.stream.clone();
         let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
         let qkvd = (nq + 2 * nkv) * hd;
         let eps = c.rms_norm_eps;
         cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?;
         for (li, l) in w.layers.iter().enumerate() {
-            let delta = if li == 0 { None } else { Some(&b.delta) };
-            cx.rmsnorm_residual::<u16>(&mut b.x, delta, &l.ln1, &mut b.h, n, h, eps)?;
+            pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, &l.ln1, &mut b.h, n, h, eps)?;
             cx.gemv_any(&l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n)?;
             if let Some(bias) = &l.bqkv {
                 cx.add_bias(&mut b.qkv, bias, n, qkvd)?;
             }
-            cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
-            cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, n, nq, li, kv)?;
+            if fused {
+                let a = [nq as i32, nkv as i32, hd as i32];
+                let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
+                let null = 0u64;
+                let mut lb = st.launch_builder(cx.func("rope_qk_kv"));
+                lb.arg(&mut b.qkv).arg(&b.pos).arg(&b.slots).arg(&w.inv_freq);
+                match &l.q_norm {
+                    Some(q) => lb.arg(q),
+                    None => lb.arg(&null),
+                };
+                match &l.k_norm {
+                    Some(k) => lb.arg(k),
+                    None => lb.arg(&null),
+                };
+                lb.arg(&mut *k_cache).arg(&mut *v_cache).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&eps).arg(&w.mscale);
+                lb.arg(&b2[0]).arg(&b2[1]).arg(&b2[2]);
+                unsafe { lb.launch(lc(n * (nq + 2 * nkv), 1, 1, 32)) }?;
+            } else {
+                cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
+                cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, n, nq, li, kv)?;
+            }
             if matches!(hd, 64 | 128 | 256) {
                 cx.attention_decode(
                     &b.qkv, k_cache, v_cache, &b.slots, &b.lens, l.sinks.as_ref(), &mut b.attn, &mut b.ws, n, nq, qkvd, li,
@@ -597,6 +633,7 @@ impl CudaBackend {
                     cx.gemv_any(gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n)?;
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
                     cx.gemv_any(down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n)?;
+                    pend = Pend::Delta;
                 }
                 DMlp::Moe { router, router_bias, gu, down, inter } => {
                     let m = c.moe.as_ref().expect("MoE layer without MoE config");
@@ -614,11 +651,16 @@ impl CudaBackend {
                     cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, &b.tid, n * k, k, 2 * inter, h, e)?;
                     activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
                     cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
-                    cx.moe_combine(&b.ye, &b.tw, &mut b.delta, n, k, h)?;
+                    if fused {
+                        pend = Pend::Moe;
+                    } else {
+                        cx.moe_combine(&b.ye, &b.tw, &mut b.delta, n, k, h)?;
+                        pend = Pend::Delta;
+                    }
                 }
             }
         }
-        cx.rmsnorm_residual::<f32>(&mut b.x, Some(&b.delta), &w.final_norm, &mut b.hf, n, h, eps)?;
+        pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, &w.final_norm, &mut b.hf, n, h, eps)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         cx.gemv_any(head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n)?;
         cx.argmax(&b.logits, &mut b.am, n, v)?;
@@ -746,6 +788,46 @@ impl CudaBackend {
     }
 }
 
+/// What the residual stream still has to absorb before the next norm.
+#[derive(Clone, Copy)]
+enum Pend {
+    None,
+    /// `delta` [n, hidden]
+    Delta,
+    /// the MoE expert outputs `ye` [n*k, hidden] weighted by `tw` [n, k]
+    Moe,
+}
+
+/// residual += pending; out = rmsnorm(residual) * w.
+#[allow(clippy::too_many_arguments)]
+fn pre_norm<O: Act>(
+    cx: &CudaContext,
+    x: &mut CudaSlice<f32>,
+    pend: Pend,
+    delta: &CudaSlice<f32>,
+    ye: &CudaSlice<f32>,
+    tw: &CudaSlice<f32>,
+    k: usize,
+    w: &CudaSlice<u16>,
+    out: &mut CudaSlice<O>,
+    n: usize,
+    h: usize,
+    eps: f32,
+) -> Res<()> {
+    match pend {
+        Pend::None => cx.rmsnorm_residual::<O>(x, None, w, out, n, h, eps),
+        Pend::Delta => cx.rmsnorm_residual::<O>(x, Some(delta), w, out, n, h, eps),
+        Pend::Moe => {
+            let name = if O::NAME == "bf16" { "rmsnorm_moe_bf16" } else { "rmsnorm_moe_f32" };
+            let (kk, hh) = (k as i32, h as i32);
+            let mut lb = cx.stream.launch_builder(cx.func(name));
+            lb.arg(x).arg(ye).arg(tw).arg(&kk).arg(w).arg(out).arg(&hh).arg(&eps);
+            unsafe { lb.launch(lc(n, 1, 1, if n < 64 { 1024 } else { 256 })) }?;
+            Ok(())
+        }
+    }
+}
+
 fn activation(cx: &CudaContext, act: Activation, gu: &CudaSlice<f32>, out: &mut CudaSlice<u16>, n: usize, inter: usize) -> Res<()> {
     match act {
         Activation::SiluGlu => cx.swiglu::<u16>(gu, out, n, inter),
@@ -755,7 +837,7 @@ fn activation(cx: &CudaContext, act: Activation, gu: &CudaSlice<f32>, out: &mut 
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
-        format!("cuda:{} ({})", 0, self.cx.name)
+        format!("cuda:{} ({})", self.ordinal, self.cx.name)
     }
 
     fn vocab_size(&self) -> usize {
