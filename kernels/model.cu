@@ -180,3 +180,14 @@ extern "C" __global__ void rmsnorm_moe_f32(float* residual, const float* y, cons
                                            float* out, int hidden, float eps) {
     rms_moe_impl(residual, y, wk, k, w, out, hidden, eps);
 }
+
+// y f32 [n_assign, cols] += bias f32 [E, cols] at row ids[a] (gpt-oss expert biases).
+// grid-stride, block 256.
+extern "C" __global__ void add_expert_bias(float* __restrict__ y, const float* __restrict__ bias,
+                                           const int* __restrict__ ids, int n_assign, int cols) {
+    long long total = (long long)n_assign * cols;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
+        long long a = i / cols, c = i % cols;
+        y[i] += bias[(long long)ids[a] * cols + c];
+    }
+}

@@ -1,5 +1,5 @@
 //! `CudaBackend` against the CPU reference backend on the tiny fixtures
-//! (tests/fixtures/{llama,qwen2,qwen3,qwen3_moe,mixtral}).
+//! (tests/fixtures/{llama,qwen2,qwen3,qwen3_moe,mixtral,gpt_oss,gpt_oss_mxfp4}).
 //!
 //! Both backends get the *same* weights: every matrix rounded to bf16, norm
 //! vectors rounded to bf16 values, MoE experts quantized to MXFP4 (what the
@@ -19,6 +19,8 @@
 //! the CPU's top-1 minus top-2 margin exceeds twice the row's error bound
 //! (`2 * tol * max|cpu|`); closer calls are counted and printed, not asserted.
 //!
+//! Families: llama, qwen2, qwen3, qwen3_moe, mixtral, gpt_oss (bf16 and MXFP4
+//! checkpoints), and synthetic head_dim 64/128 models.
 //! Covered: prefill (micro-batches of 64 rows, a 150-token prompt), decode
 //! steps from CUDA graphs (buckets 1 and 4 with a padded row), several
 //! sequences of different lengths in one forward, `LogitsFor::All`,
@@ -381,6 +383,21 @@ fn qwen3_moe() {
 fn mixtral() {
     guard!();
     check_family("mixtral");
+}
+
+/// gpt-oss: attention sinks, sliding window 4 on alternate layers, q/k/v/o biases,
+/// router and expert biases, top-k-then-softmax routing, the clamped SwiGLU, YaRN.
+#[test]
+fn gpt_oss() {
+    guard!();
+    check_family("gpt_oss");
+}
+
+/// gpt-oss with experts stored as MXFP4 in the checkpoint (uploaded packed).
+#[test]
+fn gpt_oss_mxfp4() {
+    guard!();
+    check_family("gpt_oss_mxfp4");
 }
 
 /// Graph replay and eager launches of the decode step agree (bucket 2, same splits

@@ -3,6 +3,7 @@
 mod eval;
 mod generate;
 mod inspect;
+mod produce;
 mod quantize;
 mod run;
 
@@ -23,6 +24,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// The main job: sources -> pipeline -> sinks (configs/*.toml).
     Run(run::RunArgs),
+    /// Built-in event generators into a Kafka topic.
+    Produce(produce::ProduceArgs),
     /// Write a model with FP4 experts as an HF-style folder.
     Quantize(quantize::QuantizeArgs),
     /// Perplexity on a text file; with --quant, agreement and KL against the unquantized model.
@@ -34,6 +37,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
+        Command::Produce(a) => produce::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Eval(a) => eval::run(a),
     }

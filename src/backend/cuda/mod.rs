@@ -89,6 +89,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "rope_qk_kv",
             "rmsnorm_moe_bf16",
             "rmsnorm_moe_f32",
+            "add_expert_bias",
         ],
     ),
 ];

@@ -91,7 +91,16 @@ struct Mx {
 
 enum DMlp {
     Dense { gu: CudaSlice<u16>, down: CudaSlice<u16>, inter: usize },
-    Moe { router: CudaSlice<u16>, router_bias: Option<CudaSlice<f32>>, gu: Mx, down: Mx, inter: usize },
+    Moe {
+        router: CudaSlice<u16>,
+        router_bias: Option<CudaSlice<f32>>,
+        gu: Mx,
+        down: Mx,
+        inter: usize,
+        /// per-expert biases (gpt-oss): [E, 2*inter] (rows as fused in `gu`), [E, hidden]
+        gu_bias: Option<CudaSlice<f32>>,
+        down_bias: Option<CudaSlice<f32>>,
+    },
 }
 
 struct DLayer {
@@ -206,7 +215,7 @@ fn fuse_rows<T: Copy>(a: &[T], b: &[T], row_len: usize, interleave: bool) -> Vec
 
 fn no_bias(l: &Linear, what: &str) -> std::result::Result<(), BackendError> {
     if l.bias.is_some() {
-        return Err(BackendError::Unsupported(format!("the CUDA backend has no {what} biases yet (gpt-oss)")));
+        return Err(BackendError::Unsupported(format!("the CUDA backend has no {what} biases yet")));
     }
     Ok(())
 }
@@ -252,6 +261,14 @@ impl CudaContext {
             unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
             j0 += nn;
         }
+        Ok(())
+    }
+
+    fn add_expert_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, ids: &CudaSlice<i32>, n_assign: usize, cols: usize) -> Res<()> {
+        let (nn, c) = (n_assign as i32, cols as i32);
+        let mut b = self.stream.launch_builder(self.func("add_expert_bias"));
+        b.arg(y).arg(bias).arg(ids).arg(&nn).arg(&c);
+        unsafe { b.launch(lc((n_assign * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
         Ok(())
     }
 
@@ -341,10 +358,17 @@ impl CudaBackend {
                     }
                     let inter = moe.expert_intermediate;
                     let (mut gb, mut gs, mut db, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    let any_gu_bias = block.experts.iter().any(|e| e.gate.bias.is_some() || e.up.bias.is_some());
+                    let any_down_bias = block.experts.iter().any(|e| e.down.bias.is_some());
+                    let (mut gub, mut dnb) = (Vec::new(), Vec::new());
+                    let bias_or_zero = |l: &Linear| l.bias.clone().unwrap_or_else(|| vec![0f32; l.out_features()]);
                     for ex in &block.experts {
                         let GatedMlp { gate, up, down } = ex;
-                        for lin in [gate, up, down] {
-                            no_bias(lin, "expert")?;
+                        if any_gu_bias {
+                            gub.extend(fuse_rows(&bias_or_zero(gate), &bias_or_zero(up), 1, interleave));
+                        }
+                        if any_down_bias {
+                            dnb.extend(bias_or_zero(down));
                         }
                         let (g, u, d) = (weight_mx(&gate.weight)?, weight_mx(&up.weight)?, weight_mx(&down.weight)?);
                         gb.extend(fuse_rows(&g.blocks, &u.blocks, g.cols / 2, interleave));
@@ -360,7 +384,9 @@ impl CudaBackend {
                     };
                     let gu = Mx { blocks: cx.up(&gb).map_err(dev)?, scales: cx.up(&gs).map_err(dev)? };
                     let down = Mx { blocks: cx.up(&db).map_err(dev)?, scales: cx.up(&ds).map_err(dev)? };
-                    DMlp::Moe { router, router_bias, gu, down, inter }
+                    let gu_bias = if any_gu_bias { Some(cx.up(&gub).map_err(dev)?) } else { None };
+                    let down_bias = if any_down_bias { Some(cx.up(&dnb).map_err(dev)?) } else { None };
+                    DMlp::Moe { router, router_bias, gu, down, inter, gu_bias, down_bias }
                 }
             };
             layers.push(DLayer {
@@ -432,7 +458,15 @@ impl CudaBackend {
                     let gu = mx(2 * i, h, next(), next())?;
                     let down = mx(h, i, next(), next())?;
                     mx_bytes += e * 3 * i * h * 17 / 32;
-                    DMlp::Moe { router: bf(e * h, 0.02, 0.0, next())?, router_bias: None, gu, down, inter: i }
+                    DMlp::Moe {
+                        router: bf(e * h, 0.02, 0.0, next())?,
+                        router_bias: None,
+                        gu,
+                        down,
+                        inter: i,
+                        gu_bias: None,
+                        down_bias: None,
+                    }
                 }
                 _ => {
                     let i = c.intermediate_size;
@@ -635,7 +669,7 @@ impl CudaBackend {
                     cx.gemv_any(down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n)?;
                     pend = Pend::Delta;
                 }
-                DMlp::Moe { router, router_bias, gu, down, inter } => {
+                DMlp::Moe { router, router_bias, gu, down, inter, gu_bias, down_bias } => {
                     let m = c.moe.as_ref().expect("MoE layer without MoE config");
                     let (e, k, inter) = (m.num_experts, m.top_k, *inter);
                     let renorm = match m.router {
@@ -649,8 +683,14 @@ impl CudaBackend {
                     }
                     cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
                     cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, &b.tid, n * k, k, 2 * inter, h, e)?;
+                    if let Some(bias) = gu_bias {
+                        cx.add_expert_bias(&mut b.gu, bias, &b.tid, n * k, 2 * inter)?;
+                    }
                     activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
                     cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
+                    if let Some(bias) = down_bias {
+                        cx.add_expert_bias(&mut b.ye, bias, &b.tid, n * k, h)?;
+                    }
                     if fused {
                         pend = Pend::Moe;
                     } else {
