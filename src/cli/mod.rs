@@ -1,6 +1,7 @@
 //! Command-line interface (DESIGN.md fixes the commands and flags).
 
 mod eval;
+mod bench;
 mod generate;
 mod inspect;
 mod produce;
@@ -24,6 +25,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// The main job: sources -> pipeline -> sinks (configs/*.toml).
     Run(run::RunArgs),
+    /// Benchmarks (pipeline latency at offered rates).
+    Bench(bench::BenchArgs),
     /// Built-in event generators into a Kafka topic.
     Produce(produce::ProduceArgs),
     /// Write a model with FP4 experts as an HF-style folder.
@@ -37,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Produce(a) => produce::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Eval(a) => eval::run(a),

@@ -47,13 +47,15 @@ pub struct EvalResult {
 /// targets at positions `first_target..end` are scored.
 pub fn windows(n: usize, opts: EvalOptions) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::new();
-    let mut prev_end = 0;
-    let mut begin = 0;
+    let (mut prev_end, mut begin) = (0usize, 0usize);
     while begin < n {
-        let end = (begin + opts.window).min(n);
-        let first = prev_end.max(begin + 1);
+        // With stride == window a window would start exactly at the first unscored
+        // token, which then has no context: start one token earlier.
+        let start = begin.min(prev_end.saturating_sub(1));
+        let end = (start + opts.window).min(n);
+        let first = prev_end.max(start + 1);
         if first < end {
-            out.push((begin, end, first));
+            out.push((start, end, first));
         }
         prev_end = end;
         if end == n {
