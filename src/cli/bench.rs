@@ -23,6 +23,33 @@ pub struct BenchArgs {
 enum BenchWhat {
     /// Event latency p50/p99/p999 and events/s at offered rates.
     Pipeline(PipelineBench),
+    /// Decode tokens/s on random weights of real shapes against the HBM roofline (CUDA builds).
+    Decode(DecodeBench),
+}
+
+#[derive(Args)]
+struct DecodeBench {
+    /// Model shapes: smollm2-135m, qwen3-30b-a3b.
+    #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen3-30b-a3b")]
+    shapes: Vec<String>,
+    /// Batch sizes (sequences decoded together).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    batches: Vec<usize>,
+    /// Starting context lengths.
+    #[arg(long, value_delimiter = ',', default_value = "128,2048")]
+    contexts: Vec<usize>,
+    /// Timed steps per (shape, batch, context).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// cuda:K
+    #[arg(long, default_value = "cuda:0")]
+    device: Device,
+    /// One launch per op instead of the fused step (A/B).
+    #[arg(long)]
+    unfused: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -44,6 +71,37 @@ struct PipelineBench {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
         BenchWhat::Pipeline(p) => pipeline(p),
+        BenchWhat::Decode(d) => decode(d),
+    }
+}
+
+fn decode(a: DecodeBench) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let Device::Cuda(ordinal) = a.device else {
+            anyhow::bail!("kairos bench decode: --device must be cuda:K (the benchmark measures the CUDA backend)")
+        };
+        anyhow::ensure!(kairos::backend::cuda::device_available(), "kairos bench decode: no CUDA device found");
+        let o = kairos::bench::decode::DecodeBenchOptions {
+            shapes: a.shapes,
+            batches: a.batches,
+            contexts: a.contexts,
+            steps: a.steps,
+            ordinal,
+            seed: 1,
+            fused: !a.unfused,
+        };
+        let r = kairos::bench::decode::run(&o).map_err(|e| anyhow::anyhow!("kairos bench decode: {e}"))?;
+        println!("{}", kairos::bench::decode::table(&r));
+        if let Some(p) = a.out {
+            std::fs::write(&p, serde_json::to_string_pretty(&r)?).with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = a;
+        anyhow::bail!("kairos bench decode: this binary was built without CUDA; rebuild with `--features cuda`")
     }
 }
 

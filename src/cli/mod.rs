@@ -78,7 +78,15 @@ pub fn make_backend(
     match device {
         Device::Cpu => Ok(Box::new(kairos::backend::cpu::CpuBackend::new(weights))),
         Device::Cuda(k) => {
-            anyhow::bail!("--device cuda:{k}: this build has no CUDA backend for whole models yet; use --device cpu")
+            #[cfg(feature = "cuda")]
+            {
+                use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
+                let b = CudaBackend::new(&weights, CudaBackendOptions { ordinal: k, ..Default::default() })
+                    .map_err(|e| anyhow::anyhow!("--device cuda:{k}: {e}"))?;
+                Ok(Box::new(b))
+            }
+            #[cfg(not(feature = "cuda"))]
+            anyhow::bail!("--device cuda:{k}: this binary was built without CUDA; rebuild with `--features cuda`")
         }
     }
 }

@@ -114,6 +114,35 @@ impl SafetensorsSource {
     }
 }
 
+/// Converts a float tensor view to f32; other dtypes are an error naming the tensor.
+fn view_to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str, origin: &str) -> Result<TensorF32, ModelError> {
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+            .collect(),
+        other => {
+            return Err(ModelError::Format(format!("{origin}: tensor `{name}` has dtype {other:?}, expected a float type")))
+        }
+    };
+    Ok(TensorF32 { shape: view.shape().to_vec(), data })
+}
+
+/// Parses a whole safetensors buffer and converts every float tensor, as loading
+/// does (the fuzz target's entry point; every failure is a typed error).
+pub fn parse_safetensors(bytes: &[u8]) -> Result<Vec<(String, TensorF32)>, ModelError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Format(format!("bad safetensors buffer: {e}")))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        out.push((name.clone(), view_to_f32(&view, &name, "buffer")?));
+    }
+    Ok(out)
+}
+
 fn dtype_name(d: Dtype) -> String {
     format!("{d:?}")
 }
@@ -121,23 +150,7 @@ fn dtype_name(d: Dtype) -> String {
 impl TensorSource for SafetensorsSource {
     fn get_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
         let Some((view, path)) = self.view(name)? else { return Ok(None) };
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
-                .collect(),
-            other => {
-                return Err(ModelError::Format(format!(
-                    "{}: tensor `{name}` has dtype {other:?}, expected a float type",
-                    path.display()
-                )))
-            }
-        };
-        Ok(Some(TensorF32 { shape: view.shape().to_vec(), data }))
+        view_to_f32(&view, name, &path.display().to_string()).map(Some)
     }
 
     fn get_raw(&self, name: &str) -> Result<Option<TensorRaw>, ModelError> {
