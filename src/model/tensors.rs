@@ -263,3 +263,37 @@ impl TensorSource for GgufSource {
         self.path.display().to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_buffer() -> Vec<u8> {
+        let data: Vec<u8> = (0..24u8).collect();
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &data).expect("view");
+        safetensors::serialize(vec![("w".to_string(), view)], &None).expect("serialize")
+    }
+
+    #[test]
+    fn a_valid_buffer_parses() {
+        let t = parse_safetensors(&valid_buffer()).expect("parse");
+        assert_eq!(t[0].1.shape, vec![2, 3]);
+    }
+
+    proptest! {
+        // Byte flips, truncations and lying header lengths: typed errors, never a panic
+        // (the same entry point the `safetensors_header` cargo-fuzz target drives).
+        #[test]
+        fn mutated_buffers_never_panic(flips in proptest::collection::vec((0usize..200, any::<u8>()), 0..8),
+                                       cut in 0usize..220, header_len in proptest::option::of(any::<u64>())) {
+            let mut b = valid_buffer();
+            for (i, v) in flips {
+                if let Some(x) = b.get_mut(i) { *x = v; }
+            }
+            if let Some(h) = header_len { b[..8].copy_from_slice(&h.to_le_bytes()); }
+            b.truncate(cut.min(b.len()));
+            let _ = parse_safetensors(&b);
+        }
+    }
+}
