@@ -104,6 +104,32 @@ mod simd {
         reduce(a0, a1, tail(w, x, body))
     }
 
+    /// Four weight rows against one input row, each dot in exactly [`dot_f32`]'s
+    /// order (bit-identical), sharing the loads of `x` (prefill: x stays in registers).
+    #[inline(always)]
+    pub unsafe fn dot4_f32(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+        let cols = x.len();
+        let body = cols / 16 * 16;
+        let z = _mm256_setzero_ps();
+        let (mut a, mut b) = ([z; 4], [z; 4]);
+        let xp = x.as_ptr();
+        let wp = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+        let mut i = 0;
+        while i < body {
+            let (x0, x1) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+            for k in 0..4 {
+                a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i)), x0, a[k]);
+                b[k] = _mm256_fmadd_ps(_mm256_loadu_ps(wp[k].add(i + 8)), x1, b[k]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for k in 0..4 {
+            out[k] = reduce(a[k], b[k], tail(w[k], x, body));
+        }
+        out
+    }
+
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m256 {
         let h = _mm_loadu_si128(p as *const __m128i);
@@ -152,6 +178,16 @@ fn dot1_f32(w: &[f32], x: &[f32]) -> f32 {
     dot(w, x)
 }
 
+fn dot4_f32(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: AVX2/FMA are enabled at compile time; every row is `x.len()` long.
+    unsafe {
+        simd::dot4_f32(w, x)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    [dot(w[0], x), dot(w[1], x), dot(w[2], x), dot(w[3], x)]
+}
+
 #[inline]
 fn dot1_bf16(w: &[bf16], x: &[f32]) -> f32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
@@ -176,11 +212,29 @@ fn float_matmul<T: Sync>(
     n: usize,
     y: &mut [f32],
     dot1: impl Fn(&[T], &[f32]) -> f32 + Sync,
+    dot4: Option<fn([&[T]; 4], &[f32]) -> [f32; 4]>,
 ) {
     let per = rows_per_task(rows, cols, std::mem::size_of::<T>());
     // One block of rows `r0..r0+out.len()/n`, written row-major `[rows_in_block, n]`.
     let block = |r0: usize, out: &mut [f32]| {
-        for (i, o) in out.chunks_mut(n).enumerate() {
+        let mut done = 0;
+        if let Some(four) = dot4 {
+            // Prefill: four rows at a time share each load of x (same sums, same bits).
+            if n >= 4 {
+                let rows_here = out.len() / n;
+                while done + 4 <= rows_here {
+                    let w = |k: usize| &data[(r0 + done + k) * cols..(r0 + done + k + 1) * cols];
+                    for t in 0..n {
+                        let v = four([w(0), w(1), w(2), w(3)], &x[t * cols..(t + 1) * cols]);
+                        for (k, val) in v.into_iter().enumerate() {
+                            out[(done + k) * n + t] = val;
+                        }
+                    }
+                    done += 4;
+                }
+            }
+        }
+        for (i, o) in out.chunks_mut(n).enumerate().skip(done) {
             let w = &data[(r0 + i) * cols..(r0 + i + 1) * cols];
             for (t, v) in o.iter_mut().enumerate() {
                 *v = dot1(w, &x[t * cols..(t + 1) * cols]);
@@ -216,9 +270,9 @@ pub fn matmul(w: &Weight, x: &[f32], n: usize, y: &mut [f32]) {
     match w {
         Weight::F32 { data, .. } => match quant_override(data, rows, cols) {
             Some(q) => q.matmul(x, n, y),
-            None => float_matmul(data, rows, cols, x, n, y, dot1_f32),
+            None => float_matmul(data, rows, cols, x, n, y, dot1_f32, Some(dot4_f32)),
         },
-        Weight::Bf16 { data, .. } => float_matmul(data, rows, cols, x, n, y, dot1_bf16),
+        Weight::Bf16 { data, .. } => float_matmul(data, rows, cols, x, n, y, dot1_bf16, None),
         #[allow(unreachable_patterns)]
         other => quantized_matmul(other, x, n, y),
     }
@@ -292,6 +346,24 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn batched_rows_are_bit_identical_to_one_row_at_a_time() {
+        let (rows, cols) = (70, 100);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 113) as f32 / 57.0 - 1.0).collect();
+        let n = 9;
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 31) % 29) as f32 / 14.0 - 1.0).collect();
+        let wt = Weight::f32(rows, cols, w);
+        let mut all = vec![0f32; n * rows];
+        matmul(&wt, &x, n, &mut all);
+        for t in 0..n {
+            let mut one = vec![0f32; rows];
+            matmul(&wt, &x[t * cols..(t + 1) * cols], 1, &mut one);
+            for r in 0..rows {
+                assert_eq!(all[t * rows + r].to_bits(), one[r].to_bits(), "t={t} r={r}");
+            }
+        }
     }
 
     #[test]
