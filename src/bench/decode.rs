@@ -39,6 +39,11 @@ pub struct DecodeBenchOptions {
     pub seed: u64,
     /// Fused launches in the step (see `CudaBackendOptions::fused`).
     pub fused: bool,
+    /// int8-activation MoE experts (see `CudaBackendOptions::moe_q8`).
+    pub moe_q8: bool,
+    /// A real checkpoint (HF folder or GGUF) benchmarked after the random shapes,
+    /// under its file name.
+    pub model: Option<std::path::PathBuf>,
 }
 
 impl Default for DecodeBenchOptions {
@@ -51,6 +56,8 @@ impl Default for DecodeBenchOptions {
             ordinal: 0,
             seed: 1,
             fused: true,
+            moe_q8: true,
+            model: None,
         }
     }
 }
@@ -83,6 +90,7 @@ pub struct DecodeReport {
     pub copy_gbps: f64,
     pub resident_weight_bytes: Vec<(String, usize)>,
     pub fused: bool,
+    pub moe_q8: bool,
     pub rows: Vec<DecodeRow>,
 }
 
@@ -104,7 +112,25 @@ pub fn shape_config(name: &str) -> Result<ModelConfig, String> {
             "intermediate_size": 1536, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
             "max_position_embeddings": 8192, "tie_word_embeddings": true
         }),
-        other => return Err(format!("unknown bench shape {other:?}: use qwen3-30b-a3b or smollm2-135m")),
+        // gpt-oss-20b as published: 24 layers alternating sliding (128) / full attention,
+        // sinks, q/k/v/o/router/expert biases, 32 experts top-4 of width 2880, YaRN.
+        "gpt-oss-20b" => serde_json::json!({
+            "model_type": "gpt_oss", "hidden_size": 2880, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 24, "vocab_size": 201088,
+            "intermediate_size": 2880, "num_local_experts": 32, "num_experts_per_tok": 4,
+            "experts_per_token": 4, "sliding_window": 128, "attention_bias": true,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                "sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                "sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                "sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                "sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                "sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "rope_theta": 150000.0, "rope_scaling": {"rope_type": "yarn", "factor": 32.0,
+                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096},
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": false,
+            "swiglu_limit": 7.0
+        }),
+        other => return Err(format!("unknown bench shape {other:?}: use qwen3-30b-a3b, gpt-oss-20b or smollm2-135m")),
     };
     ModelConfig::from_hf_json(&v).map_err(|e| format!("bench shape {name}: {e}"))
 }
@@ -128,7 +154,14 @@ pub fn bytes_per_step(c: &ModelConfig, batch: usize, context: usize) -> (f64, f6
             _ => w += 3.0 * h * c.intermediate_size as f64 * 2.0,
         }
     }
-    let kv = batch as f64 * context as f64 * c.num_layers as f64 * 2.0 * nkv * hd * 2.0;
+    // sliding-window layers read at most `window` positions
+    let positions: f64 = (0..c.num_layers)
+        .map(|li| match c.layer_attention.get(li) {
+            Some(crate::model::config::AttentionKind::Sliding(w)) => context.min(*w) as f64,
+            _ => context as f64,
+        })
+        .sum();
+    let kv = batch as f64 * positions * 2.0 * nkv * hd * 2.0;
     (w, kv)
 }
 
@@ -153,11 +186,23 @@ pub fn copy_bandwidth(cx: &CudaContext) -> Result<f64, String> {
 
 pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
-    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), fused: o.fused, rows: Vec::new() };
+    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), fused: o.fused, moe_q8: o.moe_q8, rows: Vec::new() };
     let max_b = o.batches.iter().copied().max().unwrap_or(1);
     let max_ctx = o.contexts.iter().copied().max().unwrap_or(128);
+    let mut runs: Vec<(String, Option<crate::model::family::ModelWeights>)> = Vec::new();
     for name in &o.shapes {
-        let cfg = shape_config(name)?;
+        runs.push((name.clone(), None));
+    }
+    if let Some(p) = &o.model {
+        let m = crate::model::load_model(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let name = p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned());
+        runs.push((name, Some(m.weights)));
+    }
+    for (name, real) in &runs {
+        let cfg = match real {
+            Some(w) => w.config.clone(),
+            None => shape_config(name)?,
+        };
         let opts = CudaBackendOptions {
             ordinal: o.ordinal,
             max_context: Some(max_ctx + o.steps + 16),
@@ -165,8 +210,12 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
             max_step_tokens: max_b.next_power_of_two().max(8),
             graphs: true,
             fused: o.fused,
+            moe_q8: o.moe_q8,
         };
-        let mut bk = CudaBackend::random(&cfg, opts, o.seed).map_err(be)?;
+        let mut bk = match real {
+            Some(w) => CudaBackend::new(w, opts).map_err(be)?,
+            None => CudaBackend::random(&cfg, opts, o.seed).map_err(be)?,
+        };
         if report.device.is_empty() {
             report.device = bk.context().name.clone();
             report.copy_gbps = copy_bandwidth(bk.context())?;
@@ -224,7 +273,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
 
 /// The report as a Markdown table.
 pub fn table(r: &DecodeReport) -> String {
-    let mut s = format!("device: {}; copy bandwidth {:.0} GB/s (read + write); fused launches: {}\n\n", r.device, r.copy_gbps, r.fused);
+    let mut s = format!("device: {}; copy bandwidth {:.0} GB/s (read + write); fused launches: {}; int8-activation experts: {}\n\n", r.device, r.copy_gbps, r.fused, r.moe_q8);
     s += "| shape | batch | context | step ms | graph-only ms | tokens/s | MB read/step (weights + KV) | GB/s | % of copy | % of copy (graph only) |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for x in &r.rows {

@@ -29,9 +29,12 @@ enum BenchWhat {
 
 #[derive(Args)]
 struct DecodeBench {
-    /// Model shapes: smollm2-135m, qwen3-30b-a3b.
+    /// Model shapes with random weights: smollm2-135m, qwen3-30b-a3b, gpt-oss-20b.
     #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen3-30b-a3b")]
     shapes: Vec<String>,
+    /// Also a real checkpoint (HF folder or .gguf), after the shapes.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Batch sizes (sequences decoded together).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     batches: Vec<usize>,
@@ -47,6 +50,9 @@ struct DecodeBench {
     /// One launch per op instead of the fused step (A/B).
     #[arg(long)]
     unfused: bool,
+    /// MoE experts with bf16 activations and f32 math instead of int8 + dp4a (A/B).
+    #[arg(long)]
+    moe_bf16: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -90,6 +96,8 @@ fn decode(a: DecodeBench) -> anyhow::Result<()> {
             ordinal,
             seed: 1,
             fused: !a.unfused,
+            moe_q8: !a.moe_bf16,
+            model: a.model,
         };
         let r = kairos::bench::decode::run(&o).map_err(|e| anyhow::anyhow!("kairos bench decode: {e}"))?;
         println!("{}", kairos::bench::decode::table(&r));

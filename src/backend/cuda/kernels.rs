@@ -66,7 +66,7 @@ impl AttnWorkspace {
     }
 }
 
-fn need(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+pub(super) fn need(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())
     } else {
@@ -74,13 +74,13 @@ fn need(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-fn len_at_least<T>(s: &CudaSlice<T>, n: usize, name: &str) -> Result<()> {
+pub(super) fn len_at_least<T>(s: &CudaSlice<T>, n: usize, name: &str) -> Result<()> {
     need(s.len() >= n, || {
         format!("{name}: has {} elements, needs {n}", s.len())
     })
 }
 
-fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
+pub(super) fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (x as u32, y as u32, z as u32),
         block_dim: (block, 1, 1),
@@ -88,7 +88,7 @@ fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
     }
 }
 
-const NULL: u64 = 0;
+pub(super) const NULL: u64 = 0;
 
 /// Most splits `attention_decode` takes (shared memory of its reduce kernel).
 pub const ATTN_MAX_SPLITS: usize = 1024;

@@ -8,6 +8,7 @@
 //! `ctx.stream.synchronize()` or copy back to wait.
 
 pub mod kernels;
+pub mod kernels_q8;
 pub mod model;
 
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "rmsnorm",
         include_str!("../../../kernels/rmsnorm.cu"),
-        &["rmsnorm_residual", "rmsnorm_residual_f32out"],
+        &["rmsnorm_residual", "rmsnorm_residual_f32out", "rmsnorm_residual_q8"],
     ),
     (
         "rope",
@@ -52,6 +53,11 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
         "mxfp4",
         include_str!("../../../kernels/mxfp4.cu"),
         &["mxfp4_gemv_bf16x_n", "mxfp4_gemv_f32x_n"],
+    ),
+    (
+        "moe_q8",
+        include_str!("../../../kernels/moe_q8.cu"),
+        &["mxfp4_q8_l32", "mxfp4_q8_l8", "moe_gate_up_q8"],
     ),
     (
         "gemv",

@@ -39,6 +39,7 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, 
 use half::bf16;
 
 use super::kernels::{Act, AttnWorkspace, KvShape};
+use super::kernels_q8::GateAct;
 use super::{CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
 use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
@@ -72,11 +73,15 @@ pub struct CudaBackendOptions {
     pub graphs: bool,
     /// Fused launches (RoPE + KV write; MoE combine + next rmsnorm); off = one launch per op.
     pub fused: bool,
+    /// MoE experts read int8 activations (`kernels/moe_q8.cu`: dp4a, activation fused into
+    /// gate/up); off = bf16 activations with f32 math (`kernels/mxfp4.cu`). Used only when
+    /// hidden and expert width are multiples of 32.
+    pub moe_q8: bool,
 }
 
 impl Default for CudaBackendOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true }
+        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true }
     }
 }
 
@@ -148,6 +153,11 @@ struct Bufs {
     tid: CudaSlice<i32>,
     tw: CudaSlice<f32>,
     ye: CudaSlice<f32>,
+    /// int8 blocks of `h` [n, hidden] and of the expert activation [n*k, inter] (moe_q8)
+    hq: CudaSlice<i8>,
+    hd: CudaSlice<f32>,
+    aq: CudaSlice<i8>,
+    ad: CudaSlice<f32>,
     logits: CudaSlice<f32>,
     am: CudaSlice<i32>,
     ws: AttnWorkspace,
@@ -172,6 +182,7 @@ pub struct CudaBackend {
     scale: f32,
     ordinal: usize,
     fused: bool,
+    moe_q8: bool,
 }
 
 fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
@@ -261,6 +272,7 @@ impl CudaBackend {
         let z32 = |n: usize| st.alloc_zeros::<f32>(n.max(1));
         let zi = |n: usize| st.alloc_zeros::<i32>(n.max(1));
         let z16 = |n: usize| st.alloc_zeros::<u16>(n.max(1));
+        let z8 = |n: usize| st.alloc_zeros::<i8>(n.max(1));
         let b = (|| -> std::result::Result<Bufs, cudarc::driver::DriverError> {
             Ok(Bufs {
                 ids: zi(t)?,
@@ -279,6 +291,10 @@ impl CudaBackend {
                 tid: zi(t * k)?,
                 tw: z32(t * k)?,
                 ye: z32(t * k * h)?,
+                hq: z8(t * h)?,
+                hd: z32(t * h / 32)?,
+                aq: z8(t * act_w)?,
+                ad: z32(t * act_w / 32)?,
                 logits: z32(t * v)?,
                 am: zi(t)?,
                 ws: AttnWorkspace {
@@ -300,7 +316,6 @@ impl CudaBackend {
         Ok(Self {
             scale: 1.0 / (hd as f32).sqrt(),
             cx,
-            cfg: c,
             w,
             b,
             k_cache,
@@ -313,6 +328,10 @@ impl CudaBackend {
             graphs: HashMap::new(),
             ordinal: opts.ordinal,
             fused: opts.fused,
+            moe_q8: opts.moe_q8
+                && h.is_multiple_of(32)
+                && c.moe.as_ref().is_some_and(|m| m.expert_intermediate.is_multiple_of(32)),
+            cfg: c,
         })
     }
 
@@ -337,8 +356,8 @@ impl CudaBackend {
 
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, .. } = self;
-        let fused = *fused;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, .. } = self;
+        let (fused, moe_q8) = (*fused, *moe_q8);
         let k_top = c.moe.as_ref().map_or(1, |m| m.top_k);
         let mut pend = Pend::None;
         let st = cx.stream.clone();
@@ -401,7 +420,12 @@ impl CudaBackend {
             if let Some(bias) = &l.bo {
                 cx.add_bias(&mut b.delta, bias, n, h)?;
             }
-            cx.rmsnorm_residual::<u16>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, n, h, eps)?;
+            let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
+            if q8_layer {
+                cx.rmsnorm_residual_q8(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, &mut b.hq, &mut b.hd, n, h, eps)?;
+            } else {
+                cx.rmsnorm_residual::<u16>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, n, h, eps)?;
+            }
             match &l.mlp {
                 DMlp::Dense { gu, down, inter } => {
                     let inter = *inter;
@@ -423,12 +447,24 @@ impl CudaBackend {
                         cx.add_bias(&mut b.rlogits, bias, n, e)?;
                     }
                     cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
-                    cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, &b.tid, n * k, k, 2 * inter, h, e)?;
-                    if let Some(bias) = gu_bias {
-                        cx.add_expert_bias(&mut b.gu, bias, &b.tid, n * k, 2 * inter)?;
+                    if q8_layer {
+                        let act = match c.activation {
+                            Activation::SiluGlu => GateAct::SiluGlu,
+                            Activation::GptOssGlu { alpha, limit } => GateAct::GptOss { alpha, limit },
+                        };
+                        cx.moe_gate_up_q8(
+                            &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.tid, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
+                            inter, h, e,
+                        )?;
+                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
+                    } else {
+                        cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, &b.tid, n * k, k, 2 * inter, h, e)?;
+                        if let Some(bias) = gu_bias {
+                            cx.add_expert_bias(&mut b.gu, bias, &b.tid, n * k, 2 * inter)?;
+                        }
+                        activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
+                        cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
                     }
-                    activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
-                    cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
                     if let Some(bias) = down_bias {
                         cx.add_expert_bias(&mut b.ye, bias, &b.tid, n * k, h)?;
                     }

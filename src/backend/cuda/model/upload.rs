@@ -194,6 +194,19 @@ impl CudaBackend {
             s = s.wrapping_add(1);
             s
         };
+        // small f32 vectors (biases, sinks) drawn on the host: they are tiny
+        let mut host_rng = seed ^ 0x9e37_79b9_7f4a_7c15;
+        let mut f32s = |n: usize, scale: f32| -> std::result::Result<CudaSlice<f32>, BackendError> {
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    host_rng ^= host_rng << 13;
+                    host_rng ^= host_rng >> 7;
+                    host_rng ^= host_rng << 17;
+                    ((host_rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                })
+                .collect();
+            cx.up(&v).map_err(dev)
+        };
         let mut bf = |n: usize, scale: f32, offset: f32, seed: u64| {
             bytes += 2 * n;
             cx.fill_bf16(n, seed, scale, offset).map_err(dev)
@@ -221,12 +234,12 @@ impl CudaBackend {
                     mx_bytes += e * 3 * i * h * 17 / 32;
                     DMlp::Moe {
                         router: bf(e * h, 0.02, 0.0, next())?,
-                        router_bias: None,
+                        router_bias: if m.router_bias { Some(f32s(e, 0.1)?) } else { None },
                         gu,
                         down,
                         inter: i,
-                        gu_bias: None,
-                        down_bias: None,
+                        gu_bias: if m.expert_bias { Some(f32s(e * 2 * i, 0.1)?) } else { None },
+                        down_bias: if m.expert_bias { Some(f32s(e * h, 0.1)?) } else { None },
                     }
                 }
                 _ => {
@@ -238,12 +251,12 @@ impl CudaBackend {
                 ln1: bf(h, 0.0, 1.0, next())?,
                 ln2: bf(h, 0.0, 1.0, next())?,
                 wqkv: bf(qkv_rows * h, 0.02, 0.0, next())?,
-                bqkv: None,
+                bqkv: if c.qkv_bias { Some(f32s(qkv_rows, 0.1)?) } else { None },
                 wo: bf(h * nq * hd, 0.02, 0.0, next())?,
-                bo: None,
+                bo: if c.o_bias { Some(f32s(h, 0.1)?) } else { None },
                 q_norm,
                 k_norm,
-                sinks: None,
+                sinks: if c.attention_sinks { Some(f32s(nq, 1.0)?) } else { None },
                 window: match c.layer_attention.get(li) {
                     Some(AttentionKind::Sliding(w)) => *w,
                     _ => 0,

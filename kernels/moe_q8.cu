@@ -1,0 +1,137 @@
+// MXFP4 expert GEMVs with int8 activations: the decode path for MoE layers.
+// Activations are quantized per 32-element block, q = round(x / d), d = max|x| / 127:
+//   xq i8 [rows_x, cols], xd f32 [rows_x, cols / 32].
+// E2M1 codes are turned into doubled int8 values (0,1,2,3,4,6,8,12 and negatives) with
+// byte permutes and summed with dp4a; each 32-block's integer dot is scaled once by
+// 0.5 * 2^(s-127) * d. Per weight this is ~1.6 integer instructions, against ~3.5 for a
+// shared-memory table with f32 math: at batch 1 that table path is issue-bound well under
+// the memory bandwidth (bench/micro/decode_micro.cu measured 1.6-1.8x on an H100).
+// Weights: blocks u8 [E, rows, cols/32, 16] (low nibble = even element), scales u8 E8M0
+// [E, rows, cols/32]; assignment a uses expert ids[a] and activation row a / x_div.
+
+__device__ __forceinline__ float e8m0_q8(u32 s) {
+    return s == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(s << 23);
+}
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+// 8 E2M1 codes (element i in nibble i) -> two words of 4 doubled int8 values
+__device__ __forceinline__ void e2m1x8_to_i8(u32 q, int& lo4, int& hi4) {
+    const u32 T0 = 0x03020100u, T1 = 0x0C080604u, T2 = 0xFDFEFF00u, T3 = 0xF4F8FAFCu;
+    const u32 sel = 0x32103210u | ((q & 0x88888888u) >> 1);  // byte i from the negative word when its sign is set
+    const u32 a = q & 0x7777u, b = (q >> 16) & 0x7777u;
+    lo4 = (int)__byte_perm(__byte_perm(T0, T1, a), __byte_perm(T2, T3, a), sel);
+    hi4 = (int)__byte_perm(__byte_perm(T0, T1, b), __byte_perm(T2, T3, b), sel >> 16);
+}
+// integer dot of one 32-weight block with 32 int8 activations (32-byte aligned)
+__device__ __forceinline__ int dot_block(uint4 w, const signed char* __restrict__ xq) {
+    const int4* xv = (const int4*)xq;
+    int4 x0 = __ldg(xv), x1 = __ldg(xv + 1);
+    int lo, hi, d = 0;
+    e2m1x8_to_i8(w.x, lo, hi); d = __dp4a(lo, x0.x, d); d = __dp4a(hi, x0.y, d);
+    e2m1x8_to_i8(w.y, lo, hi); d = __dp4a(lo, x0.z, d); d = __dp4a(hi, x0.w, d);
+    e2m1x8_to_i8(w.z, lo, hi); d = __dp4a(lo, x1.x, d); d = __dp4a(hi, x1.y, d);
+    e2m1x8_to_i8(w.w, lo, hi); d = __dp4a(lo, x1.z, d); d = __dp4a(hi, x1.w, d);
+    return d;
+}
+// One row's dot product, spread over LPR lanes (lane `sub` takes blocks sub, sub+LPR, ...),
+// U blocks per lane loaded before any is used. Returns the partial sum of this lane.
+template <int LPR, int U>
+__device__ __forceinline__ float row_dot(const u8* __restrict__ wrow, const u8* __restrict__ srow, int nb,
+                                         const signed char* __restrict__ xq, const float* __restrict__ xd, int sub) {
+    float acc = 0.f;
+    for (int base = 0; base < nb; base += LPR * U) {
+        uint4 w[U];
+        u32 s[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int b = base + u * LPR + sub;
+            w[u] = b < nb ? ld_stream16(wrow + b * 16) : make_uint4(0, 0, 0, 0);
+            s[u] = b < nb ? (u32)__ldg(srow + b) : 127u;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int b = base + u * LPR + sub;
+            if (b < nb) acc += (float)dot_block(w[u], xq + b * 32) * (0.5f * e8m0_q8(s[u]) * __ldg(xd + b));
+        }
+    }
+    return acc;
+}
+
+// y f32 [n_assign, rows]: grid (ceil(rows / (8 * 32/LPR)), n_assign), block 256.
+template <int LPR, int U>
+__device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales, const signed char* __restrict__ xq,
+                           const float* __restrict__ xd, float* __restrict__ y, int rows, int cols,
+                           const int* __restrict__ ids, int x_div) {
+    const int lane = threadIdx.x & 31, sub = lane % LPR;
+    const int row = (blockIdx.x * 8 + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
+    const int nb = cols / 32, a = blockIdx.y;
+    const long long e = ids[a];
+    const long long r = e * rows + min(row, rows - 1);  // clamped rows: computed, never stored
+    float acc = row_dot<LPR, U>(blocks + r * nb * 16, scales + r * nb, nb, xq + (long long)(a / x_div) * cols,
+                                xd + (long long)(a / x_div) * nb, sub);
+#pragma unroll
+    for (int o = LPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (sub == 0 && row < rows) y[(long long)a * rows + row] = acc;
+}
+// long rows (cols >= 1536): a warp per row; short rows: 8 lanes per row
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l32(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* y, int rows, int cols, const int* ids, int x_div) {
+    mx_q8_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, ids, x_div);
+}
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* y, int rows, int cols, const int* ids, int x_div) {
+    mx_q8_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, ids, x_div);
+}
+
+// Expert gate/up GEMV fused with the gated activation, writing the activation in int8.
+// Fused rows per expert: act 0 (SiLU-GLU): gate = row j, up = row I + j;
+//                        act 1 (gpt-oss):  gate = row 2j, up = row 2j + 1, with
+//   g = min(g, limit), u = clamp(u, -limit, limit), out = (u + 1) * g * sigmoid(alpha * g).
+// bias f32 [E, 2I] (rows as fused) or null. Out: aq i8 [n_assign, I], ad f32 [n_assign, I/32].
+// grid (I / 32, n_assign), block 256: 8 warps x 4 outputs = one 32-block of the activation.
+extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
+        const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
+        signed char* __restrict__ aq, float* __restrict__ ad) {
+    __shared__ float out[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y;
+    const int nb = cols / 32;
+    const long long e = ids[a];
+    const signed char* xa = xq + (long long)(a / x_div) * cols;
+    const float* da = xd + (long long)(a / x_div) * nb;
+    const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
+    const u8* es = scales + e * 2 * I * (long long)nb;
+#pragma unroll 2
+    for (int t = 0; t < 4; t++) {
+        const int j = blockIdx.x * 32 + warp * 4 + t;
+        const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
+        float g = row_dot<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
+        float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
+        g = warp_sum(g);
+        u = warp_sum(u);
+        if (lane == 0) {
+            if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
+            float v;
+            if (act == 1) {
+                g = fminf(g, limit);
+                u = fminf(fmaxf(u, -limit), limit);
+                v = (u + 1.f) * (g / (1.f + expf(-alpha * g)));
+            } else {
+                v = g / (1.f + expf(-g)) * u;
+            }
+            out[warp * 4 + t] = v;
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float v = out[lane];
+        float d = warp_max(fabsf(v)) / 127.f;
+        long long o = (long long)a * I + blockIdx.x * 32 + lane;
+        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+        if (lane == 0) ad[(long long)a * (I / 32) + blockIdx.x] = d;
+    }
+}

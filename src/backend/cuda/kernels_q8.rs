@@ -1,0 +1,149 @@
+//! Launch wrappers for the int8-activation MoE path (`kernels/moe_q8.cu`):
+//! the post-attention rmsnorm also writes its output as int8 per 32-block, the
+//! expert gate/up GEMV applies the gated activation and writes it as int8, and
+//! the down GEMV reads that. Activations as int8 blocks `xq` i8 `[rows, cols]`
+//! with scales `xd` f32 `[rows, cols / 32]`.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::kernels::{grid, len_at_least, need, NULL};
+use super::{CudaContext, Result};
+
+/// Which gated activation the fused gate/up kernel applies.
+#[derive(Clone, Copy, Debug)]
+pub enum GateAct {
+    /// silu(gate) * up with gate rows `[0, I)` and up rows `[I, 2I)` of each expert.
+    SiluGlu,
+    /// gpt-oss: gate/up rows interleaved, clamped at `limit`, `(u + 1) * g * sigmoid(alpha g)`.
+    GptOss { alpha: f32, limit: f32 },
+}
+
+impl CudaContext {
+    /// `rmsnorm_residual` (bf16 out) that also writes `out` as int8 blocks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_residual_q8(
+        &self,
+        residual: &mut CudaSlice<f32>,
+        delta: Option<&CudaSlice<f32>>,
+        weight: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        xq: &mut CudaSlice<i8>,
+        xd: &mut CudaSlice<f32>,
+        n_rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        need(hidden.is_multiple_of(32), || format!("rmsnorm_q8: hidden {hidden} % 32 != 0"))?;
+        len_at_least(residual, n_rows * hidden, "residual")?;
+        if let Some(d) = delta {
+            len_at_least(d, n_rows * hidden, "delta")?;
+        }
+        len_at_least(weight, hidden, "weight")?;
+        len_at_least(out, n_rows * hidden, "out")?;
+        len_at_least(xq, n_rows * hidden, "xq")?;
+        len_at_least(xd, n_rows * hidden / 32, "xd")?;
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let h = hidden as i32;
+        let mut b = self.stream.launch_builder(self.func("rmsnorm_residual_q8"));
+        b.arg(residual);
+        match delta {
+            Some(d) => b.arg(d),
+            None => b.arg(&NULL),
+        };
+        b.arg(weight).arg(out).arg(&h).arg(&eps).arg(xq).arg(xd);
+        let block = if n_rows < 64 { 1024 } else { 256 };
+        unsafe { b.launch(grid(n_rows, 1, 1, block)) }?;
+        Ok(())
+    }
+
+    /// MoE expert GEMV over int8 activations: for each assignment a < n_assign,
+    /// y[a, :] = W[ids[a]] . x[a / x_div, :], weights MXFP4 `[E, rows, cols/32(, 16)]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mxfp4_moe_gemv_q8(
+        &self,
+        blocks: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        xq: &CudaSlice<i8>,
+        xd: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        n_assign: usize,
+        x_div: usize,
+        rows: usize,
+        cols: usize,
+        n_experts: usize,
+    ) -> Result<()> {
+        need(cols.is_multiple_of(32) && x_div >= 1, || "mxfp4_q8: cols % 32 != 0 or x_div == 0".into())?;
+        len_at_least(blocks, n_experts * rows * cols / 2, "blocks")?;
+        len_at_least(scales, n_experts * rows * cols / 32, "scales")?;
+        len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
+        len_at_least(xd, n_assign.div_ceil(x_div) * cols / 32, "xd")?;
+        len_at_least(y, n_assign * rows, "y")?;
+        len_at_least(ids, n_assign, "ids")?;
+        if n_assign == 0 {
+            return Ok(());
+        }
+        // a warp per row when a row has enough 32-blocks to keep 32 lanes busy
+        let (name, rows_per_block) = if cols >= 1536 { ("mxfp4_q8_l32", 8) } else { ("mxfp4_q8_l8", 32) };
+        let a = [rows as i32, cols as i32, x_div as i32];
+        let mut b = self.stream.launch_builder(self.func(name));
+        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]).arg(ids).arg(&a[2]);
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), n_assign, 1, 256)) }?;
+        Ok(())
+    }
+
+    /// Expert gate/up GEMV + gated activation, written as int8 blocks:
+    /// weights MXFP4 `[E, 2*inter, cols/32(, 16)]` (rows fused as `act` says),
+    /// `bias` f32 `[E, 2*inter]`; out `aq` i8 `[n_assign, inter]`, `ad` f32 `[n_assign, inter/32]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gate_up_q8(
+        &self,
+        blocks: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        xq: &CudaSlice<i8>,
+        xd: &CudaSlice<f32>,
+        ids: &CudaSlice<i32>,
+        bias: Option<&CudaSlice<f32>>,
+        act: GateAct,
+        aq: &mut CudaSlice<i8>,
+        ad: &mut CudaSlice<f32>,
+        n_assign: usize,
+        x_div: usize,
+        inter: usize,
+        cols: usize,
+        n_experts: usize,
+    ) -> Result<()> {
+        need(cols.is_multiple_of(32) && inter.is_multiple_of(32) && x_div >= 1, || {
+            format!("moe_gate_up_q8: cols {cols} and inter {inter} must be multiples of 32")
+        })?;
+        len_at_least(blocks, n_experts * 2 * inter * cols / 2, "blocks")?;
+        len_at_least(scales, n_experts * 2 * inter * cols / 32, "scales")?;
+        len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
+        len_at_least(xd, n_assign.div_ceil(x_div) * cols / 32, "xd")?;
+        if let Some(bb) = bias {
+            len_at_least(bb, n_experts * 2 * inter, "bias")?;
+        }
+        len_at_least(aq, n_assign * inter, "aq")?;
+        len_at_least(ad, n_assign * inter / 32, "ad")?;
+        len_at_least(ids, n_assign, "ids")?;
+        if n_assign == 0 {
+            return Ok(());
+        }
+        let (kind, alpha, limit) = match act {
+            GateAct::SiluGlu => (0i32, 0f32, 0f32),
+            GateAct::GptOss { alpha, limit } => (1, alpha, limit),
+        };
+        let a = [x_div as i32, inter as i32, cols as i32];
+        let mut b = self.stream.launch_builder(self.func("moe_gate_up_q8"));
+        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(ids).arg(&a[0]);
+        match bias {
+            Some(bb) => b.arg(bb),
+            None => b.arg(&NULL),
+        };
+        b.arg(&a[1]).arg(&a[2]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
+        unsafe { b.launch(grid(inter / 32, n_assign, 1, 256)) }?;
+        Ok(())
+    }
+}
