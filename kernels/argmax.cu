@@ -14,7 +14,7 @@ __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long k)
     }
     return k;
 }
-extern "C" __global__ void argmax_partial(const float* __restrict__ logits, unsigned long long* __restrict__ keys, int V) {
+extern "C" __global__ void argmax_partial(const float* __restrict__ logits, unsigned long long* __restrict__ keys, int V) { PDL_ENTRY();
     __shared__ unsigned long long sk[8];
     int parts = gridDim.x, part = blockIdx.x, row = blockIdx.y;
     int chunk = (V + parts - 1) / parts;
@@ -37,7 +37,7 @@ extern "C" __global__ void argmax_partial(const float* __restrict__ logits, unsi
         if (threadIdx.x == 0) keys[(long long)row * parts + part] = k;
     }
 }
-extern "C" __global__ void argmax_final(const unsigned long long* __restrict__ keys, int* __restrict__ out, int parts) {
+extern "C" __global__ void argmax_final(const unsigned long long* __restrict__ keys, int* __restrict__ out, int parts) { PDL_ENTRY();
     unsigned long long best = 0;
     for (int i = threadIdx.x; i < parts; i += 32) {
         unsigned long long k = keys[(long long)blockIdx.x * parts + i];

@@ -147,9 +147,9 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     float* part_acc, float* part_ml, int n_q, int n_kv, int layer, int n_layers, int max_pos, float scale, int window, int n_splits, \
     long long q_stride
 #define ATT_PASS q, kc, vc, slots, seq_lens, part_acc, part_ml, n_q, n_kv, layer, n_layers, max_pos, scale, window, n_splits, q_stride
-extern "C" __global__ void __launch_bounds__(128) attention_split_d64(ATT_ARGS) { attn_split_impl<2>(ATT_PASS); }
-extern "C" __global__ void __launch_bounds__(128) attention_split_d128(ATT_ARGS) { attn_split_impl<4>(ATT_PASS); }
-extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { attn_split_impl<8>(ATT_PASS); }
+extern "C" __global__ void __launch_bounds__(128) attention_split_d64(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<2>(ATT_PASS); }
+extern "C" __global__ void __launch_bounds__(128) attention_split_d128(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<4>(ATT_PASS); }
+extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<8>(ATT_PASS); }
 
 // Pass 2: combine the splits. Split weights exp(m_i - M) go to shared memory once;
 // the per-dimension sums then stream the partial outputs with loads in flight.
@@ -157,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS)
 extern "C" __global__ void __launch_bounds__(128) attention_reduce(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                             const float* __restrict__ sinks, float* __restrict__ out,
                                             int n_q, int n_splits_grid, int D,
-                                            const int* __restrict__ seq_lens, int max_pos, int window) {
+                                            const int* __restrict__ seq_lens, int max_pos, int window) { PDL_ENTRY();
     __shared__ float sw[ATT_MAX_SPLITS];
     __shared__ float sh[33];
     int h = blockIdx.x, s = blockIdx.y;

@@ -59,3 +59,30 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
     float4 a = __ldg((const float4*)p), b = __ldg((const float4*)p + 1);
     o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
 }
+// Programmatic dependent launch (sm_90+): the host launches every kernel with the
+// PDL attribute (src/backend/cuda/launch.rs), so a kernel may start before its
+// predecessor ends. PDL_ENTRY(), the first statement of every kernel, lets the next
+// kernel be scheduled and then waits until the predecessor has completed and its
+// writes are visible. Without the attribute both instructions are no-ops.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTRY() asm volatile("griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;" ::: "memory")
+#else
+#define PDL_ENTRY() do { } while (0)
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define PDL_TRIGGER() do { } while (0)
+#define PDL_WAIT() do { } while (0)
+#endif
+// Ask L2 for `bytes` at p, one 128-byte line per lane of the warp per step: kernels
+// whose weights do not depend on their predecessor issue this before PDL_WAIT(), so
+// the weight stream starts while the predecessor finishes (-DKAIROS_NO_PREFETCH: off).
+__device__ __forceinline__ void prefetch_l2_warp(const void* p, long long bytes) {
+#ifndef KAIROS_NO_PREFETCH
+    const char* c = (const char*)p;
+    for (long long off = (long long)(threadIdx.x & 31) * 128; off < bytes; off += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
+#endif
+}

@@ -22,9 +22,9 @@ __device__ void emb_impl(const bf16_t* __restrict__ table, const int* __restrict
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(o + i, bf2f(row[i]));
     }
 }
-extern "C" __global__ void embedding_gather_f32(const bf16_t* table, const int* ids, float* out, int hidden, int vocab) {
+extern "C" __global__ void embedding_gather_f32(const bf16_t* table, const int* ids, float* out, int hidden, int vocab) { PDL_ENTRY();
     emb_impl(table, ids, out, hidden, vocab);
 }
-extern "C" __global__ void embedding_gather_bf16(const bf16_t* table, const int* ids, bf16_t* out, int hidden, int vocab) {
+extern "C" __global__ void embedding_gather_bf16(const bf16_t* table, const int* ids, bf16_t* out, int hidden, int vocab) { PDL_ENTRY();
     emb_impl(table, ids, out, hidden, vocab);
 }

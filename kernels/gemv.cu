@@ -52,9 +52,18 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
             if (lane == 0 && row0 + r < rows) y[(long long)j * rows + row0 + r] = v;
         }
 }
+// The weights never depend on the previous kernel: each warp asks L2 for its rows
+// before waiting on it (PDL), so the weight stream overlaps the predecessor's tail.
+template <int R>
+__device__ __forceinline__ void gemv_pdl_entry(const bf16_t* W, int rows, int cols) {
+    PDL_TRIGGER();
+    const int row0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
+    if (row0 < rows) prefetch_l2_warp(W + (long long)row0 * cols, (long long)min(R, rows - row0) * cols * 2);
+    PDL_WAIT();
+}
 #define GEMV_ENTRY(NN, RR) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, int cols) { \
-    gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols); } \
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols); } \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf16_t* W, const float* x, float* y, int rows, int cols) { \
-    gemv_impl<float, NN, RR>(W, x, y, rows, cols); }
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols); }
 GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5, 2) GEMV_ENTRY(6, 2) GEMV_ENTRY(7, 2) GEMV_ENTRY(8, 2)

@@ -1,7 +1,7 @@
 // Glue kernels of the CUDA model forward (src/backend/cuda/model.rs).
 
 // y f32 [n, cols] += b f32 [cols]. grid-stride, block 256.
-extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ b, int n, int cols) {
+extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ b, int n, int cols) { PDL_ENTRY();
     long long total = (long long)n * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
         y[i] += b[i % cols];
@@ -16,7 +16,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_generic(
     const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
     const int* __restrict__ slots, const int* __restrict__ seq_lens, const float* __restrict__ sinks,
     float* __restrict__ out, int n_q, int n_kv, int D, int layer, int n_layers, int max_pos,
-    float scale, int window, long long q_stride) {
+    float scale, int window, long long q_stride) { PDL_ENTRY();
     __shared__ float sm_m[4], sm_l[4];
     __shared__ float sm_acc[4][256];
     const int h = blockIdx.x, s = blockIdx.y;
@@ -89,7 +89,7 @@ __device__ __forceinline__ unsigned int hash_u32(unsigned long long x) {
 // p[i] = bf16(offset + scale * u), u uniform in [-sqrt(3), sqrt(3)) (unit variance). Random
 // weights for benchmarks, made on the device.
 extern "C" __global__ void fill_random_bf16(bf16_t* __restrict__ p, long long n, unsigned long long seed,
-                                            float scale, float offset) {
+                                            float scale, float offset) { PDL_ENTRY();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         float u = (hash_u32(seed * 0x9e3779b97f4a7c15ULL + (unsigned long long)i) >> 8) * (1.f / 16777216.f);
         p[i] = f2bf(offset + scale * (u * 2.f - 1.f) * 1.7320508f);
@@ -97,7 +97,7 @@ extern "C" __global__ void fill_random_bf16(bf16_t* __restrict__ p, long long n,
 }
 
 // p[i] = lo + hash % range (MXFP4 blocks: lo 0, range 256; E8M0 scales: a narrow range).
-extern "C" __global__ void fill_random_u8(u8* __restrict__ p, long long n, unsigned long long seed, int lo, int range) {
+extern "C" __global__ void fill_random_u8(u8* __restrict__ p, long long n, unsigned long long seed, int lo, int range) { PDL_ENTRY();
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         p[i] = (u8)(lo + (int)(hash_u32(seed * 0x9e3779b97f4a7c15ULL + (unsigned long long)i) % (unsigned)range));
 }
@@ -111,7 +111,7 @@ extern "C" __global__ void rope_qk_kv(float* __restrict__ qkv, const int* __rest
                                       const bf16_t* __restrict__ q_norm, const bf16_t* __restrict__ k_norm,
                                       bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
                                       int n_q, int n_kv, int D, float eps, float mscale,
-                                      int layer, int n_layers, int max_pos) {
+                                      int layer, int n_layers, int max_pos) { PDL_ENTRY();
     const int nh = n_q + 2 * n_kv;
     const int t = blockIdx.x / nh, h = blockIdx.x % nh;
     const int lane = threadIdx.x;
@@ -173,18 +173,18 @@ __device__ void rms_moe_impl(float* __restrict__ residual, const float* __restri
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out + base + i, r[i] * inv * bf2f(w[i]));
 }
 extern "C" __global__ void rmsnorm_moe_bf16(float* residual, const float* y, const float* wk, int k, const bf16_t* w,
-                                            bf16_t* out, int hidden, float eps) {
+                                            bf16_t* out, int hidden, float eps) { PDL_ENTRY();
     rms_moe_impl(residual, y, wk, k, w, out, hidden, eps);
 }
 extern "C" __global__ void rmsnorm_moe_f32(float* residual, const float* y, const float* wk, int k, const bf16_t* w,
-                                           float* out, int hidden, float eps) {
+                                           float* out, int hidden, float eps) { PDL_ENTRY();
     rms_moe_impl(residual, y, wk, k, w, out, hidden, eps);
 }
 
 // y f32 [n_assign, cols] += bias f32 [E, cols] at row ids[a] (gpt-oss expert biases).
 // grid-stride, block 256.
 extern "C" __global__ void add_expert_bias(float* __restrict__ y, const float* __restrict__ bias,
-                                           const int* __restrict__ ids, int n_assign, int cols) {
+                                           const int* __restrict__ ids, int n_assign, int cols) { PDL_ENTRY();
     long long total = (long long)n_assign * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         long long a = i / cols, c = i % cols;

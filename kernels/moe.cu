@@ -3,7 +3,7 @@
 // E <= 256, k <= E. grid (ceil(n/4)), block 128: one warp per token.
 #define RT_PER_LANE 8
 extern "C" __global__ void moe_router_topk(const float* __restrict__ logits, int* __restrict__ ids,
-                                           float* __restrict__ wout, int n, int E, int k, int renorm) {
+                                           float* __restrict__ wout, int n, int E, int k, int renorm) { PDL_ENTRY();
     int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= n) return;
     const float* lg = logits + (long long)t * E;
@@ -49,7 +49,7 @@ extern "C" __global__ void moe_router_topk(const float* __restrict__ logits, int
 // moe_combine: out f32 [n, H] = sum_r w[t, r] * y[t*k + r, :]  (y f32 [n*k, H])
 // grid (n), block 256.
 extern "C" __global__ void moe_combine(const float* __restrict__ y, const float* __restrict__ w,
-                                       float* __restrict__ out, int k, int H) {
+                                       float* __restrict__ out, int k, int H) { PDL_ENTRY();
     int t = blockIdx.x;
     for (int c = threadIdx.x; c < H; c += blockDim.x) {
         float s = 0.f;

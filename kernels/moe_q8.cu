@@ -79,11 +79,11 @@ __device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__
 }
 // long rows (cols >= 1536): a warp per row; short rows: 8 lanes per row
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l32(const u8* blocks, const u8* scales, const signed char* xq,
-        const float* xd, float* y, int rows, int cols, const int* ids, int x_div) {
+        const float* xd, float* y, int rows, int cols, const int* ids, int x_div) { PDL_ENTRY();
     mx_q8_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, ids, x_div);
 }
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, const u8* scales, const signed char* xq,
-        const float* xd, float* y, int rows, int cols, const int* ids, int x_div) {
+        const float* xd, float* y, int rows, int cols, const int* ids, int x_div) { PDL_ENTRY();
     mx_q8_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, ids, x_div);
 }
 
@@ -96,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, 
 extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
         const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
-        signed char* __restrict__ aq, float* __restrict__ ad) {
+        signed char* __restrict__ aq, float* __restrict__ ad) { PDL_ENTRY();
     __shared__ float out[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y;
     const int nb = cols / 32;

@@ -94,10 +94,10 @@ __device__ void mxfp4_impl(const u8* __restrict__ blocks, const u8* __restrict__
 }
 #define MX_ENTRY1(PFX, NN, RR) \
 extern "C" __global__ void __launch_bounds__(256) PFX##_gemv_bf16x_n##NN(const u8* blocks, const u8* scales, const bf16_t* x, \
-        float* y, int rows, int cols, const int* expert_ids, int x_div) { \
+        float* y, int rows, int cols, const int* expert_ids, int x_div) { PDL_ENTRY(); \
     mxfp4_impl<bf16_t, NN, RR>(blocks, scales, x, y, rows, cols, expert_ids, x_div); } \
 extern "C" __global__ void __launch_bounds__(256) PFX##_gemv_f32x_n##NN(const u8* blocks, const u8* scales, const float* x, \
-        float* y, int rows, int cols, const int* expert_ids, int x_div) { \
+        float* y, int rows, int cols, const int* expert_ids, int x_div) { PDL_ENTRY(); \
     mxfp4_impl<float, NN, RR>(blocks, scales, x, y, rows, cols, expert_ids, x_div); }
 // (A variant decoding E2M1 with bit arithmetic instead of the shared-memory table
 // measured up to 12% slower on most H100 shapes: see bench/results/cuda_kernels_h100.md.)

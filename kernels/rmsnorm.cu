@@ -29,13 +29,13 @@ __device__ void rms_impl(float* __restrict__ residual, const float* __restrict__
         }
     }
 }
-extern "C" __global__ void rmsnorm_residual(float* residual, const float* delta, const bf16_t* w, bf16_t* out, int hidden, float eps) {
+extern "C" __global__ void rmsnorm_residual(float* residual, const float* delta, const bf16_t* w, bf16_t* out, int hidden, float eps) { PDL_ENTRY();
     rms_impl(residual, delta, w, out, hidden, eps);
 }
 extern "C" __global__ void rmsnorm_residual_q8(float* residual, const float* delta, const bf16_t* w, bf16_t* out,
-                                                int hidden, float eps, signed char* xq, float* xd) {
+                                                int hidden, float eps, signed char* xq, float* xd) { PDL_ENTRY();
     rms_impl(residual, delta, w, out, hidden, eps, xq, xd);
 }
-extern "C" __global__ void rmsnorm_residual_f32out(float* residual, const float* delta, const bf16_t* w, float* out, int hidden, float eps) {
+extern "C" __global__ void rmsnorm_residual_f32out(float* residual, const float* delta, const bf16_t* w, float* out, int hidden, float eps) { PDL_ENTRY();
     rms_impl(residual, delta, w, out, hidden, eps);
 }

@@ -7,7 +7,7 @@
 extern "C" __global__ void rope_qk(float* __restrict__ qkv, const int* __restrict__ positions,
                                    const float* __restrict__ inv_freq,
                                    const bf16_t* __restrict__ q_norm, const bf16_t* __restrict__ k_norm,
-                                   int n_q, int n_kv, int D, float eps, float mscale) {
+                                   int n_q, int n_kv, int D, float eps, float mscale) { PDL_ENTRY();
     int nh = n_q + n_kv;
     int t = blockIdx.x / nh, h = blockIdx.x % nh;
     int lane = threadIdx.x;
@@ -39,7 +39,7 @@ extern "C" __global__ void rope_qk(float* __restrict__ qkv, const int* __restric
 extern "C" __global__ void kv_cache_write(const float* __restrict__ qkv, bf16_t* __restrict__ k_cache,
                                           bf16_t* __restrict__ v_cache, const int* __restrict__ slots,
                                           const int* __restrict__ positions, int n_q, int n_kv, int D,
-                                          int layer, int n_layers, int max_pos) {
+                                          int layer, int n_layers, int max_pos) { PDL_ENTRY();
     int t = blockIdx.x, h = blockIdx.y;
     int slot = slots[t], pos = positions[t];
     if (slot < 0 || pos < 0 || pos >= max_pos) return;

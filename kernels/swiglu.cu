@@ -22,11 +22,11 @@ __device__ void swiglu_oai_impl(const float* __restrict__ gu, TO* __restrict__ o
         st(out + i, (u + 1.f) * (g / (1.f + expf(-alpha * g))));
     }
 }
-extern "C" __global__ void swiglu_f32(const float* gu, float* out, int n, int I) { swiglu_impl(gu, out, n, I); }
-extern "C" __global__ void swiglu_bf16(const float* gu, bf16_t* out, int n, int I) { swiglu_impl(gu, out, n, I); }
-extern "C" __global__ void swiglu_oai_f32(const float* gu, float* out, int n, int I, float alpha, float limit) {
+extern "C" __global__ void swiglu_f32(const float* gu, float* out, int n, int I) { PDL_ENTRY(); swiglu_impl(gu, out, n, I); }
+extern "C" __global__ void swiglu_bf16(const float* gu, bf16_t* out, int n, int I) { PDL_ENTRY(); swiglu_impl(gu, out, n, I); }
+extern "C" __global__ void swiglu_oai_f32(const float* gu, float* out, int n, int I, float alpha, float limit) { PDL_ENTRY();
     swiglu_oai_impl(gu, out, n, I, alpha, limit);
 }
-extern "C" __global__ void swiglu_oai_bf16(const float* gu, bf16_t* out, int n, int I, float alpha, float limit) {
+extern "C" __global__ void swiglu_oai_bf16(const float* gu, bf16_t* out, int n, int I, float alpha, float limit) { PDL_ENTRY();
     swiglu_oai_impl(gu, out, n, I, alpha, limit);
 }

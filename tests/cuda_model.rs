@@ -159,7 +159,7 @@ fn compare(what: &str, cpu: &[f32], gpu: &[f32], st: &mut Stats) -> u32 {
 }
 
 fn opts() -> CudaBackendOptions {
-    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true }
+    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None }
 }
 
 /// Random weights for a config (bf16 matrices, MXFP4 experts): the fixtures all have

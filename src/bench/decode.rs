@@ -211,6 +211,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
             graphs: true,
             fused: o.fused,
             moe_q8: o.moe_q8,
+            pdl: None,
         };
         let mut bk = match real {
             Some(w) => CudaBackend::new(w, opts).map_err(be)?,

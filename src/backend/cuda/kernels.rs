@@ -2,7 +2,7 @@
 //! lengths; launches are asynchronous on `ctx.stream`.
 //! bf16 data is `CudaSlice<u16>`; `Act` picks the bf16 (u16) or f32 variant.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 use super::{CudaContext, CudaError, Result};
 
@@ -116,8 +116,7 @@ impl CudaContext {
             return Ok(());
         }
         let (h, v) = (hidden as i32, (table.len() / hidden) as i32);
-        let f = self.func(&format!("embedding_gather_{}", O::NAME));
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.launch(&format!("embedding_gather_{}", O::NAME));
         b.arg(table).arg(ids).arg(out).arg(&h).arg(&v);
         unsafe { b.launch(grid(n_tokens, 1, 1, 256)) }?;
         Ok(())
@@ -151,7 +150,7 @@ impl CudaContext {
         } else {
             "rmsnorm_residual_f32out"
         };
-        let mut b = self.stream.launch_builder(self.func(name));
+        let mut b = self.launch(name);
         b.arg(residual);
         match delta {
             Some(d) => b.arg(d),
@@ -193,7 +192,7 @@ impl CudaContext {
             return Ok(());
         }
         let (nq, nk, d) = (n_q as i32, n_kv as i32, head_dim as i32);
-        let mut b = self.stream.launch_builder(self.func("rope_qk"));
+        let mut b = self.launch("rope_qk");
         b.arg(qkv).arg(positions).arg(inv_freq);
         match q_norm {
             Some(w) => b.arg(w),
@@ -244,7 +243,7 @@ impl CudaContext {
             kv.n_layers as i32,
             kv.max_pos as i32,
         ];
-        let mut b = self.stream.launch_builder(self.func("kv_cache_write"));
+        let mut b = self.launch("kv_cache_write");
         b.arg(qkv)
             .arg(k_cache)
             .arg(v_cache)
@@ -335,7 +334,7 @@ impl CudaContext {
         ];
         let (win, ns) = (window as i32, n_splits as i32);
         {
-            let mut b = self.stream.launch_builder(self.func(name));
+            let mut b = self.launch(name);
             b.arg(q)
                 .arg(k_cache)
                 .arg(v_cache)
@@ -351,7 +350,7 @@ impl CudaContext {
             unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, 128)) }?;
         }
         let dd = d as i32;
-        let mut b = self.stream.launch_builder(self.func("attention_reduce"));
+        let mut b = self.launch("attention_reduce");
         b.arg(&ws.acc).arg(&ws.ml);
         match sinks {
             Some(s) => b.arg(s),
@@ -404,9 +403,7 @@ impl CudaContext {
         let a = [rows as i32, cols as i32];
         let xdiv = 1i32;
         let rows_per_block = if n >= 4 { 16 } else { 8 };
-        let mut b = self
-            .stream
-            .launch_builder(self.func(&format!("mxfp4_gemv_{}x_n{n}", X::NAME)));
+        let mut b = self.launch(&format!("mxfp4_gemv_{}x_n{n}", X::NAME));
         b.arg(blocks)
             .arg(scales)
             .arg(x)
@@ -449,9 +446,7 @@ impl CudaContext {
             return Ok(());
         }
         let a = [rows as i32, cols as i32, x_div as i32];
-        let mut b = self
-            .stream
-            .launch_builder(self.func(&format!("mxfp4_gemv_{}x_n1", X::NAME)));
+        let mut b = self.launch(&format!("mxfp4_gemv_{}x_n1", X::NAME));
         b.arg(blocks)
             .arg(scales)
             .arg(x)
@@ -481,9 +476,7 @@ impl CudaContext {
         len_at_least(x, n * cols, "x")?;
         len_at_least(y, n * rows, "y")?;
         let a = [rows as i32, cols as i32];
-        let mut b = self
-            .stream
-            .launch_builder(self.func(&format!("bf16_gemv_{}x_n{n}", X::NAME)));
+        let mut b = self.launch(&format!("bf16_gemv_{}x_n{n}", X::NAME));
         b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]);
         let rows_per_block = if n >= 4 { 16 } else { 8 };
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
@@ -513,9 +506,7 @@ impl CudaContext {
             return Ok(());
         }
         let a = [n as i32, inter as i32];
-        let mut b = self
-            .stream
-            .launch_builder(self.func(&format!("swiglu_{}", O::NAME)));
+        let mut b = self.launch(&format!("swiglu_{}", O::NAME));
         b.arg(gu).arg(out).arg(&a[0]).arg(&a[1]);
         unsafe { b.launch(self.elementwise_grid(n * inter)) }?;
         Ok(())
@@ -538,9 +529,7 @@ impl CudaContext {
             return Ok(());
         }
         let a = [n as i32, inter as i32];
-        let mut b = self
-            .stream
-            .launch_builder(self.func(&format!("swiglu_oai_{}", O::NAME)));
+        let mut b = self.launch(&format!("swiglu_oai_{}", O::NAME));
         b.arg(gu)
             .arg(out)
             .arg(&a[0])
@@ -574,7 +563,7 @@ impl CudaContext {
             return Ok(());
         }
         let a = [n as i32, n_experts as i32, k as i32, renorm as i32];
-        let mut b = self.stream.launch_builder(self.func("moe_router_topk"));
+        let mut b = self.launch("moe_router_topk");
         b.arg(logits)
             .arg(ids)
             .arg(weights)
@@ -603,7 +592,7 @@ impl CudaContext {
             return Ok(());
         }
         let a = [k as i32, hidden as i32];
-        let mut b = self.stream.launch_builder(self.func("moe_combine"));
+        let mut b = self.launch("moe_combine");
         b.arg(y).arg(weights).arg(out).arg(&a[0]).arg(&a[1]);
         unsafe { b.launch(grid(n, 1, 1, 256)) }?;
         Ok(())
@@ -629,11 +618,11 @@ impl CudaContext {
         let parts = ARGMAX_PARTS.min(vocab.div_ceil(256)).max(1);
         let (v, p) = (vocab as i32, parts as i32);
         {
-            let mut b = self.stream.launch_builder(self.func("argmax_partial"));
+            let mut b = self.launch("argmax_partial");
             b.arg(logits).arg(&self.argmax_scratch).arg(&v);
             unsafe { b.launch(grid(parts, n, 1, 256)) }?;
         }
-        let mut b = self.stream.launch_builder(self.func("argmax_final"));
+        let mut b = self.launch("argmax_final");
         b.arg(&self.argmax_scratch).arg(out).arg(&p);
         unsafe { b.launch(grid(n, 1, 1, 32)) }?;
         Ok(())

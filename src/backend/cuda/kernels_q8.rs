@@ -4,7 +4,7 @@
 //! the down GEMV reads that. Activations as int8 blocks `xq` i8 `[rows, cols]`
 //! with scales `xd` f32 `[rows, cols / 32]`.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::kernels::{grid, len_at_least, need, NULL};
 use super::{CudaContext, Result};
@@ -46,7 +46,7 @@ impl CudaContext {
             return Ok(());
         }
         let h = hidden as i32;
-        let mut b = self.stream.launch_builder(self.func("rmsnorm_residual_q8"));
+        let mut b = self.launch("rmsnorm_residual_q8");
         b.arg(residual);
         match delta {
             Some(d) => b.arg(d),
@@ -88,7 +88,7 @@ impl CudaContext {
         // a warp per row when a row has enough 32-blocks to keep 32 lanes busy
         let (name, rows_per_block) = if cols >= 1536 { ("mxfp4_q8_l32", 8) } else { ("mxfp4_q8_l8", 32) };
         let a = [rows as i32, cols as i32, x_div as i32];
-        let mut b = self.stream.launch_builder(self.func(name));
+        let mut b = self.launch(name);
         b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]).arg(ids).arg(&a[2]);
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), n_assign, 1, 256)) }?;
         Ok(())
@@ -136,7 +136,7 @@ impl CudaContext {
             GateAct::GptOss { alpha, limit } => (1, alpha, limit),
         };
         let a = [x_div as i32, inter as i32, cols as i32];
-        let mut b = self.stream.launch_builder(self.func("moe_gate_up_q8"));
+        let mut b = self.launch("moe_gate_up_q8");
         b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(ids).arg(&a[0]);
         match bias {
             Some(bb) => b.arg(bb),

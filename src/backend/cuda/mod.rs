@@ -9,13 +9,15 @@
 
 pub mod kernels;
 pub mod kernels_q8;
+pub mod launch;
 pub mod model;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DriverError};
+use cudarc::driver::{CudaSlice, CudaStream, DriverError};
+use launch::{Launch, RawFunction, RawModule};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 /// Helpers prepended to every kernel source.
@@ -138,7 +140,12 @@ pub struct CudaContext {
     pub sm_count: u32,
     /// how many modules came from the on-disk cache (the rest were compiled)
     pub ptx_cache_hits: usize,
-    funcs: HashMap<String, CudaFunction>,
+    funcs: HashMap<String, RawFunction>,
+    modules: Vec<RawModule>,
+    /// launches carry the PDL attribute (see `launch.rs`); only honoured on sm_90+
+    pub pdl: bool,
+    /// the device supports PDL (sm_90+)
+    pub pdl_supported: bool,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
 }
@@ -226,6 +233,11 @@ fn compile_cached(
     Ok((ptx, false))
 }
 
+/// `KAIROS_CUDA_PDL=0|1`, when set.
+fn pdl_env() -> Option<bool> {
+    std::env::var("KAIROS_CUDA_PDL").ok().map(|v| v != "0")
+}
+
 /// Whether a CUDA driver library can be loaded and reports at least one device
 /// (false on machines without a GPU, where opening a context would panic in
 /// cudarc's dynamic loader).
@@ -252,8 +264,12 @@ impl CudaContext {
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as u32;
-        let opts_list: Vec<String> =
+        let mut opts_list: Vec<String> =
             vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+        // A/B switch for the GEMVs' L2 prefetch before the PDL wait (kernels/common.cuh)
+        if std::env::var("KAIROS_CUDA_PREFETCH").is_ok_and(|v| v == "0") {
+            opts_list.push("-DKAIROS_NO_PREFETCH".into());
+        }
         let drv = driver_version();
         let nvrtc = nvrtc_version();
         let cache = ptx_cache_dir();
@@ -276,24 +292,36 @@ impl CudaContext {
                 .map(|h| h.join().expect("NVRTC thread panicked"))
                 .collect()
         });
+        // Modules are loaded through the driver directly (not cudarc's module
+        // type) so that launches can use cuLaunchKernelEx: see `launch.rs`.
         let mut funcs = HashMap::new();
+        let mut modules = Vec::new();
         let mut hits = 0;
-        for ((_, _, entries), ptx) in SOURCES.iter().zip(ptxs) {
+        ctx.bind_to_thread()?;
+        let cstr = |s: &str| std::ffi::CString::new(s).map_err(|_| CudaError::Shape(format!("NUL byte in {s:?}")));
+        for ((module, _, entries), ptx) in SOURCES.iter().zip(ptxs) {
             let (ptx, hit) = ptx?;
             hits += hit as usize;
-            let m = ctx.load_module(ptx)?;
+            let src = cstr(&ptx.to_src()).map_err(|_| CudaError::Shape(format!("NUL byte in the PTX of {module}")))?;
+            // SAFETY: `src` is NUL-terminated PTX text; the module lives until `Drop`.
+            let m = unsafe { cudarc::driver::result::module::load_data(src.as_ptr() as *const _) }?;
+            modules.push(RawModule(m));
+            let mut names = Vec::new();
             for e in entries.iter() {
                 if e.ends_with("_n") {
-                    for n in 1..=8 {
-                        let name = format!("{e}{n}");
-                        let f = m.load_function(&name)?;
-                        funcs.insert(name, f);
-                    }
+                    names.extend((1..=8).map(|n| format!("{e}{n}")));
                 } else {
-                    funcs.insert(e.to_string(), m.load_function(e)?);
+                    names.push(e.to_string());
                 }
             }
+            for name in names {
+                // SAFETY: `m` was just loaded and is not freed before `Drop`.
+                let f = unsafe { cudarc::driver::result::module::get_function(m, cstr(&name)?) }?;
+                funcs.insert(name, RawFunction(f));
+            }
         }
+        let pdl_supported = maj >= 9;
+        let pdl = pdl_supported && pdl_env().unwrap_or(true);
         let argmax_scratch =
             stream.alloc_zeros::<u64>(kernels::ARGMAX_MAX_ROWS * kernels::ARGMAX_PARTS)?;
         Ok(Self {
@@ -304,13 +332,37 @@ impl CudaContext {
             sm_count,
             ptx_cache_hits: hits,
             funcs,
+            modules,
+            pdl,
+            pdl_supported,
             argmax_scratch,
         })
     }
 
-    pub(crate) fn func(&self, name: &str) -> &CudaFunction {
-        self.funcs
-            .get(name)
-            .unwrap_or_else(|| panic!("kernel {name} not loaded"))
+    /// Turns programmatic dependent launch on or off for later launches (a no-op
+    /// where unsupported). `KAIROS_CUDA_PDL=0|1` in the environment wins.
+    pub fn set_pdl(&mut self, on: bool) {
+        self.pdl = self.pdl_supported && pdl_env().unwrap_or(on);
+    }
+
+    /// Starts a launch of kernel `name` on this context's stream.
+    pub(crate) fn launch(&self, name: &str) -> Launch<'_> {
+        let f = *self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} not loaded"));
+        Launch::new(&self.stream, f, self.pdl)
+    }
+}
+
+impl Drop for CudaContext {
+    fn drop(&mut self) {
+        // Best effort: work using the modules must be done first.
+        let _ = self.stream.synchronize();
+        if self.ctx.bind_to_thread().is_ok() {
+            for m in self.modules.drain(..) {
+                // SAFETY: each module was loaded once in `new` and is unloaded once here.
+                unsafe {
+                    let _ = cudarc::driver::sys::cuModuleUnload(m.0);
+                }
+            }
+        }
     }
 }

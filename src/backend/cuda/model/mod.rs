@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use half::bf16;
 
 use super::kernels::{Act, AttnWorkspace, KvShape};
@@ -77,11 +77,16 @@ pub struct CudaBackendOptions {
     /// gate/up); off = bf16 activations with f32 math (`kernels/mxfp4.cu`). Used only when
     /// hidden and expert width are multiples of 32.
     pub moe_q8: bool,
+    /// Programmatic dependent launch between the step's kernels (with the GEMVs' L2
+    /// prefetch before their wait). `None` = on for dense models, off for MoE: on the
+    /// H100 it made SmolLM2 17% faster and the Qwen3-30B-A3B / gpt-oss-20b shapes
+    /// 6-9% slower (bench/results/cuda_decode_h100.md). `KAIROS_CUDA_PDL` overrides.
+    pub pdl: Option<bool>,
 }
 
 impl Default for CudaBackendOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true }
+        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None }
     }
 }
 
@@ -202,7 +207,7 @@ impl CudaContext {
     fn fill_bf16(&self, n: usize, seed: u64, scale: f32, offset: f32) -> Res<CudaSlice<u16>> {
         let mut s = self.stream.alloc_zeros::<u16>(n.max(1))?;
         let nn = n as i64;
-        let mut b = self.stream.launch_builder(self.func("fill_random_bf16"));
+        let mut b = self.launch("fill_random_bf16");
         b.arg(&mut s).arg(&nn).arg(&seed).arg(&scale).arg(&offset);
         unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
         Ok(s)
@@ -211,7 +216,7 @@ impl CudaContext {
     fn fill_u8(&self, n: usize, seed: u64, lo: i32, range: i32) -> Res<CudaSlice<u8>> {
         let mut s = self.stream.alloc_zeros::<u8>(n.max(1))?;
         let nn = n as i64;
-        let mut b = self.stream.launch_builder(self.func("fill_random_u8"));
+        let mut b = self.launch("fill_random_u8");
         b.arg(&mut s).arg(&nn).arg(&seed).arg(&lo).arg(&range);
         unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
         Ok(s)
@@ -229,7 +234,7 @@ impl CudaContext {
             let name = format!("bf16_gemv_{}x_n{nn}", if x_bf16 { "bf16" } else { "f32" });
             let xp = x + (j0 * cols * xs) as u64;
             let yp = y + (j0 * rows * 4) as u64;
-            let mut b = self.stream.launch_builder(self.func(&name));
+            let mut b = self.launch(&name);
             b.arg(w).arg(&xp).arg(&yp).arg(&r).arg(&c);
             let rpb = if nn >= 4 { 16 } else { 8 };
             unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
@@ -240,7 +245,7 @@ impl CudaContext {
 
     fn add_expert_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, ids: &CudaSlice<i32>, n_assign: usize, cols: usize) -> Res<()> {
         let (nn, c) = (n_assign as i32, cols as i32);
-        let mut b = self.stream.launch_builder(self.func("add_expert_bias"));
+        let mut b = self.launch("add_expert_bias");
         b.arg(y).arg(bias).arg(ids).arg(&nn).arg(&c);
         unsafe { b.launch(lc((n_assign * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
         Ok(())
@@ -248,7 +253,7 @@ impl CudaContext {
 
     fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, cols: usize) -> Res<()> {
         let (nn, c) = (n as i32, cols as i32);
-        let mut b = self.stream.launch_builder(self.func("add_bias_f32"));
+        let mut b = self.launch("add_bias_f32");
         b.arg(y).arg(bias).arg(&nn).arg(&c);
         unsafe { b.launch(lc((n * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
         Ok(())
@@ -256,7 +261,8 @@ impl CudaContext {
 }
 
 impl CudaBackend {
-    fn assemble(cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
+    fn assemble(mut cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
+        cx.set_pdl(opts.pdl.unwrap_or(c.moe.is_none()));
         let t = opts.max_step_tokens.max(1).next_power_of_two();
         let max_context = opts.max_context.unwrap_or(c.max_position_embeddings.min(8192)).max(1);
         let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
@@ -375,7 +381,7 @@ impl CudaBackend {
                 let a = [nq as i32, nkv as i32, hd as i32];
                 let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
                 let null = 0u64;
-                let mut lb = st.launch_builder(cx.func("rope_qk_kv"));
+                let mut lb = cx.launch("rope_qk_kv");
                 lb.arg(&mut b.qkv).arg(&b.pos).arg(&b.slots).arg(&w.inv_freq);
                 match &l.q_norm {
                     Some(q) => lb.arg(q),
@@ -403,7 +409,7 @@ impl CudaBackend {
                 }
                 let a = [nq as i32, nkv as i32, hd as i32, li as i32, kv.n_layers as i32, kv.max_pos as i32];
                 let (win, qs, null) = (l.window as i32, qkvd as i64, 0u64);
-                let mut lb = st.launch_builder(cx.func("attention_generic"));
+                let mut lb = cx.launch("attention_generic");
                 lb.arg(&b.qkv).arg(&*k_cache).arg(&*v_cache).arg(&b.slots).arg(&b.lens);
                 match &l.sinks {
                     Some(s) => lb.arg(s),
@@ -637,7 +643,7 @@ fn pre_norm<O: Act>(
         Pend::Moe => {
             let name = if O::NAME == "bf16" { "rmsnorm_moe_bf16" } else { "rmsnorm_moe_f32" };
             let (kk, hh) = (k as i32, h as i32);
-            let mut lb = cx.stream.launch_builder(cx.func(name));
+            let mut lb = cx.launch(name);
             lb.arg(x).arg(ye).arg(tw).arg(&kk).arg(w).arg(out).arg(&hh).arg(&eps);
             unsafe { lb.launch(lc(n, 1, 1, if n < 64 { 1024 } else { 256 })) }?;
             Ok(())
