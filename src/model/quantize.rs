@@ -273,12 +273,14 @@ pub fn apply_quant_calibrated(w: &mut ModelWeights, spec: &QuantSpec, calib: Opt
 /// The spec a `kairos quantize` folder was written with (`quantization_config.kairos_spec`).
 pub fn recorded_spec(config: &serde_json::Value) -> Result<Option<QuantSpec>, ModelError> {
     let q = &config["quantization_config"];
-    if q["quant_method"].as_str() != Some("kairos") {
-        return Ok(None);
-    }
-    let spec = q["kairos_spec"]
-        .as_str()
-        .ok_or_else(|| ModelError::Config("quantization_config (kairos) has no `kairos_spec` string".into()))?;
+    // gpt-oss folders carry `quant_method = "mxfp4"` (for transformers) and the spec.
+    let spec = match (q["quant_method"].as_str(), q["kairos_spec"].as_str()) {
+        (_, Some(s)) => s,
+        (Some("kairos"), None) => {
+            return Err(ModelError::Config("quantization_config (kairos) has no `kairos_spec` string".into()))
+        }
+        _ => return Ok(None),
+    };
     spec.parse()
         .map(Some)
         .map_err(|e| ModelError::Config(format!("quantization_config.kairos_spec: {e}")))
