@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use kairos::engine::eval::{evaluate, EvalOptions};
-use kairos::model::quantize::{apply_quant, QuantSpec};
+use kairos::model::quantize::{apply_quant_calibrated, QuantSpec};
 
-use super::quantize::load_with_quant;
+use super::quantize::{calibrate, load_with_quant, CalibArgs};
 use super::{make_backend, Device};
 
 #[derive(Args)]
@@ -37,6 +37,8 @@ pub struct EvalArgs {
     max_tokens: Option<usize>,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    calib: CalibArgs,
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
@@ -49,7 +51,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let stride = a.stride.unwrap_or((a.window / 2).max(1));
     let opts = EvalOptions { window: a.window, stride };
     let name = model.name.clone();
-    let weights = model.weights;
+    let (weights, tokenizer) = (model.weights, model.tokenizer);
     let t = Instant::now();
     let (res, device) = match &a.quant {
         None => {
@@ -58,12 +60,15 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         }
         Some(spec) => {
             // The reference is loaded again rather than cloned: weights are not Clone.
+            let weights = Arc::new(weights);
+            let calib = calibrate(&weights, &tokenizer, spec, &a.calib)?;
             let mut qw = load_with_quant(&a.model, None)?.weights;
             let tq = Instant::now();
-            apply_quant(&mut qw, spec).with_context(|| format!("--quant {spec}"))?;
+            apply_quant_calibrated(&mut qw, spec, calib.as_ref()).with_context(|| format!("--quant {spec}"))?;
+            drop(calib);
             eprintln!("[quantized with {spec} in {:.2}s]", tq.elapsed().as_secs_f64());
             let mut q = make_backend(a.device, Arc::new(qw))?;
-            let mut r = make_backend(a.device, Arc::new(weights))?;
+            let mut r = make_backend(a.device, weights)?;
             (evaluate(q.as_mut(), Some(r.as_mut()), &tokens, opts)?, q.name())
         }
     };

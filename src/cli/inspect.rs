@@ -99,17 +99,5 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
 
 /// Bytes the loaded weights occupy, counted from the tensors themselves.
 pub fn resident_bytes(w: &kairos::model::ModelWeights) -> u64 {
-    let mut total = w.embed.bytes() as u64 + w.lm_head.as_ref().map_or(0, |l| l.bytes() as u64);
-    total += (w.final_norm.len() * 4) as u64;
-    for (_, lin) in w.linears() {
-        total += lin.weight.bytes() as u64 + lin.bias.as_ref().map_or(0, |b| (b.len() * 4) as u64);
-    }
-    for l in &w.layers {
-        total += ((l.input_norm.len() + l.post_attention_norm.len()) * 4) as u64;
-        let a = &l.attention;
-        for v in [&a.q_norm, &a.k_norm, &a.sinks].into_iter().flatten() {
-            total += (v.len() * 4) as u64;
-        }
-    }
-    total
+    kairos::model::accounting::measured_resident_bytes(w)
 }

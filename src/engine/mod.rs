@@ -1,5 +1,6 @@
 //! The forward loop over a backend: sampling, generation, constrained decoding.
 
+pub mod calibrate;
 pub mod constrained;
 pub mod eval;
 pub mod generate;

@@ -2,6 +2,25 @@
 //! config alone (so huge shapes can be planned without their weights).
 
 use super::config::ModelConfig;
+use super::family::ModelWeights;
+
+/// Bytes the loaded weights occupy, counted from the tensors themselves (what
+/// `kairos inspect --load` reports next to the predicted [`precision_mix`]).
+pub fn measured_resident_bytes(w: &ModelWeights) -> u64 {
+    let mut total = w.embed.bytes() as u64 + w.lm_head.as_ref().map_or(0, |l| l.bytes() as u64);
+    total += (w.final_norm.len() * 4) as u64;
+    for (_, lin) in w.linears() {
+        total += lin.weight.bytes() as u64 + lin.bias.as_ref().map_or(0, |b| (b.len() * 4) as u64);
+    }
+    for l in &w.layers {
+        total += ((l.input_norm.len() + l.post_attention_norm.len()) * 4) as u64;
+        let a = &l.attention;
+        for v in [&a.q_norm, &a.k_norm, &a.sinks].into_iter().flatten() {
+            total += (v.len() * 4) as u64;
+        }
+    }
+    total
+}
 
 /// Parameters of a model, split by the role that decides their precision.
 #[derive(Debug, Clone, Default, serde::Serialize)]

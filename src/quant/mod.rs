@@ -28,6 +28,7 @@ use std::str::FromStr;
 pub mod e2m1;
 pub mod e4m3;
 pub mod fp8;
+pub mod gptq;
 pub mod kernels;
 pub mod mxfp4;
 pub mod nvfp4;
@@ -76,6 +77,9 @@ pub enum QuantError {
     /// Invalid scale block size (must be > 0).
     #[error("invalid scale block size {0}")]
     ScaleBlock(usize),
+    /// GPTQ: the dampened Hessian is not positive definite (at this column).
+    #[error("gptq: the dampened Hessian is not positive definite (column {column})")]
+    NotPositiveDefinite { column: usize },
     /// Unknown format name in [`QuantFormat::from_str`].
     #[error("unknown quantization format '{0}' (expected mxfp4, nvfp4 or fp8)")]
     UnknownFormat(String),

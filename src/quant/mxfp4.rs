@@ -69,16 +69,18 @@ fn choose_exp(xs: &[f32], amax: f32, rule: ScaleRule) -> i32 {
     }
 }
 
+/// The E8M0 scale byte of one block and its value (`ZERO_BLOCK_SCALE` for all-zero blocks).
+pub(crate) fn block_scale(xs: &[f32], rule: ScaleRule) -> (u8, f32) {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = if amax == 0.0 { ZERO_BLOCK_SCALE } else { e8m0_encode_exp(choose_exp(xs, amax, rule)) };
+    (s, e8m0_decode(s))
+}
+
 /// Quantizes one block of 32 values into 16 packed bytes; returns the E8M0 scale byte.
 fn quantize_block(xs: &[f32], out: &mut [u8], rule: ScaleRule) -> u8 {
-    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if amax == 0.0 {
-        out.fill(0);
-        return ZERO_BLOCK_SCALE;
-    }
-    let s = e8m0_encode_exp(choose_exp(xs, amax, rule));
+    let (s, d) = block_scale(xs, rule);
     let mut codes = [0u8; MXFP4_BLOCK];
-    encode_block(xs, e8m0_decode(s), &mut codes);
+    encode_block(xs, d, &mut codes);
     pack_codes(&codes, out);
     s
 }

@@ -31,17 +31,16 @@ pub struct Nvfp4Matrix {
     pub tensor_scale: f32,
 }
 
-/// Quantizes one block of 16 values; returns the E4M3 scale code.
+/// The E4M3 scale code of one block and the block's scale value (`code · ts`).
 ///
 /// Spec (ModelOpt / NVIDIA): code = e4m3(amax_b / (6·ts)); zero blocks store 1.0; a
 /// non-zero block whose scale underflows E4M3 gets the smallest subnormal (0x01) instead
 /// of 0 so no division by zero occurs. MseSearch also tries the E4M3 codes ±1, ±2
 /// around it and keeps the lowest squared error (ties keep the spec code).
-fn quantize_block(xs: &[f32], ts: f32, out: &mut [u8], rule: ScaleRule) -> u8 {
+pub(crate) fn block_scale(xs: &[f32], ts: f32, rule: ScaleRule) -> (u8, f32) {
     let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
-        out.fill(0);
-        return ONE_E4M3;
+        return (ONE_E4M3, ts);
     }
     let spec = e4m3_encode_rne(amax / (E2M1_MAX * ts)).max(1);
     let code = match rule {
@@ -61,8 +60,26 @@ fn quantize_block(xs: &[f32], ts: f32, out: &mut [u8], rule: ScaleRule) -> u8 {
             best.1
         }
     };
+    (code, e4m3_decode(code) * ts)
+}
+
+/// The spec tensor scale `amax / (6·448)` (1.0 for an all-zero tensor).
+pub(crate) fn tensor_scale_for(w: &[f32]) -> f32 {
+    let amax = w.par_iter().with_min_len(4096).map(|v| v.abs()).reduce(|| 0.0, f32::max);
+    let ts = amax / (E2M1_MAX * E4M3_MAX);
+    if ts.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater) {
+        ts
+    } else {
+        // all-zero tensor (or amax so tiny the scale underflows: everything rounds to 0)
+        1.0
+    }
+}
+
+/// Quantizes one block of 16 values; returns the E4M3 scale code.
+fn quantize_block(xs: &[f32], ts: f32, out: &mut [u8], rule: ScaleRule) -> u8 {
+    let (code, d) = block_scale(xs, ts, rule);
     let mut codes = [0u8; NVFP4_BLOCK];
-    encode_block(xs, e4m3_decode(code) * ts, &mut codes);
+    encode_block(xs, d, &mut codes);
     pack_codes(&codes, out);
     code
 }
@@ -86,16 +103,7 @@ impl Nvfp4Matrix {
         }
         check_len("nvfp4 weights", rows * cols, w.len())?;
         check_finite(w)?;
-        let amax = w
-            .par_iter()
-            .with_min_len(4096)
-            .map(|v| v.abs())
-            .reduce(|| 0.0, f32::max);
-        let mut tensor_scale = amax / (E2M1_MAX * E4M3_MAX);
-        if tensor_scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-            // all-zero tensor (or amax so tiny the scale underflows: everything rounds to 0)
-            tensor_scale = 1.0;
-        }
+        let tensor_scale = tensor_scale_for(w);
         let mut packed = vec![0u8; rows * cols / 2];
         let mut scales = vec![0u8; rows * cols / NVFP4_BLOCK];
         packed

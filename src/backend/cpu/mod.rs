@@ -27,6 +27,22 @@ pub struct CpuBackend {
     rope: RopeTable,
     slots: Vec<Option<KvCache>>,
     max_context: usize,
+    tap: Option<Box<dyn MlpTap>>,
+}
+
+/// Where a dense MLP's input is observed by an [`MlpTap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpSite {
+    /// The normed hidden state entering `gate_proj` and `up_proj` (`[n, hidden]`).
+    GateUpInput,
+    /// The gated activation entering `down_proj` (`[n, intermediate]`).
+    DownInput,
+}
+
+/// Observer of the inputs of every dense MLP's linears during `forward` (calibration,
+/// e.g. GPTQ Hessians). MoE expert inputs are not reported.
+pub trait MlpTap: Send {
+    fn record(&mut self, layer: usize, site: MlpSite, x: &[f32], n: usize);
 }
 
 impl CpuBackend {
@@ -34,7 +50,12 @@ impl CpuBackend {
         let c = &weights.config;
         let rope = RopeTable::new(&c.rope, c.head_dim);
         let max_context = c.max_position_embeddings;
-        Self { weights, rope, slots: Vec::new(), max_context }
+        Self { weights, rope, slots: Vec::new(), max_context, tap: None }
+    }
+
+    /// Installs (or with `None` removes) the MLP input observer; returns the previous one.
+    pub fn set_mlp_tap(&mut self, tap: Option<Box<dyn MlpTap>>) -> Option<Box<dyn MlpTap>> {
+        std::mem::replace(&mut self.tap, tap)
     }
 
     pub fn weights(&self) -> &Arc<ModelWeights> {
@@ -106,7 +127,13 @@ impl CpuBackend {
         }
         ops::rmsnorm(x, &layer.post_attention_norm, c.rms_norm_eps, &mut h);
         let m = match &layer.mlp {
-            Mlp::Dense(mlp) => moe::gated_mlp(mlp, c.activation, &h, n),
+            Mlp::Dense(mlp) => match self.tap.as_mut() {
+                None => moe::gated_mlp(mlp, c.activation, &h, n),
+                Some(tap) => {
+                    tap.record(li, MlpSite::GateUpInput, &h, n);
+                    moe::gated_mlp_observed(mlp, c.activation, &h, n, &mut |g| tap.record(li, MlpSite::DownInput, g, n))
+                }
+            },
             Mlp::Moe(block) => moe::moe_forward(block, c, &h, n),
         };
         for (xv, mv) in x.iter_mut().zip(&m) {

@@ -7,9 +7,15 @@ use crate::model::config::{Activation, ModelConfig, RouterKind};
 use crate::model::family::{GatedMlp, Moe};
 
 pub fn gated_mlp(m: &GatedMlp, act: Activation, x: &[f32], n: usize) -> Vec<f32> {
+    gated_mlp_observed(m, act, x, n, &mut |_| {})
+}
+
+/// [`gated_mlp`] that shows `down_proj`'s input to `observe` (calibration).
+pub fn gated_mlp_observed(m: &GatedMlp, act: Activation, x: &[f32], n: usize, observe: &mut dyn FnMut(&[f32])) -> Vec<f32> {
     let mut gate = linear(&m.gate, x, n);
     let up = linear(&m.up, x, n);
     ops::gated_activation(act, &mut gate, &up);
+    observe(&gate);
     linear(&m.down, &gate, n)
 }
 

@@ -15,6 +15,10 @@
 //! | NVFP4 (ModelOpt) | `<p>.weight` U8 `[out, in/2]`, `<p>.weight_scale` F8_E4M3 `[out, in/16]`, `<p>.weight_scale_2` F32 `[]` (multiplies) |
 //! | FP8 | `<p>.weight` F8_E4M3 `[out, in]`, `<p>.weight_scale` F32 `[out]` (per row; `weight_scale_inv` `[⌈out/b⌉, ⌈in/b⌉]` for block scales) |
 //!
+//! gpt-oss keeps its own names and fused expert layout (see `Tensors::gpt_oss_experts`):
+//! MXFP4 experts as `mlp.experts.{gate_up,down}_proj_{blocks,scales}` with the
+//! `quantization_config` gpt-oss ships (`quant_method = "mxfp4"`, plus `kairos_spec`).
+//!
 //! plus `<p>.bias` F32 when present. Norms and routers are F32. The embedding and
 //! lm_head are F32 or BF16. When the folder is loaded, the spec recorded in
 //! `quantization_config.kairos_spec` is applied again (a no-op on packed weights;
@@ -30,7 +34,7 @@ use serde_json::{json, Value};
 
 use super::QuantSpec;
 use crate::model::config::Arch;
-use crate::model::family::{GatedMlp, Mlp, ModelWeights};
+use crate::model::family::{GatedMlp, Mlp, ModelWeights, Moe};
 use crate::model::weights::{Linear, Weight};
 use crate::model::{LoadedModel, ModelError};
 
@@ -121,6 +125,80 @@ impl Tensors {
         Ok(())
     }
 
+    /// gpt-oss experts `x` (= `model.layers.N.mlp.experts`) in gpt-oss's own layout:
+    /// MXFP4 as `gate_up_proj_blocks` [E, 2I, H/32, 16] / `_scales` [E, 2I, H/32] (rows
+    /// interleaved gate, up, gate, …) and `down_proj_blocks` [E, H, I/32, 16] / `_scales`;
+    /// float as `gate_up_proj` [E, H, 2I] (input-major, gate/up interleaved) and
+    /// `down_proj` [E, I, H]; plus `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H].
+    fn gpt_oss_experts(&mut self, x: &str, m: &Moe) -> Result<(), ModelError> {
+        let e = m.experts.len();
+        let Some(first) = m.experts.first() else { return Ok(()) };
+        let (i, h) = (first.gate.weight.rows(), first.gate.weight.cols());
+        let (mut gu_bias, mut dn_bias) = (Vec::with_capacity(e * 2 * i), Vec::with_capacity(e * h));
+        let zeros = |n| vec![0f32; n];
+        for ex in &m.experts {
+            let g = ex.gate.bias.clone().unwrap_or_else(|| zeros(i));
+            let u = ex.up.bias.clone().unwrap_or_else(|| zeros(i));
+            gu_bias.extend(g.iter().zip(&u).flat_map(|(a, b)| [*a, *b]));
+            dn_bias.extend(ex.down.bias.clone().unwrap_or_else(|| zeros(h)));
+        }
+        let all_mxfp4 = m.experts.iter().all(|ex| {
+            [&ex.gate, &ex.up, &ex.down].iter().all(|l| matches!(l.weight, Weight::Mxfp4(_)))
+        });
+        let all_float = m.experts.iter().all(|ex| {
+            [&ex.gate, &ex.up, &ex.down].iter().all(|l| matches!(l.weight, Weight::F32 { .. } | Weight::Bf16 { .. }))
+        });
+        if all_mxfp4 {
+            let (mut gub, mut gus, mut dnb, mut dns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ex in &m.experts {
+                let (Weight::Mxfp4(g), Weight::Mxfp4(u), Weight::Mxfp4(d)) = (&ex.gate.weight, &ex.up.weight, &ex.down.weight) else {
+                    unreachable!("checked above")
+                };
+                let (rb, rs) = (h / 2, h / 32);
+                for r in 0..i {
+                    for w in [g, u] {
+                        gub.extend_from_slice(&w.blocks[r * rb..(r + 1) * rb]);
+                        gus.extend_from_slice(&w.scales[r * rs..(r + 1) * rs]);
+                    }
+                }
+                dnb.extend_from_slice(&d.blocks);
+                dns.extend_from_slice(&d.scales);
+            }
+            self.push(format!("{x}.gate_up_proj_blocks"), Dtype::U8, vec![e, 2 * i, h / 32, 16], gub);
+            self.push(format!("{x}.gate_up_proj_scales"), Dtype::U8, vec![e, 2 * i, h / 32], gus);
+            self.push(format!("{x}.down_proj_blocks"), Dtype::U8, vec![e, h, i / 32, 16], dnb);
+            self.push(format!("{x}.down_proj_scales"), Dtype::U8, vec![e, h, i / 32], dns);
+        } else if all_float {
+            let (mut gu, mut dn) = (vec![0f32; e * h * 2 * i], vec![0f32; e * i * h]);
+            for (k, ex) in m.experts.iter().enumerate() {
+                let (g, u, d) = (ex.gate.weight.to_f32(), ex.up.weight.to_f32(), ex.down.weight.to_f32());
+                let dst = &mut gu[k * h * 2 * i..(k + 1) * h * 2 * i];
+                for r in 0..h {
+                    for j in 0..i {
+                        dst[r * 2 * i + 2 * j] = g[j * h + r];
+                        dst[r * 2 * i + 2 * j + 1] = u[j * h + r];
+                    }
+                }
+                let dst = &mut dn[k * i * h..(k + 1) * i * h];
+                for r in 0..i {
+                    for c in 0..h {
+                        dst[r * h + c] = d[c * i + r];
+                    }
+                }
+            }
+            self.push(format!("{x}.gate_up_proj"), Dtype::F32, vec![e, h, 2 * i], f32_bytes(&gu));
+            self.push(format!("{x}.down_proj"), Dtype::F32, vec![e, i, h], f32_bytes(&dn));
+        } else {
+            return Err(ModelError::Format(format!(
+                "`{x}`: gpt-oss experts can be saved as MXFP4 (native `*_blocks`/`*_scales`) or float, not {}",
+                first.gate.weight.precision().name()
+            )));
+        }
+        self.push(format!("{x}.gate_up_proj_bias"), Dtype::F32, vec![e, 2 * i], f32_bytes(&gu_bias));
+        self.push(format!("{x}.down_proj_bias"), Dtype::F32, vec![e, h], f32_bytes(&dn_bias));
+        Ok(())
+    }
+
     fn mlp(&mut self, p: &str, m: &GatedMlp) -> Result<(), ModelError> {
         self.linear(&format!("{p}.gate_proj"), &m.gate)?;
         self.linear(&format!("{p}.up_proj"), &m.up)?;
@@ -129,11 +207,7 @@ impl Tensors {
 }
 
 fn collect(w: &ModelWeights) -> Result<Tensors, ModelError> {
-    if w.config.arch == Arch::GptOss {
-        return Err(ModelError::Format(
-            "saving gpt-oss (fused, interleaved experts) is not supported yet; quantize it at load with --quant".into(),
-        ));
-    }
+    let gpt_oss = w.config.arch == Arch::GptOss;
     let mut t = Tensors::default();
     t.matrix("model.embed_tokens.weight".into(), &w.embed)?;
     for (i, l) in w.layers.iter().enumerate() {
@@ -155,6 +229,10 @@ fn collect(w: &ModelWeights) -> Result<Tensors, ModelError> {
         }
         match &l.mlp {
             Mlp::Dense(m) => t.mlp(&format!("{p}.mlp"), m)?,
+            Mlp::Moe(m) if gpt_oss => {
+                t.linear(&format!("{p}.mlp.router"), &m.router)?;
+                t.gpt_oss_experts(&format!("{p}.mlp.experts"), m)?;
+            }
             Mlp::Moe(m) => {
                 t.linear(&format!("{p}.mlp.gate"), &m.router)?;
                 for (e, x) in m.experts.iter().enumerate() {
@@ -193,6 +271,16 @@ pub fn quantization_config(spec: &QuantSpec) -> Value {
     })
 }
 
+/// gpt-oss with MXFP4 experts: the section gpt-oss checkpoints ship (so transformers'
+/// MXFP4 loader reads the folder), plus the spec for kairos (`kairos_spec`).
+pub fn gpt_oss_quantization_config(spec: &QuantSpec) -> Value {
+    json!({
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "kairos_spec": spec.to_string(),
+    })
+}
+
 fn write_json(path: &Path, v: &Value) -> Result<(), ModelError> {
     let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
     std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
@@ -211,8 +299,13 @@ pub fn save_model(
     let tensors = collect(&model.weights)?;
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let mut cfg = source_config.clone();
+    let q = if model.weights.config.arch == Arch::GptOss && spec.experts == crate::quant::QuantFormat::Mxfp4 {
+        gpt_oss_quantization_config(spec)
+    } else {
+        quantization_config(spec)
+    };
     if let Some(o) = cfg.as_object_mut() {
-        o.insert("quantization_config".into(), quantization_config(spec));
+        o.insert("quantization_config".into(), q);
     }
     write_json(&out.join("config.json"), &cfg)?;
     let st = out.join("model.safetensors");
