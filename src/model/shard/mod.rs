@@ -1,6 +1,7 @@
 //! Sharding a model over ranks: the plan (who holds what) and loading one
 //! rank's slices through the ordinary family loader.
 
+pub mod cost;
 pub mod plan;
 pub mod source;
 
