@@ -258,3 +258,29 @@ fn smollm2_tensor_and_expert_parallel() {
         compare(&mut fresh, &mut b, [&prompt_a, &prompt_b], 2, &format!("smollm2 upcycled E={experts} {plan:?}"));
     }
 }
+
+#[test]
+fn sharded_greedy_ids_match_transformers() {
+    use kairos::engine::generate::{generate, GenerateRequest};
+    use kairos::engine::sampling::SamplingParams;
+    for (name, (tp, ep)) in [("qwen3_moe", (4, 2)), ("mixtral", (2, 2)), ("gpt_oss", (4, 4))] {
+        let ck = kairos::model::shard::open_checkpoint(&fixture(name)).expect("open");
+        let plan = ShardPlan::new(tp, ep, None).expect("plan");
+        let mut b = ShardedCpuBackend::load(&ck.config, ck.source.as_ref(), plan).expect("load");
+        let text = std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference");
+        let reference: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect() };
+        for case in reference["cases"].as_array().expect("cases") {
+            let want = ids(&case["greedy_ids"]);
+            let req = GenerateRequest {
+                prompt_ids: ids(&case["prompt_ids"]),
+                max_new_tokens: want.len(),
+                sampling: SamplingParams::default(),
+                eos_ids: ck.tokenizer.eos_ids.clone(),
+                top_logits: 0,
+            };
+            let got = generate(&mut b, &req).expect("generate").output_ids;
+            assert_eq!(got, want, "{name} tp={tp} ep={ep}: greedy ids");
+        }
+    }
+}
