@@ -5,7 +5,9 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod collectives;
 pub mod rope;
+pub mod sharded;
 
 /// A sequence's KV-cache slot inside a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

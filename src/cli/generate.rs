@@ -41,6 +41,31 @@ pub struct GenerateArgs {
     /// Quantize at load, e.g. experts=mxfp4 or experts=nvfp4,dense=fp8[,scale=mse].
     #[arg(long)]
     quant: Option<kairos::model::quantize::QuantSpec>,
+    /// Shard over simulated CPU ranks: attention tensor parallel (1 or the rank count).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Shard over simulated CPU ranks: expert-parallel degree (divides the rank count).
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
+    /// Simulated CPU ranks (default: the larger of --tp and --ep).
+    #[arg(long)]
+    ranks: Option<usize>,
+}
+
+/// Name, tokenizer and backend: one device, or a model sharded over simulated CPU ranks.
+fn open_backend(a: &GenerateArgs) -> anyhow::Result<(String, kairos::model::TextTokenizer, Box<dyn kairos::backend::Backend>)> {
+    if a.tp == 1 && a.ep == 1 && a.ranks.is_none() {
+        let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
+        let backend = make_backend(a.device, Arc::new(model.weights))?;
+        return Ok((model.name, model.tokenizer, backend));
+    }
+    if a.device != Device::Cpu || a.quant.is_some() {
+        anyhow::bail!("--tp/--ep/--ranks shard over simulated CPU ranks: use --device cpu and no --quant");
+    }
+    let plan = kairos::model::shard::ShardPlan::new(a.tp, a.ep, a.ranks)?;
+    let ck = kairos::model::shard::open_checkpoint(&a.model)?;
+    let backend = kairos::backend::sharded::ShardedCpuBackend::load(&ck.config, ck.source.as_ref(), plan)?;
+    Ok((ck.name, ck.tokenizer, Box::new(backend)))
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -50,16 +75,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
-    let tok = &model.tokenizer;
+    let (name, tokenizer, mut backend) = open_backend(&a)?;
+    let tok = &tokenizer;
     let prompt_ids = if a.chat { tok.encode_chat(&a.prompt)? } else { tok.encode(&a.prompt, true)? };
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
     let eos_ids = tok.eos_ids.clone();
-    let name = model.name.clone();
-    let weights = Arc::new(model.weights);
-    let mut backend = make_backend(a.device, weights)?;
     let req = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
         max_new_tokens: a.max_new_tokens,
@@ -68,7 +90,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         top_logits: a.top_logits,
     };
     let out = generate(backend.as_mut(), &req)?;
-    let text = model_text(&model.tokenizer, &out.output_ids)?;
+    let text = model_text(&tokenizer, &out.output_ids)?;
     if a.json {
         let mut v = serde_json::json!({
             "model": name,

@@ -8,6 +8,8 @@ use kairos::model::accounting::{kv_step_bytes, precision_mix, ParamCounts};
 use kairos::model::config::ModelConfig;
 use kairos::model::gguf::GgufFile;
 use kairos::model::load::{gguf_config, read_hf_config};
+use kairos::model::shard::cost::{rank_cost, RankCost};
+use kairos::model::shard::ShardPlan;
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -15,8 +17,17 @@ pub struct InspectArgs {
     #[arg(long)]
     model: PathBuf,
     /// Memory bandwidth for the roofline, GB/s (H100 copy bandwidth measured: 2840).
-    #[arg(long, default_value_t = 2840.0)]
+    #[arg(long, alias = "bandwidth", default_value_t = 2840.0)]
     bandwidth_gbs: f64,
+    /// Tensor-parallel degree of attention (1 or the number of GPUs): adds per-GPU bytes and roofline.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Expert-parallel degree (divides the number of GPUs).
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
+    /// Number of GPUs (default: the larger of --tp and --ep).
+    #[arg(long)]
+    gpus: Option<usize>,
     /// Context length for the KV-cache term.
     #[arg(long, default_value_t = 2048)]
     context: usize,
@@ -50,6 +61,12 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     let mixes = [("f32", "f32"), ("bf16", "bf16"), ("mxfp4", "bf16"), ("nvfp4", "bf16"), ("mxfp4", "fp8")];
     let kv = kv_step_bytes(&c, a.context, 2);
     let rows: Vec<_> = mixes.iter().map(|(e, d)| precision_mix(&c, &p, e, d)).collect();
+    let plan = ShardPlan::new(a.tp, a.ep, a.gpus)?;
+    let sharded: Vec<RankCost> = if plan.ranks > 1 {
+        mixes.iter().map(|(e, d)| rank_cost(&c, &plan, e, d, a.context)).collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let measured = if a.load {
         let m = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
         Some(resident_bytes(&m.weights))
@@ -69,6 +86,13 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 "roofline_tokens_per_s": a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64,
             })).collect::<Vec<_>>(),
             "measured_resident_bytes": measured,
+            "plan": {"gpus": plan.ranks, "tp": plan.tp, "ep": plan.ep},
+            "per_gpu": sharded.iter().map(|r| serde_json::json!({
+                "experts": r.experts_format, "dense": r.dense_format, "resident_bytes": r.resident_bytes,
+                "step_bytes_mean": r.step_bytes_mean, "step_bytes_busiest": r.step_bytes_busiest,
+                "experts_per_gpu_mean": r.experts_per_group_mean, "experts_per_gpu_busiest": r.experts_per_group_busiest,
+                "roofline_tokens_per_s": a.bandwidth_gbs * 1e9 / r.step_bytes_busiest as f64,
+            })).collect::<Vec<_>>(),
             "measured_quant": a.quant.map(|q| q.to_string()),
         });
         println!("{v}");
@@ -88,6 +112,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         println!("{:<28} {:>14.1} {:>16.2} {:>22.0}", r.name, r.resident_bytes as f64 / 1e6, r.step_bytes as f64 / 1e6,
             a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64);
     }
+    if !sharded.is_empty() {
+        print_sharded(&plan, &sharded, a.bandwidth_gbs);
+    }
     if let Some(m) = measured {
         match &a.quant {
             Some(q) => println!("measured resident (loaded, --quant {q}): {:.1} MB", m as f64 / 1e6),
@@ -95,6 +122,23 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_sharded(plan: &ShardPlan, rows: &[RankCost], bw: f64) {
+    println!("per GPU: {} GPUs, attention tp={}, experts ep={} (each expert split over {} GPUs), vocabulary split {} ways",
+        plan.ranks, plan.tp, plan.ep, plan.expert_split(), plan.ranks);
+    if let Some(r) = rows.first() {
+        println!("  chosen experts per MoE layer on one GPU group (batch 1): mean {:.2}, busiest {:.2} (expected max)",
+            r.experts_per_group_mean, r.experts_per_group_busiest);
+    }
+    println!("{:<28} {:>14} {:>14} {:>16} {:>22}", "precision mix", "resident GB", "step MB mean", "step MB busiest",
+        format!("roofline tok/s @{bw:.0}GB/s"));
+    for r in rows {
+        println!("{:<28} {:>14.2} {:>14.1} {:>16.1} {:>22.0}", format!("experts={},dense={}", r.experts_format, r.dense_format),
+            r.resident_bytes as f64 / 1e9, r.step_bytes_mean as f64 / 1e6, r.step_bytes_busiest as f64 / 1e6,
+            bw * 1e9 / r.step_bytes_busiest as f64);
+    }
+    println!("  (roofline: bandwidth / bytes of the busiest GPU incl. KV; collectives not counted)");
 }
 
 /// Bytes the loaded weights occupy, counted from the tensors themselves.

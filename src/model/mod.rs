@@ -10,6 +10,7 @@ pub mod gguf_tokenizer;
 mod gpt_oss;
 pub mod load;
 pub mod quantize;
+pub mod shard;
 pub mod tensors;
 pub mod tokenizer;
 pub mod weights;

@@ -3,7 +3,7 @@
 
 pub mod attention;
 pub mod matmul;
-mod moe;
+pub mod moe;
 pub mod ops;
 
 use std::sync::Arc;
@@ -75,10 +75,38 @@ impl CpuBackend {
         let c = &weights.config;
         let layer: &Layer = &weights.layers[li];
         let n = x.len() / c.hidden_size;
-        let (hd, kvd) = (c.head_dim, c.kv_dim());
         let mut h = vec![0f32; x.len()];
         ops::rmsnorm(x, &layer.input_norm, c.rms_norm_eps, &mut h);
-        let a = &layer.attention;
+        let o = self.attention(li, &h, chunks, starts);
+        for (xv, ov) in x.iter_mut().zip(&o) {
+            *xv += ov;
+        }
+        ops::rmsnorm(x, &layer.post_attention_norm, c.rms_norm_eps, &mut h);
+        let m = match &layer.mlp {
+            Mlp::Dense(mlp) => match self.tap.as_mut() {
+                None => moe::gated_mlp(mlp, c.activation, &h, n),
+                Some(tap) => {
+                    tap.record(li, MlpSite::GateUpInput, &h, n);
+                    moe::gated_mlp_observed(mlp, c.activation, &h, n, &mut |g| tap.record(li, MlpSite::DownInput, g, n))
+                }
+            },
+            Mlp::Moe(block) => moe::moe_forward(block, c, &h, n),
+        };
+        for (xv, mv) in x.iter_mut().zip(&m) {
+            *xv += mv;
+        }
+    }
+
+    /// Self-attention of layer `li` on the normed input `h` (one row per token of
+    /// `chunks`, each chunk starting at `starts`): appends K/V to the caches and
+    /// returns the output projection (before the residual add). Sharded ranks
+    /// call it with their slice of heads and sum the results over ranks.
+    pub fn attention(&mut self, li: usize, h: &[f32], chunks: &[Chunk<'_>], starts: &[usize]) -> Vec<f32> {
+        let weights = Arc::clone(&self.weights);
+        let c = &weights.config;
+        let n = h.len() / c.hidden_size;
+        let (hd, kvd) = (c.head_dim, c.kv_dim());
+        let a = &weights.layers[li].attention;
         let mut q = linear(&a.q, &h, n);
         let mut k = linear(&a.k, &h, n);
         let v = linear(&a.v, &h, n);
@@ -121,24 +149,29 @@ impl CpuBackend {
         }
         let shape = AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: hd, kind: a.kind };
         let attn = attend(&rows, &q, &shape, a.sinks.as_deref());
-        let o = linear(&a.o, &attn, n);
-        for (xv, ov) in x.iter_mut().zip(&o) {
-            *xv += ov;
+        linear(&a.o, &attn, n)
+    }
+
+    /// Where each chunk starts in its sequence, after checking that the
+    /// sequences exist and have room (token ids are the caller's to check).
+    pub fn step_starts(&self, chunks: &[Chunk<'_>]) -> Result<Vec<usize>, BackendError> {
+        let mut starts = Vec::with_capacity(chunks.len());
+        for ch in chunks {
+            let len = self.cache(ch.seq)?.len;
+            if len + ch.tokens.len() > self.max_context {
+                return Err(BackendError::ContextFull { seq: ch.seq, len: len + ch.tokens.len(), limit: self.max_context });
+            }
+            starts.push(len);
         }
-        ops::rmsnorm(x, &layer.post_attention_norm, c.rms_norm_eps, &mut h);
-        let m = match &layer.mlp {
-            Mlp::Dense(mlp) => match self.tap.as_mut() {
-                None => moe::gated_mlp(mlp, c.activation, &h, n),
-                Some(tap) => {
-                    tap.record(li, MlpSite::GateUpInput, &h, n);
-                    moe::gated_mlp_observed(mlp, c.activation, &h, n, &mut |g| tap.record(li, MlpSite::DownInput, g, n))
-                }
-            },
-            Mlp::Moe(block) => moe::moe_forward(block, c, &h, n),
-        };
-        for (xv, mv) in x.iter_mut().zip(&m) {
-            *xv += mv;
+        Ok(starts)
+    }
+
+    /// Counts the chunks' tokens as cached once every layer has appended them.
+    pub fn commit_step(&mut self, chunks: &[Chunk<'_>]) -> Result<(), BackendError> {
+        for ch in chunks {
+            self.cache_mut(ch.seq)?.len += ch.tokens.len();
         }
+        Ok(())
     }
 }
 
