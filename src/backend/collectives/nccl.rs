@@ -45,6 +45,14 @@ impl NcclComm {
         Ok(Self { comm })
     }
 
+    /// Joins the world `id` as `rank` of `world` on an existing stream (a
+    /// `CudaBackend`'s), so its collectives are ordered with that stream's kernels
+    /// and can be captured into the backend's decode graphs.
+    pub fn join_on(stream: Arc<CudaStream>, rank: usize, world: usize, id: Id) -> Result<Self, CommError> {
+        let comm = Comm::from_rank(stream, rank, world, id).map_err(dev("ncclCommInitRank"))?;
+        Ok(Self { comm })
+    }
+
     pub fn stream(&self) -> Arc<CudaStream> {
         self.comm.stream()
     }

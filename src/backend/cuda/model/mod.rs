@@ -188,7 +188,15 @@ pub struct CudaBackend {
     ordinal: usize,
     fused: bool,
     moe_q8: bool,
+    /// Tensor-parallel reduction of the attention and MLP outputs (see `attach_nccl`).
+    comm: Option<SendComm>,
 }
+
+/// An NCCL communicator used from one thread at a time, like `SendGraph`.
+struct SendComm(crate::backend::collectives::nccl::NcclComm);
+// SAFETY: only reached through `&mut CudaBackend`, never concurrently; NCCL allows a
+// communicator to be used from another thread when calls are not concurrent.
+unsafe impl Send for SendComm {}
 
 fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
@@ -338,7 +346,29 @@ impl CudaBackend {
                 && h.is_multiple_of(32)
                 && c.moe.as_ref().is_some_and(|m| m.expert_intermediate.is_multiple_of(32)),
             cfg: c,
+            comm: None,
         })
+    }
+
+    /// Routes the step through an NCCL communicator created on this backend's stream
+    /// (`NcclComm::join_on(backend.context().stream.clone(), …)`): the attention
+    /// output and the MLP / MoE output of every layer are all-reduced across the
+    /// world before the residual add, inside the captured decode graphs (the MoE
+    /// combine then runs unfused, before the reduction). Only a world of one is
+    /// accepted for now: the weights of a larger world must be a tensor-parallel
+    /// shard (`model::shard::load_rank`) and the vocabulary-split embedding and
+    /// lm_head need their own collectives, which this backend does not have yet.
+    pub fn attach_nccl(&mut self, comm: crate::backend::collectives::nccl::NcclComm) -> std::result::Result<(), BackendError> {
+        use crate::backend::collectives::Collectives;
+        if comm.world() != 1 {
+            return Err(BackendError::Unsupported(format!(
+                "CUDA backend: an NCCL world of {} ranks needs sharded CUDA weights and vocabulary collectives, not built yet; only a world of 1 runs",
+                comm.world()
+            )));
+        }
+        self.comm = Some(SendComm(comm));
+        self.graphs.clear();
+        Ok(())
     }
 
     pub fn context(&self) -> &CudaContext {
@@ -362,8 +392,15 @@ impl CudaBackend {
 
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, .. } = self;
-        let (fused, moe_q8) = (*fused, *moe_q8);
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, comm, .. } = self;
+        let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
+        let reduce = |buf: &mut CudaSlice<f32>| -> Res<()> {
+            use crate::backend::collectives::Collectives;
+            match comm.as_ref() {
+                Some(cm) => cm.0.all_reduce_sum(buf).map_err(|e| CudaError::Shape(format!("NCCL: {e}"))),
+                None => Ok(()),
+            }
+        };
         let k_top = c.moe.as_ref().map_or(1, |m| m.top_k);
         let mut pend = Pend::None;
         let st = cx.stream.clone();
@@ -426,6 +463,7 @@ impl CudaBackend {
             if let Some(bias) = &l.bo {
                 cx.add_bias(&mut b.delta, bias, n, h)?;
             }
+            reduce(&mut b.delta)?;
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             if q8_layer {
                 cx.rmsnorm_residual_q8(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, &mut b.hq, &mut b.hd, n, h, eps)?;
@@ -438,6 +476,7 @@ impl CudaBackend {
                     cx.gemv_any(gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n)?;
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
                     cx.gemv_any(down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n)?;
+                    reduce(&mut b.delta)?;
                     pend = Pend::Delta;
                 }
                 DMlp::Moe { router, router_bias, gu, down, inter, gu_bias, down_bias } => {
@@ -478,6 +517,7 @@ impl CudaBackend {
                         pend = Pend::Moe;
                     } else {
                         cx.moe_combine(&b.ye, &b.tw, &mut b.delta, n, k, h)?;
+                        reduce(&mut b.delta)?;
                         pend = Pend::Delta;
                     }
                 }
