@@ -22,6 +22,9 @@ fn bench_decode() {
     if let Some(p) = std::env::var_os("KAIROS_BENCH_MODEL") {
         o.model = Some(p.into());
     }
+    if let Some(n) = std::env::var("KAIROS_BENCH_NCCL_RANKS").ok().and_then(|s| s.parse().ok()) {
+        o.nccl_ranks = n;
+    }
     if std::env::var_os("KAIROS_BENCH_MOE_BF16").is_some() {
         o.moe_q8 = false;
     }

@@ -44,6 +44,10 @@ pub struct DecodeBenchOptions {
     /// A real checkpoint (HF folder or GGUF) benchmarked after the random shapes,
     /// under its file name.
     pub model: Option<std::path::PathBuf>,
+    /// GPUs of an NCCL world to spread the model over: 0 = no communicator, 1 = the
+    /// NCCL path on one GPU (all-reduces in the graph). More is the multi-GPU run of
+    /// the sharding issue and is refused until the CUDA backend shards.
+    pub nccl_ranks: usize,
 }
 
 impl Default for DecodeBenchOptions {
@@ -58,6 +62,7 @@ impl Default for DecodeBenchOptions {
             fused: true,
             moe_q8: true,
             model: None,
+            nccl_ranks: 0,
         }
     }
 }
@@ -98,6 +103,12 @@ pub struct DecodeReport {
 /// 32 q / 4 kv heads of 128, 128 experts top-8 of width 768 in MXFP4, vocab 151936)
 /// and `smollm2-135m` (30 layers, hidden 576, 9 / 3 heads of 64, MLP 1536, vocab 49152, tied).
 pub fn shape_config(name: &str) -> Result<ModelConfig, String> {
+    // a path to an HF config.json (e.g. configs/models/kimi-k2-gqa.json) is a shape too
+    if name.ends_with(".json") {
+        let text = std::fs::read_to_string(name).map_err(|e| format!("bench shape {name}: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("bench shape {name}: {e}"))?;
+        return ModelConfig::from_hf_json(&v).map_err(|e| format!("bench shape {name}: {e}"));
+    }
     let v = match name {
         "qwen3-30b-a3b" => serde_json::json!({
             "model_type": "qwen3_moe", "hidden_size": 2048, "num_attention_heads": 32,
@@ -187,6 +198,12 @@ pub fn copy_bandwidth(cx: &CudaContext) -> Result<f64, String> {
 pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
     let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), fused: o.fused, moe_q8: o.moe_q8, rows: Vec::new() };
+    if o.nccl_ranks > 1 {
+        return Err(format!(
+            "--nccl-ranks {}: the CUDA backend does not shard a model over several GPUs yet (only the CPU ranks do); use 0 or 1",
+            o.nccl_ranks
+        ));
+    }
     let max_b = o.batches.iter().copied().max().unwrap_or(1);
     let max_ctx = o.contexts.iter().copied().max().unwrap_or(128);
     let mut runs: Vec<(String, Option<crate::model::family::ModelWeights>)> = Vec::new();
@@ -217,6 +234,12 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
             Some(w) => CudaBackend::new(w, opts).map_err(be)?,
             None => CudaBackend::random(&cfg, opts, o.seed).map_err(be)?,
         };
+        if o.nccl_ranks == 1 {
+            use crate::backend::collectives::nccl::{new_id, NcclComm};
+            let id = new_id().map_err(|e| e.to_string())?;
+            let comm = NcclComm::join_on(bk.context().stream.clone(), 0, 1, id).map_err(|e| e.to_string())?;
+            bk.attach_nccl(comm).map_err(be)?;
+        }
         if report.device.is_empty() {
             report.device = bk.context().name.clone();
             report.copy_gbps = copy_bandwidth(bk.context())?;

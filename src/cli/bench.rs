@@ -29,12 +29,15 @@ enum BenchWhat {
 
 #[derive(Args)]
 struct DecodeBench {
-    /// Model shapes with random weights: smollm2-135m, qwen3-30b-a3b, gpt-oss-20b.
+    /// Model shapes with random weights: smollm2-135m, qwen3-30b-a3b, gpt-oss-20b, or a config.json path.
     #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen3-30b-a3b")]
     shapes: Vec<String>,
     /// Also a real checkpoint (HF folder or .gguf), after the shapes.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// GPUs of an NCCL world (0: none; 1: the NCCL path on one GPU; more: not yet).
+    #[arg(long, default_value_t = 0)]
+    nccl_ranks: usize,
     /// Batch sizes (sequences decoded together).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     batches: Vec<usize>,
@@ -98,6 +101,7 @@ fn decode(a: DecodeBench) -> anyhow::Result<()> {
             fused: !a.unfused,
             moe_q8: !a.moe_bf16,
             model: a.model,
+            nccl_ranks: a.nccl_ranks,
         };
         let r = kairos::bench::decode::run(&o).map_err(|e| anyhow::anyhow!("kairos bench decode: {e}"))?;
         println!("{}", kairos::bench::decode::table(&r));
