@@ -6,6 +6,9 @@ use std::sync::Arc;
 use clap::Args;
 use kairos::engine::generate::{generate, GenerateRequest};
 use kairos::engine::sampling::SamplingParams;
+use kairos::engine::speculative::dflash::DFlashDrafter;
+use kairos::engine::speculative::{generate_speculative, CostModel, SpecOptions, SpecStats};
+use kairos::model::dflash::DFlashWeights;
 
 use super::{make_backend, Device};
 
@@ -41,6 +44,27 @@ pub struct GenerateArgs {
     /// Quantize at load, e.g. experts=mxfp4 or experts=nvfp4,dense=fp8[,scale=mse].
     #[arg(long)]
     quant: Option<kairos::model::quantize::QuantSpec>,
+    /// DFlash drafter folder (config.json + model.safetensors): speculative decoding.
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// With --draft: block size B (default: the drafter's).
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// With --draft: choose B per step (up to --block-size) from acceptance and measured step cost.
+    #[arg(long)]
+    adaptive: bool,
+}
+
+/// The block-size chooser's prior cost model for a target on a device
+/// (measured step costs replace it as soon as they exist).
+pub fn cost_model(c: &kairos::model::ModelConfig, device: Device) -> CostModel {
+    // A GPU step is bound by reading weights (extra block tokens are nearly free);
+    // a CPU step by arithmetic (each token costs about as much as the first).
+    let per_token = if matches!(device, Device::Cpu) { 1.0 } else { 0.03 };
+    match &c.moe {
+        Some(m) => CostModel { per_token, moe_share: 0.8, experts: Some((m.num_experts, m.top_k)) },
+        None => CostModel::dense(per_token),
+    }
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -58,8 +82,21 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let eos_ids = tok.eos_ids.clone();
     let name = model.name.clone();
+    let draft = match &a.draft {
+        Some(d) => Some(
+            DFlashWeights::load(d, &model.weights.config).map_err(|e| anyhow::anyhow!("--draft {}: {e}", d.display()))?,
+        ),
+        None => None,
+    };
+    if draft.is_some() && a.top_logits > 0 {
+        anyhow::bail!("--top-logits is not recorded with --draft; drop one of them");
+    }
+    if draft.is_none() && (a.block_size.is_some() || a.adaptive) {
+        anyhow::bail!("--block-size and --adaptive need --draft PATH");
+    }
+    let adaptive = a.adaptive.then(|| cost_model(&model.weights.config, a.device));
     let weights = Arc::new(model.weights);
-    let mut backend = make_backend(a.device, weights)?;
+    let mut backend = make_backend(a.device, Arc::clone(&weights))?;
     let req = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
         max_new_tokens: a.max_new_tokens,
@@ -67,7 +104,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         eos_ids,
         top_logits: a.top_logits,
     };
-    let out = generate(backend.as_mut(), &req)?;
+    let mut spec: Option<(SpecStats, usize)> = None;
+    let out = match draft {
+        None => generate(backend.as_mut(), &req)?,
+        Some(d) => {
+            let block = a.block_size.unwrap_or(d.config.block_size).max(1);
+            let mut drafter = DFlashDrafter::new(Arc::new(d), Arc::clone(&weights));
+            let opts = SpecOptions { block_size: block, adaptive };
+            let mut r = generate_speculative(backend.as_mut(), &mut drafter, std::slice::from_ref(&req), None, &opts)?;
+            spec = Some((r.stats, block));
+            r.outputs.remove(0)
+        }
+    };
+
     let text = model_text(&model.tokenizer, &out.output_ids)?;
     if a.json {
         let mut v = serde_json::json!({
@@ -83,10 +132,25 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if a.top_logits > 0 {
             v["top_logits"] = serde_json::to_value(&out.top_logits)?;
         }
+        if let Some((st, block)) = &spec {
+            v["dflash"] = serde_json::json!({
+                "block_size": block,
+                "adaptive": a.adaptive,
+                "mean_accepted_len": st.mean_accepted_len(),
+                "verify_steps": st.steps,
+                "drafted": st.drafted,
+                "accepted": st.accepted,
+                "draft_s": st.draft_s,
+                "verify_s": st.verify_s,
+            });
+        }
         println!("{v}");
     } else {
         println!("{text}");
         eprintln!("[{} tokens, {:.1} tok/s decode, prefill {:.3}s]", out.output_ids.len(), out.tokens_per_s, out.prefill_s);
+        if let Some((st, block)) = &spec {
+            eprintln!("[dflash: block {block}, tau {:.2} tokens per verify step over {} steps]", st.mean_accepted_len(), st.steps);
+        }
     }
     Ok(())
 }
