@@ -50,6 +50,8 @@ pub struct BlockSizeChooser {
     accepted: Vec<f64>,
     /// Exponential moving average of measured step seconds, per B (index B).
     cost: Vec<Option<f64>>,
+    /// Steps taken through [`next`](Self::next).
+    steps: usize,
 }
 
 /// Prior per-position acceptance (as pseudo-counts): optimistic enough that
@@ -57,6 +59,9 @@ pub struct BlockSizeChooser {
 const PRIOR_ACCEPT: f64 = 1.0;
 const PRIOR_TRIED: f64 = 2.0;
 const COST_EMA: f64 = 0.2;
+/// Every this many steps the longest block is run anyway, so acceptance and
+/// cost statistics keep coming even while short blocks look better.
+pub const EXPLORE_EVERY: usize = 16;
 
 impl BlockSizeChooser {
     pub fn new(max_block: usize, model: CostModel) -> Self {
@@ -67,6 +72,18 @@ impl BlockSizeChooser {
             tried: vec![0.0; max_block],
             accepted: vec![0.0; max_block],
             cost: vec![None; max_block + 1],
+            steps: 0,
+        }
+    }
+
+    /// The block size for the next step: [`choose`](Self::choose), except every
+    /// [`EXPLORE_EVERY`]-th step, which runs the longest block.
+    pub fn next(&mut self) -> usize {
+        self.steps += 1;
+        if self.steps % EXPLORE_EVERY == 0 {
+            self.max_block
+        } else {
+            self.choose()
         }
     }
 
@@ -180,6 +197,14 @@ mod tests {
             CostModel { per_token: 0.03, moe_share: 0.8, experts: Some((256, 8)) },
         );
         assert!(moe.choose() < dense.choose(), "moe {} dense {}", moe.choose(), dense.choose());
+    }
+
+    #[test]
+    fn a_short_choice_still_explores_the_longest_block() {
+        let mut c = trained(0.05, 2000, 8, CostModel::dense(1.0));
+        let picks: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| c.next()).collect();
+        assert_eq!(picks.iter().filter(|&&b| b == 8).count(), 2, "{picks:?}");
+        assert!(picks.iter().filter(|&&b| b == 1).count() >= 2 * EXPLORE_EVERY - 2, "{picks:?}");
     }
 
     #[test]

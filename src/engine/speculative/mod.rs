@@ -123,7 +123,7 @@ fn drive(run: &mut step::Run<'_>, opts: &SpecOptions) -> Result<(), BackendError
     let max_b = opts.block_size.max(1);
     let mut chooser = opts.adaptive.map(|m| BlockSizeChooser::new(max_b, m));
     while run.any_active() {
-        let b = chooser.as_ref().map_or(max_b, BlockSizeChooser::choose);
+        let b = chooser.as_mut().map_or(max_b, BlockSizeChooser::next);
         let t = Instant::now();
         let outcomes = run.step(b)?;
         if let Some(c) = chooser.as_mut() {
