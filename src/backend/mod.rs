@@ -58,4 +58,20 @@ pub trait Backend: Send {
     /// Appends each chunk's tokens to its sequence and returns logits, row-major:
     /// one row per chunk (`Last`) or per token in chunk order (`All`).
     fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError>;
+
+    /// `forward` that also returns the hidden states leaving the decoder
+    /// layers listed in `layers` (layer `i` = the output of decoder layer `i`,
+    /// transformers' `hidden_states[i + 1]`), for every token of every chunk in
+    /// chunk order: row-major `[tokens, layers.len() * hidden]`, each row the
+    /// listed layers' states concatenated. DFlash drafters are conditioned on
+    /// these. Backends that cannot capture say so.
+    fn forward_capture(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        which: LogitsFor,
+        layers: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
+        let _ = (chunks, which, layers);
+        Err(BackendError::Unsupported(format!("backend `{}` cannot capture hidden states (DFlash needs the cpu backend)", self.name())))
+    }
 }

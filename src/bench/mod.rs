@@ -3,3 +3,4 @@
 
 #[cfg(feature = "cuda")]
 pub mod decode;
+pub mod dflash;

@@ -25,6 +25,8 @@ enum BenchWhat {
     Pipeline(PipelineBench),
     /// Decode tokens/s on random weights of real shapes against the HBM roofline (CUDA builds).
     Decode(DecodeBench),
+    /// DFlash speculative decoding: τ and tokens/s with and without the drafter.
+    Dflash(super::bench_dflash::DflashBench),
 }
 
 #[derive(Args)]
@@ -81,6 +83,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.what {
         BenchWhat::Pipeline(p) => pipeline(p),
         BenchWhat::Decode(d) => decode(d),
+        BenchWhat::Dflash(d) => super::bench_dflash::run(d),
     }
 }
 

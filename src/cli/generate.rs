@@ -6,6 +6,9 @@ use std::sync::Arc;
 use clap::Args;
 use kairos::engine::generate::{generate, GenerateRequest};
 use kairos::engine::sampling::SamplingParams;
+use kairos::engine::speculative::dflash::DFlashDrafter;
+use kairos::engine::speculative::{generate_speculative, CostModel, SpecOptions, SpecStats};
+use kairos::model::dflash::DFlashWeights;
 
 use super::{make_backend, Device};
 
@@ -41,6 +44,15 @@ pub struct GenerateArgs {
     /// Quantize at load, e.g. experts=mxfp4 or experts=nvfp4,dense=fp8[,scale=mse].
     #[arg(long)]
     quant: Option<kairos::model::quantize::QuantSpec>,
+    /// DFlash drafter folder (config.json + model.safetensors): speculative decoding.
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// With --draft: block size B (default: the drafter's).
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// With --draft: choose B per step (up to --block-size) from acceptance and measured step cost.
+    #[arg(long)]
+    adaptive: bool,
     /// Shard over simulated CPU ranks: attention tensor parallel (1 or the rank count).
     #[arg(long, default_value_t = 1)]
     tp: usize,
@@ -52,20 +64,27 @@ pub struct GenerateArgs {
     ranks: Option<usize>,
 }
 
-/// Name, tokenizer and backend: one device, or a model sharded over simulated CPU ranks.
-fn open_backend(a: &GenerateArgs) -> anyhow::Result<(String, kairos::model::TextTokenizer, Box<dyn kairos::backend::Backend>)> {
-    if a.tp == 1 && a.ep == 1 && a.ranks.is_none() {
-        let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
-        let backend = make_backend(a.device, Arc::new(model.weights))?;
-        return Ok((model.name, model.tokenizer, backend));
-    }
-    if a.device != Device::Cpu || a.quant.is_some() {
-        anyhow::bail!("--tp/--ep/--ranks shard over simulated CPU ranks: use --device cpu and no --quant");
+/// A model sharded over simulated CPU ranks: name, tokenizer, backend.
+fn open_sharded(a: &GenerateArgs) -> anyhow::Result<(String, kairos::model::TextTokenizer, Box<dyn kairos::backend::Backend>)> {
+    if a.device != Device::Cpu || a.quant.is_some() || a.draft.is_some() {
+        anyhow::bail!("--tp/--ep/--ranks shard over simulated CPU ranks: use --device cpu, no --quant and no --draft");
     }
     let plan = kairos::model::shard::ShardPlan::new(a.tp, a.ep, a.ranks)?;
     let ck = kairos::model::shard::open_checkpoint(&a.model)?;
     let backend = kairos::backend::sharded::ShardedCpuBackend::load(&ck.config, ck.source.as_ref(), plan)?;
     Ok((ck.name, ck.tokenizer, Box::new(backend)))
+}
+
+/// The block-size chooser's prior cost model for a target on a device
+/// (measured step costs replace it as soon as they exist).
+pub fn cost_model(c: &kairos::model::ModelConfig, device: Device) -> CostModel {
+    // A GPU step is bound by reading weights (extra block tokens are nearly free);
+    // on the CPU a few rows share each weight load too, but less well.
+    let per_token = if matches!(device, Device::Cpu) { 0.15 } else { 0.03 };
+    match &c.moe {
+        Some(m) => CostModel { per_token, moe_share: 0.8, experts: Some((m.num_experts, m.top_k)) },
+        None => CostModel::dense(per_token),
+    }
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -75,13 +94,39 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let (name, tokenizer, mut backend) = open_backend(&a)?;
+    let sharded = a.tp != 1 || a.ep != 1 || a.ranks.is_some();
+    // One device: the whole model (the drafter reuses its embedding and lm_head).
+    let (name, tokenizer, mut backend, weights) = if sharded {
+        let (name, tokenizer, backend) = open_sharded(&a)?;
+        (name, tokenizer, backend, None)
+    } else {
+        let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
+        let weights = Arc::new(model.weights);
+        let backend = make_backend(a.device, Arc::clone(&weights))?;
+        (model.name, model.tokenizer, backend, Some(weights))
+    };
     let tok = &tokenizer;
     let prompt_ids = if a.chat { tok.encode_chat(&a.prompt)? } else { tok.encode(&a.prompt, true)? };
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
     let eos_ids = tok.eos_ids.clone();
+    let draft = match (&a.draft, &weights) {
+        (Some(d), Some(w)) => {
+            Some(DFlashWeights::load(d, &w.config).map_err(|e| anyhow::anyhow!("--draft {}: {e}", d.display()))?)
+        }
+        _ => None,
+    };
+    if draft.is_some() && a.top_logits > 0 {
+        anyhow::bail!("--top-logits is not recorded with --draft; drop one of them");
+    }
+    if draft.is_none() && (a.block_size.is_some() || a.adaptive) {
+        anyhow::bail!("--block-size and --adaptive need --draft PATH");
+    }
+    let adaptive = match &weights {
+        Some(w) if a.adaptive => Some(cost_model(&w.config, a.device)),
+        _ => None,
+    };
     let req = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
         max_new_tokens: a.max_new_tokens,
@@ -89,7 +134,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         eos_ids,
         top_logits: a.top_logits,
     };
-    let out = generate(backend.as_mut(), &req)?;
+    let mut spec: Option<(SpecStats, usize)> = None;
+    let out = match (draft, &weights) {
+        (Some(d), Some(weights)) => {
+            let block = a.block_size.unwrap_or(d.config.block_size).max(1);
+            let mut drafter = DFlashDrafter::new(Arc::new(d), Arc::clone(&weights));
+            let opts = SpecOptions { block_size: block, adaptive };
+            let mut r = generate_speculative(backend.as_mut(), &mut drafter, std::slice::from_ref(&req), None, &opts)?;
+            spec = Some((r.stats, block));
+            r.outputs.remove(0)
+        }
+        _ => generate(backend.as_mut(), &req)?,
+    };
+
     let text = model_text(&tokenizer, &out.output_ids)?;
     if a.json {
         let mut v = serde_json::json!({
@@ -105,10 +162,25 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if a.top_logits > 0 {
             v["top_logits"] = serde_json::to_value(&out.top_logits)?;
         }
+        if let Some((st, block)) = &spec {
+            v["dflash"] = serde_json::json!({
+                "block_size": block,
+                "adaptive": a.adaptive,
+                "mean_accepted_len": st.mean_accepted_len(),
+                "verify_steps": st.steps,
+                "drafted": st.drafted,
+                "accepted": st.accepted,
+                "draft_s": st.draft_s,
+                "verify_s": st.verify_s,
+            });
+        }
         println!("{v}");
     } else {
         println!("{text}");
         eprintln!("[{} tokens, {:.1} tok/s decode, prefill {:.3}s]", out.output_ids.len(), out.tokens_per_s, out.prefill_s);
+        if let Some((st, block)) = &spec {
+            eprintln!("[dflash: block {block}, tau {:.2} tokens per verify step over {} steps]", st.mean_accepted_len(), st.steps);
+        }
     }
     Ok(())
 }

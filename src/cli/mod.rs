@@ -2,6 +2,7 @@
 
 mod eval;
 mod bench;
+mod bench_dflash;
 mod generate;
 mod inspect;
 mod produce;

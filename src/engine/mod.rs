@@ -5,3 +5,4 @@ pub mod constrained;
 pub mod eval;
 pub mod generate;
 pub mod sampling;
+pub mod speculative;

@@ -3,6 +3,7 @@
 
 pub mod accounting;
 pub mod config;
+pub mod dflash;
 pub mod family;
 pub mod gguf;
 pub mod gguf_quants;

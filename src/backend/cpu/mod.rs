@@ -237,6 +237,28 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError> {
+        Ok(self.run_forward(chunks, which, &[])?.0)
+    }
+
+    fn forward_capture(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        which: LogitsFor,
+        layers: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
+        self.run_forward(chunks, which, layers)
+    }
+}
+
+impl CpuBackend {
+    /// The forward pass; the hidden states after each layer in `capture` are
+    /// copied out per token (`[tokens, capture.len() * hidden]`).
+    fn run_forward(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        which: LogitsFor,
+        capture: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
         let weights = Arc::clone(&self.weights);
         let c = &weights.config;
         let hdim = c.hidden_size;
@@ -256,8 +278,21 @@ impl Backend for CpuBackend {
         for (row, &id) in x.chunks_mut(hdim).zip(chunks.iter().flat_map(|ch| ch.tokens.iter())) {
             weights.embed.row_into(id as usize, row);
         }
+        if let Some(&bad) = capture.iter().find(|&&l| l >= c.num_layers) {
+            return Err(BackendError::Unsupported(format!(
+                "cannot capture layer {bad}: the model has {} layers",
+                c.num_layers
+            )));
+        }
+        let width = capture.len() * hdim;
+        let mut hidden = vec![0f32; n * width];
         for li in 0..c.num_layers {
             self.layer_forward(li, &mut x, chunks, &starts);
+            for (slot, _) in capture.iter().enumerate().filter(|(_, &l)| l == li) {
+                for (dst, src) in hidden.chunks_mut(width).zip(x.chunks(hdim)) {
+                    dst[slot * hdim..(slot + 1) * hdim].copy_from_slice(src);
+                }
+            }
         }
         for ch in chunks {
             self.cache_mut(ch.seq)?.len += ch.tokens.len();
@@ -282,6 +317,6 @@ impl Backend for CpuBackend {
         ops::rmsnorm(&picked, &weights.final_norm, c.rms_norm_eps, &mut normed);
         let mut logits = vec![0f32; rows * c.vocab_size];
         matmul(weights.lm_head(), &normed, rows, &mut logits);
-        Ok(logits)
+        Ok((logits, hidden))
     }
 }

@@ -1,0 +1,137 @@
+//! DFlash speculative decoding (arXiv 2602.06036): a block drafter proposes
+//! B−1 tokens in one pass, the target verifies the whole block in one forward,
+//! and the longest prefix the target agrees with is kept plus one token of the
+//! target's own. Greedy output is identical to plain decoding and sampled
+//! output has the target's distribution (see [`accept`]).
+//!
+//! Per sequence, `pending` is the last committed token, not yet in the
+//! target's KV cache; a block is `[pending, d1, …]` at the position after the
+//! cache. After verification the target cache is truncated to the committed
+//! length and the hidden states of the committed block rows become the
+//! drafter's new context. Several sequences are verified in one forward, each
+//! keeping its own accepted length. With a verdict grammar the automaton
+//! filters drafts (forced tokens are drafted as such, a draft stops at the
+//! first disallowed token) and masks the target's logits at each block row.
+
+pub mod accept;
+pub mod block_size;
+pub mod dflash;
+mod step;
+
+use std::time::Instant;
+
+use super::constrained::VerdictGrammar;
+use super::generate::{GenerateOutput, GenerateRequest};
+use crate::backend::{Backend, BackendError};
+pub use block_size::{BlockSizeChooser, CostModel};
+
+/// The new context and block of one sequence for one drafter pass.
+pub struct DraftInput<'a> {
+    /// The drafter's sequence slot.
+    pub seq: usize,
+    /// Target hidden states (at the drafter's layers, concatenated) of the
+    /// tokens committed since the last pass, `[rows, layers * hidden]`.
+    pub context: &'a [f32],
+    /// Those tokens (drafters that re-read tokens use them; DFlash does not).
+    pub context_tokens: &'a [u32],
+    /// The last committed token: block position 0.
+    pub first_token: u32,
+    /// Absolute position of `first_token` (= context length after this pass).
+    pub position: usize,
+    /// Block length B; the drafter predicts positions 1..B.
+    pub block: usize,
+}
+
+/// A block drafter with its own per-sequence state.
+pub trait Drafter {
+    /// Target layers whose hidden states condition the drafter.
+    fn target_layers(&self) -> &[usize];
+    /// The block size it was trained for.
+    fn block_size(&self) -> usize;
+    fn new_sequence(&mut self) -> usize;
+    fn free_sequence(&mut self, seq: usize);
+    /// Forget context beyond `len` tokens.
+    fn truncate(&mut self, seq: usize, len: usize) -> Result<(), BackendError>;
+    /// Appends each input's context, then returns per input the logits of
+    /// block positions 1..B, row-major `[B−1, vocab]`.
+    fn draft(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+}
+
+/// How blocks are sized.
+#[derive(Debug, Clone)]
+pub struct SpecOptions {
+    /// Largest block (position 0 + drafts); 1 turns drafting off.
+    pub block_size: usize,
+    /// Choose B per step from acceptance statistics and step costs (≤ `block_size`).
+    pub adaptive: Option<CostModel>,
+}
+
+/// Acceptance and timing over a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpecStats {
+    /// Verify forwards (each over every active sequence).
+    pub steps: usize,
+    /// Sequence-blocks verified (a step with 3 sequences counts 3).
+    pub blocks: usize,
+    /// Tokens committed by verification (accepted drafts + bonus), summed over blocks.
+    pub committed: usize,
+    /// Draft tokens offered and accepted.
+    pub drafted: usize,
+    pub accepted: usize,
+    /// Block size used at each step.
+    pub block_sizes: Vec<usize>,
+    pub draft_s: f64,
+    pub verify_s: f64,
+}
+
+impl SpecStats {
+    /// τ: mean tokens committed per verified block (accepted drafts + the bonus).
+    pub fn mean_accepted_len(&self) -> f64 {
+        if self.blocks == 0 {
+            0.0
+        } else {
+            self.committed as f64 / self.blocks as f64
+        }
+    }
+}
+
+pub struct SpecOutput {
+    /// One output per request, in order.
+    pub outputs: Vec<GenerateOutput>,
+    pub stats: SpecStats,
+}
+
+/// Generates every request together with drafting and verification.
+/// `grammar`: decode verdicts under the automaton (each sequence stops when
+/// its verdict is complete). Sampling uses each request's parameters; request
+/// `i` draws from its own seeded RNG.
+pub fn generate_speculative(
+    target: &mut dyn Backend,
+    drafter: &mut dyn Drafter,
+    reqs: &[GenerateRequest],
+    grammar: Option<&VerdictGrammar>,
+    opts: &SpecOptions,
+) -> Result<SpecOutput, BackendError> {
+    let mut run = step::Run::start(target, drafter, reqs, grammar)?;
+    let result = drive(&mut run, opts);
+    run.release();
+    result?;
+    Ok(run.finish())
+}
+
+fn drive(run: &mut step::Run<'_>, opts: &SpecOptions) -> Result<(), BackendError> {
+    let max_b = opts.block_size.max(1);
+    let mut chooser = opts.adaptive.map(|m| BlockSizeChooser::new(max_b, m));
+    while run.any_active() {
+        let b = chooser.as_mut().map_or(max_b, BlockSizeChooser::next);
+        let t = Instant::now();
+        let outcomes = run.step(b)?;
+        if let Some(c) = chooser.as_mut() {
+            c.observe_cost(b, t.elapsed().as_secs_f64());
+            for (drafted, accepted) in outcomes {
+                c.observe_acceptance(drafted, accepted);
+            }
+        }
+    }
+    Ok(())
+}

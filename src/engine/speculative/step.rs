@@ -1,0 +1,357 @@
+//! One speculative run over a batch of sequences: prefill with hidden-state
+//! capture, then draft → verify → commit → roll back, step after step.
+
+use std::time::Instant;
+
+use super::accept::{accept_point_mass, residual_without};
+use super::{DraftInput, Drafter, SpecOutput, SpecStats};
+use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
+use crate::engine::constrained::{VerdictGrammar, VerdictState};
+use crate::engine::generate::{GenerateOutput, GenerateRequest};
+use crate::engine::sampling::{argmax, Sampler};
+
+struct SeqRun {
+    seq: SeqId,
+    dseq: usize,
+    out: Vec<u32>,
+    /// Last committed token; not yet in the target cache.
+    pending: u32,
+    /// Hidden states and tokens committed since the drafter last saw them.
+    ctx: Vec<f32>,
+    ctx_tokens: Vec<u32>,
+    /// Tokens in the target cache.
+    cached: usize,
+    sampler: Sampler,
+    state: Option<VerdictState>,
+    active: bool,
+    decode_s: f64,
+}
+
+pub(super) struct Run<'a> {
+    target: &'a mut dyn Backend,
+    drafter: &'a mut dyn Drafter,
+    grammar: Option<&'a VerdictGrammar>,
+    reqs: &'a [GenerateRequest],
+    layers: Vec<usize>,
+    seqs: Vec<SeqRun>,
+    stats: SpecStats,
+    prefill_s: f64,
+    decode_start: Instant,
+}
+
+/// The token the target picks at one row, as plain decoding would: a forced
+/// grammar token, else a draw (argmax at temperature 0) from the masked logits.
+fn target_choice(row: &[f32], st: Option<&VerdictState>, g: Option<&VerdictGrammar>, sampler: &mut Sampler) -> u32 {
+    if let (Some(st), Some(g)) = (st, g) {
+        if let Some(f) = st.forced(g) {
+            return f[0];
+        }
+        let mut l = row.to_vec();
+        st.apply_allowed(g, &mut l);
+        return sampler.sample(&l);
+    }
+    sampler.sample(row)
+}
+
+/// Verifies `drafts` against the target rows (`drafts.len() + 1` rows of
+/// `vocab`); returns the committed tokens: accepted drafts, then one token of
+/// the target's.
+fn verify_block(
+    rows: &[f32],
+    vocab: usize,
+    drafts: &[u32],
+    state: Option<&VerdictState>,
+    g: Option<&VerdictGrammar>,
+    sampler: &mut Sampler,
+) -> Vec<u32> {
+    let mut sim = state.cloned();
+    let mut out = Vec::with_capacity(drafts.len() + 1);
+    for (j, row) in rows.chunks(vocab).enumerate() {
+        let Some(&d) = drafts.get(j) else {
+            out.push(target_choice(row, sim.as_ref(), g, sampler));
+            break;
+        };
+        let forced = match (sim.as_ref(), g) {
+            (Some(st), Some(g)) => st.forced(g).map(|f| f[0]),
+            _ => None,
+        };
+        let keep = match forced {
+            Some(f) => {
+                if d != f {
+                    out.push(f);
+                    break;
+                }
+                true
+            }
+            None => {
+                let mut l = row.to_vec();
+                if let (Some(st), Some(g)) = (sim.as_ref(), g) {
+                    st.apply_allowed(g, &mut l);
+                }
+                if sampler.params().temperature <= 0.0 {
+                    let t = argmax(&l);
+                    if t != d {
+                        out.push(t);
+                        break;
+                    }
+                    true
+                } else {
+                    let dist = sampler.distribution(&l);
+                    let u = sampler.uniform();
+                    if !accept_point_mass(&dist, d, u) {
+                        let r = residual_without(&dist, d);
+                        out.push(sampler.draw(&r));
+                        break;
+                    }
+                    true
+                }
+            }
+        };
+        if keep {
+            out.push(d);
+            if let (Some(st), Some(g)) = (sim.as_mut(), g) {
+                if st.advance(g, d).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Greedy drafts from the drafter's rows, filtered by the grammar: forced
+/// tokens replace predictions, masked argmax elsewhere, cut at the first token
+/// the automaton rejects, at EOS or once the verdict is complete.
+fn make_drafts(logits: &[f32], vocab: usize, state: Option<&VerdictState>, g: Option<&VerdictGrammar>, eos: &[u32]) -> Vec<u32> {
+    let mut sim = state.cloned();
+    let mut drafts = Vec::new();
+    for row in logits.chunks(vocab) {
+        let d = match (sim.as_mut(), g) {
+            (Some(st), Some(g)) => {
+                if st.is_complete() {
+                    break;
+                }
+                let d = match st.forced(g) {
+                    Some(f) => f[0],
+                    None => {
+                        let mut l = row.to_vec();
+                        st.apply_allowed(g, &mut l);
+                        argmax(&l)
+                    }
+                };
+                if st.advance(g, d).is_err() {
+                    break;
+                }
+                d
+            }
+            _ => argmax(row),
+        };
+        drafts.push(d);
+        if eos.contains(&d) {
+            break;
+        }
+    }
+    drafts
+}
+
+impl<'a> Run<'a> {
+    pub(super) fn start(
+        target: &'a mut dyn Backend,
+        drafter: &'a mut dyn Drafter,
+        reqs: &'a [GenerateRequest],
+        grammar: Option<&'a VerdictGrammar>,
+    ) -> Result<Self, BackendError> {
+        let layers = drafter.target_layers().to_vec();
+        let mut seqs = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            if r.prompt_ids.is_empty() {
+                return Err(BackendError::Unsupported("speculative decoding needs a non-empty prompt".into()));
+            }
+            seqs.push(SeqRun {
+                seq: target.new_sequence(),
+                dseq: drafter.new_sequence(),
+                out: Vec::new(),
+                pending: 0,
+                ctx: Vec::new(),
+                ctx_tokens: Vec::new(),
+                cached: 0,
+                sampler: Sampler::new(r.sampling),
+                state: grammar.map(VerdictGrammar::start),
+                active: true,
+                decode_s: 0.0,
+            });
+        }
+        let mut run = Run {
+            target,
+            drafter,
+            grammar,
+            reqs,
+            layers,
+            seqs,
+            stats: SpecStats::default(),
+            prefill_s: 0.0,
+            decode_start: Instant::now(),
+        };
+        if let Err(e) = run.prefill() {
+            run.release();
+            return Err(e);
+        }
+        Ok(run)
+    }
+
+    fn prefill(&mut self) -> Result<(), BackendError> {
+        let t0 = Instant::now();
+        let chunks: Vec<Chunk<'_>> =
+            self.seqs.iter().zip(self.reqs).map(|(s, r)| Chunk { seq: s.seq, tokens: &r.prompt_ids }).collect();
+        let (logits, hidden) = self.target.forward_capture(&chunks, LogitsFor::Last, &self.layers)?;
+        let vocab = self.target.vocab_size();
+        let width = hidden.len() / self.reqs.iter().map(|r| r.prompt_ids.len()).sum::<usize>();
+        let mut row0 = 0;
+        for (i, r) in self.reqs.iter().enumerate() {
+            let n = r.prompt_ids.len();
+            let s = &mut self.seqs[i];
+            s.ctx = hidden[row0 * width..(row0 + n) * width].to_vec();
+            s.ctx_tokens = r.prompt_ids.clone();
+            s.cached = n;
+            row0 += n;
+            let tok = target_choice(&logits[i * vocab..(i + 1) * vocab], s.state.as_ref(), self.grammar, &mut s.sampler);
+            commit(s, tok, r, self.grammar)?;
+            s.pending = tok;
+        }
+        self.prefill_s = t0.elapsed().as_secs_f64();
+        self.decode_start = Instant::now();
+        Ok(())
+    }
+
+    pub(super) fn any_active(&self) -> bool {
+        self.seqs.iter().any(|s| s.active)
+    }
+
+    /// One draft + verify step at block size `b`; returns (drafted, accepted) per block.
+    pub(super) fn step(&mut self, b: usize) -> Result<Vec<(usize, usize)>, BackendError> {
+        let active: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].active).collect();
+        let max_ctx = self.target.max_context();
+        let sizes: Vec<usize> = active
+            .iter()
+            .map(|&i| {
+                let s = &self.seqs[i];
+                let left = self.reqs[i].max_new_tokens.saturating_sub(s.out.len());
+                b.min(left).min(max_ctx.saturating_sub(s.cached)).max(1)
+            })
+            .collect();
+        // Draft every sequence whose block has room for drafts, in one drafter call.
+        let t = Instant::now();
+        let drafting: Vec<(usize, usize)> =
+            active.iter().zip(&sizes).filter(|(_, &bi)| bi > 1).map(|(&i, &bi)| (i, bi)).collect();
+        let draft_logits = {
+            let inputs: Vec<DraftInput<'_>> = drafting
+                .iter()
+                .map(|&(i, bi)| {
+                    let s = &self.seqs[i];
+                    DraftInput {
+                        seq: s.dseq,
+                        context: &s.ctx,
+                        context_tokens: &s.ctx_tokens,
+                        first_token: s.pending,
+                        position: s.cached,
+                        block: bi,
+                    }
+                })
+                .collect();
+            if inputs.is_empty() {
+                Vec::new()
+            } else {
+                self.drafter.draft(&inputs)?
+            }
+        };
+        let vocab = self.target.vocab_size();
+        let mut blocks: Vec<Vec<u32>> = active.iter().map(|&i| vec![self.seqs[i].pending]).collect();
+        for (&(i, _), logits) in drafting.iter().zip(&draft_logits) {
+            let s = &mut self.seqs[i];
+            s.ctx.clear();
+            s.ctx_tokens.clear();
+            let k = active.iter().position(|&a| a == i).unwrap_or(0);
+            let drafts = make_drafts(logits, vocab, s.state.as_ref(), self.grammar, &self.reqs[i].eos_ids);
+            blocks[k].extend(drafts);
+        }
+        self.stats.draft_s += t.elapsed().as_secs_f64();
+        // Verify all blocks in one target forward.
+        let t = Instant::now();
+        let chunks: Vec<Chunk<'_>> =
+            active.iter().zip(&blocks).map(|(&i, bl)| Chunk { seq: self.seqs[i].seq, tokens: bl }).collect();
+        let (logits, hidden) = self.target.forward_capture(&chunks, LogitsFor::All, &self.layers)?;
+        self.stats.verify_s += t.elapsed().as_secs_f64();
+        self.stats.steps += 1;
+        self.stats.block_sizes.push(b);
+        let width = hidden.len() / blocks.iter().map(Vec::len).sum::<usize>().max(1);
+        let mut row0 = 0;
+        let mut outcomes = Vec::with_capacity(active.len());
+        for (&i, block) in active.iter().zip(&blocks) {
+            let n = block.len();
+            let s = &mut self.seqs[i];
+            let drafts = &block[1..];
+            let rows = &logits[row0 * vocab..(row0 + n) * vocab];
+            let tokens = verify_block(rows, vocab, drafts, s.state.as_ref(), self.grammar, &mut s.sampler);
+            let accepted = tokens.len() - 1;
+            // The block's first `accepted + 1` tokens are now committed context.
+            self.target.truncate(s.seq, s.cached + accepted + 1)?;
+            s.ctx.extend_from_slice(&hidden[row0 * width..(row0 + accepted + 1) * width]);
+            s.ctx_tokens.extend_from_slice(&block[..accepted + 1]);
+            s.cached += accepted + 1;
+            row0 += n;
+            let mut committed = 0;
+            for &tok in &tokens {
+                commit(s, tok, &self.reqs[i], self.grammar)?;
+                committed += 1;
+                if !s.active {
+                    s.decode_s = self.decode_start.elapsed().as_secs_f64();
+                    break;
+                }
+            }
+            s.pending = *tokens.last().unwrap_or(&s.pending);
+            self.stats.blocks += 1;
+            self.stats.committed += committed;
+            self.stats.drafted += drafts.len();
+            self.stats.accepted += accepted;
+            outcomes.push((drafts.len(), accepted));
+        }
+        Ok(outcomes)
+    }
+
+    /// Frees every backend and drafter slot of the run.
+    pub(super) fn release(&mut self) {
+        for s in &self.seqs {
+            self.target.free_sequence(s.seq);
+            self.drafter.free_sequence(s.dseq);
+        }
+    }
+
+    pub(super) fn finish(self) -> SpecOutput {
+        let prefill_s = self.prefill_s;
+        let outputs = self
+            .seqs
+            .into_iter()
+            .map(|s| {
+                let steps = s.out.len().saturating_sub(1);
+                let tokens_per_s = if s.decode_s > 0.0 && steps > 0 { steps as f64 / s.decode_s } else { 0.0 };
+                GenerateOutput { output_ids: s.out, top_logits: Vec::new(), prefill_s, decode_s: s.decode_s, tokens_per_s }
+            })
+            .collect();
+        SpecOutput { outputs, stats: self.stats }
+    }
+}
+
+/// Appends `tok` to the output; the sequence stops at EOS, a complete verdict or the token limit.
+fn commit(s: &mut SeqRun, tok: u32, req: &GenerateRequest, g: Option<&VerdictGrammar>) -> Result<(), BackendError> {
+    s.out.push(tok);
+    if let (Some(st), Some(g)) = (s.state.as_mut(), g) {
+        st.advance(g, tok).map_err(|e| BackendError::Unsupported(format!("verdict grammar: {e}")))?;
+        if st.is_complete() {
+            s.active = false;
+        }
+    }
+    if req.eos_ids.contains(&tok) || s.out.len() >= req.max_new_tokens {
+        s.active = false;
+    }
+    Ok(())
+}
