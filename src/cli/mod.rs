@@ -2,6 +2,7 @@
 
 mod eval;
 mod bench;
+mod bench_kafka;
 mod generate;
 mod inspect;
 mod produce;
