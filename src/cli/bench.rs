@@ -77,6 +77,25 @@ struct PipelineBench {
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Kafka to Kafka through these brokers (fresh topics per rate, fed by a
+    /// paced producer of `--kind` generator events) instead of the config's generator.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Generator kind feeding the input topic (Kafka mode): fraud, market, agent.
+    #[arg(long, default_value = "fraud")]
+    kind: String,
+    /// Partitions of the input and output topics (Kafka mode).
+    #[arg(long, default_value_t = 2)]
+    partitions: i32,
+    /// Events answered before each measurement starts, not counted (Kafka mode).
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// Override the config's latency budget (ms).
+    #[arg(long)]
+    budget_ms: Option<u64>,
+    /// Also write a Markdown table (with the command line) here.
+    #[arg(long)]
+    md: Option<PathBuf>,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -121,7 +140,10 @@ fn decode(a: DecodeBench) -> anyhow::Result<()> {
 }
 
 fn pipeline(a: PipelineBench) -> anyhow::Result<()> {
-    let base = PipelineConfig::load(&a.config)?;
+    let mut base = PipelineConfig::load(&a.config)?;
+    if let Some(ms) = a.budget_ms {
+        base.budget.latency_ms = ms;
+    }
     let device: Device = base.model.device.parse().map_err(|e| anyhow::anyhow!("[model] device: {e}"))?;
     if !base.model.path.exists() {
         if let Some(req) = &base.model.fetch_pip {
@@ -132,6 +154,37 @@ fn pipeline(a: PipelineBench) -> anyhow::Result<()> {
     let tokenizer = Arc::new(model.tokenizer);
     let weights = Arc::new(model.weights);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    if let Some(brokers) = a.brokers.clone() {
+        let b = super::bench_kafka::KafkaBench {
+            brokers,
+            kind: a.kind.clone(),
+            partitions: a.partitions.max(1),
+            events: a.events,
+            warmup: a.warmup,
+        };
+        let mut rows = Vec::new();
+        println!("{:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}", "rate", "events", "answered", "ev/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "fallback", "misses", "dlq");
+        for &rate in &a.rates {
+            let backend = make_backend(device, weights.clone())?;
+            let parts = EngineParts { backend, tokenizer: tokenizer.clone(), model_name: "bench".into() };
+            let r = rt.block_on(super::bench_kafka::run_rate(&base, parts, &b, rate))?;
+            println!(
+                "{:>8.2} {:>7} {:>8} {:>8.2} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8} {:>6} {:>5}",
+                r.offered_rate, r.events, r.answered, r.events_per_s, r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms, r.fallbacks, r.deadline_misses, r.dlq
+            );
+            rows.push(r);
+        }
+        if let Some(out) = &a.out {
+            std::fs::write(out, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", out.display()))?;
+        }
+        if let Some(md) = &a.md {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let machine = std::env::var("KAIROS_BENCH_MACHINE").unwrap_or_else(|_| "not given (set KAIROS_BENCH_MACHINE)".into());
+            let text = super::bench_kafka::markdown(&rows, &command, &machine, &a.config.display().to_string());
+            std::fs::write(md, text).with_context(|| format!("writing {}", md.display()))?;
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
     println!("{:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}", "rate", "events", "ev/s", "p50 ms", "p99 ms", "p999 ms", "fallback", "misses");
     for &rate in &a.rates {

@@ -3,6 +3,7 @@
 mod eval;
 mod bench;
 mod bench_dflash;
+mod bench_kafka;
 mod generate;
 mod inspect;
 mod produce;

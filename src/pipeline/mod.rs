@@ -76,15 +76,20 @@ fn deadline_of(ev: &Event, cfg: &PipelineConfig) -> (Instant, Instant) {
     (start, deadline)
 }
 
-/// The fallback verdict as JSON, fields in schema order.
+/// The fallback verdict as JSON, fields in schema order (the decision
+/// first). Written by hand: a `serde_json::Map` sorts its keys, which put
+/// e.g. trading's `confidence` before its `signal`.
 fn fallback_json(cfg: &PipelineConfig) -> String {
-    let mut m = serde_json::Map::new();
-    for f in &cfg.verdict.fields {
-        if let Some(v) = cfg.fallback.verdict.get(&f.name) {
-            m.insert(f.name.clone(), v.clone());
-        }
-    }
-    serde_json::Value::Object(m).to_string()
+    let fields: Vec<String> = cfg
+        .verdict
+        .fields
+        .iter()
+        .filter_map(|f| {
+            let v = cfg.fallback.verdict.get(&f.name)?;
+            Some(format!("{}:{v}", serde_json::Value::String(f.name.clone())))
+        })
+        .collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 /// The engine side: model, grammar and prompt prefix, ready to run on a thread.
@@ -183,7 +188,8 @@ pub async fn run(cfg: PipelineConfig, engine: EngineParts, opts: RunOptions) -> 
         taken += 1;
         match validate::validate(&ev.payload, &cfg.event) {
             Err(reason) => {
-                let rec = OutRecord::dlq_for(&ev, &reason.to_string());
+                let mut rec = OutRecord::dlq_for(&ev, &reason.to_string());
+                rec.set_header("kairos-source", ev.origin.to_string());
                 let (sink, acker, stats, origin) = (sink.clone(), acker.clone(), stats.clone(), ev.origin.clone());
                 tokio::spawn(async move {
                     if sink.send(rec).await.is_ok() {
@@ -328,6 +334,29 @@ fn engine_loop(
         for r in scheduler.step() {
             if results.send(r).is_err() {
                 return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_verdict_keeps_schema_order() {
+        for name in ["trading", "fraud", "agent", "demo"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{name}.toml"));
+            let cfg = PipelineConfig::load(&path).expect("config");
+            let json = fallback_json(&cfg);
+            let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+            assert_eq!(parsed.as_object().map(|o| o.len()), Some(cfg.verdict.fields.len()), "{json}");
+            // the keys appear in the schema's order, the decision first
+            let mut at = 0;
+            for f in &cfg.verdict.fields {
+                let key = format!("\"{}\":", f.name);
+                let pos = json[at..].find(&key).unwrap_or_else(|| panic!("{name}: `{}` out of order in {json}", f.name));
+                at += pos + key.len();
             }
         }
     }

@@ -78,6 +78,7 @@ pub fn validate(payload: &[u8], schema: &EventSchema) -> Result<Map<String, Valu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn schema() -> EventSchema {
         EventSchema {
@@ -103,5 +104,79 @@ mod tests {
             Err(Rejection::StringTooLong { .. })
         ));
         assert!(validate(br#"{"amount":1.5,"card_id":"c1"}"#, &s).is_ok());
+    }
+
+    /// Found by fuzz/event_validate: without serde_json's `float_roundtrip`
+    /// `1e105` parsed to 1.0000000000000001e105, so the prompt showed the
+    /// model a number the event did not contain.
+    #[test]
+    fn numbers_reach_the_prompt_exactly() {
+        let s = EventSchema { max_bytes: 200, required: Default::default(), max_string_chars: 20 };
+        for text in ["1e105", "0.1", "123456789.123456789", "-2.2250738585072014e-308", "5e-324"] {
+            let map = validate(format!(r#"{{"x":{text}}}"#).as_bytes(), &s).expect("valid");
+            let escaped = crate::pipeline::prompt::escape_event(&map);
+            let back: Value = serde_json::from_str(&escaped).expect("JSON");
+            assert_eq!(back["x"].as_f64(), text.parse::<f64>().ok(), "{text} -> {escaped}");
+        }
+    }
+
+    /// A JSON value of a random type (strings may hold `<`, quotes, non-ASCII).
+    fn any_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(Value::from),
+            "[a-z<>\"\\\\é\\u{0}]{0,30}".prop_map(Value::String),
+            proptest::collection::vec(any::<u8>().prop_map(Value::from), 0..3).prop_map(Value::Array),
+        ]
+    }
+
+    proptest! {
+        /// Any bytes at all (a Kafka record is untrusted): a verdict on the
+        /// bytes, never a panic; a rejection always has a reason for the DLQ header.
+        #[test]
+        fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            match validate(&bytes, &schema()) {
+                Ok(map) => prop_assert!(bytes.len() <= 200 && map.contains_key("amount") && map.contains_key("card_id")),
+                Err(r) => prop_assert!(!r.to_string().is_empty()),
+            }
+        }
+
+        /// Objects with the required fields present or not, of any type: the
+        /// outcome is exactly what the schema says, the first problem named.
+        #[test]
+        fn objects_are_accepted_or_rejected_with_the_right_reason(
+            amount in proptest::option::of(any_value()),
+            card in proptest::option::of(any_value()),
+            extra in proptest::option::of(any_value()),
+        ) {
+            let mut m = Map::new();
+            for (k, v) in [("amount", amount), ("card_id", card), ("note", extra)] {
+                if let Some(v) = v {
+                    m.insert(k.to_string(), v);
+                }
+            }
+            let bytes = serde_json::to_vec(&Value::Object(m.clone())).expect("serialize");
+            let s = schema();
+            let r = validate(&bytes, &s);
+            if bytes.len() > s.max_bytes {
+                prop_assert!(matches!(r, Err(Rejection::Oversized { .. })), "{:?}", r);
+                return Ok(());
+            }
+            // required fields are checked in name order: amount, then card_id
+            let first_problem = [("amount", FieldType::Number), ("card_id", FieldType::String)].into_iter().find_map(|(f, t)| match m.get(f) {
+                None => Some(Rejection::MissingField(f.into())),
+                Some(v) if !type_ok(v, t) => Some(Rejection::WrongType { field: f.into(), want: type_name(t) }),
+                Some(_) => None,
+            });
+            match (first_problem, r) {
+                (Some(want), Err(got)) => prop_assert_eq!(want, got),
+                (Some(want), Ok(_)) => prop_assert!(false, "accepted, expected {:?}", want),
+                (None, Ok(map)) => prop_assert_eq!(map, m),
+                (None, Err(Rejection::StringTooLong { .. })) => {}
+                (None, Err(e)) => prop_assert!(false, "rejected a valid object: {:?}", e),
+            }
+        }
     }
 }

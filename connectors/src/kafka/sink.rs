@@ -57,16 +57,29 @@ impl KafkaSink {
     }
 
     /// After a fatal producer error (e.g. the broker lost the idempotent
-    /// producer's sequence state), build a fresh producer.
-    fn rebuild_if_fatal(&self, failed: &FutureProducer) {
+    /// producer's sequence state), build a fresh producer: once per failed
+    /// producer, however many sends saw the error (every queued send fails
+    /// at once; rebuilding per send replaced producers that were just made).
+    /// The old one is dropped on a thread of its own: destroying a librdkafka
+    /// client waits for its threads and must not block a runtime worker.
+    fn rebuild_if_fatal(&self, failed: FutureProducer) {
         let Some(config) = &self.config else { return };
-        if let Some((code, reason)) = failed.client().fatal_error() {
+        let Some((code, reason)) = failed.client().fatal_error() else { return };
+        let mut current = self.producer.write().unwrap_or_else(|e| e.into_inner());
+        if current.client().native_ptr() == failed.client().native_ptr() {
             tracing::warn!(?code, %reason, "fatal producer error; creating a new producer");
             match config.create::<FutureProducer>() {
-                Ok(p) => *self.producer.write().unwrap_or_else(|e| e.into_inner()) = p,
+                Ok(p) => {
+                    let old = std::mem::replace(&mut *current, p);
+                    drop(current);
+                    drop_off_runtime(old);
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot recreate producer"),
             }
+        } else {
+            drop(current);
         }
+        drop_off_runtime(failed);
     }
 
     pub(crate) fn output_topic(&self) -> &str {
@@ -97,17 +110,29 @@ impl KafkaSink {
             if let Some(k) = &record.key {
                 fr = fr.key(&k[..]);
             }
-            match producer.send(fr, Timeout::Never).await {
+            let sent = producer.send(fr, Timeout::Never).await;
+            match sent {
                 Ok(d) => return Ok((d.partition, d.offset)),
                 Err((e, _)) if attempt < self.send_attempts => {
                     tracing::warn!(error = %e, attempt, "produce failed; retrying");
-                    self.rebuild_if_fatal(&producer);
+                    self.rebuild_if_fatal(producer);
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
                     attempt += 1;
                 }
-                Err((e, _)) => return Err(ConnectorError::kafka(format!("produce to {topic}"), e)),
+                Err((e, _)) => {
+                    drop_off_runtime(producer);
+                    return Err(ConnectorError::kafka(format!("produce to {topic}"), e));
+                }
             }
         }
+    }
+}
+
+/// Drop a producer handle on a short-lived thread: if it is the last handle,
+/// librdkafka's destroy blocks until the client's threads end.
+fn drop_off_runtime(p: FutureProducer) {
+    if std::thread::Builder::new().name("kairos-producer-drop".into()).spawn(move || drop(p)).is_err() {
+        tracing::warn!("cannot spawn a thread to drop a failed producer; it is leaked");
     }
 }
 

@@ -96,6 +96,7 @@ impl ConsumerContext for SourceContext {
         let Rebalance::Revoke(tpl) = rebalance else { return };
         self.0.stats.revocations.fetch_add(1, Ordering::Relaxed);
         let tps: Vec<Tp> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        tracing::info!(partitions = ?tps, lost = consumer.assignment_lost(), "partitions revoked");
         if !consumer.assignment_lost() {
             let budget = if self.0.closing.load(Ordering::SeqCst) { Duration::ZERO } else { self.0.revoke_drain };
             let left = self.0.wait_drained(Some(&tps), budget);
@@ -115,6 +116,7 @@ impl ConsumerContext for SourceContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.0.stats.assignments.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "partitions assigned");
             tracing::debug!(assignment = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition(), e.offset())).collect::<Vec<_>>(), "assigned");
             // a new assignment starts unpaused
             self.0.stats.paused.store(false, Ordering::SeqCst);
