@@ -32,13 +32,13 @@
 //! each dense weight `ceil(rows/8)` times (cuBLAS for large n is a next step).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaGraph, CudaSlice};
 use half::bf16;
 
-use super::kernels::{Act, AttnWorkspace, KvShape};
+use super::kernels::{AttnWorkspace, KvShape};
 use super::kernels_q8::GateAct;
 use super::{CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
@@ -50,7 +50,10 @@ use crate::quant::{Mxfp4Matrix, ScaleRule};
 
 type Res<T> = std::result::Result<T, CudaError>;
 
+mod ops;
 mod upload;
+
+use ops::{activation, dptr, lc, pre_norm, Pend};
 
 fn dev(e: CudaError) -> BackendError {
     BackendError::Device(e.to_string())
@@ -198,75 +201,6 @@ struct SendComm(crate::backend::collectives::nccl::NcclComm);
 // communicator to be used from another thread when calls are not concurrent.
 unsafe impl Send for SendComm {}
 
-fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
-}
-
-fn dptr<T>(s: &CudaSlice<T>, st: &Arc<CudaStream>) -> u64 {
-    let (p, _g) = s.device_ptr(st);
-    p
-}
-
-impl CudaContext {
-    fn up<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Res<CudaSlice<T>> {
-        Ok(self.stream.memcpy_stod(v)?)
-    }
-
-    fn fill_bf16(&self, n: usize, seed: u64, scale: f32, offset: f32) -> Res<CudaSlice<u16>> {
-        let mut s = self.stream.alloc_zeros::<u16>(n.max(1))?;
-        let nn = n as i64;
-        let mut b = self.launch("fill_random_bf16");
-        b.arg(&mut s).arg(&nn).arg(&seed).arg(&scale).arg(&offset);
-        unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
-        Ok(s)
-    }
-
-    fn fill_u8(&self, n: usize, seed: u64, lo: i32, range: i32) -> Res<CudaSlice<u8>> {
-        let mut s = self.stream.alloc_zeros::<u8>(n.max(1))?;
-        let nn = n as i64;
-        let mut b = self.launch("fill_random_u8");
-        b.arg(&mut s).arg(&nn).arg(&seed).arg(&lo).arg(&range);
-        unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
-        Ok(s)
-    }
-
-    /// y f32 [n, rows] = x [n, cols] . W^T for any n (launches of up to 8 rows);
-    /// x and y are raw device pointers, x bf16 when `x_bf16`.
-    #[allow(clippy::too_many_arguments)]
-    fn gemv_any(&self, w: &CudaSlice<u16>, x: u64, x_bf16: bool, y: u64, rows: usize, cols: usize, n: usize) -> Res<()> {
-        let xs = if x_bf16 { 2 } else { 4 };
-        let (r, c) = (rows as i32, cols as i32);
-        let mut j0 = 0;
-        while j0 < n {
-            let nn = (n - j0).min(8);
-            let name = format!("bf16_gemv_{}x_n{nn}", if x_bf16 { "bf16" } else { "f32" });
-            let xp = x + (j0 * cols * xs) as u64;
-            let yp = y + (j0 * rows * 4) as u64;
-            let mut b = self.launch(&name);
-            b.arg(w).arg(&xp).arg(&yp).arg(&r).arg(&c);
-            let rpb = if nn >= 4 { 16 } else { 8 };
-            unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
-            j0 += nn;
-        }
-        Ok(())
-    }
-
-    fn add_expert_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, ids: &CudaSlice<i32>, n_assign: usize, cols: usize) -> Res<()> {
-        let (nn, c) = (n_assign as i32, cols as i32);
-        let mut b = self.launch("add_expert_bias");
-        b.arg(y).arg(bias).arg(ids).arg(&nn).arg(&c);
-        unsafe { b.launch(lc((n_assign * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
-        Ok(())
-    }
-
-    fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, cols: usize) -> Res<()> {
-        let (nn, c) = (n as i32, cols as i32);
-        let mut b = self.launch("add_bias_f32");
-        b.arg(y).arg(bias).arg(&nn).arg(&c);
-        unsafe { b.launch(lc((n * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
-        Ok(())
-    }
-}
 
 impl CudaBackend {
     fn assemble(mut cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
@@ -651,52 +585,6 @@ impl CudaBackend {
     }
 }
 
-/// What the residual stream still has to absorb before the next norm.
-#[derive(Clone, Copy)]
-enum Pend {
-    None,
-    /// `delta` [n, hidden]
-    Delta,
-    /// the MoE expert outputs `ye` [n*k, hidden] weighted by `tw` [n, k]
-    Moe,
-}
-
-/// residual += pending; out = rmsnorm(residual) * w.
-#[allow(clippy::too_many_arguments)]
-fn pre_norm<O: Act>(
-    cx: &CudaContext,
-    x: &mut CudaSlice<f32>,
-    pend: Pend,
-    delta: &CudaSlice<f32>,
-    ye: &CudaSlice<f32>,
-    tw: &CudaSlice<f32>,
-    k: usize,
-    w: &CudaSlice<u16>,
-    out: &mut CudaSlice<O>,
-    n: usize,
-    h: usize,
-    eps: f32,
-) -> Res<()> {
-    match pend {
-        Pend::None => cx.rmsnorm_residual::<O>(x, None, w, out, n, h, eps),
-        Pend::Delta => cx.rmsnorm_residual::<O>(x, Some(delta), w, out, n, h, eps),
-        Pend::Moe => {
-            let name = if O::NAME == "bf16" { "rmsnorm_moe_bf16" } else { "rmsnorm_moe_f32" };
-            let (kk, hh) = (k as i32, h as i32);
-            let mut lb = cx.launch(name);
-            lb.arg(x).arg(ye).arg(tw).arg(&kk).arg(w).arg(out).arg(&hh).arg(&eps);
-            unsafe { lb.launch(lc(n, 1, 1, if n < 64 { 1024 } else { 256 })) }?;
-            Ok(())
-        }
-    }
-}
-
-fn activation(cx: &CudaContext, act: Activation, gu: &CudaSlice<f32>, out: &mut CudaSlice<u16>, n: usize, inter: usize) -> Res<()> {
-    match act {
-        Activation::SiluGlu => cx.swiglu::<u16>(gu, out, n, inter),
-        Activation::GptOssGlu { alpha, limit } => cx.swiglu_oai::<u16>(gu, out, n, inter, alpha, limit),
-    }
-}
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
