@@ -33,7 +33,6 @@
 
 use std::collections::HashMap;
 
-
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
 use half::bf16;
