@@ -125,10 +125,9 @@ async fn kafka_kill_9_then_restart_loses_nothing() {
 /// acknowledged before it stopped; such a loss is told apart from a pipeline
 /// loss by the group's committed offset (kairos commits an input only after
 /// its output was acknowledged) and reported record by record.
+/// (This test found the source's pause flag going stale across a lost
+/// assignment: partitions paused by backpressure came back paused.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known liveness bug: when noida-db's restart makes the idempotent producer fail with \
-            OutOfOrderSequenceNumber, the sink's rebuilt producer never completes a send and the \
-            pipeline stalls (2 of 4 runs); run with --ignored"]
 async fn kafka_broker_restart_mid_stream_loses_nothing() {
     let t0 = Instant::now();
     let mut b = broker_with_topics(2).await;

@@ -113,12 +113,19 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.0.stats.assignments.fetch_add(1, Ordering::Relaxed);
             tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "partitions assigned");
             tracing::debug!(assignment = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition(), e.offset())).collect::<Vec<_>>(), "assigned");
-            // a new assignment starts unpaused
+            // A new assignment starts unpaused. librdkafka keeps a partition's
+            // pause flag when the same partition comes back (a lost assignment
+            // after a broker restart, re-assigned while backpressure had it
+            // paused): resume explicitly, or it stays paused while our flag
+            // says it runs and nothing ever resumes it.
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::warn!(error = %e, "resume after assignment failed");
+            }
             self.0.stats.paused.store(false, Ordering::SeqCst);
             let mut t = self.0.lock();
             for e in tpl.elements() {
