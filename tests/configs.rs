@@ -6,16 +6,18 @@ use kairos::pipeline::config::PipelineConfig;
 
 #[test]
 fn shipped_configs_load() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut n = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "toml") {
-            PipelineConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            n += 1;
+    for dir in [root.join("configs"), root.join("bench/configs")] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                PipelineConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
         }
     }
-    assert!(n >= 4);
+    assert!(n >= 6);
 }
 
 fn error_for(edit: impl Fn(String) -> String) -> String {
