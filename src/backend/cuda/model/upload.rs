@@ -164,17 +164,8 @@ impl CudaBackend {
                 mlp,
             });
         }
-        let rope = RopeTable::new(&c.rope, c.head_dim);
-        let inv: Vec<f32> = rope.inv_freq.iter().map(|&f| f as f32).collect();
-        let w = DWeights {
-            embed,
-            lm_head,
-            final_norm,
-            layers,
-            inv_freq: cx.up(&inv).map_err(dev)?,
-            mscale: rope.scale as f32,
-            bytes: bytes + mx_bytes,
-        };
+        let (inv_freq, mscale) = rope_tables(&cx, &c)?;
+        let w = DWeights { embed, lm_head, final_norm, layers, inv_freq, mscale, bytes: bytes + mx_bytes };
         Self::assemble(cx, c, w, opts)
     }
 
@@ -264,17 +255,15 @@ impl CudaBackend {
                 mlp,
             });
         }
-        let rope = RopeTable::new(&c.rope, hd);
-        let inv: Vec<f32> = rope.inv_freq.iter().map(|&f| f as f32).collect();
-        let w = DWeights {
-            embed,
-            lm_head,
-            final_norm,
-            layers,
-            inv_freq: cx.up(&inv).map_err(dev)?,
-            mscale: rope.scale as f32,
-            bytes: bytes + mx_bytes,
-        };
+        let (inv_freq, mscale) = rope_tables(&cx, &c)?;
+        let w = DWeights { embed, lm_head, final_norm, layers, inv_freq, mscale, bytes: bytes + mx_bytes };
         Self::assemble(cx, c, w, opts)
     }
+}
+
+/// RoPE inverse frequencies on the device and the cos/sin scale (YaRN's mscale, else 1).
+fn rope_tables(cx: &CudaContext, c: &ModelConfig) -> std::result::Result<(CudaSlice<f32>, f32), BackendError> {
+    let rope = RopeTable::new(&c.rope, c.head_dim);
+    let inv: Vec<f32> = rope.inv_freq.iter().map(|&f| f as f32).collect();
+    Ok((cx.up(&inv).map_err(dev)?, rope.scale as f32))
 }
