@@ -86,3 +86,250 @@ __device__ __forceinline__ void prefetch_l2_warp(const void* p, long long bytes)
         asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
 #endif
 }
+
+// ---- Last block of a grid ----
+// A kernel can finish with work that needs all of its blocks' output (attention's split
+// combine): each block counts itself done on `ctr`, and the block that finishes last does
+// it. Every counted block must call last_block (no early return before it). The last block
+// resets the counter, so the next launch (or graph replay) finds it at 0. Data other blocks
+// wrote is read with __ldcg (through L2) afterwards.
+// (Measured on the H100: folding the post-attention rmsnorm, the router top-k and the MoE
+// combine + rmsnorm into the last block of the GEMV before each was 8-10% SLOWER per decode
+// step than separate launches: the serial tail adds an atomic round trip and two dependent
+// load rounds after the whole grid, more than a graph launch costs. Not used for those.)
+__device__ __forceinline__ bool last_block(unsigned* ctr, unsigned total) {
+    __shared__ unsigned s_last;
+    __syncthreads();  // all of this block's stores are issued
+    if (threadIdx.x == 0) {
+        __threadfence();  // ... and visible device-wide before we count ourselves done
+        unsigned prev = atomicAdd(ctr, 1u);
+        s_last = prev + 1 == total;
+        if (s_last) { *ctr = 0u; __threadfence(); }
+    }
+    __syncthreads();
+    return s_last != 0u;
+}
+
+// 8 consecutive values (16/32-byte aligned): f32 loads (plain or through L2), stores
+__device__ __forceinline__ void ld8f(const float* p, float* o) {
+    float4 a = *(const float4*)p, b = *((const float4*)p + 1);
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void ld8f_cg(const float* p, float* o) {
+    float4 a = __ldcg((const float4*)p), b = __ldcg((const float4*)p + 1);
+    o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void st8(float* p, const float* v) {
+    *(float4*)p = make_float4(v[0], v[1], v[2], v[3]);
+    *((float4*)p + 1) = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void st8(bf16_t* p, const float* v) {
+    uint4 u;
+    u.x = (u32)f2bf(v[0]) | ((u32)f2bf(v[1]) << 16); u.y = (u32)f2bf(v[2]) | ((u32)f2bf(v[3]) << 16);
+    u.z = (u32)f2bf(v[4]) | ((u32)f2bf(v[5]) << 16); u.w = (u32)f2bf(v[6]) | ((u32)f2bf(v[7]) << 16);
+    *(uint4*)p = u;
+}
+
+// The normalisation half of a row (shared by rms_row and rms_moe_row): v[c][8] holds this
+// thread's residual values, chunk c = elements [i8*8, i8*8+8), i8 = threadIdx.x + c*blockDim.x.
+// With xq, a 32-block is 4 consecutive threads' chunks (hidden % 32 == 0).
+#define RMS_MAXC 4
+template <typename TO>
+__device__ __forceinline__ void rms_out8(float (&v)[RMS_MAXC][8], float ss, int per, int n8, long long base,
+                                         const bf16_t* __restrict__ w, TO* __restrict__ out, int hidden, float eps,
+                                         signed char* __restrict__ xq, float* __restrict__ xd, float* sh) {
+    ss = block_sum(ss, sh);
+    const float inv = rsqrtf(ss / (float)hidden + eps);
+#pragma unroll
+    for (int c = 0; c < RMS_MAXC; c++) {
+        if (c >= per) break;  // block-uniform
+        const int i8 = threadIdx.x + c * blockDim.x;
+        const bool ok = i8 < n8;
+        float o[8];
+        if (ok) {
+            float wv[8];
+            unpack8(*(const uint4*)(w + i8 * 8), wv);
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = v[c][e] * inv * wv[e];
+            st8(out + base + i8 * 8, o);
+        }
+        if (xq) {  // every lane joins the shuffles
+            float m = 0.f;
+            if (ok)
+#pragma unroll
+                for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(o[e]));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            const float d = m / 127.f;
+            if (ok) {
+                u32 q[2] = {0u, 0u};
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    q[e / 4] |= ((u32)(u8)(signed char)__float2int_rn(d > 0.f ? o[e] / d : 0.f)) << (8 * (e % 4));
+                *(uint2*)(xq + base + i8 * 8) = make_uint2(q[0], q[1]);
+                if ((i8 & 3) == 0) xd[base / 32 + i8 / 4] = d;
+            }
+        }
+    }
+}
+
+// One row t of rmsnorm_residual: residual[t] += delta[t] (when delta); out[t] =
+// rmsnorm(residual[t]) * w (bf16 or f32); with xq, out also as int8 per 32-block
+// (xq i8 [*, hidden], xd f32 [*, hidden/32]; hidden % 32 == 0). All threads of the block.
+// Each thread keeps up to RMS_MAXC chunks of 8 in registers with all their loads in
+// flight at once (a load-use loop per element is latency-bound for few rows).
+template <typename TO>
+__device__ void rms_row(float* __restrict__ residual, const float* __restrict__ delta,
+                        const bf16_t* __restrict__ w, TO* __restrict__ out, int hidden, float eps,
+                        signed char* __restrict__ xq, float* __restrict__ xd, int t) {
+    __shared__ float sh[33];
+    const long long base = (long long)t * hidden;
+    float* r = residual + base;
+    const int n8 = hidden / 8, per = (n8 + blockDim.x - 1) / blockDim.x;
+    if ((hidden & 7) == 0 && per <= RMS_MAXC) {
+        float v[RMS_MAXC][8];
+        float ss = 0.f;
+#pragma unroll
+        for (int c = 0; c < RMS_MAXC; c++) {
+            const int i8 = threadIdx.x + c * blockDim.x;
+            if (c < per && i8 < n8) {
+                ld8f(r + i8 * 8, v[c]);
+                if (delta) {
+                    float d[8];
+                    ld8f_cg(delta + base + i8 * 8, d);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) v[c][e] += d[e];
+                    st8(r + i8 * 8, v[c]);
+                }
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss += v[c][e] * v[c][e];
+            }
+        }
+        rms_out8(v, ss, per, n8, base, w, out, hidden, eps, xq, xd, sh);
+        return;
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = r[i];
+        if (delta) { v += __ldcg(delta + base + i); r[i] = v; }
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    float inv = rsqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = r[i] * inv * bf2f(w[i]);
+        st(out + base + i, v);
+        if (xq) {  // a warp holds 32 consecutive elements: one quantization block
+            float d = warp_max(fabsf(v)) / 127.f;
+            xq[base + i] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+            if ((i & 31) == 0) xd[base / 32 + i / 32] = d;
+        }
+    }
+}
+
+// One row t of the MoE combine fused into the next rmsnorm:
+//   residual[t] += sum_r wk[t, r] * (y[t*k + r] + ebias[ids[t*k + r]])   (summed in r order;
+//   ebias [E, hidden] optional: gpt-oss expert down biases)
+//   out[t] = rmsnorm(residual[t]) * w (bf16 or f32). All threads of the block.
+template <typename TO>
+__device__ void rms_moe_row(float* __restrict__ residual, const float* __restrict__ y, const float* __restrict__ wk,
+                            int k, const float* __restrict__ ebias, const int* __restrict__ ids,
+                            const bf16_t* __restrict__ w, TO* __restrict__ out, int hidden, float eps, int t) {
+    __shared__ float sh[33];
+    const long long base = (long long)t * hidden;
+    float* r = residual + base;
+    const int n8 = hidden / 8, per = (n8 + blockDim.x - 1) / blockDim.x;
+    if ((hidden & 7) == 0 && per <= RMS_MAXC) {
+        float v[RMS_MAXC][8];
+        float ss = 0.f;
+#pragma unroll
+        for (int c = 0; c < RMS_MAXC; c++) {
+            const int i8 = threadIdx.x + c * blockDim.x;
+            if (c < per && i8 < n8) {
+                float s[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+                for (int j = 0; j < k; j++) {
+                    const long long a = (long long)t * k + j;
+                    float yv[8];
+                    ld8f_cg(y + a * hidden + i8 * 8, yv);
+                    if (ebias) {
+                        float bv[8];
+                        ld8f(ebias + (long long)ids[a] * hidden + i8 * 8, bv);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) yv[e] += bv[e];
+                    }
+                    const float wj = __ldcg(wk + a);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) s[e] += wj * yv[e];
+                }
+                ld8f(r + i8 * 8, v[c]);
+#pragma unroll
+                for (int e = 0; e < 8; e++) { v[c][e] += s[e]; ss += v[c][e] * v[c][e]; }
+                st8(r + i8 * 8, v[c]);
+            }
+        }
+        rms_out8(v, ss, per, n8, base, w, out, hidden, eps, (signed char*)nullptr, (float*)nullptr, sh);
+        return;
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float s = 0.f;
+#pragma unroll 8
+        for (int j = 0; j < k; j++) {
+            long long a = (long long)t * k + j;
+            float yv = __ldcg(y + a * hidden + i);
+            if (ebias) yv += ebias[(long long)ids[a] * hidden + i];
+            s += __ldcg(wk + a) * yv;
+        }
+        float v = r[i] + s;
+        r[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    float inv = rsqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out + base + i, r[i] * inv * bf2f(w[i]));
+}
+
+// Router of one token, by one warp: logits lg [E] -> softmax -> top-k (ties: lowest index) ->
+// (renorm: weights / sum of the k selected). ids [k], wout [k]. E <= 256.
+#define RT_PER_LANE 8
+__device__ void topk_row(const float* __restrict__ lg, int* __restrict__ ids, float* __restrict__ wout, int E, int k, int renorm) {
+    const int lane = threadIdx.x & 31;
+    float v[RT_PER_LANE];
+    float mx = NEG_INF;
+#pragma unroll
+    for (int i = 0; i < RT_PER_LANE; i++) {
+        int e = lane + 32 * i;
+        v[i] = e < E ? __ldcg(lg + e) : NEG_INF;
+        mx = fmaxf(mx, v[i]);
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < RT_PER_LANE; i++) sum += (lane + 32 * i < E) ? expf(v[i] - mx) : 0.f;
+    sum = warp_sum(sum);
+    float sel_sum = 0.f;
+    for (int r = 0; r < k; r++) {
+        float bv = NEG_INF; int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < RT_PER_LANE; i++) {
+            int e = lane + 32 * i;
+            if (e < E && (v[i] > bv || (v[i] == bv && e < bi))) { bv = v[i]; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+#pragma unroll
+        for (int i = 0; i < RT_PER_LANE; i++) if (lane + 32 * i == bi) v[i] = NEG_INF;
+        float p = expf(bv - mx) / sum;
+        sel_sum += p;
+        if (lane == 0) { ids[r] = bi; wout[r] = p; }
+    }
+    if (renorm) {
+        __syncwarp();
+        for (int r = lane; r < k; r += 32) wout[r] /= sel_sum;
+    }
+}

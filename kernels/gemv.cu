@@ -1,11 +1,12 @@
 // Dense bf16 GEMV: y f32 [n, rows] = x [n, cols] . W^T, W bf16 [rows, cols], n = 1..8.
 // x is bf16 or f32. Entry points bf16_gemv_{bf16x,f32x}_n{1..8} (n compiled in).
+// bias f32 [rows] or null is added to every output row.
 // block 256 = 8 warps; each warp owns R rows (R = 2 when n >= 4, else 1), so a
 // block covers 8*R rows; each x load serves all R rows. 16-byte weight loads
 // when cols % 8 == 0, a scalar path otherwise.
 template <typename TX, int N, int R>
 __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
-                          int rows, int cols) {
+                          int rows, int cols, const float* __restrict__ bias) {
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
     if (row0 >= rows) return;
@@ -49,7 +50,7 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
 #pragma unroll
         for (int j = 0; j < N; j++) {
             float v = warp_sum(acc[r][j]);
-            if (lane == 0 && row0 + r < rows) y[(long long)j * rows + row0 + r] = v;
+            if (lane == 0 && row0 + r < rows) y[(long long)j * rows + row0 + r] = v + (bias ? bias[row0 + r] : 0.f);
         }
 }
 // The weights never depend on the previous kernel: each warp asks L2 for its rows
@@ -62,8 +63,10 @@ __device__ __forceinline__ void gemv_pdl_entry(const bf16_t* W, int rows, int co
     PDL_WAIT();
 }
 #define GEMV_ENTRY(NN, RR) \
-extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, int cols) { \
-    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols); } \
-extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf16_t* W, const float* x, float* y, int rows, int cols) { \
-    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols); }
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, int cols, \
+        const float* bias) { \
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols, bias); } \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf16_t* W, const float* x, float* y, int rows, int cols, \
+        const float* bias) { \
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols, bias); }
 GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5, 2) GEMV_ENTRY(6, 2) GEMV_ENTRY(7, 2) GEMV_ENTRY(8, 2)

@@ -1,12 +1,5 @@
 // Glue kernels of the CUDA model forward (src/backend/cuda/model.rs).
 
-// y f32 [n, cols] += b f32 [cols]. grid-stride, block 256.
-extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ b, int n, int cols) { PDL_ENTRY();
-    long long total = (long long)n * cols;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
-        y[i] += b[i % cols];
-}
-
 // Decode/prefill attention for any head_dim D <= 256 (the split kernels take 64/128/256 only):
 // one block (4 warps) per (query head, query row); lane l holds dims l, l+32, ...
 // Same arguments and semantics as attention_decode: row s reads q at q + s*q_stride,
@@ -149,36 +142,17 @@ extern "C" __global__ void rope_qk_kv(float* __restrict__ qkv, const int* __rest
     }
 }
 
-// moe_combine fused into the next rmsnorm_residual: per row t,
-//   residual[t] += sum_r w[t, r] * y[t*k + r]   (summed in r order, as moe_combine)
-//   out[t] = rmsnorm(residual[t]) * weight       (bf16 or f32). grid (n_rows), block 256.
-template <typename TO>
-__device__ void rms_moe_impl(float* __restrict__ residual, const float* __restrict__ y, const float* __restrict__ wk,
-                             int k, const bf16_t* __restrict__ w, TO* __restrict__ out, int hidden, float eps) {
-    __shared__ float sh[33];
-    const int t = blockIdx.x;
-    long long base = (long long)t * hidden;
-    float* r = residual + base;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float s = 0.f;
-#pragma unroll 8
-        for (int j = 0; j < k; j++) s += wk[(long long)t * k + j] * y[((long long)t * k + j) * hidden + i];
-        float v = r[i] + s;
-        r[i] = v;
-        ss += v * v;
-    }
-    ss = block_sum(ss, sh);
-    float inv = rsqrtf(ss / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) st(out + base + i, r[i] * inv * bf2f(w[i]));
+// moe_combine (+ the experts' down biases) fused into the next rmsnorm_residual: per row t,
+//   residual[t] += sum_r w[t, r] * (y[t*k + r] + ebias[ids[t*k + r]])   (summed in r order)
+//   out[t] = rmsnorm(residual[t]) * weight       (bf16 or f32). ebias [E, hidden] or null.
+//   grid (n_rows), block 256 or 1024.
+extern "C" __global__ void __launch_bounds__(1024) rmsnorm_moe_bf16(float* residual, const float* y, const float* wk, int k,
+        const float* ebias, const int* ids, const bf16_t* w, bf16_t* out, int hidden, float eps) { PDL_ENTRY();
+    rms_moe_row(residual, y, wk, k, ebias, ids, w, out, hidden, eps, blockIdx.x);
 }
-extern "C" __global__ void rmsnorm_moe_bf16(float* residual, const float* y, const float* wk, int k, const bf16_t* w,
-                                            bf16_t* out, int hidden, float eps) { PDL_ENTRY();
-    rms_moe_impl(residual, y, wk, k, w, out, hidden, eps);
-}
-extern "C" __global__ void rmsnorm_moe_f32(float* residual, const float* y, const float* wk, int k, const bf16_t* w,
-                                           float* out, int hidden, float eps) { PDL_ENTRY();
-    rms_moe_impl(residual, y, wk, k, w, out, hidden, eps);
+extern "C" __global__ void __launch_bounds__(1024) rmsnorm_moe_f32(float* residual, const float* y, const float* wk, int k,
+        const float* ebias, const int* ids, const bf16_t* w, float* out, int hidden, float eps) { PDL_ENTRY();
+    rms_moe_row(residual, y, wk, k, ebias, ids, w, out, hidden, eps, blockIdx.x);
 }
 
 // y f32 [n_assign, cols] += bias f32 [E, cols] at row ids[a] (gpt-oss expert biases).
@@ -190,4 +164,17 @@ extern "C" __global__ void add_expert_bias(float* __restrict__ y, const float* _
         long long a = i / cols, c = i % cols;
         y[i] += bias[(long long)ids[a] * cols + c];
     }
+}
+
+// y bf16 [n] = x f32 [n] (round to nearest even): inputs of the cuBLAS GEMMs. grid-stride.
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16_t* __restrict__ y, long long n) { PDL_ENTRY();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = f2bf(x[i]);
+}
+
+// y f32 [n, cols] += b f32 [cols] (biases after a cuBLAS GEMM; the GEMVs add their own).
+extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ b, int n, int cols) { PDL_ENTRY();
+    long long total = (long long)n * cols;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
+        y[i] += b[i % cols];
 }

@@ -1,49 +1,11 @@
 // moe_router_topk: logits f32 [n, E] -> softmax -> top-k (ties: lowest index) ->
 // (renorm != 0: weights / sum of the k selected). ids i32 [n, k], weights f32 [n, k].
 // E <= 256, k <= E. grid (ceil(n/4)), block 128: one warp per token.
-#define RT_PER_LANE 8
 extern "C" __global__ void moe_router_topk(const float* __restrict__ logits, int* __restrict__ ids,
                                            float* __restrict__ wout, int n, int E, int k, int renorm) { PDL_ENTRY();
-    int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    int t = blockIdx.x * 4 + (threadIdx.x >> 5);
     if (t >= n) return;
-    const float* lg = logits + (long long)t * E;
-    float v[RT_PER_LANE];
-    float mx = NEG_INF;
-#pragma unroll
-    for (int i = 0; i < RT_PER_LANE; i++) {
-        int e = lane + 32 * i;
-        v[i] = e < E ? lg[e] : NEG_INF;
-        mx = fmaxf(mx, v[i]);
-    }
-    mx = warp_max(mx);
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < RT_PER_LANE; i++) sum += (lane + 32 * i < E) ? expf(v[i] - mx) : 0.f;
-    sum = warp_sum(sum);
-    float sel_sum = 0.f;
-    for (int r = 0; r < k; r++) {
-        float bv = NEG_INF; int bi = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < RT_PER_LANE; i++) {
-            int e = lane + 32 * i;
-            if (e < E && (v[i] > bv || (v[i] == bv && e < bi))) { bv = v[i]; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-#pragma unroll
-        for (int i = 0; i < RT_PER_LANE; i++) if (lane + 32 * i == bi) v[i] = NEG_INF;
-        float p = expf(bv - mx) / sum;
-        sel_sum += p;
-        if (lane == 0) { ids[(long long)t * k + r] = bi; wout[(long long)t * k + r] = p; }
-    }
-    if (renorm) {
-        __syncwarp();
-        for (int r = lane; r < k; r += 32) wout[(long long)t * k + r] /= sel_sum;
-    }
+    topk_row(logits + (long long)t * E, ids + (long long)t * k, wout + (long long)t * k, E, k, renorm);
 }
 
 // moe_combine: out f32 [n, H] = sum_r w[t, r] * y[t*k + r, :]  (y f32 [n*k, H])

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use crate::backend::cuda::model::{CudaBackend, CudaBackendOptions};
 use crate::backend::cuda::CudaContext;
-use crate::backend::{Backend, Chunk};
+use crate::backend::{Backend, Chunk, LogitsFor};
 use crate::model::ModelConfig;
 
 #[derive(Debug, Clone)]
@@ -94,6 +94,9 @@ pub struct DecodeReport {
     /// Device-to-device copy, read + write bytes per second (GB/s).
     pub copy_gbps: f64,
     pub resident_weight_bytes: Vec<(String, usize)>,
+    /// One sequence's prompt through `forward` (eager micro-batches of `max_step_tokens`
+    /// rows; dense weights via cuBLAS when available): (shape, prompt tokens, tokens/s).
+    pub prefill: Vec<(String, usize, f64)>,
     pub fused: bool,
     pub moe_q8: bool,
     pub rows: Vec<DecodeRow>,
@@ -197,7 +200,7 @@ pub fn copy_bandwidth(cx: &CudaContext) -> Result<f64, String> {
 
 pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
-    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), fused: o.fused, moe_q8: o.moe_q8, rows: Vec::new() };
+    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), prefill: Vec::new(), fused: o.fused, moe_q8: o.moe_q8, rows: Vec::new() };
     if o.nccl_ranks > 1 {
         return Err(format!(
             "--nccl-ranks {}: the CUDA backend does not shard a model over several GPUs yet (only the CPU ranks do); use 0 or 1",
@@ -222,13 +225,14 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
         };
         let opts = CudaBackendOptions {
             ordinal: o.ordinal,
-            max_context: Some(max_ctx + o.steps + 16),
+            max_context: Some((max_ctx + o.steps + 16).max(PREFILL_TOKENS + 1)),
             initial_slots: max_b,
             max_step_tokens: max_b.next_power_of_two().max(8),
             graphs: true,
             fused: o.fused,
             moe_q8: o.moe_q8,
             pdl: None,
+            ..CudaBackendOptions::default()
         };
         let mut bk = match real {
             Some(w) => CudaBackend::new(w, opts).map_err(be)?,
@@ -245,6 +249,19 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
             report.copy_gbps = copy_bandwidth(bk.context())?;
         }
         report.resident_weight_bytes.push((name.clone(), bk.weight_bytes()));
+        // prefill: a warm-up prompt, then the timed one, on sequences of their own
+        let prompt: Vec<u32> = (0..PREFILL_TOKENS as u32).map(|i| 1 + (i * 7919) % (cfg.vocab_size as u32 - 1)).collect();
+        let mut prefill_s = 0.0;
+        for timed in [false, true] {
+            let s = bk.new_sequence();
+            let t = Instant::now();
+            bk.forward(&[Chunk { seq: s, tokens: &prompt }], LogitsFor::Last).map_err(be)?;
+            if timed {
+                prefill_s = t.elapsed().as_secs_f64();
+            }
+            bk.free_sequence(s);
+        }
+        report.prefill.push((name.clone(), PREFILL_TOKENS, PREFILL_TOKENS as f64 / prefill_s));
         let seqs: Vec<_> = (0..max_b).map(|_| bk.new_sequence()).collect();
         for &b in &o.batches {
             for &ctx in &o.contexts {
@@ -295,6 +312,9 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     Ok(report)
 }
 
+/// Prompt length of the prefill measurement.
+const PREFILL_TOKENS: usize = 512;
+
 /// The report as a Markdown table.
 pub fn table(r: &DecodeReport) -> String {
     let mut s = format!("device: {}; copy bandwidth {:.0} GB/s (read + write); fused launches: {}; int8-activation experts: {}\n\n", r.device, r.copy_gbps, r.fused, r.moe_q8);
@@ -316,6 +336,9 @@ pub fn table(r: &DecodeReport) -> String {
             100.0 * x.roofline_frac,
             100.0 * x.graph_roofline_frac
         );
+    }
+    for (shape, n, tps) in &r.prefill {
+        s += &format!("\nprefill {shape}: {n}-token prompt at {tps:.0} tokens/s");
     }
     s
 }

@@ -40,6 +40,8 @@ impl KvShape {
 pub struct AttnWorkspace {
     pub acc: CudaSlice<f32>,
     pub ml: CudaSlice<f32>,
+    /// per (sequence, kv head, head group) count of finished splits, 0 at rest
+    pub cnt: CudaSlice<u32>,
     pub max_seqs: usize,
     pub n_q_heads: usize,
     pub max_splits: usize,
@@ -58,6 +60,7 @@ impl AttnWorkspace {
         Ok(Self {
             acc: cx.stream.alloc_zeros::<f32>(n * head_dim)?,
             ml: cx.stream.alloc_zeros::<f32>(n * 2)?,
+            cnt: cx.stream.alloc_zeros::<u32>((max_seqs * n_q_heads).max(1))?,
             max_seqs,
             n_q_heads,
             max_splits,
@@ -90,8 +93,8 @@ pub(super) fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
 
 pub(super) const NULL: u64 = 0;
 
-/// Most splits `attention_decode` takes (shared memory of its reduce kernel).
-pub const ATTN_MAX_SPLITS: usize = 1024;
+/// Most splits `attention_decode` takes (shared memory of its combining block: ATT_RMAX).
+pub const ATTN_MAX_SPLITS: usize = 512;
 /// Most rows one `argmax` call takes.
 pub const ARGMAX_MAX_ROWS: usize = 1024;
 /// Blocks per row in `argmax`'s first pass.
@@ -333,31 +336,27 @@ impl CudaContext {
             kv.max_pos as i32,
         ];
         let (win, ns) = (window as i32, n_splits as i32);
-        {
-            let mut b = self.launch(name);
-            b.arg(q)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(slots)
-                .arg(seq_lens)
-                .arg(&mut ws.acc)
-                .arg(&mut ws.ml);
-            for v in a.iter() {
-                b.arg(v);
-            }
-            let qs = q_stride as i64;
-            b.arg(&scale).arg(&win).arg(&ns).arg(&qs);
-            unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, 128)) }?;
+        let mut b = self.launch(name);
+        b.arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(slots)
+            .arg(seq_lens)
+            .arg(&mut ws.acc)
+            .arg(&mut ws.ml);
+        for v in a.iter() {
+            b.arg(v);
         }
-        let dd = d as i32;
-        let mut b = self.launch("attention_reduce");
-        b.arg(&ws.acc).arg(&ws.ml);
+        let qs = q_stride as i64;
+        b.arg(&scale).arg(&win).arg(&ns).arg(&qs);
         match sinks {
             Some(s) => b.arg(s),
             None => b.arg(&NULL),
         };
-        b.arg(out).arg(&a[0]).arg(&ns).arg(&dd).arg(seq_lens).arg(&a[4]).arg(&win);
-        unsafe { b.launch(grid(n_q, n_seq, 1, 128)) }?;
+        b.arg(out).arg(&mut ws.cnt);
+        // 8 warps per block for D <= 128, 4 for D = 256 (shared memory)
+        let block = if d == 256 { 128 } else { 256 };
+        unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, block)) }?;
         Ok(())
     }
 
@@ -477,7 +476,7 @@ impl CudaContext {
         len_at_least(y, n * rows, "y")?;
         let a = [rows as i32, cols as i32];
         let mut b = self.launch(&format!("bf16_gemv_{}x_n{n}", X::NAME));
-        b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]);
+        b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL);
         let rows_per_block = if n >= 4 { 16 } else { 8 };
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
         Ok(())

@@ -7,6 +7,7 @@
 //! and never synchronize the host (graph-capturable); call
 //! `ctx.stream.synchronize()` or copy back to wait.
 
+pub mod gemm;
 pub mod kernels;
 pub mod kernels_q8;
 pub mod launch;
@@ -47,7 +48,6 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_split_d64",
             "attention_split_d128",
             "attention_split_d256",
-            "attention_reduce",
         ],
     ),
     // entries ending in "_n" are loaded as _n1 ..= _n8
@@ -90,11 +90,12 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
         "model",
         include_str!("../../../kernels/model.cu"),
         &[
-            "add_bias_f32",
             "attention_generic",
             "fill_random_bf16",
             "fill_random_u8",
             "rope_qk_kv",
+            "f32_to_bf16",
+            "add_bias_f32",
             "rmsnorm_moe_bf16",
             "rmsnorm_moe_f32",
             "add_expert_bias",

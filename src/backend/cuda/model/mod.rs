@@ -38,6 +38,7 @@ use cudarc::driver::{CudaGraph, CudaSlice};
 use half::bf16;
 
 use super::kernels::{AttnWorkspace, KvShape};
+use super::gemm::{BlasGemm, GEMM_MIN_ROWS};
 use super::kernels_q8::GateAct;
 use super::{CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
@@ -52,7 +53,7 @@ type Res<T> = std::result::Result<T, CudaError>;
 mod ops;
 mod upload;
 
-use ops::{activation, dptr, lc, pre_norm, Pend};
+use ops::{activation, dense, dptr, lc, pre_norm, Pend};
 
 fn dev(e: CudaError) -> BackendError {
     BackendError::Device(e.to_string())
@@ -84,11 +85,15 @@ pub struct CudaBackendOptions {
     /// H100 it made SmolLM2 17% faster and the Qwen3-30B-A3B / gpt-oss-20b shapes
     /// 6-9% slower (bench/results/cuda_decode_h100.md). `KAIROS_CUDA_PDL` overrides.
     pub pdl: Option<bool>,
+    /// Dense weights of steps of more than 8 rows (prefill, decode batches of 16+) go
+    /// through cuBLAS GEMMs on tensor cores (`gemm.rs`); off = the GEMVs only.
+    /// `KAIROS_CUDA_CUBLAS=0` turns it off.
+    pub cublas: bool,
 }
 
 impl Default for CudaBackendOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None }
+        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true }
     }
 }
 
@@ -190,6 +195,8 @@ pub struct CudaBackend {
     ordinal: usize,
     fused: bool,
     moe_q8: bool,
+    /// cuBLAS for the dense weights of steps of `GEMM_MIN_ROWS`+ rows (None: GEMVs only)
+    gemm: Option<BlasGemm>,
     /// Tensor-parallel reduction of the attention and MLP outputs (see `attach_nccl`).
     comm: Option<SendComm>,
 }
@@ -247,6 +254,7 @@ impl CudaBackend {
                 ws: AttnWorkspace {
                     acc: z32(t * nq * MAX_SPLITS * hd)?,
                     ml: z32(t * nq * MAX_SPLITS * 2)?,
+                    cnt: st.alloc_zeros::<u32>(t * nq)?,
                     max_seqs: t,
                     n_q_heads: nq,
                     max_splits: MAX_SPLITS,
@@ -260,7 +268,20 @@ impl CudaBackend {
         let k_cache = z16(kv.len()).map_err(drv)?;
         let v_cache = z16(kv.len()).map_err(drv)?;
         st.synchronize().map_err(drv)?;
+        let cublas = opts.cublas && std::env::var("KAIROS_CUDA_CUBLAS").map_or(true, |v| v != "0");
+        let gemm = if cublas && t >= GEMM_MIN_ROWS {
+            match BlasGemm::new(&cx.stream, t, (nq * hd).max(h)) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    tracing::warn!("CUDA backend: no cuBLAS ({e}); steps of {GEMM_MIN_ROWS}+ rows use the GEMVs");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
+            gemm,
             scale: 1.0 / (hd as f32).sqrt(),
             cx,
             w,
@@ -325,7 +346,7 @@ impl CudaBackend {
 
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, comm, .. } = self;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, comm, gemm, .. } = self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
         let reduce = |buf: &mut CudaSlice<f32>| -> Res<()> {
             use crate::backend::collectives::Collectives;
@@ -336,17 +357,16 @@ impl CudaBackend {
         };
         let k_top = c.moe.as_ref().map_or(1, |m| m.top_k);
         let mut pend = Pend::None;
+        // the expert down biases of a pending MoE combine (gpt-oss), folded into the next rmsnorm
+        let mut moe_bias: Option<&CudaSlice<f32>> = None;
         let st = cx.stream.clone();
         let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
         let qkvd = (nq + 2 * nkv) * hd;
         let eps = c.rms_norm_eps;
         cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?;
         for (li, l) in w.layers.iter().enumerate() {
-            pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, &l.ln1, &mut b.h, n, h, eps)?;
-            cx.gemv_any(&l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n)?;
-            if let Some(bias) = &l.bqkv {
-                cx.add_bias(&mut b.qkv, bias, n, qkvd)?;
-            }
+            pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &l.ln1, &mut b.h, n, h, eps)?;
+            dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
             if fused {
                 let a = [nq as i32, nkv as i32, hd as i32];
                 let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
@@ -392,10 +412,7 @@ impl CudaBackend {
                 lb.arg(&*scale).arg(&win).arg(&qs);
                 unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
             }
-            cx.gemv_any(&l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n)?;
-            if let Some(bias) = &l.bo {
-                cx.add_bias(&mut b.delta, bias, n, h)?;
-            }
+            dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
             reduce(&mut b.delta)?;
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             if q8_layer {
@@ -406,9 +423,9 @@ impl CudaBackend {
             match &l.mlp {
                 DMlp::Dense { gu, down, inter } => {
                     let inter = *inter;
-                    cx.gemv_any(gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n)?;
+                    dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
-                    cx.gemv_any(down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n)?;
+                    dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
                     reduce(&mut b.delta)?;
                     pend = Pend::Delta;
                 }
@@ -420,10 +437,7 @@ impl CudaBackend {
                         // softmax over the top-k logits == softmax over all, renormalised over the k
                         RouterKind::TopKSoftmax => true,
                     };
-                    cx.gemv_any(router, dptr(&b.h, &st), true, dptr(&b.rlogits, &st), e, h, n)?;
-                    if let Some(bias) = router_bias {
-                        cx.add_bias(&mut b.rlogits, bias, n, e)?;
-                    }
+                    dense(cx, gemm, router, dptr(&b.h, &st), true, dptr(&b.rlogits, &st), e, h, n, router_bias.as_ref())?;
                     cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
                     if q8_layer {
                         let act = match c.activation {
@@ -443,12 +457,14 @@ impl CudaBackend {
                         activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
                         cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
                     }
-                    if let Some(bias) = down_bias {
-                        cx.add_expert_bias(&mut b.ye, bias, &b.tid, n * k, h)?;
-                    }
                     if fused {
+                        // the next rmsnorm adds the down biases with the combine
+                        moe_bias = down_bias.as_ref();
                         pend = Pend::Moe;
                     } else {
+                        if let Some(bias) = down_bias {
+                            cx.add_expert_bias(&mut b.ye, bias, &b.tid, n * k, h)?;
+                        }
                         cx.moe_combine(&b.ye, &b.tw, &mut b.delta, n, k, h)?;
                         reduce(&mut b.delta)?;
                         pend = Pend::Delta;
@@ -456,9 +472,9 @@ impl CudaBackend {
                 }
             }
         }
-        pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, &w.final_norm, &mut b.hf, n, h, eps)?;
+        pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &w.final_norm, &mut b.hf, n, h, eps)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        cx.gemv_any(head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n)?;
+        dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?;
         cx.argmax(&b.logits, &mut b.am, n, v)?;
         Ok(())
     }

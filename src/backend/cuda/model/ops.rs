@@ -1,12 +1,14 @@
 //! Building blocks of a step that are not kernels of their own: GEMVs over any
-//! number of rows (launches of up to 8), random fills for benchmark weights, bias
-//! adds, and the pre-norm that folds a pending residual (delta or MoE combine) in.
+//! number of rows (launches of up to 8) with an optional bias, random
+//! fills for benchmark weights, expert bias adds, and the pre-norm that folds a
+//! pending residual (delta or MoE combine) in.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
-use super::{CudaContext, Res};
+use super::{CudaContext, CudaError, Res};
+use crate::backend::cuda::gemm::{BlasGemm, GEMM_MIN_ROWS};
 use crate::backend::cuda::kernels::Act;
 use crate::model::config::Activation;
 
@@ -42,10 +44,27 @@ impl CudaContext {
         Ok(s)
     }
 
-    /// y f32 [n, rows] = x [n, cols] . W^T for any n (launches of up to 8 rows);
-    /// x and y are raw device pointers, x bf16 when `x_bf16`.
+    /// y f32 [n, rows] = x [n, cols] . W^T (+ bias f32 [rows] on every row, added in the
+    /// GEMV) for any n, in launches of up to 8 rows; x and y are raw device pointers,
+    /// x bf16 when `x_bf16`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemv_any(&self, w: &CudaSlice<u16>, x: u64, x_bf16: bool, y: u64, rows: usize, cols: usize, n: usize) -> Res<()> {
+    pub(super) fn gemv_ext(
+        &self,
+        w: &CudaSlice<u16>,
+        x: u64,
+        x_bf16: bool,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        n: usize,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Res<()> {
+        if let Some(b) = bias {
+            if b.len() < rows {
+                return Err(CudaError::Shape(format!("GEMV bias: {} values for {rows} rows", b.len())));
+            }
+        }
+        let null = 0u64;
         let xs = if x_bf16 { 2 } else { 4 };
         let (r, c) = (rows as i32, cols as i32);
         let mut j0 = 0;
@@ -56,10 +75,23 @@ impl CudaContext {
             let yp = y + (j0 * rows * 4) as u64;
             let mut b = self.launch(&name);
             b.arg(w).arg(&xp).arg(&yp).arg(&r).arg(&c);
+            match bias {
+                Some(bb) => b.arg(bb),
+                None => b.arg(&null),
+            };
             let rpb = if nn >= 4 { 16 } else { 8 };
             unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
             j0 += nn;
         }
+        Ok(())
+    }
+
+    /// y f32 [n, cols] += bias [cols], y a raw device pointer.
+    pub(super) fn add_bias(&self, y: u64, bias: &CudaSlice<f32>, n: usize, cols: usize) -> Res<()> {
+        let (nn, c) = (n as i32, cols as i32);
+        let mut b = self.launch("add_bias_f32");
+        b.arg(&y).arg(bias).arg(&nn).arg(&c);
+        unsafe { b.launch(lc((n * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
         Ok(())
     }
 
@@ -70,13 +102,33 @@ impl CudaContext {
         unsafe { b.launch(lc((n_assign * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
         Ok(())
     }
+}
 
-    pub(super) fn add_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, n: usize, cols: usize) -> Res<()> {
-        let (nn, c) = (n as i32, cols as i32);
-        let mut b = self.launch("add_bias_f32");
-        b.arg(y).arg(bias).arg(&nn).arg(&c);
-        unsafe { b.launch(lc((n * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
-        Ok(())
+/// A dense bf16 weight applied to n rows (+ bias): one cuBLAS GEMM from
+/// `GEMM_MIN_ROWS` rows when cuBLAS is available, else the GEMVs (which read the
+/// weight once per 8 rows).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dense(
+    cx: &CudaContext,
+    gemm: &mut Option<BlasGemm>,
+    w: &CudaSlice<u16>,
+    x: u64,
+    x_bf16: bool,
+    y: u64,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    bias: Option<&CudaSlice<f32>>,
+) -> Res<()> {
+    match gemm {
+        Some(g) if n >= GEMM_MIN_ROWS => {
+            g.gemm(cx, w, x, x_bf16, y, rows, cols, n)?;
+            match bias {
+                Some(b) => cx.add_bias(y, b, n, rows),
+                None => Ok(()),
+            }
+        }
+        _ => cx.gemv_ext(w, x, x_bf16, y, rows, cols, n, bias),
     }
 }
 
@@ -100,6 +152,7 @@ pub(super) fn pre_norm<O: Act>(
     ye: &CudaSlice<f32>,
     tw: &CudaSlice<f32>,
     k: usize,
+    moe_bias: Option<(&CudaSlice<f32>, &CudaSlice<i32>)>,
     w: &CudaSlice<u16>,
     out: &mut CudaSlice<O>,
     n: usize,
@@ -112,8 +165,14 @@ pub(super) fn pre_norm<O: Act>(
         Pend::Moe => {
             let name = if O::NAME == "bf16" { "rmsnorm_moe_bf16" } else { "rmsnorm_moe_f32" };
             let (kk, hh) = (k as i32, h as i32);
+            let null = 0u64;
             let mut lb = cx.launch(name);
-            lb.arg(x).arg(ye).arg(tw).arg(&kk).arg(w).arg(out).arg(&hh).arg(&eps);
+            lb.arg(x).arg(ye).arg(tw).arg(&kk);
+            match moe_bias {
+                Some((bias, ids)) => lb.arg(bias).arg(ids),
+                None => lb.arg(&null).arg(&null),
+            };
+            lb.arg(w).arg(out).arg(&hh).arg(&eps);
             unsafe { lb.launch(lc(n, 1, 1, if n < 64 { 1024 } else { 256 })) }?;
             Ok(())
         }
