@@ -15,6 +15,8 @@
 
 pub mod accept;
 pub mod block_size;
+#[cfg(feature = "cuda")]
+pub mod cuda_drafter;
 pub mod dflash;
 mod step;
 
