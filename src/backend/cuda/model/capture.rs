@@ -5,9 +5,11 @@
 //! right after the next layer's pre-norm (or the final norm) has folded the
 //! pending residual (MLP delta or MoE combine) in; at that point `encode_step`
 //! copies the step's rows into a device buffer laid out
-//! `[captured layer][max_step_tokens][hidden]` (one device-to-device copy per
-//! captured layer, so it is part of the captured CUDA graphs too). The host
-//! then reads `[rows, layers * hidden]` out of it. Graphs bake the buffer's
+//! `[captured layer][max_step_tokens][hidden]` (one copy per captured layer,
+//! so it is part of the captured CUDA graphs too). The copy is a kernel,
+//! `moe_combine` with one weight of 1.0 per row (an exact copy), rather than a
+//! memcpy node, so the step stays a chain of kernels for programmatic
+//! dependent launch. The host then reads `[rows, layers * hidden]` out of it. Graphs bake the buffer's
 //! address in, so changing the captured layers reallocates it and drops the
 //! graphs.
 //!
@@ -22,7 +24,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{drv, dptr, CudaBackend, Res};
+use super::{drv, dptr, lc, CudaBackend, CudaContext, Res};
 use crate::backend::{BackendError, Chunk, LogitsFor};
 
 /// The device buffer the captured layers are copied into.
@@ -31,12 +33,15 @@ pub(super) struct Capture {
     buf: CudaSlice<f32>,
     /// Rows per layer block (`max_step_tokens`).
     rows: usize,
+    /// `rows` weights of 1.0: the copy's combine weights
+    ones: CudaSlice<f32>,
 }
 
 /// What a step needs to issue the copies: plain data, taken before `encode_step`
 /// borrows the backend's fields.
 pub(super) struct CapturePlan {
     base: u64,
+    ones: u64,
     layers: Vec<usize>,
     /// floats per layer block
     stride: usize,
@@ -44,19 +49,22 @@ pub(super) struct CapturePlan {
 
 impl Capture {
     pub(super) fn plan(&self, st: &Arc<CudaStream>, hidden: usize) -> CapturePlan {
-        CapturePlan { base: dptr(&self.buf, st), layers: self.layers.clone(), stride: self.rows * hidden }
+        CapturePlan { base: dptr(&self.buf, st), ones: dptr(&self.ones, st), layers: self.layers.clone(), stride: self.rows * hidden }
     }
 }
 
 /// Copies rows `0..n` of the residual stream `x` into every capture block of
 /// `layer` (asynchronous, graph-capturable).
-pub(super) fn after_layer(st: &Arc<CudaStream>, plan: Option<&CapturePlan>, x: u64, layer: usize, n: usize, hidden: usize) -> Res<()> {
+pub(super) fn after_layer(cx: &CudaContext, plan: Option<&CapturePlan>, x: u64, layer: usize, n: usize, hidden: usize) -> Res<()> {
     let Some(p) = plan else { return Ok(()) };
+    let (k1, hh) = (1i32, hidden as i32);
     for (k, _) in p.layers.iter().enumerate().filter(|(_, &l)| l == layer) {
         let dst = p.base + (k * p.stride * 4) as u64;
-        // SAFETY: both ranges lie inside live device buffers: x holds at least n rows
-        // (the step buffers hold max_step_tokens >= n), each capture block `stride` floats.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, x, n * hidden * 4, st.cu_stream()) }?;
+        // out[t] = ones[t] * x[t] for rows t < n: x and every capture block hold
+        // max_step_tokens >= n rows, `ones` as many weights.
+        let mut lb = cx.launch("moe_combine");
+        lb.arg(&x).arg(&p.ones).arg(&dst).arg(&k1).arg(&hh);
+        unsafe { lb.launch(lc(n, 1, 1, 256)) }?;
     }
     Ok(())
 }
@@ -85,7 +93,8 @@ impl CudaBackend {
         }
         let n = layers.len() * self.max_tok * self.cfg.hidden_size;
         let buf = self.cx.stream.alloc_zeros::<f32>(n.max(1)).map_err(drv)?;
-        self.cap = Some(Capture { layers: layers.to_vec(), buf, rows: self.max_tok });
+        let ones = self.cx.stream.memcpy_stod(&vec![1f32; self.max_tok]).map_err(drv)?;
+        self.cap = Some(Capture { layers: layers.to_vec(), buf, rows: self.max_tok, ones });
         // the graphs copy into the old buffer (or none)
         self.graphs.clear();
         Ok(())

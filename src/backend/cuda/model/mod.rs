@@ -351,7 +351,7 @@ impl CudaBackend {
         for (li, l) in w.layers.iter().enumerate() {
             pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, &l.ln1, &mut b.h, n, h, eps)?;
             if li > 0 {
-                capture::after_layer(&st, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
+                capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
             }
             cx.gemv_any(&l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n)?;
             if let Some(bias) = &l.bqkv {
@@ -467,7 +467,7 @@ impl CudaBackend {
             }
         }
         pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, &w.final_norm, &mut b.hf, n, h, eps)?;
-        capture::after_layer(&st, capt.as_ref(), dptr(&b.x, &st), c.num_layers - 1, n, h)?;
+        capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), c.num_layers - 1, n, h)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         cx.gemv_any(head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n)?;
         cx.argmax(&b.logits, &mut b.am, n, v)?;
