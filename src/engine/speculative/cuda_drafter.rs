@@ -27,10 +27,17 @@ impl Drafter for CudaDFlash {
     }
 
     fn draft(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
-        let blocks: Vec<DraftBlock<'_>> = inputs
-            .iter()
-            .map(|i| DraftBlock { seq: i.seq, context: i.context, first_token: i.first_token, position: i.position, block: i.block })
-            .collect();
-        CudaDFlash::draft(self, &blocks)
+        CudaDFlash::draft(self, &blocks(inputs))
     }
+
+    fn draft_argmax(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        CudaDFlash::draft_argmax(self, &blocks(inputs))
+    }
+}
+
+fn blocks<'a>(inputs: &[DraftInput<'a>]) -> Vec<DraftBlock<'a>> {
+    inputs
+        .iter()
+        .map(|i| DraftBlock { seq: i.seq, context: i.context, first_token: i.first_token, position: i.position, block: i.block })
+        .collect()
 }

@@ -57,6 +57,21 @@ pub trait Drafter {
     /// Appends each input's context, then returns per input the logits of
     /// block positions 1..B, row-major `[B−1, vocab]`.
     fn draft(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+
+    /// `draft` for greedy drafting without a grammar: per input the argmax
+    /// token (ties: the lowest id) of block positions 1..B. Drafters that can
+    /// take the argmax where the logits are (the GPU) return only the ids.
+    fn draft_argmax(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        let logits = self.draft(inputs)?;
+        Ok(inputs
+            .iter()
+            .zip(logits)
+            .map(|(i, l)| match i.block {
+                0 | 1 => Vec::new(),
+                b => l.chunks(l.len() / (b - 1)).map(crate::backend::first_argmax).collect(),
+            })
+            .collect())
+    }
 }
 
 /// How blocks are sized.

@@ -144,6 +144,14 @@ impl CudaBackend {
         Ok(blocks)
     }
 
+    /// Reads the device argmax ids of the last step's rows `0..n`.
+    fn read_ids(&self, n: usize, ids: &mut Vec<u32>) -> std::result::Result<(), BackendError> {
+        let mut v = vec![0i32; n];
+        self.cx.stream.memcpy_dtoh(&self.b.am.slice(0..n), &mut v).map_err(drv)?;
+        ids.extend(v.into_iter().map(|x| x as u32));
+        Ok(())
+    }
+
     /// The forward of `forward` and `forward_capture`: logits as `which` asks and,
     /// with `capture`, the captured layers' hidden states of every row.
     pub(super) fn run_forward(
@@ -152,6 +160,27 @@ impl CudaBackend {
         which: LogitsFor,
         capture: bool,
     ) -> std::result::Result<(Vec<f32>, Vec<f32>), BackendError> {
+        self.run_rows(chunks, Some(which), capture).map(|(logits, _, hidden)| (logits, hidden))
+    }
+
+    /// `forward_capture_argmax`: every row's argmax id (computed on the device by
+    /// each step) and the captured hidden states; no logits cross to the host.
+    pub(super) fn run_forward_ids(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        capture: bool,
+    ) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
+        self.run_rows(chunks, None, capture).map(|(_, ids, hidden)| (ids, hidden))
+    }
+
+    /// Logits as `which` asks, or (`None`) every row's argmax id; and the hidden states.
+    #[allow(clippy::type_complexity)]
+    fn run_rows(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        which: Option<LogitsFor>,
+        capture: bool,
+    ) -> std::result::Result<(Vec<f32>, Vec<u32>, Vec<f32>), BackendError> {
         let starts = self.check_chunks(chunks)?;
         if chunks.iter().any(|c| c.seq.0 >= self.kv.n_slots) {
             return Err(BackendError::Device("KV slot beyond the cache (slot growth failed)".into()));
@@ -162,17 +191,24 @@ impl CudaBackend {
         for (ch, &s) in chunks.iter().zip(&starts) {
             for (j, &t) in ch.tokens.iter().enumerate() {
                 rows.push((t, ch.seq.0, s + j));
-                want.push(which == LogitsFor::All || j + 1 == ch.tokens.len());
+                want.push(which != Some(LogitsFor::Last) || j + 1 == ch.tokens.len());
             }
         }
         let capture = capture && self.cap.is_some();
         let h = self.cfg.hidden_size;
-        let mut out = Vec::with_capacity(want.iter().filter(|w| **w).count() * self.cfg.vocab_size);
+        let mut out = Vec::new();
+        let mut ids = Vec::new();
+        if which.is_some() {
+            out.reserve(want.iter().filter(|w| **w).count() * self.cfg.vocab_size);
+        }
         let mut blocks: Vec<(Vec<Vec<f32>>, usize)> = Vec::new();
         if !rows.is_empty() && rows.len() <= self.max_tok {
             // one step: replayed from the graph of its row bucket
             self.decode_launch(&rows)?;
-            self.read_logits(&want, &mut out)?;
+            match which {
+                Some(_) => self.read_logits(&want, &mut out)?,
+                None => self.read_ids(rows.len(), &mut ids)?,
+            }
             if capture {
                 blocks.push((self.read_capture(rows.len())?, rows.len()));
             }
@@ -183,7 +219,10 @@ impl CudaBackend {
                 let max_len = mb.iter().map(|r| r.2 + 1).max().unwrap_or(1);
                 let splits = self.splits_for(n, max_len);
                 self.encode_step(n, splits).map_err(super::dev)?;
-                self.read_logits(wmb, &mut out)?;
+                match which {
+                    Some(_) => self.read_logits(wmb, &mut out)?,
+                    None => self.read_ids(n, &mut ids)?,
+                }
                 if capture {
                     blocks.push((self.read_capture(n)?, n));
                 }
@@ -197,7 +236,7 @@ impl CudaBackend {
         for (b, n) in &blocks {
             interleave_layers(b, *n, h, &mut hidden);
         }
-        Ok((out, hidden))
+        Ok((out, ids, hidden))
     }
 }
 

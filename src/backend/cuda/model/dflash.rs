@@ -32,7 +32,7 @@ use cudarc::driver::CudaSlice;
 
 use super::upload::{bf16_bits, fuse_rows, rope_tables, weight_bits};
 use super::{dev, dptr, drv, lc, CudaBackend, Res, MAX_SPLITS};
-use crate::backend::cuda::kernels::{AttnWorkspace, KvShape};
+use crate::backend::cuda::kernels::{AttnWorkspace, KvShape, ARGMAX_MAX_ROWS};
 use crate::backend::cuda::CudaContext;
 use crate::backend::BackendError;
 use crate::model::config::Activation;
@@ -96,6 +96,8 @@ struct Bufs {
     gu: CudaSlice<f32>,
     act: CudaSlice<f32>,
     logits: CudaSlice<f32>,
+    /// argmax id of each block row
+    am: CudaSlice<i32>,
     ws: AttnWorkspace,
 }
 
@@ -299,6 +301,59 @@ impl CudaDFlash {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
+        let (specs, plan) = self.run_pass(blocks)?;
+        let b = self.b.as_ref().expect("allocated by run_pass");
+        let v = self.vocab;
+        let mut out = Vec::with_capacity(blocks.len());
+        for (s, &start) in specs.iter().zip(&plan.block_start) {
+            let mut rows = vec![0f32; (s.block - 1) * v];
+            if s.block > 1 {
+                self.cx.stream.memcpy_dtoh(&b.logits.slice((start + 1) * v..(start + s.block) * v), &mut rows).map_err(drv)?;
+            }
+            out.push(rows);
+        }
+        self.finish_pass(&specs)?;
+        Ok(out)
+    }
+
+    /// `draft` for greedy drafting: the argmax id (ties: lowest) of block
+    /// positions 1..B, computed on the device; only the ids cross to the host.
+    pub fn draft_argmax(&mut self, blocks: &[DraftBlock<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (specs, plan) = self.run_pass(blocks)?;
+        let nb = plan.n_block;
+        let b = self.b.as_mut().expect("allocated by run_pass");
+        let mut am = vec![0i32; nb];
+        if nb <= ARGMAX_MAX_ROWS {
+            self.cx.argmax(&b.logits, &mut b.am, nb, self.vocab).map_err(dev)?;
+            self.cx.stream.memcpy_dtoh(&b.am.slice(0..nb), &mut am).map_err(drv)?;
+        } else {
+            // more rows than one argmax launch takes: on the host
+            let v = self.vocab;
+            let mut logits = vec![0f32; nb * v];
+            self.cx.stream.memcpy_dtoh(&b.logits.slice(0..nb * v), &mut logits).map_err(drv)?;
+            self.cx.stream.synchronize().map_err(drv)?;
+            for (a, row) in am.iter_mut().zip(logits.chunks(v)) {
+                *a = crate::backend::first_argmax(row) as i32;
+            }
+        }
+        self.finish_pass(&specs)?;
+        Ok(specs.iter().zip(&plan.block_start).map(|(s, &st)| am[st + 1..st + s.block].iter().map(|&x| x as u32).collect()).collect())
+    }
+
+    /// Waits for the pass and records the appended context rows.
+    fn finish_pass(&mut self, specs: &[RowSpec]) -> Result<(), BackendError> {
+        self.cx.stream.synchronize().map_err(drv)?;
+        for s in specs {
+            self.lens[s.slot] = Some(s.ctx_start + s.ctx_rows);
+        }
+        Ok(())
+    }
+
+    /// Checks the blocks, uploads the pass's rows and context, and launches it.
+    fn run_pass(&mut self, blocks: &[DraftBlock<'_>]) -> Result<(Vec<RowSpec>, RowPlan), BackendError> {
         let mut specs = Vec::with_capacity(blocks.len());
         let mut seen = HashSet::new();
         for bl in blocks {
@@ -357,21 +412,7 @@ impl CudaDFlash {
         }
         let max_len = plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize;
         self.encode(nb, plan.n_ctx, max_len).map_err(dev)?;
-        let b = self.b.as_ref().expect("allocated above");
-        let v = self.vocab;
-        let mut out = Vec::with_capacity(blocks.len());
-        for (s, &start) in specs.iter().zip(&plan.block_start) {
-            let mut rows = vec![0f32; (s.block - 1) * v];
-            if s.block > 1 {
-                self.cx.stream.memcpy_dtoh(&b.logits.slice((start + 1) * v..(start + s.block) * v), &mut rows).map_err(drv)?;
-            }
-            out.push(rows);
-        }
-        self.cx.stream.synchronize().map_err(drv)?;
-        for s in &specs {
-            self.lens[s.slot] = Some(s.ctx_start + s.ctx_rows);
-        }
-        Ok(out)
+        Ok((specs, plan))
     }
 
     /// Grows the KV cache to at least `n` slots (contents kept).
@@ -432,6 +473,7 @@ impl CudaDFlash {
                 gu: f(blk * 2 * inter)?,
                 act: f(blk * inter)?,
                 logits: f(blk * vocab)?,
+                am: i(blk)?,
                 ws: AttnWorkspace::new(cx, blk, nq, MAX_SPLITS, hd)?,
             })
         })()

@@ -683,4 +683,11 @@ impl Backend for CudaBackend {
         self.set_capture(layers)?;
         self.run_forward(chunks, which, true)
     }
+
+    fn forward_capture_argmax(&mut self, chunks: &[Chunk<'_>], layers: &[usize]) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
+        if !layers.is_empty() {
+            self.set_capture(layers)?;
+        }
+        self.run_forward_ids(chunks, !layers.is_empty())
+    }
 }
