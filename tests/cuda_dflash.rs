@@ -8,7 +8,9 @@
 //! bf16-rounded weights. The GPU drafter computes in f32 with a bf16 KV cache;
 //! it is held to the same rule against the CPU drafter fed the same target
 //! hidden states. Graph replay vs eager launches of the same step: 1e-3 of
-//! the row's largest value (only the attention split count may differ).
+//! the row's largest value (only the attention split count may differ). The
+//! ids-only greedy paths (`forward_capture_argmax`, `draft_argmax`) must
+//! return exactly the argmax of the logits of the same computation.
 //!
 //! Greedy identity: speculative decoding on the GPU must produce plain GPU
 //! greedy decoding's tokens. A verify step computes a row with a different
@@ -197,9 +199,20 @@ fn capture_and_graph_verify_match_cpu_and_eager() {
     // the verify steps replayed graphs
     assert_eq!(graph.graph_buckets(), vec![4, 16]);
     assert!(eager.graph_buckets().is_empty());
+    // the ids-only verify (greedy) returns the argmax of the same step's logits
+    let (sa, sb) = seqs[1];
+    let (ta, tb) = (tokens(6, 7, vocab), tokens(2, 8, vocab));
+    let (la, lb) = (graph.seq_len(sa).unwrap(), graph.seq_len(sb).unwrap());
+    let chunks = [Chunk { seq: sa, tokens: &ta }, Chunk { seq: sb, tokens: &tb }];
+    let (logits, h1) = graph.forward_capture(&chunks, LogitsFor::All, &layers).unwrap();
+    graph.truncate(sa, la).unwrap();
+    graph.truncate(sb, lb).unwrap();
+    let (ids, h2) = graph.forward_capture_argmax(&chunks, &layers).unwrap();
+    assert_eq!(ids, logits.chunks(vocab).map(argmax).collect::<Vec<_>>(), "device argmax ids");
+    assert_eq!(h1, h2, "hidden states of the ids-only forward");
     // plain forwards still agree after capture was turned on
-    let (sa, _) = seqs[1];
     let (se, _) = seqs[2];
+    graph.truncate(sa, la).unwrap();
     let t = [7u32];
     let a = graph.forward(&[Chunk { seq: sa, tokens: &t }], LogitsFor::Last).unwrap();
     let b = eager.forward(&[Chunk { seq: se, tokens: &t }], LogitsFor::Last).unwrap();
@@ -214,10 +227,13 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
     let b = draft.config.block_size;
     let gpu_target = CudaBackend::new(&target, opts(true)).expect("CUDA backend");
     let mut gpu = CudaDFlash::new(&gpu_target, &draft).expect("GPU drafter");
+    // a second GPU drafter fed the same inputs drafts argmax ids on the device
+    let mut gpu_ids = CudaDFlash::new(&gpu_target, &draft).expect("GPU drafter");
     let mut cpu = DFlashDrafter::new(Arc::new(draft), Arc::clone(&target));
     let mut tb = CpuBackend::new(Arc::clone(&target));
     let ts = [tb.new_sequence(), tb.new_sequence()];
     let (cs, gs) = ([cpu.new_sequence(), cpu.new_sequence()], [Drafter::new_sequence(&mut gpu), Drafter::new_sequence(&mut gpu)]);
+    let gi = [Drafter::new_sequence(&mut gpu_ids), Drafter::new_sequence(&mut gpu_ids)];
     let mut pos = [0usize; 2];
     // (tokens appended to each sequence's context; None = not in this pass, block)
     let passes: [[(usize, usize); 2]; 3] = [[(30, b), (12, b.min(5))], [(3, b), (0, 0)], [(1, b), (2, b)]];
@@ -252,7 +268,11 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
         };
         let want = cpu.draft(&inputs(cs)).unwrap();
         let got = Drafter::draft(&mut gpu, &inputs(gs)).unwrap();
+        let ids = Drafter::draft_argmax(&mut gpu_ids, &inputs(gi)).unwrap();
         assert_eq!(want.len(), got.len());
+        for (g, i) in got.iter().zip(&ids) {
+            assert_eq!(&g.chunks(vocab).map(argmax).collect::<Vec<_>>(), i, "{what}, pass {p}: device argmax of the drafter");
+        }
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             check_logits(g, w, vocab, &format!("{what}: pass {p}, input {k}"));
         }
