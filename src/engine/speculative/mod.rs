@@ -12,6 +12,10 @@
 //! keeping its own accepted length. With a verdict grammar the automaton
 //! filters drafts (forced tokens are drafted as such, a draft stops at the
 //! first disallowed token) and masks the target's logits at each block row.
+//! Greedy runs without a grammar need only argmax ids from both models
+//! (`Drafter::draft_argmax`, `Backend::forward_capture_argmax`), which the
+//! CUDA target and the GPU drafter (`backend::cuda::model::dflash`, wired
+//! in `cuda_drafter`) compute on the device, so no logits cross to the host.
 
 pub mod accept;
 pub mod block_size;

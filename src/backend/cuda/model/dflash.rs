@@ -191,7 +191,7 @@ impl CudaDFlash {
                 target.cfg.hidden_size
             )));
         }
-        if hd % 2 != 0 || hd > 256 || c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+        if !hd.is_multiple_of(2) || hd > 256 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
             return Err(BackendError::Unsupported(format!(
                 "GPU drafter: head_dim {hd} (even, at most 256) with {} heads over {} KV heads",
                 c.num_heads, c.num_kv_heads
