@@ -74,4 +74,24 @@ pub trait Backend: Send {
         let _ = (chunks, which, layers);
         Err(BackendError::Unsupported(format!("backend `{}` cannot capture hidden states (DFlash needs the cpu backend)", self.name())))
     }
+
+    /// `forward_capture` for greedy verification: instead of logits, the
+    /// argmax token of every row (ties: the lowest id, as greedy sampling),
+    /// so a backend that computes it on the device returns only ids.
+    fn forward_capture_argmax(&mut self, chunks: &[Chunk<'_>], layers: &[usize]) -> Result<(Vec<u32>, Vec<f32>), BackendError> {
+        let (logits, hidden) = self.forward_capture(chunks, LogitsFor::All, layers)?;
+        let v = self.vocab_size().max(1);
+        Ok((logits.chunks(v).map(first_argmax).collect(), hidden))
+    }
+}
+
+/// Index of the first largest value (greedy sampling's tie rule).
+pub fn first_argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
 }

@@ -172,6 +172,9 @@ pub struct BenchRow {
     pub tau: f64,
     /// Mean accepted drafts / offered drafts.
     pub acceptance: f64,
+    /// Seconds in drafter passes and in target verify forwards (both inside `decode_s`).
+    pub draft_s: f64,
+    pub verify_s: f64,
 }
 
 pub struct BenchOptions {
@@ -208,6 +211,8 @@ pub fn run(
                     tokens_per_s: 0.0,
                     tau: 0.0,
                     acceptance: 0.0,
+                    draft_s: 0.0,
+                    verify_s: 0.0,
                 };
                 let (mut committed, mut blocks, mut drafted, mut accepted) = (0, 0, 0, 0);
                 for group in set.prompts.chunks(batch.max(1)) {
@@ -232,6 +237,8 @@ pub fn run(
                     blocks += out.stats.blocks;
                     drafted += out.stats.drafted;
                     accepted += out.stats.accepted;
+                    row.draft_s += out.stats.draft_s;
+                    row.verify_s += out.stats.verify_s;
                     outs[k].extend(out.outputs.into_iter().map(|x| x.output_ids));
                 }
                 row.tokens_per_s = if row.decode_s > 0.0 { row.tokens as f64 / row.decode_s } else { 0.0 };

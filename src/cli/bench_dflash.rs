@@ -8,11 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use kairos::bench::dflash::{self, BenchOptions, PromptSet};
-use kairos::engine::speculative::dflash::DFlashDrafter;
 use kairos::model::dflash::DFlashWeights;
 use kairos::pipeline::config::PipelineConfig;
 
-use super::{make_backend, Device};
+use super::Device;
 
 #[derive(Args)]
 pub struct DflashBench {
@@ -47,6 +46,10 @@ pub struct DflashBench {
     adaptive: bool,
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// CUDA rows per step: a verify step of up to this many rows (all sequences'
+    /// blocks together) replays one CUDA graph; larger ones run eagerly in micro-batches.
+    #[arg(long)]
+    max_step_tokens: Option<usize>,
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -83,10 +86,9 @@ pub fn run(a: DflashBench) -> anyhow::Result<()> {
     let eos = tok.eos_ids.clone();
     let adaptive = a.adaptive.then(|| super::generate::cost_model(&model.weights.config, a.device));
     let weights = Arc::new(model.weights);
-    let mut backend = make_backend(a.device, Arc::clone(&weights))?;
-    let mut drafter = DFlashDrafter::new(Arc::new(draft), weights);
+    let (mut backend, mut drafter) = super::speculative::open(a.device, weights, draft, a.max_step_tokens)?;
     let opts = BenchOptions { batches: a.batches.clone(), max_new_tokens: a.max_new_tokens, block_size: block, adaptive };
-    let (rows, identical) = dflash::run(backend.as_mut(), &mut drafter, &sets, &eos, &opts)?;
+    let (rows, identical) = dflash::run(backend.as_mut(), drafter.as_mut(), &sets, &eos, &opts)?;
     print!("{}", dflash::table(&rows));
     println!("greedy outputs identical with and without the drafter: {identical}");
     if let Some(out) = a.out {
@@ -96,6 +98,7 @@ pub fn run(a: DflashBench) -> anyhow::Result<()> {
             "device": backend.name(),
             "block_size": block,
             "adaptive": a.adaptive,
+            "max_step_tokens": a.max_step_tokens,
             "max_new_tokens": a.max_new_tokens,
             "identical_greedy_outputs": identical,
             "command": std::env::args().collect::<Vec<_>>().join(" "),

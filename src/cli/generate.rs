@@ -6,7 +6,6 @@ use std::sync::Arc;
 use clap::Args;
 use kairos::engine::generate::{generate, GenerateRequest};
 use kairos::engine::sampling::SamplingParams;
-use kairos::engine::speculative::dflash::DFlashDrafter;
 use kairos::engine::speculative::{generate_speculative, CostModel, SpecOptions, SpecStats};
 use kairos::model::dflash::DFlashWeights;
 
@@ -96,14 +95,24 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     }
     let sharded = a.tp != 1 || a.ep != 1 || a.ranks.is_some();
     // One device: the whole model (the drafter reuses its embedding and lm_head).
-    let (name, tokenizer, mut backend, weights) = if sharded {
+    // With --draft the drafter runs on the target's device (GPU drafter for cuda:K).
+    let (name, tokenizer, mut backend, target_cfg, drafter) = if sharded {
         let (name, tokenizer, backend) = open_sharded(&a)?;
-        (name, tokenizer, backend, None)
+        (name, tokenizer, backend, None, None)
     } else {
         let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
+        let cfg = model.weights.config.clone();
         let weights = Arc::new(model.weights);
-        let backend = make_backend(a.device, Arc::clone(&weights))?;
-        (model.name, model.tokenizer, backend, Some(weights))
+        let (backend, drafter) = match &a.draft {
+            Some(d) => {
+                let draft = DFlashWeights::load(d, &cfg).map_err(|e| anyhow::anyhow!("--draft {}: {e}", d.display()))?;
+                let block = a.block_size.unwrap_or(draft.config.block_size).max(1);
+                let (backend, drafter) = super::speculative::open(a.device, weights, draft, None)?;
+                (backend, Some((drafter, block)))
+            }
+            None => (make_backend(a.device, weights)?, None),
+        };
+        (model.name, model.tokenizer, backend, Some(cfg), drafter)
     };
     let tok = &tokenizer;
     let prompt_ids = if a.chat { tok.encode_chat(&a.prompt)? } else { tok.encode(&a.prompt, true)? };
@@ -111,20 +120,14 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
     let eos_ids = tok.eos_ids.clone();
-    let draft = match (&a.draft, &weights) {
-        (Some(d), Some(w)) => {
-            Some(DFlashWeights::load(d, &w.config).map_err(|e| anyhow::anyhow!("--draft {}: {e}", d.display()))?)
-        }
-        _ => None,
-    };
-    if draft.is_some() && a.top_logits > 0 {
+    if drafter.is_some() && a.top_logits > 0 {
         anyhow::bail!("--top-logits is not recorded with --draft; drop one of them");
     }
-    if draft.is_none() && (a.block_size.is_some() || a.adaptive) {
+    if drafter.is_none() && (a.block_size.is_some() || a.adaptive) {
         anyhow::bail!("--block-size and --adaptive need --draft PATH");
     }
-    let adaptive = match &weights {
-        Some(w) if a.adaptive => Some(cost_model(&w.config, a.device)),
+    let adaptive = match &target_cfg {
+        Some(c) if a.adaptive => Some(cost_model(c, a.device)),
         _ => None,
     };
     let req = GenerateRequest {
@@ -135,16 +138,14 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         top_logits: a.top_logits,
     };
     let mut spec: Option<(SpecStats, usize)> = None;
-    let out = match (draft, &weights) {
-        (Some(d), Some(weights)) => {
-            let block = a.block_size.unwrap_or(d.config.block_size).max(1);
-            let mut drafter = DFlashDrafter::new(Arc::new(d), Arc::clone(&weights));
+    let out = match drafter {
+        Some((mut drafter, block)) => {
             let opts = SpecOptions { block_size: block, adaptive };
-            let mut r = generate_speculative(backend.as_mut(), &mut drafter, std::slice::from_ref(&req), None, &opts)?;
+            let mut r = generate_speculative(backend.as_mut(), drafter.as_mut(), std::slice::from_ref(&req), None, &opts)?;
             spec = Some((r.stats, block));
             r.outputs.remove(0)
         }
-        _ => generate(backend.as_mut(), &req)?,
+        None => generate(backend.as_mut(), &req)?,
     };
 
     let text = model_text(&tokenizer, &out.output_ids)?;

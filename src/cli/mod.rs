@@ -9,6 +9,7 @@ mod inspect;
 mod produce;
 mod quantize;
 mod run;
+mod speculative;
 
 use clap::{Parser, Subcommand};
 

@@ -78,7 +78,10 @@ impl BlasGemm {
             x
         } else {
             if n * cols > self.max_elems {
-                return Err(CudaError::Shape(format!("gemm: {n}x{cols} input exceeds the bf16 staging buffer")));
+                // grows only outside graph capture: a backend sizes it up front for its
+                // largest step; the DFlash drafter (eager) grows it with its context
+                self.xb = st.alloc_zeros::<u16>(n * cols)?;
+                self.max_elems = n * cols;
             }
             let total = (n * cols) as i64;
             let mut b = cx.launch("f32_to_bf16");

@@ -12,9 +12,15 @@
 //! keeping its own accepted length. With a verdict grammar the automaton
 //! filters drafts (forced tokens are drafted as such, a draft stops at the
 //! first disallowed token) and masks the target's logits at each block row.
+//! Greedy runs without a grammar need only argmax ids from both models
+//! (`Drafter::draft_argmax`, `Backend::forward_capture_argmax`), which the
+//! CUDA target and the GPU drafter (`backend::cuda::model::dflash`, wired
+//! in `cuda_drafter`) compute on the device, so no logits cross to the host.
 
 pub mod accept;
 pub mod block_size;
+#[cfg(feature = "cuda")]
+pub mod cuda_drafter;
 pub mod dflash;
 mod step;
 
@@ -55,6 +61,21 @@ pub trait Drafter {
     /// Appends each input's context, then returns per input the logits of
     /// block positions 1..B, row-major `[B−1, vocab]`.
     fn draft(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+
+    /// `draft` for greedy drafting without a grammar: per input the argmax
+    /// token (ties: the lowest id) of block positions 1..B. Drafters that can
+    /// take the argmax where the logits are (the GPU) return only the ids.
+    fn draft_argmax(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        let logits = self.draft(inputs)?;
+        Ok(inputs
+            .iter()
+            .zip(logits)
+            .map(|(i, l)| match i.block {
+                0 | 1 => Vec::new(),
+                b => l.chunks(l.len() / (b - 1)).map(crate::backend::first_argmax).collect(),
+            })
+            .collect())
+    }
 }
 
 /// How blocks are sized.

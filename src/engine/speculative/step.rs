@@ -119,6 +119,29 @@ fn verify_block(
     out
 }
 
+/// Greedy verification from the target's argmax ids (`drafts.len() + 1` of
+/// them): the accepted drafts, then the target's token at the first mismatch
+/// (or the bonus row) — `verify_block` at temperature 0 without a grammar.
+fn verify_greedy(target: &[u32], drafts: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(target.len());
+    for (j, &t) in target.iter().enumerate() {
+        out.push(t);
+        if drafts.get(j) != Some(&t) {
+            break;
+        }
+    }
+    out
+}
+
+/// Greedy drafts from the drafter's argmax ids, cut after the first EOS
+/// (`make_drafts` without a grammar).
+fn greedy_drafts(mut ids: Vec<u32>, eos: &[u32]) -> Vec<u32> {
+    if let Some(k) = ids.iter().position(|d| eos.contains(d)) {
+        ids.truncate(k + 1);
+    }
+    ids
+}
+
 /// Greedy drafts from the drafter's rows, filtered by the grammar: forced
 /// tokens replace predictions, masked argmax elsewhere, cut at the first token
 /// the automaton rejects, at EOS or once the verdict is complete.
@@ -243,7 +266,11 @@ impl<'a> Run<'a> {
         let t = Instant::now();
         let drafting: Vec<(usize, usize)> =
             active.iter().zip(&sizes).filter(|(_, &bi)| bi > 1).map(|(&i, &bi)| (i, bi)).collect();
-        let draft_logits = {
+        // Greedy without a grammar needs only argmax ids from drafter and target,
+        // which a GPU computes where the logits are.
+        let greedy = self.grammar.is_none() && active.iter().all(|&i| self.seqs[i].sampler.params().temperature <= 0.0);
+        let vocab = self.target.vocab_size();
+        let drafted: Vec<Vec<u32>> = {
             let inputs: Vec<DraftInput<'_>> = drafting
                 .iter()
                 .map(|&(i, bi)| {
@@ -260,18 +287,24 @@ impl<'a> Run<'a> {
                 .collect();
             if inputs.is_empty() {
                 Vec::new()
+            } else if greedy {
+                let ids = self.drafter.draft_argmax(&inputs)?;
+                ids.into_iter().zip(&drafting).map(|(d, &(i, _))| greedy_drafts(d, &self.reqs[i].eos_ids)).collect()
             } else {
-                self.drafter.draft(&inputs)?
+                let logits = self.drafter.draft(&inputs)?;
+                logits
+                    .iter()
+                    .zip(&drafting)
+                    .map(|(l, &(i, _))| make_drafts(l, vocab, self.seqs[i].state.as_ref(), self.grammar, &self.reqs[i].eos_ids))
+                    .collect()
             }
         };
-        let vocab = self.target.vocab_size();
         let mut blocks: Vec<Vec<u32>> = active.iter().map(|&i| vec![self.seqs[i].pending]).collect();
-        for (&(i, _), logits) in drafting.iter().zip(&draft_logits) {
+        for (&(i, _), drafts) in drafting.iter().zip(drafted) {
             let s = &mut self.seqs[i];
             s.ctx.clear();
             s.ctx_tokens.clear();
             let k = active.iter().position(|&a| a == i).unwrap_or(0);
-            let drafts = make_drafts(logits, vocab, s.state.as_ref(), self.grammar, &self.reqs[i].eos_ids);
             blocks[k].extend(drafts);
         }
         self.stats.draft_s += t.elapsed().as_secs_f64();
@@ -279,7 +312,13 @@ impl<'a> Run<'a> {
         let t = Instant::now();
         let chunks: Vec<Chunk<'_>> =
             active.iter().zip(&blocks).map(|(&i, bl)| Chunk { seq: self.seqs[i].seq, tokens: bl }).collect();
-        let (logits, hidden) = self.target.forward_capture(&chunks, LogitsFor::All, &self.layers)?;
+        let (logits, ids, hidden) = if greedy {
+            let (ids, hidden) = self.target.forward_capture_argmax(&chunks, &self.layers)?;
+            (Vec::new(), ids, hidden)
+        } else {
+            let (logits, hidden) = self.target.forward_capture(&chunks, LogitsFor::All, &self.layers)?;
+            (logits, Vec::new(), hidden)
+        };
         self.stats.verify_s += t.elapsed().as_secs_f64();
         self.stats.steps += 1;
         self.stats.block_sizes.push(b);
@@ -290,8 +329,12 @@ impl<'a> Run<'a> {
             let n = block.len();
             let s = &mut self.seqs[i];
             let drafts = &block[1..];
-            let rows = &logits[row0 * vocab..(row0 + n) * vocab];
-            let tokens = verify_block(rows, vocab, drafts, s.state.as_ref(), self.grammar, &mut s.sampler);
+            let tokens = if greedy {
+                verify_greedy(&ids[row0..row0 + n], drafts)
+            } else {
+                let rows = &logits[row0 * vocab..(row0 + n) * vocab];
+                verify_block(rows, vocab, drafts, s.state.as_ref(), self.grammar, &mut s.sampler)
+            };
             let accepted = tokens.len() - 1;
             // The block's first `accepted + 1` tokens are now committed context.
             self.target.truncate(s.seq, s.cached + accepted + 1)?;
@@ -354,4 +397,32 @@ fn commit(s: &mut SeqRun, tok: u32, req: &GenerateRequest, g: Option<&VerdictGra
         s.active = false;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampling::SamplingParams;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// The ids-only greedy path commits what the logits path commits.
+    #[test]
+    fn greedy_ids_path_equals_the_logits_path() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let vocab = 6;
+        let eos = [5u32];
+        for _ in 0..2000 {
+            let n = rng.gen_range(1..6);
+            // few distinct values, so ties happen and the lowest-id rule matters
+            let rows: Vec<f32> = (0..n * vocab).map(|_| rng.gen_range(0..4) as f32).collect();
+            let target: Vec<u32> = rows.chunks(vocab).map(argmax).collect();
+            // drafts: mostly the target's own choice, sometimes not
+            let drafts: Vec<u32> =
+                target[..n - 1].iter().map(|&t| if rng.gen_bool(0.8) { t } else { rng.gen_range(0..vocab as u32) }).collect();
+            let mut sampler = Sampler::new(SamplingParams::default());
+            assert_eq!(verify_greedy(&target, &drafts), verify_block(&rows, vocab, &drafts, None, None, &mut sampler));
+            assert_eq!(greedy_drafts(target.clone(), &eos), make_drafts(&rows, vocab, None, None, &eos));
+        }
+    }
 }

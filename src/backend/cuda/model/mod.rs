@@ -19,8 +19,9 @@
 //! Activations feeding a GEMV are bf16 (normed hidden, MLP activation) or
 //! f32 (attention output, final norm); the residual stream is f32.
 //!
-//! Decode steps (every chunk one token) are replayed from a CUDA graph
-//! captured once per batch bucket (1, 2, 4, …, `max_step_tokens`); padding rows
+//! Steps of at most `max_step_tokens` rows (decode: every chunk one token; a
+//! DFlash verify: one or several sequences' blocks) are replayed from a CUDA graph
+//! captured once per row bucket (1, 2, 4, …, `max_step_tokens`); padding rows
 //! have slot −1 and length 0 and write no cache and attend to nothing (in MoE
 //! layers they still route, so a padded bucket may read a few more experts).
 //! With `fused` (default) RoPE and the KV write are one launch and the MoE
@@ -50,6 +51,8 @@ use crate::quant::{Mxfp4Matrix, ScaleRule};
 
 type Res<T> = std::result::Result<T, CudaError>;
 
+mod capture;
+pub mod dflash;
 mod ops;
 mod upload;
 
@@ -199,6 +202,8 @@ pub struct CudaBackend {
     gemm: Option<BlasGemm>,
     /// Tensor-parallel reduction of the attention and MLP outputs (see `attach_nccl`).
     comm: Option<SendComm>,
+    /// Hidden states copied out of each step for DFlash (see `capture.rs`).
+    cap: Option<capture::Capture>,
 }
 
 /// An NCCL communicator used from one thread at a time, like `SendGraph`.
@@ -301,6 +306,7 @@ impl CudaBackend {
                 && c.moe.as_ref().is_some_and(|m| m.expert_intermediate.is_multiple_of(32)),
             cfg: c,
             comm: None,
+            cap: None,
         })
     }
 
@@ -346,6 +352,7 @@ impl CudaBackend {
 
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
+        let capt = self.capture_plan();
         let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, comm, gemm, .. } = self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
         let reduce = |buf: &mut CudaSlice<f32>| -> Res<()> {
@@ -366,6 +373,9 @@ impl CudaBackend {
         cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?;
         for (li, l) in w.layers.iter().enumerate() {
             pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &l.ln1, &mut b.h, n, h, eps)?;
+            if li > 0 {
+                capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
+            }
             dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
             if fused {
                 let a = [nq as i32, nkv as i32, hd as i32];
@@ -473,6 +483,7 @@ impl CudaBackend {
             }
         }
         pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &w.final_norm, &mut b.hf, n, h, eps)?;
+        capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), c.num_layers - 1, n, h)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?;
         cx.argmax(&b.logits, &mut b.am, n, v)?;
@@ -673,50 +684,26 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> std::result::Result<Vec<f32>, BackendError> {
-        let starts = self.check_chunks(chunks)?;
-        if chunks.iter().any(|c| c.seq.0 >= self.kv.n_slots) {
-            return Err(BackendError::Device("KV slot beyond the cache (slot growth failed)".into()));
+        self.run_forward(chunks, which, false).map(|(logits, _)| logits)
+    }
+
+    fn forward_capture(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        which: LogitsFor,
+        layers: &[usize],
+    ) -> std::result::Result<(Vec<f32>, Vec<f32>), BackendError> {
+        if layers.is_empty() {
+            return self.run_forward(chunks, which, false);
         }
-        let v = self.cfg.vocab_size;
-        // rows: (token, slot, pos), and whether each row's logits are wanted
-        let mut rows = Vec::new();
-        let mut want = Vec::new();
-        for (ch, &s) in chunks.iter().zip(&starts) {
-            for (j, &t) in ch.tokens.iter().enumerate() {
-                rows.push((t, ch.seq.0, s + j));
-                want.push(which == LogitsFor::All || j + 1 == ch.tokens.len());
-            }
+        self.set_capture(layers)?;
+        self.run_forward(chunks, which, true)
+    }
+
+    fn forward_capture_argmax(&mut self, chunks: &[Chunk<'_>], layers: &[usize]) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
+        if !layers.is_empty() {
+            self.set_capture(layers)?;
         }
-        let mut out = Vec::with_capacity(want.iter().filter(|w| **w).count() * v);
-        let decode = chunks.iter().all(|c| c.tokens.len() == 1) && !rows.is_empty() && rows.len() <= self.max_tok;
-        if decode {
-            self.decode_launch(&rows)?;
-            out.resize(rows.len() * v, 0f32);
-            self.cx.stream.memcpy_dtoh(&self.b.logits.slice(0..rows.len() * v), &mut out).map_err(drv)?;
-        } else {
-            for (mb, wmb) in rows.chunks(self.max_tok).zip(want.chunks(self.max_tok)) {
-                let n = mb.len();
-                self.upload(mb, n)?;
-                let max_len = mb.iter().map(|r| r.2 + 1).max().unwrap_or(1);
-                let splits = self.splits_for(n, max_len);
-                self.encode_step(n, splits).map_err(dev)?;
-                if wmb.iter().all(|w| *w) {
-                    let at = out.len();
-                    out.resize(at + n * v, 0f32);
-                    self.cx.stream.memcpy_dtoh(&self.b.logits.slice(0..n * v), &mut out[at..]).map_err(drv)?;
-                } else {
-                    for (i, _) in wmb.iter().enumerate().filter(|(_, w)| **w) {
-                        let at = out.len();
-                        out.resize(at + v, 0f32);
-                        self.cx.stream.memcpy_dtoh(&self.b.logits.slice(i * v..(i + 1) * v), &mut out[at..]).map_err(drv)?;
-                    }
-                }
-            }
-        }
-        self.cx.stream.synchronize().map_err(drv)?;
-        for ch in chunks {
-            *self.lens[ch.seq.0].as_mut().expect("checked") += ch.tokens.len();
-        }
-        Ok(out)
+        self.run_forward_ids(chunks, !layers.is_empty())
     }
 }

@@ -3,11 +3,11 @@
 
 use super::*;
 
-fn bf16_bits(v: &[f32]) -> Vec<u16> {
+pub(super) fn bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect()
 }
 
-fn weight_bits(w: &Weight) -> Vec<u16> {
+pub(super) fn weight_bits(w: &Weight) -> Vec<u16> {
     match w {
         Weight::Bf16 { data, .. } => data.iter().map(|v| v.to_bits()).collect(),
         other => bf16_bits(&other.to_f32()),
@@ -23,7 +23,7 @@ fn weight_mx(w: &Weight) -> std::result::Result<Mxfp4Matrix, BackendError> {
 }
 
 /// Rows of `a` then rows of `b`, or interleaved a0 b0 a1 b1 … (gpt-oss gate/up).
-fn fuse_rows<T: Copy>(a: &[T], b: &[T], row_len: usize, interleave: bool) -> Vec<T> {
+pub(super) fn fuse_rows<T: Copy>(a: &[T], b: &[T], row_len: usize, interleave: bool) -> Vec<T> {
     if !interleave {
         return [a, b].concat();
     }
@@ -262,7 +262,7 @@ impl CudaBackend {
 }
 
 /// RoPE inverse frequencies on the device and the cos/sin scale (YaRN's mscale, else 1).
-fn rope_tables(cx: &CudaContext, c: &ModelConfig) -> std::result::Result<(CudaSlice<f32>, f32), BackendError> {
+pub(super) fn rope_tables(cx: &CudaContext, c: &ModelConfig) -> std::result::Result<(CudaSlice<f32>, f32), BackendError> {
     let rope = RopeTable::new(&c.rope, c.head_dim);
     let inv: Vec<f32> = rope.inv_freq.iter().map(|&f| f as f32).collect();
     Ok((cx.up(&inv).map_err(dev)?, rope.scale as f32))

@@ -1,0 +1,567 @@
+//! The DFlash drafter on the GPU: the computation of the CPU
+//! `engine::speculative::dflash::DFlashDrafter`, with the CUDA backend's kernels.
+//!
+//! One pass over several sequences is one set of launches over two kinds of
+//! rows, block rows first:
+//! - block rows (`Σ B_i`): block position 0 = the last committed token, the
+//!   rest the mask token, at positions `position_i + j`;
+//! - context rows (`Σ m_i`): the target hidden states committed since the
+//!   sequence's last pass, projected N·H→H by `fc` and RMS-normed once.
+//!
+//! In every draft layer both kinds go through one q|k|v GEMV (context rows'
+//! queries are computed and unused), q/k-norm + RoPE and one KV-cache write:
+//! context rows land at their own positions for good, block rows at
+//! `position_i..position_i + B_i` for this pass only (the next pass overwrites
+//! them). Attention runs for the block rows only, each over the whole context
+//! and the whole block — non-causal inside the block — which is the decode
+//! attention kernel with every block row's length `position_i + B_i`. Then
+//! o-proj, MLP, and after the last layer the drafter's norm and the target's
+//! lm_head. Activations are f32 (GEMVs read f32 inputs), weights and the KV
+//! cache bf16.
+//!
+//! The drafter has its own driver stream (the same device's primary context as
+//! the target) and its own copies of the target's embedding and lm_head, made
+//! device-to-device from the target backend's tensors once; the engine calls
+//! drafter and target one after the other from one thread, and each returns to
+//! the host, so the two streams never race. Launches are eager (the row count
+//! changes every pass with the accepted lengths).
+
+use std::collections::HashSet;
+
+use cudarc::driver::CudaSlice;
+
+use super::upload::{bf16_bits, fuse_rows, rope_tables, weight_bits};
+use super::{dense, dev, dptr, drv, lc, CudaBackend, Res, MAX_SPLITS};
+use crate::backend::cuda::kernels::{AttnWorkspace, KvShape, ARGMAX_MAX_ROWS};
+use crate::backend::cuda::gemm::BlasGemm;
+use crate::backend::cuda::CudaContext;
+use crate::backend::BackendError;
+use crate::model::config::Activation;
+use crate::model::dflash::{DFlashConfig, DFlashWeights};
+
+/// One sequence's input to a drafter pass (the engine's `DraftInput` without the tokens).
+pub struct DraftBlock<'a> {
+    /// The drafter's sequence slot.
+    pub seq: usize,
+    /// Target hidden states of the tokens committed since the last pass, `[m, layers * hidden]`.
+    pub context: &'a [f32],
+    /// Block position 0.
+    pub first_token: u32,
+    /// Absolute position of `first_token` (= the context length after this pass).
+    pub position: usize,
+    /// Block length B; logits are returned for positions 1..B.
+    pub block: usize,
+}
+
+struct Layer {
+    ln1: CudaSlice<u16>,
+    ln2: CudaSlice<u16>,
+    wqkv: CudaSlice<u16>,
+    wo: CudaSlice<u16>,
+    q_norm: CudaSlice<u16>,
+    k_norm: CudaSlice<u16>,
+    gu: CudaSlice<u16>,
+    down: CudaSlice<u16>,
+    inter: usize,
+}
+
+struct Weights {
+    fc: CudaSlice<u16>,
+    hidden_norm: CudaSlice<u16>,
+    norm: CudaSlice<u16>,
+    layers: Vec<Layer>,
+    /// copies of the target's
+    embed: CudaSlice<u16>,
+    lm_head: Option<CudaSlice<u16>>,
+    inv_freq: CudaSlice<f32>,
+    mscale: f32,
+}
+
+/// Pass buffers: `blk` block rows, `all` rows of block + context.
+struct Bufs {
+    blk: usize,
+    all: usize,
+    ids: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    ctx_in: CudaSlice<f32>,
+    ctxh: CudaSlice<f32>,
+    ctxn: CudaSlice<f32>,
+    inp: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    x: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    hn: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    gu: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    /// argmax id of each block row
+    am: CudaSlice<i32>,
+    ws: AttnWorkspace,
+}
+
+/// Row layout of one pass, built on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RowPlan {
+    /// block rows: token ids and attention lengths
+    pub ids: Vec<i32>,
+    pub lens: Vec<i32>,
+    /// block rows, then context rows: positions and cache slots
+    pub pos: Vec<i32>,
+    pub slots: Vec<i32>,
+    /// first block row of each sequence
+    pub block_start: Vec<usize>,
+    pub n_block: usize,
+    pub n_ctx: usize,
+}
+
+/// One sequence's share of a pass: (slot, cached context length, new context rows,
+/// first token, block position, block length).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowSpec {
+    pub slot: usize,
+    pub ctx_start: usize,
+    pub ctx_rows: usize,
+    pub first_token: u32,
+    pub position: usize,
+    pub block: usize,
+}
+
+pub(crate) fn plan_rows(specs: &[RowSpec], mask_token: u32) -> RowPlan {
+    let n_block: usize = specs.iter().map(|s| s.block).sum();
+    let n_ctx: usize = specs.iter().map(|s| s.ctx_rows).sum();
+    let mut p = RowPlan {
+        ids: Vec::with_capacity(n_block),
+        lens: Vec::with_capacity(n_block),
+        pos: Vec::with_capacity(n_block + n_ctx),
+        slots: Vec::with_capacity(n_block + n_ctx),
+        block_start: Vec::with_capacity(specs.len()),
+        n_block,
+        n_ctx,
+    };
+    for s in specs {
+        p.block_start.push(p.ids.len());
+        for j in 0..s.block {
+            p.ids.push(if j == 0 { s.first_token } else { mask_token } as i32);
+            // every block row sees the whole context and the whole block
+            p.lens.push((s.position + s.block) as i32);
+            p.pos.push((s.position + j) as i32);
+            p.slots.push(s.slot as i32);
+        }
+    }
+    for s in specs {
+        for r in 0..s.ctx_rows {
+            p.pos.push((s.ctx_start + r) as i32);
+            p.slots.push(s.slot as i32);
+        }
+    }
+    p
+}
+
+pub struct CudaDFlash {
+    cx: CudaContext,
+    cfg: DFlashConfig,
+    vocab: usize,
+    ctx_width: usize,
+    w: Weights,
+    b: Option<Bufs>,
+    k_cache: CudaSlice<u16>,
+    v_cache: CudaSlice<u16>,
+    kv: KvShape,
+    lens: Vec<Option<usize>>,
+    scale: f32,
+    /// cuBLAS for passes of 9+ rows (a block of 16, the context rows); None: GEMVs
+    gemm: Option<BlasGemm>,
+}
+
+fn copy_device(cx: &CudaContext, src: &CudaSlice<u16>) -> Res<CudaSlice<u16>> {
+    let mut dst = cx.stream.alloc_zeros::<u16>(src.len())?;
+    cx.stream.memcpy_dtod(src, &mut dst)?;
+    Ok(dst)
+}
+
+impl CudaDFlash {
+    /// Uploads `draft` to the target's GPU and copies the target's embedding and lm_head.
+    pub fn new(target: &CudaBackend, draft: &DFlashWeights) -> Result<Self, BackendError> {
+        let cfg = draft.config.clone();
+        let c = &cfg.decoder;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        if h != target.cfg.hidden_size {
+            return Err(BackendError::Unsupported(format!(
+                "drafter hidden size {h} differs from the target's {}",
+                target.cfg.hidden_size
+            )));
+        }
+        if !hd.is_multiple_of(2) || hd > 256 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
+            return Err(BackendError::Unsupported(format!(
+                "GPU drafter: head_dim {hd} (even, at most 256) with {} heads over {} KV heads",
+                c.num_heads, c.num_kv_heads
+            )));
+        }
+        let biased = draft.fc.bias.is_some()
+            || draft.layers.iter().any(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down].iter().any(|x| x.bias.is_some())
+            });
+        if biased {
+            return Err(BackendError::Unsupported("GPU drafter: projections with biases are not supported".into()));
+        }
+        let cx = CudaContext::new(target.ordinal).map_err(dev)?;
+        // the target's weights were uploaded on its own stream
+        target.cx.stream.synchronize().map_err(drv)?;
+        let interleave = matches!(c.activation, Activation::GptOssGlu { .. });
+        let up = |v: Vec<u16>| cx.up(&v).map_err(dev);
+        let mut layers = Vec::with_capacity(draft.layers.len());
+        for l in &draft.layers {
+            layers.push(Layer {
+                ln1: up(bf16_bits(&l.input_norm))?,
+                ln2: up(bf16_bits(&l.post_attention_norm))?,
+                wqkv: up([weight_bits(&l.q.weight), weight_bits(&l.k.weight), weight_bits(&l.v.weight)].concat())?,
+                wo: up(weight_bits(&l.o.weight))?,
+                q_norm: up(bf16_bits(&l.q_norm))?,
+                k_norm: up(bf16_bits(&l.k_norm))?,
+                gu: up(fuse_rows(&weight_bits(&l.mlp.gate.weight), &weight_bits(&l.mlp.up.weight), h, interleave))?,
+                down: up(weight_bits(&l.mlp.down.weight))?,
+                inter: l.mlp.gate.out_features(),
+            });
+        }
+        let (inv_freq, mscale) = rope_tables(&cx, c)?;
+        let w = Weights {
+            fc: up(weight_bits(&draft.fc.weight))?,
+            hidden_norm: up(bf16_bits(&draft.hidden_norm))?,
+            norm: up(bf16_bits(&draft.norm))?,
+            layers,
+            embed: copy_device(&cx, &target.w.embed).map_err(dev)?,
+            lm_head: match &target.w.lm_head {
+                Some(x) => Some(copy_device(&cx, x).map_err(dev)?),
+                None => None,
+            },
+            inv_freq,
+            mscale,
+        };
+        let kv = KvShape { n_slots: 4, n_layers: draft.layers.len(), n_kv_heads: c.num_kv_heads, max_pos: target.max_context, head_dim: hd };
+        let k_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
+        let v_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
+        cx.stream.synchronize().map_err(drv)?;
+        let gemm = if target.gemm.is_some() { BlasGemm::new(&cx.stream, 16, draft.fc.in_features()).ok() } else { None };
+        Ok(Self {
+            gemm,
+            cx,
+            vocab: target.cfg.vocab_size,
+            ctx_width: draft.fc.in_features(),
+            w,
+            b: None,
+            k_cache,
+            v_cache,
+            kv,
+            lens: Vec::new(),
+            scale: 1.0 / (hd as f32).sqrt(),
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &DFlashConfig {
+        &self.cfg
+    }
+
+    pub fn new_sequence(&mut self) -> usize {
+        match self.lens.iter().position(Option::is_none) {
+            Some(i) => {
+                self.lens[i] = Some(0);
+                i
+            }
+            None => {
+                self.lens.push(Some(0));
+                self.lens.len() - 1
+            }
+        }
+    }
+
+    pub fn free_sequence(&mut self, seq: usize) {
+        if let Some(s) = self.lens.get_mut(seq) {
+            *s = None;
+        }
+    }
+
+    /// Context rows cached for `seq`.
+    pub fn seq_len(&self, seq: usize) -> Result<usize, BackendError> {
+        self.lens
+            .get(seq)
+            .copied()
+            .flatten()
+            .ok_or_else(|| BackendError::Device(format!("drafter: unknown sequence {seq}")))
+    }
+
+    /// Forget context beyond `len` rows.
+    pub fn truncate(&mut self, seq: usize, len: usize) -> Result<(), BackendError> {
+        let cur = self.seq_len(seq)?;
+        self.lens[seq] = Some(cur.min(len));
+        Ok(())
+    }
+
+    /// Appends each block's context and returns per block the logits of block
+    /// positions 1..B, row-major `[B−1, vocab]` (as `DFlashDrafter::draft`).
+    pub fn draft(&mut self, blocks: &[DraftBlock<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (specs, plan) = self.run_pass(blocks)?;
+        let b = self.b.as_ref().expect("allocated by run_pass");
+        let v = self.vocab;
+        let mut out = Vec::with_capacity(blocks.len());
+        for (s, &start) in specs.iter().zip(&plan.block_start) {
+            let mut rows = vec![0f32; (s.block - 1) * v];
+            if s.block > 1 {
+                self.cx.stream.memcpy_dtoh(&b.logits.slice((start + 1) * v..(start + s.block) * v), &mut rows).map_err(drv)?;
+            }
+            out.push(rows);
+        }
+        self.finish_pass(&specs)?;
+        Ok(out)
+    }
+
+    /// `draft` for greedy drafting: the argmax id (ties: lowest) of block
+    /// positions 1..B, computed on the device; only the ids cross to the host.
+    pub fn draft_argmax(&mut self, blocks: &[DraftBlock<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (specs, plan) = self.run_pass(blocks)?;
+        let nb = plan.n_block;
+        let b = self.b.as_mut().expect("allocated by run_pass");
+        let mut am = vec![0i32; nb];
+        if nb <= ARGMAX_MAX_ROWS {
+            self.cx.argmax(&b.logits, &mut b.am, nb, self.vocab).map_err(dev)?;
+            self.cx.stream.memcpy_dtoh(&b.am.slice(0..nb), &mut am).map_err(drv)?;
+        } else {
+            // more rows than one argmax launch takes: on the host
+            let v = self.vocab;
+            let mut logits = vec![0f32; nb * v];
+            self.cx.stream.memcpy_dtoh(&b.logits.slice(0..nb * v), &mut logits).map_err(drv)?;
+            self.cx.stream.synchronize().map_err(drv)?;
+            for (a, row) in am.iter_mut().zip(logits.chunks(v)) {
+                *a = crate::backend::first_argmax(row) as i32;
+            }
+        }
+        self.finish_pass(&specs)?;
+        Ok(specs.iter().zip(&plan.block_start).map(|(s, &st)| am[st + 1..st + s.block].iter().map(|&x| x as u32).collect()).collect())
+    }
+
+    /// Waits for the pass and records the appended context rows.
+    fn finish_pass(&mut self, specs: &[RowSpec]) -> Result<(), BackendError> {
+        self.cx.stream.synchronize().map_err(drv)?;
+        for s in specs {
+            self.lens[s.slot] = Some(s.ctx_start + s.ctx_rows);
+        }
+        Ok(())
+    }
+
+    /// Checks the blocks, uploads the pass's rows and context, and launches it.
+    fn run_pass(&mut self, blocks: &[DraftBlock<'_>]) -> Result<(Vec<RowSpec>, RowPlan), BackendError> {
+        let mut specs = Vec::with_capacity(blocks.len());
+        let mut seen = HashSet::new();
+        for bl in blocks {
+            let ctx_start = self.seq_len(bl.seq)?;
+            if !seen.insert(bl.seq) {
+                return Err(BackendError::Device(format!("drafter: sequence {} twice in one pass", bl.seq)));
+            }
+            if bl.context.len() % self.ctx_width != 0 {
+                return Err(BackendError::Device(format!(
+                    "drafter: context of {} floats is not whole rows of {}",
+                    bl.context.len(),
+                    self.ctx_width
+                )));
+            }
+            let m = bl.context.len() / self.ctx_width;
+            if ctx_start + m != bl.position {
+                return Err(BackendError::Device(format!(
+                    "drafter: context ends at {} but the block starts at {}",
+                    ctx_start + m,
+                    bl.position
+                )));
+            }
+            if bl.block == 0 || bl.position + bl.block > self.kv.max_pos {
+                return Err(BackendError::ContextFull {
+                    seq: crate::backend::SeqId(bl.seq),
+                    len: bl.position + bl.block,
+                    limit: self.kv.max_pos,
+                });
+            }
+            if bl.first_token as usize >= self.vocab {
+                return Err(BackendError::TokenOutOfRange { id: bl.first_token, vocab: self.vocab });
+            }
+            specs.push(RowSpec {
+                slot: bl.seq,
+                ctx_start,
+                ctx_rows: m,
+                first_token: bl.first_token,
+                position: bl.position,
+                block: bl.block,
+            });
+        }
+        let plan = plan_rows(&specs, self.cfg.mask_token_id);
+        let max_slot = specs.iter().map(|s| s.slot).max().unwrap_or(0);
+        self.ensure_slots(max_slot + 1)?;
+        self.ensure_bufs(plan.n_block, plan.n_block + plan.n_ctx)?;
+        let b = self.b.as_mut().expect("allocated above");
+        let st = &self.cx.stream;
+        let (nb, nall) = (plan.n_block, plan.n_block + plan.n_ctx);
+        st.memcpy_htod(&plan.ids, &mut b.ids.slice_mut(0..nb)).map_err(drv)?;
+        st.memcpy_htod(&plan.lens, &mut b.lens.slice_mut(0..nb)).map_err(drv)?;
+        st.memcpy_htod(&plan.pos, &mut b.pos.slice_mut(0..nall)).map_err(drv)?;
+        st.memcpy_htod(&plan.slots, &mut b.slots.slice_mut(0..nall)).map_err(drv)?;
+        if plan.n_ctx > 0 {
+            let ctx: Vec<f32> = blocks.iter().flat_map(|bl| bl.context.iter().copied()).collect();
+            st.memcpy_htod(&ctx, &mut b.ctx_in.slice_mut(0..ctx.len())).map_err(drv)?;
+        }
+        let max_len = plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize;
+        self.encode(nb, plan.n_ctx, max_len).map_err(dev)?;
+        Ok((specs, plan))
+    }
+
+    /// Grows the KV cache to at least `n` slots (contents kept).
+    fn ensure_slots(&mut self, n: usize) -> Result<(), BackendError> {
+        if n <= self.kv.n_slots {
+            return Ok(());
+        }
+        let old = self.kv;
+        let mut kv = old;
+        kv.n_slots = n.next_power_of_two().max(2 * old.n_slots);
+        let st = self.cx.stream.clone();
+        let mut k = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
+        let mut v = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
+        st.memcpy_dtod(&self.k_cache, &mut k.slice_mut(0..old.len())).map_err(drv)?;
+        st.memcpy_dtod(&self.v_cache, &mut v.slice_mut(0..old.len())).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        self.k_cache = k;
+        self.v_cache = v;
+        self.kv = kv;
+        Ok(())
+    }
+
+    /// Pass buffers for `blk` block rows and `all` rows in total (grown, never shrunk).
+    fn ensure_bufs(&mut self, blk: usize, all: usize) -> Result<(), BackendError> {
+        if self.b.as_ref().is_some_and(|b| b.blk >= blk && b.all >= all) {
+            return Ok(());
+        }
+        let (old_blk, old_all) = self.b.as_ref().map_or((0, 0), |b| (b.blk, b.all));
+        let blk = blk.next_power_of_two().max(old_blk).max(16);
+        let all = all.next_power_of_two().max(old_all).max(blk);
+        // free the old buffers first
+        self.b = None;
+        let c = &self.cfg.decoder;
+        let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let inter = self.w.layers.iter().map(|l| l.inter).max().unwrap_or(1);
+        let qkvd = (nq + 2 * nkv) * hd;
+        let (cx, width, vocab) = (&self.cx, self.ctx_width, self.vocab);
+        let st = &cx.stream;
+        let f = |n: usize| st.alloc_zeros::<f32>(n.max(1));
+        let i = |n: usize| st.alloc_zeros::<i32>(n.max(1));
+        let b = (|| -> Res<Bufs> {
+            Ok(Bufs {
+                blk,
+                all,
+                ids: i(blk)?,
+                lens: i(blk)?,
+                pos: i(all)?,
+                slots: i(all)?,
+                ctx_in: f(all * width)?,
+                ctxh: f(all * h)?,
+                ctxn: f(all * h)?,
+                inp: f(all * h)?,
+                qkv: f(all * qkvd)?,
+                x: f(blk * h)?,
+                delta: f(blk * h)?,
+                hn: f(blk * h)?,
+                attn: f(blk * nq * hd)?,
+                gu: f(blk * 2 * inter)?,
+                act: f(blk * inter)?,
+                logits: f(blk * vocab)?,
+                am: i(blk)?,
+                ws: AttnWorkspace::new(cx, blk, nq, MAX_SPLITS, hd)?,
+            })
+        })()
+        .map_err(dev)?;
+        self.b = Some(b);
+        Ok(())
+    }
+
+    /// All launches of one pass: `nb` block rows, `nc` context rows (inputs uploaded).
+    fn encode(&mut self, nb: usize, nc: usize, max_len: usize) -> Res<()> {
+        let Self { cx, cfg, w, b, k_cache, v_cache, kv, scale, vocab, ctx_width, gemm, .. } = self;
+        let b = b.as_mut().expect("buffers allocated before encode");
+        let st = cx.stream.clone();
+        let c = &cfg.decoder;
+        let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let qkvd = (nq + 2 * nkv) * hd;
+        let eps = c.rms_norm_eps;
+        let all = nb + nc;
+        // Context features → H, normed, into rows nb.. of the layers' input.
+        if nc > 0 {
+            dense(cx, gemm, &w.fc, dptr(&b.ctx_in, &st), false, dptr(&b.ctxh, &st), h, *ctx_width, nc, None)?;
+            cx.rmsnorm_residual::<f32>(&mut b.ctxh, None, &w.hidden_norm, &mut b.ctxn, nc, h, eps)?;
+            st.memcpy_dtod(&b.ctxn.slice(0..nc * h), &mut b.inp.slice_mut(nb * h..all * h))?;
+        }
+        cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, nb, h)?;
+        for (li, l) in w.layers.iter().enumerate() {
+            // x += the previous layer's MLP output; block rows' normed input → rows 0..nb
+            let delta = if li > 0 { Some(&b.delta) } else { None };
+            cx.rmsnorm_residual::<f32>(&mut b.x, delta, &l.ln1, &mut b.inp, nb, h, eps)?;
+            dense(cx, gemm, &l.wqkv, dptr(&b.inp, &st), false, dptr(&b.qkv, &st), qkvd, h, all, None)?;
+            cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, Some(&l.q_norm), Some(&l.k_norm), all, nq, nkv, hd, eps, w.mscale)?;
+            cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, all, nq, li, kv)?;
+            if matches!(hd, 64 | 128 | 256) {
+                let splits = cx.attention_splits(nb, nq, nkv, max_len, MAX_SPLITS);
+                cx.attention_decode(
+                    &b.qkv, k_cache, v_cache, &b.slots, &b.lens, None, &mut b.attn, &mut b.ws, nb, nq, qkvd, li, kv, *scale, 0,
+                    splits,
+                )?;
+            } else {
+                let a = [nq as i32, nkv as i32, hd as i32, li as i32, kv.n_layers as i32, kv.max_pos as i32];
+                let (win, qs, null) = (0i32, qkvd as i64, 0u64);
+                let mut lb = cx.launch("attention_generic");
+                lb.arg(&b.qkv).arg(&*k_cache).arg(&*v_cache).arg(&b.slots).arg(&b.lens).arg(&null).arg(&mut b.attn);
+                for x in a.iter() {
+                    lb.arg(x);
+                }
+                lb.arg(&*scale).arg(&win).arg(&qs);
+                unsafe { lb.launch(lc(nq, nb, 1, 128)) }?;
+            }
+            dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, nb, None)?;
+            cx.rmsnorm_residual::<f32>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.hn, nb, h, eps)?;
+            dense(cx, gemm, &l.gu, dptr(&b.hn, &st), false, dptr(&b.gu, &st), 2 * l.inter, h, nb, None)?;
+            match c.activation {
+                Activation::SiluGlu => cx.swiglu::<f32>(&b.gu, &mut b.act, nb, l.inter)?,
+                Activation::GptOssGlu { alpha, limit } => cx.swiglu_oai::<f32>(&b.gu, &mut b.act, nb, l.inter, alpha, limit)?,
+            }
+            dense(cx, gemm, &l.down, dptr(&b.act, &st), false, dptr(&b.delta, &st), h, l.inter, nb, None)?;
+        }
+        let delta = if w.layers.is_empty() { None } else { Some(&b.delta) };
+        cx.rmsnorm_residual::<f32>(&mut b.x, delta, &w.norm, &mut b.hn, nb, h, eps)?;
+        let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+        dense(cx, gemm, head, dptr(&b.hn, &st), false, dptr(&b.logits, &st), *vocab, h, nb, None)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{plan_rows, RowSpec};
+
+    #[test]
+    fn block_rows_come_first_and_see_context_plus_block() {
+        let specs = [
+            RowSpec { slot: 2, ctx_start: 5, ctx_rows: 2, first_token: 11, position: 7, block: 3 },
+            RowSpec { slot: 0, ctx_start: 0, ctx_rows: 1, first_token: 12, position: 1, block: 2 },
+        ];
+        let p = plan_rows(&specs, 99);
+        assert_eq!((p.n_block, p.n_ctx), (5, 3));
+        assert_eq!(p.ids, vec![11, 99, 99, 12, 99]);
+        assert_eq!(p.lens, vec![10, 10, 10, 3, 3]);
+        assert_eq!(p.block_start, vec![0, 3]);
+        // block rows at position.., then context rows at ctx_start..
+        assert_eq!(p.pos, vec![7, 8, 9, 1, 2, 5, 6, 0]);
+        assert_eq!(p.slots, vec![2, 2, 2, 0, 0, 2, 2, 0]);
+    }
+}
