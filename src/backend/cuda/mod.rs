@@ -7,10 +7,12 @@
 //! and never synchronize the host (graph-capturable); call
 //! `ctx.stream.synchronize()` or copy back to wait.
 
+pub mod comm;
 pub mod kernels;
 pub mod kernels_q8;
 pub mod launch;
 pub mod model;
+pub mod sharded;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -80,6 +82,11 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
         "moe",
         include_str!("../../../kernels/moe.cu"),
         &["moe_router_topk", "moe_combine"],
+    ),
+    (
+        "shard",
+        include_str!("../../../kernels/shard.cu"),
+        &["embedding_vocab_range", "moe_local_ids", "vocab_assemble"],
     ),
     (
         "argmax",
