@@ -58,6 +58,27 @@ pub fn check_cuda_plan(plan: &ShardPlan, c: &ModelConfig) -> Result<(), DeviceSh
     Ok(())
 }
 
+/// The plan of `kairos bench decode --nccl-ranks n`: attention split over all `n`
+/// ranks when the heads allow it (else replicated), whole experts per rank when
+/// the expert count allows it (else every expert split by width over the ranks);
+/// the first of those that the CUDA backend can run.
+pub fn bench_plan(c: &ModelConfig, n: usize) -> Result<ShardPlan, DeviceShardError> {
+    let eps: &[usize] = if c.moe.is_some() { &[n, 1] } else { &[1] };
+    let mut first_err = None;
+    for tp in [n, 1] {
+        for &ep in eps {
+            let plan = ShardPlan::new(tp, ep, Some(n))?;
+            match check_cuda_plan(&plan, c) {
+                Ok(()) => return Ok(plan),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+    }
+    Err(first_err.unwrap_or(DeviceShardError::Plan(ShardError::Zero { ranks: n, tp: n, ep: 1 })))
+}
+
 /// Index of global expert `id` among a rank's `experts`, or −1 when another rank holds it.
 pub fn local_expert_id(id: i32, experts: &Range<usize>) -> i32 {
     let e = id as i64 - experts.start as i64;
@@ -158,6 +179,18 @@ mod tests {
         small.vocab_size = 9; // chunks of 3 over 4 ranks leave rank 3 nothing
         let e = check_cuda_plan(&ShardPlan::new(4, 1, None).unwrap(), &small).unwrap_err();
         assert!(matches!(e, DeviceShardError::EmptyVocab { rank: 3, .. }), "{e}");
+    }
+
+    #[test]
+    fn bench_plans_split_what_the_model_allows() {
+        let moe = fixture_config("qwen3_moe"); // 4 heads, 4 experts of width 64
+        assert_eq!(bench_plan(&moe, 2).unwrap(), ShardPlan { ranks: 2, tp: 2, ep: 2 });
+        assert_eq!(bench_plan(&moe, 4).unwrap(), ShardPlan { ranks: 4, tp: 4, ep: 4 });
+        // 8 ranks: 4 heads and 4 experts cannot be split 8 ways, 64 / 8 is not a block of 32
+        assert!(matches!(bench_plan(&moe, 8), Err(DeviceShardError::Plan(ShardError::Heads { heads: 4, tp: 8 }))));
+        let dense = fixture_config("llama");
+        assert_eq!(bench_plan(&dense, 3).unwrap(), ShardPlan { ranks: 3, tp: 1, ep: 1 });
+        assert_eq!(bench_plan(&dense, 2).unwrap(), ShardPlan { ranks: 2, tp: 2, ep: 1 });
     }
 
     #[test]
