@@ -81,7 +81,7 @@ fn rank_loop(bk: &mut CudaBackend, o: &DecodeBenchOptions, max_b: usize, barrier
 pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
     let n = o.nccl_ranks;
-    let visible = cudarc::driver::CudaContext::device_count().unwrap_or(0).max(0) as usize;
+    let visible = crate::backend::cuda::device_count();
     if visible < n {
         return Err(format!("--nccl-ranks {n}: one GPU per rank is needed and {visible} are visible"));
     }

@@ -256,6 +256,14 @@ pub fn device_available() -> bool {
             .unwrap_or(false)
 }
 
+/// GPUs visible to the driver (0 without a driver).
+pub fn device_count() -> usize {
+    if !device_available() {
+        return 0;
+    }
+    cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
 impl CudaContext {
     /// Opens device `ordinal`, creates a stream, and compiles (or loads from
     /// the PTX cache) every kernel for the device's architecture.

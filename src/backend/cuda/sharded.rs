@@ -71,7 +71,7 @@ impl ShardedCudaBackend {
 
     /// Rank r on GPU r (`opts.ordinal` is ignored), joined by NCCL.
     pub fn load_nccl(full: &ModelConfig, src: &dyn TensorSource, plan: ShardPlan, opts: CudaBackendOptions) -> Result<Self, BackendError> {
-        let visible = cudarc::driver::CudaContext::device_count().unwrap_or(0).max(0) as usize;
+        let visible = crate::backend::cuda::device_count();
         if visible < plan.ranks {
             return Err(BackendError::Device(format!("{} ranks over NCCL need {} GPUs, {visible} visible", plan.ranks, plan.ranks)));
         }
