@@ -1,9 +1,10 @@
 // moe_router_topk: logits f32 [n, E] -> softmax -> top-k (ties: lowest index) ->
 // (renorm != 0: weights / sum of the k selected). ids i32 [n, k], weights f32 [n, k].
-// E <= 256, k <= E. grid (ceil(n/4)), block 128: one warp per token.
-#define RT_PER_LANE 8
-extern "C" __global__ void moe_router_topk(const float* __restrict__ logits, int* __restrict__ ids,
-                                           float* __restrict__ wout, int n, int E, int k, int renorm) { PDL_ENTRY();
+// E <= 32 * RT_PER_LANE (moe_router_topk: 256; moe_router_topk_512: 512, e.g. 384 experts
+// of Kimi-K2), k <= E. grid (ceil(n/4)), block 128: one warp per token.
+template <int RT_PER_LANE>
+__device__ void router_topk_impl(const float* __restrict__ logits, int* __restrict__ ids,
+                                 float* __restrict__ wout, int n, int E, int k, int renorm) {
     int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= n) return;
     const float* lg = logits + (long long)t * E;
@@ -44,6 +45,14 @@ extern "C" __global__ void moe_router_topk(const float* __restrict__ logits, int
         __syncwarp();
         for (int r = lane; r < k; r += 32) wout[(long long)t * k + r] /= sel_sum;
     }
+}
+extern "C" __global__ void moe_router_topk(const float* logits, int* ids, float* wout, int n, int E, int k, int renorm) {
+    PDL_ENTRY();
+    router_topk_impl<8>(logits, ids, wout, n, E, k, renorm);
+}
+extern "C" __global__ void moe_router_topk_512(const float* logits, int* ids, float* wout, int n, int E, int k, int renorm) {
+    PDL_ENTRY();
+    router_topk_impl<16>(logits, ids, wout, n, E, k, renorm);
 }
 
 // moe_combine: out f32 [n, H] = sum_r w[t, r] * y[t*k + r, :]  (y f32 [n*k, H])

@@ -81,7 +81,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "moe",
         include_str!("../../../kernels/moe.cu"),
-        &["moe_router_topk", "moe_combine"],
+        &["moe_router_topk", "moe_router_topk_512", "moe_combine"],
     ),
     (
         "shard",

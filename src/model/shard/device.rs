@@ -22,8 +22,8 @@ use crate::model::tensors::TensorSource;
 use crate::model::weights::Linear;
 use crate::model::ModelError;
 
-/// The top-k kernel's limit (one warp, 8 logits per lane).
-pub const MAX_ROUTED_EXPERTS: usize = 256;
+/// The top-k kernel's limit (one warp, up to 16 logits per lane).
+pub const MAX_ROUTED_EXPERTS: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceShardError {
