@@ -152,3 +152,38 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::shard::ShardPlan;
+
+    #[test]
+    fn one_rank_reads_what_the_whole_model_reads() {
+        let c = shape_config("qwen3-30b-a3b").unwrap();
+        let plan = ShardPlan::single();
+        let local = plan.local_config(&c, &plan.slices(&c, 0).unwrap());
+        for b in [1, 4, 16] {
+            let (w, kv) = rank_bytes_per_step(&c, &local, b, 128);
+            let (fw, fkv) = bytes_per_step(&c, b, 128);
+            assert!((w - fw).abs() <= 1e-9 * fw && kv == fkv, "batch {b}");
+        }
+    }
+
+    #[test]
+    fn expert_parallel_ranks_split_the_expert_bytes() {
+        // 8 ranks, whole experts: each rank reads the full router and 1/8 of the
+        // expected distinct experts; attention, KV heads and vocabulary split 8 ways.
+        let c = shape_config("qwen3-30b-a3b").unwrap();
+        let plan = bench_plan(&c, 8).unwrap();
+        assert_eq!((plan.tp, plan.ep), (8, 8));
+        let local = plan.local_config(&c, &plan.slices(&c, 0).unwrap());
+        let (w, _) = rank_bytes_per_step(&c, &local, 1, 128);
+        let (h, l) = (2048f64, 48f64);
+        let router = 128.0 * h * 2.0;
+        let experts = 128.0 / 8.0 * (1.0 - (1.0 - 8.0 / 128.0f64)) * 3.0 * h * 768.0 * 17.0 / 32.0;
+        let attention = ((4.0 + 2.0 * 1.0) * 128.0 * h + h * 4.0 * 128.0) * 2.0 + 4.0 * h + 4.0 * 128.0;
+        let want = l * (router + experts + attention) + 151936.0 / 8.0 * h * 2.0 + h * 2.0 + h * 2.0;
+        assert!((w - want).abs() <= 1e-9 * want, "{w} vs {want}");
+    }
+}

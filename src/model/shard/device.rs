@@ -45,7 +45,7 @@ pub fn check_cuda_plan(plan: &ShardPlan, c: &ModelConfig) -> Result<(), DeviceSh
             return Err(DeviceShardError::TooManyExperts { experts: m.num_experts });
         }
         let width = m.expert_intermediate / plan.expert_split();
-        if width % 32 != 0 {
+        if !width.is_multiple_of(32) {
             return Err(DeviceShardError::ExpertBlocks { width });
         }
     }
