@@ -69,8 +69,11 @@ impl NcclComm {
     /// `recv[r·len..(r+1)·len]` = rank r's `send[..len]`, in rank order.
     pub fn all_gather_prefix(&self, send: &CudaSlice<f32>, len: usize, recv: &mut CudaSlice<f32>) -> Result<(), CommError> {
         let want = len * self.world();
-        if len > send.len() || recv.len() < want {
-            return Err(CommError::BadBuffer { op: "all_gather", got: recv.len(), want });
+        if len > send.len() {
+            return Err(CommError::BadBuffer { op: "all_gather send", got: send.len(), want: len });
+        }
+        if recv.len() < want {
+            return Err(CommError::BadBuffer { op: "all_gather recv", got: recv.len(), want });
         }
         self.comm.all_gather(&send.slice(0..len), &mut recv.slice_mut(0..want)).map_err(dev("ncclAllGather"))?;
         Ok(())
