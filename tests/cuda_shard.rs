@@ -21,9 +21,9 @@
 //! Greedy ids must be equal wherever the single GPU's top-1 / top-2 margin exceeds
 //! twice the row's bound. A missing reduction or a wrong slice moves logits by far more.
 //!
-//! Also: a rank of a world of one over NCCL (graphs on) equals the plain backend
-//! (the shard launches are captured), and plans the CUDA kernels cannot run fail
-//! with a clear error.
+//! Also: the host-staged collectives alone (3 ranks on one GPU), a rank of a world
+//! of one over NCCL (graphs on) equals the plain backend (the shard launches are
+//! captured), and plans the CUDA kernels cannot run fail with a clear error.
 //!
 //! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda_shard -- --test-threads=1 --nocapture`
 //! (add `KAIROS_TEST_MODEL=models/cache/SmolLM2-135M-Instruct.Q4_1.gguf` for SmolLM2; the
@@ -280,6 +280,46 @@ fn nccl_world_of_one_rank_matches_single_gpu() {
         }
         println!("  {name}: NCCL world-of-one rank (graphs) == single GPU within {worst:.1e} of max |logit|");
     }
+}
+
+/// The host-staged collectives alone: 3 ranks as threads on one GPU, each with its
+/// own stream, sum and gather the first `len` values of device buffers.
+#[test]
+fn host_staged_collectives_on_one_gpu() {
+    if !ready() {
+        return;
+    }
+    use kairos::backend::cuda::comm::{DeviceComm, HostStagedComm};
+    let (world, len) = (3usize, 5usize);
+    let comms = HostStagedComm::world(world);
+    let out: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                s.spawn(move || {
+                    let ctx = cudarc::driver::CudaContext::new(0).expect("device 0");
+                    let st = ctx.new_stream().expect("stream");
+                    // 2 values past `len` that the collectives must leave alone
+                    let mine: Vec<f32> = (0..len + 2).map(|i| (10 * r + i) as f32).collect();
+                    let mut buf = st.memcpy_stod(&mine).expect("upload");
+                    comm.all_reduce_sum(&st, &mut buf, len).expect("all-reduce");
+                    let mut all = st.alloc_zeros::<f32>(world * len + 1).expect("alloc");
+                    comm.all_gather(&st, &st.memcpy_stod(&mine).expect("upload"), len, &mut all).expect("all-gather");
+                    (st.memcpy_dtov(&buf).expect("download"), st.memcpy_dtov(&all).expect("download"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    });
+    let sum: Vec<f32> = (0..len).map(|i| (0..world).map(|r| (10 * r + i) as f32).sum()).collect();
+    let gathered: Vec<f32> = (0..world).flat_map(|r| (0..len).map(move |i| (10 * r + i) as f32)).chain([0.0]).collect();
+    for (r, (reduced, all)) in out.iter().enumerate() {
+        assert_eq!(&reduced[..len], &sum[..], "rank {r}: all-reduce");
+        assert_eq!(&reduced[len..], &[(10 * r + len) as f32, (10 * r + len + 1) as f32], "rank {r}: values past len");
+        assert_eq!(all, &gathered, "rank {r}: all-gather");
+    }
+    println!("  host-staged all-reduce and all-gather: 3 ranks on one GPU agree");
 }
 
 /// Plans the CUDA kernels cannot run are refused before anything is uploaded.
