@@ -162,7 +162,8 @@ extern "C" __global__ void add_expert_bias(float* __restrict__ y, const float* _
     long long total = (long long)n_assign * cols;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
         long long a = i / cols, c = i % cols;
-        y[i] += bias[(long long)ids[a] * cols + c];
+        const int e = ids[a];
+        if (e >= 0) y[i] += bias[(long long)e * cols + c];  // -1: another rank's expert
     }
 }
 

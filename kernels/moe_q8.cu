@@ -70,6 +70,10 @@ __device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__
     const int row = (blockIdx.x * 8 + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
     const int nb = cols / 32, a = blockIdx.y;
     const long long e = ids[a];
+    if (e < 0) {  // expert held by another rank (expert parallel): contributes zeros
+        if (sub == 0 && row < rows) y[(long long)a * rows + row] = 0.f;
+        return;
+    }
     const long long r = e * rows + min(row, rows - 1);  // clamped rows: computed, never stored
     float acc = row_dot<LPR, U>(blocks + r * nb * 16, scales + r * nb, nb, xq + (long long)(a / x_div) * cols,
                                 xd + (long long)(a / x_div) * nb, sub);
@@ -101,6 +105,13 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* __res
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y;
     const int nb = cols / 32;
     const long long e = ids[a];
+    if (e < 0) {  // expert held by another rank (expert parallel): a zero activation
+        if (warp == 0) {
+            aq[(long long)a * I + blockIdx.x * 32 + lane] = 0;
+            if (lane == 0) ad[(long long)a * (I / 32) + blockIdx.x] = 0.f;
+        }
+        return;
+    }
     const signed char* xa = xq + (long long)(a / x_div) * cols;
     const float* da = xd + (long long)(a / x_div) * nb;
     const u8* eb = blocks + e * 2 * I * (long long)nb * 16;

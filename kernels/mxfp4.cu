@@ -32,6 +32,12 @@ __device__ void mxfp4_impl(const u8* __restrict__ blocks, const u8* __restrict__
     if (expert_ids) {
         int a = blockIdx.y;
         long long e = expert_ids[a];
+        if (e < 0) {  // expert held by another rank (expert parallel): contributes zeros
+            if (lane == 0)
+                for (int r = 0; r < R; r++)
+                    if (row0 + r < rows) y[(long long)a * rows + row0 + r] = 0.f;
+            return;
+        }
         blocks += e * rows * (long long)nb * 16;
         scales += e * rows * (long long)nb;
         x += (long long)(a / x_div) * cols;

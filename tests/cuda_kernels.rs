@@ -995,6 +995,9 @@ fn moe_router_and_combine() {
         (64, 256, 8, true),
         (5, 60, 4, false),
         (3, 8, 2, true),
+        // more than 256 experts: the 16-logits-per-lane variant (Kimi-K2: 384, top-8)
+        (4, 384, 8, true),
+        (3, 300, 4, false),
     ] {
         let logits = randn(&mut r, n * e, 4.0);
         let mut want_ids = vec![];

@@ -45,8 +45,8 @@ pub struct DecodeBenchOptions {
     /// under its file name.
     pub model: Option<std::path::PathBuf>,
     /// GPUs of an NCCL world to spread the model over: 0 = no communicator, 1 = the
-    /// NCCL path on one GPU (all-reduces in the graph). More is the multi-GPU run of
-    /// the sharding issue and is refused until the CUDA backend shards.
+    /// NCCL path on one GPU (all-reduces in the graph), N > 1 = each shape sharded
+    /// over GPUs 0..N, one rank per GPU (`decode_ranks.rs`).
     pub nccl_ranks: usize,
 }
 
@@ -202,10 +202,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
     let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), prefill: Vec::new(), fused: o.fused, moe_q8: o.moe_q8, rows: Vec::new() };
     if o.nccl_ranks > 1 {
-        return Err(format!(
-            "--nccl-ranks {}: the CUDA backend does not shard a model over several GPUs yet (only the CPU ranks do); use 0 or 1",
-            o.nccl_ranks
-        ));
+        return super::decode_ranks::run(o);
     }
     let max_b = o.batches.iter().copied().max().unwrap_or(1);
     let max_ctx = o.contexts.iter().copied().max().unwrap_or(128);

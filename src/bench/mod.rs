@@ -3,4 +3,6 @@
 
 #[cfg(feature = "cuda")]
 pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod decode_ranks;
 pub mod dflash;

@@ -37,7 +37,7 @@ struct DecodeBench {
     /// Also a real checkpoint (HF folder or .gguf), after the shapes.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// GPUs of an NCCL world (0: none; 1: the NCCL path on one GPU; more: not yet).
+    /// GPUs of an NCCL world (0: none; 1: the NCCL path on one GPU; N > 1: each shape sharded over GPUs 0..N, one rank per GPU).
     #[arg(long, default_value_t = 0)]
     nccl_ranks: usize,
     /// Batch sizes (sequences decoded together).

@@ -52,26 +52,54 @@ pub struct GenerateArgs {
     /// With --draft: choose B per step (up to --block-size) from acceptance and measured step cost.
     #[arg(long)]
     adaptive: bool,
-    /// Shard over simulated CPU ranks: attention tensor parallel (1 or the rank count).
+    /// Shard over ranks: attention tensor parallel (1 or the rank count).
     #[arg(long, default_value_t = 1)]
     tp: usize,
-    /// Shard over simulated CPU ranks: expert-parallel degree (divides the rank count).
+    /// Shard over ranks: expert-parallel degree (divides the rank count).
     #[arg(long, default_value_t = 1)]
     ep: usize,
-    /// Simulated CPU ranks (default: the larger of --tp and --ep).
+    /// Ranks (default: the larger of --tp and --ep): simulated CPU ranks with --device cpu;
+    /// with --device cuda:K, GPUs 0..N over NCCL when N GPUs are visible, else N ranks on GPU K.
     #[arg(long)]
     ranks: Option<usize>,
 }
 
-/// A model sharded over simulated CPU ranks: name, tokenizer, backend.
+/// A model sharded over ranks (CPU threads, or GPUs): name, tokenizer, backend.
 fn open_sharded(a: &GenerateArgs) -> anyhow::Result<(String, kairos::model::TextTokenizer, Box<dyn kairos::backend::Backend>)> {
-    if a.device != Device::Cpu || a.quant.is_some() || a.draft.is_some() {
-        anyhow::bail!("--tp/--ep/--ranks shard over simulated CPU ranks: use --device cpu, no --quant and no --draft");
+    if a.quant.is_some() || a.draft.is_some() {
+        anyhow::bail!("--tp/--ep/--ranks shard the checkpoint as stored: no --quant and no --draft");
     }
     let plan = kairos::model::shard::ShardPlan::new(a.tp, a.ep, a.ranks)?;
     let ck = kairos::model::shard::open_checkpoint(&a.model)?;
-    let backend = kairos::backend::sharded::ShardedCpuBackend::load(&ck.config, ck.source.as_ref(), plan)?;
-    Ok((ck.name, ck.tokenizer, Box::new(backend)))
+    let backend: Box<dyn kairos::backend::Backend> = match a.device {
+        Device::Cpu => Box::new(kairos::backend::sharded::ShardedCpuBackend::load(&ck.config, ck.source.as_ref(), plan)?),
+        Device::Cuda(k) => cuda_sharded(&ck, plan, k)?,
+    };
+    Ok((ck.name, ck.tokenizer, backend))
+}
+
+/// Rank r on GPU r over NCCL when there are enough GPUs (and NCCL), else every rank
+/// on GPU `k` with host-staged collectives (no decode graphs; a functional check).
+#[cfg(feature = "cuda")]
+fn cuda_sharded(ck: &kairos::model::shard::OpenCheckpoint, plan: kairos::model::shard::ShardPlan, k: usize) -> anyhow::Result<Box<dyn kairos::backend::Backend>> {
+    use kairos::backend::cuda::model::CudaBackendOptions;
+    use kairos::backend::cuda::sharded::ShardedCudaBackend;
+    anyhow::ensure!(kairos::backend::cuda::device_available(), "--device cuda:{k}: no CUDA device found");
+    let visible = kairos::backend::cuda::device_count();
+    let opts = CudaBackendOptions { ordinal: k, ..Default::default() };
+    let b = if visible >= plan.ranks && kairos::backend::collectives::nccl::nccl_available() {
+        eprintln!("[{} ranks on GPUs 0..{} over NCCL]", plan.ranks, plan.ranks);
+        ShardedCudaBackend::load_nccl(&ck.config, ck.source.as_ref(), plan, opts)?
+    } else {
+        eprintln!("[{} ranks on GPU {k} with host-staged collectives: {visible} GPUs visible or no NCCL]", plan.ranks);
+        ShardedCudaBackend::load_one_gpu(&ck.config, ck.source.as_ref(), plan, opts)?
+    };
+    Ok(Box::new(b))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_sharded(_: &kairos::model::shard::OpenCheckpoint, _: kairos::model::shard::ShardPlan, k: usize) -> anyhow::Result<Box<dyn kairos::backend::Backend>> {
+    anyhow::bail!("--device cuda:{k}: this binary was built without CUDA; rebuild with `--features cuda`")
 }
 
 /// The block-size chooser's prior cost model for a target on a device

@@ -56,6 +56,28 @@ impl NcclComm {
     pub fn stream(&self) -> Arc<CudaStream> {
         self.comm.stream()
     }
+
+    /// In-place sum over ranks of the first `len` values of `buf` (the rows a step uses).
+    pub fn all_reduce_sum_prefix(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<(), CommError> {
+        if len > buf.len() {
+            return Err(CommError::BadBuffer { op: "all_reduce_sum", got: buf.len(), want: len });
+        }
+        self.comm.all_reduce_in_place(&mut buf.slice_mut(0..len), &ReduceOp::Sum).map_err(dev("ncclAllReduce"))?;
+        Ok(())
+    }
+
+    /// `recv[r·len..(r+1)·len]` = rank r's `send[..len]`, in rank order.
+    pub fn all_gather_prefix(&self, send: &CudaSlice<f32>, len: usize, recv: &mut CudaSlice<f32>) -> Result<(), CommError> {
+        let want = len * self.world();
+        if len > send.len() {
+            return Err(CommError::BadBuffer { op: "all_gather send", got: send.len(), want: len });
+        }
+        if recv.len() < want {
+            return Err(CommError::BadBuffer { op: "all_gather recv", got: recv.len(), want });
+        }
+        self.comm.all_gather(&send.slice(0..len), &mut recv.slice_mut(0..want)).map_err(dev("ncclAllGather"))?;
+        Ok(())
+    }
 }
 
 impl Collectives for NcclComm {

@@ -552,7 +552,7 @@ impl CudaContext {
         k: usize,
         renorm: bool,
     ) -> Result<()> {
-        need(n_experts <= 256 && k >= 1 && k <= n_experts, || {
+        need(n_experts <= 512 && k >= 1 && k <= n_experts, || {
             format!("router: E {n_experts} k {k}")
         })?;
         len_at_least(logits, n * n_experts, "logits")?;
@@ -562,7 +562,8 @@ impl CudaContext {
             return Ok(());
         }
         let a = [n as i32, n_experts as i32, k as i32, renorm as i32];
-        let mut b = self.launch("moe_router_topk");
+        // more than 256 experts: 16 logits per lane instead of 8
+        let mut b = self.launch(if n_experts <= 256 { "moe_router_topk" } else { "moe_router_topk_512" });
         b.arg(logits)
             .arg(ids)
             .arg(weights)

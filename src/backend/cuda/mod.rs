@@ -7,11 +7,13 @@
 //! and never synchronize the host (graph-capturable); call
 //! `ctx.stream.synchronize()` or copy back to wait.
 
+pub mod comm;
 pub mod gemm;
 pub mod kernels;
 pub mod kernels_q8;
 pub mod launch;
 pub mod model;
+pub mod sharded;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -79,7 +81,12 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "moe",
         include_str!("../../../kernels/moe.cu"),
-        &["moe_router_topk", "moe_combine"],
+        &["moe_router_topk", "moe_router_topk_512", "moe_combine"],
+    ),
+    (
+        "shard",
+        include_str!("../../../kernels/shard.cu"),
+        &["embedding_vocab_range", "moe_local_ids", "vocab_assemble"],
     ),
     (
         "argmax",
@@ -248,6 +255,14 @@ pub fn device_available() -> bool {
         && cudarc::driver::CudaContext::device_count()
             .map(|n| n > 0)
             .unwrap_or(false)
+}
+
+/// GPUs visible to the driver (0 without a driver).
+pub fn device_count() -> usize {
+    if !device_available() {
+        return 0;
+    }
+    cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
 impl CudaContext {

@@ -2,6 +2,7 @@
 //! rank's slices through the ordinary family loader.
 
 pub mod cost;
+pub mod device;
 pub mod plan;
 pub mod source;
 

@@ -54,6 +54,7 @@ type Res<T> = std::result::Result<T, CudaError>;
 mod capture;
 pub mod dflash;
 mod ops;
+mod shard;
 mod upload;
 
 use ops::{activation, dense, dptr, lc, pre_norm, Pend};
@@ -200,17 +201,13 @@ pub struct CudaBackend {
     moe_q8: bool,
     /// cuBLAS for the dense weights of steps of `GEMM_MIN_ROWS`+ rows (None: GEMVs only)
     gemm: Option<BlasGemm>,
-    /// Tensor-parallel reduction of the attention and MLP outputs (see `attach_nccl`).
-    comm: Option<SendComm>,
+    /// Reduction of the attention and MLP outputs (see `attach_comm`).
+    comm: Option<Box<dyn super::comm::DeviceComm>>,
+    /// This backend is one rank of a sharded model (see `shard.rs`).
+    shard: Option<shard::ShardState>,
     /// Hidden states copied out of each step for DFlash (see `capture.rs`).
     cap: Option<capture::Capture>,
 }
-
-/// An NCCL communicator used from one thread at a time, like `SendGraph`.
-struct SendComm(crate::backend::collectives::nccl::NcclComm);
-// SAFETY: only reached through `&mut CudaBackend`, never concurrently; NCCL allows a
-// communicator to be used from another thread when calls are not concurrent.
-unsafe impl Send for SendComm {}
 
 
 impl CudaBackend {
@@ -307,6 +304,7 @@ impl CudaBackend {
             cfg: c,
             comm: None,
             cap: None,
+            shard: None,
         })
     }
 
@@ -314,21 +312,11 @@ impl CudaBackend {
     /// (`NcclComm::join_on(backend.context().stream.clone(), …)`): the attention
     /// output and the MLP / MoE output of every layer are all-reduced across the
     /// world before the residual add, inside the captured decode graphs (the MoE
-    /// combine then runs unfused, before the reduction). Only a world of one is
-    /// accepted for now: the weights of a larger world must be a tensor-parallel
-    /// shard (`model::shard::load_rank`) and the vocabulary-split embedding and
-    /// lm_head need their own collectives, which this backend does not have yet.
+    /// combine then runs unfused, before the reduction). A backend holding the
+    /// whole model takes a world of 1; a rank of a sharded model (`new_rank`,
+    /// `random_rank`) its plan's world (see `attach_comm`).
     pub fn attach_nccl(&mut self, comm: crate::backend::collectives::nccl::NcclComm) -> std::result::Result<(), BackendError> {
-        use crate::backend::collectives::Collectives;
-        if comm.world() != 1 {
-            return Err(BackendError::Unsupported(format!(
-                "CUDA backend: an NCCL world of {} ranks needs sharded CUDA weights and vocabulary collectives, not built yet; only a world of 1 runs",
-                comm.world()
-            )));
-        }
-        self.comm = Some(SendComm(comm));
-        self.graphs.clear();
-        Ok(())
+        self.attach_comm(Box::new(super::comm::NcclStepComm::new(comm)))
     }
 
     pub fn context(&self) -> &CudaContext {
@@ -353,24 +341,32 @@ impl CudaBackend {
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
         let capt = self.capture_plan();
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, comm, gemm, .. } = self;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, comm, shard, gemm, .. } = self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
-        let reduce = |buf: &mut CudaSlice<f32>| -> Res<()> {
-            use crate::backend::collectives::Collectives;
+        let st = cx.stream.clone();
+        let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
-                Some(cm) => cm.0.all_reduce_sum(buf).map_err(|e| CudaError::Shape(format!("NCCL: {e}"))),
+                Some(cm) => cm.all_reduce_sum(&st, buf, len).map_err(shard::comm_err),
                 None => Ok(()),
             }
         };
+        // a rank with tp == 1 holds attention and dense MLPs whole: nothing to sum
+        let tp_reduce = shard.as_ref().is_none_or(|s| s.tp_reduces());
         let k_top = c.moe.as_ref().map_or(1, |m| m.top_k);
         let mut pend = Pend::None;
         // the expert down biases of a pending MoE combine (gpt-oss), folded into the next rmsnorm
         let mut moe_bias: Option<&CudaSlice<f32>> = None;
-        let st = cx.stream.clone();
         let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
         let qkvd = (nq + 2 * nkv) * hd;
         let eps = c.rms_norm_eps;
-        cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?;
+        match shard.as_ref() {
+            Some(s) => {
+                s.check_comm(comm.as_deref())?;
+                s.embed(cx, &w.embed, &b.ids, &mut b.x, n, h)?;
+                reduce(&mut b.x, n * h)?;
+            }
+            None => cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?,
+        }
         for (li, l) in w.layers.iter().enumerate() {
             pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &l.ln1, &mut b.h, n, h, eps)?;
             if li > 0 {
@@ -423,7 +419,9 @@ impl CudaBackend {
                 unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
             }
             dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
-            reduce(&mut b.delta)?;
+            if tp_reduce {
+                reduce(&mut b.delta, n * h)?;
+            }
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             if q8_layer {
                 cx.rmsnorm_residual_q8(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, &mut b.hq, &mut b.hd, n, h, eps)?;
@@ -436,7 +434,9 @@ impl CudaBackend {
                     dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
                     dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
-                    reduce(&mut b.delta)?;
+                    if tp_reduce {
+                        reduce(&mut b.delta, n * h)?;
+                    }
                     pend = Pend::Delta;
                 }
                 DMlp::Moe { router, router_bias, gu, down, inter, gu_bias, down_bias } => {
@@ -449,23 +449,28 @@ impl CudaBackend {
                     };
                     dense(cx, gemm, router, dptr(&b.h, &st), true, dptr(&b.rlogits, &st), e, h, n, router_bias.as_ref())?;
                     cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
+                    // a rank computes its own experts only (ids of other ranks' become -1)
+                    let (e, tid) = match shard.as_mut() {
+                        Some(s) => (s.experts_local(), s.local_ids(cx, &b.tid, n * k)?),
+                        None => (e, &b.tid),
+                    };
                     if q8_layer {
                         let act = match c.activation {
                             Activation::SiluGlu => GateAct::SiluGlu,
                             Activation::GptOssGlu { alpha, limit } => GateAct::GptOss { alpha, limit },
                         };
                         cx.moe_gate_up_q8(
-                            &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.tid, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
+                            &gu.blocks, &gu.scales, &b.hq, &b.hd, tid, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
                             inter, h, e,
                         )?;
-                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
+                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, tid, n * k, 1, h, inter, e)?;
                     } else {
-                        cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, &b.tid, n * k, k, 2 * inter, h, e)?;
+                        cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, tid, n * k, k, 2 * inter, h, e)?;
                         if let Some(bias) = gu_bias {
-                            cx.add_expert_bias(&mut b.gu, bias, &b.tid, n * k, 2 * inter)?;
+                            cx.add_expert_bias(&mut b.gu, bias, tid, n * k, 2 * inter)?;
                         }
                         activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
-                        cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, &b.tid, n * k, 1, h, inter, e)?;
+                        cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, tid, n * k, 1, h, inter, e)?;
                     }
                     if fused {
                         // the next rmsnorm adds the down biases with the combine
@@ -473,10 +478,10 @@ impl CudaBackend {
                         pend = Pend::Moe;
                     } else {
                         if let Some(bias) = down_bias {
-                            cx.add_expert_bias(&mut b.ye, bias, &b.tid, n * k, h)?;
+                            cx.add_expert_bias(&mut b.ye, bias, tid, n * k, h)?;
                         }
                         cx.moe_combine(&b.ye, &b.tw, &mut b.delta, n, k, h)?;
-                        reduce(&mut b.delta)?;
+                        reduce(&mut b.delta, n * h)?;
                         pend = Pend::Delta;
                     }
                 }
@@ -485,7 +490,10 @@ impl CudaBackend {
         pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &w.final_norm, &mut b.hf, n, h, eps)?;
         capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), c.num_layers - 1, n, h)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?;
+        match shard.as_mut() {
+            Some(s) => s.lm_head(cx, comm.as_deref(), head, &b.hf, &mut b.logits, n, h)?,
+            None => dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?,
+        }
         cx.argmax(&b.logits, &mut b.am, n, v)?;
         Ok(())
     }

@@ -114,8 +114,8 @@ impl CudaBackend {
                     let moe = c.moe.as_ref().ok_or_else(|| {
                         BackendError::Unsupported(format!("layer {li} has experts but the config no MoE section"))
                     })?;
-                    if moe.num_experts > 256 {
-                        return Err(BackendError::Unsupported("more than 256 experts".into()));
+                    if moe.num_experts > 512 {
+                        return Err(BackendError::Unsupported("more than 512 experts".into()));
                     }
                     let inter = moe.expert_intermediate;
                     let (mut gb, mut gs, mut db, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
