@@ -1,9 +1,20 @@
 // Dense bf16 GEMV: y f32 [n, rows] = x [n, cols] . W^T, W bf16 [rows, cols], n = 1..8.
-// x is bf16 or f32. Entry points bf16_gemv_{bf16x,f32x}_n{1..8} (n compiled in).
+// x is bf16 or f32; f32 inputs are rounded to bf16 as they are read, exactly as the cuBLAS
+// GEMM (src/backend/cuda/gemm.rs) takes them for steps of 9+ rows: a row then gets the same
+// products whichever path its step takes (decode vs DFlash verify), up to summation order.
+// Entry points bf16_gemv_{bf16x,f32x}_n{1..8} (n compiled in).
 // bias f32 [rows] or null is added to every output row.
 // block 256 = 8 warps; each warp owns R rows (R = 2 when n >= 4, else 1), so a
 // block covers 8*R rows; each x load serves all R rows. 16-byte weight loads
 // when cols % 8 == 0, a scalar path otherwise.
+
+// 8 activations rounded to bf16 precision (a no-op for bf16 inputs)
+__device__ __forceinline__ void load8_bf16(const bf16_t* p, float* o) { load8(p, o); }
+__device__ __forceinline__ void load8_bf16(const float* p, float* o) {
+    load8(p, o);
+#pragma unroll
+    for (int e = 0; e < 8; e++) o[e] = bf2f(f2bf(o[e]));
+}
 template <typename TX, int N, int R>
 __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
                           int rows, int cols, const float* __restrict__ bias) {
@@ -28,7 +39,7 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
 #pragma unroll
             for (int j = 0; j < N; j++) {
                 float xv[8];
-                load8(x + (long long)j * cols + c * 8, xv);
+                load8_bf16(x + (long long)j * cols + c * 8, xv);
 #pragma unroll
                 for (int r = 0; r < R; r++)
 #pragma unroll
@@ -39,7 +50,7 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
         for (int c = lane; c < cols; c += 32) {
 #pragma unroll
             for (int j = 0; j < N; j++) {
-                float xv = to_f(x[(long long)j * cols + c]);
+                float xv = bf2f(f2bf(to_f(x[(long long)j * cols + c])));
 #pragma unroll
                 for (int r = 0; r < R; r++) acc[r][j] += bf2f(wr[r][c]) * xv;
             }

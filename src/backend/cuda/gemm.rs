@@ -51,6 +51,11 @@ impl BlasGemm {
                 .result()
                 .map_err(|e| format!("cublasSetWorkspace: {e:?}"))?;
         }
+        // split-K reductions in f32 too (cuBLAS may otherwise reduce bf16 GEMMs in lower
+        // precision), so a GEMM row matches the GEMV's f32 accumulation closely
+        unsafe { sys::cublasSetMathMode(*blas.handle(), sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) }
+            .result()
+            .map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
         let max_elems = (max_rows * max_cols).max(1);
         let xb = stream.alloc_zeros::<u16>(max_elems).map_err(|e| format!("{e:?}"))?;
         Ok(Self { blas, _workspace: ws, xb, max_elems })
