@@ -45,6 +45,11 @@ use kairos::model::{load_model, ModelWeights};
 
 const TOL: f32 = 1e-2;
 const TOL_MOE: f32 = 8e-2;
+/// A real checkpoint (SmolLM2: activation outliers in the hundreds) turns a partial sum that
+/// differs in its last f32 bit into many flipped bf16 roundings downstream: tp = 3 measured
+/// 1.58e-2 of max |logit| on the H100, the size of the GPU-vs-CPU differences of
+/// `cuda_smollm2.rs` (1.63e-2). Held to `cuda_model.rs`'s GPU-vs-CPU bound.
+const TOL_REAL: f32 = 3e-2;
 
 fn ready() -> bool {
     if !kairos::backend::cuda::device_available() {
@@ -149,7 +154,14 @@ fn check(path: &Path, plans: &[(usize, usize, usize)], all_experts: bool) {
     }
     let mut single = CudaBackend::new(&weights, opts()).expect("single-GPU backend");
     drop(weights);
-    let tol = if routed { TOL_MOE } else { TOL };
+    let real = path.extension().is_some_and(|e| e == "gguf");
+    let tol = if routed {
+        TOL_MOE
+    } else if real {
+        TOL_REAL
+    } else {
+        TOL
+    };
     for &(ranks, tp, ep) in plans {
         let plan = ShardPlan::new(tp, ep, Some(ranks)).expect("plan");
         let what = format!("{name}{} ranks={ranks} tp={tp} ep={ep}", if all_experts { " (top-k = all)" } else { "" });
