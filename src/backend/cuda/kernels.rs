@@ -627,4 +627,34 @@ impl CudaContext {
         unsafe { b.launch(grid(n, 1, 1, 32)) }?;
         Ok(())
     }
+
+    /// Temperature + top-p sampling of each row of `logits` f32 [n, vocab] on the device
+    /// (`kernels/sample.cu`): `temp`, `top_p`, `u` f32 [n] (u uniform in [0, 1), drawn by the
+    /// host's seeded RNG), `out` i32 [n]. Rows with temp <= 0 take the argmax.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_top_p(
+        &self,
+        logits: &CudaSlice<f32>,
+        temp: &CudaSlice<f32>,
+        top_p: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        out: &mut CudaSlice<i32>,
+        n: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        len_at_least(logits, n * vocab, "logits")?;
+        for (s, name) in [(temp, "temp"), (top_p, "top_p"), (u, "u")] {
+            len_at_least(s, n, name)?;
+        }
+        len_at_least(out, n, "out")?;
+        need(vocab > 0 && vocab < i32::MAX as usize, || format!("sample_top_p: vocab {vocab}"))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let v = vocab as i32;
+        let mut b = self.launch("sample_top_p");
+        b.arg(logits).arg(&v).arg(temp).arg(top_p).arg(u).arg(out);
+        unsafe { b.launch(grid(n, 1, 1, 1024)) }?;
+        Ok(())
+    }
 }

@@ -89,6 +89,11 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
         &["embedding_vocab_range", "moe_local_ids", "vocab_assemble"],
     ),
     (
+        "sample",
+        include_str!("../../../kernels/sample.cu"),
+        &["sample_top_p"],
+    ),
+    (
         "argmax",
         include_str!("../../../kernels/argmax.cu"),
         &["argmax_partial", "argmax_final"],

@@ -176,6 +176,8 @@ struct Bufs {
     ad: CudaSlice<f32>,
     logits: CudaSlice<f32>,
     am: CudaSlice<i32>,
+    /// per-row sampling inputs of `decode_sample`: temperature, top-p, uniform draw
+    samp: CudaSlice<f32>,
     ws: AttnWorkspace,
 }
 
@@ -253,6 +255,7 @@ impl CudaBackend {
                 ad: z32(t * act_w / 32)?,
                 logits: z32(t * v)?,
                 am: zi(t)?,
+                samp: z32(3 * t)?,
                 ws: AttnWorkspace {
                     acc: z32(t * nq * MAX_SPLITS * hd)?,
                     ml: z32(t * nq * MAX_SPLITS * 2)?,
@@ -584,6 +587,43 @@ impl CudaBackend {
         let mut out = vec![0i32; rows.len()];
         self.cx.stream.memcpy_dtoh(&self.b.am.slice(0..rows.len()), &mut out).map_err(drv)?;
         self.cx.stream.synchronize().map_err(drv)?;
+        for ch in chunks {
+            *self.lens[ch.seq.0].as_mut().expect("checked") += 1;
+        }
+        Ok(out.into_iter().map(|v| v as u32).collect())
+    }
+
+    /// One sampled decode step on the device: appends each chunk's single token and
+    /// returns a token per chunk drawn by temperature + top-p sampling on the GPU
+    /// (`kernels/sample.cu`) from `(temperature, top_p, u)` per chunk, u uniform in
+    /// [0, 1) from the caller's seeded RNG; temperature 0 = greedy. Only ids cross
+    /// to the host.
+    pub fn decode_sample(&mut self, chunks: &[Chunk<'_>], params: &[(f32, f32, f32)]) -> std::result::Result<Vec<u32>, BackendError> {
+        if chunks.iter().any(|c| c.tokens.len() != 1) || chunks.len() > self.max_tok || params.len() != chunks.len() {
+            return Err(BackendError::Unsupported(
+                "decode_sample takes one token and one (temperature, top_p, u) per chunk, at most max_step_tokens chunks".into(),
+            ));
+        }
+        let starts = self.check_chunks(chunks)?;
+        let rows: Vec<(u32, usize, usize)> = chunks.iter().zip(&starts).map(|(c, &s)| (c.tokens[0], c.seq.0, s)).collect();
+        self.decode_launch(&rows)?;
+        let n = rows.len();
+        let t = self.max_tok;
+        let mut host = vec![0f32; 3 * t];
+        for (i, &(temp, top_p, u)) in params.iter().enumerate() {
+            (host[i], host[t + i], host[2 * t + i]) = (temp, top_p, u);
+        }
+        let st = self.cx.stream.clone();
+        st.memcpy_htod(&host, &mut self.b.samp).map_err(drv)?;
+        let base = dptr(&self.b.samp, &st);
+        let (temp, top_p, u) = (base, base + 4 * t as u64, base + 8 * t as u64);
+        let v = self.cfg.vocab_size as i32;
+        let mut lb = self.cx.launch("sample_top_p");
+        lb.arg(&self.b.logits).arg(&v).arg(&temp).arg(&top_p).arg(&u).arg(&mut self.b.am);
+        unsafe { lb.launch(lc(n, 1, 1, 1024)) }.map_err(drv)?;
+        let mut out = vec![0i32; n];
+        st.memcpy_dtoh(&self.b.am.slice(0..n), &mut out).map_err(drv)?;
+        st.synchronize().map_err(drv)?;
         for ch in chunks {
             *self.lens[ch.seq.0].as_mut().expect("checked") += 1;
         }
