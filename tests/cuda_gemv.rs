@@ -1,0 +1,297 @@
+//! CUDA GEMVs (bf16 dense, MXFP4 experts) and the MoE router / combine vs f64 CPU references;
+//! timing sweep printed. Needs a GPU:
+//! `cargo test --release --features cuda --test cuda_gemv -- --test-threads=1 --nocapture`.
+#![cfg(feature = "cuda")]
+
+#[macro_use]
+mod cuda_support;
+use cuda_support::*;
+
+#[test]
+fn bf16_gemv() {
+    guard!();
+    let c = cx();
+    let mut r = rng();
+    for &(rows, cols) in &[
+        (1536usize, 576usize),
+        (576, 1536),
+        (49152, 576),
+        (1536, 2048),
+        (77, 100),
+        (33, 40),
+        (5, 8),
+    ] {
+        let w = rbf(&randn(&mut r, rows * cols, 1.0));
+        let dw = up(&to_bf(&w));
+        for &n in &[1usize, 3, 8] {
+            let x = rbf(&randn(&mut r, n * cols, 1.0));
+            let want = ref_gemv(&w, &x, rows, cols, n);
+            let mut y = nan_f32(n * rows);
+            c.bf16_gemv(&dw, &up(&to_bf(&x)), &mut y, rows, cols, n)
+                .unwrap();
+            check(
+                &format!("bf16_gemv bf16-x rows {rows} cols {cols} n {n}"),
+                &down(&y),
+                &want,
+                1e-5,
+            );
+            let mut y = nan_f32(n * rows);
+            c.bf16_gemv(&dw, &up(&x), &mut y, rows, cols, n).unwrap();
+            check(
+                &format!("bf16_gemv f32-x rows {rows} cols {cols} n {n}"),
+                &down(&y),
+                &want,
+                1e-5,
+            );
+        }
+    }
+    // timing (weights rotated past L2)
+    for &(rows, cols, what) in &[
+        (49152usize, 576usize, "SmolLM2 lm_head"),
+        (1536, 576, "SmolLM2 gate"),
+        (576, 1536, "SmolLM2 down"),
+        (4096, 2048, "Qwen3-30B q_proj"),
+        (151936, 2048, "Qwen3 lm_head"),
+    ] {
+        let w = up(&to_bf(&randn(&mut r, rows * cols, 1.0)));
+        let ws = copies(&w, 256 << 20);
+        for &n in &[1usize, 8] {
+            let x = up(&to_bf(&randn(&mut r, n * cols, 1.0)));
+            let mut y = nan_f32(n * rows);
+            let us = bench(|i| {
+                c.bf16_gemv(&ws[i % ws.len()], &x, &mut y, rows, cols, n)
+                    .unwrap()
+            });
+            report(
+                "bf16_gemv",
+                &format!("{what} {rows}x{cols} n {n}"),
+                us,
+                (rows * cols * 2 + n * cols * 2 + n * rows * 4) as f64,
+            );
+        }
+    }
+}
+
+
+#[test]
+fn mxfp4_gemv() {
+    guard!();
+    mxfp4_variant("lut");
+}
+
+fn mxfp4_variant(v: &str) {
+    let c = cx();
+    let mut r = rng();
+    for &(rows, cols) in &[
+        (1536usize, 2048usize),
+        (2048, 768),
+        (5760, 2880),
+        (100, 96),
+        (7, 32),
+    ] {
+        let (bl, sc) = rand_mxfp4(&mut r, 1, rows, cols);
+        let w = ref_mxfp4_dequant(&bl, &sc, rows, cols);
+        let (db, ds) = (up(&bl), up(&sc));
+        for &n in &[1usize, 2, 5, 8] {
+            let x = rbf(&randn(&mut r, n * cols, 1.0));
+            let want = ref_gemv(&w, &x, rows, cols, n);
+            let mut y = nan_f32(n * rows);
+            c.mxfp4_gemv(&db, &ds, &up(&to_bf(&x)), &mut y, rows, cols, n)
+                .unwrap();
+            check(
+                &format!("mxfp4[{v}] bf16-x rows {rows} cols {cols} n {n}"),
+                &down(&y),
+                &want,
+                1e-5,
+            );
+            let mut y = nan_f32(n * rows);
+            c.mxfp4_gemv(&db, &ds, &up(&x), &mut y, rows, cols, n)
+                .unwrap();
+            check(
+                &format!("mxfp4[{v}] f32-x rows {rows} cols {cols} n {n}"),
+                &down(&y),
+                &want,
+                1e-5,
+            );
+        }
+    }
+    // MoE: 16 experts of Qwen3-30B-A3B gate_up (1536 x 2048) then down (2048 x 768), 3 tokens x top-4
+    let (ne, ntok, k) = (16usize, 3usize, 4usize);
+    for &(rows, cols, xdiv) in &[(1536usize, 2048usize, k), (2048, 768, 1)] {
+        let (bl, sc) = rand_mxfp4(&mut r, ne, rows, cols);
+        let ids: Vec<i32> = (0..ntok * k).map(|_| r.gen_range(0..ne as i32)).collect();
+        let nx = (ntok * k).div_ceil(xdiv);
+        let x = rbf(&randn(&mut r, nx * cols, 1.0));
+        let mut want = vec![];
+        for (a, &e) in ids.iter().enumerate() {
+            let e = e as usize;
+            let w = ref_mxfp4_dequant(
+                &bl[e * rows * cols / 2..(e + 1) * rows * cols / 2],
+                &sc[e * rows * cols / 32..(e + 1) * rows * cols / 32],
+                rows,
+                cols,
+            );
+            let xr = &x[(a / xdiv) * cols..(a / xdiv + 1) * cols];
+            want.extend(ref_gemv(&w, xr, rows, cols, 1));
+        }
+        let mut y = nan_f32(ntok * k * rows);
+        c.mxfp4_moe_gemv(
+            &up(&bl),
+            &up(&sc),
+            &up(&to_bf(&x)),
+            &mut y,
+            &up(&ids),
+            ntok * k,
+            xdiv,
+            rows,
+            cols,
+            ne,
+        )
+        .unwrap();
+        check(
+            &format!(
+                "mxfp4_moe[{v}] E {ne} assign {} x_div {xdiv} rows {rows} cols {cols}",
+                ntok * k
+            ),
+            &down(&y),
+            &want,
+            1e-5,
+        );
+    }
+    // timing (weights rotated past L2)
+    for &(rows, cols, what) in &[
+        (1536usize, 2048usize, "Qwen3-30B expert gate_up"),
+        (2048, 768, "Qwen3-30B expert down"),
+        (5760, 2880, "gpt-oss expert gate_up"),
+        (2880, 2880, "gpt-oss expert down"),
+    ] {
+        let (bl, sc) = rand_mxfp4(&mut r, 1, rows, cols);
+        let (db, ds) = (up(&bl), up(&sc));
+        let (bs, ss) = (copies(&db, 256 << 20), copies(&ds, 16 << 20));
+        for &n in &[1usize, 8] {
+            let x = up(&to_bf(&randn(&mut r, n * cols, 1.0)));
+            let mut y = nan_f32(n * rows);
+            let us = bench(|i| {
+                c.mxfp4_gemv(
+                    &bs[i % bs.len()],
+                    &ss[i % ss.len()],
+                    &x,
+                    &mut y,
+                    rows,
+                    cols,
+                    n,
+                )
+                .unwrap()
+            });
+            report(
+                &format!("mxfp4_gemv[{v}]"),
+                &format!("{what} {rows}x{cols} n {n}"),
+                us,
+                (rows * cols / 2 + rows * cols / 32 + n * cols * 2 + n * rows * 4) as f64,
+            );
+        }
+    }
+    // MoE timing: Qwen3-30B-A3B layer, 128 experts, 1 token x top-8, gate_up
+    let (ne, rows, cols, k) = (128usize, 1536usize, 2048usize, 8usize);
+    let (bl, sc) = rand_mxfp4(&mut r, ne, rows, cols);
+    let (db, ds) = (up(&bl), up(&sc));
+    let x = up(&to_bf(&randn(&mut r, cols, 1.0)));
+    let mut y = nan_f32(k * rows);
+    let idsets: Vec<CudaSlice<i32>> = (0..16)
+        .map(|_| {
+            up(&(0..k)
+                .map(|_| r.gen_range(0..ne as i32))
+                .collect::<Vec<_>>())
+        })
+        .collect();
+    let us = bench(|i| {
+        c.mxfp4_moe_gemv(&db, &ds, &x, &mut y, &idsets[i % 16], k, k, rows, cols, ne)
+            .unwrap()
+    });
+    report(
+        &format!("mxfp4_moe_gemv[{v}]"),
+        &format!("E {ne} top-{k} 1 tok {rows}x{cols}"),
+        us,
+        (k * (rows * cols / 2 + rows * cols / 32)) as f64,
+    );
+}
+
+
+#[test]
+fn moe_router_and_combine() {
+    guard!();
+    let c = cx();
+    let mut r = rng();
+    for &(n, e, k, renorm) in &[
+        (1usize, 128usize, 8usize, true),
+        (7, 32, 4, true),
+        (64, 256, 8, true),
+        (5, 60, 4, false),
+        (3, 8, 2, true),
+        // more than 256 experts: the 16-logits-per-lane variant (Kimi-K2: 384, top-8)
+        (4, 384, 8, true),
+        (3, 300, 4, false),
+    ] {
+        let logits = randn(&mut r, n * e, 4.0);
+        let mut want_ids = vec![];
+        let mut want_w = vec![];
+        for t in 0..n {
+            let row = &logits[t * e..(t + 1) * e];
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let p: Vec<f64> = row.iter().map(|v| (*v as f64 - m).exp()).collect();
+            let s: f64 = p.iter().sum();
+            let mut idx: Vec<usize> = (0..e).collect();
+            idx.sort_by(|a, b| row[*b].partial_cmp(&row[*a]).unwrap().then(a.cmp(b)));
+            let sel = &idx[..k];
+            let ss: f64 = sel.iter().map(|i| p[*i] / s).sum();
+            for &i in sel {
+                want_ids.push(i as i32);
+                want_w.push(if renorm { p[i] / s / ss } else { p[i] / s });
+            }
+        }
+        let mut ids = up(&vec![-1i32; n * k]);
+        let mut w = nan_f32(n * k);
+        c.moe_router_topk(&up(&logits), &mut ids, &mut w, n, e, k, renorm)
+            .unwrap();
+        assert_eq!(down(&ids), want_ids, "router ids n {n} E {e} k {k}");
+        check(
+            &format!("moe_router_topk n {n} E {e} k {k} renorm {renorm} (ids exact)"),
+            &down(&w),
+            &want_w,
+            1e-5,
+        );
+    }
+    let (n, k, h) = (5usize, 8usize, 2048usize);
+    let y = randn(&mut r, n * k * h, 1.0);
+    let wts = randn(&mut r, n * k, 1.0);
+    let mut want = vec![0f64; n * h];
+    for t in 0..n {
+        for j in 0..k {
+            for i in 0..h {
+                want[t * h + i] += wts[t * k + j] as f64 * y[(t * k + j) * h + i] as f64;
+            }
+        }
+    }
+    let mut o = nan_f32(n * h);
+    c.moe_combine(&up(&y), &up(&wts), &mut o, n, k, h).unwrap();
+    check(
+        &format!("moe_combine n {n} k {k} H {h}"),
+        &down(&o),
+        &want,
+        1e-6,
+    );
+    let (n, e, k) = (64, 128, 8);
+    let dl = up(&randn(&mut r, n * e, 4.0));
+    let mut ids = up(&vec![0i32; n * k]);
+    let mut w = nan_f32(n * k);
+    let us = bench(|_| {
+        c.moe_router_topk(&dl, &mut ids, &mut w, n, e, k, true)
+            .unwrap()
+    });
+    report(
+        "moe_router_topk",
+        &format!("n {n} E {e} k {k}"),
+        us,
+        (n * e * 4) as f64,
+    );
+}
