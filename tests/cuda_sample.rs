@@ -10,36 +10,9 @@
 //! --test cuda_sample`; without one it prints a skip line.
 #![cfg(feature = "cuda")]
 
-use std::sync::OnceLock;
-
-use cudarc::driver::{CudaSlice, DeviceRepr};
-use kairos::backend::cuda::CudaContext;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-static CX: OnceLock<Option<CudaContext>> = OnceLock::new();
-
-fn cx() -> Option<&'static CudaContext> {
-    CX.get_or_init(|| {
-        if !kairos::backend::cuda::device_available() {
-            assert!(std::env::var_os("KAIROS_REQUIRE_CUDA").is_none(), "KAIROS_REQUIRE_CUDA is set but no CUDA device was found");
-            println!("no CUDA device: skipped");
-            return None;
-        }
-        Some(CudaContext::new(0).expect("open CUDA device 0 and compile kernels"))
-    })
-    .as_ref()
-}
-
-fn up<T: DeviceRepr>(c: &CudaContext, v: &[T]) -> CudaSlice<T> {
-    c.stream.memcpy_stod(v).unwrap()
-}
-
-fn rng() -> StdRng {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    println!("  seed {seed}");
-    StdRng::seed_from_u64(seed)
-}
+#[macro_use]
+mod cuda_support;
+use cuda_support::*;
 
 /// The nucleus of one row in f64: (p per token, boundary p, nucleus mask in index order).
 fn nucleus(logits: &[f32], temp: f32, top_p: f32) -> (Vec<f64>, f64, Vec<bool>) {
@@ -63,15 +36,15 @@ fn nucleus(logits: &[f32], temp: f32, top_p: f32) -> (Vec<f64>, f64, Vec<bool>) 
 }
 
 /// One launch over `rows` rows of `vocab` logits; returns the ids.
-fn run(c: &CudaContext, logits: &[f32], rows: usize, vocab: usize, temp: &[f32], top_p: &[f32], u: &[f32]) -> Vec<i32> {
-    let mut out = up(c, &vec![-7i32; rows]);
-    c.sample_top_p(&up(c, logits), &up(c, temp), &up(c, top_p), &up(c, u), &mut out, rows, vocab).expect("sample_top_p");
-    c.stream.memcpy_dtov(&out).unwrap()
+fn run(logits: &[f32], rows: usize, vocab: usize, temp: &[f32], top_p: &[f32], u: &[f32]) -> Vec<i32> {
+    let mut out = up(&vec![-7i32; rows]);
+    cx().sample_top_p(&up(logits), &up(temp), &up(top_p), &up(u), &mut out, rows, vocab).expect("sample_top_p");
+    down(&out)
 }
 
 #[test]
 fn sample_top_p_follows_the_rule() {
-    let Some(c) = cx() else { return };
+    guard!();
     let mut r = rng();
     for &vocab in &[7usize, 1000, 49152, 151936] {
         for &(temp, top_p) in &[(1.0f32, 0.9f32), (0.7, 0.5), (1.3, 1.0), (0.5, 0.05), (1.0, 0.999)] {
@@ -79,7 +52,7 @@ fn sample_top_p_follows_the_rule() {
             // logits of real-model spread: a few strong candidates over a long tail
             let logits: Vec<f32> = (0..rows * vocab).map(|_| r.gen_range(-3.0f32..3.0) * r.gen_range(0.0f32..2.0)).collect();
             let u: Vec<f32> = (0..rows).map(|_| r.gen_range(0.0f32..1.0)).collect();
-            let got = run(c, &logits, rows, vocab, &vec![temp; rows], &vec![top_p; rows], &u);
+            let got = run(&logits, rows, vocab, &vec![temp; rows], &vec![top_p; rows], &u);
             for row in 0..rows {
                 let l = &logits[row * vocab..(row + 1) * vocab];
                 let (p, tstar, keep) = nucleus(l, temp, top_p);
@@ -105,14 +78,14 @@ fn sample_top_p_follows_the_rule() {
 
 #[test]
 fn temperature_zero_is_argmax() {
-    let Some(c) = cx() else { return };
+    guard!();
     let mut r = rng();
     let (rows, vocab) = (5, 50_000);
     let mut logits: Vec<f32> = (0..rows * vocab).map(|_| r.gen_range(-5.0f32..5.0)).collect();
     // a tie at the top: the first index wins (as the host's argmax)
     logits[3 * vocab + 10] = 9.0;
     logits[3 * vocab + 20] = 9.0;
-    let got = run(c, &logits, rows, vocab, &vec![0.0; rows], &vec![0.9; rows], &vec![0.5; rows]);
+    let got = run(&logits, rows, vocab, &vec![0.0; rows], &vec![0.9; rows], &vec![0.5; rows]);
     for row in 0..rows {
         let want = kairos::engine::sampling::argmax(&logits[row * vocab..(row + 1) * vocab]);
         assert_eq!(got[row] as u32, want, "row {row}");
@@ -124,7 +97,7 @@ fn temperature_zero_is_argmax() {
 /// (each token within 5 standard deviations of its expected count, none outside).
 #[test]
 fn frequencies_match_the_nucleus_distribution() {
-    let Some(c) = cx() else { return };
+    guard!();
     let mut r = rng();
     let vocab = 12;
     let row: Vec<f32> = vec![2.0, 1.5, 1.4, 0.3, -1.0, 0.9, 1.5, -2.0, 0.0, 1.1, -0.5, 0.7];
@@ -132,7 +105,7 @@ fn frequencies_match_the_nucleus_distribution() {
     let draws = 20_000;
     let logits: Vec<f32> = (0..draws).flat_map(|_| row.iter().copied()).collect();
     let u: Vec<f32> = (0..draws).map(|_| r.gen_range(0.0f32..1.0)).collect();
-    let got = run(c, &logits, draws, vocab, &vec![temp; draws], &vec![top_p; draws], &u);
+    let got = run(&logits, draws, vocab, &vec![temp; draws], &vec![top_p; draws], &u);
     let (p, _, keep) = nucleus(&row, temp, top_p);
     let mass: f64 = p.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| v).sum();
     let mut count = vec![0usize; vocab];
@@ -158,9 +131,7 @@ fn frequencies_match_the_nucleus_distribution() {
 fn backend_decode_sample() {
     use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
     use kairos::backend::{Backend, Chunk, LogitsFor};
-    if cx().is_none() {
-        return;
-    }
+    guard!();
     let mut r = rng();
     for fam in ["llama", "qwen3_moe"] {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fam);
