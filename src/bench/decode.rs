@@ -88,6 +88,29 @@ pub struct DecodeRow {
     pub graph_roofline_frac: f64,
 }
 
+impl DecodeRow {
+    /// A row from measured step times (s) and the bytes a step must read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn measured(shape: &str, batch: usize, context: usize, step_s: f64, graph_s: f64, wb: f64, kvb: f64, copy_gbps: f64) -> Self {
+        let bytes = wb + kvb;
+        let gbps = bytes / step_s / 1e9;
+        DecodeRow {
+            shape: shape.to_string(),
+            batch,
+            context,
+            step_ms: step_s * 1e3,
+            graph_step_ms: graph_s * 1e3,
+            tokens_per_s: batch as f64 / step_s,
+            weight_bytes_per_step: wb,
+            kv_bytes_per_step: kvb,
+            bytes_per_step: bytes,
+            achieved_gbps: gbps,
+            roofline_frac: gbps / copy_gbps,
+            graph_roofline_frac: bytes / graph_s / 1e9 / copy_gbps,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeReport {
     pub device: String,
@@ -287,22 +310,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
                 bk.replay_decode_graph(bucket, o.steps).map_err(be)?;
                 let graph_s = t.elapsed().as_secs_f64() / o.steps as f64;
                 let (wb, kvb) = bytes_per_step(&cfg, b, ctx + o.steps / 2);
-                let bytes = wb + kvb;
-                let gbps = bytes / step_s / 1e9;
-                report.rows.push(DecodeRow {
-                    shape: name.clone(),
-                    batch: b,
-                    context: ctx,
-                    step_ms: step_s * 1e3,
-                    graph_step_ms: graph_s * 1e3,
-                    tokens_per_s: b as f64 / step_s,
-                    weight_bytes_per_step: wb,
-                    kv_bytes_per_step: kvb,
-                    bytes_per_step: bytes,
-                    achieved_gbps: gbps,
-                    roofline_frac: gbps / report.copy_gbps,
-                    graph_roofline_frac: bytes / graph_s / 1e9 / report.copy_gbps,
-                });
+                report.rows.push(DecodeRow::measured(name, b, ctx, step_s, graph_s, wb, kvb, report.copy_gbps));
             }
         }
     }

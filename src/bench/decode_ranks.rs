@@ -132,22 +132,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
                 let graph_s = per_rank.iter().map(|r| r[i].1).fold(0f64, f64::max);
                 i += 1;
                 let (wb, kvb) = rank_bytes_per_step(&cfg, &local, b, ctx + o.steps / 2);
-                let bytes = wb + kvb;
-                let gbps = bytes / step_s / 1e9;
-                report.rows.push(DecodeRow {
-                    shape: label.clone(),
-                    batch: b,
-                    context: ctx,
-                    step_ms: step_s * 1e3,
-                    graph_step_ms: graph_s * 1e3,
-                    tokens_per_s: b as f64 / step_s,
-                    weight_bytes_per_step: wb,
-                    kv_bytes_per_step: kvb,
-                    bytes_per_step: bytes,
-                    achieved_gbps: gbps,
-                    roofline_frac: gbps / report.copy_gbps,
-                    graph_roofline_frac: bytes / graph_s / 1e9 / report.copy_gbps,
-                });
+                report.rows.push(DecodeRow::measured(&label, b, ctx, step_s, graph_s, wb, kvb, report.copy_gbps));
             }
         }
     }

@@ -425,18 +425,9 @@ impl CudaDFlash {
         if n <= self.kv.n_slots {
             return Ok(());
         }
-        let old = self.kv;
-        let mut kv = old;
-        kv.n_slots = n.next_power_of_two().max(2 * old.n_slots);
-        let st = self.cx.stream.clone();
-        let mut k = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
-        let mut v = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
-        st.memcpy_dtod(&self.k_cache, &mut k.slice_mut(0..old.len())).map_err(drv)?;
-        st.memcpy_dtod(&self.v_cache, &mut v.slice_mut(0..old.len())).map_err(drv)?;
-        st.synchronize().map_err(drv)?;
-        self.k_cache = k;
-        self.v_cache = v;
-        self.kv = kv;
+        let slots = n.next_power_of_two().max(2 * self.kv.n_slots);
+        let (k, v, kv) = super::ops::grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, slots).map_err(drv)?;
+        (self.k_cache, self.v_cache, self.kv) = (k, v, kv);
         Ok(())
     }
 

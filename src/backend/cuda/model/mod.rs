@@ -57,7 +57,7 @@ mod ops;
 mod shard;
 mod upload;
 
-use ops::{activation, dense, dptr, lc, pre_norm, Pend};
+use ops::{activation, dense, dptr, grow_kv, lc, pre_norm, Pend};
 
 fn dev(e: CudaError) -> BackendError {
     BackendError::Device(e.to_string())
@@ -641,18 +641,8 @@ impl CudaBackend {
     }
 
     fn grow_slots(&mut self) -> std::result::Result<(), BackendError> {
-        let old = self.kv;
-        let mut kv = old;
-        kv.n_slots = old.n_slots * 2;
-        let st = self.cx.stream.clone();
-        let mut k = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
-        let mut v = st.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
-        st.memcpy_dtod(&self.k_cache, &mut k.slice_mut(0..old.len())).map_err(drv)?;
-        st.memcpy_dtod(&self.v_cache, &mut v.slice_mut(0..old.len())).map_err(drv)?;
-        st.synchronize().map_err(drv)?;
-        self.k_cache = k;
-        self.v_cache = v;
-        self.kv = kv;
+        let (k, v, kv) = grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, self.kv.n_slots * 2).map_err(drv)?;
+        (self.k_cache, self.v_cache, self.kv) = (k, v, kv);
         // graphs hold the old cache pointers
         self.graphs.clear();
         Ok(())

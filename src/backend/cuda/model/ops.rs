@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
 use super::{CudaContext, CudaError, Res};
 use crate::backend::cuda::gemm::{BlasGemm, GEMM_MIN_ROWS};
-use crate::backend::cuda::kernels::Act;
+use crate::backend::cuda::kernels::{Act, KvShape};
 use crate::model::config::Activation;
 
 pub(super) fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
@@ -130,6 +130,25 @@ pub(super) fn dense(
         }
         _ => cx.gemv_ext(w, x, x_bf16, y, rows, cols, n, bias),
     }
+}
+
+/// A KV cache of `n_slots` slots holding the first `old.n_slots` slots of `k`/`v`
+/// (the target backend and the DFlash drafter grow theirs this way).
+pub(super) fn grow_kv(
+    cx: &CudaContext,
+    k: &CudaSlice<u16>,
+    v: &CudaSlice<u16>,
+    old: KvShape,
+    n_slots: usize,
+) -> std::result::Result<(CudaSlice<u16>, CudaSlice<u16>, KvShape), cudarc::driver::DriverError> {
+    let kv = KvShape { n_slots, ..old };
+    let st = &cx.stream;
+    let mut k2 = st.alloc_zeros::<u16>(kv.len())?;
+    let mut v2 = st.alloc_zeros::<u16>(kv.len())?;
+    st.memcpy_dtod(k, &mut k2.slice_mut(0..old.len()))?;
+    st.memcpy_dtod(v, &mut v2.slice_mut(0..old.len()))?;
+    st.synchronize()?;
+    Ok((k2, v2, kv))
 }
 
 /// What the residual stream still has to absorb before the next norm.
