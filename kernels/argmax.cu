@@ -14,9 +14,10 @@ __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long k)
     }
     return k;
 }
-extern "C" __global__ void argmax_partial(const float* __restrict__ logits, unsigned long long* __restrict__ keys, int V) { PDL_ENTRY();
+// block 256
+__device__ void argmax_partial_impl(const float* __restrict__ logits, unsigned long long* __restrict__ keys, int V,
+                                    int parts, int part, int row) {
     __shared__ unsigned long long sk[8];
-    int parts = gridDim.x, part = blockIdx.x, row = blockIdx.y;
     int chunk = (V + parts - 1) / parts;
     int lo = part * chunk, hi = min(V, lo + chunk);
     const float* lg = logits + (long long)row * V;
@@ -37,12 +38,19 @@ extern "C" __global__ void argmax_partial(const float* __restrict__ logits, unsi
         if (threadIdx.x == 0) keys[(long long)row * parts + part] = k;
     }
 }
-extern "C" __global__ void argmax_final(const unsigned long long* __restrict__ keys, int* __restrict__ out, int parts) { PDL_ENTRY();
+extern "C" __global__ void argmax_partial(const float* logits, unsigned long long* keys, int V) { PDL_ENTRY();
+    argmax_partial_impl(logits, keys, V, gridDim.x, blockIdx.x, blockIdx.y);
+}
+// one warp per row
+__device__ void argmax_final_impl(const unsigned long long* __restrict__ keys, int* __restrict__ out, int parts, int row, int lane) {
     unsigned long long best = 0;
-    for (int i = threadIdx.x; i < parts; i += 32) {
-        unsigned long long k = keys[(long long)blockIdx.x * parts + i];
+    for (int i = lane; i < parts; i += 32) {
+        unsigned long long k = keys[(long long)row * parts + i];
         best = k > best ? k : best;
     }
     best = warp_max_u64(best);
-    if (threadIdx.x == 0) out[blockIdx.x] = best == 0 ? 0 : (int)(0xffffffffu - (u32)(best & 0xffffffffull));
+    if (lane == 0) out[row] = best == 0 ? 0 : (int)(0xffffffffu - (u32)(best & 0xffffffffull));
+}
+extern "C" __global__ void argmax_final(const unsigned long long* keys, int* out, int parts) { PDL_ENTRY();
+    argmax_final_impl(keys, out, parts, blockIdx.x, threadIdx.x);
 }

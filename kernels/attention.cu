@@ -37,7 +37,8 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
                                 const int* __restrict__ seq_lens, float* __restrict__ part_acc,
                                 float* __restrict__ part_ml, int n_q, int n_kv, int layer, int n_layers,
                                 int max_pos, float scale, int window, int n_splits, long long q_stride,
-                                const float* __restrict__ sinks, float* __restrict__ out, unsigned* __restrict__ ctr) {
+                                const float* __restrict__ sinks, float* __restrict__ out, unsigned* __restrict__ ctr,
+                                int bx, int by, int bz) {
     constexpr int D = EPL * 32;
     // positions per warp per step, all loaded before the first is used
     constexpr int ATT_PU = EPL >= 8 ? 2 : 4;
@@ -47,7 +48,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     static_assert(NW * MAXG * D >= MAXG * ATT_RMAX, "split weights must fit in sm_acc");
     const int G = n_q / n_kv;
     const int groups = (G + MAXG - 1) / MAXG;
-    const int split = blockIdx.x, kvh = blockIdx.y / groups, grp = blockIdx.y % groups, s = blockIdx.z;
+    const int split = bx, kvh = by / groups, grp = by % groups, s = bz;
     const int g0 = kvh * G + grp * MAXG;
     const int ng = min(MAXG, G - grp * MAXG);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -192,7 +193,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     float* part_acc, float* part_ml, int n_q, int n_kv, int layer, int n_layers, int max_pos, float scale, int window, int n_splits, \
     long long q_stride, const float* sinks, float* out, unsigned* ctr
 #define ATT_PASS q, kc, vc, slots, seq_lens, part_acc, part_ml, n_q, n_kv, layer, n_layers, max_pos, scale, window, n_splits, q_stride, \
-    sinks, out, ctr
+    sinks, out, ctr, blockIdx.x, blockIdx.y, blockIdx.z
 extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<2, 8>(ATT_PASS); }
 extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<4, 8>(ATT_PASS); }
 extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<8, 4>(ATT_PASS); }

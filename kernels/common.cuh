@@ -2,6 +2,19 @@
 // NVRTC compiles it (no #include, so no include path is needed).
 // bf16 is carried as raw u16 bits.
 typedef unsigned short bf16_t;
+// The persistent decode kernel (persistent.cu) is compiled from these same sources with
+// KAIROS_PERSISTENT defined. There, data written earlier in the same launch (by other
+// blocks, behind a grid barrier) must not be read through the non-coherent read-only
+// path: `__restrict__` (which lets the compiler emit ld.global.nc) is dropped and
+// LDG_ACT is a plain (coherent, L1-cached) load: the barrier's acquire at GPU scope
+// invalidates the SM's L1. (Through L2 only, every warp of a GEMV re-read the whole
+// input vector from L2: the o_proj phase ran 6x slower.) Weights keep their read-only loads.
+#ifdef KAIROS_PERSISTENT
+#define __restrict__
+#define LDG_ACT(p) (*(p))
+#else
+#define LDG_ACT(p) __ldg(p)
+#endif
 typedef unsigned int u32;
 typedef unsigned char u8;
 
@@ -54,9 +67,9 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* o) {
     o[6] = __uint_as_float(v.w << 16); o[7] = __uint_as_float(v.w & 0xffff0000u);
 }
 // load 8 consecutive activations (bf16 or f32) as f32; p 16-byte aligned
-__device__ __forceinline__ void load8(const bf16_t* p, float* o) { unpack8(__ldg((const uint4*)p), o); }
+__device__ __forceinline__ void load8(const bf16_t* p, float* o) { unpack8(LDG_ACT((const uint4*)p), o); }
 __device__ __forceinline__ void load8(const float* p, float* o) {
-    float4 a = __ldg((const float4*)p), b = __ldg((const float4*)p + 1);
+    float4 a = LDG_ACT((const float4*)p), b = LDG_ACT((const float4*)p + 1);
     o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
 }
 // Programmatic dependent launch (sm_90+): the host launches every kernel with the

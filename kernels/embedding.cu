@@ -2,8 +2,7 @@
 // grid (n_tokens), block 256. Out-of-range ids give a zero row.
 template <typename TO>
 __device__ void emb_impl(const bf16_t* __restrict__ table, const int* __restrict__ ids,
-                         TO* __restrict__ out, int hidden, int vocab) {
-    int t = blockIdx.x;
+                         TO* __restrict__ out, int hidden, int vocab, int t) {
     int id = ids[t];
     TO* o = out + (long long)t * hidden;
     if (id < 0 || id >= vocab) {
@@ -23,8 +22,8 @@ __device__ void emb_impl(const bf16_t* __restrict__ table, const int* __restrict
     }
 }
 extern "C" __global__ void embedding_gather_f32(const bf16_t* table, const int* ids, float* out, int hidden, int vocab) { PDL_ENTRY();
-    emb_impl(table, ids, out, hidden, vocab);
+    emb_impl(table, ids, out, hidden, vocab, blockIdx.x);
 }
 extern "C" __global__ void embedding_gather_bf16(const bf16_t* table, const int* ids, bf16_t* out, int hidden, int vocab) { PDL_ENTRY();
-    emb_impl(table, ids, out, hidden, vocab);
+    emb_impl(table, ids, out, hidden, vocab, blockIdx.x);
 }

@@ -15,24 +15,63 @@ __device__ __forceinline__ void load8_bf16(const float* p, float* o) {
 #pragma unroll
     for (int e = 0; e < 8; e++) o[e] = bf2f(f2bf(o[e]));
 }
-template <typename TX, int N, int R>
+// A no-op Wait: ordinary launches wait (PDL) before the body, and preload nothing
+// (registers: occupancy).
+struct NoWait {
+    __device__ __forceinline__ void operator()() const {}
+};
+template <typename W, int R> struct GemvPre { static const int chunks = R == 1 ? 8 : 4; };
+template <int R> struct GemvPre<NoWait, R> { static const int chunks = 0; };
+// `wait()` is called once by every thread before x is read: the persistent step passes
+// its dependency wait, so the first PRE 16-byte weight chunks of each lane's rows are
+// already loaded (in registers) when the input becomes ready.
+template <typename TX, int N, int R, typename Wait = NoWait>
 __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
-                          int rows, int cols, const float* __restrict__ bias) {
+                          int rows, int cols, const float* __restrict__ bias, int bx, Wait wait = Wait()) {
+    constexpr int PRE = GemvPre<Wait, R>::chunks;
     const int lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
-    if (row0 >= rows) return;
+    const int row0 = (bx * 8 + (threadIdx.x >> 5)) * R;
     const bf16_t* wr[R];
 #pragma unroll
     for (int r = 0; r < R; r++) wr[r] = W + (long long)min(row0 + r, rows - 1) * cols;  // clamped: never stored
+    const bool vec = (cols & 7) == 0;
+    const int c8 = cols / 8;
+    uint4 pre[PRE > 0 ? PRE : 1][R];
+#pragma unroll
+    for (int p = 0; p < PRE; p++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            pre[p][r] = vec && row0 < rows && lane + 32 * p < c8 ? __ldg((const uint4*)(wr[r] + (lane + 32 * p) * 8))
+                                                                 : make_uint4(0, 0, 0, 0);
+    wait();
+    if (row0 >= rows) return;
     float acc[R][N];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int j = 0; j < N; j++) acc[r][j] = 0.f;
-    if ((cols & 7) == 0) {
-        const int c8 = cols / 8;
+    if (vec) {
+        // the preloaded chunks first (the same order as the loop below)
+#pragma unroll
+        for (int p = 0; p < PRE; p++) {
+            const int c = lane + 32 * p;
+            if (c < c8) {
+                float w[R][8];
+#pragma unroll
+                for (int r = 0; r < R; r++) unpack8(pre[p][r], w[r]);
+#pragma unroll
+                for (int j = 0; j < N; j++) {
+                    float xv[8];
+                    load8_bf16(x + (long long)j * cols + c * 8, xv);
+#pragma unroll
+                    for (int r = 0; r < R; r++)
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[r][j] += w[r][e] * xv[e];
+                }
+            }
+        }
 #pragma unroll 4
-        for (int c = lane; c < c8; c += 32) {
+        for (int c = lane + 32 * PRE; c < c8; c += 32) {
             float w[R][8];
 #pragma unroll
             for (int r = 0; r < R; r++) unpack8(__ldg((const uint4*)(wr[r] + c * 8)), w[r]);
@@ -76,8 +115,8 @@ __device__ __forceinline__ void gemv_pdl_entry(const bf16_t* W, int rows, int co
 #define GEMV_ENTRY(NN, RR) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, int cols, \
         const float* bias) { \
-    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols, bias); } \
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols, bias, blockIdx.x); } \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf16_t* W, const float* x, float* y, int rows, int cols, \
         const float* bias) { \
-    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols, bias); }
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols, bias, blockIdx.x); }
 GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5, 2) GEMV_ENTRY(6, 2) GEMV_ENTRY(7, 2) GEMV_ENTRY(8, 2)

@@ -99,15 +99,15 @@ extern "C" __global__ void fill_random_u8(u8* __restrict__ p, long long n, unsig
 // per token [q | k | v]; q and k heads get the optional per-head RMSNorm and RoPE in place; the
 // rotated k heads and the v heads are written to the bf16 caches [slot][layer][kv_head][pos][D]
 // (skipped for slot < 0 or pos outside [0, max_pos)). grid (n_tokens * (n_q + 2 n_kv)), block 32.
-extern "C" __global__ void rope_qk_kv(float* __restrict__ qkv, const int* __restrict__ positions,
-                                      const int* __restrict__ slots, const float* __restrict__ inv_freq,
-                                      const bf16_t* __restrict__ q_norm, const bf16_t* __restrict__ k_norm,
-                                      bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
-                                      int n_q, int n_kv, int D, float eps, float mscale,
-                                      int layer, int n_layers, int max_pos) { PDL_ENTRY();
+// one warp per (token, head): unit = t * (n_q + 2 n_kv) + h
+__device__ void rope_qk_kv_impl(float* __restrict__ qkv, const int* __restrict__ positions,
+                                const int* __restrict__ slots, const float* __restrict__ inv_freq,
+                                const bf16_t* __restrict__ q_norm, const bf16_t* __restrict__ k_norm,
+                                bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
+                                int n_q, int n_kv, int D, float eps, float mscale,
+                                int layer, int n_layers, int max_pos, int unit, int lane) {
     const int nh = n_q + 2 * n_kv;
-    const int t = blockIdx.x / nh, h = blockIdx.x % nh;
-    const int lane = threadIdx.x;
+    const int t = unit / nh, h = unit % nh;
     float* x = qkv + (long long)t * nh * D + (long long)h * D;
     const int slot = slots[t], p = positions[t];
     const bool store = slot >= 0 && p >= 0 && p < max_pos;
@@ -140,6 +140,15 @@ extern "C" __global__ void rope_qk_kv(float* __restrict__ qkv, const int* __rest
         x[i + half] = rb;
         if (is_k && store) { k_cache[koff + i] = f2bf(ra); k_cache[koff + i + half] = f2bf(rb); }
     }
+}
+extern "C" __global__ void rope_qk_kv(float* __restrict__ qkv, const int* __restrict__ positions,
+                                      const int* __restrict__ slots, const float* __restrict__ inv_freq,
+                                      const bf16_t* __restrict__ q_norm, const bf16_t* __restrict__ k_norm,
+                                      bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
+                                      int n_q, int n_kv, int D, float eps, float mscale,
+                                      int layer, int n_layers, int max_pos) { PDL_ENTRY();
+    rope_qk_kv_impl(qkv, positions, slots, inv_freq, q_norm, k_norm, k_cache, v_cache, n_q, n_kv, D, eps, mscale, layer,
+                    n_layers, max_pos, blockIdx.x, threadIdx.x);
 }
 
 // moe_combine (+ the experts' down biases) fused into the next rmsnorm_residual: per row t,

@@ -4,8 +4,7 @@
 // of Kimi-K2), k <= E. grid (ceil(n/4)), block 128: one warp per token.
 template <int RT_PER_LANE>
 __device__ void router_topk_impl(const float* __restrict__ logits, int* __restrict__ ids,
-                                 float* __restrict__ wout, int n, int E, int k, int renorm) {
-    int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+                                 float* __restrict__ wout, int n, int E, int k, int renorm, int t, int lane) {
     if (t >= n) return;
     const float* lg = logits + (long long)t * E;
     float v[RT_PER_LANE];
@@ -48,11 +47,11 @@ __device__ void router_topk_impl(const float* __restrict__ logits, int* __restri
 }
 extern "C" __global__ void moe_router_topk(const float* logits, int* ids, float* wout, int n, int E, int k, int renorm) {
     PDL_ENTRY();
-    router_topk_impl<8>(logits, ids, wout, n, E, k, renorm);
+    router_topk_impl<8>(logits, ids, wout, n, E, k, renorm, blockIdx.x * 4 + (threadIdx.x >> 5), threadIdx.x & 31);
 }
 extern "C" __global__ void moe_router_topk_512(const float* logits, int* ids, float* wout, int n, int E, int k, int renorm) {
     PDL_ENTRY();
-    router_topk_impl<16>(logits, ids, wout, n, E, k, renorm);
+    router_topk_impl<16>(logits, ids, wout, n, E, k, renorm, blockIdx.x * 4 + (threadIdx.x >> 5), threadIdx.x & 31);
 }
 
 // moe_combine: out f32 [n, H] = sum_r w[t, r] * y[t*k + r, :]  (y f32 [n*k, H])

@@ -29,7 +29,7 @@ __device__ __forceinline__ void e2m1x8_to_i8(u32 q, int& lo4, int& hi4) {
 // integer dot of one 32-weight block with 32 int8 activations (32-byte aligned)
 __device__ __forceinline__ int dot_block(uint4 w, const signed char* __restrict__ xq) {
     const int4* xv = (const int4*)xq;
-    int4 x0 = __ldg(xv), x1 = __ldg(xv + 1);
+    int4 x0 = LDG_ACT(xv), x1 = LDG_ACT(xv + 1);
     int lo, hi, d = 0;
     e2m1x8_to_i8(w.x, lo, hi); d = __dp4a(lo, x0.x, d); d = __dp4a(hi, x0.y, d);
     e2m1x8_to_i8(w.y, lo, hi); d = __dp4a(lo, x0.z, d); d = __dp4a(hi, x0.w, d);
@@ -55,7 +55,7 @@ __device__ __forceinline__ float row_dot(const u8* __restrict__ wrow, const u8* 
 #pragma unroll
         for (int u = 0; u < U; u++) {
             int b = base + u * LPR + sub;
-            if (b < nb) acc += (float)dot_block(w[u], xq + b * 32) * (0.5f * e8m0_q8(s[u]) * __ldg(xd + b));
+            if (b < nb) acc += (float)dot_block(w[u], xq + b * 32) * (0.5f * e8m0_q8(s[u]) * LDG_ACT(xd + b));
         }
     }
     return acc;
@@ -65,10 +65,10 @@ __device__ __forceinline__ float row_dot(const u8* __restrict__ wrow, const u8* 
 template <int LPR, int U>
 __device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales, const signed char* __restrict__ xq,
                            const float* __restrict__ xd, float* __restrict__ y, int rows, int cols,
-                           const int* __restrict__ ids, int x_div) {
+                           const int* __restrict__ ids, int x_div, int bx, int by) {
     const int lane = threadIdx.x & 31, sub = lane % LPR;
-    const int row = (blockIdx.x * 8 + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
-    const int nb = cols / 32, a = blockIdx.y;
+    const int row = (bx * 8 + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
+    const int nb = cols / 32, a = by;
     const long long e = ids[a];
     if (e < 0) {  // expert held by another rank (expert parallel): contributes zeros
         if (sub == 0 && row < rows) y[(long long)a * rows + row] = 0.f;
@@ -84,11 +84,11 @@ __device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__
 // long rows (cols >= 1536): a warp per row; short rows: 8 lanes per row
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l32(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* y, int rows, int cols, const int* ids, int x_div) { PDL_ENTRY();
-    mx_q8_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, ids, x_div);
+    mx_q8_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, ids, x_div, blockIdx.x, blockIdx.y);
 }
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* y, int rows, int cols, const int* ids, int x_div) { PDL_ENTRY();
-    mx_q8_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, ids, x_div);
+    mx_q8_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, ids, x_div, blockIdx.x, blockIdx.y);
 }
 
 // Expert gate/up GEMV fused with the gated activation, writing the activation in int8.
@@ -97,18 +97,18 @@ extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, 
 //   g = min(g, limit), u = clamp(u, -limit, limit), out = (u + 1) * g * sigmoid(alpha * g).
 // bias f32 [E, 2I] (rows as fused) or null. Out: aq i8 [n_assign, I], ad f32 [n_assign, I/32].
 // grid (I / 32, n_assign), block 256: 8 warps x 4 outputs = one 32-block of the activation.
-extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+__device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
         const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
-        signed char* __restrict__ aq, float* __restrict__ ad) { PDL_ENTRY();
+        signed char* __restrict__ aq, float* __restrict__ ad, int bx, int by) {
     __shared__ float out[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = by;
     const int nb = cols / 32;
     const long long e = ids[a];
     if (e < 0) {  // expert held by another rank (expert parallel): a zero activation
         if (warp == 0) {
-            aq[(long long)a * I + blockIdx.x * 32 + lane] = 0;
-            if (lane == 0) ad[(long long)a * (I / 32) + blockIdx.x] = 0.f;
+            aq[(long long)a * I + bx * 32 + lane] = 0;
+            if (lane == 0) ad[(long long)a * (I / 32) + bx] = 0.f;
         }
         return;
     }
@@ -118,7 +118,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* __res
     const u8* es = scales + e * 2 * I * (long long)nb;
 #pragma unroll 2
     for (int t = 0; t < 4; t++) {
-        const int j = blockIdx.x * 32 + warp * 4 + t;
+        const int j = bx * 32 + warp * 4 + t;
         const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
         float g = row_dot<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
         float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
@@ -141,8 +141,13 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* __res
     if (warp == 0) {
         float v = out[lane];
         float d = warp_max(fabsf(v)) / 127.f;
-        long long o = (long long)a * I + blockIdx.x * 32 + lane;
+        long long o = (long long)a * I + bx * 32 + lane;
         aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
-        if (lane == 0) ad[(long long)a * (I / 32) + blockIdx.x] = d;
+        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
     }
+}
+extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, const int* ids, int x_div, const float* bias, int I, int cols, int act, float alpha, float limit,
+        signed char* aq, float* ad) { PDL_ENTRY();
+    gate_up_q8_impl(blocks, scales, xq, xd, ids, x_div, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, blockIdx.y);
 }

@@ -309,6 +309,14 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
                 let t = Instant::now();
                 bk.replay_decode_graph(bucket, o.steps).map_err(be)?;
                 let graph_s = t.elapsed().as_secs_f64() / o.steps as f64;
+                if let Some(prof) = bk.persistent_profile(bucket).map_err(be)? {
+                    // KAIROS_CUDA_PK_PROFILE=1: the persistent step's time per kernel (stderr)
+                    let total: f64 = prof.iter().map(|p| p.1).sum();
+                    eprintln!("persistent step profile, {name} batch {b} context {ctx}: {:.1} us", total / 1e3);
+                    for (k, ns, n) in &prof {
+                        eprintln!("  {k:<28} {n:>4} x {:>7.2} us = {:>8.1} us ({:.1}%)", ns / 1e3 / *n as f64, ns / 1e3, 100.0 * ns / total);
+                    }
+                }
                 let (wb, kvb) = bytes_per_step(&cfg, b, ctx + o.steps / 2);
                 report.rows.push(DecodeRow::measured(name, b, ctx, step_s, graph_s, wb, kvb, report.copy_gbps));
             }

@@ -61,18 +61,47 @@ scalar_arg!(i32 => |v| v as u32 as u64, u32 => |v| v as u64, f32 => |v| v.to_bit
 
 const MAX_ARGS: usize = 32;
 
+/// A launch recorded instead of enqueued (see `CudaContext::start_recording`): the
+/// persistent decode step (`persistent.rs`) replays a recorded step as one kernel.
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded {
+    pub name: String,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub args: Vec<u64>,
+}
+
+/// Where launches go while a step is being recorded (`None`: launched as usual).
+pub(crate) type Recorder = std::sync::Mutex<Option<Vec<Recorded>>>;
+
 /// One launch being assembled; `launch` enqueues it on the context's stream.
 pub struct Launch<'a> {
     stream: &'a CudaStream,
     func: RawFunction,
     pdl: bool,
+    cooperative: bool,
+    rec: Option<(&'a Recorder, String)>,
     args: [u64; MAX_ARGS],
     n: usize,
 }
 
 impl<'a> Launch<'a> {
     pub(crate) fn new(stream: &'a CudaStream, func: RawFunction, pdl: bool) -> Self {
-        Self { stream, func, pdl, args: [0; MAX_ARGS], n: 0 }
+        Self { stream, func, pdl, cooperative: false, rec: None, args: [0; MAX_ARGS], n: 0 }
+    }
+
+    /// While `rec` is recording, this launch is recorded there (as `name`) instead.
+    pub(crate) fn recorded_by(mut self, rec: &'a Recorder, name: &str) -> Self {
+        if rec.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            self.rec = Some((rec, name.to_string()));
+        }
+        self
+    }
+
+    /// All blocks co-resident (grid-wide barriers inside the kernel).
+    pub(crate) fn cooperative(&mut self) -> &mut Self {
+        self.cooperative = true;
+        self
     }
 
     pub fn arg<A: KernelArg>(&mut self, a: A) -> &mut Self {
@@ -87,13 +116,34 @@ impl<'a> Launch<'a> {
     /// type, and the buffers must be large enough for the grid (the typed
     /// wrappers in `kernels.rs` check the sizes).
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        if let Some((rec, name)) = &self.rec {
+            let mut g = rec.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = g.as_mut() {
+                v.push(Recorded {
+                    name: name.clone(),
+                    grid: cfg.grid_dim,
+                    block: cfg.block_dim.0 * cfg.block_dim.1 * cfg.block_dim.2,
+                    args: self.args[..self.n].to_vec(),
+                });
+                return Ok(());
+            }
+        }
         let mut params: [*mut c_void; MAX_ARGS] = [std::ptr::null_mut(); MAX_ARGS];
         for (p, a) in params.iter_mut().zip(self.args.iter_mut()).take(self.n) {
             *p = a as *mut u64 as *mut c_void;
         }
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+        let mut n_attrs = 0;
+        if self.pdl {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if self.cooperative {
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attrs[n_attrs].value.cooperative = 1;
+            n_attrs += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -103,8 +153,8 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(self.pdl),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n_attrs as u32,
         };
         sys::cuLaunchKernelEx(&config, self.func.0, params.as_mut_ptr(), std::ptr::null_mut()).result()
     }

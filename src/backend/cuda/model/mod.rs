@@ -41,7 +41,7 @@ use half::bf16;
 use super::kernels::{AttnWorkspace, KvShape};
 use super::gemm::{BlasGemm, GEMM_MIN_ROWS};
 use super::kernels_q8::GateAct;
-use super::{CudaContext, CudaError};
+use super::{persistent, CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
 use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
 use crate::model::config::{Activation, AttentionKind, ModelConfig, RouterKind};
@@ -93,16 +93,23 @@ pub struct CudaBackendOptions {
     /// through cuBLAS GEMMs on tensor cores (`gemm.rs`); off = the GEMVs only.
     /// `KAIROS_CUDA_CUBLAS=0` turns it off.
     pub cublas: bool,
+    /// Decode steps of up to 8 rows run as ONE persistent kernel (`persistent.rs`:
+    /// the step's kernels as a program, grid barriers instead of kernel boundaries),
+    /// where the step's kernels all have a persistent form; else the ordinary graph.
+    /// Off by default: measured 1.5x slower than the graph on the H100 (see persistent.rs).
+    /// `KAIROS_CUDA_PERSISTENT=0|1` overrides; `KAIROS_CUDA_PK_BLOCKS=1|2` blocks per SM.
+    pub persistent: bool,
 }
 
 impl Default for CudaBackendOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true }
+        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, persistent: false }
     }
 }
 
-/// A CUDA graph used from one thread at a time (the backend is `Send`, not `Sync`).
-struct SendGraph(CudaGraph);
+/// A CUDA graph used from one thread at a time (the backend is `Send`, not `Sync`),
+/// with the persistent program it launches, if any (dropped after the graph).
+struct SendGraph(CudaGraph, Option<persistent::Program>);
 // SAFETY: the graph is only touched through `&mut CudaBackend`, so never concurrently;
 // cudarc binds the context to the calling thread on launch.
 unsafe impl Send for SendGraph {}
@@ -197,6 +204,8 @@ pub struct CudaBackend {
     max_tok: usize,
     use_graphs: bool,
     graphs: HashMap<usize, SendGraph>,
+    /// blocks per SM of the persistent decode step (0: off; see `CudaBackendOptions::persistent`)
+    pk_blocks: u32,
     scale: f32,
     ordinal: usize,
     fused: bool,
@@ -299,6 +308,11 @@ impl CudaBackend {
             max_tok: t,
             use_graphs: opts.graphs,
             graphs: HashMap::new(),
+            pk_blocks: if std::env::var("KAIROS_CUDA_PERSISTENT").map_or(opts.persistent, |v| v != "0") {
+                std::env::var("KAIROS_CUDA_PK_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(2u32).clamp(1, 2)
+            } else {
+                0
+            },
             ordinal: opts.ordinal,
             fused: opts.fused,
             moe_q8: opts.moe_q8
@@ -536,16 +550,62 @@ impl CudaBackend {
         }
         if !self.graphs.contains_key(&bucket) {
             let splits = self.splits_for(bucket, self.max_context);
+            let mut prog = self.persistent_program(bucket, splits)?;
             let st = self.cx.stream.clone();
             st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
-            let r = self.encode_step(bucket, splits);
+            let r = match prog.as_mut() {
+                Some(p) => p.launch(&self.cx).map_err(CudaError::from),
+                None => self.encode_step(bucket, splits),
+            };
             let g = st.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
             r.map_err(dev)?;
             let g = g.map_err(drv)?.ok_or_else(|| BackendError::Device("empty CUDA graph".into()))?;
-            self.graphs.insert(bucket, SendGraph(g));
+            self.graphs.insert(bucket, SendGraph(g, prog));
         }
         self.graphs[&bucket].0.launch().map_err(drv)?;
         Ok(bucket)
+    }
+
+    /// The step of `bucket` rows as a persistent program, when that is on and every
+    /// launch of the step has a persistent form (else None: the ordinary graph).
+    fn persistent_program(&mut self, bucket: usize, splits: usize) -> std::result::Result<Option<persistent::Program>, BackendError> {
+        let eligible = self.pk_blocks > 0
+            && bucket < GEMM_MIN_ROWS
+            && self.comm.is_none()
+            && self.shard.is_none()
+            && self.cap.is_none();
+        if !eligible {
+            return Ok(None);
+        }
+        self.cx.start_recording();
+        let r = self.encode_step(bucket, splits);
+        let recs = self.cx.take_recording();
+        r.map_err(dev)?;
+        match persistent::translate(&recs, self.cfg.head_dim) {
+            Ok(words) => {
+                let p = persistent::Program::new(&mut self.cx, &recs, &words, self.cfg.head_dim, self.pk_blocks, bucket).map_err(dev)?;
+                tracing::debug!("bucket {bucket}: persistent step of {} instructions on {} blocks", recs.len(), p.grid());
+                Ok(Some(p))
+            }
+            Err(why) => {
+                tracing::info!("bucket {bucket}: no persistent step ({why}); using the CUDA graph");
+                Ok(None)
+            }
+        }
+    }
+
+    /// `KAIROS_CUDA_PK_PROFILE=1`: where the last persistent step of `bucket` rows spent
+    /// its time, per kernel name (ns, instructions), else None.
+    pub fn persistent_profile(&self, bucket: usize) -> std::result::Result<Option<persistent::Profile>, BackendError> {
+        match self.graphs.get(&bucket).and_then(|g| g.1.as_ref()) {
+            Some(p) => p.profile(&self.cx).map_err(drv),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the decode graph of `bucket` rows runs the persistent step (tests).
+    pub fn bucket_is_persistent(&self, bucket: usize) -> bool {
+        self.graphs.get(&bucket).is_some_and(|g| g.1.is_some())
     }
 
     /// Replays the decode graph of `bucket` rows `times` times with the inputs of
