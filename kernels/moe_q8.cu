@@ -151,3 +151,173 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* block
         signed char* aq, float* ad) { PDL_ENTRY();
     gate_up_q8_impl(blocks, scales, xq, xd, ids, x_div, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, blockIdx.y);
 }
+
+// ---- Grouped expert GEMVs (steps of many rows) ----
+// The kernels above read an expert's weights once per ASSIGNMENT; with many rows per step
+// (batch 16+, prefill) several assignments share an expert, so these read each expert's
+// weights once per step and apply them to all of its assignments (up to GM at a time from
+// registers). moe_group lists the assignments of every expert; the grouped kernels take a
+// block per (row tile, expert). Per assignment and row the sums run in the same order as
+// row_dot's, so the results equal the ungrouped kernels'.
+#define GM 4
+#define GROUP_MAX_ASSIGN 4096
+
+// ids i32 [n_assign] (< 0: skipped) -> off i32 [E + 1] (expert e's assignments are
+// list[off[e] .. off[e + 1]], in increasing order), list i32 [n_assign].
+// One block of 1024 threads; E <= 512, n_assign <= GROUP_MAX_ASSIGN.
+extern "C" __global__ void __launch_bounds__(1024) moe_group(const int* __restrict__ ids, int n_assign, int E,
+                                                             int* __restrict__ off, int* __restrict__ list) { PDL_ENTRY();
+    __shared__ int start[513];
+    __shared__ int sid[GROUP_MAX_ASSIGN];
+    for (int e = threadIdx.x; e <= E; e += blockDim.x) start[e] = 0;
+    for (int a = threadIdx.x; a < n_assign; a += blockDim.x) sid[a] = ids[a];
+    __syncthreads();
+    for (int a = threadIdx.x; a < n_assign; a += blockDim.x)
+        if (sid[a] >= 0 && sid[a] < E) atomicAdd(&start[sid[a]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0;
+        for (int e = 0; e < E; e++) {
+            const int c = start[e];
+            start[e] = s;
+            off[e] = s;
+            s += c;
+        }
+        off[E] = s;
+    }
+    __syncthreads();
+    for (int a = threadIdx.x; a < n_assign; a += blockDim.x) {
+        const int e = sid[a];
+        if (e < 0 || e >= E) continue;
+        int r = 0;
+        for (int b = 0; b < a; b++) r += sid[b] == e;
+        list[start[e] + r] = a;
+    }
+}
+
+// row_dot for up to GM activation rows at once: acc[m] for activation row xr[m] (m < mn).
+template <int LPR, int U>
+__device__ __forceinline__ void row_dot_m(const u8* __restrict__ wrow, const u8* __restrict__ srow, int nb,
+                                          const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                          const int* xr, int mn, int sub, float (&acc)[GM]) {
+#pragma unroll
+    for (int m = 0; m < GM; m++) acc[m] = 0.f;
+    for (int base = 0; base < nb; base += LPR * U) {
+        uint4 w[U];
+        u32 s[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int b = base + u * LPR + sub;
+            w[u] = b < nb ? ld_stream16(wrow + b * 16) : make_uint4(0, 0, 0, 0);
+            s[u] = b < nb ? (u32)__ldg(srow + b) : 127u;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int b = base + u * LPR + sub;
+            if (b < nb) {
+                const float ws = 0.5f * e8m0_q8(s[u]);
+#pragma unroll
+                for (int m = 0; m < GM; m++)
+                    if (m < mn) {
+                        const long long x0 = (long long)xr[m] * nb;
+                        acc[m] += (float)dot_block(w[u], xq + (x0 + b) * 32) * (ws * LDG_ACT(xd + x0 + b));
+                    }
+            }
+        }
+    }
+}
+
+// mxfp4_q8_l{32,8} grouped: y f32 [n_assign, rows]; grid (ceil(rows / (8 * 32/LPR)), E), block 256.
+template <int LPR, int U>
+__device__ void mx_q8_grouped_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+                                   const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                   float* __restrict__ y, int rows, int cols, const int* __restrict__ off,
+                                   const int* __restrict__ list, int x_div, int bx, int e) {
+    const int a0 = off[e], na = off[e + 1] - a0;
+    if (na <= 0) return;
+    const int lane = threadIdx.x & 31, sub = lane % LPR;
+    const int row = (bx * 8 + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
+    const int nb = cols / 32;
+    const long long r = (long long)e * rows + min(row, rows - 1);  // clamped rows: computed, never stored
+    for (int c0 = 0; c0 < na; c0 += GM) {
+        const int mn = min(GM, na - c0);
+        int xr[GM], as[GM];
+#pragma unroll
+        for (int m = 0; m < GM; m++) {
+            as[m] = m < mn ? list[a0 + c0 + m] : 0;
+            xr[m] = as[m] / x_div;
+        }
+        float acc[GM];
+        row_dot_m<LPR, U>(blocks + r * nb * 16, scales + r * nb, nb, xq, xd, xr, mn, sub, acc);
+#pragma unroll
+        for (int m = 0; m < GM; m++) {
+            float v = acc[m];
+#pragma unroll
+            for (int o = LPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (m < mn && sub == 0 && row < rows) y[(long long)as[m] * rows + row] = v;
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_grouped_l32(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* y, int rows, int cols, const int* off, const int* list, int x_div) { PDL_ENTRY();
+    mx_q8_grouped_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, off, list, x_div, blockIdx.x, blockIdx.y);
+}
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_grouped_l8(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* y, int rows, int cols, const int* off, const int* list, int x_div) { PDL_ENTRY();
+    mx_q8_grouped_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, off, list, x_div, blockIdx.x, blockIdx.y);
+}
+
+// moe_gate_up_q8 grouped: grid (I / 32, E), block 256; same outputs as moe_gate_up_q8.
+extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_grouped(const u8* __restrict__ blocks,
+        const u8* __restrict__ scales, const signed char* __restrict__ xq, const float* __restrict__ xd,
+        const int* __restrict__ off, const int* __restrict__ list, int x_div, const float* __restrict__ bias, int I,
+        int cols, int act, float alpha, float limit, signed char* __restrict__ aq, float* __restrict__ ad) { PDL_ENTRY();
+    __shared__ float out[GM][32];
+    const int e = blockIdx.y, bx = blockIdx.x;
+    const int a0 = off[e], na = off[e + 1] - a0;
+    if (na <= 0) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nb = cols / 32;
+    const u8* eb = blocks + (long long)e * 2 * I * (long long)nb * 16;
+    const u8* es = scales + (long long)e * 2 * I * (long long)nb;
+    for (int c0 = 0; c0 < na; c0 += GM) {
+        const int mn = min(GM, na - c0);
+        int xr[GM];
+#pragma unroll
+        for (int m = 0; m < GM; m++) xr[m] = m < mn ? list[a0 + c0 + m] / x_div : 0;
+#pragma unroll 2
+        for (int t = 0; t < 4; t++) {
+            const int j = bx * 32 + warp * 4 + t;
+            const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
+            float g[GM], u[GM];
+            row_dot_m<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xq, xd, xr, mn, lane, g);
+            row_dot_m<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xq, xd, xr, mn, lane, u);
+#pragma unroll
+            for (int m = 0; m < GM; m++) {
+                float gm = warp_sum(g[m]), um = warp_sum(u[m]);
+                if (lane == 0 && m < mn) {
+                    if (bias) { gm += bias[(long long)e * 2 * I + gr]; um += bias[(long long)e * 2 * I + ur]; }
+                    float v;
+                    if (act == 1) {
+                        gm = fminf(gm, limit);
+                        um = fminf(fmaxf(um, -limit), limit);
+                        v = (um + 1.f) * (gm / (1.f + expf(-alpha * gm)));
+                    } else {
+                        v = gm / (1.f + expf(-gm)) * um;
+                    }
+                    out[m][warp * 4 + t] = v;
+                }
+            }
+        }
+        __syncthreads();
+        if (warp < mn) {  // warp m quantizes assignment m's 32 outputs (GM <= 8 warps)
+            const int a = list[a0 + c0 + warp];
+            float v = out[warp][lane];
+            float d = warp_max(fabsf(v)) / 127.f;
+            long long o = (long long)a * I + bx * 32 + lane;
+            aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+            if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
+        }
+        __syncthreads();
+    }
+}

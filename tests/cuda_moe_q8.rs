@@ -217,3 +217,67 @@ fn gate_up_activation_int8() {
         check(&format!("moe_gate_up_q8 {act:?} inter {inter} cols {cols} bias {with_bias}"), &got, &want_act, 1e-2);
     }
 }
+
+/// The grouped expert GEMVs (each expert read once for all of its assignments, listed by
+/// `moe_group`) give exactly what the per-assignment kernels give: the per-row sums run
+/// in the same order. Shapes: Qwen3-30B-A3B (128 experts, gate/up 2048 -> 2x768, down
+/// 768 -> 2048: 8 lanes a row) at 64 tokens x top-8, gpt-oss-like (32 experts, 2880,
+/// clamped GLU with biases: a warp a row) at 16 x 4, and a skewed routing where one expert
+/// takes 40 assignments (several chunks of 8).
+#[test]
+fn grouped_matches_per_assignment() {
+    let Some(c) = cx() else { return };
+    let mut r = rng();
+    for (act, ne, inter, hidden, n_tok, k, skew) in [
+        (GateAct::SiluGlu, 128usize, 768usize, 2048usize, 64usize, 8usize, false),
+        (GateAct::GptOss { alpha: 1.702, limit: 7.0 }, 32, 96, 2880, 16, 4, false),
+        (GateAct::SiluGlu, 16, 64, 96, 20, 4, true),
+    ] {
+        let n_assign = n_tok * k;
+        let ids: Vec<i32> = (0..n_assign).map(|a| if skew && a % 2 == 0 { 3 } else { r.gen_range(0..ne as i32) }).collect();
+        // moe_group against a host listing
+        let dids = up(c, &ids);
+        let mut off = up(c, &vec![-7i32; ne + 1]);
+        let mut list = up(c, &vec![-7i32; n_assign]);
+        c.moe_group(&dids, n_assign, ne, &mut off, &mut list).unwrap();
+        let (off_h, list_h) = (down(c, &off), down(c, &list));
+        let mut want_list = Vec::new();
+        let mut want_off = vec![0i32];
+        for e in 0..ne as i32 {
+            want_list.extend((0..n_assign as i32).filter(|&a| ids[a as usize] == e));
+            want_off.push(want_list.len() as i32);
+        }
+        assert_eq!(off_h, want_off, "moe_group offsets");
+        assert_eq!(list_h, want_list, "moe_group list");
+        // gate/up + activation, then down, both ways
+        let (gbl, gsc) = rand_mx(&mut r, ne, 2 * inter, hidden);
+        let (dbl, dsc) = rand_mx(&mut r, ne, hidden, inter);
+        let (gbl, gsc, dbl, dsc) = (up(c, &gbl), up(c, &gsc), up(c, &dbl), up(c, &dsc));
+        let (xq, xd) = quantize_q8(&randn(&mut r, n_tok * hidden));
+        let (xq, xd) = (up(c, &xq), up(c, &xd));
+        let bias = up(c, &randn(&mut r, ne * 2 * inter));
+        let bias = matches!(act, GateAct::GptOss { .. }).then_some(&bias);
+        let mut outs = Vec::new();
+        for grouped in [false, true] {
+            let mut aq = up(c, &vec![99i8; n_assign * inter]);
+            let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
+            let mut y = up(c, &vec![f32::NAN; n_assign * hidden]);
+            if grouped {
+                c.moe_gate_up_q8_grouped(&gbl, &gsc, &xq, &xd, &off, &list, bias, act, &mut aq, &mut ad, n_assign, k, inter, hidden, ne)
+                    .unwrap();
+                c.mxfp4_moe_gemv_q8_grouped(&dbl, &dsc, &aq, &ad, &mut y, &off, &list, n_assign, 1, hidden, inter, ne).unwrap();
+            } else {
+                c.moe_gate_up_q8(&gbl, &gsc, &xq, &xd, &dids, bias, act, &mut aq, &mut ad, n_assign, k, inter, hidden, ne).unwrap();
+                c.mxfp4_moe_gemv_q8(&dbl, &dsc, &aq, &ad, &mut y, &dids, n_assign, 1, hidden, inter, ne).unwrap();
+            }
+            outs.push((down(c, &aq), down(c, &ad), down(c, &y)));
+        }
+        let (a, b) = (&outs[0], &outs[1]);
+        assert!(b.2.iter().all(|v| v.is_finite()), "grouped: an output was not written");
+        assert_eq!(a.0, b.0, "E {ne}: int8 activations differ");
+        assert!(a.1.iter().zip(&b.1).all(|(x, y)| x.to_bits() == y.to_bits()), "E {ne}: activation scales differ");
+        let diff = a.2.iter().zip(&b.2).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(diff, 0, "E {ne}: {diff} of {} expert outputs differ", a.2.len());
+        println!("  E {ne}, {n_tok} tokens x top-{k}: grouped == per-assignment (bitwise), {} outputs", a.2.len());
+    }
+}

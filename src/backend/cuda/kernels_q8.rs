@@ -9,6 +9,9 @@ use cudarc::driver::CudaSlice;
 use super::kernels::{grid, len_at_least, need, NULL};
 use super::{CudaContext, Result};
 
+/// Most assignments `moe_group` lists (GROUP_MAX_ASSIGN in kernels/moe_q8.cu).
+pub const GROUP_MAX_ASSIGN: usize = 4096;
+
 /// Which gated activation the fused gate/up kernel applies.
 #[derive(Clone, Copy, Debug)]
 pub enum GateAct {
@@ -146,4 +149,111 @@ impl CudaContext {
         unsafe { b.launch(grid(inter / 32, n_assign, 1, 256)) }?;
         Ok(())
     }
+
+    /// Lists the assignments of every expert: `ids` i32 `[n_assign]` (< 0: skipped) ->
+    /// `off` i32 `[E + 1]`, `list` i32 `[n_assign]` (expert e's assignments are
+    /// `list[off[e]..off[e + 1]]`, increasing) for the grouped expert GEMVs.
+    pub fn moe_group(&self, ids: &CudaSlice<i32>, n_assign: usize, n_experts: usize, off: &mut CudaSlice<i32>, list: &mut CudaSlice<i32>) -> Result<()> {
+        need(n_experts <= 512 && n_assign <= GROUP_MAX_ASSIGN, || format!("moe_group: E {n_experts}, {n_assign} assignments"))?;
+        len_at_least(ids, n_assign, "ids")?;
+        len_at_least(off, n_experts + 1, "off")?;
+        len_at_least(list, n_assign, "list")?;
+        let a = [n_assign as i32, n_experts as i32];
+        let mut b = self.launch("moe_group");
+        b.arg(ids).arg(&a[0]).arg(&a[1]).arg(off).arg(list);
+        unsafe { b.launch(grid(1, 1, 1, 1024)) }?;
+        Ok(())
+    }
+
+    /// `mxfp4_moe_gemv_q8` reading each expert once for all of its assignments (listed by
+    /// `moe_group`); the same results.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mxfp4_moe_gemv_q8_grouped(
+        &self,
+        blocks: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        xq: &CudaSlice<i8>,
+        xd: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        off: &CudaSlice<i32>,
+        list: &CudaSlice<i32>,
+        n_assign: usize,
+        x_div: usize,
+        rows: usize,
+        cols: usize,
+        n_experts: usize,
+    ) -> Result<()> {
+        need(cols.is_multiple_of(32) && x_div >= 1, || "mxfp4_q8_grouped: cols % 32 != 0 or x_div == 0".into())?;
+        len_at_least(blocks, n_experts * rows * cols / 2, "blocks")?;
+        len_at_least(scales, n_experts * rows * cols / 32, "scales")?;
+        len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
+        len_at_least(xd, n_assign.div_ceil(x_div) * cols / 32, "xd")?;
+        len_at_least(y, n_assign * rows, "y")?;
+        len_at_least(off, n_experts + 1, "off")?;
+        len_at_least(list, n_assign, "list")?;
+        if n_assign == 0 {
+            return Ok(());
+        }
+        let (name, rows_per_block) = if cols >= 1536 { ("mxfp4_q8_grouped_l32", 8) } else { ("mxfp4_q8_grouped_l8", 32) };
+        let a = [rows as i32, cols as i32, x_div as i32];
+        let mut b = self.launch(name);
+        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]).arg(off).arg(list).arg(&a[2]);
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), n_experts, 1, 256)) }?;
+        Ok(())
+    }
+
+    /// `moe_gate_up_q8` reading each expert once for all of its assignments (listed by
+    /// `moe_group`); the same results.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gate_up_q8_grouped(
+        &self,
+        blocks: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        xq: &CudaSlice<i8>,
+        xd: &CudaSlice<f32>,
+        off: &CudaSlice<i32>,
+        list: &CudaSlice<i32>,
+        bias: Option<&CudaSlice<f32>>,
+        act: GateAct,
+        aq: &mut CudaSlice<i8>,
+        ad: &mut CudaSlice<f32>,
+        n_assign: usize,
+        x_div: usize,
+        inter: usize,
+        cols: usize,
+        n_experts: usize,
+    ) -> Result<()> {
+        need(cols.is_multiple_of(32) && inter.is_multiple_of(32) && x_div >= 1, || {
+            format!("moe_gate_up_q8_grouped: cols {cols} and inter {inter} must be multiples of 32")
+        })?;
+        len_at_least(blocks, n_experts * 2 * inter * cols / 2, "blocks")?;
+        len_at_least(scales, n_experts * 2 * inter * cols / 32, "scales")?;
+        len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
+        len_at_least(xd, n_assign.div_ceil(x_div) * cols / 32, "xd")?;
+        if let Some(bb) = bias {
+            len_at_least(bb, n_experts * 2 * inter, "bias")?;
+        }
+        len_at_least(aq, n_assign * inter, "aq")?;
+        len_at_least(ad, n_assign * inter / 32, "ad")?;
+        len_at_least(off, n_experts + 1, "off")?;
+        len_at_least(list, n_assign, "list")?;
+        if n_assign == 0 {
+            return Ok(());
+        }
+        let (kind, alpha, limit) = match act {
+            GateAct::SiluGlu => (0i32, 0f32, 0f32),
+            GateAct::GptOss { alpha, limit } => (1, alpha, limit),
+        };
+        let a = [x_div as i32, inter as i32, cols as i32];
+        let mut b = self.launch("moe_gate_up_q8_grouped");
+        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(off).arg(list).arg(&a[0]);
+        match bias {
+            Some(bb) => b.arg(bb),
+            None => b.arg(&NULL),
+        };
+        b.arg(&a[1]).arg(&a[2]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
+        unsafe { b.launch(grid(inter / 32, n_experts, 1, 256)) }?;
+        Ok(())
+    }
 }
+

@@ -62,7 +62,15 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "moe_q8",
         include_str!("../../../kernels/moe_q8.cu"),
-        &["mxfp4_q8_l32", "mxfp4_q8_l8", "moe_gate_up_q8"],
+        &[
+            "mxfp4_q8_l32",
+            "mxfp4_q8_l8",
+            "moe_gate_up_q8",
+            "moe_group",
+            "mxfp4_q8_grouped_l32",
+            "mxfp4_q8_grouped_l8",
+            "moe_gate_up_q8_grouped",
+        ],
     ),
     (
         "gemv",
