@@ -9,6 +9,10 @@ export KAIROS_TEST_MODEL="$PWD/models/cache/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Everything but the broker tests (the kairos binary's Kafka tests are named kafka_*).
 cargo test --release --workspace --exclude kairos-connectors -- --skip kafka_
 cargo test --release -p kairos-connectors --lib
+# The CUDA backend builds without CUDA (dynamic loading); its host-side unit tests
+# (the persistent step's instruction translation and op table, ...) run here, the GPU
+# suites (tests/cuda_*.rs) on the device machine.
+cargo test --release --features cuda --lib -- backend::cuda
 # Broker tests start real brokers and rebalance consumer groups under a
 # 2-core load; a known rare flake (see connectors/README.md) gets one retry.
 cargo test --release -p kairos-connectors --test kafka \
