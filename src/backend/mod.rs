@@ -83,6 +83,16 @@ pub trait Backend: Send {
         let v = self.vocab_size().max(1);
         Ok((logits.chunks(v).map(first_argmax).collect(), hidden))
     }
+
+    /// A decode step that chooses the next token on the device: each chunk appends
+    /// its one token and gets a token drawn with `params[i] = (temperature, top_p, u)`
+    /// (temperature 0: greedy; u uniform in [0, 1) from the caller's seeded RNG), so only
+    /// ids leave the device. `Ok(None)`: this backend samples on the host — nothing was
+    /// appended, the caller uses `forward` and its own sampler.
+    fn decode_choose(&mut self, chunks: &[Chunk<'_>], params: &[(f32, f32, f32)]) -> Result<Option<Vec<u32>>, BackendError> {
+        let _ = (chunks, params);
+        Ok(None)
+    }
 }
 
 /// Index of the first largest value (greedy sampling's tie rule).

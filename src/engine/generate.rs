@@ -55,19 +55,42 @@ fn generate_in(
     let mut out = Vec::new();
     let mut tops = Vec::new();
     let t0 = Instant::now();
-    let mut logits = backend.forward(&[Chunk { seq, tokens: &req.prompt_ids }], LogitsFor::Last)?;
+    let logits = backend.forward(&[Chunk { seq, tokens: &req.prompt_ids }], LogitsFor::Last)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    while out.len() < req.max_new_tokens {
+    // Decode steps choose their token on the device when the backend can (only ids
+    // cross; the device draws in vocabulary order, the host sampler in probability
+    // order: same distribution, other ids for the same seed) and nothing asks for
+    // logits or top-k.
+    let p = req.sampling;
+    let mut on_device = req.top_logits == 0 && p.top_k == 0;
+    if req.max_new_tokens > 0 {
         if req.top_logits > 0 {
             tops.push(top_logits(&logits, req.top_logits));
         }
-        let id = sampler.sample(&logits);
-        out.push(id);
-        if req.eos_ids.contains(&id) || out.len() >= req.max_new_tokens {
-            break;
+        let mut id = sampler.sample(&logits);
+        loop {
+            out.push(id);
+            if req.eos_ids.contains(&id) || out.len() >= req.max_new_tokens {
+                break;
+            }
+            let chunk = [Chunk { seq, tokens: &[id] }];
+            if on_device {
+                let u = if p.temperature > 0.0 { sampler.uniform() } else { 0.0 };
+                match backend.decode_choose(&chunk, &[(p.temperature.max(0.0), p.top_p, u)])? {
+                    Some(ids) => {
+                        id = ids.first().copied().ok_or_else(|| BackendError::Device("decode_choose returned no id".into()))?;
+                        continue;
+                    }
+                    None => on_device = false,
+                }
+            }
+            let logits = backend.forward(&chunk, LogitsFor::Last)?;
+            if req.top_logits > 0 {
+                tops.push(top_logits(&logits, req.top_logits));
+            }
+            id = sampler.sample(&logits);
         }
-        logits = backend.forward(&[Chunk { seq, tokens: &[id] }], LogitsFor::Last)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let steps = out.len().saturating_sub(1);

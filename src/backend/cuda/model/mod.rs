@@ -838,6 +838,10 @@ impl Backend for CudaBackend {
         self.run_forward(chunks, which, true)
     }
 
+    fn decode_choose(&mut self, chunks: &[Chunk<'_>], params: &[(f32, f32, f32)]) -> std::result::Result<Option<Vec<u32>>, BackendError> {
+        self.decode_sample(chunks, params).map(Some)
+    }
+
     fn forward_capture_argmax(&mut self, chunks: &[Chunk<'_>], layers: &[usize]) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
         if !layers.is_empty() {
             self.set_capture(layers)?;
