@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
-use kairos::backend::cuda::kernels_q8::GateAct;
+use kairos::backend::cuda::kernels_q8::{Experts, GateAct};
 use kairos::backend::cuda::CudaContext;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -151,7 +151,7 @@ fn expert_gemv_int8() {
             }
         }
         let mut y = up(c, &vec![f32::NAN; n_assign * rows]);
-        c.mxfp4_moe_gemv_q8(&up(c, &bl), &up(c, &sc), &up(c, &xq), &up(c, &xd), &mut y, &up(c, &ids), n_assign, x_div, rows, cols, ne)
+        c.mxfp4_moe_gemv_q8(&up(c, &bl), &up(c, &sc), &up(c, &xq), &up(c, &xd), &mut y, Experts::Ids(&up(c, &ids)), n_assign, x_div, rows, cols, ne)
             .unwrap();
         check(&format!("mxfp4_moe_gemv_q8 E {ne} rows {rows} cols {cols} assign {n_assign}"), &down(c, &y), &want, 1e-5);
     }
@@ -204,7 +204,7 @@ fn gate_up_activation_int8() {
         let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
         let db = up(c, &bias);
         c.moe_gate_up_q8(
-            &up(c, &bl), &up(c, &sc), &up(c, &xq), &up(c, &xd), &up(c, &ids), with_bias.then_some(&db), act, &mut aq, &mut ad,
+            &up(c, &bl), &up(c, &sc), &up(c, &xq), &up(c, &xd), Experts::Ids(&up(c, &ids)), with_bias.then_some(&db), act, &mut aq, &mut ad,
             n_assign, k, inter, cols, ne,
         )
         .unwrap();
@@ -262,14 +262,9 @@ fn grouped_matches_per_assignment() {
             let mut aq = up(c, &vec![99i8; n_assign * inter]);
             let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
             let mut y = up(c, &vec![f32::NAN; n_assign * hidden]);
-            if grouped {
-                c.moe_gate_up_q8_grouped(&gbl, &gsc, &xq, &xd, &off, &list, bias, act, &mut aq, &mut ad, n_assign, k, inter, hidden, ne)
-                    .unwrap();
-                c.mxfp4_moe_gemv_q8_grouped(&dbl, &dsc, &aq, &ad, &mut y, &off, &list, n_assign, 1, hidden, inter, ne).unwrap();
-            } else {
-                c.moe_gate_up_q8(&gbl, &gsc, &xq, &xd, &dids, bias, act, &mut aq, &mut ad, n_assign, k, inter, hidden, ne).unwrap();
-                c.mxfp4_moe_gemv_q8(&dbl, &dsc, &aq, &ad, &mut y, &dids, n_assign, 1, hidden, inter, ne).unwrap();
-            }
+            let ex = if grouped { Experts::Grouped { off: &off, list: &list } } else { Experts::Ids(&dids) };
+            c.moe_gate_up_q8(&gbl, &gsc, &xq, &xd, ex, bias, act, &mut aq, &mut ad, n_assign, k, inter, hidden, ne).unwrap();
+            c.mxfp4_moe_gemv_q8(&dbl, &dsc, &aq, &ad, &mut y, ex, n_assign, 1, hidden, inter, ne).unwrap();
             outs.push((down(c, &aq), down(c, &ad), down(c, &y)));
         }
         let (a, b) = (&outs[0], &outs[1]);

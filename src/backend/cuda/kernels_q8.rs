@@ -63,6 +63,7 @@ impl CudaContext {
 
     /// MoE expert GEMV over int8 activations: for each assignment a < n_assign,
     /// y[a, :] = W[ids[a]] . x[a / x_div, :], weights MXFP4 `[E, rows, cols/32(, 16)]`.
+    /// `Experts::Grouped` reads each expert once for all of its assignments (same results).
     #[allow(clippy::too_many_arguments)]
     pub fn mxfp4_moe_gemv_q8(
         &self,
@@ -71,7 +72,7 @@ impl CudaContext {
         xq: &CudaSlice<i8>,
         xd: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
-        ids: &CudaSlice<i32>,
+        experts: Experts<'_>,
         n_assign: usize,
         x_div: usize,
         rows: usize,
@@ -84,22 +85,25 @@ impl CudaContext {
         len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
         len_at_least(xd, n_assign.div_ceil(x_div) * cols / 32, "xd")?;
         len_at_least(y, n_assign * rows, "y")?;
-        len_at_least(ids, n_assign, "ids")?;
+        experts.check(n_assign, n_experts)?;
         if n_assign == 0 {
             return Ok(());
         }
         // a warp per row when a row has enough 32-blocks to keep 32 lanes busy
-        let (name, rows_per_block) = if cols >= 1536 { ("mxfp4_q8_l32", 8) } else { ("mxfp4_q8_l8", 32) };
+        let (lanes, rows_per_block) = if cols >= 1536 { ("l32", 8) } else { ("l8", 32) };
         let a = [rows as i32, cols as i32, x_div as i32];
-        let mut b = self.launch(name);
-        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]).arg(ids).arg(&a[2]);
-        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), n_assign, 1, 256)) }?;
+        let mut b = self.launch(&format!("mxfp4_q8_{}{lanes}", experts.kernel_infix()));
+        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]);
+        experts.args(&mut b);
+        b.arg(&a[2]);
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), experts.grid_y(n_assign, n_experts), 1, 256)) }?;
         Ok(())
     }
 
     /// Expert gate/up GEMV + gated activation, written as int8 blocks:
     /// weights MXFP4 `[E, 2*inter, cols/32(, 16)]` (rows fused as `act` says),
     /// `bias` f32 `[E, 2*inter]`; out `aq` i8 `[n_assign, inter]`, `ad` f32 `[n_assign, inter/32]`.
+    /// `Experts::Grouped` reads each expert once for all of its assignments (same results).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_gate_up_q8(
         &self,
@@ -107,7 +111,7 @@ impl CudaContext {
         scales: &CudaSlice<u8>,
         xq: &CudaSlice<i8>,
         xd: &CudaSlice<f32>,
-        ids: &CudaSlice<i32>,
+        experts: Experts<'_>,
         bias: Option<&CudaSlice<f32>>,
         act: GateAct,
         aq: &mut CudaSlice<i8>,
@@ -130,7 +134,7 @@ impl CudaContext {
         }
         len_at_least(aq, n_assign * inter, "aq")?;
         len_at_least(ad, n_assign * inter / 32, "ad")?;
-        len_at_least(ids, n_assign, "ids")?;
+        experts.check(n_assign, n_experts)?;
         if n_assign == 0 {
             return Ok(());
         }
@@ -139,14 +143,20 @@ impl CudaContext {
             GateAct::GptOss { alpha, limit } => (1, alpha, limit),
         };
         let a = [x_div as i32, inter as i32, cols as i32];
-        let mut b = self.launch("moe_gate_up_q8");
-        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(ids).arg(&a[0]);
+        let name = match experts {
+            Experts::Ids(_) => "moe_gate_up_q8",
+            Experts::Grouped { .. } => "moe_gate_up_q8_grouped",
+        };
+        let mut b = self.launch(name);
+        b.arg(blocks).arg(scales).arg(xq).arg(xd);
+        experts.args(&mut b);
+        b.arg(&a[0]);
         match bias {
             Some(bb) => b.arg(bb),
             None => b.arg(&NULL),
         };
         b.arg(&a[1]).arg(&a[2]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
-        unsafe { b.launch(grid(inter / 32, n_assign, 1, 256)) }?;
+        unsafe { b.launch(grid(inter / 32, experts.grid_y(n_assign, n_experts), 1, 256)) }?;
         Ok(())
     }
 
@@ -164,96 +174,51 @@ impl CudaContext {
         unsafe { b.launch(grid(1, 1, 1, 1024)) }?;
         Ok(())
     }
+}
 
-    /// `mxfp4_moe_gemv_q8` reading each expert once for all of its assignments (listed by
-    /// `moe_group`); the same results.
-    #[allow(clippy::too_many_arguments)]
-    pub fn mxfp4_moe_gemv_q8_grouped(
-        &self,
-        blocks: &CudaSlice<u8>,
-        scales: &CudaSlice<u8>,
-        xq: &CudaSlice<i8>,
-        xd: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        off: &CudaSlice<i32>,
-        list: &CudaSlice<i32>,
-        n_assign: usize,
-        x_div: usize,
-        rows: usize,
-        cols: usize,
-        n_experts: usize,
-    ) -> Result<()> {
-        need(cols.is_multiple_of(32) && x_div >= 1, || "mxfp4_q8_grouped: cols % 32 != 0 or x_div == 0".into())?;
-        len_at_least(blocks, n_experts * rows * cols / 2, "blocks")?;
-        len_at_least(scales, n_experts * rows * cols / 32, "scales")?;
-        len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
-        len_at_least(xd, n_assign.div_ceil(x_div) * cols / 32, "xd")?;
-        len_at_least(y, n_assign * rows, "y")?;
-        len_at_least(off, n_experts + 1, "off")?;
-        len_at_least(list, n_assign, "list")?;
-        if n_assign == 0 {
-            return Ok(());
+/// Which expert each assignment of an expert GEMV uses.
+#[derive(Clone, Copy)]
+pub enum Experts<'a> {
+    /// `ids` i32 `[n_assign]`: a block per (row tile, assignment), each reading its expert
+    /// (< 0: another rank's expert, zeros written).
+    Ids(&'a CudaSlice<i32>),
+    /// Each expert's assignments as `moe_group` lists them: a block per (row tile, expert)
+    /// reading the expert once for all of them (assignments of no expert are not written).
+    Grouped { off: &'a CudaSlice<i32>, list: &'a CudaSlice<i32> },
+}
+
+impl Experts<'_> {
+    fn check(&self, n_assign: usize, n_experts: usize) -> Result<()> {
+        match self {
+            Experts::Ids(ids) => len_at_least(ids, n_assign, "ids"),
+            Experts::Grouped { off, list } => {
+                len_at_least(off, n_experts + 1, "off")?;
+                len_at_least(list, n_assign, "list")
+            }
         }
-        let (name, rows_per_block) = if cols >= 1536 { ("mxfp4_q8_grouped_l32", 8) } else { ("mxfp4_q8_grouped_l8", 32) };
-        let a = [rows as i32, cols as i32, x_div as i32];
-        let mut b = self.launch(name);
-        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]).arg(off).arg(list).arg(&a[2]);
-        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), n_experts, 1, 256)) }?;
-        Ok(())
     }
-
-    /// `moe_gate_up_q8` reading each expert once for all of its assignments (listed by
-    /// `moe_group`); the same results.
-    #[allow(clippy::too_many_arguments)]
-    pub fn moe_gate_up_q8_grouped(
-        &self,
-        blocks: &CudaSlice<u8>,
-        scales: &CudaSlice<u8>,
-        xq: &CudaSlice<i8>,
-        xd: &CudaSlice<f32>,
-        off: &CudaSlice<i32>,
-        list: &CudaSlice<i32>,
-        bias: Option<&CudaSlice<f32>>,
-        act: GateAct,
-        aq: &mut CudaSlice<i8>,
-        ad: &mut CudaSlice<f32>,
-        n_assign: usize,
-        x_div: usize,
-        inter: usize,
-        cols: usize,
-        n_experts: usize,
-    ) -> Result<()> {
-        need(cols.is_multiple_of(32) && inter.is_multiple_of(32) && x_div >= 1, || {
-            format!("moe_gate_up_q8_grouped: cols {cols} and inter {inter} must be multiples of 32")
-        })?;
-        len_at_least(blocks, n_experts * 2 * inter * cols / 2, "blocks")?;
-        len_at_least(scales, n_experts * 2 * inter * cols / 32, "scales")?;
-        len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
-        len_at_least(xd, n_assign.div_ceil(x_div) * cols / 32, "xd")?;
-        if let Some(bb) = bias {
-            len_at_least(bb, n_experts * 2 * inter, "bias")?;
+    fn kernel_infix(&self) -> &'static str {
+        match self {
+            Experts::Ids(_) => "",
+            Experts::Grouped { .. } => "grouped_",
         }
-        len_at_least(aq, n_assign * inter, "aq")?;
-        len_at_least(ad, n_assign * inter / 32, "ad")?;
-        len_at_least(off, n_experts + 1, "off")?;
-        len_at_least(list, n_assign, "list")?;
-        if n_assign == 0 {
-            return Ok(());
+    }
+    fn args(&self, b: &mut super::launch::Launch<'_>) {
+        match self {
+            Experts::Ids(ids) => {
+                b.arg(*ids);
+            }
+            Experts::Grouped { off, list } => {
+                b.arg(*off).arg(*list);
+            }
         }
-        let (kind, alpha, limit) = match act {
-            GateAct::SiluGlu => (0i32, 0f32, 0f32),
-            GateAct::GptOss { alpha, limit } => (1, alpha, limit),
-        };
-        let a = [x_div as i32, inter as i32, cols as i32];
-        let mut b = self.launch("moe_gate_up_q8_grouped");
-        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(off).arg(list).arg(&a[0]);
-        match bias {
-            Some(bb) => b.arg(bb),
-            None => b.arg(&NULL),
-        };
-        b.arg(&a[1]).arg(&a[2]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
-        unsafe { b.launch(grid(inter / 32, n_experts, 1, 256)) }?;
-        Ok(())
+    }
+    fn grid_y(&self, n_assign: usize, n_experts: usize) -> usize {
+        match self {
+            Experts::Ids(_) => n_assign,
+            Experts::Grouped { .. } => n_experts,
+        }
     }
 }
+
 

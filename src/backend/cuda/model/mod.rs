@@ -40,7 +40,7 @@ use half::bf16;
 
 use super::kernels::{AttnWorkspace, KvShape};
 use super::gemm::{BlasGemm, GEMM_MIN_ROWS};
-use super::kernels_q8::{GateAct, GROUP_MAX_ASSIGN};
+use super::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN};
 use super::{persistent, CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
 use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
@@ -507,20 +507,13 @@ impl CudaBackend {
                         };
                         if group {
                             cx.moe_group(tid, n * k, e, &mut b.goff, &mut b.glist)?;
-                            cx.moe_gate_up_q8_grouped(
-                                &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.goff, &b.glist, gu_bias.as_ref(), act, &mut b.aq,
-                                &mut b.ad, n * k, k, inter, h, e,
-                            )?;
-                            cx.mxfp4_moe_gemv_q8_grouped(
-                                &down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, &b.goff, &b.glist, n * k, 1, h, inter, e,
-                            )?;
-                        } else {
-                            cx.moe_gate_up_q8(
-                                &gu.blocks, &gu.scales, &b.hq, &b.hd, tid, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k,
-                                k, inter, h, e,
-                            )?;
-                            cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, tid, n * k, 1, h, inter, e)?;
                         }
+                        let experts = if group { Experts::Grouped { off: &b.goff, list: &b.glist } } else { Experts::Ids(tid) };
+                        cx.moe_gate_up_q8(
+                            &gu.blocks, &gu.scales, &b.hq, &b.hd, experts, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
+                            inter, h, e,
+                        )?;
+                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                     } else {
                         cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, tid, n * k, k, 2 * inter, h, e)?;
                         if let Some(bias) = gu_bias {
