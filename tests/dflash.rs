@@ -17,7 +17,8 @@ use kairos::engine::sampling::{Sampler, SamplingParams};
 use kairos::engine::speculative::dflash::DFlashDrafter;
 use kairos::engine::speculative::{generate_speculative, CostModel, DraftInput, Drafter, SpecOptions};
 use kairos::model::dflash::DFlashWeights;
-use kairos::model::load_model;
+use kairos::model::upcycle::Upcycle;
+use kairos::model::{load_model, load_model_with};
 
 fn req(prompt: &[u32], n: usize, eos: &[u32], sampling: SamplingParams) -> GenerateRequest {
     GenerateRequest { prompt_ids: prompt.to_vec(), max_new_tokens: n, sampling, eos_ids: eos.to_vec(), top_logits: 0 }
@@ -132,6 +133,35 @@ fn greedy_verdicts_are_identical_under_the_grammar() {
     let bytes: Vec<u8> = plain[0].iter().flat_map(|&t| grammar.token_bytes(t).to_vec()).collect();
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.starts_with("{\"decision\":\""), "{text}");
+}
+
+#[test]
+fn greedy_is_identical_on_an_upcycled_moe_target() {
+    // The dense fixture upcycled to 4 experts, top-2 (random router): the drafter
+    // trained for the dense model drafts for its MoE, speculative greedy must equal
+    // plain greedy of that MoE at fixed and MoE-aware adaptive block sizes.
+    let up = Upcycle { experts: 4, top_k: 2 };
+    let m = load_model_with(&fixture("llama"), Some(up)).unwrap();
+    assert_eq!(m.weights.config.moe.as_ref().map(|c| (c.num_experts, c.top_k)), Some((4, 2)));
+    let draft = Arc::new(DFlashWeights::load(&fixture("dflash_llama"), &m.weights.config).unwrap());
+    let eos = m.tokenizer.eos_ids.clone();
+    let prompts: Vec<Vec<u32>> =
+        ["The quick brown fox", "a b c d e f g"].iter().map(|p| m.tokenizer.encode(p, true).unwrap()).collect();
+    let target = Arc::new(m.weights);
+    let mut backend = CpuBackend::new(Arc::clone(&target));
+    let plain: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| generate(&mut backend, &req(p, 32, &eos, SamplingParams::default())).unwrap().output_ids)
+        .collect();
+    let reqs: Vec<_> = prompts.iter().map(|p| req(p, 32, &eos, SamplingParams::default())).collect();
+    let moe_cost = CostModel { per_token: 0.05, moe_share: 0.8, experts: Some((4, 2)) };
+    for opts in [fixed(4), fixed(8), SpecOptions { block_size: 8, adaptive: Some(moe_cost) }] {
+        let mut drafter = DFlashDrafter::new(Arc::clone(&draft), Arc::clone(&target));
+        let out = generate_speculative(&mut backend, &mut drafter, &reqs, None, &opts).unwrap();
+        for (o, want) in out.outputs.iter().zip(&plain) {
+            assert_eq!(&o.output_ids, want, "{opts:?}");
+        }
+    }
 }
 
 #[test]

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use kairos::backend::cpu::CpuBackend;
 use kairos::backend::sharded::ShardedCpuBackend;
 use kairos::backend::{Backend, Chunk, LogitsFor};
-use kairos::model::config::{Arch, ModelConfig, MoeConfig, RouterKind};
+use kairos::model::config::ModelConfig;
 use kairos::model::gguf::GgufFile;
 use kairos::model::load::{gguf_config, read_hf_config};
-use kairos::model::shard::{ShardLoadError, ShardPlan};
-use kairos::model::tensors::{GgufSource, SafetensorsSource, TensorF32, TensorRaw, TensorSource};
-use kairos::model::{load_model, ModelError, ModelWeights};
+use kairos::model::shard::{open_checkpoint_with, ShardLoadError, ShardPlan};
+use kairos::model::upcycle::Upcycle;
+use kairos::model::tensors::{GgufSource, SafetensorsSource};
+use kairos::model::{load_model, ModelWeights};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -166,71 +167,6 @@ fn gguf_source(path: &Path) -> (ModelConfig, GgufSource) {
     (config, src)
 }
 
-/// A dense checkpoint seen as an MoE one: every expert is the dense MLP, the
-/// router is random. Identical experts with renormalised weights give the dense output.
-struct Upcycled<'a> {
-    inner: &'a dyn TensorSource,
-    experts: usize,
-    hidden: usize,
-}
-
-impl Upcycled<'_> {
-    fn config(dense: &ModelConfig, experts: usize, top_k: usize) -> ModelConfig {
-        let mut c = dense.clone();
-        c.arch = Arch::Qwen3Moe;
-        c.moe = Some(MoeConfig {
-            num_experts: experts,
-            top_k,
-            expert_intermediate: c.intermediate_size,
-            router: RouterKind::SoftmaxTopK { renormalize: true },
-            router_bias: false,
-            expert_bias: false,
-            dense_layers: vec![],
-        });
-        c
-    }
-
-    /// `model.layers.L.mlp.experts.X.P` -> `model.layers.L.mlp.P`.
-    fn dense_name(name: &str) -> Option<String> {
-        let (head, rest) = name.split_once(".mlp.experts.")?;
-        let (_, tail) = rest.split_once('.')?;
-        Some(format!("{head}.mlp.{tail}"))
-    }
-
-    fn router(&self, name: &str) -> Option<TensorF32> {
-        let layer: u64 = name.strip_prefix("model.layers.")?.strip_suffix(".mlp.gate.weight")?.parse().ok()?;
-        let mut seed = 12345u64 + layer;
-        let data = (0..self.experts * self.hidden)
-            .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
-            })
-            .collect();
-        Some(TensorF32 { shape: vec![self.experts, self.hidden], data })
-    }
-}
-
-impl TensorSource for Upcycled<'_> {
-    fn get_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
-        if let Some(r) = self.router(name) {
-            return Ok(Some(r));
-        }
-        self.inner.get_f32(&Self::dense_name(name).unwrap_or_else(|| name.to_owned()))
-    }
-    fn get_raw(&self, _name: &str) -> Result<Option<TensorRaw>, ModelError> {
-        Ok(None)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.router(name).is_some() || self.inner.contains(&Self::dense_name(name).unwrap_or_else(|| name.to_owned()))
-    }
-    fn names(&self) -> Vec<String> {
-        self.inner.names()
-    }
-    fn describe(&self) -> String {
-        format!("{} (upcycled)", self.inner.describe())
-    }
-}
-
 #[test]
 fn smollm2_tensor_and_expert_parallel() {
     let Some(path) = smollm2() else { return };
@@ -250,10 +186,9 @@ fn smollm2_tensor_and_expert_parallel() {
 
     // Upcycled to MoE (identical experts): its logits are the dense model's.
     for (ranks, tp, ep, experts) in [(3, 3, 3, 6), (4, 1, 4, 4), (8, 1, 8, 8)] {
-        let up = Upcycled { inner: &src, experts, hidden: config.hidden_size };
-        let moe_config = Upcycled::config(&config, experts, 2);
+        let up = open_checkpoint_with(&path, Some(Upcycle { experts, top_k: 2 })).expect("open upcycled");
         let plan = ShardPlan::new(tp, ep, Some(ranks)).expect("plan");
-        let mut b = ShardedCpuBackend::load(&moe_config, &up, plan).unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+        let mut b = ShardedCpuBackend::load(&up.config, up.source.as_ref(), plan).unwrap_or_else(|e| panic!("{plan:?}: {e}"));
         let mut fresh = CpuBackend::new(Arc::clone(reference.weights()));
         compare(&mut fresh, &mut b, [&prompt_a, &prompt_b], 2, &format!("smollm2 upcycled E={experts} {plan:?}"));
     }

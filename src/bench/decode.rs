@@ -44,6 +44,8 @@ pub struct DecodeBenchOptions {
     /// A real checkpoint (HF folder or GGUF) benchmarked after the random shapes,
     /// under its file name.
     pub model: Option<std::path::PathBuf>,
+    /// `model` upcycled into identical experts (an MoE with the dense model's logits).
+    pub upcycle: Option<crate::model::upcycle::Upcycle>,
     /// GPUs of an NCCL world to spread the model over: 0 = no communicator, 1 = the
     /// NCCL path on one GPU (all-reduces in the graph), N > 1 = each shape sharded
     /// over GPUs 0..N, one rank per GPU (`decode_ranks.rs`).
@@ -62,6 +64,7 @@ impl Default for DecodeBenchOptions {
             fused: true,
             moe_q8: true,
             model: None,
+            upcycle: None,
             nccl_ranks: 0,
         }
     }
@@ -234,8 +237,11 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
         runs.push((name.clone(), None));
     }
     if let Some(p) = &o.model {
-        let m = crate::model::load_model(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        let name = p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned());
+        let m = crate::model::load_model_with(p, o.upcycle).map_err(|e| format!("{}: {e}", p.display()))?;
+        let mut name = p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned());
+        if let Some(u) = o.upcycle {
+            name.push_str(&format!(" upcycled {u}"));
+        }
         runs.push((name, Some(m.weights)));
     }
     for (name, real) in &runs {

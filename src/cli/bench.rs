@@ -37,6 +37,9 @@ struct DecodeBench {
     /// Also a real checkpoint (HF folder or .gguf), after the shapes.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// With --model: upcycle the dense checkpoint into E identical experts, top-K routing (E,K).
+    #[arg(long)]
+    upcycle: Option<kairos::model::upcycle::Upcycle>,
     /// GPUs of an NCCL world (0: none; 1: the NCCL path on one GPU; N > 1: each shape sharded over GPUs 0..N, one rank per GPU).
     #[arg(long, default_value_t = 0)]
     nccl_ranks: usize,
@@ -123,6 +126,7 @@ fn decode(a: DecodeBench) -> anyhow::Result<()> {
             fused: !a.unfused,
             moe_q8: !a.moe_bf16,
             model: a.model,
+            upcycle: a.upcycle,
             nccl_ranks: a.nccl_ranks,
         };
         let r = kairos::bench::decode::run(&o).map_err(|e| anyhow::anyhow!("kairos bench decode: {e}"))?;

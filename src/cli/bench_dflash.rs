@@ -46,6 +46,13 @@ pub struct DflashBench {
     adaptive: bool,
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Upcycle a dense target into E identical experts with top-K routing (E,K):
+    /// an MoE target with the dense model's outputs, so the dense drafter serves it.
+    #[arg(long)]
+    upcycle: Option<kairos::model::upcycle::Upcycle>,
+    /// Quantize the target at load (e.g. experts=mxfp4).
+    #[arg(long)]
+    quant: Option<kairos::model::quantize::QuantSpec>,
     /// CUDA rows per step: a verify step of up to this many rows (all sequences'
     /// blocks together) replays one CUDA graph; larger ones run eagerly in micro-batches.
     #[arg(long)]
@@ -59,7 +66,7 @@ pub struct DflashBench {
 }
 
 pub fn run(a: DflashBench) -> anyhow::Result<()> {
-    let model = kairos::model::load_model(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref(), a.upcycle)?;
     let tok = &model.tokenizer;
     let mut sets: Vec<PromptSet> = Vec::new();
     for spec in &a.configs {
@@ -96,6 +103,8 @@ pub fn run(a: DflashBench) -> anyhow::Result<()> {
             "model": a.model.display().to_string(),
             "draft": draft_dir.display().to_string(),
             "device": backend.name(),
+            "upcycle": a.upcycle.map(|u| u.to_string()),
+            "quant": a.quant.as_ref().map(|q| q.to_string()),
             "block_size": block,
             "adaptive": a.adaptive,
             "max_step_tokens": a.max_step_tokens,

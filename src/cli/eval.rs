@@ -26,6 +26,10 @@ pub struct EvalArgs {
     quant: Option<QuantSpec>,
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Upcycle a dense model into E identical experts with top-K routing (E,K):
+    /// an MoE with the dense model's logits.
+    #[arg(long)]
+    upcycle: Option<kairos::model::upcycle::Upcycle>,
     /// Tokens per window (context of the last scored token).
     #[arg(long, default_value_t = 512)]
     window: usize,
@@ -43,7 +47,7 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
-    let model = load_with_quant(&a.model, None)?;
+    let model = load_with_quant(&a.model, None, a.upcycle)?;
     let mut tokens = model.tokenizer.encode(&text, true)?;
     if let Some(m) = a.max_tokens {
         tokens.truncate(m);
@@ -62,7 +66,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             // The reference is loaded again rather than cloned: weights are not Clone.
             let weights = Arc::new(weights);
             let calib = calibrate(&weights, &tokenizer, spec, &a.calib)?;
-            let mut qw = load_with_quant(&a.model, None)?.weights;
+            let mut qw = load_with_quant(&a.model, None, a.upcycle)?.weights;
             let tq = Instant::now();
             apply_quant_calibrated(&mut qw, spec, calib.as_ref()).with_context(|| format!("--quant {spec}"))?;
             drop(calib);

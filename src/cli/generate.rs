@@ -43,6 +43,10 @@ pub struct GenerateArgs {
     /// Quantize at load, e.g. experts=mxfp4 or experts=nvfp4,dense=fp8[,scale=mse].
     #[arg(long)]
     quant: Option<kairos::model::quantize::QuantSpec>,
+    /// Upcycle a dense model into E identical experts with top-K routing (E,K):
+    /// an MoE whose logits are the dense model's (with --quant, its experts' format).
+    #[arg(long)]
+    upcycle: Option<kairos::model::upcycle::Upcycle>,
     /// DFlash drafter folder (config.json + model.safetensors): speculative decoding.
     #[arg(long)]
     draft: Option<PathBuf>,
@@ -70,7 +74,7 @@ fn open_sharded(a: &GenerateArgs) -> anyhow::Result<(String, kairos::model::Text
         anyhow::bail!("--tp/--ep/--ranks shard the checkpoint as stored: no --quant and no --draft");
     }
     let plan = kairos::model::shard::ShardPlan::new(a.tp, a.ep, a.ranks)?;
-    let ck = kairos::model::shard::open_checkpoint(&a.model)?;
+    let ck = kairos::model::shard::open_checkpoint_with(&a.model, a.upcycle)?;
     let backend: Box<dyn kairos::backend::Backend> = match a.device {
         Device::Cpu => Box::new(kairos::backend::sharded::ShardedCpuBackend::load(&ck.config, ck.source.as_ref(), plan)?),
         Device::Cuda(k) => cuda_sharded(&ck, plan, k)?,
@@ -128,7 +132,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         let (name, tokenizer, backend) = open_sharded(&a)?;
         (name, tokenizer, backend, None, None)
     } else {
-        let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
+        let model = super::quantize::load_with_quant(&a.model, a.quant.as_ref(), a.upcycle)?;
         let cfg = model.weights.config.clone();
         let weights = Arc::new(model.weights);
         let (backend, drafter) = match &a.draft {

@@ -37,6 +37,9 @@ pub struct InspectArgs {
     /// With --load: quantize at load (e.g. experts=mxfp4,dense=fp8) before measuring.
     #[arg(long)]
     quant: Option<kairos::model::quantize::QuantSpec>,
+    /// Upcycle a dense model into E identical experts with top-K routing (E,K).
+    #[arg(long)]
+    upcycle: Option<kairos::model::upcycle::Upcycle>,
     #[arg(long)]
     json: bool,
 }
@@ -57,6 +60,10 @@ fn read_config(path: &Path) -> anyhow::Result<ModelConfig> {
 
 pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     let c = read_config(&a.model)?;
+    let c = match a.upcycle {
+        Some(u) => u.config(&c)?,
+        None => c,
+    };
     let p = ParamCounts::from_config(&c);
     let mixes = [("f32", "f32"), ("bf16", "bf16"), ("mxfp4", "bf16"), ("nvfp4", "bf16"), ("mxfp4", "fp8")];
     let kv = kv_step_bytes(&c, a.context, 2);
@@ -68,7 +75,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         Vec::new()
     };
     let measured = if a.load {
-        let m = super::quantize::load_with_quant(&a.model, a.quant.as_ref())?;
+        let m = super::quantize::load_with_quant(&a.model, a.quant.as_ref(), a.upcycle)?;
         Some(resident_bytes(&m.weights))
     } else {
         None

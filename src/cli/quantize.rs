@@ -15,7 +15,8 @@ use kairos::model::quantize::calibration::Calibration;
 use kairos::model::quantize::save::save_model;
 use kairos::model::quantize::{apply_quant, apply_quant_calibrated, QuantMethod, QuantSpec};
 use kairos::model::tokenizer::TextTokenizer;
-use kairos::model::{load_model, LoadedModel};
+use kairos::model::upcycle::Upcycle;
+use kairos::model::{load_model_with, LoadedModel};
 
 /// Calibration text for `method=gptq` (shared by `quantize` and `eval`).
 #[derive(Args, Clone)]
@@ -81,9 +82,13 @@ pub struct QuantizeArgs {
     calib: CalibArgs,
 }
 
-/// Loads `path` and, with a spec, quantizes it; prints the time taken to stderr.
-pub fn load_with_quant(path: &Path, spec: Option<&QuantSpec>) -> anyhow::Result<LoadedModel> {
-    let mut m = load_model(path).with_context(|| format!("loading {}", path.display()))?;
+/// Loads `path` (upcycled to MoE with `upcycle`) and, with a spec, quantizes it;
+/// prints the time taken to stderr.
+pub fn load_with_quant(path: &Path, spec: Option<&QuantSpec>, upcycle: Option<Upcycle>) -> anyhow::Result<LoadedModel> {
+    let mut m = load_model_with(path, upcycle).with_context(|| match upcycle {
+        Some(u) => format!("loading {} upcycled to {u}", path.display()),
+        None => format!("loading {}", path.display()),
+    })?;
     if let Some(s) = spec {
         let t = Instant::now();
         apply_quant(&mut m.weights, s).with_context(|| format!("--quant {s}"))?;
@@ -111,7 +116,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         let f = GgufFile::open(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
         gguf_config(&f)?.0
     };
-    let mut model = load_with_quant(&a.model, None)?;
+    let mut model = load_with_quant(&a.model, None, None)?;
     let weights = Arc::new(model.weights);
     let calib = calibrate(&weights, &model.tokenizer, &spec, &a.calib)?;
     model.weights = Arc::try_unwrap(weights).map_err(|_| anyhow::anyhow!("calibration still holds the weights"))?;

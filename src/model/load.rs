@@ -7,8 +7,9 @@ use serde_json::{json, Value};
 use super::config::ModelConfig;
 use super::family::{load_weights, ModelWeights};
 use super::gguf::GgufFile;
-use super::tensors::{GgufSource, SafetensorsSource};
+use super::tensors::{GgufSource, SafetensorsSource, TensorSource};
 use super::tokenizer::TextTokenizer;
+use super::upcycle::{Upcycle, UpcycledSource};
 use super::ModelError;
 
 pub struct LoadedModel {
@@ -25,21 +26,64 @@ impl LoadedModel {
 }
 
 pub fn load_model(path: &Path) -> Result<LoadedModel, ModelError> {
+    load_model_with(path, None)
+}
+
+/// `load_model`, with the dense model's MLPs upcycled into identical experts
+/// (see [`super::upcycle`]) when `upcycle` is given.
+pub fn load_model_with(path: &Path, upcycle: Option<Upcycle>) -> Result<LoadedModel, ModelError> {
+    let ck = open_checkpoint_with(path, upcycle)?;
+    let mut weights = load_weights(ck.config, ck.source.as_ref())?;
+    if let Some(raw) = &ck.hf_config {
+        super::quantize::restore_recorded(raw, &mut weights)?;
+    }
+    Ok(LoadedModel { name: ck.name, weights, tokenizer: ck.tokenizer })
+}
+
+/// A checkpoint opened, with no weights read yet: config, tokenizer and the
+/// tensor source (sharded loading then reads only each rank's slices).
+pub struct OpenCheckpoint {
+    /// Short name for headers and logs (folder or file stem).
+    pub name: String,
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
+    pub source: Box<dyn TensorSource>,
+    /// An HF folder's `config.json` (quantization recorded by `kairos quantize`
+    /// is re-applied from it by `load_model`, not by sharded loading).
+    pub hf_config: Option<Value>,
+}
+
+/// Opens an HF folder or a `.gguf` file.
+pub fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint, ModelError> {
+    open_checkpoint_with(path, None)
+}
+
+/// `open_checkpoint`, seen as its upcycled MoE when `upcycle` is given.
+pub fn open_checkpoint_with(path: &Path, upcycle: Option<Upcycle>) -> Result<OpenCheckpoint, ModelError> {
     if !path.exists() {
-        return Err(ModelError::Io {
-            path: path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
-        });
+        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
     }
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    if path.is_dir() {
-        load_hf_dir(path, name)
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let (config, tokenizer, source, hf_config): (_, _, Box<dyn TensorSource>, _) = if path.is_dir() {
+        let (raw, config) = read_hf_config(path)?;
+        let tokenizer = TextTokenizer::from_hf_dir(path, &raw)?;
+        (config, tokenizer, Box::new(SafetensorsSource::open_dir(path)?), Some(raw))
     } else {
-        load_gguf(path, name)
-    }
+        let file = GgufFile::open(path)?;
+        let (_, config) = gguf_config(&file)?;
+        let tokenizer = TextTokenizer::from_gguf(super::gguf_tokenizer::tokenizer_from_gguf(&file)?);
+        let permuted = file.get_str("general.architecture") == Some("llama");
+        (config.clone(), tokenizer, Box::new(GgufSource::new(path, file, config.num_heads, config.num_kv_heads, permuted)), None)
+    };
+    let (config, source) = match upcycle {
+        None => (config, source),
+        Some(u) => {
+            let moe = u.config(&config)?;
+            let up: Box<dyn TensorSource> = Box::new(UpcycledSource::new(source, u, config.hidden_size));
+            (moe, up)
+        }
+    };
+    Ok(OpenCheckpoint { name, config, tokenizer, source, hf_config })
 }
 
 /// Reads and parses `config.json` of an HF folder.
@@ -50,15 +94,6 @@ pub fn read_hf_config(dir: &Path) -> Result<(Value, ModelConfig), ModelError> {
         .map_err(|e| ModelError::Config(format!("{}: not valid JSON: {e}", cfg_path.display())))?;
     let cfg = ModelConfig::from_hf_json(&raw)?;
     Ok((raw, cfg))
-}
-
-fn load_hf_dir(dir: &Path, name: String) -> Result<LoadedModel, ModelError> {
-    let (raw, config) = read_hf_config(dir)?;
-    let src = SafetensorsSource::open_dir(dir)?;
-    let mut weights = load_weights(config, &src)?;
-    super::quantize::restore_recorded(&raw, &mut weights)?;
-    let tokenizer = TextTokenizer::from_hf_dir(dir, &raw)?;
-    Ok(LoadedModel { name, weights, tokenizer })
 }
 
 /// Builds an HF-style config from GGUF metadata (`{arch}.*` keys).
@@ -108,14 +143,4 @@ pub fn gguf_config(f: &GgufFile) -> Result<(Value, ModelConfig), ModelError> {
     });
     let cfg = ModelConfig::from_hf_json(&raw)?;
     Ok((raw, cfg))
-}
-
-fn load_gguf(path: &Path, name: String) -> Result<LoadedModel, ModelError> {
-    let file = GgufFile::open(path)?;
-    let (_, config) = gguf_config(&file)?;
-    let tokenizer = TextTokenizer::from_gguf(super::gguf_tokenizer::tokenizer_from_gguf(&file)?);
-    let permuted = file.get_str("general.architecture") == Some("llama");
-    let src = GgufSource::new(path, file, config.num_heads, config.num_kv_heads, permuted);
-    let weights = load_weights(config, &src)?;
-    Ok(LoadedModel { name, weights, tokenizer })
 }

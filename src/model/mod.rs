@@ -14,13 +14,14 @@ pub mod quantize;
 pub mod shard;
 pub mod tensors;
 pub mod tokenizer;
+pub mod upcycle;
 pub mod weights;
 
 use std::path::Path;
 
 pub use config::{Arch, ModelConfig};
 pub use family::ModelWeights;
-pub use load::{load_model, LoadedModel};
+pub use load::{load_model, load_model_with, LoadedModel};
 pub use tokenizer::TextTokenizer;
 
 /// Why a model could not be loaded. Each message says what, where and what to do.
