@@ -95,13 +95,62 @@ pub trait Backend: Send {
     }
 }
 
-/// Index of the first largest value (greedy sampling's tie rule).
+/// Index of the first largest value (greedy sampling's tie rule, as torch.argmax
+/// for rows without NaN; NaNs are never chosen over a number).
 pub fn first_argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
+    first_argmax_from(row, 0, f32::NEG_INFINITY).map_or(0, |(i, _)| i as u32)
+}
+
+/// The first index `i` of `row` whose value is the row's largest and greater than
+/// `above`, with that value; `None` when no value exceeds `above`. Indices are
+/// returned offset by `base`. Chunks of 64 are scanned by their maximum first
+/// (a vectorised pass), and only a chunk holding a new maximum is searched.
+pub(crate) fn first_argmax_from(row: &[f32], base: usize, above: f32) -> Option<(usize, f32)> {
+    let mut best: Option<(usize, f32)> = None;
+    let mut best_v = above;
+    for (c, chunk) in row.chunks(64).enumerate() {
+        let m = chunk.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        if m > best_v {
+            // the first position holding the chunk's maximum
+            let k = chunk.iter().position(|&v| v == m).unwrap_or(0);
+            best_v = m;
+            best = Some((base + c * 64 + k, m));
         }
     }
-    best as u32
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_argmax;
+
+    /// The row scan `first_argmax` replaced: the first index holding the largest value.
+    fn scan(row: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate() {
+            if v > row[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn first_argmax_is_the_first_largest() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        let levels = [f32::NEG_INFINITY, -0.0, 0.0, 1.5, 3.0, f32::INFINITY];
+        for len in [1, 2, 63, 64, 65, 127, 128, 1000, 49152] {
+            for _ in 0..20 {
+                let row: Vec<f32> = (0..len).map(|_| levels[next() % levels.len()]).collect();
+                assert_eq!(first_argmax(&row), scan(&row), "{len}");
+                let row: Vec<f32> = (0..len).map(|_| (next() % 1000) as f32 / 7.0 - 70.0).collect();
+                assert_eq!(first_argmax(&row), scan(&row), "{len}");
+            }
+        }
+        assert_eq!(first_argmax(&[f32::NEG_INFINITY; 130]), 0);
+    }
 }

@@ -6,7 +6,7 @@
 //! window), each conditioned on up to `window - 1` preceding tokens. The first token
 //! of the text is never scored (it has no context).
 
-use crate::backend::{Backend, BackendError, Chunk, LogitsFor};
+use crate::backend::{first_argmax, Backend, BackendError, Chunk, LogitsFor};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EvalOptions {
@@ -74,15 +74,6 @@ fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
     out.extend(row.iter().map(|&v| v as f64 - lse));
 }
 
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
-}
 
 /// Logits of every position of `tokens` in a fresh sequence.
 fn window_logits(b: &mut dyn Backend, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
@@ -134,7 +125,7 @@ pub fn evaluate(
                 log_softmax(rr, &mut lr);
                 nll_ref -= lr[target];
                 kl += lr.iter().zip(&lq).map(|(&a, &b)| if a > -700.0 { a.exp() * (a - b) } else { 0.0 }).sum::<f64>();
-                agree += usize::from(argmax(rq) == argmax(rr));
+                agree += usize::from(first_argmax(rq) == first_argmax(rr));
             }
             count += 1;
         }

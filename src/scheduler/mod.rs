@@ -241,14 +241,12 @@ impl Scheduler {
         let now = Instant::now();
         let mut still = Vec::with_capacity(self.active.len());
         for (i, mut a) in std::mem::take(&mut self.active).into_iter().enumerate() {
-            let mut row = logits[i * vocab..(i + 1) * vocab].to_vec();
-            a.state.apply_allowed(&self.grammar, &mut row);
-            let id = self.sampler.sample(&row);
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let choice = a.state.sample(&self.grammar, row, &mut self.sampler);
             a.pending.clear();
             let mut outcome = None;
-            if a.state.advance(&self.grammar, id).is_err() {
-                outcome = Some(Outcome::Fallback { why: "engine: grammar rejected a token".into() });
-            } else {
+            let advanced = choice.filter(|&id| a.state.advance(&self.grammar, id).is_ok());
+            if let Some(id) = advanced {
                 a.generated += 1;
                 if let Some(forced) = a.state.forced(&self.grammar) {
                     for f in forced {
@@ -268,6 +266,8 @@ impl Scheduler {
                         None => Outcome::Fallback { why: "token limit before a decision".into() },
                     });
                 }
+            } else {
+                outcome = Some(Outcome::Fallback { why: "engine: grammar rejected a token".into() });
             }
             match outcome {
                 Some(o) => {

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use super::*;
+use crate::engine::sampling::argmax;
 
 #[rustfmt::skip]
 pub(super) const FRAGMENTS: &[&str] = &[
@@ -444,4 +445,54 @@ fn string_limit_forces_close() {
     }
     assert!(st.is_complete());
     assert_eq!(st.text(), r#"{"decision":"x","reason":"日本ab😀"}"#);
+}
+
+/// `masked_argmax` picks what masking a copy of the row and taking its argmax
+/// picks, on every state of random walks: logits with ties and `-inf`, a
+/// vocabulary with whole 64-token words of string content, all three schemas.
+#[test]
+fn masked_argmax_equals_masking_a_copy() {
+    let (base, _) = small_vocab();
+    let mut vocab = base[..base.len() - 1].to_vec();
+    for i in 0..700 {
+        vocab.push(format!("{}{}", ["x", "ab", " card", "q"][i % 4], i).into_bytes());
+    }
+    vocab.push(b"</s>".to_vec());
+    let eos = vocab.len() as u32 - 1;
+    let levels = [f32::NEG_INFINITY, -1.0, 0.0, 0.5, 2.0];
+    for (which, schema) in schemas().iter().enumerate() {
+        let g = VerdictGrammar::compile(schema, &vocab, &[eos]).expect("compile");
+        for seed in 0..60u64 {
+            let mut rng = StdRng::seed_from_u64(seed * 7 + which as u64);
+            let mut st = g.start();
+            let mut mask = Vec::new();
+            for _ in 0..400 {
+                let ties = rng.gen_bool(0.5);
+                let row: Vec<f32> = (0..vocab.len())
+                    .map(|_| if ties { levels[rng.gen_range(0..levels.len())] } else { rng.gen_range(-4.0..4.0) })
+                    .collect();
+                let mut masked = row.clone();
+                st.apply_allowed(&g, &mut masked);
+                let reachable = masked.iter().any(|&v| v > f32::NEG_INFINITY);
+                let want = reachable.then(|| argmax(&masked));
+                assert_eq!(st.masked_argmax(&g, &row), want, "after {:?}", st.text());
+                if st.is_complete() {
+                    break;
+                }
+                if let Some(f) = st.forced(&g) {
+                    st.advance(&g, f[0]).expect("forced");
+                    continue;
+                }
+                let t = match want {
+                    Some(t) => t,
+                    None => {
+                        st.allowed(&g, &mut mask);
+                        let ids: Vec<u32> = (0..mask.len() as u32).filter(|&i| mask[i as usize]).collect();
+                        ids[rng.gen_range(0..ids.len())]
+                    }
+                };
+                st.advance(&g, t).expect("the masked argmax is allowed");
+            }
+        }
+    }
 }

@@ -74,6 +74,26 @@ fn timing_50k_vocab() {
         let apply = t.elapsed() / reps;
         let n = mask.iter().filter(|&&m| m).count();
         eprintln!("[timing] {label:<28} allowed: first {first:>10.1?}  cached {cached:>9.1?}  apply_allowed {apply:>9.1?}  ({n} allowed)");
+        // The greedy choice of one row: a masked copy + argmax (the old per-row path
+        // of constrained decoding and DFlash verification) vs masked_argmax in place.
+        let mut rng = StdRng::seed_from_u64(3);
+        let row: Vec<f32> = (0..mask.len()).map(|_| rng.gen_range(-8.0..8.0)).collect();
+        let t = Instant::now();
+        let mut old = 0;
+        for _ in 0..reps {
+            let mut l = row.clone();
+            st.apply_allowed(&g, &mut l);
+            old = crate::engine::sampling::argmax(&l);
+        }
+        let copy = t.elapsed() / reps;
+        let t = Instant::now();
+        let mut new = None;
+        for _ in 0..reps {
+            new = st.masked_argmax(&g, std::hint::black_box(&row));
+        }
+        let inplace = t.elapsed() / reps;
+        assert_eq!(new, Some(old));
+        eprintln!("[timing] {label:<28} greedy choice: copy+mask+argmax {copy:>9.1?}  masked_argmax {inplace:>9.1?}");
     };
     let mut st = g.start();
     time("start", &st);

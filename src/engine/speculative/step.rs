@@ -46,9 +46,7 @@ fn target_choice(row: &[f32], st: Option<&VerdictState>, g: Option<&VerdictGramm
         if let Some(f) = st.forced(g) {
             return f[0];
         }
-        let mut l = row.to_vec();
-        st.apply_allowed(g, &mut l);
-        return sampler.sample(&l);
+        return st.sample(g, row, sampler).unwrap_or(0);
     }
     sampler.sample(row)
 }
@@ -83,28 +81,30 @@ fn verify_block(
                 }
                 true
             }
+            None if sampler.params().temperature <= 0.0 => {
+                let t = match (sim.as_ref(), g) {
+                    (Some(st), Some(g)) => st.masked_argmax(g, row).unwrap_or(0),
+                    _ => argmax(row),
+                };
+                if t != d {
+                    out.push(t);
+                    break;
+                }
+                true
+            }
             None => {
                 let mut l = row.to_vec();
                 if let (Some(st), Some(g)) = (sim.as_ref(), g) {
                     st.apply_allowed(g, &mut l);
                 }
-                if sampler.params().temperature <= 0.0 {
-                    let t = argmax(&l);
-                    if t != d {
-                        out.push(t);
-                        break;
-                    }
-                    true
-                } else {
-                    let dist = sampler.distribution(&l);
-                    let u = sampler.uniform();
-                    if !accept_point_mass(&dist, d, u) {
-                        let r = residual_without(&dist, d);
-                        out.push(sampler.draw(&r));
-                        break;
-                    }
-                    true
+                let dist = sampler.distribution(&l);
+                let u = sampler.uniform();
+                if !accept_point_mass(&dist, d, u) {
+                    let r = residual_without(&dist, d);
+                    out.push(sampler.draw(&r));
+                    break;
                 }
+                true
             }
         };
         if keep {
@@ -156,11 +156,10 @@ fn make_drafts(logits: &[f32], vocab: usize, state: Option<&VerdictState>, g: Op
                 }
                 let d = match st.forced(g) {
                     Some(f) => f[0],
-                    None => {
-                        let mut l = row.to_vec();
-                        st.apply_allowed(g, &mut l);
-                        argmax(&l)
-                    }
+                    None => match st.masked_argmax(g, row) {
+                        Some(d) => d,
+                        None => break,
+                    },
                 };
                 if st.advance(g, d).is_err() {
                     break;
