@@ -1,11 +1,8 @@
 //! CUDA decode attention (split-K, sinks, sliding window, GQA) and a whole decode layer captured
 //! in a CUDA graph, vs f64 CPU references; timing sweep printed. Needs a GPU:
-//! `cargo test --release --features cuda --test cuda_attention -- --test-threads=1 --nocapture`.
-#![cfg(feature = "cuda")]
+//! `cargo test --release --features cuda --test cuda -- attention:: --test-threads=1 --nocapture`.
 
-#[macro_use]
-mod cuda_support;
-use cuda_support::*;
+use crate::support::*;
 
 #[test]
 fn attention_decode() {
@@ -143,7 +140,6 @@ fn attention_decode() {
         );
     }
 }
-
 
 /// One SmolLM2-shaped decoder layer (hidden 576, 9/3 heads of 64, intermediate 1536)
 /// for a batch of 4 sequences, run eagerly and as a captured CUDA graph: the graph

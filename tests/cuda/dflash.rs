@@ -27,17 +27,17 @@
 //! (default models/cache/SmolLM2-135M-Instruct.Q4_1.gguf) and
 //! `KAIROS_TEST_DFLASH` (default models/dflash_smollm2).
 //!
-//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda_dflash -- --test-threads=1 --nocapture`.
+//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda -- dflash:: --test-threads=1 --nocapture`.
 //! Without a GPU every test prints a skip line and passes (unless KAIROS_REQUIRE_CUDA=1).
-#![cfg(feature = "cuda")]
+
 
 #[allow(dead_code)]
-mod dflash_util;
+
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use dflash_util::{fixture, random_drafter};
+use crate::dflash_util::{fixture, random_drafter};
 use half::bf16;
 use kairos::backend::cpu::CpuBackend;
 use kairos::backend::cuda::model::dflash::CudaDFlash;
@@ -460,3 +460,4 @@ fn smollm2_gpu_speculative_greedy_equals_gpu_plain_greedy() {
     }
     println!("batch of {}: tau {:.2}", reqs.len(), out.stats.mean_accepted_len());
 }
+

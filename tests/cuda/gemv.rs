@@ -1,11 +1,8 @@
 //! CUDA GEMVs (bf16 dense, MXFP4 experts) and the MoE router / combine vs f64 CPU references;
 //! timing sweep printed. Needs a GPU:
-//! `cargo test --release --features cuda --test cuda_gemv -- --test-threads=1 --nocapture`.
-#![cfg(feature = "cuda")]
+//! `cargo test --release --features cuda --test cuda -- gemv:: --test-threads=1 --nocapture`.
 
-#[macro_use]
-mod cuda_support;
-use cuda_support::*;
+use crate::support::*;
 
 #[test]
 fn bf16_gemv() {
@@ -71,7 +68,6 @@ fn bf16_gemv() {
         }
     }
 }
-
 
 #[test]
 fn mxfp4_gemv() {
@@ -215,7 +211,6 @@ fn mxfp4_variant(v: &str) {
         (k * (rows * cols / 2 + rows * cols / 32)) as f64,
     );
 }
-
 
 #[test]
 fn moe_router_and_combine() {

@@ -1,12 +1,9 @@
 //! Small CUDA kernels (embedding, rmsnorm, RoPE, KV write, SwiGLU, argmax, the PTX cache)
 //! vs plain-f32/f64 CPU references, plus a timing sweep (printed, never asserted). Needs a GPU:
-//! `cargo test --release --features cuda --test cuda_kernels -- --test-threads=1 --nocapture`.
-//! Attention: tests/cuda_attention.rs; GEMVs and MoE: tests/cuda_gemv.rs.
-#![cfg(feature = "cuda")]
+//! `cargo test --release --features cuda --test cuda -- kernels:: --test-threads=1 --nocapture`.
+//! Attention: attention.rs; GEMVs and MoE: gemv.rs (this folder).
 
-#[macro_use]
-mod cuda_support;
-use cuda_support::*;
+use crate::support::*;
 
 #[test]
 fn embedding_gather() {
@@ -131,7 +128,6 @@ fn rmsnorm_residual() {
     }
 }
 
-
 #[test]
 fn rope_qk() {
     guard!();
@@ -222,7 +218,6 @@ fn rope_qk() {
     );
 }
 
-
 #[test]
 fn kv_cache_write() {
     guard!();
@@ -268,7 +263,6 @@ fn kv_cache_write() {
     assert!(down(&dv) == vc, "v cache mismatch");
     println!("  kv_cache_write: exact");
 }
-
 
 #[test]
 fn swiglu() {
@@ -335,7 +329,6 @@ fn swiglu() {
         (n * inter * 10) as f64,
     );
 }
-
 
 #[test]
 fn argmax() {

@@ -27,9 +27,9 @@
 //! sequences of different lengths in one forward, `LogitsFor::All`,
 //! `copy_prefix` and `truncate`.
 //!
-//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda_model -- --test-threads=1 --nocapture`.
+//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda -- model:: --test-threads=1 --nocapture`.
 //! Without a GPU every test prints a skip line and passes (unless KAIROS_REQUIRE_CUDA=1).
-#![cfg(feature = "cuda")]
+
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

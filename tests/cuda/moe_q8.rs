@@ -2,8 +2,8 @@
 //! references on fresh random inputs, outputs poisoned first. The references use
 //! the same int8 activations the kernels read, so the expert GEMVs are checked to
 //! float tolerance (not to the int8 rounding). Needs a GPU: `cargo test --release
-//! --features cuda --test cuda_moe_q8`; without one it prints a skip line.
-#![cfg(feature = "cuda")]
+//! --features cuda --test cuda -- moe_q8::`; without one it prints a skip line.
+
 
 use std::sync::OnceLock;
 

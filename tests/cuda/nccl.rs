@@ -3,8 +3,8 @@
 //! uneven counts, broadcast. One rank, then every visible GPU when there are
 //! several. Without a GPU (or NCCL) it prints a skip line and passes, unless
 //! KAIROS_REQUIRE_CUDA=1.
-//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda_nccl -- --nocapture`.
-#![cfg(feature = "cuda")]
+//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda -- nccl:: --nocapture`.
+
 
 use kairos::backend::collectives::cpu::run_ranks;
 use kairos::backend::collectives::nccl::{nccl_available, new_id, NcclComm};

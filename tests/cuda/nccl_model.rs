@@ -4,7 +4,7 @@
 //! backend, on a dense and an MoE fixture, over a prefill and graph decode steps.
 //! Skips without a GPU or NCCL unless KAIROS_REQUIRE_CUDA=1. cudarc loads
 //! `libnccl.so`: link it to `libnccl.so.2` in a folder on LD_LIBRARY_PATH.
-#![cfg(feature = "cuda")]
+
 
 use std::path::Path;
 

@@ -7,12 +7,9 @@
 //! Plus: temperature 0 rows are the argmax, top_p = 1 keeps every token, and over
 //! many draws the empirical frequencies match the nucleus distribution
 //! (chi-square-like bound). Needs a GPU: `cargo test --release --features cuda
-//! --test cuda_sample`; without one it prints a skip line.
-#![cfg(feature = "cuda")]
+//! --test cuda -- sample::`; without one it prints a skip line.
 
-#[macro_use]
-mod cuda_support;
-use cuda_support::*;
+use crate::support::*;
 
 /// The nucleus of one row in f64: (p per token, boundary p, nucleus mask in index order).
 fn nucleus(logits: &[f32], temp: f32, top_p: f32) -> (Vec<f64>, f64, Vec<bool>) {

@@ -25,11 +25,11 @@
 //! of one over NCCL (graphs on) equals the plain backend (the shard launches are
 //! captured), and plans the CUDA kernels cannot run fail with a clear error.
 //!
-//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda_shard -- --test-threads=1 --nocapture`
+//! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda -- shard:: --test-threads=1 --nocapture`
 //! (add `KAIROS_TEST_MODEL=models/cache/SmolLM2-135M-Instruct.Q4_1.gguf` for SmolLM2; the
 //! NCCL test needs `libnccl.so` on LD_LIBRARY_PATH). Without a GPU every test prints
 //! a skip line and passes, unless KAIROS_REQUIRE_CUDA=1.
-#![cfg(feature = "cuda")]
+
 
 use std::path::{Path, PathBuf};
 

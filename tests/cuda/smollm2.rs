@@ -9,8 +9,8 @@
 //! must be within `3e-2 · max|logit|`. Free-running GPU greedy output is also
 //! compared with the CPU's: it may diverge only at a step whose CPU margin is
 //! under that bound (reported). Needs a GPU and the model:
-//! `KAIROS_TEST_MODEL=… cargo test --release --features cuda --test cuda_smollm2`.
-#![cfg(feature = "cuda")]
+//! `KAIROS_TEST_MODEL=… cargo test --release --features cuda --test cuda -- smollm2::`.
+
 
 use std::path::PathBuf;
 use std::sync::Arc;

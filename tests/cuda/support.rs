@@ -1,4 +1,4 @@
-//! Shared harness of the CUDA kernel tests (cuda_kernels, cuda_attention, cuda_gemv):
+//! Shared harness of the CUDA kernel tests (kernels, attention, gemv, sample):
 //! the device, random inputs, poisoned outputs, tolerance checks against f64 CPU
 //! references, and the timing sweep (printed, never asserted).
 #![allow(dead_code, unused_imports)]

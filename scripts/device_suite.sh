@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs on the device machine (one H100/H200; see the device tool's README), from
+# the repository root, with the binaries of scripts/device_build.sh in .dev/:
+#
+#   scripts/device_suite.sh STEP...      (default: tests)
+#
+#   tests    every GPU test (.dev/cuda, one binary) -> $OUT/tests.log
+#   decode   kairos bench decode, random weights: Qwen3-30B-A3B, gpt-oss-20b and
+#            SmolLM2 shapes at batch 1/4/16/64, context 128/2048 -> $OUT/decode.{json,log}
+#   peer     the torch CUDA-graph peer (.dev/torch_decode_peer.py) in the same call -> $OUT/peer.log
+#   smollm2  decode bench on the real SmolLM2 (KAIROS_TEST_MODEL) at batch 1/32,
+#            dense and upcycled to 8 experts top-2 (MXFP4 experts) -> $OUT/smollm2.{json,log}
+#   dflash   DFlash on SmolLM2, dense and upcycled MoE target, with the drafter in
+#            $KAIROS_DRAFT (tools/train_dflash.py; READY_TRAIN.txt) -> $OUT/dflash*.json
+#
+# The SmolLM2 GGUF is 98 MB (over one call's 64 MiB): send it in two halves over two
+# consecutive calls into /tmp and set KAIROS_TEST_MODEL to the joined file.
+# Every step writes its log under $OUT (default bench/out); the exit status is the
+# number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export KAIROS_PTX_CACHE=${KAIROS_PTX_CACHE:-/tmp/ptx} KAIROS_REQUIRE_CUDA=1 NCCL_NVLS_ENABLE=0
+# cudarc opens libnccl.so; the machines ship only libnccl.so.2
+nccl=$(ldconfig -p | grep -o '/[^ ]*libnccl\.so\.2' | head -1 || true)
+if [ -n "$nccl" ]; then
+  mkdir -p /tmp/ncclib && ln -sf "$nccl" /tmp/ncclib/libnccl.so
+  export LD_LIBRARY_PATH=/tmp/ncclib:$LD_LIBRARY_PATH
+fi
+out=${OUT:-bench/out}
+mkdir -p "$out"
+# the binaries travel xz-compressed (scripts/device_build.sh)
+bin=/tmp/kairos-bin
+mkdir -p "$bin"
+for f in .dev/kairos.xz .dev/cuda.xz; do
+  [ -f "$f" ] || { echo "missing $f: run scripts/device_build.sh here first" >&2; exit 1; }
+  xz -dc "$f" >"$bin/$(basename "$f" .xz)" && chmod +x "$bin/$(basename "$f" .xz)"
+done
+model=${KAIROS_TEST_MODEL:-}
+failed=0
+run() { # name, command...: runs, logs, counts a failure
+  local name=$1; shift
+  echo "== $name: $*" | tee -a "$out/suite.log"
+  local t0=$SECONDS
+  "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/suite.log"
+  tail -n 40 "$out/$name.log"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+need_model() {
+  [ -n "$model" ] && [ -s "$model" ] && return 0
+  echo "== $1: skipped, KAIROS_TEST_MODEL is not a file" | tee -a "$out/suite.log"
+  return 1
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/suite.log"
+for step in "${@:-tests}"; do
+  case $step in
+    tests) run tests $bin/cuda --test-threads=1 --nocapture ;;
+    decode)
+      run decode $bin/kairos bench decode --shapes qwen3-30b-a3b,gpt-oss-20b,smollm2-135m \
+        --batches 1,4,16,64 --contexts 128,2048 --steps 50 --out "$out/decode.json" ;;
+    peer) run peer env PYTHONUNBUFFERED=1 python3 .dev/torch_decode_peer.py ;;
+    smollm2)
+      need_model smollm2 || continue
+      run smollm2 $bin/kairos bench decode --shapes '' --model "$model" --batches 1,32 --contexts 128 \
+        --steps 100 --out "$out/smollm2.json"
+      run smollm2_moe $bin/kairos bench decode --shapes '' --model "$model" --upcycle 8,2 --batches 1,32 \
+        --contexts 128 --steps 100 --out "$out/smollm2_moe.json" ;;
+    dflash)
+      need_model dflash || continue
+      draft=${KAIROS_DRAFT:-models/dflash_smollm2}
+      [ -s "$draft/model.safetensors" ] || { echo "== dflash: skipped, no drafter in $draft" | tee -a "$out/suite.log"; continue; }
+      for target in dense moe; do
+        extra=(); [ $target = moe ] && extra=(--upcycle 8,2)
+        run "dflash_$target" $bin/kairos bench dflash --device cuda:0 --model "$model" --draft "$draft" "${extra[@]}" \
+          --configs configs/fraud.toml=fraud,configs/trading.toml --verdicts 16 --chats 16 --batches 1,8,16 \
+          --max-new-tokens 64 --block-size 16 --out "$out/dflash_$target.json"
+      done ;;
+    *) echo "unknown step $step (tests, decode, peer, smollm2, dflash)" >&2; failed=$((failed + 1)) ;;
+  esac
+done
+exit $failed
