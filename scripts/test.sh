@@ -11,8 +11,13 @@ cargo test --release --workspace --exclude kairos-connectors -- --skip kafka_
 cargo test --release -p kairos-connectors --lib
 # The CUDA backend builds without CUDA (dynamic loading); its host-side unit tests
 # (the persistent step's instruction translation and op table, ...) run here, the GPU
-# suites (tests/cuda_*.rs) on the device machine.
-cargo test --release --features cuda --lib -- backend::cuda
+# suites (tests/cuda/, one binary) on the device machine (scripts/device_build.sh,
+# scripts/device_suite.sh).
+# With NVRTC from PyPI (scripts/fetch_nvrtc.sh) they also compile every kernel for sm_90.
+nvrtc_lib=$(scripts/fetch_nvrtc.sh)
+if [ -n "${CI:-}" ]; then export KAIROS_REQUIRE_NVRTC=1; fi
+LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --release --features cuda --lib -- backend::cuda
 # Broker tests start real brokers and rebalance consumer groups under a
 # 2-core load; a known rare flake (see connectors/README.md) gets one retry.
 cargo test --release -p kairos-connectors --test kafka \

@@ -84,6 +84,31 @@ pub trait Backend: Send {
         Ok((logits.chunks(v).map(first_argmax).collect(), hidden))
     }
 
+    /// `forward_capture_argmax` with each row's argmax over the tokens its bitset
+    /// allows (`masks[r]`, one per row of the chunks in order, as
+    /// [`first_argmax_allowed`] reads it; `None`: every token): greedy
+    /// verification under a verdict grammar. A row with no allowed logit gets id 0.
+    /// A backend that takes the argmax on the device returns only ids.
+    fn forward_capture_masked_argmax(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        layers: &[usize],
+        masks: &[Option<&[u64]>],
+    ) -> Result<(Vec<u32>, Vec<f32>), BackendError> {
+        check_masks(chunks, masks)?;
+        let (logits, hidden) = self.forward_capture(chunks, LogitsFor::All, layers)?;
+        let v = self.vocab_size().max(1);
+        let ids = logits
+            .chunks(v)
+            .zip(masks)
+            .map(|(row, m)| match m {
+                Some(bits) => first_argmax_allowed(row, bits).unwrap_or(0),
+                None => first_argmax(row),
+            })
+            .collect();
+        Ok((ids, hidden))
+    }
+
     /// A decode step that chooses the next token on the device: each chunk appends
     /// its one token and gets a token drawn with `params[i] = (temperature, top_p, u)`
     /// (temperature 0: greedy; u uniform in [0, 1) from the caller's seeded RNG), so only
@@ -95,10 +120,62 @@ pub trait Backend: Send {
     }
 }
 
+/// `masks` holds one entry per row of `chunks` (a caller error otherwise).
+pub fn check_masks(chunks: &[Chunk<'_>], masks: &[Option<&[u64]>]) -> Result<(), BackendError> {
+    let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+    if masks.len() != rows {
+        return Err(BackendError::Unsupported(format!("{} token masks for {rows} rows", masks.len())));
+    }
+    Ok(())
+}
+
 /// Index of the first largest value (greedy sampling's tie rule, as torch.argmax
 /// for rows without NaN; NaNs are never chosen over a number).
 pub fn first_argmax(row: &[f32]) -> u32 {
     first_argmax_from(row, 0, f32::NEG_INFINITY).map_or(0, |(i, _)| i as u32)
+}
+
+/// The first largest value among the tokens a bitset allows (bit `i % 64` of word
+/// `i / 64` allows token `i`; tokens past the bitset are not allowed), as
+/// `first_argmax` of the row with every other value set to `-inf` would pick it,
+/// read in place. `None` when no allowed value exceeds `-inf`. Words that allow
+/// every token of a chunk of 64 are scanned by their maximum first, mostly-allowed
+/// words by a branch-free masked maximum, words allowing none are skipped.
+pub fn first_argmax_allowed(row: &[f32], bits: &[u64]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    let mut best_v = f32::NEG_INFINITY;
+    for (w, chunk) in row.chunks(64).enumerate() {
+        let word = bits.get(w).copied().unwrap_or(0);
+        if word == 0 {
+            continue;
+        }
+        if word == u64::MAX && chunk.len() == 64 {
+            if let Some(found) = first_argmax_from(chunk, w * 64, best_v) {
+                (best, best_v) = (Some(found), found.1);
+            }
+            continue;
+        }
+        if word.count_ones() > 8 {
+            let m = chunk
+                .iter()
+                .enumerate()
+                .fold(f32::NEG_INFINITY, |a, (k, &v)| a.max(if word >> k & 1 == 1 { v } else { f32::NEG_INFINITY }));
+            if !(m > best_v) {
+                continue;
+            }
+        }
+        let mut rest = word;
+        while rest != 0 {
+            let k = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            match chunk.get(k) {
+                Some(&v) if v > best_v => (best, best_v) = (Some((w * 64 + k, v)), v),
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+    best.map(|(i, _)| i as u32)
 }
 
 /// The first index `i` of `row` whose value is the row's largest and greater than
@@ -152,5 +229,34 @@ mod tests {
             }
         }
         assert_eq!(first_argmax(&[f32::NEG_INFINITY; 130]), 0);
+    }
+
+    #[test]
+    fn first_argmax_allowed_is_the_masked_argmax() {
+        let mut seed = 11u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 11) as u64
+        };
+        let levels = [f32::NEG_INFINITY, 0.0, 1.5, 3.0];
+        for len in [1usize, 63, 64, 65, 200, 1000] {
+            for case in 0..200 {
+                let row: Vec<f32> = (0..len).map(|_| levels[next() as usize % levels.len()]).collect();
+                // sparse, dense, full and empty words, and bitsets shorter than the row
+                let words = if case % 5 == 0 { len / 64 } else { len.div_ceil(64) };
+                let bits: Vec<u64> = (0..words)
+                    .map(|_| match next() % 4 {
+                        0 => 0,
+                        1 => u64::MAX,
+                        2 => next() & next() & next(),
+                        _ => next() | next(),
+                    })
+                    .collect();
+                let allowed = |i: usize| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
+                let masked: Vec<f32> = row.iter().enumerate().map(|(i, &v)| if allowed(i) { v } else { f32::NEG_INFINITY }).collect();
+                let want = masked.iter().any(|&v| v > f32::NEG_INFINITY).then(|| scan(&masked));
+                assert_eq!(super::first_argmax_allowed(&row, &bits), want, "len {len} case {case}");
+            }
+        }
     }
 }

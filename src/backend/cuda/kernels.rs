@@ -628,6 +628,40 @@ impl CudaContext {
         Ok(())
     }
 
+    /// `argmax` over the tokens each row's bitset allows (a verdict grammar's
+    /// allowed set): `mask` u32 `[n, words]`, bit `i % 32` of word `i / 32` allows
+    /// token `i`, `words * 32 >= vocab`. A row with no allowed value gets id 0.
+    pub fn argmax_masked(
+        &self,
+        logits: &CudaSlice<f32>,
+        mask: &CudaSlice<u32>,
+        words: usize,
+        out: &mut CudaSlice<i32>,
+        n: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        len_at_least(logits, n * vocab, "logits")?;
+        len_at_least(mask, n * words, "mask")?;
+        len_at_least(out, n, "out")?;
+        need(n <= ARGMAX_MAX_ROWS && words * 32 >= vocab, || {
+            format!("argmax_masked: n {n} > {ARGMAX_MAX_ROWS} or {words} mask words < vocab {vocab} / 32")
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let parts = ARGMAX_PARTS.min(vocab.div_ceil(256)).max(1);
+        let (v, p, w) = (vocab as i32, parts as i32, words as i32);
+        {
+            let mut b = self.launch("argmax_partial_masked");
+            b.arg(logits).arg(&self.argmax_scratch).arg(&v).arg(mask).arg(&w);
+            unsafe { b.launch(grid(parts, n, 1, 256)) }?;
+        }
+        let mut b = self.launch("argmax_final");
+        b.arg(&self.argmax_scratch).arg(out).arg(&p);
+        unsafe { b.launch(grid(n, 1, 1, 32)) }?;
+        Ok(())
+    }
+
     /// Temperature + top-p sampling of each row of `logits` f32 [n, vocab] on the device
     /// (`kernels/sample.cu`): `temp`, `top_p`, `u` f32 [n] (u uniform in [0, 1), drawn by the
     /// host's seeded RNG), `out` i32 [n]. Rows with temp <= 0 take the argmax.

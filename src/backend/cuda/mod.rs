@@ -105,7 +105,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "argmax",
         include_str!("../../../kernels/argmax.cu"),
-        &["argmax_partial", "argmax_final"],
+        &["argmax_partial", "argmax_partial_masked", "argmax_final"],
     ),
     (
         "model",
@@ -261,6 +261,20 @@ fn compile_cached(
     Ok((ptx, false))
 }
 
+/// The kernels of a module's entry list: a name ending in `_n` stands for its
+/// row-count variants `_n1` … `_n8`.
+fn entry_names(entries: &[&str]) -> Vec<String> {
+    let mut names = Vec::new();
+    for e in entries {
+        if e.ends_with("_n") {
+            names.extend((1..=8).map(|n| format!("{e}{n}")));
+        } else {
+            names.push(e.to_string());
+        }
+    }
+    names
+}
+
 /// `KAIROS_CUDA_PDL=0|1`, when set.
 fn pdl_env() -> Option<bool> {
     std::env::var("KAIROS_CUDA_PDL").ok().map(|v| v != "0")
@@ -342,15 +356,7 @@ impl CudaContext {
             // SAFETY: `src` is NUL-terminated PTX text; the module lives until `Drop`.
             let m = unsafe { cudarc::driver::result::module::load_data(src.as_ptr() as *const _) }?;
             modules.push(RawModule(m));
-            let mut names = Vec::new();
-            for e in entries.iter() {
-                if e.ends_with("_n") {
-                    names.extend((1..=8).map(|n| format!("{e}{n}")));
-                } else {
-                    names.push(e.to_string());
-                }
-            }
-            for name in names {
+            for name in entry_names(entries) {
                 // SAFETY: `m` was just loaded and is not freed before `Drop`.
                 let f = unsafe { cudarc::driver::result::module::get_function(m, cstr(&name)?) }?;
                 funcs.insert(name, RawFunction(f));
@@ -458,6 +464,44 @@ impl Drop for CudaContext {
                 unsafe {
                     let _ = cudarc::driver::sys::cuModuleUnload(m.0);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC alone (no GPU, no driver) compiles every kernel module for the
+    /// Hopper target and each lists its entry points: a kernel edit that does
+    /// not compile fails here, on any machine with an NVRTC library —
+    /// scripts/test.sh fetches one from PyPI, so CI checks it. Skipped (with a
+    /// line) where none can be loaded; `KAIROS_REQUIRE_NVRTC=1` makes that a failure.
+    #[test]
+    fn every_kernel_module_compiles_for_sm90() {
+        // SAFETY: only asks the dynamic loader whether the library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(std::env::var_os("KAIROS_REQUIRE_NVRTC").is_none(), "KAIROS_REQUIRE_NVRTC is set but no NVRTC library loads");
+            eprintln!("skipping: no NVRTC library (scripts/test.sh fetches one; put its folder on LD_LIBRARY_PATH)");
+            return;
+        }
+        let opts = vec!["--gpu-architecture=sm_90".to_string(), "--std=c++17".to_string()];
+        let nvrtc = nvrtc_version();
+        let compiled: Vec<(String, Result<(Ptx, bool)>)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = SOURCES
+                .iter()
+                .map(|(module, src, _)| {
+                    let opts = &opts;
+                    sc.spawn(move || (module.to_string(), compile_cached(module, src, opts, None, "sm_90", 0, nvrtc)))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("NVRTC thread")).collect()
+        });
+        for ((module, ptx), (_, _, funcs)) in compiled.into_iter().zip(SOURCES) {
+            let ptx = ptx.unwrap_or_else(|e| panic!("kernels/{module}.cu: {e}")).0.to_src();
+            for f in entry_names(funcs) {
+                assert!(ptx.contains(&format!(".entry {f}(")), "kernels/{module}.cu: no entry point {f} in the PTX");
             }
         }
     }

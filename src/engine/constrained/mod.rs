@@ -74,6 +74,8 @@ pub struct VerdictGrammar {
     tok_bytes: Vec<u8>,
     tok_off: Vec<usize>,
     is_eos: Vec<bool>,
+    /// the allowed-token bitset of a complete verdict: EOS only
+    eos_bits: Box<[u64]>,
     eos_ids: Vec<u32>,
     n_tokens: usize,
     words: usize,
@@ -127,6 +129,13 @@ impl VerdictGrammar {
                 }))
                 .collect(),
             eos_ids: eos_ids.to_vec(),
+            eos_bits: {
+                let mut bits = vec![0u64; n_tokens.div_ceil(64)];
+                for &e in eos_ids {
+                    bits[e as usize / 64] |= 1 << (e % 64);
+                }
+                bits.into_boxed_slice()
+            },
             is_eos,
             n_tokens,
             words: n_tokens.div_ceil(64),
@@ -302,65 +311,25 @@ impl VerdictState {
         }
     }
 
+    /// The allowed tokens as a bitset (bit `i % 64` of word `i / 64` = token `i`),
+    /// `ceil(vocab / 64)` words: what `allowed` and `apply_allowed` apply; only
+    /// EOS once the verdict is complete. Borrowed from the grammar's caches, so a
+    /// backend can take the masked argmax where the logits are.
+    pub fn allowed_bits<'g>(&self, g: &'g VerdictGrammar) -> &'g [u64] {
+        if self.is_complete() {
+            &g.eos_bits
+        } else {
+            g.mask_bits(self.state)
+        }
+    }
+
     /// The greedy choice under the grammar, read in place: the first largest
     /// logit among the allowed tokens — what `apply_allowed` then `argmax` pick,
     /// without copying or writing the row (the per-row cost of greedy
     /// constrained decoding and of DFlash verification under a verdict grammar).
-    /// Words of 64 tokens that are all allowed are scanned by their maximum
-    /// first, words with none are skipped. `None` when no allowed token has a
-    /// logit (all `-inf`/NaN or beyond `logits`); then any choice is rejected.
+    /// `None` when no allowed token has a logit above `-inf`; then any choice is rejected.
     pub fn masked_argmax(&self, g: &VerdictGrammar, logits: &[f32]) -> Option<u32> {
-        if self.is_complete() {
-            // only EOS is left; the lowest id wins a tie, as in a row scan
-            let mut best: Option<(u32, f32)> = None;
-            for &e in &g.eos_ids {
-                let Some(&v) = logits.get(e as usize) else { continue };
-                let better = match best {
-                    None => v > f32::NEG_INFINITY,
-                    Some((bi, bv)) => v > bv || (v == bv && e < bi),
-                };
-                if better {
-                    best = Some((e, v));
-                }
-            }
-            return best.map(|(e, _)| e);
-        }
-        let bits = g.mask_bits(self.state);
-        let mut best: Option<(usize, f32)> = None;
-        let mut best_v = f32::NEG_INFINITY;
-        for (w, chunk) in logits.chunks(64).enumerate() {
-            let word = bits.get(w).copied().unwrap_or(0);
-            if word == 0 {
-                continue;
-            }
-            if word == u64::MAX && chunk.len() == 64 {
-                if let Some(found) = crate::backend::first_argmax_from(chunk, w * 64, best_v) {
-                    (best, best_v) = (Some(found), found.1);
-                }
-                continue;
-            }
-            if word.count_ones() > 8 {
-                // mostly allowed (string content): a branch-free masked maximum first
-                let m = chunk
-                    .iter()
-                    .enumerate()
-                    .fold(f32::NEG_INFINITY, |a, (k, &v)| a.max(if word >> k & 1 == 1 { v } else { f32::NEG_INFINITY }));
-                if !(m > best_v) {
-                    continue;
-                }
-            }
-            let mut rest = word;
-            while rest != 0 {
-                let k = rest.trailing_zeros() as usize;
-                rest &= rest - 1;
-                match chunk.get(k) {
-                    Some(&v) if v > best_v => (best, best_v) = (Some((w * 64 + k, v)), v),
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-        }
-        best.map(|(i, _)| i as u32)
+        crate::backend::first_argmax_allowed(logits, self.allowed_bits(g))
     }
 
     /// The sampler's choice from `logits` under the grammar: the masked argmax in

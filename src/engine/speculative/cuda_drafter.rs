@@ -30,6 +30,10 @@ impl Drafter for CudaDFlash {
         CudaDFlash::draft(self, &blocks(inputs))
     }
 
+    fn argmax_on_device(&self) -> bool {
+        true
+    }
+
     fn draft_argmax(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
         CudaDFlash::draft_argmax(self, &blocks(inputs))
     }

@@ -62,6 +62,14 @@ pub trait Drafter {
     /// block positions 1..B, row-major `[B−1, vocab]`.
     fn draft(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
 
+    /// Whether `draft_argmax` is cheaper than `draft` (the argmax is taken where
+    /// the logits are, e.g. on the GPU): then greedy drafting under a verdict
+    /// grammar uses the ids and ends a block at the first one the grammar
+    /// rejects, instead of masking copied logits rows.
+    fn argmax_on_device(&self) -> bool {
+        false
+    }
+
     /// `draft` for greedy drafting without a grammar: per input the argmax
     /// token (ties: the lowest id) of block positions 1..B. Drafters that can
     /// take the argmax where the logits are (the GPU) return only the ids.

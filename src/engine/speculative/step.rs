@@ -119,18 +119,70 @@ fn verify_block(
     out
 }
 
-/// Greedy verification from the target's argmax ids (`drafts.len() + 1` of
-/// them): the accepted drafts, then the target's token at the first mismatch
-/// (or the bonus row) — `verify_block` at temperature 0 without a grammar.
-fn verify_greedy(target: &[u32], drafts: &[u32]) -> Vec<u32> {
+/// Greedy verification from the target's ids (`drafts.len() + 1` of them, each
+/// the argmax of its row under the tokens the grammar allows there, see
+/// [`row_masks`]): the accepted drafts, then the target's token at the first
+/// mismatch (or the bonus row); a forced grammar token is the target's choice
+/// whatever its row says — `verify_block` at temperature 0.
+fn verify_greedy(target: &[u32], drafts: &[u32], state: Option<&VerdictState>, g: Option<&VerdictGrammar>) -> Vec<u32> {
+    let mut sim = state.cloned();
     let mut out = Vec::with_capacity(target.len());
     for (j, &t) in target.iter().enumerate() {
-        out.push(t);
-        if drafts.get(j) != Some(&t) {
+        let choice = match (sim.as_ref(), g) {
+            (Some(st), Some(g)) => st.forced(g).map_or(t, |f| f[0]),
+            _ => t,
+        };
+        out.push(choice);
+        if drafts.get(j) != Some(&choice) {
             break;
+        }
+        if let (Some(st), Some(g)) = (sim.as_mut(), g) {
+            if st.advance(g, choice).is_err() {
+                break;
+            }
         }
     }
     out
+}
+
+/// The allowed-token bitset of each row of a verify block: row `j` is decided in
+/// the grammar state reached after the block's first `j` drafts. Past a draft
+/// the grammar rejects, rows keep the last state's set (verification stops there).
+fn row_masks<'g>(drafts: &[u32], state: &VerdictState, g: &'g VerdictGrammar, out: &mut Vec<Option<&'g [u64]>>) {
+    let mut sim = state.clone();
+    for j in 0..=drafts.len() {
+        out.push(Some(sim.allowed_bits(g)));
+        if let Some(&d) = drafts.get(j) {
+            let mut next = sim.clone();
+            if next.advance(g, d).is_ok() {
+                sim = next;
+            }
+        }
+    }
+}
+
+/// Greedy drafts under the grammar from the drafter's unmasked argmax ids (a
+/// drafter that takes the argmax where its logits are): forced tokens replace
+/// predictions, and the block ends at the first id the automaton rejects, at
+/// EOS or once the verdict is complete. Shorter blocks than masking the
+/// drafter's rows would give only where its best token is not allowed.
+fn grammar_drafts(ids: &[u32], state: &VerdictState, g: &VerdictGrammar, eos: &[u32]) -> Vec<u32> {
+    let mut sim = state.clone();
+    let mut drafts = Vec::new();
+    for &id in ids {
+        if sim.is_complete() {
+            break;
+        }
+        let d = sim.forced(g).map_or(id, |f| f[0]);
+        if sim.advance(g, d).is_err() {
+            break;
+        }
+        drafts.push(d);
+        if eos.contains(&d) {
+            break;
+        }
+    }
+    drafts
 }
 
 /// Greedy drafts from the drafter's argmax ids, cut after the first EOS
@@ -265,9 +317,9 @@ impl<'a> Run<'a> {
         let t = Instant::now();
         let drafting: Vec<(usize, usize)> =
             active.iter().zip(&sizes).filter(|(_, &bi)| bi > 1).map(|(&i, &bi)| (i, bi)).collect();
-        // Greedy without a grammar needs only argmax ids from drafter and target,
-        // which a GPU computes where the logits are.
-        let greedy = self.grammar.is_none() && active.iter().all(|&i| self.seqs[i].sampler.params().temperature <= 0.0);
+        // Greedy decoding needs only argmax ids from drafter and target, which a GPU
+        // computes where the logits are; a grammar becomes per-row token masks there.
+        let greedy = active.iter().all(|&i| self.seqs[i].sampler.params().temperature <= 0.0);
         let vocab = self.target.vocab_size();
         let drafted: Vec<Vec<u32>> = {
             let inputs: Vec<DraftInput<'_>> = drafting
@@ -286,9 +338,18 @@ impl<'a> Run<'a> {
                 .collect();
             if inputs.is_empty() {
                 Vec::new()
-            } else if greedy {
+            } else if greedy && self.grammar.is_none() {
                 let ids = self.drafter.draft_argmax(&inputs)?;
                 ids.into_iter().zip(&drafting).map(|(d, &(i, _))| greedy_drafts(d, &self.reqs[i].eos_ids)).collect()
+            } else if let (true, true, Some(g)) = (greedy, self.drafter.argmax_on_device(), self.grammar) {
+                let ids = self.drafter.draft_argmax(&inputs)?;
+                ids.iter()
+                    .zip(&drafting)
+                    .map(|(d, &(i, _))| match self.seqs[i].state.as_ref() {
+                        Some(st) => grammar_drafts(d, st, g, &self.reqs[i].eos_ids),
+                        None => greedy_drafts(d.clone(), &self.reqs[i].eos_ids),
+                    })
+                    .collect()
             } else {
                 let logits = self.drafter.draft(&inputs)?;
                 logits
@@ -312,7 +373,19 @@ impl<'a> Run<'a> {
         let chunks: Vec<Chunk<'_>> =
             active.iter().zip(&blocks).map(|(&i, bl)| Chunk { seq: self.seqs[i].seq, tokens: bl }).collect();
         let (logits, ids, hidden) = if greedy {
-            let (ids, hidden) = self.target.forward_capture_argmax(&chunks, &self.layers)?;
+            let (ids, hidden) = match self.grammar {
+                None => self.target.forward_capture_argmax(&chunks, &self.layers)?,
+                Some(g) => {
+                    let mut masks = Vec::with_capacity(chunks.iter().map(|c| c.tokens.len()).sum());
+                    for (&i, bl) in active.iter().zip(&blocks) {
+                        match self.seqs[i].state.as_ref() {
+                            Some(st) => row_masks(&bl[1..], st, g, &mut masks),
+                            None => masks.extend(bl.iter().map(|_| None)),
+                        }
+                    }
+                    self.target.forward_capture_masked_argmax(&chunks, &self.layers, &masks)?
+                }
+            };
             (Vec::new(), ids, hidden)
         } else {
             let (logits, hidden) = self.target.forward_capture(&chunks, LogitsFor::All, &self.layers)?;
@@ -329,7 +402,7 @@ impl<'a> Run<'a> {
             let s = &mut self.seqs[i];
             let drafts = &block[1..];
             let tokens = if greedy {
-                verify_greedy(&ids[row0..row0 + n], drafts)
+                verify_greedy(&ids[row0..row0 + n], drafts, s.state.as_ref(), self.grammar)
             } else {
                 let rows = &logits[row0 * vocab..(row0 + n) * vocab];
                 verify_block(rows, vocab, drafts, s.state.as_ref(), self.grammar, &mut s.sampler)
@@ -401,6 +474,7 @@ fn commit(s: &mut SeqRun, tok: u32, req: &GenerateRequest, g: Option<&VerdictGra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::first_argmax;
     use crate::engine::sampling::SamplingParams;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -420,8 +494,69 @@ mod tests {
             let drafts: Vec<u32> =
                 target[..n - 1].iter().map(|&t| if rng.gen_bool(0.8) { t } else { rng.gen_range(0..vocab as u32) }).collect();
             let mut sampler = Sampler::new(SamplingParams::default());
-            assert_eq!(verify_greedy(&target, &drafts), verify_block(&rows, vocab, &drafts, None, None, &mut sampler));
+            assert_eq!(verify_greedy(&target, &drafts, None, None), verify_block(&rows, vocab, &drafts, None, None, &mut sampler));
             assert_eq!(greedy_drafts(target.clone(), &eos), make_drafts(&rows, vocab, None, None, &eos));
         }
+    }
+
+    /// Under a verdict grammar, ids from per-row masked argmaxes (what a backend
+    /// computes with `forward_capture_masked_argmax`) commit what masking the
+    /// logits rows commits; drafts from unmasked argmax ids are a prefix of the
+    /// drafts from masked rows.
+    #[test]
+    fn greedy_ids_path_equals_the_logits_path_under_a_grammar() {
+        use crate::backend::first_argmax_allowed;
+        use crate::engine::constrained::VerdictSchema;
+        let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for f in ["block", "allow", "review", "\",\"score\":", "0.", "0.9", "12", ",\"reason\":\"", " card", "\"}", "ok"] {
+            vocab.push(f.as_bytes().to_vec());
+        }
+        vocab.push(b"</s>".to_vec());
+        let n_vocab = vocab.len();
+        let eos = [n_vocab as u32 - 1];
+        let g = VerdictGrammar::compile(&VerdictSchema::fraud_default(), &vocab, &eos).expect("grammar");
+        let mut rng = StdRng::seed_from_u64(5);
+        let greedy = SamplingParams::default();
+        let (mut checked, mut accepted) = (0, 0);
+        for _ in 0..3000 {
+            // a state somewhere along a verdict (mostly in the decision and the score,
+            // where the allowed set changes token by token): a random allowed walk
+            let mut st = g.start();
+            let walk = if rng.gen_bool(0.7) { rng.gen_range(0..8) } else { rng.gen_range(0..40) };
+            for _ in 0..walk {
+                if st.is_complete() {
+                    break;
+                }
+                let row: Vec<f32> = (0..n_vocab).map(|_| rng.gen_range(0.0..1.0)).collect();
+                let t = st.forced(&g).map_or_else(|| st.masked_argmax(&g, &row).expect("a token"), |f| f[0]);
+                st.advance(&g, t).expect("allowed");
+            }
+            let n = rng.gen_range(1..7);
+            // few distinct values, so ties happen and the lowest-id rule matters
+            let rows: Vec<f32> = (0..n * n_vocab).map(|_| rng.gen_range(0..4) as f32).collect();
+            let drafts_masked = make_drafts(&rows[..(n - 1) * n_vocab], n_vocab, Some(&st), Some(&g), &eos);
+            let ids: Vec<u32> = rows.chunks(n_vocab).map(first_argmax).collect();
+            let drafts_ids = grammar_drafts(&ids[..n - 1], &st, &g, &eos);
+            assert_eq!(drafts_ids[..], drafts_masked[..drafts_ids.len()], "ids drafts are a prefix of masked drafts");
+            // mostly the grammar's drafts, now and then a wrong token
+            let drafts: Vec<u32> = drafts_masked
+                .iter()
+                .map(|&d| if rng.gen_bool(0.85) { d } else { rng.gen_range(0..n_vocab as u32) })
+                .collect();
+            let rows = &rows[..(drafts.len() + 1) * n_vocab];
+            let mut masks = Vec::new();
+            row_masks(&drafts, &st, &g, &mut masks);
+            assert_eq!(masks.len(), drafts.len() + 1);
+            let target: Vec<u32> = rows
+                .chunks(n_vocab)
+                .zip(&masks)
+                .map(|(r, m)| first_argmax_allowed(r, m.expect("masked")).unwrap_or(0))
+                .collect();
+            let want = verify_block(rows, n_vocab, &drafts, Some(&st), Some(&g), &mut Sampler::new(greedy));
+            assert_eq!(verify_greedy(&target, &drafts, Some(&st), Some(&g)), want, "drafts {drafts:?}");
+            checked += 1;
+            accepted += want.len() - 1;
+        }
+        assert!(checked == 3000 && accepted > 1000, "accepted {accepted} drafts");
     }
 }

@@ -160,26 +160,60 @@ impl CudaBackend {
         which: LogitsFor,
         capture: bool,
     ) -> std::result::Result<(Vec<f32>, Vec<f32>), BackendError> {
-        self.run_rows(chunks, Some(which), capture).map(|(logits, _, hidden)| (logits, hidden))
+        self.run_rows(chunks, Some(which), capture, None).map(|(logits, _, hidden)| (logits, hidden))
     }
 
     /// `forward_capture_argmax`: every row's argmax id (computed on the device by
-    /// each step) and the captured hidden states; no logits cross to the host.
+    /// each step; with `masks`, over each row's allowed tokens only) and the
+    /// captured hidden states; no logits cross to the host.
     pub(super) fn run_forward_ids(
         &mut self,
         chunks: &[Chunk<'_>],
         capture: bool,
+        masks: Option<&[Option<&[u64]>]>,
     ) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
-        self.run_rows(chunks, None, capture).map(|(_, ids, hidden)| (ids, hidden))
+        self.run_rows(chunks, None, capture, masks).map(|(_, ids, hidden)| (ids, hidden))
     }
 
-    /// Logits as `which` asks, or (`None`) every row's argmax id; and the hidden states.
+    /// Replaces the last step's argmax ids of rows `0..masks.len()` by the argmax
+    /// over each row's allowed tokens: the bitsets (`Backend::forward_capture_masked_argmax`)
+    /// go up as u32 words, the logits stay where they are.
+    fn mask_ids(&mut self, masks: &[Option<&[u64]>]) -> std::result::Result<(), BackendError> {
+        if masks.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let (v, n) = (self.cfg.vocab_size, masks.len());
+        let words = v.div_ceil(64) * 2;
+        let mut host = vec![0u32; n * words];
+        for (row, m) in host.chunks_mut(words).zip(masks) {
+            match m {
+                None => row.fill(u32::MAX),
+                Some(bits) => {
+                    for (pair, &w) in row.chunks_mut(2).zip(bits.iter()) {
+                        pair[0] = w as u32;
+                        pair[1] = (w >> 32) as u32;
+                    }
+                }
+            }
+        }
+        if self.mask_buf.as_ref().is_none_or(|b| b.len() < host.len()) {
+            self.mask_buf = Some(self.cx.stream.alloc_zeros::<u32>(host.len()).map_err(drv)?);
+        }
+        let Some(buf) = self.mask_buf.as_mut() else { unreachable!("allocated above") };
+        self.cx.stream.memcpy_htod(&host, &mut buf.slice_mut(0..host.len())).map_err(drv)?;
+        self.cx.argmax_masked(&self.b.logits, buf, words, &mut self.b.am, n, v).map_err(super::dev)?;
+        Ok(())
+    }
+
+    /// Logits as `which` asks, or (`None`) every row's argmax id (over the tokens
+    /// `masks` allows, one entry per row, when given); and the hidden states.
     #[allow(clippy::type_complexity)]
     fn run_rows(
         &mut self,
         chunks: &[Chunk<'_>],
         which: Option<LogitsFor>,
         capture: bool,
+        masks: Option<&[Option<&[u64]>]>,
     ) -> std::result::Result<(Vec<f32>, Vec<u32>, Vec<f32>), BackendError> {
         let starts = self.check_chunks(chunks)?;
         if chunks.iter().any(|c| c.seq.0 >= self.kv.n_slots) {
@@ -205,6 +239,9 @@ impl CudaBackend {
         if !rows.is_empty() && rows.len() <= self.max_tok {
             // one step: replayed from the graph of its row bucket
             self.decode_launch(&rows)?;
+            if let (None, Some(m)) = (which, masks) {
+                self.mask_ids(m)?;
+            }
             match which {
                 Some(_) => self.read_logits(&want, &mut out)?,
                 None => self.read_ids(rows.len(), &mut ids)?,
@@ -213,12 +250,15 @@ impl CudaBackend {
                 blocks.push((self.read_capture(rows.len())?, rows.len()));
             }
         } else {
-            for (mb, wmb) in rows.chunks(self.max_tok).zip(want.chunks(self.max_tok)) {
+            for (k, (mb, wmb)) in rows.chunks(self.max_tok).zip(want.chunks(self.max_tok)).enumerate() {
                 let n = mb.len();
                 self.upload(mb, n)?;
                 let max_len = mb.iter().map(|r| r.2 + 1).max().unwrap_or(1);
                 let splits = self.splits_for(n, max_len);
                 self.encode_step(n, splits).map_err(super::dev)?;
+                if let (None, Some(m)) = (which, masks) {
+                    self.mask_ids(&m[k * self.max_tok..k * self.max_tok + n])?;
+                }
                 match which {
                     Some(_) => self.read_logits(wmb, &mut out)?,
                     None => self.read_ids(n, &mut ids)?,

@@ -231,6 +231,8 @@ pub struct CudaBackend {
     shard: Option<shard::ShardState>,
     /// Hidden states copied out of each step for DFlash (see `capture.rs`).
     cap: Option<capture::Capture>,
+    /// Per-row allowed-token bitsets of a masked argmax (see `capture.rs`), grown on demand.
+    mask_buf: Option<CudaSlice<u32>>,
 }
 
 
@@ -342,6 +344,7 @@ impl CudaBackend {
             cfg: c,
             comm: None,
             cap: None,
+            mask_buf: None,
             shard: None,
         })
     }
@@ -839,6 +842,33 @@ impl Backend for CudaBackend {
         if !layers.is_empty() {
             self.set_capture(layers)?;
         }
-        self.run_forward_ids(chunks, !layers.is_empty())
+        self.run_forward_ids(chunks, !layers.is_empty(), None)
+    }
+
+    fn forward_capture_masked_argmax(
+        &mut self,
+        chunks: &[Chunk<'_>],
+        layers: &[usize],
+        masks: &[Option<&[u64]>],
+    ) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
+        crate::backend::check_masks(chunks, masks)?;
+        if !layers.is_empty() {
+            self.set_capture(layers)?;
+        }
+        if self.shard.is_some() {
+            // a rank's logits buffer is not the assembled vocabulary: mask on the host
+            let (logits, hidden) = self.run_forward(chunks, LogitsFor::All, !layers.is_empty())?;
+            let v = self.cfg.vocab_size;
+            let ids = logits
+                .chunks(v)
+                .zip(masks)
+                .map(|(row, m)| match m {
+                    Some(bits) => crate::backend::first_argmax_allowed(row, bits).unwrap_or(0),
+                    None => crate::backend::first_argmax(row),
+                })
+                .collect();
+            return Ok((ids, hidden));
+        }
+        self.run_forward_ids(chunks, !layers.is_empty(), Some(masks))
     }
 }
