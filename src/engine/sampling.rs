@@ -23,6 +23,44 @@ impl Default for SamplingParams {
 /// Index of the largest logit; the first one on ties (as torch.argmax).
 pub use crate::backend::first_argmax as argmax;
 
+/// Moves the smallest most-likely set of `c` whose mass reaches `need` to its
+/// front (in no particular order) and returns its size: a quickselect on mass,
+/// expected O(n), then a sort of at most 64 candidates at the boundary.
+fn nucleus(c: &mut [(u32, f32)], need: f64, order: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering + Copy) -> usize {
+    let (mut lo, mut hi, mut acc) = (0, c.len(), 0f64);
+    // A language model's nucleus is usually a handful of tokens: try the best 64 first.
+    if hi > 64 {
+        c.select_nth_unstable_by(63, order);
+        let head: f64 = c[..64].iter().map(|x| x.1 as f64).sum();
+        if head >= need {
+            hi = 64;
+        } else {
+            (lo, acc) = (64, head);
+        }
+    }
+    // invariant: c[..lo] (mass `acc`, below `need`) all come before c[lo..hi], and the
+    // boundary lies in c[lo..hi]
+    while hi - lo > 64 {
+        let mid = lo + (hi - lo) / 2;
+        c[lo..hi].select_nth_unstable_by(mid - lo, order);
+        let left: f64 = c[lo..mid].iter().map(|x| x.1 as f64).sum();
+        if acc + left >= need {
+            hi = mid;
+        } else {
+            acc += left;
+            lo = mid;
+        }
+    }
+    c[lo..hi].sort_unstable_by(order);
+    for (i, x) in c[lo..hi].iter().enumerate() {
+        acc += x.1 as f64;
+        if acc >= need {
+            return lo + i + 1;
+        }
+    }
+    hi
+}
+
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -38,40 +76,37 @@ impl Sampler {
     }
 
     /// The probability distribution sampling draws from (after temperature,
-    /// top-k and top-p), as (id, p) with p summing to 1.
+    /// top-k and top-p), as (id, p) with p summing to 1. With top-k or top-p set,
+    /// the kept tokens come most likely first (ties: lower id first) and only
+    /// they are ever sorted; otherwise the distribution is in id order. Sorting
+    /// a whole 50k-token row cost 2.5–4.4 ms on the host per sampled token.
     pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let p = self.params;
         let t = p.temperature.max(1e-6);
         let mut cand: Vec<(u32, f32)> =
             logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, v / t)).collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 && cand.len() > p.top_k {
-            cand.truncate(p.top_k);
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 {
+            if cand.len() > p.top_k {
+                cand.select_nth_unstable_by(p.top_k - 1, order);
+                cand.truncate(p.top_k);
+            }
+            cand.sort_unstable_by(order);
         }
-        let m = cand.first().map(|c| c.1).unwrap_or(0.0);
-        let mut sum = 0.0;
+        let m = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+        // unnormalised probabilities; the order (p desc, lower id first) is the logits' order
         for c in cand.iter_mut() {
             c.1 = (c.1 - m).exp();
-            sum += c.1;
         }
-        for c in cand.iter_mut() {
-            c.1 /= sum;
-        }
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                acc += c.1;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
+        if p.top_p < 1.0 && !cand.is_empty() {
+            let need = p.top_p as f64 * cand.iter().map(|c| c.1 as f64).sum::<f64>();
+            let keep = nucleus(&mut cand, need, order);
             cand.truncate(keep);
-            let s: f32 = cand.iter().map(|c| c.1).sum();
-            for c in cand.iter_mut() {
-                c.1 /= s;
-            }
+            cand.sort_unstable_by(order);
+        }
+        let sum: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        for c in cand.iter_mut() {
+            c.1 = (c.1 as f64 / sum) as f32;
         }
         cand
     }
@@ -105,6 +140,8 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn greedy_is_first_argmax() {
@@ -121,6 +158,67 @@ mod tests {
         let allowed: Vec<u32> = Sampler::new(params).distribution(&logits).iter().map(|d| d.0).collect();
         assert_eq!(allowed.len(), 5);
         assert!(a.iter().all(|id| allowed.contains(id)));
+    }
+
+    /// The distribution by sorting the whole row (what `distribution` computed
+    /// before it sorted only the kept head): same tokens, same order where cut,
+    /// same probabilities.
+    #[test]
+    fn distribution_equals_sorting_the_whole_row() {
+        fn reference(logits: &[f32], p: SamplingParams) -> Vec<(u32, f64)> {
+            let t = p.temperature.max(1e-6);
+            let mut cand: Vec<(u32, f32)> =
+                logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, v / t)).collect();
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if p.top_k > 0 {
+                cand.truncate(p.top_k);
+            }
+            let m = cand.first().map_or(0.0, |c| c.1);
+            let e: Vec<f64> = cand.iter().map(|c| ((c.1 - m).exp()) as f64).collect();
+            let total: f64 = e.iter().sum();
+            let mut keep = cand.len();
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                keep = e.iter().position(|x| {
+                    acc += x;
+                    acc >= p.top_p as f64 * total
+                }).map_or(cand.len(), |i| i + 1);
+            }
+            let kept: f64 = e[..keep].iter().sum();
+            cand[..keep].iter().zip(&e).map(|(c, x)| (c.0, x / kept)).collect()
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        for case in 0..300 {
+            let n = [1, 5, 64, 65, 300, 5000][case % 6];
+            let ties = case % 3 == 0;
+            let logits: Vec<f32> = (0..n)
+                .map(|_| match rng.gen_range(0..20) {
+                    0 => f32::NEG_INFINITY,
+                    _ if ties => rng.gen_range(0..6) as f32,
+                    _ => rng.gen_range(-6.0..6.0),
+                })
+                .collect();
+            let p = SamplingParams {
+                temperature: [0.3, 0.8, 1.0, 2.0][case % 4],
+                top_k: [0, 0, 1, 7, 40][case % 5],
+                top_p: [1.0, 0.9, 0.5, 0.05, 0.99, 1.0, 0.7][case % 7],
+                seed: 0,
+            };
+            let got = Sampler::new(p).distribution(&logits);
+            let want = reference(&logits, p);
+            let cut = p.top_k > 0 || p.top_p < 1.0;
+            let mut g = got.clone();
+            if !cut {
+                g.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            }
+            assert_eq!(g.len(), want.len(), "case {case} {p:?}");
+            for ((gi, gp), (wi, wp)) in g.iter().zip(&want) {
+                if cut {
+                    assert_eq!(gi, wi, "case {case} {p:?}: order");
+                }
+                assert!((*gp as f64 - wp).abs() <= 1e-6 * wp.max(1e-3), "case {case} {p:?}: p({gi}) {gp} vs {wp}");
+            }
+        }
     }
 
     #[test]
