@@ -221,6 +221,27 @@ mod tests {
         }
     }
 
+    /// Per-row cost of `distribution` on a 49,152-token row (printed, never asserted):
+    /// `cargo test --release --lib timing_distribution -- --nocapture`.
+    #[test]
+    fn timing_distribution_50k() {
+        let flat: Vec<f32> = (0..49152).map(|i| (i as f32 * 0.7919).sin() * 8.0).collect();
+        // a language model's row: a few tokens far above the rest
+        let peaked: Vec<f32> = (0..49152).map(|i| (i as f32 * 0.7919).sin() * 3.0 + if i % 997 == 0 { 12.0 } else { 0.0 }).collect();
+        for (name, row) in [("flat", &flat), ("peaked", &peaked)] {
+            for (top_k, top_p) in [(0usize, 1.0f32), (0, 0.9), (40, 1.0), (50, 0.95)] {
+                let s = Sampler::new(SamplingParams { temperature: 0.8, top_k, top_p, seed: 1 });
+                let reps = 20;
+                let t = std::time::Instant::now();
+                let mut kept = 0;
+                for _ in 0..reps {
+                    kept = s.distribution(std::hint::black_box(row)).len();
+                }
+                eprintln!("[timing] {name:<6} top_k {top_k:>2} top_p {top_p:<4}: {:>9.1?} per row ({kept} kept)", t.elapsed() / reps);
+            }
+        }
+    }
+
     #[test]
     fn top_p_keeps_the_smallest_prefix_reaching_p() {
         let logits = [10.0, 9.0, 0.0, -5.0];

@@ -38,7 +38,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::dflash_util::{fixture, random_drafter};
-use half::bf16;
+use crate::weights::{prepared, round_vec, to_bf16};
 use kairos::backend::cpu::CpuBackend;
 use kairos::backend::cuda::model::dflash::CudaDFlash;
 use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
@@ -49,67 +49,12 @@ use kairos::engine::sampling::{argmax, SamplingParams};
 use kairos::engine::speculative::dflash::DFlashDrafter;
 use kairos::engine::speculative::{generate_speculative, DraftInput, Drafter, SpecOptions};
 use kairos::model::dflash::DFlashWeights;
-use kairos::model::family::{Mlp, ModelWeights};
+use kairos::model::family::ModelWeights;
 use kairos::model::load_model;
-use kairos::model::weights::Weight;
 
 const TOL: f32 = 3e-2;
 const TOL_GRAPH: f32 = 1e-3;
 const TIE: f32 = 1e-2;
-
-macro_rules! guard {
-    () => {
-        if !kairos::backend::cuda::device_available() {
-            if std::env::var_os("KAIROS_REQUIRE_CUDA").is_some() {
-                panic!("KAIROS_REQUIRE_CUDA is set but no CUDA device was found");
-            }
-            println!("no CUDA device: skipped");
-            return;
-        }
-    };
-}
-
-fn to_bf16(w: &mut Weight) {
-    let (rows, cols) = (w.rows(), w.cols());
-    let data = w.to_f32().into_iter().map(bf16::from_f32).collect();
-    *w = Weight::Bf16 { rows, cols, data };
-}
-
-fn round_vec(v: &mut [f32]) {
-    for x in v.iter_mut() {
-        *x = bf16::from_f32(*x).to_f32();
-    }
-}
-
-/// A dense fixture's weights as the CUDA backend stores them (bf16 matrices and norms).
-fn prepared(dir: &str) -> ModelWeights {
-    let mut w = load_model(&fixture(dir)).unwrap_or_else(|e| panic!("{dir}: {e}")).weights;
-    to_bf16(&mut w.embed);
-    if let Some(h) = w.lm_head.as_mut() {
-        to_bf16(h);
-    }
-    round_vec(&mut w.final_norm);
-    for l in w.layers.iter_mut() {
-        round_vec(&mut l.input_norm);
-        round_vec(&mut l.post_attention_norm);
-        let a = &mut l.attention;
-        for lin in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
-            to_bf16(&mut lin.weight);
-        }
-        for v in [a.q_norm.as_mut(), a.k_norm.as_mut()].into_iter().flatten() {
-            round_vec(v);
-        }
-        match &mut l.mlp {
-            Mlp::Dense(m) => {
-                for lin in [&mut m.gate, &mut m.up, &mut m.down] {
-                    to_bf16(&mut lin.weight);
-                }
-            }
-            Mlp::Moe(_) => panic!("{dir}: prepared() takes dense fixtures"),
-        }
-    }
-    w
-}
 
 /// A drafter's weights as the GPU drafter stores them.
 fn round_drafter(d: &mut DFlashWeights) {

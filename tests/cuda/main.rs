@@ -17,6 +17,7 @@
 mod dflash_util;
 #[macro_use]
 mod support;
+mod weights;
 
 mod attention;
 mod bench_decode;

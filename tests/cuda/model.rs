@@ -30,8 +30,6 @@
 //! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda -- model:: --test-threads=1 --nocapture`.
 //! Without a GPU every test prints a skip line and passes (unless KAIROS_REQUIRE_CUDA=1).
 
-
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use half::bf16;
@@ -40,88 +38,15 @@ use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
 use kairos::backend::{Backend, Chunk, LogitsFor, SeqId};
 use kairos::model::family::{Attention, GatedMlp, Layer, Mlp, Moe, ModelWeights};
 use kairos::model::weights::Linear;
-use kairos::model::ModelConfig;
-use kairos::model::load_model;
 use kairos::model::weights::Weight;
-use kairos::quant::{Mxfp4Matrix, ScaleRule};
+use kairos::model::ModelConfig;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::weights::{prepared, to_mx};
+
 const TOL: f32 = 3e-2;
 const TOL_MOE: f32 = 8e-2;
-
-macro_rules! guard {
-    () => {
-        if !kairos::backend::cuda::device_available() {
-            if std::env::var_os("KAIROS_REQUIRE_CUDA").is_some() {
-                panic!("KAIROS_REQUIRE_CUDA is set but no CUDA device was found");
-            }
-            println!("no CUDA device: skipped");
-            return;
-        }
-    };
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn to_bf16(w: &mut Weight) {
-    let (rows, cols) = (w.rows(), w.cols());
-    let data = w.to_f32().into_iter().map(bf16::from_f32).collect();
-    *w = Weight::Bf16 { rows, cols, data };
-}
-
-fn to_mx(w: &mut Weight) {
-    let (rows, cols) = (w.rows(), w.cols());
-    *w = Weight::Mxfp4(Mxfp4Matrix::quantize(&w.to_f32(), rows, cols, ScaleRule::Spec).expect("quantize"));
-}
-
-fn round_vec(v: &mut [f32]) {
-    for x in v.iter_mut() {
-        *x = bf16::from_f32(*x).to_f32();
-    }
-}
-
-/// The fixture's weights as the CUDA backend stores them.
-fn prepared(dir: &str) -> ModelWeights {
-    let mut w = load_model(&fixtures().join(dir)).unwrap_or_else(|e| panic!("{dir}: {e}")).weights;
-    to_bf16(&mut w.embed);
-    if let Some(h) = w.lm_head.as_mut() {
-        to_bf16(h);
-    }
-    round_vec(&mut w.final_norm);
-    for l in w.layers.iter_mut() {
-        round_vec(&mut l.input_norm);
-        round_vec(&mut l.post_attention_norm);
-        let a = &mut l.attention;
-        for lin in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
-            to_bf16(&mut lin.weight);
-        }
-        if let Some(v) = a.q_norm.as_mut() {
-            round_vec(v);
-        }
-        if let Some(v) = a.k_norm.as_mut() {
-            round_vec(v);
-        }
-        match &mut l.mlp {
-            Mlp::Dense(m) => {
-                for lin in [&mut m.gate, &mut m.up, &mut m.down] {
-                    to_bf16(&mut lin.weight);
-                }
-            }
-            Mlp::Moe(m) => {
-                to_bf16(&mut m.router.weight);
-                for e in m.experts.iter_mut() {
-                    for lin in [&mut e.gate, &mut e.up, &mut e.down] {
-                        to_mx(&mut lin.weight);
-                    }
-                }
-            }
-        }
-    }
-    w
-}
 
 #[derive(Default)]
 struct Stats {

@@ -173,14 +173,16 @@ pub fn has_gpu() -> bool {
     })
 }
 
+/// Skips the test (with a line) without a CUDA device; fails instead under
+/// `KAIROS_REQUIRE_CUDA=1`. Holds `LOCK` for the rest of the test.
 macro_rules! guard {
     () => {
-        let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        if !has_gpu() {
+        let _g = crate::support::LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if !crate::support::has_gpu() {
             println!("no CUDA device: skipped");
             return;
         }
-        let _ = cx();
+        let _ = crate::support::cx();
     };
 }
 
