@@ -84,6 +84,14 @@ pub trait Backend: Send {
         Ok((logits.chunks(v).map(first_argmax).collect(), hidden))
     }
 
+    /// Whether this backend takes argmaxes where its logits are (a GPU), so that
+    /// `forward_capture_argmax` / `forward_capture_masked_argmax` are cheaper than
+    /// copying logits rows out. The default implementations compute every row's
+    /// logits on the host, which costs a CPU far more than `forward(.., Last)`.
+    fn argmax_on_device(&self) -> bool {
+        false
+    }
+
     /// `forward_capture_argmax` with each row's argmax over the tokens its bitset
     /// allows (`masks[r]`, one per row of the chunks in order, as
     /// [`first_argmax_allowed`] reads it; `None`: every token): greedy
@@ -160,7 +168,8 @@ pub fn first_argmax_allowed(row: &[f32], bits: &[u64]) -> Option<u32> {
                 .iter()
                 .enumerate()
                 .fold(f32::NEG_INFINITY, |a, (k, &v)| a.max(if word >> k & 1 == 1 { v } else { f32::NEG_INFINITY }));
-            if !(m > best_v) {
+            // (never NaN: `max` skips NaNs)
+            if m <= best_v {
                 continue;
             }
         }
@@ -236,7 +245,7 @@ mod tests {
         let mut seed = 11u64;
         let mut next = || {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (seed >> 11) as u64
+            seed >> 11
         };
         let levels = [f32::NEG_INFINITY, 0.0, 1.5, 3.0];
         for len in [1usize, 63, 64, 65, 200, 1000] {

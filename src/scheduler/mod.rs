@@ -71,6 +71,13 @@ impl Ord for Queued {
     }
 }
 
+/// What one step returns per active sequence: its last row's logits, or the
+/// masked argmax id the backend took where the logits are.
+enum Choices {
+    Logits(Vec<f32>),
+    Ids(Vec<u32>),
+}
+
 struct Active {
     id: u64,
     seq: SeqId,
@@ -222,9 +229,30 @@ impl Scheduler {
             self.active.iter().map(|a| a.pending.len()).filter(|&n| n > 1).sum();
         let chunks: Vec<Chunk<'_>> =
             self.active.iter().map(|a| Chunk { seq: a.seq, tokens: &a.pending }).collect();
+        // Greedy on a backend that takes argmaxes where its logits are (a GPU): each
+        // sequence's allowed-token bitset goes down with its last row, only ids come back.
+        let device_choice = self.sampler.params().temperature <= 0.0 && self.backend.argmax_on_device();
         let t = Instant::now();
-        let logits = match self.backend.forward(&chunks, LogitsFor::Last) {
-            Ok(l) => l,
+        let result = if device_choice {
+            let mut masks = Vec::with_capacity(chunks.iter().map(|c| c.tokens.len()).sum());
+            for a in &self.active {
+                masks.extend(std::iter::repeat_n(None, a.pending.len().saturating_sub(1)));
+                masks.push(Some(a.state.allowed_bits(&self.grammar)));
+            }
+            self.backend.forward_capture_masked_argmax(&chunks, &[], &masks).map(|(ids, _)| {
+                let mut last = Vec::with_capacity(chunks.len());
+                let mut row = 0;
+                for c in &chunks {
+                    row += c.tokens.len();
+                    last.push(ids[row - 1]);
+                }
+                Choices::Ids(last)
+            })
+        } else {
+            self.backend.forward(&chunks, LogitsFor::Last).map(Choices::Logits)
+        };
+        let choices = match result {
+            Ok(c) => c,
             Err(e) => {
                 self.fail_all(&format!("engine: {e}"), &mut done);
                 return done;
@@ -241,8 +269,10 @@ impl Scheduler {
         let now = Instant::now();
         let mut still = Vec::with_capacity(self.active.len());
         for (i, mut a) in std::mem::take(&mut self.active).into_iter().enumerate() {
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            let choice = a.state.sample(&self.grammar, row, &mut self.sampler);
+            let choice = match &choices {
+                Choices::Logits(logits) => a.state.sample(&self.grammar, &logits[i * vocab..(i + 1) * vocab], &mut self.sampler),
+                Choices::Ids(ids) => Some(ids[i]),
+            };
             a.pending.clear();
             let mut outcome = None;
             let advanced = choice.filter(|&id| a.state.advance(&self.grammar, id).is_ok());
@@ -286,5 +316,96 @@ impl Scheduler {
             self.backend.free_sequence(a.seq);
             done.push(JobResult { id: a.id, outcome: Outcome::Fallback { why: why.into() }, queue_wait: a.queue_wait });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::engine::constrained::VerdictSchema;
+
+    /// The CPU backend presented as one that takes argmaxes on the device: the
+    /// scheduler then sends allowed-token masks and takes ids (the GPU path),
+    /// answered here by the trait's host implementation.
+    struct DeviceArgmax(CpuBackend);
+
+    impl Backend for DeviceArgmax {
+        fn name(&self) -> String {
+            self.0.name()
+        }
+        fn vocab_size(&self) -> usize {
+            self.0.vocab_size()
+        }
+        fn max_context(&self) -> usize {
+            self.0.max_context()
+        }
+        fn new_sequence(&mut self) -> SeqId {
+            self.0.new_sequence()
+        }
+        fn free_sequence(&mut self, seq: SeqId) {
+            self.0.free_sequence(seq)
+        }
+        fn seq_len(&self, seq: SeqId) -> Result<usize, BackendError> {
+            self.0.seq_len(seq)
+        }
+        fn truncate(&mut self, seq: SeqId, len: usize) -> Result<(), BackendError> {
+            self.0.truncate(seq, len)
+        }
+        fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> Result<(), BackendError> {
+            self.0.copy_prefix(from, to, len)
+        }
+        fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError> {
+            self.0.forward(chunks, which)
+        }
+        fn forward_capture(&mut self, chunks: &[Chunk<'_>], which: LogitsFor, layers: &[usize]) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
+            self.0.forward_capture(chunks, which, layers)
+        }
+        fn argmax_on_device(&self) -> bool {
+            true
+        }
+    }
+
+    fn outcomes(backend: Box<dyn Backend>, grammar: &Arc<VerdictGrammar>, prefix: &[u32], jobs: &[Vec<u32>]) -> Vec<(u64, Outcome)> {
+        let cfg = SchedulerConfig { max_batch: 3, max_new_tokens: 40, temperature: 0.0, queue_capacity: 16, prefill_budget: 256 };
+        let mut s = Scheduler::new(backend, Arc::clone(grammar), prefix, cfg).expect("scheduler");
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        for (id, tokens) in jobs.iter().enumerate() {
+            s.submit(VerdictJob { id: id as u64, tokens: tokens.clone(), deadline });
+        }
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            if s.is_idle() {
+                break;
+            }
+            out.extend(s.step().into_iter().map(|r| (r.id, r.outcome)));
+        }
+        out.sort_by_key(|o| o.0);
+        out
+    }
+
+    /// Greedy verdicts chosen from masked argmax ids (a GPU backend's path) are the
+    /// verdicts chosen from logits rows on the host, batched, with prefills of
+    /// several tokens and forced grammar tokens in the same steps.
+    #[test]
+    fn device_choice_path_gives_the_host_verdicts() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+        let m = crate::model::load_model(&dir).expect("fixture");
+        let grammar = Arc::new(
+            VerdictGrammar::compile(&VerdictSchema::fraud_default(), &m.tokenizer.token_bytes(), &m.tokenizer.eos_ids).expect("grammar"),
+        );
+        let prefix = m.tokenizer.encode("Decide on the card payment below.", true).expect("prefix");
+        let jobs: Vec<Vec<u32>> = ["9000 EUR in Lagos at 3 am", "coffee", "two cards, one device, ten minutes", "refund 1 EUR", "x"]
+            .iter()
+            .map(|t| m.tokenizer.encode(t, false).expect("event"))
+            .collect();
+        let weights = Arc::new(m.weights);
+        let host = outcomes(Box::new(CpuBackend::new(Arc::clone(&weights))), &grammar, &prefix, &jobs);
+        let device = outcomes(Box::new(DeviceArgmax(CpuBackend::new(weights))), &grammar, &prefix, &jobs);
+        assert_eq!(host.len(), jobs.len());
+        assert!(host.iter().all(|(_, o)| matches!(o, Outcome::Model { .. })), "{host:?}");
+        assert_eq!(device, host);
     }
 }

@@ -30,10 +30,6 @@
 //! Run: `KAIROS_REQUIRE_CUDA=1 cargo test --release --features cuda --test cuda -- dflash:: --test-threads=1 --nocapture`.
 //! Without a GPU every test prints a skip line and passes (unless KAIROS_REQUIRE_CUDA=1).
 
-
-#[allow(dead_code)]
-
-
 use std::path::PathBuf;
 use std::sync::Arc;
 

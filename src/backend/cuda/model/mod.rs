@@ -845,6 +845,11 @@ impl Backend for CudaBackend {
         self.run_forward_ids(chunks, !layers.is_empty(), None)
     }
 
+    fn argmax_on_device(&self) -> bool {
+        // a rank of a sharded model masks on the host (see below)
+        self.shard.is_none()
+    }
+
     fn forward_capture_masked_argmax(
         &mut self,
         chunks: &[Chunk<'_>],
