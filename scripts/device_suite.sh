@@ -12,6 +12,9 @@
 #            dense and upcycled to 8 experts top-2 (MXFP4 experts) -> $OUT/smollm2.{json,log}
 #   dflash   DFlash on SmolLM2, dense and upcycled MoE target, with the drafter in
 #            $KAIROS_DRAFT (tools/train_dflash.py; READY_TRAIN.txt) -> $OUT/dflash*.json
+#   pipeline the embedded demo pipeline (configs/demo.toml) on cuda:0 with SmolLM2:
+#            200 generated events at 20/s -> $OUT/pipeline.{log,jsonl}, the verdict and
+#            fallback counts at the end of the log
 #
 # The SmolLM2 GGUF is 98 MB (over one call's 64 MiB): send it in two halves over two
 # consecutive calls into /tmp and set KAIROS_TEST_MODEL to the joined file.
@@ -77,7 +80,14 @@ for step in "${@:-tests}"; do
           --configs configs/fraud.toml=fraud,configs/trading.toml --verdicts 16 --chats 16 --batches 1,8,16 \
           --max-new-tokens 64 --block-size 16 --out "$out/dflash_$target.json"
       done ;;
-    *) echo "unknown step $step (tests, decode, peer, smollm2, dflash)" >&2; failed=$((failed + 1)) ;;
+    pipeline)
+      need_model pipeline || continue
+      sed -e "s|^path = .*|path = \"$model\"|" -e 's|^device = .*|device = "cuda:0"|' -e '/^fetch_pip/d' \
+        -e 's|^rate = .*|rate = 20.0|' -e 's|^count = .*|count = 200|' configs/demo.toml >/tmp/pipeline_gpu.toml
+      run pipeline sh -c "$bin/kairos run --config /tmp/pipeline_gpu.toml >$out/pipeline.jsonl"
+      echo "verdicts: $(wc -l <"$out/pipeline.jsonl"), fallbacks: $(grep -c '"kairos-fallback":"true"' "$out/pipeline.jsonl" || true)" \
+        | tee -a "$out/suite.log" ;;
+    *) echo "unknown step $step (tests, decode, peer, smollm2, dflash, pipeline)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed
