@@ -11,7 +11,7 @@
 #   smollm2  decode bench on the real SmolLM2 (KAIROS_TEST_MODEL) at batch 1/32,
 #            dense and upcycled to 8 experts top-2 (MXFP4 experts) -> $OUT/smollm2.{json,log}
 #   dflash   DFlash on SmolLM2, dense and upcycled MoE target, with the drafter in
-#            $KAIROS_DRAFT (tools/train_dflash.py; READY_TRAIN.txt) -> $OUT/dflash*.json
+#            $KAIROS_DRAFT (tools/train_dflash.py; tools/TRAIN_DFLASH.md) -> $OUT/dflash*.json
 #   pipeline the embedded demo pipeline (configs/demo.toml) on cuda:0 with SmolLM2:
 #            200 generated events at 20/s -> $OUT/pipeline.{log,jsonl}, the verdict and
 #            fallback counts at the end of the log
