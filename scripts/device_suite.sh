@@ -12,6 +12,8 @@
 #            dense and upcycled to 8 experts top-2 (MXFP4 experts) -> $OUT/smollm2.{json,log}
 #   dflash   DFlash on SmolLM2, dense and upcycled MoE target, with the drafter in
 #            $KAIROS_DRAFT (tools/train_dflash.py; tools/TRAIN_DFLASH.md) -> $OUT/dflash*.json
+#   dflash_gemv  the dense DFlash run with KAIROS_CUDA_CUBLAS=0: verify steps of 9+
+#            rows on the GEMVs instead of cuBLAS (an A/B for the verify cost) -> $OUT/dflash_gemv.json
 #   pipeline the embedded demo pipeline (configs/demo.toml) on cuda:0 with SmolLM2:
 #            200 generated events at 20/s -> $OUT/pipeline.{log,jsonl}, the verdict and
 #            fallback counts at the end of the log
@@ -80,6 +82,13 @@ for step in "${@:-tests}"; do
           --configs configs/fraud.toml=fraud,configs/trading.toml --verdicts 16 --chats 16 --batches 1,8,16 \
           --max-new-tokens 64 --block-size 16 --out "$out/dflash_$target.json"
       done ;;
+    dflash_gemv)
+      need_model dflash_gemv || continue
+      draft=${KAIROS_DRAFT:-models/dflash_smollm2}
+      [ -s "$draft/model.safetensors" ] || { echo "== dflash_gemv: skipped, no drafter in $draft" | tee -a "$out/suite.log"; continue; }
+      run dflash_gemv env KAIROS_CUDA_CUBLAS=0 $bin/kairos bench dflash --device cuda:0 --model "$model" --draft "$draft" \
+        --configs configs/fraud.toml=fraud,configs/trading.toml --verdicts 16 --chats 16 --batches 1,8 \
+        --max-new-tokens 64 --block-size 16 --out "$out/dflash_gemv.json" ;;
     pipeline)
       need_model pipeline || continue
       sed -e "s|^path = .*|path = \"$model\"|" -e 's|^device = .*|device = "cuda:0"|' -e '/^fetch_pip/d' \
@@ -87,7 +96,7 @@ for step in "${@:-tests}"; do
       run pipeline sh -c "$bin/kairos run --config /tmp/pipeline_gpu.toml >$out/pipeline.jsonl"
       echo "verdicts: $(wc -l <"$out/pipeline.jsonl"), fallbacks: $(grep -c '"kairos-fallback":"true"' "$out/pipeline.jsonl" || true)" \
         | tee -a "$out/suite.log" ;;
-    *) echo "unknown step $step (tests, decode, peer, smollm2, dflash, pipeline)" >&2; failed=$((failed + 1)) ;;
+    *) echo "unknown step $step (tests, decode, peer, smollm2, dflash, dflash_gemv, pipeline)" >&2; failed=$((failed + 1)) ;;
   esac
 done
 exit $failed
