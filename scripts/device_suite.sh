@@ -21,7 +21,8 @@
 # The SmolLM2 GGUF is 98 MB (over one call's 64 MiB): send it in two halves over two
 # consecutive calls into /tmp and set KAIROS_TEST_MODEL to the joined file.
 # Every step writes its log under $OUT (default bench/out); the exit status is the
-# number of failed steps.
+# number of failed steps. At most 8 files come back from one device call: pick the
+# steps of a call so that suite.log + their logs/JSON stay within that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
