@@ -341,9 +341,11 @@ fn smollm2_and_drafter() -> Option<(PathBuf, PathBuf)> {
     if model.exists() && draft.join("model.safetensors").exists() {
         return Some((model, draft));
     }
+    // The trained drafter is not in git (tools/TRAIN_DFLASH.md makes it on the device):
+    // its absence fails the run only when KAIROS_TEST_DFLASH asked for it.
     assert!(
-        std::env::var_os("KAIROS_REQUIRE_CUDA").is_none(),
-        "KAIROS_REQUIRE_CUDA is set but {} or {} is missing (KAIROS_TEST_MODEL, KAIROS_TEST_DFLASH)",
+        std::env::var_os("KAIROS_TEST_DFLASH").is_none(),
+        "KAIROS_TEST_DFLASH is set but {} or {} is missing (KAIROS_TEST_MODEL, KAIROS_TEST_DFLASH)",
         model.display(),
         draft.display()
     );
