@@ -275,6 +275,38 @@ fn entry_names(entries: &[&str]) -> Vec<String> {
     names
 }
 
+/// The persistent step's source: every kernel module it runs, then kernels/persistent.cu.
+fn persistent_source() -> Result<String> {
+    let mut src = String::new();
+    for name in persistent::MODULES {
+        let (_, s, _) = SOURCES
+            .iter()
+            .find(|(m, _, _)| m == name)
+            .ok_or_else(|| CudaError::Shape(format!("persistent step: no kernel module {name}")))?;
+        src.push_str(&format!("#line 1 \"kernels/{name}.cu\"\n{s}\n"));
+    }
+    src.push_str(&format!("#line 1 \"kernels/persistent.cu\"\n{}", persistent::SOURCE));
+    Ok(src)
+}
+
+/// NVRTC options of a persistent step for models of `head_dim`, `blocks_per_sm` blocks per
+/// SM and steps of up to `rows` rows. The ordering between instructions: a grid-wide
+/// barrier after each (default; on the H100 5.13 ms per Qwen3-30B-A3B step against 5.39
+/// with completion counters) or per-instruction completion counters
+/// (`KAIROS_CUDA_PK_SYNC=counters`).
+fn persistent_opts(head_dim: usize, blocks_per_sm: u32, rows: usize, counters: bool) -> Vec<String> {
+    let mut opts = vec![
+        "-DKAIROS_PERSISTENT".to_string(),
+        format!("-DPK_HEAD_DIM={head_dim}"),
+        format!("-DPK_MIN_BLOCKS={blocks_per_sm}"),
+        format!("-DPK_MAX_N={rows}"),
+    ];
+    if !counters {
+        opts.push("-DPK_BARRIER".into());
+    }
+    opts
+}
+
 /// `KAIROS_CUDA_PDL=0|1`, when set.
 fn pdl_env() -> Option<bool> {
     std::env::var("KAIROS_CUDA_PDL").ok().map(|v| v != "0")
@@ -401,27 +433,10 @@ impl CudaContext {
         if let Some(f) = self.persistent.get(&(head_dim, blocks_per_sm, rows)) {
             return Ok(*f);
         }
-        let mut src = String::new();
-        for name in persistent::MODULES {
-            let (_, s, _) = SOURCES
-                .iter()
-                .find(|(m, _, _)| m == name)
-                .ok_or_else(|| CudaError::Shape(format!("persistent step: no kernel module {name}")))?;
-            src.push_str(&format!("#line 1 \"kernels/{name}.cu\"\n{s}\n"));
-        }
-        src.push_str(&format!("#line 1 \"kernels/persistent.cu\"\n{}", persistent::SOURCE));
-        let mut opts = self.opts_list.clone();
-        opts.push("-DKAIROS_PERSISTENT".into());
-        opts.push(format!("-DPK_HEAD_DIM={head_dim}"));
-        opts.push(format!("-DPK_MIN_BLOCKS={blocks_per_sm}"));
-        opts.push(format!("-DPK_MAX_N={rows}"));
-        // The ordering between instructions: a grid-wide barrier after each (default; on the
-        // H100 5.13 ms per Qwen3-30B-A3B step against 5.39 with completion counters) or
-        // per-instruction completion counters (`KAIROS_CUDA_PK_SYNC=counters`).
         let counters = std::env::var("KAIROS_CUDA_PK_SYNC").is_ok_and(|v| v == "counters");
-        if !counters {
-            opts.push("-DPK_BARRIER".into());
-        }
+        let src = persistent_source()?;
+        let mut opts = self.opts_list.clone();
+        opts.extend(persistent_opts(head_dim, blocks_per_sm, rows, counters));
         let module = format!("persistent_d{head_dim}_b{blocks_per_sm}_n{rows}{}", if counters { "_ctr" } else { "" });
         let (ptx, _) = compile_cached(&module, &src, &opts, ptx_cache_dir().as_deref(), &self.arch, driver_version(), nvrtc_version())?;
         let cstr = |s: &str| std::ffi::CString::new(s).map_err(|_| CudaError::Shape(format!("NUL byte in {s:?}")));
@@ -503,6 +518,26 @@ mod tests {
             for f in entry_names(funcs) {
                 assert!(ptx.contains(&format!(".entry {f}(")), "kernels/{module}.cu: no entry point {f} in the PTX");
             }
+        }
+    }
+
+    /// The persistent step module (every kernel source in one, ~1 min of NVRTC here)
+    /// compiles for sm_90 with both orderings, where `KAIROS_NVRTC_PERSISTENT=1` and an
+    /// NVRTC library loads (run by hand after changing kernels it runs).
+    #[test]
+    fn persistent_module_compiles_for_sm90() {
+        // SAFETY: only asks the dynamic loader whether the library can be opened.
+        if std::env::var_os("KAIROS_NVRTC_PERSISTENT").is_none() || !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipping: set KAIROS_NVRTC_PERSISTENT=1 with NVRTC on LD_LIBRARY_PATH");
+            return;
+        }
+        let src = persistent_source().expect("source");
+        for counters in [false, true] {
+            let mut opts = vec!["--gpu-architecture=sm_90".to_string(), "--std=c++17".to_string()];
+            opts.extend(persistent_opts(128, 2, 8, counters));
+            let (ptx, _) = compile_cached("persistent_check", &src, &opts, None, "sm_90", 0, nvrtc_version())
+                .unwrap_or_else(|e| panic!("persistent step (counters {counters}): {e}"));
+            assert!(ptx.to_src().contains(".entry persistent_step("), "no persistent_step entry");
         }
     }
 }
