@@ -541,3 +541,47 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod resources {
+    use super::*;
+
+    /// Registers, spills and shared memory of every kernel as ptxas reports them for
+    /// sm_90 (NVRTC compiles to a cubin here; no GPU needed). Printed, never asserted:
+    /// `KAIROS_NVRTC_RESOURCES=1 LD_LIBRARY_PATH=$(scripts/fetch_nvrtc.sh) cargo test
+    /// --release --features cuda --lib kernel_resources -- --nocapture`.
+    #[test]
+    fn kernel_resources_sm90() {
+        // SAFETY: only asks the dynamic loader whether the library can be opened.
+        if std::env::var_os("KAIROS_NVRTC_RESOURCES").is_none() || !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipping: set KAIROS_NVRTC_RESOURCES=1 with NVRTC on LD_LIBRARY_PATH");
+            return;
+        }
+        for (module, src, _) in SOURCES {
+            let full = std::ffi::CString::new(format!("{COMMON}\n#line 1 \"kernels/{module}.cu\"\n{src}")).expect("no NUL");
+            let prog = cudarc::nvrtc::result::create_program(&full, None).expect("program");
+            let opts = ["--gpu-architecture=sm_90", "--std=c++17", "--ptxas-options=-v"];
+            // SAFETY: `prog` was just created and is destroyed below.
+            let log = unsafe {
+                let r = cudarc::nvrtc::result::compile_program(prog, &opts);
+                let log = cudarc::nvrtc::result::get_program_log(prog).expect("log");
+                let _ = cudarc::nvrtc::result::destroy_program(prog);
+                r.unwrap_or_else(|e| panic!("kernels/{module}.cu: {e:?}"));
+                log
+            };
+            let text: String = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
+            // per kernel: "Function properties for K", then "N bytes stack frame, N bytes spill
+            // stores, N bytes spill loads", then "Used N registers, ..., N bytes smem"
+            let (mut name, mut frame) = (String::new(), String::new());
+            for line in text.lines() {
+                if let Some(k) = line.split("Function properties for ").nth(1) {
+                    (name, frame) = (k.trim().to_string(), String::new());
+                } else if line.contains("stack frame") {
+                    frame = line.trim_start_matches(|c: char| !c.is_ascii_digit()).to_string();
+                } else if let Some(used) = line.split("Used ").nth(1) {
+                    println!("{module:<10} {name:<24} {used:<64} {frame}");
+                }
+            }
+        }
+    }
+}
