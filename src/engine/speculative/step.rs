@@ -153,10 +153,8 @@ fn row_masks<'g>(drafts: &[u32], state: &VerdictState, g: &'g VerdictGrammar, ou
     for j in 0..=drafts.len() {
         out.push(Some(sim.allowed_bits(g)));
         if let Some(&d) = drafts.get(j) {
-            let mut next = sim.clone();
-            if next.advance(g, d).is_ok() {
-                sim = next;
-            }
+            // a rejected token leaves the state as it was
+            let _ = sim.advance(g, d);
         }
     }
 }
