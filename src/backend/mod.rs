@@ -105,16 +105,7 @@ pub trait Backend: Send {
     ) -> Result<(Vec<u32>, Vec<f32>), BackendError> {
         check_masks(chunks, masks)?;
         let (logits, hidden) = self.forward_capture(chunks, LogitsFor::All, layers)?;
-        let v = self.vocab_size().max(1);
-        let ids = logits
-            .chunks(v)
-            .zip(masks)
-            .map(|(row, m)| match m {
-                Some(bits) => first_argmax_allowed(row, bits).unwrap_or(0),
-                None => first_argmax(row),
-            })
-            .collect();
-        Ok((ids, hidden))
+        Ok((masked_argmax_rows(&logits, self.vocab_size(), masks), hidden))
     }
 
     /// A decode step that chooses the next token on the device: each chunk appends
@@ -126,6 +117,19 @@ pub trait Backend: Send {
         let _ = (chunks, params);
         Ok(None)
     }
+}
+
+/// Each logits row's argmax over the tokens its mask allows (`None`: all; a row
+/// with no allowed logit: id 0), as `Backend::forward_capture_masked_argmax` returns.
+pub fn masked_argmax_rows(logits: &[f32], vocab: usize, masks: &[Option<&[u64]>]) -> Vec<u32> {
+    logits
+        .chunks(vocab.max(1))
+        .zip(masks)
+        .map(|(row, m)| match m {
+            Some(bits) => first_argmax_allowed(row, bits).unwrap_or(0),
+            None => first_argmax(row),
+        })
+        .collect()
 }
 
 /// `masks` holds one entry per row of `chunks` (a caller error otherwise).

@@ -628,37 +628,42 @@ impl CudaContext {
         Ok(())
     }
 
-    /// `argmax` over the tokens each row's bitset allows (a verdict grammar's
-    /// allowed set): `mask` u32 `[n, words]`, bit `i % 32` of word `i / 32` allows
-    /// token `i`, `words * 32 >= vocab`. A row with no allowed value gets id 0.
+    /// `argmax` of `m` rows of `logits` f32 `[*, vocab]` (`rows` i32 `[m]`, rows below
+    /// `n_rows`) over the tokens each one's bitset allows (a verdict grammar's allowed
+    /// set): `mask` u32 `[m, words]`, bit `i % 32` of word `i / 32` allows token `i`,
+    /// `words * 32 >= vocab`; `out` i32 `[m]`. A row with no allowed value gets id 0.
+    #[allow(clippy::too_many_arguments)]
     pub fn argmax_masked(
         &self,
         logits: &CudaSlice<f32>,
+        n_rows: usize,
+        rows: &CudaSlice<i32>,
         mask: &CudaSlice<u32>,
         words: usize,
         out: &mut CudaSlice<i32>,
-        n: usize,
+        m: usize,
         vocab: usize,
     ) -> Result<()> {
-        len_at_least(logits, n * vocab, "logits")?;
-        len_at_least(mask, n * words, "mask")?;
-        len_at_least(out, n, "out")?;
-        need(n <= ARGMAX_MAX_ROWS && words * 32 >= vocab, || {
-            format!("argmax_masked: n {n} > {ARGMAX_MAX_ROWS} or {words} mask words < vocab {vocab} / 32")
+        len_at_least(logits, n_rows * vocab, "logits")?;
+        len_at_least(rows, m, "rows")?;
+        len_at_least(mask, m * words, "mask")?;
+        len_at_least(out, m, "out")?;
+        need(m <= ARGMAX_MAX_ROWS && words * 32 >= vocab, || {
+            format!("argmax_masked: m {m} > {ARGMAX_MAX_ROWS} or {words} mask words < vocab {vocab} / 32")
         })?;
-        if n == 0 {
+        if m == 0 {
             return Ok(());
         }
         let parts = ARGMAX_PARTS.min(vocab.div_ceil(256)).max(1);
         let (v, p, w) = (vocab as i32, parts as i32, words as i32);
         {
             let mut b = self.launch("argmax_partial_masked");
-            b.arg(logits).arg(&self.argmax_scratch).arg(&v).arg(mask).arg(&w);
-            unsafe { b.launch(grid(parts, n, 1, 256)) }?;
+            b.arg(logits).arg(&self.argmax_scratch).arg(&v).arg(mask).arg(&w).arg(rows);
+            unsafe { b.launch(grid(parts, m, 1, 256)) }?;
         }
         let mut b = self.launch("argmax_final");
         b.arg(&self.argmax_scratch).arg(out).arg(&p);
-        unsafe { b.launch(grid(n, 1, 1, 32)) }?;
+        unsafe { b.launch(grid(m, 1, 1, 32)) }?;
         Ok(())
     }
 

@@ -27,6 +27,15 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use super::{drv, dptr, lc, CudaBackend, CudaContext, Res};
 use crate::backend::{BackendError, Chunk, LogitsFor};
 
+/// The masked argmax's inputs and outputs: compact per masked row.
+pub(super) struct MaskBufs {
+    /// allowed-token bitsets as u32 words, `[rows, vocab / 32]`
+    words: CudaSlice<u32>,
+    /// the step row of each masked row
+    rows: CudaSlice<i32>,
+    ids: CudaSlice<i32>,
+}
+
 /// The device buffer the captured layers are copied into.
 pub(super) struct Capture {
     layers: Vec<usize>,
@@ -175,34 +184,41 @@ impl CudaBackend {
         self.run_rows(chunks, None, capture, masks).map(|(_, ids, hidden)| (ids, hidden))
     }
 
-    /// Replaces the last step's argmax ids of rows `0..masks.len()` by the argmax
-    /// over each row's allowed tokens: the bitsets (`Backend::forward_capture_masked_argmax`)
-    /// go up as u32 words, the logits stay where they are.
-    fn mask_ids(&mut self, masks: &[Option<&[u64]>]) -> std::result::Result<(), BackendError> {
-        if masks.iter().all(Option::is_none) {
-            return Ok(());
+    /// The argmax over its allowed tokens of every last-step row that `masks` masks
+    /// (`Backend::forward_capture_masked_argmax`), as (row, id): only those rows'
+    /// bitsets go up (as u32 words), the logits stay where they are, and unmasked
+    /// rows keep the step's own argmax.
+    fn masked_ids(&mut self, masks: &[Option<&[u64]>]) -> std::result::Result<Vec<(usize, u32)>, BackendError> {
+        let masked: Vec<(usize, &[u64])> = masks.iter().enumerate().filter_map(|(r, m)| m.map(|b| (r, b))).collect();
+        if masked.is_empty() {
+            return Ok(Vec::new());
         }
-        let (v, n) = (self.cfg.vocab_size, masks.len());
+        let (v, m) = (self.cfg.vocab_size, masked.len());
         let words = v.div_ceil(64) * 2;
-        let mut host = vec![0u32; n * words];
-        for (row, m) in host.chunks_mut(words).zip(masks) {
-            match m {
-                None => row.fill(u32::MAX),
-                Some(bits) => {
-                    for (pair, &w) in row.chunks_mut(2).zip(bits.iter()) {
-                        pair[0] = w as u32;
-                        pair[1] = (w >> 32) as u32;
-                    }
-                }
+        let mut host = vec![0u32; m * words];
+        for (row, (_, bits)) in host.chunks_mut(words).zip(&masked) {
+            for (pair, &w) in row.chunks_mut(2).zip(bits.iter()) {
+                pair[0] = w as u32;
+                pair[1] = (w >> 32) as u32;
             }
         }
-        if self.mask_buf.as_ref().is_none_or(|b| b.len() < host.len()) {
-            self.mask_buf = Some(self.cx.stream.alloc_zeros::<u32>(host.len()).map_err(drv)?);
+        let rows: Vec<i32> = masked.iter().map(|&(r, _)| r as i32).collect();
+        if self.masked.as_ref().is_none_or(|b| b.rows.len() < m || b.words.len() < host.len()) {
+            let st = &self.cx.stream;
+            self.masked = Some(MaskBufs {
+                words: st.alloc_zeros::<u32>(host.len()).map_err(drv)?,
+                rows: st.alloc_zeros::<i32>(m).map_err(drv)?,
+                ids: st.alloc_zeros::<i32>(m).map_err(drv)?,
+            });
         }
-        let Some(buf) = self.mask_buf.as_mut() else { unreachable!("allocated above") };
-        self.cx.stream.memcpy_htod(&host, &mut buf.slice_mut(0..host.len())).map_err(drv)?;
-        self.cx.argmax_masked(&self.b.logits, buf, words, &mut self.b.am, n, v).map_err(super::dev)?;
-        Ok(())
+        let Some(mb) = self.masked.as_mut() else { unreachable!("allocated above") };
+        let st = &self.cx.stream;
+        st.memcpy_htod(&host, &mut mb.words.slice_mut(0..host.len())).map_err(drv)?;
+        st.memcpy_htod(&rows, &mut mb.rows.slice_mut(0..m)).map_err(drv)?;
+        self.cx.argmax_masked(&self.b.logits, masks.len(), &mb.rows, &mb.words, words, &mut mb.ids, m, v).map_err(super::dev)?;
+        let mut ids = vec![0i32; m];
+        st.memcpy_dtoh(&mb.ids.slice(0..m), &mut ids).map_err(drv)?;
+        Ok(masked.iter().zip(ids).map(|(&(r, _), id)| (r, id as u32)).collect())
     }
 
     /// Logits as `which` asks, or (`None`) every row's argmax id (over the tokens
@@ -239,12 +255,14 @@ impl CudaBackend {
         if !rows.is_empty() && rows.len() <= self.max_tok {
             // one step: replayed from the graph of its row bucket
             self.decode_launch(&rows)?;
-            if let (None, Some(m)) = (which, masks) {
-                self.mask_ids(m)?;
-            }
             match which {
                 Some(_) => self.read_logits(&want, &mut out)?,
-                None => self.read_ids(rows.len(), &mut ids)?,
+                None => {
+                    self.read_ids(rows.len(), &mut ids)?;
+                    for (r, id) in self.masked_ids(masks.unwrap_or_default())? {
+                        ids[r] = id;
+                    }
+                }
             }
             if capture {
                 blocks.push((self.read_capture(rows.len())?, rows.len()));
@@ -256,12 +274,16 @@ impl CudaBackend {
                 let max_len = mb.iter().map(|r| r.2 + 1).max().unwrap_or(1);
                 let splits = self.splits_for(n, max_len);
                 self.encode_step(n, splits).map_err(super::dev)?;
-                if let (None, Some(m)) = (which, masks) {
-                    self.mask_ids(&m[k * self.max_tok..k * self.max_tok + n])?;
-                }
                 match which {
                     Some(_) => self.read_logits(wmb, &mut out)?,
-                    None => self.read_ids(n, &mut ids)?,
+                    None => {
+                        let at = ids.len();
+                        self.read_ids(n, &mut ids)?;
+                        let mb_masks = masks.map_or(&[][..], |m| &m[k * self.max_tok..k * self.max_tok + n]);
+                        for (r, id) in self.masked_ids(mb_masks)? {
+                            ids[at + r] = id;
+                        }
+                    }
                 }
                 if capture {
                     blocks.push((self.read_capture(n)?, n));

@@ -29,8 +29,9 @@
 //! i32 arrays, launches the graph and reads back logits (or argmax ids):
 //! no allocation, no host sync inside the step. Longer chunks (prefill) run
 //! the same launches eagerly in micro-batches of `max_step_tokens` rows.
-//! GEMVs take at most 8 rows per launch, so steps of more than 8 rows read
-//! each dense weight `ceil(rows/8)` times (cuBLAS for large n is a next step).
+//! Dense weights of steps of `GEMM_MIN_ROWS`+ rows go through cuBLAS GEMMs,
+//! smaller steps through GEMVs of up to 8 rows. The launches of one step are
+//! in `step.rs`; hidden-state capture and the logits/ids read-back in `capture.rs`.
 
 use std::collections::HashMap;
 
@@ -40,11 +41,10 @@ use half::bf16;
 
 use super::kernels::{AttnWorkspace, KvShape};
 use super::gemm::{BlasGemm, GEMM_MIN_ROWS};
-use super::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN};
 use super::{persistent, CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
 use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
-use crate::model::config::{Activation, AttentionKind, ModelConfig, RouterKind};
+use crate::model::config::{Activation, AttentionKind, ModelConfig};
 use crate::model::family::{GatedMlp, Mlp, ModelWeights};
 use crate::model::weights::{Linear, Weight};
 use crate::quant::{Mxfp4Matrix, ScaleRule};
@@ -55,6 +55,7 @@ mod capture;
 pub mod dflash;
 mod ops;
 mod shard;
+mod step;
 mod upload;
 
 use ops::{activation, dense, dptr, grow_kv, lc, pre_norm, Pend};
@@ -231,8 +232,8 @@ pub struct CudaBackend {
     shard: Option<shard::ShardState>,
     /// Hidden states copied out of each step for DFlash (see `capture.rs`).
     cap: Option<capture::Capture>,
-    /// Per-row allowed-token bitsets of a masked argmax (see `capture.rs`), grown on demand.
-    mask_buf: Option<CudaSlice<u32>>,
+    /// Buffers of the masked argmax (see `capture.rs`), grown on demand.
+    masked: Option<capture::MaskBufs>,
 }
 
 
@@ -344,7 +345,7 @@ impl CudaBackend {
             cfg: c,
             comm: None,
             cap: None,
-            mask_buf: None,
+            masked: None,
             shard: None,
         })
     }
@@ -377,178 +378,6 @@ impl CudaBackend {
 
     fn splits_for(&self, n: usize, max_len: usize) -> usize {
         self.cx.attention_splits(n, self.cfg.num_heads, self.cfg.num_kv_heads, max_len, MAX_SPLITS)
-    }
-
-    /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
-    fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
-        let capt = self.capture_plan();
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, .. } = self;
-        let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
-        let st = cx.stream.clone();
-        let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
-            match comm.as_ref() {
-                Some(cm) => cm.all_reduce_sum(&st, buf, len).map_err(shard::comm_err),
-                None => Ok(()),
-            }
-        };
-        // a rank with tp == 1 holds attention and dense MLPs whole: nothing to sum
-        let tp_reduce = shard.as_ref().is_none_or(|s| s.tp_reduces());
-        let k_top = c.moe.as_ref().map_or(1, |m| m.top_k);
-        let mut pend = Pend::None;
-        // the expert down biases of a pending MoE combine (gpt-oss), folded into the next rmsnorm
-        let mut moe_bias: Option<&CudaSlice<f32>> = None;
-        let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
-        let qkvd = (nq + 2 * nkv) * hd;
-        let eps = c.rms_norm_eps;
-        match shard.as_ref() {
-            Some(s) => {
-                s.check_comm(comm.as_deref())?;
-                s.embed(cx, &w.embed, &b.ids, &mut b.x, n, h)?;
-                reduce(&mut b.x, n * h)?;
-            }
-            None => cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?,
-        }
-        for (li, l) in w.layers.iter().enumerate() {
-            pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &l.ln1, &mut b.h, n, h, eps)?;
-            if li > 0 {
-                capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
-            }
-            dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
-            if fused {
-                let a = [nq as i32, nkv as i32, hd as i32];
-                let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
-                let null = 0u64;
-                let mut lb = cx.launch("rope_qk_kv");
-                lb.arg(&mut b.qkv).arg(&b.pos).arg(&b.slots).arg(&w.inv_freq);
-                match &l.q_norm {
-                    Some(q) => lb.arg(q),
-                    None => lb.arg(&null),
-                };
-                match &l.k_norm {
-                    Some(k) => lb.arg(k),
-                    None => lb.arg(&null),
-                };
-                lb.arg(&mut *k_cache).arg(&mut *v_cache).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&eps).arg(&w.mscale);
-                lb.arg(&b2[0]).arg(&b2[1]).arg(&b2[2]);
-                unsafe { lb.launch(lc(n * (nq + 2 * nkv), 1, 1, 32)) }?;
-            } else {
-                cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
-                cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, n, nq, li, kv)?;
-            }
-            if matches!(hd, 64 | 128 | 256) {
-                cx.attention_decode(
-                    &b.qkv, k_cache, v_cache, &b.slots, &b.lens, l.sinks.as_ref(), &mut b.attn, &mut b.ws, n, nq, qkvd, li,
-                    kv, *scale, l.window, splits,
-                )?;
-            } else {
-                if hd > 256 {
-                    return Err(CudaError::Shape(format!("head_dim {hd} > 256")));
-                }
-                let a = [nq as i32, nkv as i32, hd as i32, li as i32, kv.n_layers as i32, kv.max_pos as i32];
-                let (win, qs, null) = (l.window as i32, qkvd as i64, 0u64);
-                let mut lb = cx.launch("attention_generic");
-                lb.arg(&b.qkv).arg(&*k_cache).arg(&*v_cache).arg(&b.slots).arg(&b.lens);
-                match &l.sinks {
-                    Some(s) => lb.arg(s),
-                    None => lb.arg(&null),
-                };
-                lb.arg(&mut b.attn);
-                for x in a.iter() {
-                    lb.arg(x);
-                }
-                lb.arg(&*scale).arg(&win).arg(&qs);
-                unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
-            }
-            dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
-            if tp_reduce {
-                reduce(&mut b.delta, n * h)?;
-            }
-            let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
-            if q8_layer {
-                cx.rmsnorm_residual_q8(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, &mut b.hq, &mut b.hd, n, h, eps)?;
-            } else {
-                cx.rmsnorm_residual::<u16>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, n, h, eps)?;
-            }
-            match &l.mlp {
-                DMlp::Dense { gu, down, inter } => {
-                    let inter = *inter;
-                    dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
-                    activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
-                    dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
-                    if tp_reduce {
-                        reduce(&mut b.delta, n * h)?;
-                    }
-                    pend = Pend::Delta;
-                }
-                DMlp::Moe { router, router_bias, gu, down, inter, gu_bias, down_bias } => {
-                    let m = c.moe.as_ref().expect("MoE layer without MoE config");
-                    let (e, k, inter) = (m.num_experts, m.top_k, *inter);
-                    let renorm = match m.router {
-                        RouterKind::SoftmaxTopK { renormalize } => renormalize,
-                        // softmax over the top-k logits == softmax over all, renormalised over the k
-                        RouterKind::TopKSoftmax => true,
-                    };
-                    dense(cx, gemm, router, dptr(&b.h, &st), true, dptr(&b.rlogits, &st), e, h, n, router_bias.as_ref())?;
-                    cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
-                    let sharded = shard.is_some();
-                    // a rank computes its own experts only (ids of other ranks' become -1)
-                    let (e, tid) = match shard.as_mut() {
-                        Some(s) => (s.experts_local(), s.local_ids(cx, &b.tid, n * k)?),
-                        None => (e, &b.tid),
-                    };
-                    // many rows, no expert split: each expert read once for all its assignments
-                    let group = q8_layer
-                        && !sharded
-                        && n >= GEMM_MIN_ROWS
-                        && n * k >= e.saturating_mul(*group_min)
-                        && n * k <= GROUP_MAX_ASSIGN
-                        && e <= 512;
-                    if q8_layer {
-                        let act = match c.activation {
-                            Activation::SiluGlu => GateAct::SiluGlu,
-                            Activation::GptOssGlu { alpha, limit } => GateAct::GptOss { alpha, limit },
-                        };
-                        if group {
-                            cx.moe_group(tid, n * k, e, &mut b.goff, &mut b.glist)?;
-                        }
-                        let experts = if group { Experts::Grouped { off: &b.goff, list: &b.glist } } else { Experts::Ids(tid) };
-                        cx.moe_gate_up_q8(
-                            &gu.blocks, &gu.scales, &b.hq, &b.hd, experts, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
-                            inter, h, e,
-                        )?;
-                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
-                    } else {
-                        cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, tid, n * k, k, 2 * inter, h, e)?;
-                        if let Some(bias) = gu_bias {
-                            cx.add_expert_bias(&mut b.gu, bias, tid, n * k, 2 * inter)?;
-                        }
-                        activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
-                        cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, tid, n * k, 1, h, inter, e)?;
-                    }
-                    if fused {
-                        // the next rmsnorm adds the down biases with the combine
-                        moe_bias = down_bias.as_ref();
-                        pend = Pend::Moe;
-                    } else {
-                        if let Some(bias) = down_bias {
-                            cx.add_expert_bias(&mut b.ye, bias, tid, n * k, h)?;
-                        }
-                        cx.moe_combine(&b.ye, &b.tw, &mut b.delta, n, k, h)?;
-                        reduce(&mut b.delta, n * h)?;
-                        pend = Pend::Delta;
-                    }
-                }
-            }
-        }
-        pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &w.final_norm, &mut b.hf, n, h, eps)?;
-        capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), c.num_layers - 1, n, h)?;
-        let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        match shard.as_mut() {
-            Some(s) => s.lm_head(cx, comm.as_deref(), head, &b.hf, &mut b.logits, n, h)?,
-            None => dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?,
-        }
-        cx.argmax(&b.logits, &mut b.am, n, v)?;
-        Ok(())
     }
 
     /// Uploads step inputs for `rows` (token, slot, position), padded to `n_pad` rows.
@@ -863,16 +692,7 @@ impl Backend for CudaBackend {
         if self.shard.is_some() {
             // a rank's logits buffer is not the assembled vocabulary: mask on the host
             let (logits, hidden) = self.run_forward(chunks, LogitsFor::All, !layers.is_empty())?;
-            let v = self.cfg.vocab_size;
-            let ids = logits
-                .chunks(v)
-                .zip(masks)
-                .map(|(row, m)| match m {
-                    Some(bits) => crate::backend::first_argmax_allowed(row, bits).unwrap_or(0),
-                    None => crate::backend::first_argmax(row),
-                })
-                .collect();
-            return Ok((ids, hidden));
+            return Ok((crate::backend::masked_argmax_rows(&logits, self.cfg.vocab_size, masks), hidden));
         }
         self.run_forward_ids(chunks, !layers.is_empty(), Some(masks))
     }
