@@ -24,6 +24,11 @@ fn req(prompt: &[u32], n: usize, eos: &[u32], sampling: SamplingParams) -> Gener
     GenerateRequest { prompt_ids: prompt.to_vec(), max_new_tokens: n, sampling, eos_ids: eos.to_vec(), top_logits: 0 }
 }
 
+/// Plain greedy decoding of each prompt, one after the other.
+fn plain_greedy(backend: &mut CpuBackend, prompts: &[Vec<u32>], n: usize, eos: &[u32]) -> Vec<Vec<u32>> {
+    prompts.iter().map(|p| generate(backend, &req(p, n, eos, SamplingParams::default())).unwrap().output_ids).collect()
+}
+
 fn fixed(b: usize) -> SpecOptions {
     SpecOptions { block_size: b, adaptive: None }
 }
@@ -77,10 +82,7 @@ fn greedy_is_identical_with_and_without_the_drafter_on_the_fixture() {
         .collect();
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
-    let plain: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| generate(&mut backend, &req(p, 40, &eos, SamplingParams::default())).unwrap().output_ids)
-        .collect();
+    let plain = plain_greedy(&mut backend, &prompts, 40, &eos);
     for b in [1, 2, 4, 8, 16] {
         let mut drafter = DFlashDrafter::new(Arc::clone(&draft), Arc::clone(&target));
         // One at a time, then all three in one batch.
@@ -149,10 +151,7 @@ fn greedy_is_identical_on_an_upcycled_moe_target() {
         ["The quick brown fox", "a b c d e f g"].iter().map(|p| m.tokenizer.encode(p, true).unwrap()).collect();
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
-    let plain: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| generate(&mut backend, &req(p, 32, &eos, SamplingParams::default())).unwrap().output_ids)
-        .collect();
+    let plain = plain_greedy(&mut backend, &prompts, 32, &eos);
     let reqs: Vec<_> = prompts.iter().map(|p| req(p, 32, &eos, SamplingParams::default())).collect();
     let moe_cost = CostModel { per_token: 0.05, moe_share: 0.8, experts: Some((4, 2)) };
     for opts in [fixed(4), fixed(8), SpecOptions { block_size: 8, adaptive: Some(moe_cost) }] {
@@ -176,10 +175,7 @@ fn smollm2_greedy_is_identical_with_a_random_drafter() {
     let draft = Arc::new(random_drafter(&m.weights.config, 1, 8, 7));
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
-    let plain: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| generate(&mut backend, &req(p, 24, &eos, SamplingParams::default())).unwrap().output_ids)
-        .collect();
+    let plain = plain_greedy(&mut backend, &prompts, 24, &eos);
     let mut drafter = DFlashDrafter::new(draft, Arc::clone(&target));
     let reqs: Vec<_> = prompts.iter().map(|p| req(p, 24, &eos, SamplingParams::default())).collect();
     let out = generate_speculative(&mut backend, &mut drafter, &reqs, None, &fixed(4)).unwrap();
