@@ -33,6 +33,16 @@ on SmolLM2 applies unchanged to its upcycled MoE (tests/moe_upcycle.rs shows
 the logits are the dense ones). `--target-moe E,K` upcycles the loaded target
 before use to demonstrate this (slower; same result).
 
+But kairos' CUDA backend stores MoE experts in MXFP4 (an upcycled target's too),
+which changes SmolLM2's outputs (top-1 agreement 0.72 with the unquantized model,
+bench/results/fp4_quality_smollm2.md), so a drafter trained on the dense target
+accepts far less on that MoE target. `--target-quant mxfp4` (gen and train) runs the
+target with every MLP weight rounded through MXFP4 exactly as kairos quantizes
+experts at upload (OCP spec scale floor(log2 amax) - 2 per 32 inputs, E2M1
+round-to-nearest-even): its generations and hidden states are the MoE target's
+(up to the GPU's int8 expert activations). `--init-drafter DIR` starts training
+from an exported drafter (e.g. the dense one) instead of from the target.
+
 Target loading: an HF folder, or a .gguf file through transformers' GGUF loader
 (needs the `gguf` package), e.g. models/cache/SmolLM2-135M-Instruct.Q4_1.gguf.
 """
@@ -85,6 +95,40 @@ class UpcycledMlp(nn.Module):
                 sel = idx[..., j] == e
                 out[sel] += w[..., j][sel, None] * self.experts[e](x[sel])
         return out
+
+
+# E2M1 magnitudes and the midpoints between them; a value on a midpoint goes to the
+# even code: down at 0.25, 1.25, 2.5, 5 (bucketize's default), up at 0.75, 1.75, 3.5.
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MIDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def mxfp4_roundtrip(w):
+    """w [rows, cols] (cols % 32 == 0) through MXFP4 and back, as kairos'
+    Mxfp4Matrix::quantize(ScaleRule::Spec) and its dequantization."""
+    rows, cols = w.shape
+    x = w.float().reshape(rows, cols // 32, 32)
+    amax = x.abs().amax(-1, keepdim=True)
+    _, ex = torch.frexp(amax)  # amax = m * 2^ex, m in [0.5, 1): floor(log2 amax) = ex - 1
+    e = (ex - 1 - 2).clamp(-127, 127).float()
+    d = torch.where(amax > 0, torch.exp2(e), torch.ones_like(amax))
+    a = (x / d).abs()
+    mids = torch.tensor(E2M1_MIDS, device=w.device)
+    idx = torch.bucketize(a, mids)
+    idx = idx + ((a == 0.75) | (a == 1.75) | (a == 3.5)).long()
+    q = torch.tensor(E2M1_GRID, device=w.device)[idx] * torch.sign(x) * d
+    return q.reshape(rows, cols).to(w.dtype)
+
+
+def quantize_mlps(model, fmt):
+    """Every MLP projection's weight rounded through `fmt` (the MoE target kairos runs)."""
+    if fmt != "mxfp4":
+        raise SystemExit(f"--target-quant {fmt}: only mxfp4 is supported")
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(layer.mlp, name)
+            lin.weight.data = mxfp4_roundtrip(lin.weight.data)
+    return model
 
 
 def upcycle_target(model, experts, top_k):
@@ -367,6 +411,8 @@ def cmd_gen(args):
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     target, tok = load_target(args.target, device, dtype)
+    if args.target_quant:
+        quantize_mlps(target, args.target_quant)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = out / "data.pt"
@@ -471,6 +517,8 @@ def cmd_train(args):
     cuda = device.startswith("cuda")
     tdtype = torch.bfloat16 if cuda else torch.float32
     target, tok = load_target(args.target, device, tdtype)
+    if args.target_quant:
+        quantize_mlps(target, args.target_quant)
     if args.target_moe:
         e, k = (int(x) for x in args.target_moe.split(","))
         upcycle_target(target, e, k)
@@ -478,8 +526,12 @@ def cmd_train(args):
     out = Path(args.out)
     state_path = out / "train_state.pt"
     state = torch.load(state_path) if args.resume and state_path.exists() else None
+    init = Path(args.init_drafter) if args.init_drafter and not state else None
     if state:
         cfg = state["config"]
+    elif init:
+        cfg = json.loads((init / "config.json").read_text())
+        cfg.pop("dtype", None)
     else:
         mask_id = args.mask_token_id if args.mask_token_id >= 0 else pick_mask_token(tok, target.config.vocab_size)
         cfg = drafter_config(target, args, mask_id)
@@ -490,6 +542,10 @@ def cmd_train(args):
     drafter = Drafter(cfg).to(device)
     if state:
         drafter.load_state_dict(state["model"])
+    elif init:
+        from safetensors.torch import load_file
+
+        drafter.load_state_dict({k: v.float() for k, v in load_file(str(init / "model.safetensors")).items()})
     elif args.init_from_target:
         init_from_target(drafter, target)
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -592,6 +648,7 @@ def main():
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--minutes", type=float, default=8.0, help="time budget of this call")
+        p.add_argument("--target-quant", default="", help="mxfp4: MLP weights through MXFP4 (kairos' MoE experts)")
     g = sub.choices["gen"]
     g.add_argument("--prompts", required=True, help="JSONL prompt file")
     g.add_argument("--max-new-tokens", type=int, default=160)
@@ -617,6 +674,7 @@ def main():
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument("--no-init-from-target", dest="init_from_target", action="store_false")
     t.add_argument("--export-f32", action="store_true", help="export float32 instead of bfloat16")
+    t.add_argument("--init-drafter", default="", help="exported drafter folder to start from")
     t.add_argument("--target-moe", default="", help="E,K: upcycle the target to MoE first (same hidden states)")
     r = sub.add_parser("reference", help="drafter logits of one block (kairos cross-check fixture)")
     r.add_argument("--target", required=True)

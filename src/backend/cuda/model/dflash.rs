@@ -19,25 +19,61 @@
 //! lm_head. Activations are f32 (GEMVs read f32 inputs), weights and the KV
 //! cache bf16.
 //!
+//! Passes of at most `DRAFT_GRAPH_ROWS` block rows and as many context rows
+//! (every pass after the first one of a sequence: the block and the tokens
+//! accepted since) are padded to power-of-two row counts and replayed from a
+//! CUDA graph per (block rows, context rows) bucket, captured on first use:
+//! one launch instead of ~40, no per-pass cuBLAS set-up on the host. Padding
+//! rows have slot −1 and length 0 (they write no cache and attend to nothing;
+//! their outputs are never read). Eager passes of the same size use the same
+//! padding and attention splits, so a graph pass equals an eager one bit for
+//! bit. Bigger passes (a prompt's whole context) run eagerly, unpadded. A
+//! graph bakes the buffers' addresses in: growing the buffers or the KV cache
+//! drops the graphs.
+//!
 //! The drafter has its own driver stream (the same device's primary context as
 //! the target) and its own copies of the target's embedding and lm_head, made
 //! device-to-device from the target backend's tensors once; the engine calls
 //! drafter and target one after the other from one thread, and each returns to
-//! the host, so the two streams never race. Launches are eager (the row count
-//! changes every pass with the accepted lengths).
+//! the host, so the two streams never race.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::upload::{bf16_bits, fuse_rows, rope_tables, weight_bits};
 use super::{dense, dev, dptr, drv, lc, CudaBackend, Res, MAX_SPLITS};
-use crate::backend::cuda::kernels::{AttnWorkspace, KvShape, ARGMAX_MAX_ROWS};
 use crate::backend::cuda::gemm::BlasGemm;
+use crate::backend::cuda::kernels::{AttnWorkspace, KvShape, ARGMAX_MAX_ROWS};
 use crate::backend::cuda::CudaContext;
 use crate::backend::BackendError;
 use crate::model::config::Activation;
 use crate::model::dflash::{DFlashConfig, DFlashWeights};
+
+/// Largest block-row and context-row count of a pass replayed from a CUDA graph.
+pub const DRAFT_GRAPH_ROWS: usize = 256;
+
+/// A captured pass, used from one thread at a time (as the target's graphs).
+struct DraftGraph(CudaGraph);
+// SAFETY: only touched through `&mut CudaDFlash`, never concurrently; cudarc binds
+// the context to the calling thread on launch.
+unsafe impl Send for DraftGraph {}
+
+/// The rows a pass of `nb` block and `nc` context rows computes: padded to powers
+/// of two (0 context rows stay 0) when both fit a graph, else as they are; the
+/// bool says whether they were padded (and may replay a graph).
+pub fn pass_rows(nb: usize, nc: usize) -> (usize, usize, bool) {
+    if nb <= DRAFT_GRAPH_ROWS && nc <= DRAFT_GRAPH_ROWS {
+        (
+            nb.next_power_of_two(),
+            if nc == 0 { 0 } else { nc.next_power_of_two() },
+            true,
+        )
+    } else {
+        (nb, nc, false)
+    }
+}
 
 /// One sequence's input to a drafter pass (the engine's `DraftInput` without the tokens).
 pub struct DraftBlock<'a> {
@@ -144,7 +180,8 @@ pub(crate) fn plan_rows(specs: &[RowSpec], mask_token: u32) -> RowPlan {
     for s in specs {
         p.block_start.push(p.ids.len());
         for j in 0..s.block {
-            p.ids.push(if j == 0 { s.first_token } else { mask_token } as i32);
+            p.ids
+                .push(if j == 0 { s.first_token } else { mask_token } as i32);
             // every block row sees the whole context and the whole block
             p.lens.push((s.position + s.block) as i32);
             p.pos.push((s.position + j) as i32);
@@ -156,6 +193,31 @@ pub(crate) fn plan_rows(specs: &[RowSpec], mask_token: u32) -> RowPlan {
             p.pos.push((s.ctx_start + r) as i32);
             p.slots.push(s.slot as i32);
         }
+    }
+    p
+}
+
+/// The uploaded rows of a pass of `nb` block and `nc` context rows (`plan` padded):
+/// padding block rows are mask tokens of length 0, padding rows of both kinds
+/// have slot −1 and position 0.
+pub(crate) fn pad_rows(plan: &RowPlan, nb: usize, nc: usize, mask_token: u32) -> RowPlan {
+    let (b, c) = (plan.n_block, plan.n_ctx);
+    let mut p = RowPlan {
+        ids: plan.ids.clone(),
+        lens: plan.lens.clone(),
+        pos: Vec::with_capacity(nb + nc),
+        slots: Vec::with_capacity(nb + nc),
+        block_start: plan.block_start.clone(),
+        n_block: nb,
+        n_ctx: nc,
+    };
+    p.ids.resize(nb, mask_token as i32);
+    p.lens.resize(nb, 0);
+    for (from, to, real) in [(0, nb, b), (b, nc, c)] {
+        p.pos.extend_from_slice(&plan.pos[from..from + real]);
+        p.pos.resize(p.pos.len() + to - real, 0);
+        p.slots.extend_from_slice(&plan.slots[from..from + real]);
+        p.slots.resize(p.slots.len() + to - real, -1);
     }
     p
 }
@@ -174,6 +236,11 @@ pub struct CudaDFlash {
     scale: f32,
     /// cuBLAS for passes of 9+ rows (a block of 16, the context rows); None: GEMVs
     gemm: Option<BlasGemm>,
+    /// replay padded passes from CUDA graphs (the target's `graphs` option;
+    /// `KAIROS_CUDA_DRAFT_GRAPHS=0` turns it off)
+    use_graphs: bool,
+    /// by (block rows, context rows) after padding
+    graphs: HashMap<(usize, usize), DraftGraph>,
 }
 
 fn copy_device(cx: &CudaContext, src: &CudaSlice<u16>) -> Res<CudaSlice<u16>> {
@@ -194,7 +261,11 @@ impl CudaDFlash {
                 target.cfg.hidden_size
             )));
         }
-        if !hd.is_multiple_of(2) || hd > 256 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
+        if !hd.is_multiple_of(2)
+            || hd > 256
+            || c.num_kv_heads == 0
+            || !c.num_heads.is_multiple_of(c.num_kv_heads)
+        {
             return Err(BackendError::Unsupported(format!(
                 "GPU drafter: head_dim {hd} (even, at most 256) with {} heads over {} KV heads",
                 c.num_heads, c.num_kv_heads
@@ -202,10 +273,14 @@ impl CudaDFlash {
         }
         let biased = draft.fc.bias.is_some()
             || draft.layers.iter().any(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down].iter().any(|x| x.bias.is_some())
+                [&l.q, &l.k, &l.v, &l.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
+                    .iter()
+                    .any(|x| x.bias.is_some())
             });
         if biased {
-            return Err(BackendError::Unsupported("GPU drafter: projections with biases are not supported".into()));
+            return Err(BackendError::Unsupported(
+                "GPU drafter: projections with biases are not supported".into(),
+            ));
         }
         let cx = CudaContext::new(target.ordinal).map_err(dev)?;
         // the target's weights were uploaded on its own stream
@@ -217,11 +292,21 @@ impl CudaDFlash {
             layers.push(Layer {
                 ln1: up(bf16_bits(&l.input_norm))?,
                 ln2: up(bf16_bits(&l.post_attention_norm))?,
-                wqkv: up([weight_bits(&l.q.weight), weight_bits(&l.k.weight), weight_bits(&l.v.weight)].concat())?,
+                wqkv: up([
+                    weight_bits(&l.q.weight),
+                    weight_bits(&l.k.weight),
+                    weight_bits(&l.v.weight),
+                ]
+                .concat())?,
                 wo: up(weight_bits(&l.o.weight))?,
                 q_norm: up(bf16_bits(&l.q_norm))?,
                 k_norm: up(bf16_bits(&l.k_norm))?,
-                gu: up(fuse_rows(&weight_bits(&l.mlp.gate.weight), &weight_bits(&l.mlp.up.weight), h, interleave))?,
+                gu: up(fuse_rows(
+                    &weight_bits(&l.mlp.gate.weight),
+                    &weight_bits(&l.mlp.up.weight),
+                    h,
+                    interleave,
+                ))?,
                 down: up(weight_bits(&l.mlp.down.weight))?,
                 inter: l.mlp.gate.out_features(),
             });
@@ -240,13 +325,27 @@ impl CudaDFlash {
             inv_freq,
             mscale,
         };
-        let kv = KvShape { n_slots: 4, n_layers: draft.layers.len(), n_kv_heads: c.num_kv_heads, max_pos: target.max_context, head_dim: hd };
+        let kv = KvShape {
+            n_slots: 4,
+            n_layers: draft.layers.len(),
+            n_kv_heads: c.num_kv_heads,
+            max_pos: target.max_context,
+            head_dim: hd,
+        };
         let k_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
         let v_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
         cx.stream.synchronize().map_err(drv)?;
-        let gemm = if target.gemm.is_some() { BlasGemm::new(&cx.stream, 16, draft.fc.in_features()).ok() } else { None };
+        let gemm = if target.gemm.is_some() {
+            BlasGemm::new(&cx.stream, 16, draft.fc.in_features()).ok()
+        } else {
+            None
+        };
+        let use_graphs = target.use_graphs
+            && std::env::var("KAIROS_CUDA_DRAFT_GRAPHS").map_or(true, |v| v != "0");
         Ok(Self {
             gemm,
+            use_graphs,
+            graphs: HashMap::new(),
             cx,
             vocab: target.cfg.vocab_size,
             ctx_width: draft.fc.in_features(),
@@ -263,6 +362,19 @@ impl CudaDFlash {
 
     pub fn config(&self) -> &DFlashConfig {
         &self.cfg
+    }
+
+    /// Replay padded passes from CUDA graphs (on by default with the target's graphs).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+        self.graphs.clear();
+    }
+
+    /// Row buckets (block rows, context rows) whose graphs have been captured (tests).
+    pub fn graph_buckets(&self) -> Vec<(usize, usize)> {
+        let mut v: Vec<_> = self.graphs.keys().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     pub fn new_sequence(&mut self) -> usize {
@@ -313,7 +425,13 @@ impl CudaDFlash {
         for (s, &start) in specs.iter().zip(&plan.block_start) {
             let mut rows = vec![0f32; (s.block - 1) * v];
             if s.block > 1 {
-                self.cx.stream.memcpy_dtoh(&b.logits.slice((start + 1) * v..(start + s.block) * v), &mut rows).map_err(drv)?;
+                self.cx
+                    .stream
+                    .memcpy_dtoh(
+                        &b.logits.slice((start + 1) * v..(start + s.block) * v),
+                        &mut rows,
+                    )
+                    .map_err(drv)?;
             }
             out.push(rows);
         }
@@ -323,7 +441,10 @@ impl CudaDFlash {
 
     /// `draft` for greedy drafting: the argmax id (ties: lowest) of block
     /// positions 1..B, computed on the device; only the ids cross to the host.
-    pub fn draft_argmax(&mut self, blocks: &[DraftBlock<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
+    pub fn draft_argmax(
+        &mut self,
+        blocks: &[DraftBlock<'_>],
+    ) -> Result<Vec<Vec<u32>>, BackendError> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
@@ -332,20 +453,32 @@ impl CudaDFlash {
         let b = self.b.as_mut().expect("allocated by run_pass");
         let mut am = vec![0i32; nb];
         if nb <= ARGMAX_MAX_ROWS {
-            self.cx.argmax(&b.logits, &mut b.am, nb, self.vocab).map_err(dev)?;
-            self.cx.stream.memcpy_dtoh(&b.am.slice(0..nb), &mut am).map_err(drv)?;
+            self.cx
+                .argmax(&b.logits, &mut b.am, nb, self.vocab)
+                .map_err(dev)?;
+            self.cx
+                .stream
+                .memcpy_dtoh(&b.am.slice(0..nb), &mut am)
+                .map_err(drv)?;
         } else {
             // more rows than one argmax launch takes: on the host
             let v = self.vocab;
             let mut logits = vec![0f32; nb * v];
-            self.cx.stream.memcpy_dtoh(&b.logits.slice(0..nb * v), &mut logits).map_err(drv)?;
+            self.cx
+                .stream
+                .memcpy_dtoh(&b.logits.slice(0..nb * v), &mut logits)
+                .map_err(drv)?;
             self.cx.stream.synchronize().map_err(drv)?;
             for (a, row) in am.iter_mut().zip(logits.chunks(v)) {
                 *a = crate::backend::first_argmax(row) as i32;
             }
         }
         self.finish_pass(&specs)?;
-        Ok(specs.iter().zip(&plan.block_start).map(|(s, &st)| am[st + 1..st + s.block].iter().map(|&x| x as u32).collect()).collect())
+        Ok(specs
+            .iter()
+            .zip(&plan.block_start)
+            .map(|(s, &st)| am[st + 1..st + s.block].iter().map(|&x| x as u32).collect())
+            .collect())
     }
 
     /// Waits for the pass and records the appended context rows.
@@ -358,13 +491,19 @@ impl CudaDFlash {
     }
 
     /// Checks the blocks, uploads the pass's rows and context, and launches it.
-    fn run_pass(&mut self, blocks: &[DraftBlock<'_>]) -> Result<(Vec<RowSpec>, RowPlan), BackendError> {
+    fn run_pass(
+        &mut self,
+        blocks: &[DraftBlock<'_>],
+    ) -> Result<(Vec<RowSpec>, RowPlan), BackendError> {
         let mut specs = Vec::with_capacity(blocks.len());
         let mut seen = HashSet::new();
         for bl in blocks {
             let ctx_start = self.seq_len(bl.seq)?;
             if !seen.insert(bl.seq) {
-                return Err(BackendError::Device(format!("drafter: sequence {} twice in one pass", bl.seq)));
+                return Err(BackendError::Device(format!(
+                    "drafter: sequence {} twice in one pass",
+                    bl.seq
+                )));
             }
             if bl.context.len() % self.ctx_width != 0 {
                 return Err(BackendError::Device(format!(
@@ -389,7 +528,10 @@ impl CudaDFlash {
                 });
             }
             if bl.first_token as usize >= self.vocab {
-                return Err(BackendError::TokenOutOfRange { id: bl.first_token, vocab: self.vocab });
+                return Err(BackendError::TokenOutOfRange {
+                    id: bl.first_token,
+                    vocab: self.vocab,
+                });
             }
             specs.push(RowSpec {
                 slot: bl.seq,
@@ -403,21 +545,62 @@ impl CudaDFlash {
         let plan = plan_rows(&specs, self.cfg.mask_token_id);
         let max_slot = specs.iter().map(|s| s.slot).max().unwrap_or(0);
         self.ensure_slots(max_slot + 1)?;
-        self.ensure_bufs(plan.n_block, plan.n_block + plan.n_ctx)?;
+        let (nb, nc, padded) = pass_rows(plan.n_block, plan.n_ctx);
+        self.ensure_bufs(nb, nb + nc)?;
+        let rows = pad_rows(&plan, nb, nc, self.cfg.mask_token_id);
         let b = self.b.as_mut().expect("allocated above");
         let st = &self.cx.stream;
-        let (nb, nall) = (plan.n_block, plan.n_block + plan.n_ctx);
-        st.memcpy_htod(&plan.ids, &mut b.ids.slice_mut(0..nb)).map_err(drv)?;
-        st.memcpy_htod(&plan.lens, &mut b.lens.slice_mut(0..nb)).map_err(drv)?;
-        st.memcpy_htod(&plan.pos, &mut b.pos.slice_mut(0..nall)).map_err(drv)?;
-        st.memcpy_htod(&plan.slots, &mut b.slots.slice_mut(0..nall)).map_err(drv)?;
+        st.memcpy_htod(&rows.ids, &mut b.ids.slice_mut(0..nb))
+            .map_err(drv)?;
+        st.memcpy_htod(&rows.lens, &mut b.lens.slice_mut(0..nb))
+            .map_err(drv)?;
+        st.memcpy_htod(&rows.pos, &mut b.pos.slice_mut(0..nb + nc))
+            .map_err(drv)?;
+        st.memcpy_htod(&rows.slots, &mut b.slots.slice_mut(0..nb + nc))
+            .map_err(drv)?;
         if plan.n_ctx > 0 {
-            let ctx: Vec<f32> = blocks.iter().flat_map(|bl| bl.context.iter().copied()).collect();
-            st.memcpy_htod(&ctx, &mut b.ctx_in.slice_mut(0..ctx.len())).map_err(drv)?;
+            let ctx: Vec<f32> = blocks
+                .iter()
+                .flat_map(|bl| bl.context.iter().copied())
+                .collect();
+            st.memcpy_htod(&ctx, &mut b.ctx_in.slice_mut(0..ctx.len()))
+                .map_err(drv)?;
         }
-        let max_len = plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize;
-        self.encode(nb, plan.n_ctx, max_len).map_err(dev)?;
+        let c = &self.cfg.decoder;
+        // padded passes split attention for the longest context, as their graphs must
+        let max_len = if padded {
+            self.kv.max_pos
+        } else {
+            plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize
+        };
+        let splits = self
+            .cx
+            .attention_splits(nb, c.num_heads, c.num_kv_heads, max_len, MAX_SPLITS);
+        if padded && self.use_graphs {
+            self.launch_graph(nb, nc, splits)?;
+        } else {
+            self.encode(nb, nc, splits).map_err(dev)?;
+        }
         Ok((specs, plan))
+    }
+
+    /// Replays the pass of `nb` block and `nc` context rows from its graph (captured now if new).
+    fn launch_graph(&mut self, nb: usize, nc: usize, splits: usize) -> Result<(), BackendError> {
+        if !self.graphs.contains_key(&(nb, nc)) {
+            let st = self.cx.stream.clone();
+            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(drv)?;
+            let r = self.encode(nb, nc, splits);
+            let g = st.end_capture(
+                CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+            );
+            r.map_err(dev)?;
+            let g = g
+                .map_err(drv)?
+                .ok_or_else(|| BackendError::Device("empty CUDA graph (drafter)".into()))?;
+            self.graphs.insert((nb, nc), DraftGraph(g));
+        }
+        self.graphs[&(nb, nc)].0.launch().map_err(drv)
     }
 
     /// Grows the KV cache to at least `n` slots (contents kept).
@@ -426,20 +609,29 @@ impl CudaDFlash {
             return Ok(());
         }
         let slots = n.next_power_of_two().max(2 * self.kv.n_slots);
-        let (k, v, kv) = super::ops::grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, slots).map_err(drv)?;
+        let (k, v, kv) =
+            super::ops::grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, slots)
+                .map_err(drv)?;
         (self.k_cache, self.v_cache, self.kv) = (k, v, kv);
+        // the graphs address the old cache
+        self.graphs.clear();
         Ok(())
     }
 
     /// Pass buffers for `blk` block rows and `all` rows in total (grown, never shrunk).
     fn ensure_bufs(&mut self, blk: usize, all: usize) -> Result<(), BackendError> {
-        if self.b.as_ref().is_some_and(|b| b.blk >= blk && b.all >= all) {
+        if self
+            .b
+            .as_ref()
+            .is_some_and(|b| b.blk >= blk && b.all >= all)
+        {
             return Ok(());
         }
         let (old_blk, old_all) = self.b.as_ref().map_or((0, 0), |b| (b.blk, b.all));
         let blk = blk.next_power_of_two().max(old_blk).max(16);
         let all = all.next_power_of_two().max(old_all).max(blk);
-        // free the old buffers first
+        // free the old buffers (and the graphs that address them) first
+        self.graphs.clear();
         self.b = None;
         let c = &self.cfg.decoder;
         let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
@@ -478,9 +670,23 @@ impl CudaDFlash {
         Ok(())
     }
 
-    /// All launches of one pass: `nb` block rows, `nc` context rows (inputs uploaded).
-    fn encode(&mut self, nb: usize, nc: usize, max_len: usize) -> Res<()> {
-        let Self { cx, cfg, w, b, k_cache, v_cache, kv, scale, vocab, ctx_width, gemm, .. } = self;
+    /// All launches of one pass: `nb` block rows, `nc` context rows (inputs uploaded),
+    /// attention in `splits` splits.
+    fn encode(&mut self, nb: usize, nc: usize, splits: usize) -> Res<()> {
+        let Self {
+            cx,
+            cfg,
+            w,
+            b,
+            k_cache,
+            v_cache,
+            kv,
+            scale,
+            vocab,
+            ctx_width,
+            gemm,
+            ..
+        } = self;
         let b = b.as_mut().expect("buffers allocated before encode");
         let st = cx.stream.clone();
         let c = &cfg.decoder;
@@ -490,61 +696,188 @@ impl CudaDFlash {
         let all = nb + nc;
         // Context features → H, normed, into rows nb.. of the layers' input.
         if nc > 0 {
-            dense(cx, gemm, &w.fc, dptr(&b.ctx_in, &st), false, dptr(&b.ctxh, &st), h, *ctx_width, nc, None)?;
+            dense(
+                cx,
+                gemm,
+                &w.fc,
+                dptr(&b.ctx_in, &st),
+                false,
+                dptr(&b.ctxh, &st),
+                h,
+                *ctx_width,
+                nc,
+                None,
+            )?;
             cx.rmsnorm_residual::<f32>(&mut b.ctxh, None, &w.hidden_norm, &mut b.ctxn, nc, h, eps)?;
-            st.memcpy_dtod(&b.ctxn.slice(0..nc * h), &mut b.inp.slice_mut(nb * h..all * h))?;
+            st.memcpy_dtod(
+                &b.ctxn.slice(0..nc * h),
+                &mut b.inp.slice_mut(nb * h..all * h),
+            )?;
         }
         cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, nb, h)?;
         for (li, l) in w.layers.iter().enumerate() {
             // x += the previous layer's MLP output; block rows' normed input → rows 0..nb
             let delta = if li > 0 { Some(&b.delta) } else { None };
             cx.rmsnorm_residual::<f32>(&mut b.x, delta, &l.ln1, &mut b.inp, nb, h, eps)?;
-            dense(cx, gemm, &l.wqkv, dptr(&b.inp, &st), false, dptr(&b.qkv, &st), qkvd, h, all, None)?;
-            cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, Some(&l.q_norm), Some(&l.k_norm), all, nq, nkv, hd, eps, w.mscale)?;
+            dense(
+                cx,
+                gemm,
+                &l.wqkv,
+                dptr(&b.inp, &st),
+                false,
+                dptr(&b.qkv, &st),
+                qkvd,
+                h,
+                all,
+                None,
+            )?;
+            cx.rope_qk(
+                &mut b.qkv,
+                &b.pos,
+                &w.inv_freq,
+                Some(&l.q_norm),
+                Some(&l.k_norm),
+                all,
+                nq,
+                nkv,
+                hd,
+                eps,
+                w.mscale,
+            )?;
             cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, all, nq, li, kv)?;
             if matches!(hd, 64 | 128 | 256) {
-                let splits = cx.attention_splits(nb, nq, nkv, max_len, MAX_SPLITS);
                 cx.attention_decode(
-                    &b.qkv, k_cache, v_cache, &b.slots, &b.lens, None, &mut b.attn, &mut b.ws, nb, nq, qkvd, li, kv, *scale, 0,
+                    &b.qkv,
+                    k_cache,
+                    v_cache,
+                    &b.slots,
+                    &b.lens,
+                    None,
+                    &mut b.attn,
+                    &mut b.ws,
+                    nb,
+                    nq,
+                    qkvd,
+                    li,
+                    kv,
+                    *scale,
+                    0,
                     splits,
                 )?;
             } else {
-                let a = [nq as i32, nkv as i32, hd as i32, li as i32, kv.n_layers as i32, kv.max_pos as i32];
+                let a = [
+                    nq as i32,
+                    nkv as i32,
+                    hd as i32,
+                    li as i32,
+                    kv.n_layers as i32,
+                    kv.max_pos as i32,
+                ];
                 let (win, qs, null) = (0i32, qkvd as i64, 0u64);
                 let mut lb = cx.launch("attention_generic");
-                lb.arg(&b.qkv).arg(&*k_cache).arg(&*v_cache).arg(&b.slots).arg(&b.lens).arg(&null).arg(&mut b.attn);
+                lb.arg(&b.qkv)
+                    .arg(&*k_cache)
+                    .arg(&*v_cache)
+                    .arg(&b.slots)
+                    .arg(&b.lens)
+                    .arg(&null)
+                    .arg(&mut b.attn);
                 for x in a.iter() {
                     lb.arg(x);
                 }
                 lb.arg(&*scale).arg(&win).arg(&qs);
                 unsafe { lb.launch(lc(nq, nb, 1, 128)) }?;
             }
-            dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, nb, None)?;
+            dense(
+                cx,
+                gemm,
+                &l.wo,
+                dptr(&b.attn, &st),
+                false,
+                dptr(&b.delta, &st),
+                h,
+                nq * hd,
+                nb,
+                None,
+            )?;
             cx.rmsnorm_residual::<f32>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.hn, nb, h, eps)?;
-            dense(cx, gemm, &l.gu, dptr(&b.hn, &st), false, dptr(&b.gu, &st), 2 * l.inter, h, nb, None)?;
+            dense(
+                cx,
+                gemm,
+                &l.gu,
+                dptr(&b.hn, &st),
+                false,
+                dptr(&b.gu, &st),
+                2 * l.inter,
+                h,
+                nb,
+                None,
+            )?;
             match c.activation {
                 Activation::SiluGlu => cx.swiglu::<f32>(&b.gu, &mut b.act, nb, l.inter)?,
-                Activation::GptOssGlu { alpha, limit } => cx.swiglu_oai::<f32>(&b.gu, &mut b.act, nb, l.inter, alpha, limit)?,
+                Activation::GptOssGlu { alpha, limit } => {
+                    cx.swiglu_oai::<f32>(&b.gu, &mut b.act, nb, l.inter, alpha, limit)?
+                }
             }
-            dense(cx, gemm, &l.down, dptr(&b.act, &st), false, dptr(&b.delta, &st), h, l.inter, nb, None)?;
+            dense(
+                cx,
+                gemm,
+                &l.down,
+                dptr(&b.act, &st),
+                false,
+                dptr(&b.delta, &st),
+                h,
+                l.inter,
+                nb,
+                None,
+            )?;
         }
-        let delta = if w.layers.is_empty() { None } else { Some(&b.delta) };
+        let delta = if w.layers.is_empty() {
+            None
+        } else {
+            Some(&b.delta)
+        };
         cx.rmsnorm_residual::<f32>(&mut b.x, delta, &w.norm, &mut b.hn, nb, h, eps)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        dense(cx, gemm, head, dptr(&b.hn, &st), false, dptr(&b.logits, &st), *vocab, h, nb, None)?;
+        dense(
+            cx,
+            gemm,
+            head,
+            dptr(&b.hn, &st),
+            false,
+            dptr(&b.logits, &st),
+            *vocab,
+            h,
+            nb,
+            None,
+        )?;
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{plan_rows, RowSpec};
+    use super::{pad_rows, pass_rows, plan_rows, RowSpec};
 
     #[test]
     fn block_rows_come_first_and_see_context_plus_block() {
         let specs = [
-            RowSpec { slot: 2, ctx_start: 5, ctx_rows: 2, first_token: 11, position: 7, block: 3 },
-            RowSpec { slot: 0, ctx_start: 0, ctx_rows: 1, first_token: 12, position: 1, block: 2 },
+            RowSpec {
+                slot: 2,
+                ctx_start: 5,
+                ctx_rows: 2,
+                first_token: 11,
+                position: 7,
+                block: 3,
+            },
+            RowSpec {
+                slot: 0,
+                ctx_start: 0,
+                ctx_rows: 1,
+                first_token: 12,
+                position: 1,
+                block: 2,
+            },
         ];
         let p = plan_rows(&specs, 99);
         assert_eq!((p.n_block, p.n_ctx), (5, 3));
@@ -554,5 +887,43 @@ mod tests {
         // block rows at position.., then context rows at ctx_start..
         assert_eq!(p.pos, vec![7, 8, 9, 1, 2, 5, 6, 0]);
         assert_eq!(p.slots, vec![2, 2, 2, 0, 0, 2, 2, 0]);
+    }
+
+    #[test]
+    fn padded_rows_keep_real_rows_in_place_and_pad_with_inert_rows() {
+        let specs = [
+            RowSpec {
+                slot: 2,
+                ctx_start: 5,
+                ctx_rows: 2,
+                first_token: 11,
+                position: 7,
+                block: 3,
+            },
+            RowSpec {
+                slot: 0,
+                ctx_start: 0,
+                ctx_rows: 1,
+                first_token: 12,
+                position: 1,
+                block: 2,
+            },
+        ];
+        let p = plan_rows(&specs, 99);
+        let (nb, nc, padded) = pass_rows(p.n_block, p.n_ctx);
+        assert_eq!((nb, nc, padded), (8, 4, true));
+        let q = pad_rows(&p, nb, nc, 99);
+        assert_eq!(q.ids, vec![11, 99, 99, 12, 99, 99, 99, 99]);
+        assert_eq!(q.lens, vec![10, 10, 10, 3, 3, 0, 0, 0]);
+        // block rows (5 real + 3 padding), then context rows (3 real + 1 padding)
+        assert_eq!(q.pos, vec![7, 8, 9, 1, 2, 0, 0, 0, 5, 6, 0, 0]);
+        assert_eq!(q.slots, vec![2, 2, 2, 0, 0, -1, -1, -1, 2, 2, 0, -1]);
+        assert_eq!(q.block_start, p.block_start);
+        // no context rows stay none; passes too big for a graph are not padded
+        assert_eq!(pass_rows(16, 0), (16, 0, true));
+        assert_eq!(pass_rows(16, 300), (16, 300, false));
+        assert_eq!(pass_rows(65, 3), (65, 3, false));
+        let same = pad_rows(&p, p.n_block, p.n_ctx, 99);
+        assert_eq!((same.ids, same.pos, same.slots), (p.ids, p.pos, p.slots));
     }
 }
