@@ -79,6 +79,12 @@ impl BlasGemm {
 
     /// y f32 [n, rows] = x [n, cols] . W^T, W bf16 [rows, cols] row-major; x and y raw
     /// device pointers, x bf16 when `x_bf16` (else f32, rounded to bf16 on the way).
+    /// Elements of the bf16 staging buffer for f32 inputs: a GEMM of more grows it,
+    /// which moves it, so CUDA graphs captured before must be dropped.
+    pub fn staging_len(&self) -> usize {
+        self.max_elems
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &mut self,

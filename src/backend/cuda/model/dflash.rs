@@ -335,11 +335,10 @@ impl CudaDFlash {
         let k_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
         let v_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
         cx.stream.synchronize().map_err(drv)?;
-        let gemm = if target.gemm.is_some() {
-            BlasGemm::new(&cx.stream, 16, draft.fc.in_features()).ok()
-        } else {
-            None
-        };
+        // staging for the largest graphed pass's GEMMs, so no capture grows it
+        let widest = draft.fc.in_features().max(h).max(draft.layers.iter().map(|l| l.mlp.gate.out_features()).max().unwrap_or(0));
+        let gemm =
+            if target.gemm.is_some() { BlasGemm::new(&cx.stream, 2 * DRAFT_GRAPH_ROWS, widest).ok() } else { None };
         let use_graphs = target.use_graphs
             && std::env::var("KAIROS_CUDA_DRAFT_GRAPHS").map_or(true, |v| v != "0");
         Ok(Self {
@@ -579,7 +578,12 @@ impl CudaDFlash {
         if padded && self.use_graphs {
             self.launch_graph(nb, nc, splits)?;
         } else {
+            let staging = self.gemm.as_ref().map(BlasGemm::staging_len);
             self.encode(nb, nc, splits).map_err(dev)?;
+            // a big eager pass moved the GEMMs' staging buffer that the graphs read
+            if self.gemm.as_ref().map(BlasGemm::staging_len) != staging {
+                self.graphs.clear();
+            }
         }
         Ok((specs, plan))
     }
