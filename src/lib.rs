@@ -9,6 +9,6 @@ pub mod backend;
 pub mod bench;
 pub mod engine;
 pub mod model;
-pub mod pipeline;
 pub mod quant;
+pub mod pipeline;
 pub mod scheduler;

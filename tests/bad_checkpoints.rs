@@ -7,9 +7,7 @@ use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// Copies a fixture folder into a temp dir.
@@ -31,22 +29,11 @@ fn expect_clean_failure(model: &Path, what: &str) -> String {
         .output()
         .expect("run kairos");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{what}: expected failure, got success"
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{what}: exit code (a panic exits 101): {stderr}"
-    );
+    assert!(!out.status.success(), "{what}: expected failure, got success");
+    assert_eq!(out.status.code(), Some(1), "{what}: exit code (a panic exits 101): {stderr}");
     assert!(!stderr.contains("panicked"), "{what}: panicked: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{what}: want exactly one error line, got: {stderr}"
-    );
+    assert_eq!(lines.len(), 1, "{what}: want exactly one error line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{what}: {stderr}");
     lines[0].to_string()
 }
@@ -65,12 +52,7 @@ fn rewrite_tensors(dir: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<u
     edit(&mut tensors);
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, s, d)| {
-            (
-                n.clone(),
-                TensorView::new(safetensors::Dtype::F32, s.clone(), d).expect("view"),
-            )
-        })
+        .map(|(n, s, d)| (n.clone(), TensorView::new(safetensors::Dtype::F32, s.clone(), d).expect("view")))
         .collect();
     let out = safetensors::serialize(views, &None).expect("serialize");
     std::fs::write(&path, out).expect("write");
@@ -99,9 +81,7 @@ fn header_length_that_lies() {
 #[test]
 fn missing_tensor() {
     let d = copy_fixture("llama");
-    rewrite_tensors(d.path(), |t| {
-        t.retain(|(n, _, _)| n != "model.layers.1.self_attn.k_proj.weight")
-    });
+    rewrite_tensors(d.path(), |t| t.retain(|(n, _, _)| n != "model.layers.1.self_attn.k_proj.weight"));
     let e = expect_clean_failure(d.path(), "missing tensor");
     assert!(e.contains("model.layers.1.self_attn.k_proj.weight"), "{e}");
 }
@@ -124,9 +104,7 @@ fn wrong_shape() {
 fn unknown_architecture() {
     let d = copy_fixture("llama");
     let p = d.path().join("config.json");
-    let text = std::fs::read_to_string(&p)
-        .unwrap()
-        .replace("\"llama\"", "\"mamba_turbo\"");
+    let text = std::fs::read_to_string(&p).unwrap().replace("\"llama\"", "\"mamba_turbo\"");
     std::fs::write(&p, text).unwrap();
     let e = expect_clean_failure(d.path(), "unknown architecture");
     assert!(e.contains("mamba_turbo"), "{e}");
@@ -165,10 +143,7 @@ fn gguf_with_unknown_tensor_type() {
 
 #[test]
 fn truncated_gguf() {
-    let Some(src) = std::env::var_os("KAIROS_TEST_MODEL")
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-    else {
+    let Some(src) = std::env::var_os("KAIROS_TEST_MODEL").map(PathBuf::from).filter(|p| p.exists()) else {
         eprintln!("skipping: KAIROS_TEST_MODEL not set");
         return;
     };

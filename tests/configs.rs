@@ -21,9 +21,7 @@ fn shipped_configs_load() {
 }
 
 fn error_for(edit: impl Fn(String) -> String) -> String {
-    let src =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml"))
-            .unwrap();
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
     std::fs::write(&p, edit(src)).unwrap();
@@ -38,15 +36,8 @@ fn bad_configs_name_the_field() {
     assert!(e.contains("max_batchh"), "{e}");
     let e = error_for(|s| s.replace("kind = \"fraud\"", "kind = \"weather\""));
     assert!(e.contains("weather"), "{e}");
-    let e = error_for(|s| {
-        s.replace("{ name = \"decision\", kind = \"enum\", values = [\"allow\", \"review\", \"block\"] },", "")
-    });
+    let e = error_for(|s| s.replace("{ name = \"decision\", kind = \"enum\", values = [\"allow\", \"review\", \"block\"] },", ""));
     assert!(e.contains("verdict"), "{e}");
-    let e = error_for(|s| {
-        s.replace(
-            "reason = \"fallback: no model verdict within the latency budget\"",
-            "why = \"x\"",
-        )
-    });
+    let e = error_for(|s| s.replace("reason = \"fallback: no model verdict within the latency budget\"", "why = \"x\""));
     assert!(e.contains("reason"), "{e}");
 }

@@ -15,45 +15,22 @@ use kairos::engine::constrained::{VerdictGrammar, VerdictSchema};
 use kairos::engine::generate::{generate, GenerateRequest};
 use kairos::engine::sampling::{Sampler, SamplingParams};
 use kairos::engine::speculative::dflash::DFlashDrafter;
-use kairos::engine::speculative::{
-    generate_speculative, CostModel, DraftInput, Drafter, SpecOptions,
-};
+use kairos::engine::speculative::{generate_speculative, CostModel, DraftInput, Drafter, SpecOptions};
 use kairos::model::dflash::DFlashWeights;
 use kairos::model::upcycle::Upcycle;
 use kairos::model::{load_model, load_model_with};
 
 fn req(prompt: &[u32], n: usize, eos: &[u32], sampling: SamplingParams) -> GenerateRequest {
-    GenerateRequest {
-        prompt_ids: prompt.to_vec(),
-        max_new_tokens: n,
-        sampling,
-        eos_ids: eos.to_vec(),
-        top_logits: 0,
-    }
+    GenerateRequest { prompt_ids: prompt.to_vec(), max_new_tokens: n, sampling, eos_ids: eos.to_vec(), top_logits: 0 }
 }
 
 /// Plain greedy decoding of each prompt, one after the other.
-fn plain_greedy(
-    backend: &mut CpuBackend,
-    prompts: &[Vec<u32>],
-    n: usize,
-    eos: &[u32],
-) -> Vec<Vec<u32>> {
-    prompts
-        .iter()
-        .map(|p| {
-            generate(backend, &req(p, n, eos, SamplingParams::default()))
-                .unwrap()
-                .output_ids
-        })
-        .collect()
+fn plain_greedy(backend: &mut CpuBackend, prompts: &[Vec<u32>], n: usize, eos: &[u32]) -> Vec<Vec<u32>> {
+    prompts.iter().map(|p| generate(backend, &req(p, n, eos, SamplingParams::default())).unwrap().output_ids).collect()
 }
 
 fn fixed(b: usize) -> SpecOptions {
-    SpecOptions {
-        block_size: b,
-        adaptive: None,
-    }
+    SpecOptions { block_size: b, adaptive: None }
 }
 
 #[test]
@@ -62,14 +39,8 @@ fn drafter_logits_match_the_pytorch_trainer() {
     let dir = fixture("dflash_llama");
     let draft = DFlashWeights::load(&dir, &m.weights.config).unwrap();
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let ids: Vec<u32> = reference["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = reference["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let b = draft.config.block_size;
     let layers = draft.config.target_layer_ids.clone();
     let target = Arc::new(m.weights);
@@ -77,9 +48,7 @@ fn drafter_logits_match_the_pytorch_trainer() {
     let mut drafter = DFlashDrafter::new(Arc::new(draft), target);
     let seq = backend.new_sequence();
     let ctx = &ids[..ids.len() - 1];
-    let (_, hidden) = backend
-        .forward_capture(&[Chunk { seq, tokens: ctx }], LogitsFor::Last, &layers)
-        .unwrap();
+    let (_, hidden) = backend.forward_capture(&[Chunk { seq, tokens: ctx }], LogitsFor::Last, &layers).unwrap();
     let dseq = drafter.new_sequence();
     let input = DraftInput {
         seq: dseq,
@@ -94,24 +63,12 @@ fn drafter_logits_match_the_pytorch_trainer() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
         .collect();
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 1e-4 * scale.max(1.0),
-        "max |diff| {worst} (scale {scale})"
-    );
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-4 * scale.max(1.0), "max |diff| {worst} (scale {scale})");
 }
 
 #[test]
@@ -119,14 +76,10 @@ fn greedy_is_identical_with_and_without_the_drafter_on_the_fixture() {
     let m = load_model(&fixture("llama")).unwrap();
     let draft = Arc::new(DFlashWeights::load(&fixture("dflash_llama"), &m.weights.config).unwrap());
     let eos = m.tokenizer.eos_ids.clone();
-    let prompts: Vec<Vec<u32>> = [
-        "The quick brown fox",
-        "Once upon a time there was",
-        "a b c d e f g",
-    ]
-    .iter()
-    .map(|p| m.tokenizer.encode(p, true).unwrap())
-    .collect();
+    let prompts: Vec<Vec<u32>> = ["The quick brown fox", "Once upon a time there was", "a b c d e f g"]
+        .iter()
+        .map(|p| m.tokenizer.encode(p, true).unwrap())
+        .collect();
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
     let plain = plain_greedy(&mut backend, &prompts, 40, &eos);
@@ -135,14 +88,10 @@ fn greedy_is_identical_with_and_without_the_drafter_on_the_fixture() {
         // One at a time, then all three in one batch.
         for (p, want) in prompts.iter().zip(&plain) {
             let r = [req(p, 40, &eos, SamplingParams::default())];
-            let out =
-                generate_speculative(&mut backend, &mut drafter, &r, None, &fixed(b)).unwrap();
+            let out = generate_speculative(&mut backend, &mut drafter, &r, None, &fixed(b)).unwrap();
             assert_eq!(&out.outputs[0].output_ids, want, "block {b}");
         }
-        let reqs: Vec<_> = prompts
-            .iter()
-            .map(|p| req(p, 40, &eos, SamplingParams::default()))
-            .collect();
+        let reqs: Vec<_> = prompts.iter().map(|p| req(p, 40, &eos, SamplingParams::default())).collect();
         let out = generate_speculative(&mut backend, &mut drafter, &reqs, None, &fixed(b)).unwrap();
         for (o, want) in out.outputs.iter().zip(&plain) {
             assert_eq!(&o.output_ids, want, "batched, block {b}");
@@ -150,14 +99,8 @@ fn greedy_is_identical_with_and_without_the_drafter_on_the_fixture() {
     }
     // The adaptive block size too.
     let mut drafter = DFlashDrafter::new(Arc::clone(&draft), Arc::clone(&target));
-    let reqs: Vec<_> = prompts
-        .iter()
-        .map(|p| req(p, 40, &eos, SamplingParams::default()))
-        .collect();
-    let opts = SpecOptions {
-        block_size: 8,
-        adaptive: Some(CostModel::dense(1.0)),
-    };
+    let reqs: Vec<_> = prompts.iter().map(|p| req(p, 40, &eos, SamplingParams::default())).collect();
+    let opts = SpecOptions { block_size: 8, adaptive: Some(CostModel::dense(1.0)) };
     let out = generate_speculative(&mut backend, &mut drafter, &reqs, None, &opts).unwrap();
     for (o, want) in out.outputs.iter().zip(&plain) {
         assert_eq!(&o.output_ids, want, "adaptive");
@@ -169,50 +112,27 @@ fn greedy_verdicts_are_identical_under_the_grammar() {
     let m = load_model(&fixture("llama")).unwrap();
     let draft = Arc::new(DFlashWeights::load(&fixture("dflash_llama"), &m.weights.config).unwrap());
     let eos = m.tokenizer.eos_ids.clone();
-    let grammar = VerdictGrammar::compile(
-        &VerdictSchema::fraud_default(),
-        &m.tokenizer.token_bytes(),
-        &eos,
-    )
-    .unwrap();
-    let prompts: Vec<Vec<u32>> = [
-        "card 1234 paid 9000 EUR in Lagos",
-        "small coffee purchase at home",
-    ]
-    .iter()
-    .map(|p| m.tokenizer.encode(p, true).unwrap())
-    .collect();
+    let grammar = VerdictGrammar::compile(&VerdictSchema::fraud_default(), &m.tokenizer.token_bytes(), &eos).unwrap();
+    let prompts: Vec<Vec<u32>> = ["card 1234 paid 9000 EUR in Lagos", "small coffee purchase at home"]
+        .iter()
+        .map(|p| m.tokenizer.encode(p, true).unwrap())
+        .collect();
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
-    let plain: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| plain_constrained(&mut backend, &grammar, p, 48))
-        .collect();
+    let plain: Vec<Vec<u32>> = prompts.iter().map(|p| plain_constrained(&mut backend, &grammar, p, 48)).collect();
     let mut drafter = DFlashDrafter::new(Arc::clone(&draft), Arc::clone(&target));
-    let reqs: Vec<_> = prompts
-        .iter()
-        .map(|p| req(p, 48, &eos, SamplingParams::default()))
-        .collect();
+    let reqs: Vec<_> = prompts.iter().map(|p| req(p, 48, &eos, SamplingParams::default())).collect();
     for b in [1, 4, 8] {
-        let out =
-            generate_speculative(&mut backend, &mut drafter, &reqs, Some(&grammar), &fixed(b))
-                .unwrap();
+        let out = generate_speculative(&mut backend, &mut drafter, &reqs, Some(&grammar), &fixed(b)).unwrap();
         for (o, want) in out.outputs.iter().zip(&plain) {
             assert_eq!(&o.output_ids, want, "block {b}");
         }
         if b > 1 {
             // Forced grammar tokens are drafted and accepted, so blocks commit more than one token.
-            assert!(
-                out.stats.mean_accepted_len() > 1.0,
-                "τ {}",
-                out.stats.mean_accepted_len()
-            );
+            assert!(out.stats.mean_accepted_len() > 1.0, "τ {}", out.stats.mean_accepted_len());
         }
     }
-    let bytes: Vec<u8> = plain[0]
-        .iter()
-        .flat_map(|&t| grammar.token_bytes(t).to_vec())
-        .collect();
+    let bytes: Vec<u8> = plain[0].iter().flat_map(|&t| grammar.token_bytes(t).to_vec()).collect();
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.starts_with("{\"decision\":\""), "{text}");
 }
@@ -222,45 +142,19 @@ fn greedy_is_identical_on_an_upcycled_moe_target() {
     // The dense fixture upcycled to 4 experts, top-2 (random router): the drafter
     // trained for the dense model drafts for its MoE, speculative greedy must equal
     // plain greedy of that MoE at fixed and MoE-aware adaptive block sizes.
-    let up = Upcycle {
-        experts: 4,
-        top_k: 2,
-    };
+    let up = Upcycle { experts: 4, top_k: 2 };
     let m = load_model_with(&fixture("llama"), Some(up)).unwrap();
-    assert_eq!(
-        m.weights
-            .config
-            .moe
-            .as_ref()
-            .map(|c| (c.num_experts, c.top_k)),
-        Some((4, 2))
-    );
+    assert_eq!(m.weights.config.moe.as_ref().map(|c| (c.num_experts, c.top_k)), Some((4, 2)));
     let draft = Arc::new(DFlashWeights::load(&fixture("dflash_llama"), &m.weights.config).unwrap());
     let eos = m.tokenizer.eos_ids.clone();
-    let prompts: Vec<Vec<u32>> = ["The quick brown fox", "a b c d e f g"]
-        .iter()
-        .map(|p| m.tokenizer.encode(p, true).unwrap())
-        .collect();
+    let prompts: Vec<Vec<u32>> =
+        ["The quick brown fox", "a b c d e f g"].iter().map(|p| m.tokenizer.encode(p, true).unwrap()).collect();
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
     let plain = plain_greedy(&mut backend, &prompts, 32, &eos);
-    let reqs: Vec<_> = prompts
-        .iter()
-        .map(|p| req(p, 32, &eos, SamplingParams::default()))
-        .collect();
-    let moe_cost = CostModel {
-        per_token: 0.05,
-        moe_share: 0.8,
-        experts: Some((4, 2)),
-    };
-    for opts in [
-        fixed(4),
-        fixed(8),
-        SpecOptions {
-            block_size: 8,
-            adaptive: Some(moe_cost),
-        },
-    ] {
+    let reqs: Vec<_> = prompts.iter().map(|p| req(p, 32, &eos, SamplingParams::default())).collect();
+    let moe_cost = CostModel { per_token: 0.05, moe_share: 0.8, experts: Some((4, 2)) };
+    for opts in [fixed(4), fixed(8), SpecOptions { block_size: 8, adaptive: Some(moe_cost) }] {
         let mut drafter = DFlashDrafter::new(Arc::clone(&draft), Arc::clone(&target));
         let out = generate_speculative(&mut backend, &mut drafter, &reqs, None, &opts).unwrap();
         for (o, want) in out.outputs.iter().zip(&plain) {
@@ -274,22 +168,16 @@ fn smollm2_greedy_is_identical_with_a_random_drafter() {
     let Some(path) = smollm2_path() else { return };
     let m = load_model(&path).unwrap();
     let eos = m.tokenizer.eos_ids.clone();
-    let prompts: Vec<Vec<u32>> = [
-        "What is the capital of France?",
-        "Write a haiku about the sea.",
-    ]
-    .iter()
-    .map(|p| m.tokenizer.encode_chat(p).unwrap())
-    .collect();
+    let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Write a haiku about the sea."]
+        .iter()
+        .map(|p| m.tokenizer.encode_chat(p).unwrap())
+        .collect();
     let draft = Arc::new(random_drafter(&m.weights.config, 1, 8, 7));
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
     let plain = plain_greedy(&mut backend, &prompts, 24, &eos);
     let mut drafter = DFlashDrafter::new(draft, Arc::clone(&target));
-    let reqs: Vec<_> = prompts
-        .iter()
-        .map(|p| req(p, 24, &eos, SamplingParams::default()))
-        .collect();
+    let reqs: Vec<_> = prompts.iter().map(|p| req(p, 24, &eos, SamplingParams::default())).collect();
     let out = generate_speculative(&mut backend, &mut drafter, &reqs, None, &fixed(4)).unwrap();
     for (o, want) in out.outputs.iter().zip(&plain) {
         assert_eq!(&o.output_ids, want);
@@ -297,17 +185,11 @@ fn smollm2_greedy_is_identical_with_a_random_drafter() {
 }
 
 /// Exact joint probability of the first three tokens under top-k sampling.
-fn exact_joint(
-    backend: &mut CpuBackend,
-    prompt: &[u32],
-    params: SamplingParams,
-) -> HashMap<[u32; 3], f64> {
+fn exact_joint(backend: &mut CpuBackend, prompt: &[u32], params: SamplingParams) -> HashMap<[u32; 3], f64> {
     let sampler = Sampler::new(params);
     let dist_after = |backend: &mut CpuBackend, toks: &[u32]| {
         let seq = backend.new_sequence();
-        let l = backend
-            .forward(&[Chunk { seq, tokens: toks }], LogitsFor::Last)
-            .unwrap();
+        let l = backend.forward(&[Chunk { seq, tokens: toks }], LogitsFor::Last).unwrap();
         backend.free_sequence(seq);
         sampler.distribution(&l)
     };
@@ -326,15 +208,8 @@ fn exact_joint(
 
 /// Pearson chi-square of observed counts against exact probabilities.
 fn chi_square(counts: &HashMap<[u32; 3], usize>, exact: &HashMap<[u32; 3], f64>, n: usize) -> f64 {
-    let outside: usize = counts
-        .iter()
-        .filter(|(k, _)| !exact.contains_key(*k))
-        .map(|(_, c)| c)
-        .sum();
-    assert_eq!(
-        outside, 0,
-        "sampled a token sequence the target cannot produce"
-    );
+    let outside: usize = counts.iter().filter(|(k, _)| !exact.contains_key(*k)).map(|(_, c)| c).sum();
+    assert_eq!(outside, 0, "sampled a token sequence the target cannot produce");
     exact
         .iter()
         .map(|(k, &p)| {
@@ -351,12 +226,7 @@ fn sampling_with_drafts_keeps_the_target_distribution() {
     let prompt = m.tokenizer.encode("The quick brown fox", true).unwrap();
     let target = Arc::new(m.weights);
     let mut backend = CpuBackend::new(Arc::clone(&target));
-    let params = |seed| SamplingParams {
-        temperature: 1.0,
-        top_k: 3,
-        top_p: 1.0,
-        seed,
-    };
+    let params = |seed| SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, seed };
     let exact = exact_joint(&mut backend, &prompt, params(0));
     assert_eq!(exact.len(), 27);
     // A drafter that proposes the target's own greedy continuation: accepted
@@ -374,23 +244,13 @@ fn sampling_with_drafts_keeps_the_target_distribution() {
         accepted += out.stats.accepted;
     }
     let rate = accepted as f64 / drafted as f64;
-    assert!(
-        rate > 0.3,
-        "the test needs drafts that are often accepted (rate {rate})"
-    );
+    assert!(rate > 0.3, "the test needs drafts that are often accepted (rate {rate})");
     let chi2 = chi_square(&counts, &exact, n);
     // 26 degrees of freedom: P(chi2 > 60) ≈ 1.5e-4 under the right distribution.
     // Accepting every draft, or resampling without removing the draft, gives hundreds.
     eprintln!("chi-square {chi2:.1} over 27 cells, acceptance rate {rate:.2}");
-    assert!(
-        chi2 < 60.0,
-        "chi-square {chi2:.1} over 27 cells (acceptance rate {rate:.2})"
-    );
-    let tv: f64 = exact
-        .iter()
-        .map(|(k, &p)| (p - *counts.get(k).unwrap_or(&0) as f64 / n as f64).abs())
-        .sum::<f64>()
-        / 2.0;
+    assert!(chi2 < 60.0, "chi-square {chi2:.1} over 27 cells (acceptance rate {rate:.2})");
+    let tv: f64 = exact.iter().map(|(k, &p)| (p - *counts.get(k).unwrap_or(&0) as f64 / n as f64).abs()).sum::<f64>() / 2.0;
     assert!(tv < 0.06, "total variation {tv:.3}");
 }
 
@@ -404,9 +264,7 @@ fn a_drafter_exported_by_the_trainer_loads_with_its_config() {
     // A drafter for another target is refused with a clear message.
     let mut other = m.weights.config.clone();
     other.hidden_size = 32;
-    let e = DFlashWeights::load(&fixture("dflash_llama"), &other)
-        .err()
-        .expect("hidden size mismatch refused");
+    let e = DFlashWeights::load(&fixture("dflash_llama"), &other).err().expect("hidden size mismatch refused");
     assert!(e.to_string().contains("hidden size"), "{e}");
     let mut shallow = m.weights.config.clone();
     shallow.num_layers = 1;

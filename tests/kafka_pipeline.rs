@@ -33,19 +33,10 @@ async fn kafka_every_event_gets_one_verdict_or_dlq_record() {
     let n = 400;
     let placed = produce_events(&producer(&b), 0, n, 40).await;
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        group: "g-count".into(),
-        ..Setup::default()
-    };
+    let setup = Setup { group: "g-count".into(), ..Setup::default() };
     let cfg = write_config(dir.path(), &b, &setup);
-    let mut k = Kairos::start(
-        &cfg,
-        &dir.path().join("kairos.log"),
-        &["--max-events", &n.to_string()],
-    );
-    let st = k
-        .wait(T)
-        .unwrap_or_else(|| panic!("kairos did not finish {n} events; log:\n{}", k.stderr()));
+    let mut k = Kairos::start(&cfg, &dir.path().join("kairos.log"), &["--max-events", &n.to_string()]);
+    let st = k.wait(T).unwrap_or_else(|| panic!("kairos did not finish {n} events; log:\n{}", k.stderr()));
     assert!(st.success(), "kairos failed: {}", k.stderr());
 
     let (verdicts, dlq) = (snapshot(&b, "out"), snapshot(&b, "dlq"));
@@ -59,39 +50,25 @@ async fn kafka_every_event_gets_one_verdict_or_dlq_record() {
         check_dlq(r, &placed[&r.input().expect("id")]);
     }
     let a = answers(&verdicts, &dlq);
-    assert!(
-        missing(&a, 0..n).is_empty() && duplicates(&a) == 0,
-        "one answer per input: {a:?}"
-    );
+    assert!(missing(&a, 0..n).is_empty() && duplicates(&a) == 0, "one answer per input: {a:?}");
     let ends = end_offsets(&b, "in");
     let done = committed_all(&b, "g-count", 3);
     for (p, end) in &ends {
         assert_eq!(done[p], Some(*end), "partition {p} committed to the end");
     }
-    eprintln!(
-        "kafka_every_event_gets_one_verdict_or_dlq_record: {:?} ({} verdicts, {} DLQ)",
-        t0.elapsed(),
-        verdicts.len(),
-        dlq.len()
-    );
+    eprintln!("kafka_every_event_gets_one_verdict_or_dlq_record: {:?} ({} verdicts, {} DLQ)", t0.elapsed(), verdicts.len(), dlq.len());
 }
 
 /// Duplicates per input, and the check that each one lies in the window
 /// the crash left uncommitted: a duplicated input's offset is at or past
 /// the committed offset of its partition at the time of the crash.
-fn duplicates_in_window(
-    a: &std::collections::BTreeMap<u64, usize>,
-    placed: &std::collections::BTreeMap<u64, Placed>,
-    at_crash: &std::collections::BTreeMap<i32, Option<i64>>,
-) -> usize {
+fn duplicates_in_window(a: &std::collections::BTreeMap<u64, usize>, placed: &std::collections::BTreeMap<u64, Placed>,
+    at_crash: &std::collections::BTreeMap<i32, Option<i64>>) -> usize {
     for (i, &c) in a {
         if c > 1 {
             let p = placed[i];
             let from = at_crash.get(&p.partition).copied().flatten().unwrap_or(0);
-            assert!(
-                p.offset >= from,
-                "input {i} ({p:?}) answered twice though committed before the crash ({from})"
-            );
+            assert!(p.offset >= from, "input {i} ({p:?}) answered twice though committed before the crash ({from})");
         }
     }
     duplicates(a)
@@ -107,58 +84,35 @@ async fn kafka_kill_9_then_restart_loses_nothing() {
     let n = 1500;
     let placed = produce_events(&producer(&b), 0, n, 40).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut setup = Setup {
-        group: "g-kill".into(),
-        ..Setup::default()
-    };
+    let mut setup = Setup { group: "g-kill".into(), ..Setup::default() };
     // Static membership: the restarted process takes the dead one's place
     // at once. noida-db 0.2.3 never expires a member that died without
     // leaving (it stays the group leader, every later JoinGroup gets the
     // old generation and SyncGroup fails), so a restart with a new dynamic
     // member id would stall forever there; Apache Kafka expires it after
     // session.timeout.ms.
-    setup
-        .consumer_extra
-        .push(("group.instance.id", "kairos-0".into()));
+    setup.consumer_extra.push(("group.instance.id", "kairos-0".into()));
     let cfg = write_config(dir.path(), &b, &setup);
     let mut first = Kairos::start(&cfg, &dir.path().join("first.log"), &[]);
-    wait_for("300 outputs before the crash", T, || {
-        count(&b, "out") + count(&b, "dlq") >= 300
-    })
-    .await;
+    wait_for("300 outputs before the crash", T, || count(&b, "out") + count(&b, "dlq") >= 300).await;
     first.kill9();
     let out_at_kill = count(&b, "out") + count(&b, "dlq");
-    assert!(
-        out_at_kill < n as i64,
-        "the crash came after the end ({out_at_kill} outputs): not mid-stream"
-    );
+    assert!(out_at_kill < n as i64, "the crash came after the end ({out_at_kill} outputs): not mid-stream");
     let at_crash = committed_all(&b, "g-kill", 2);
 
     let mut second = Kairos::start(&cfg, &dir.path().join("second.log"), &[]);
     let ids: BTreeSet<u64> = (0..n).collect();
     let (verdicts, dlq) = wait_answered(&b, &ids, T).await;
-    assert!(
-        second.term(Duration::from_secs(20)).success(),
-        "second run: {}",
-        second.stderr()
-    );
+    assert!(second.term(Duration::from_secs(20)).success(), "second run: {}", second.stderr());
     let a = answers(&verdicts, &dlq);
     let lost = missing(&a, 0..n);
-    assert!(
-        lost.is_empty(),
-        "inputs without a verdict or DLQ record: {}\n{}",
-        brief(&lost),
-        second.stderr()
-    );
+    assert!(lost.is_empty(), "inputs without a verdict or DLQ record: {}\n{}", brief(&lost), second.stderr());
     let dups = duplicates_in_window(&a, &placed, &at_crash);
     // The window: what one process holds between delivery and commit. The
     // read-ahead is not yet handed on, so it is re-read, not re-answered;
     // it is added to keep the bound the brief's (in-flight + read-ahead).
     let bound = setup.inflight_cap() + setup.read_ahead;
-    assert!(
-        dups <= bound,
-        "{dups} duplicates > in-flight window {bound}; committed at crash {at_crash:?}"
-    );
+    assert!(dups <= bound, "{dups} duplicates > in-flight window {bound}; committed at crash {at_crash:?}");
     eprintln!(
         "kafka_kill_9_then_restart_loses_nothing: {:?}; {out_at_kill} outputs at the kill, committed then {at_crash:?}, {dups} duplicates (bound {bound})",
         t0.elapsed()
@@ -181,33 +135,20 @@ async fn kafka_broker_restart_mid_stream_loses_nothing() {
     let p = producer(&b);
     let mut placed = produce_events(&p, 0, n1, 40).await;
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        group: "g-restart".into(),
-        ..Setup::default()
-    };
+    let setup = Setup { group: "g-restart".into(), ..Setup::default() };
     let cfg = write_config(dir.path(), &b, &setup);
     let mut k = Kairos::start(&cfg, &dir.path().join("kairos.log"), &[]);
-    wait_for("200 outputs before the broker restart", T, || {
-        count(&b, "out") + count(&b, "dlq") >= 200
-    })
-    .await;
+    wait_for("200 outputs before the broker restart", T, || count(&b, "out") + count(&b, "dlq") >= 200).await;
     let before = count(&b, "out") + count(&b, "dlq");
     b.restart();
-    assert!(
-        before < n1 as i64,
-        "the restart came after the end: not mid-stream"
-    );
+    assert!(before < n1 as i64, "the restart came after the end: not mid-stream");
     placed.extend(produce_events(&p, n1, n, 40).await);
 
     let ids: BTreeSet<u64> = (0..n).collect();
     let (verdicts, dlq) = wait_answered(&b, &ids, T).await;
     // Let the last commits land before reading them.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(
-        k.term(Duration::from_secs(20)).success(),
-        "kairos: {}",
-        k.stderr()
-    );
+    assert!(k.term(Duration::from_secs(20)).success(), "kairos: {}", k.stderr());
     let a = answers(&verdicts, &dlq);
 
     // Inputs the broker itself lost (acked to the test's producer, gone after the restart).
@@ -230,21 +171,10 @@ async fn kafka_broker_restart_mid_stream_loses_nothing() {
              inputs {inputs_lost:?}; outputs of inputs (kairos committed past them, so the broker had acked them) {acked_then_lost:?}"
         );
     }
-    assert!(
-        pipeline_lost.is_empty(),
-        "inputs the pipeline never answered: {}; committed {done:?}\n{}",
-        brief(&pipeline_lost),
-        k.stderr()
-    );
-    assert!(
-        acked_then_lost.len() + inputs_lost.len() <= 10,
-        "broker lost too much to call it a restart artefact"
-    );
+    assert!(pipeline_lost.is_empty(), "inputs the pipeline never answered: {}; committed {done:?}\n{}", brief(&pipeline_lost), k.stderr());
+    assert!(acked_then_lost.len() + inputs_lost.len() <= 10, "broker lost too much to call it a restart artefact");
     let answered = n as usize - inputs_lost.len() - acked_then_lost.len();
-    assert!(
-        answered >= n as usize - 10,
-        "not vacuous: {answered} of {n} answered"
-    );
+    assert!(answered >= n as usize - 10, "not vacuous: {answered} of {n} answered");
     eprintln!(
         "broker_restart_mid_stream_loses_nothing: {:?}; {before} outputs before the restart, {} duplicates, broker lost {} inputs and {} outputs",
         t0.elapsed(),
@@ -270,10 +200,7 @@ async fn member_leaves(term: bool) {
     let n = 1600;
     let placed = produce_events(&producer(&b), 0, n, 40).await;
     let dir = tempfile::tempdir().unwrap();
-    let setup = Setup {
-        group: format!("g-two-{name}"),
-        ..Setup::default()
-    };
+    let setup = Setup { group: format!("g-two-{name}"), ..Setup::default() };
     let static_id = |id: &str| {
         let mut s = setup.clone();
         s.group = format!("{}-{id}", setup.group);
@@ -287,36 +214,24 @@ async fn member_leaves(term: bool) {
         // same group id, one config file per member
         let s = static_id(id);
         let p = write_config(dir.path(), &b, &s);
-        let text = std::fs::read_to_string(&p)
-            .expect("config")
-            .replace(&s.group, &setup.group);
+        let text = std::fs::read_to_string(&p).expect("config").replace(&s.group, &setup.group);
         std::fs::write(&p, text).expect("config");
         p
     };
     let (cfg_a, cfg_b) = (write("a"), write("b"));
     let mut a = Kairos::start(&cfg_a, &dir.path().join("a.log"), &[]);
     let mut bee = Kairos::start(&cfg_b, &dir.path().join("b.log"), &[]);
-    wait_for("both members answering", T, || {
-        a.verdicts() >= 20 && bee.verdicts() >= 20
-    })
-    .await;
+    wait_for("both members answering", T, || a.verdicts() >= 20 && bee.verdicts() >= 20).await;
     let at_leave = committed_all(&b, &setup.group, 4);
     let out_at_leave = count(&b, "out") + count(&b, "dlq");
     let mut restarted = None;
     if term {
         let st = bee.term(Duration::from_secs(20));
-        assert!(
-            st.success(),
-            "b did not drain and exit 0 on SIGTERM: {}",
-            bee.stderr()
-        );
+        assert!(st.success(), "b did not drain and exit 0 on SIGTERM: {}", bee.stderr());
     } else {
         bee.kill9();
     }
-    assert!(
-        out_at_leave < n as i64 - 300,
-        "b left too late to matter ({out_at_leave} outputs)"
-    );
+    assert!(out_at_leave < n as i64 - 300, "b left too late to matter ({out_at_leave} outputs)");
     let took_over = tokio::time::timeout(Duration::from_secs(14), async {
         while a.stderr().matches("partitions assigned").count() < 2 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -325,11 +240,7 @@ async fn member_leaves(term: bool) {
     .await
     .is_ok();
     if !took_over {
-        assert!(
-            !term,
-            "a was not re-assigned within 14 s of b leaving the group: {}",
-            a.stderr()
-        );
+        assert!(!term, "a was not re-assigned within 14 s of b leaving the group: {}", a.stderr());
         eprintln!("member_leaves(kill9): the broker did not expire the killed member within 14 s; restarting it with its static id");
         restarted = Some(Kairos::start(&cfg_b, &dir.path().join("b2.log"), &[]));
     }
@@ -337,33 +248,16 @@ async fn member_leaves(term: bool) {
     let (verdicts, dlq) = wait_answered(&b, &ids, T).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let done = committed_all(&b, &setup.group, 4);
-    assert!(
-        a.term(Duration::from_secs(20)).success(),
-        "a: {}",
-        a.stderr()
-    );
+    assert!(a.term(Duration::from_secs(20)).success(), "a: {}", a.stderr());
     if let Some(mut k) = restarted {
-        assert!(
-            k.term(Duration::from_secs(20)).success(),
-            "restarted b: {}",
-            k.stderr()
-        );
+        assert!(k.term(Duration::from_secs(20)).success(), "restarted b: {}", k.stderr());
     }
     let ans = answers(&verdicts, &dlq);
     let lost = missing(&ans, 0..n);
-    assert!(
-        lost.is_empty(),
-        "{name}: unanswered inputs {} (a stalled?)\na:\n{}",
-        brief(&lost),
-        a.stderr()
-    );
+    assert!(lost.is_empty(), "{name}: unanswered inputs {} (a stalled?)\na:\n{}", brief(&lost), a.stderr());
     let ends = end_offsets(&b, "in");
     for (p, end) in &ends {
-        assert_eq!(
-            done[p],
-            Some(*end),
-            "{name}: partition {p} not committed to the end: the survivor stalled"
-        );
+        assert_eq!(done[p], Some(*end), "{name}: partition {p} not committed to the end: the survivor stalled");
     }
     let dups = duplicates_in_window(&ans, &placed, &at_leave);
     // b's window (kill) plus a's (the eager rebalance revokes a's partitions too).
@@ -409,18 +303,12 @@ async fn kafka_overload_answers_in_budget_with_bounded_memory() {
         budget_ms: 300,
         max_batch: 2,
         // librdkafka's own prefetch is bounded to 2 MB (default 64 MB)
-        consumer_extra: vec![
-            ("queued.max.messages.kbytes", "2048".into()),
-            ("max.poll.interval.ms", "8000".into()),
-        ],
+        consumer_extra: vec![("queued.max.messages.kbytes", "2048".into()), ("max.poll.interval.ms", "8000".into())],
         ..Setup::default()
     };
     let cfg = write_config(dir.path(), &b, &setup);
     let k = Kairos::start(&cfg, &dir.path().join("kairos.log"), &[]);
-    wait_for("kairos assigned its partitions", T, || {
-        k.stderr().contains("partitions assigned")
-    })
-    .await;
+    wait_for("kairos assigned its partitions", T, || k.stderr().contains("partitions assigned")).await;
     let rss_idle = k.rss_kb().expect("rss");
     let mut samples = Vec::new();
     let placed = produce_paced(&producer(&b), n, rate, pad, || samples.extend(k.rss_kb())).await;
@@ -439,48 +327,26 @@ async fn kafka_overload_answers_in_budget_with_bounded_memory() {
     assert!(k.term(Duration::from_secs(20)).success(), "{}", k.stderr());
 
     let a = answers(&verdicts, &dlq);
-    assert!(
-        missing(&a, 0..n).is_empty(),
-        "unanswered: {}",
-        brief(&missing(&a, 0..n))
-    );
+    assert!(missing(&a, 0..n).is_empty(), "unanswered: {}", brief(&missing(&a, 0..n)));
     let slack_ms = 250; // the sink write is after the stamp; this is thread wake-up on a loaded 2-core box
     let (mut fallbacks, mut late, mut worst) = (0, 0, 0u64);
     for r in &verdicts {
         check_verdict(r, &placed[&r.input().expect("id")]);
         let us: u64 = r.header("kairos-latency-us").parse().expect("latency");
         worst = worst.max(us);
-        assert!(
-            us <= (setup.budget_ms + slack_ms) * 1000,
-            "answered after budget + slack: {us} us: {r:?}"
-        );
+        assert!(us <= (setup.budget_ms + slack_ms) * 1000, "answered after budget + slack: {us} us: {r:?}");
         if r.header("kairos-fallback") == "true" {
             fallbacks += 1;
-            assert_eq!(
-                r.payload,
-                br#"{"decision":"review","score":0.5,"reason":"fallback"}"#.to_vec(),
-                "{r:?}"
-            );
+            assert_eq!(r.payload, br#"{"decision":"review","score":0.5,"reason":"fallback"}"#.to_vec(), "{r:?}");
         }
         late += usize::from(r.header("kairos-deadline-met") == "false");
     }
-    assert!(
-        fallbacks > 0,
-        "the model kept up with {rate} ev/s: not an overload"
-    );
+    assert!(fallbacks > 0, "the model kept up with {rate} ev/s: not an overload");
     assert!(fallbacks < verdicts.len(), "no model verdict at all");
     // Membership: one assignment, no revoke while loaded (a poll loop that
     // stopped would be evicted after session.timeout.ms and re-assigned).
-    assert_eq!(
-        log.matches("partitions assigned").count(),
-        1,
-        "rebalanced under load:\n{log}"
-    );
-    assert_eq!(
-        log.matches("partitions revoked").count(),
-        0,
-        "revoked under load:\n{log}"
-    );
+    assert_eq!(log.matches("partitions assigned").count(), 1, "rebalanced under load:\n{log}");
+    assert_eq!(log.matches("partitions revoked").count(), 0, "revoked under load:\n{log}");
     // Memory: kairos holds at most the read-ahead, the source channel, the
     // engine queue, the scheduler heap and the batch (~120 events of ~1 KB
     // payload plus ~3 KB of prompt tokens and the parsed object each), the
@@ -500,10 +366,7 @@ async fn kafka_overload_answers_in_budget_with_bounded_memory() {
         "RSS still growing under steady overload: first half peak {peak_first} kB, second half {peak_second} kB"
     );
     let growth_mb = (peak.saturating_sub(rss_idle)) as f64 / 1024.0;
-    assert!(
-        growth_mb <= 32.0,
-        "RSS grew {growth_mb:.1} MB under load (idle {rss_idle} kB, peak {peak} kB)"
-    );
+    assert!(growth_mb <= 32.0, "RSS grew {growth_mb:.1} MB under load (idle {rss_idle} kB, peak {peak} kB)");
     eprintln!(
         "overload_answers_in_budget_with_bounded_memory: {:?}; {} verdicts ({fallbacks} fallbacks, {late} late), {} DLQ, worst latency {:.1} ms, RSS idle {rss_idle} kB, peak {peak_first} kB in the first half and {peak_second} kB in the second ({} samples)",
         t0.elapsed(), verdicts.len(), dlq.len(), worst as f64 / 1000.0, samples.len()

@@ -9,12 +9,9 @@ use std::process::Command;
 use serde_json::Value;
 
 fn model() -> Option<PathBuf> {
-    let p = std::env::var_os("KAIROS_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    let p = std::env::var_os("KAIROS_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
     if p.exists() {
         return Some(p);
     }
@@ -43,14 +40,7 @@ fields = [
 verdict = { decision = "review", score = 0.5, reason = "fallback" }
 "#;
 
-fn write_config(
-    dir: &Path,
-    model: &Path,
-    input: &Path,
-    output: &Path,
-    budget_ms: u64,
-    engine: &str,
-) -> PathBuf {
+fn write_config(dir: &Path, model: &Path, input: &Path, output: &Path, budget_ms: u64, engine: &str) -> PathBuf {
     let cfg = format!(
         "name = \"test\"\n[source]\ntype = \"file\"\npath = {input:?}\nkey_field = \"card_id\"\n\n[sink]\ntype = \"file\"\npath = {output:?}\ntruncate = true\n\n[model]\npath = {model:?}\n\n[budget]\nlatency_ms = {budget_ms}\n\n[engine]\n{engine}\n{SCHEMA}"
     );
@@ -70,10 +60,7 @@ fn run(config: &Path) -> (bool, String) {
         .arg(config)
         .output()
         .expect("run kairos");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn records(path: &Path) -> Vec<Value> {
@@ -94,21 +81,10 @@ fn check_verdict(v: &Value) {
     let obj = v.as_object().expect("verdict object");
     let keys: Vec<&String> = obj.keys().collect();
     assert!(keys.contains(&&"decision".to_string()), "{text}");
-    assert!(
-        ["allow", "review", "block"].contains(&obj["decision"].as_str().expect("decision string")),
-        "{text}"
-    );
+    assert!(["allow", "review", "block"].contains(&obj["decision"].as_str().expect("decision string")), "{text}");
     let score = obj["score"].as_f64().expect("score number");
     assert!((0.0..=1.0).contains(&score), "{text}");
-    assert!(
-        obj["reason"]
-            .as_str()
-            .expect("reason string")
-            .chars()
-            .count()
-            <= 40,
-        "{text}"
-    );
+    assert!(obj["reason"].as_str().expect("reason string").chars().count() <= 40, "{text}");
 }
 
 #[test]
@@ -121,21 +97,11 @@ fn verdicts_and_dlq_from_a_file() {
     lines.push("this is not json".into());
     lines.push(r#"{"txn_id":"t9","amount":3}"#.into()); // missing card_id
     lines.push(r#"{"txn_id":"t10","card_id":"c","amount":"lots"}"#.into()); // wrong type
-    lines.push(format!(
-        r#"{{"txn_id":"t11","card_id":"c","amount":1,"pad":"{}"}}"#,
-        "x".repeat(700)
-    )); // oversized
+    lines.push(format!(r#"{{"txn_id":"t11","card_id":"c","amount":1,"pad":"{}"}}"#, "x".repeat(700))); // oversized
     let mut bytes = lines.join("\n").into_bytes();
     bytes.extend_from_slice(b"\n{\"txn_id\":\"\xff\xfe\"}\n"); // not UTF-8
     std::fs::write(&input, bytes).unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &model,
-        &input,
-        &output,
-        60_000,
-        "max_batch = 4\nmax_new_tokens = 40",
-    );
+    let cfg = write_config(dir.path(), &model, &input, &output, 60_000, "max_batch = 4\nmax_new_tokens = 40");
     let (ok, stderr) = run(&cfg);
     assert!(ok, "kairos run failed: {stderr}");
     let recs = records(&output);
@@ -146,38 +112,15 @@ fn verdicts_and_dlq_from_a_file() {
     for v in &verdicts {
         check_verdict(&v["payload"]);
         let h = &v["headers"];
-        for name in [
-            "kairos-source",
-            "kairos-model",
-            "kairos-latency-us",
-            "kairos-deadline-met",
-            "kairos-fallback",
-        ] {
+        for name in ["kairos-source", "kairos-model", "kairos-latency-us", "kairos-deadline-met", "kairos-fallback"] {
             assert!(h.get(name).is_some(), "missing header {name}: {v}");
         }
         assert_eq!(h["kairos-fallback"], "false", "{v}");
         assert!(v["key"].as_str().unwrap().starts_with("card-"), "{v}");
     }
-    let reasons: Vec<String> = dlq
-        .iter()
-        .map(|r| {
-            r["headers"]["kairos-dlq-reason"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    for want in [
-        "not JSON",
-        "missing field `card_id`",
-        "field `amount` must be a number",
-        "oversized",
-        "not UTF-8",
-    ] {
-        assert!(
-            reasons.iter().any(|r| r.contains(want)),
-            "no DLQ reason {want:?} in {reasons:?}"
-        );
+    let reasons: Vec<String> = dlq.iter().map(|r| r["headers"]["kairos-dlq-reason"].as_str().unwrap().to_string()).collect();
+    for want in ["not JSON", "missing field `card_id`", "field `amount` must be a number", "oversized", "not UTF-8"] {
+        assert!(reasons.iter().any(|r| r.contains(want)), "no DLQ reason {want:?} in {reasons:?}");
     }
 }
 
@@ -194,14 +137,7 @@ fn injected_instructions_stay_data() {
     ];
     let lines: Vec<String> = attacks.iter().enumerate().map(|(i, a)| txn(i, a)).collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &model,
-        &input,
-        &output,
-        60_000,
-        "max_batch = 3\nmax_new_tokens = 40",
-    );
+    let cfg = write_config(dir.path(), &model, &input, &output, 60_000, "max_batch = 3\nmax_new_tokens = 40");
     let (ok, stderr) = run(&cfg);
     assert!(ok, "{stderr}");
     let recs = records(&output);
@@ -225,14 +161,7 @@ fn overload_is_answered_inside_the_budget() {
     let lines: Vec<String> = (0..n).map(|i| txn(i, "burst")).collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
     let budget_ms = 1500;
-    let cfg = write_config(
-        dir.path(),
-        &model,
-        &input,
-        &output,
-        budget_ms,
-        "max_batch = 4\nmax_new_tokens = 40\nqueue_capacity = 16",
-    );
+    let cfg = write_config(dir.path(), &model, &input, &output, budget_ms, "max_batch = 4\nmax_new_tokens = 40\nqueue_capacity = 16");
     let (ok, stderr) = run(&cfg);
     assert!(ok, "{stderr}");
     let recs = records(&output);
@@ -240,22 +169,12 @@ fn overload_is_answered_inside_the_budget() {
     let mut fallbacks = 0;
     for r in &recs {
         check_verdict(&r["payload"]);
-        let lat_us: u64 = r["headers"]["kairos-latency-us"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let lat_us: u64 = r["headers"]["kairos-latency-us"].as_str().unwrap().parse().unwrap();
         // Slack: one sink write and scheduling noise on a loaded 2-core machine.
-        assert!(
-            lat_us <= (budget_ms + 400) * 1000,
-            "latency {lat_us} us over budget: {r}"
-        );
+        assert!(lat_us <= (budget_ms + 400) * 1000, "latency {lat_us} us over budget: {r}");
         if r["headers"]["kairos-fallback"] == "true" {
             fallbacks += 1;
         }
     }
-    assert!(
-        fallbacks > 0,
-        "40 events at once on a CPU within 1.5 s should need fallbacks"
-    );
+    assert!(fallbacks > 0, "40 events at once on a CPU within 1.5 s should need fallbacks");
 }

@@ -18,16 +18,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).expect("fixture readable"))
-        .expect("fixture JSON")
+    serde_json::from_str(&std::fs::read_to_string(p).expect("fixture readable")).expect("fixture JSON")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 fn prompt_ids(m: &LoadedModel, case: &Value) -> Vec<u32> {
@@ -52,15 +47,7 @@ fn greedy(backend: &mut dyn Backend, prompt: &[u32], n: usize, eos: &[u32]) -> V
 
 fn first_logits(backend: &mut dyn Backend, prompt: &[u32]) -> Vec<f32> {
     let seq = backend.new_sequence();
-    let l = backend
-        .forward(
-            &[Chunk {
-                seq,
-                tokens: prompt,
-            }],
-            LogitsFor::Last,
-        )
-        .expect("forward");
+    let l = backend.forward(&[Chunk { seq, tokens: prompt }], LogitsFor::Last).expect("forward");
     backend.free_sequence(seq);
     l
 }
@@ -72,18 +59,9 @@ fn check_family(dir: &str) {
     let eos = m.tokenizer.eos_ids.clone();
     let mut backend = CpuBackend::new(Arc::new(m.weights));
     let model_tok = load_model(&path).expect("reload for tokenizer");
-    for (i, case) in reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .enumerate()
-    {
+    for (i, case) in reference["cases"].as_array().expect("cases").iter().enumerate() {
         let want_prompt = ids(&case["prompt_ids"]);
-        assert_eq!(
-            prompt_ids(&model_tok, case),
-            want_prompt,
-            "{dir} case {i}: prompt ids"
-        );
+        assert_eq!(prompt_ids(&model_tok, case), want_prompt, "{dir} case {i}: prompt ids");
         let logits = first_logits(&mut backend, &want_prompt);
         let want: Vec<f32> = case["first_logits"]
             .as_array()
@@ -93,15 +71,8 @@ fn check_family(dir: &str) {
             .collect();
         assert_eq!(logits.len(), want.len(), "{dir}: vocab");
         let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-        let worst = logits
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 1e-4 * scale.max(1.0),
-            "{dir} case {i}: max |Δlogit| {worst} (scale {scale})"
-        );
+        let worst = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4 * scale.max(1.0), "{dir} case {i}: max |Δlogit| {worst} (scale {scale})");
         let want_ids = ids(&case["greedy_ids"]);
         let got = greedy(&mut backend, &want_prompt, want_ids.len(), &eos);
         assert_eq!(got, want_ids, "{dir} case {i}: greedy ids");
@@ -151,23 +122,14 @@ fn gpt_oss_native_mxfp4_matches_transformers() {
 /// The real model. CI fetches it (scripts/fetch_model.sh); elsewhere the test
 /// is skipped with a note unless KAIROS_TEST_MODEL points at it.
 pub fn smollm2_path() -> Option<PathBuf> {
-    let p = std::env::var_os("KAIROS_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    let p = std::env::var_os("KAIROS_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
     if p.exists() {
         return Some(p);
     }
-    assert!(
-        std::env::var("CI").is_err(),
-        "CI must fetch the test model first (scripts/fetch_model.sh)"
-    );
-    eprintln!(
-        "skipping: {} not found (run scripts/fetch_model.sh)",
-        p.display()
-    );
+    assert!(std::env::var("CI").is_err(), "CI must fetch the test model first (scripts/fetch_model.sh)");
+    eprintln!("skipping: {} not found (run scripts/fetch_model.sh)", p.display());
     None
 }
 
@@ -179,36 +141,20 @@ fn smollm2_gguf_matches_transformers() {
     let eos = m.tokenizer.eos_ids.clone();
     let tok = load_model(&path).expect("reload");
     let mut backend = CpuBackend::new(Arc::new(m.weights));
-    for (i, case) in reference["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .enumerate()
-    {
+    for (i, case) in reference["cases"].as_array().expect("cases").iter().enumerate() {
         let want_prompt = ids(&case["prompt_ids"]);
         assert_eq!(prompt_ids(&tok, case), want_prompt, "case {i}: prompt ids");
         let logits = first_logits(&mut backend, &want_prompt);
         for pair in case["first_top_logits"].as_array().expect("top logits") {
             let id = pair[0].as_u64().expect("id") as usize;
             let want = pair[1].as_f64().expect("logit") as f32;
-            assert!(
-                (logits[id] - want).abs() <= 2e-3 * want.abs().max(1.0),
-                "case {i}: logit[{id}] {} vs {want}",
-                logits[id]
-            );
+            assert!((logits[id] - want).abs() <= 2e-3 * want.abs().max(1.0), "case {i}: logit[{id}] {} vs {want}", logits[id]);
         }
         let want_ids = ids(&case["greedy_ids"]);
         let got = greedy(&mut backend, &want_prompt, want_ids.len(), &eos);
         assert_eq!(got, want_ids, "case {i}: greedy ids ({:?})", case["prompt"]);
         let text = tok.tokenizer.decode(&got).expect("decode");
-        assert_eq!(
-            text.trim_end_matches("<|im_end|>"),
-            case["greedy_text"]
-                .as_str()
-                .expect("text")
-                .trim_end_matches("<|im_end|>"),
-            "case {i}: text"
-        );
+        assert_eq!(text.trim_end_matches("<|im_end|>"), case["greedy_text"].as_str().expect("text").trim_end_matches("<|im_end|>"), "case {i}: text");
     }
 }
 
@@ -219,17 +165,9 @@ fn smollm2_tokenizer_matches_transformers() {
     let summary = read_json(&fixtures().join("smollm2_tokenizer_summary.json"));
     for case in summary["tokenize_cases"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
-        for (key, special) in [
-            ("ids_with_special", true),
-            ("ids", false),
-            ("ids_no_special", false),
-        ] {
+        for (key, special) in [("ids_with_special", true), ("ids", false), ("ids_no_special", false)] {
             if let Some(want) = case.get(key) {
-                assert_eq!(
-                    m.tokenizer.encode(text, special).expect("encode"),
-                    ids(want),
-                    "{text:?} ({key})"
-                );
+                assert_eq!(m.tokenizer.encode(text, special).expect("encode"), ids(want), "{text:?} ({key})");
             }
         }
     }

@@ -26,11 +26,7 @@ pub enum ConnectorError {
         source: std::io::Error,
     },
     #[error("{what}: line {line}: {msg}")]
-    BadLine {
-        what: String,
-        line: u64,
-        msg: String,
-    },
+    BadLine { what: String, line: u64, msg: String },
     #[error("config: {0}")]
     Config(String),
     #[error("the event channel was closed by the pipeline")]
@@ -41,16 +37,10 @@ pub enum ConnectorError {
 
 impl ConnectorError {
     pub(crate) fn kafka(context: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
-        ConnectorError::Kafka {
-            context: context.into(),
-            source,
-        }
+        ConnectorError::Kafka { context: context.into(), source }
     }
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        ConnectorError::Io {
-            what: what.into(),
-            source,
-        }
+        ConnectorError::Io { what: what.into(), source }
     }
 }
 

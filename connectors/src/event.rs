@@ -47,10 +47,7 @@ pub struct Event {
 impl Event {
     /// First header with this name.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
 
     /// The `kairos-deadline-ms` header parsed as absolute epoch milliseconds.
@@ -67,9 +64,7 @@ impl Event {
 
     /// The key as UTF-8 text (lossy), for logs and prompts.
     pub fn key_str(&self) -> Option<String> {
-        self.key
-            .as_ref()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
+        self.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned())
     }
 }
 
@@ -131,11 +126,7 @@ mod tests {
             key: Some(b"card-1".to_vec()),
             payload: b"{}".to_vec(),
             headers,
-            origin: Origin {
-                topic: "t".into(),
-                partition: 2,
-                offset: 7,
-            },
+            origin: Origin { topic: "t".into(), partition: 2, offset: 7 },
             timestamp_ms: None,
             received: Instant::now(),
         }

@@ -49,43 +49,17 @@ fn default_max_line() -> usize {
     1 << 20
 }
 
-pub(crate) fn start_file(
-    cfg: FileSourceConfig,
-    capacity: usize,
-    shutdown: Shutdown,
-) -> Result<SourceHandle> {
+pub(crate) fn start_file(cfg: FileSourceConfig, capacity: usize, shutdown: Shutdown) -> Result<SourceHandle> {
     let topic = format!("file:{}", cfg.path.display());
-    let file = std::fs::File::open(&cfg.path).map_err(|e| ConnectorError::Open {
-        path: cfg.path.clone(),
-        source: e,
-    })?;
+    let file = std::fs::File::open(&cfg.path)
+        .map_err(|e| ConnectorError::Open { path: cfg.path.clone(), source: e })?;
     let reader = BufReader::new(tokio::fs::File::from_std(file));
-    Ok(spawn_lines(
-        reader,
-        topic,
-        cfg.key_field,
-        cfg.timestamp_field,
-        cfg.max_line_bytes,
-        capacity,
-        shutdown,
-    ))
+    Ok(spawn_lines(reader, topic, cfg.key_field, cfg.timestamp_field, cfg.max_line_bytes, capacity, shutdown))
 }
 
-pub(crate) fn start_stdin(
-    cfg: StdinSourceConfig,
-    capacity: usize,
-    shutdown: Shutdown,
-) -> Result<SourceHandle> {
+pub(crate) fn start_stdin(cfg: StdinSourceConfig, capacity: usize, shutdown: Shutdown) -> Result<SourceHandle> {
     let reader = BufReader::new(tokio::io::stdin());
-    Ok(spawn_lines(
-        reader,
-        "stdin".into(),
-        cfg.key_field,
-        cfg.timestamp_field,
-        default_max_line(),
-        capacity,
-        shutdown,
-    ))
+    Ok(spawn_lines(reader, "stdin".into(), cfg.key_field, cfg.timestamp_field, default_max_line(), capacity, shutdown))
 }
 
 /// Run a JSONL reader as a source (public for tests and embedding).
@@ -125,11 +99,7 @@ pub fn spawn_lines<R: AsyncBufRead + Unpin + Send + 'static>(
                 key,
                 payload: buf.clone(),
                 headers: Vec::new(),
-                origin: Origin {
-                    topic: topic.clone(),
-                    partition: 0,
-                    offset: line_no,
-                },
+                origin: Origin { topic: topic.clone(), partition: 0, offset: line_no },
                 timestamp_ms: ts,
                 received: Instant::now(),
             };
@@ -141,24 +111,15 @@ pub fn spawn_lines<R: AsyncBufRead + Unpin + Send + 'static>(
         }
         Ok(stats)
     });
-    SourceHandle {
-        events: rx,
-        acker: Arc::new(CountingAcker::default()),
-        join,
-    }
+    SourceHandle { events: rx, acker: Arc::new(CountingAcker::default()), join }
 }
 
 /// Key and timestamp of a JSON line, when configured and present.
-pub fn extract(
-    line: &[u8],
-    key_field: Option<&str>,
-    ts_field: Option<&str>,
-) -> (Option<Vec<u8>>, Option<i64>) {
+pub fn extract(line: &[u8], key_field: Option<&str>, ts_field: Option<&str>) -> (Option<Vec<u8>>, Option<i64>) {
     if key_field.is_none() && ts_field.is_none() {
         return (None, None);
     }
-    let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(line)
-    else {
+    let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(line) else {
         return (None, None);
     };
     let key = key_field.and_then(|f| match obj.get(f)? {

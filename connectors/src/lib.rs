@@ -20,10 +20,6 @@ pub mod sink;
 pub mod source;
 
 pub use error::{ConnectorError, Result};
-pub use event::{
-    Event, Origin, OutRecord, TopicKind, HEADER_DEADLINE_MS, HEADER_DLQ_REASON, HEADER_TRACEPARENT,
-};
+pub use event::{Event, Origin, OutRecord, TopicKind, HEADER_DEADLINE_MS, HEADER_DLQ_REASON, HEADER_TRACEPARENT};
 pub use sink::{Sink, SinkConfig};
-pub use source::{
-    AckHandle, Acker, Shutdown, SourceConfig, SourceHandle, SourceStats, DEFAULT_CHANNEL_CAPACITY,
-};
+pub use source::{AckHandle, Acker, Shutdown, SourceConfig, SourceHandle, SourceStats, DEFAULT_CHANNEL_CAPACITY};

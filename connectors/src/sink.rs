@@ -50,15 +50,8 @@ impl SinkConfig {
                     .truncate(c.truncate)
                     .open(&c.path)
                     .await
-                    .map_err(|e| ConnectorError::Open {
-                        path: c.path.clone(),
-                        source: e,
-                    })?;
-                Arc::new(JsonLinesSink::new(
-                    Box::new(f),
-                    true,
-                    c.path.display().to_string(),
-                ))
+                    .map_err(|e| ConnectorError::Open { path: c.path.clone(), source: e })?;
+                Arc::new(JsonLinesSink::new(Box::new(f), true, c.path.display().to_string()))
             }
             SinkConfig::Kafka(c) => Arc::new(KafkaSink::new(c)?),
         })
@@ -100,11 +93,7 @@ pub struct JsonLinesSink {
 
 impl JsonLinesSink {
     pub fn new(out: Box<dyn AsyncWrite + Send + Unpin>, include_dlq: bool, what: String) -> Self {
-        JsonLinesSink {
-            out: Mutex::new(out),
-            include_dlq,
-            what,
-        }
+        JsonLinesSink { out: Mutex::new(out), include_dlq, what }
     }
 }
 
@@ -137,20 +126,14 @@ impl Sink for JsonLinesSink {
             }
             let line = record_to_json_line(&record);
             let mut out = self.out.lock().await;
-            out.write_all(&line)
-                .await
-                .map_err(|e| ConnectorError::io(&self.what, e))?;
-            out.flush()
-                .await
-                .map_err(|e| ConnectorError::io(&self.what, e))
+            out.write_all(&line).await.map_err(|e| ConnectorError::io(&self.what, e))?;
+            out.flush().await.map_err(|e| ConnectorError::io(&self.what, e))
         })
     }
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let mut out = self.out.lock().await;
-            out.flush()
-                .await
-                .map_err(|e| ConnectorError::io(&self.what, e))
+            out.flush().await.map_err(|e| ConnectorError::io(&self.what, e))
         })
     }
 }
@@ -162,41 +145,24 @@ mod tests {
 
     #[tokio::test]
     async fn file_sink_writes_json_lines() {
-        let path =
-            std::env::temp_dir().join(format!("kairos-sink-test-{}.jsonl", std::process::id()));
-        let cfg: SinkConfig = serde_json::from_value(
-            serde_json::json!({"type": "file", "path": path, "truncate": true}),
-        )
-        .expect("config");
+        let path = std::env::temp_dir().join(format!("kairos-sink-test-{}.jsonl", std::process::id()));
+        let cfg: SinkConfig =
+            serde_json::from_value(serde_json::json!({"type": "file", "path": path, "truncate": true})).expect("config");
         let sink = cfg.build().await.expect("build");
         let ev = Event {
             key: Some(b"card-1".to_vec()),
             payload: b"{\"amount\":3}".to_vec(),
             headers: vec![("traceparent".into(), b"00-x-y-01".to_vec())],
-            origin: Origin {
-                topic: "t".into(),
-                partition: 0,
-                offset: 4,
-            },
+            origin: Origin { topic: "t".into(), partition: 0, offset: 4 },
             timestamp_ms: None,
             received: std::time::Instant::now(),
         };
-        sink.send(OutRecord::output_for(
-            &ev,
-            b"{\"decision\":\"allow\"}".to_vec(),
-        ))
-        .await
-        .expect("send");
-        sink.send(OutRecord::dlq_for(&ev, "bad"))
-            .await
-            .expect("send");
+        sink.send(OutRecord::output_for(&ev, b"{\"decision\":\"allow\"}".to_vec())).await.expect("send");
+        sink.send(OutRecord::dlq_for(&ev, "bad")).await.expect("send");
         sink.flush().await.expect("flush");
         let text = std::fs::read_to_string(&path).expect("read");
         let _ = std::fs::remove_file(&path);
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["topic"], "output");
         assert_eq!(lines[0]["key"], "card-1");

@@ -117,17 +117,13 @@ impl SourceConfig {
     /// event channel (backpressure). Kafka runs its poll loop on its own thread.
     pub fn start(&self, capacity: usize, shutdown: Shutdown) -> Result<SourceHandle> {
         if capacity == 0 {
-            return Err(ConnectorError::Config(
-                "channel capacity must be > 0".into(),
-            ));
+            return Err(ConnectorError::Config("channel capacity must be > 0".into()));
         }
         match self {
             SourceConfig::Generator(c) => crate::generator::start(c.clone(), capacity, shutdown),
             SourceConfig::File(c) => crate::file::start_file(c.clone(), capacity, shutdown),
             SourceConfig::Stdin(c) => crate::file::start_stdin(c.clone(), capacity, shutdown),
-            SourceConfig::Kafka(c) => {
-                crate::kafka::KafkaSource::start((**c).clone(), capacity, shutdown)
-            }
+            SourceConfig::Kafka(c) => crate::kafka::KafkaSource::start((**c).clone(), capacity, shutdown),
         }
     }
 }

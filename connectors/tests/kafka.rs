@@ -37,16 +37,11 @@ async fn roundtrip_and_commit_after_ack() {
     cfg.shutdown_drain_ms = 300; // 10 events stay unacked on purpose
     let mut h = KafkaSource::start(cfg, 10, sd.clone()).expect("source");
     let mut unacked = 0;
-    while let Some(ev) = tokio::time::timeout(T, h.events.recv())
-        .await
-        .expect("event in time")
-    {
+    while let Some(ev) = tokio::time::timeout(T, h.events.recv()).await.expect("event in time") {
         if ev.origin.offset < 120 {
             out.send(echo(&ev)).await.expect("send");
             if ev.origin.offset % 50 == 0 {
-                out.send(OutRecord::dlq_for(&ev, "test reason"))
-                    .await
-                    .expect("send dlq");
+                out.send(OutRecord::dlq_for(&ev, "test reason")).await.expect("send dlq");
             }
             h.acker.ack(&ev.origin);
         } else {
@@ -57,29 +52,18 @@ async fn roundtrip_and_commit_after_ack() {
         }
     }
     h.join.await.expect("join").expect("source ok");
-    assert_eq!(
-        committed(&b, "g1", "in", 0),
-        Some(120),
-        "commit must stop at the first unacked offset"
-    );
+    assert_eq!(committed(&b, "g1", "in", 0), Some(120), "commit must stop at the first unacked offset");
 
     // phase 2: same group resumes at 120 and finishes.
     let sd2 = Shutdown::new();
-    let mut h2 =
-        KafkaSource::start(source_config(&b, "in", "g1"), 10, sd2.clone()).expect("source");
-    let first = tokio::time::timeout(T, h2.events.recv())
-        .await
-        .expect("event in time")
-        .expect("event");
+    let mut h2 = KafkaSource::start(source_config(&b, "in", "g1"), 10, sd2.clone()).expect("source");
+    let first = tokio::time::timeout(T, h2.events.recv()).await.expect("event in time").expect("event");
     assert_eq!(first.origin.offset, 120, "resumed at the wrong offset");
     out.send(echo(&first)).await.expect("send");
     h2.acker.ack(&first.origin);
     let mut n = 1;
     while n < 80 {
-        let ev = tokio::time::timeout(T, h2.events.recv())
-            .await
-            .expect("event in time")
-            .expect("event");
+        let ev = tokio::time::timeout(T, h2.events.recv()).await.expect("event in time").expect("event");
         out.send(echo(&ev)).await.expect("send");
         h2.acker.ack(&ev.origin);
         n += 1;
@@ -94,26 +78,14 @@ async fn roundtrip_and_commit_after_ack() {
     assert_eq!(answered(&outs), (0..200).collect());
     for o in &outs {
         let i = o.payload["input"]["i"].as_u64().expect("i");
-        assert_eq!(
-            o.key.as_deref(),
-            Some(format!("k{}", i % 17).as_str()),
-            "key preserved"
-        );
-        assert!(
-            o.headers.contains_key("traceparent"),
-            "traceparent passed through"
-        );
-        assert_eq!(
-            o.headers.get("kairos-deadline-ms").map(String::as_str),
-            Some("1700000000000")
-        );
+        assert_eq!(o.key.as_deref(), Some(format!("k{}", i % 17).as_str()), "key preserved");
+        assert!(o.headers.contains_key("traceparent"), "traceparent passed through");
+        assert_eq!(o.headers.get("kairos-deadline-ms").map(String::as_str), Some("1700000000000"));
         assert_eq!(o.headers.get("kairos-source"), Some(&format!("in/0/{i}")));
     }
     let dlq = read_outputs(&b, "dlq", 3, T, Duration::from_millis(200)).await;
     assert_eq!(dlq.len(), 3);
-    assert!(dlq
-        .iter()
-        .all(|o| o.headers.get("kairos-dlq-reason").map(String::as_str) == Some("test reason")));
+    assert!(dlq.iter().all(|o| o.headers.get("kairos-dlq-reason").map(String::as_str) == Some("test reason")));
     eprintln!("roundtrip_and_commit_after_ack: {:?}", t0.elapsed());
 }
 
@@ -135,45 +107,25 @@ async fn stall_pauses_without_eviction() {
     cfg.read_ahead_events = 100;
     let (mut h, stats) = KafkaSource::start_with_stats(cfg, cap, sd.clone()).expect("source");
     for _ in 0..10 {
-        let ev = tokio::time::timeout(T, h.events.recv())
-            .await
-            .expect("event in time")
-            .expect("event");
+        let ev = tokio::time::timeout(T, h.events.recv()).await.expect("event in time").expect("event");
         out.send(echo(&ev)).await.expect("send");
         h.acker.ack(&ev.origin);
     }
     // stall for longer than session.timeout.ms (6 s)
-    wait_for("partitions paused", Duration::from_secs(5), || {
-        stats.paused.load(Ordering::SeqCst)
-    })
-    .await;
+    wait_for("partitions paused", Duration::from_secs(5), || stats.paused.load(Ordering::SeqCst)).await;
     let stall = Instant::now();
     while stall.elapsed() < Duration::from_secs(7) {
         let d = stats.get(&stats.delivered);
-        assert!(
-            d <= 10 + cap as u64,
-            "source ran ahead of a stalled pipeline: {d} delivered"
-        );
+        assert!(d <= 10 + cap as u64, "source ran ahead of a stalled pipeline: {d} delivered");
         let r = stats.get(&stats.read_ahead);
         assert!(r <= 200, "read-ahead not bounded while paused: {r}");
-        assert!(
-            stats.paused.load(Ordering::SeqCst),
-            "resumed while stalled: {stats:?}"
-        );
+        assert!(stats.paused.load(Ordering::SeqCst), "resumed while stalled: {stats:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let worker = spawn_echo(h, out, Duration::ZERO);
     let outs = read_until_answered(&b, "out", 300, T, Duration::from_millis(200)).await;
-    assert_eq!(
-        answered(&outs).len(),
-        300,
-        "all inputs answered after the stall"
-    );
-    assert_eq!(
-        stats.get(&stats.revocations),
-        0,
-        "consumer was evicted from the group"
-    );
+    assert_eq!(answered(&outs).len(), 300, "all inputs answered after the stall");
+    assert_eq!(stats.get(&stats.revocations), 0, "consumer was evicted from the group");
     assert_eq!(stats.get(&stats.assignments), 1);
     assert!(stats.get(&stats.pauses) >= 1);
     sd.trigger();
@@ -193,10 +145,8 @@ async fn member_leaves_mid_stream_no_loss() {
     let p = producer(&b);
     produce_inputs(&p, "in", 0, 200).await;
     let (sd_a, sd_b) = (Shutdown::new(), Shutdown::new());
-    let (ha, sa) =
-        KafkaSource::start_with_stats(source_config(&b, "in", "g3"), 16, sd_a.clone()).expect("a");
-    let (hb, sb) =
-        KafkaSource::start_with_stats(source_config(&b, "in", "g3"), 16, sd_b.clone()).expect("b");
+    let (ha, sa) = KafkaSource::start_with_stats(source_config(&b, "in", "g3"), 16, sd_a.clone()).expect("a");
+    let (hb, sb) = KafkaSource::start_with_stats(source_config(&b, "in", "g3"), 16, sd_b.clone()).expect("b");
     let wa = spawn_echo(ha, sink(&b, "out"), Duration::from_millis(10));
     let wb = spawn_echo(hb, sink(&b, "out"), Duration::from_millis(10));
     // wait until b has done some work, keep producing, then b leaves
@@ -209,22 +159,12 @@ async fn member_leaves_mid_stream_no_loss() {
     let outs = read_until_answered(&b, "out", 400, T, Duration::from_millis(200)).await;
     let got = answered(&outs);
     let missing: Vec<u64> = (0..400).filter(|i| !got.contains(i)).collect();
-    assert!(
-        missing.is_empty(),
-        "unanswered inputs: {missing:?}; a: {sa:?}; b: {sb:?}"
-    );
-    assert!(
-        sa.get(&sa.assignments) >= 2,
-        "a should have been re-assigned after b left"
-    );
+    assert!(missing.is_empty(), "unanswered inputs: {missing:?}; a: {sa:?}; b: {sb:?}");
+    assert!(sa.get(&sa.assignments) >= 2, "a should have been re-assigned after b left");
     sd_a.trigger();
     let (_, ha) = wa.await.expect("worker a");
     ha.join.await.expect("join a").expect("a ok");
-    eprintln!(
-        "member_leaves_mid_stream_no_loss: {:?} ({} outputs for 400 inputs)",
-        t0.elapsed(),
-        outs.len()
-    );
+    eprintln!("member_leaves_mid_stream_no_loss: {:?} ({} outputs for 400 inputs)", t0.elapsed(), outs.len());
 }
 
 /// The broker is killed and restarted on the same data dir mid-stream:
@@ -238,8 +178,7 @@ async fn broker_restart_no_loss() {
     let p = producer(&b);
     produce_inputs(&p, "in", 0, 150).await;
     let sd = Shutdown::new();
-    let (h, stats) = KafkaSource::start_with_stats(source_config(&b, "in", "g4"), 16, sd.clone())
-        .expect("source");
+    let (h, stats) = KafkaSource::start_with_stats(source_config(&b, "in", "g4"), 16, sd.clone()).expect("source");
     let sent = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let w = spawn_echo_logged(h, sink(&b, "out"), Duration::from_millis(5), sent.clone());
     wait_for("some progress", T, || stats.get(&stats.acked) >= 40).await;
@@ -249,53 +188,27 @@ async fn broker_restart_no_loss() {
         sent.lock().unwrap_or_else(|e| e.into_inner()).len() == 300
     })
     .await;
-    let outs = read_until_answered(
-        &b,
-        "out",
-        300,
-        Duration::from_secs(5),
-        Duration::from_millis(200),
-    )
-    .await;
+    let outs = read_until_answered(&b, "out", 300, Duration::from_secs(5), Duration::from_millis(200)).await;
     let got = answered(&outs);
     let missing: Vec<u64> = (0..300).filter(|i| !got.contains(i)).collect();
     // noida-db 0.2.3 can lose the last few records it acknowledged (acks=all)
     // just before it stops: librdkafka then reports OutOfOrderSequenceNumber
     // for the next idempotent batch. Those are the broker's loss, not the
     // pipeline's: every input must have been answered by an acked send.
-    let ins = read_outputs_iso(
-        &b,
-        "in",
-        300,
-        Duration::from_secs(5),
-        Duration::from_millis(100),
-        "read_uncommitted",
-    )
-    .await;
-    let in_set: std::collections::BTreeSet<u64> =
-        ins.iter().filter_map(|o| o.payload["i"].as_u64()).collect();
+    let ins = read_outputs_iso(&b, "in", 300, Duration::from_secs(5), Duration::from_millis(100), "read_uncommitted").await;
+    let in_set: std::collections::BTreeSet<u64> = ins.iter().filter_map(|o| o.payload["i"].as_u64()).collect();
     assert_eq!(in_set.len(), 300, "inputs lost by the broker");
     let sent = sent.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let never_sent: Vec<u64> = (0..300).filter(|i| !sent.contains(i)).collect();
-    assert!(
-        never_sent.is_empty(),
-        "inputs the pipeline never answered: {never_sent:?}; stats {stats:?}"
-    );
+    assert!(never_sent.is_empty(), "inputs the pipeline never answered: {never_sent:?}; stats {stats:?}");
     if !missing.is_empty() {
         eprintln!("broker_restart_no_loss: noida-db lost {} acknowledged output(s) across its restart: {missing:?}", missing.len());
     }
-    assert!(
-        missing.len() <= 10,
-        "too many acked outputs lost by the broker: {missing:?}"
-    );
+    assert!(missing.len() <= 10, "too many acked outputs lost by the broker: {missing:?}");
     sd.trigger();
     let (_, h) = w.await.expect("worker");
     h.join.await.expect("join").expect("source ok");
-    eprintln!(
-        "broker_restart_no_loss: {:?} ({} outputs for 300 inputs)",
-        t0.elapsed(),
-        outs.len()
-    );
+    eprintln!("broker_restart_no_loss: {:?} ({} outputs for 300 inputs)", t0.elapsed(), outs.len());
 }
 
 /// Run the exactly-once loop over 100 inputs; with `abort`, the first
@@ -310,10 +223,8 @@ async fn eos_run(abort: bool) -> (Broker, kairos_connectors::kafka::EosStats) {
     let src = source_config(&b, "in", "g5");
     // no DLQ topic: a DLQ record fails its transaction (used to force one abort)
     let snk = sink_config(&b, "out", None);
-    let eos: ExactlyOnceConfig = serde_json::from_value(
-        serde_json::json!({"transactional_id": "kairos-test-1", "max_batch": 20}),
-    )
-    .expect("eos config");
+    let eos: ExactlyOnceConfig =
+        serde_json::from_value(serde_json::json!({"transactional_id": "kairos-test-1", "max_batch": 20})).expect("eos config");
     let sd = Shutdown::new();
     let sd2 = sd.clone();
     let mut first = abort;
@@ -335,11 +246,7 @@ async fn eos_run(abort: bool) -> (Broker, kairos_connectors::kafka::EosStats) {
     })
     .await;
     sd.trigger();
-    let stats = tokio::time::timeout(T, runner)
-        .await
-        .expect("eos loop stopped")
-        .expect("join")
-        .expect("eos ok");
+    let stats = tokio::time::timeout(T, runner).await.expect("eos loop stopped").expect("join").expect("eos ok");
     assert_eq!(stats.events, 100);
     assert!(stats.committed_transactions >= 1);
     assert_eq!(stats.aborted_transactions, abort as u64);
@@ -354,11 +261,7 @@ async fn exactly_once_transactions() {
     let (b, stats) = eos_run(false).await;
     let outs = read_outputs(&b, "out", 100, T, Duration::from_millis(1000)).await;
     assert_eq!(answered(&outs), (0..100).collect(), "every input answered");
-    assert_eq!(
-        outs.len(),
-        100,
-        "duplicates visible to a read_committed reader"
-    );
+    assert_eq!(outs.len(), 100, "duplicates visible to a read_committed reader");
     eprintln!("exactly_once_transactions: {:?} ({stats:?})", t0.elapsed());
 }
 
@@ -371,24 +274,8 @@ async fn exactly_once_transactions() {
 async fn exactly_once_aborted_batch_is_retried() {
     let t0 = Instant::now();
     let (b, stats) = eos_run(true).await;
-    let outs = read_outputs_iso(
-        &b,
-        "out",
-        120,
-        T,
-        Duration::from_millis(500),
-        "read_uncommitted",
-    )
-    .await;
+    let outs = read_outputs_iso(&b, "out", 120, T, Duration::from_millis(500), "read_uncommitted").await;
     assert_eq!(answered(&outs), (0..100).collect(), "every input answered");
-    assert!(
-        outs.len() <= 100 + 20,
-        "more than the aborted batch duplicated: {}",
-        outs.len()
-    );
-    eprintln!(
-        "exactly_once_aborted_batch_is_retried: {:?} ({stats:?}, {} records incl. aborted)",
-        t0.elapsed(),
-        outs.len()
-    );
+    assert!(outs.len() <= 100 + 20, "more than the aborted batch duplicated: {}", outs.len());
+    eprintln!("exactly_once_aborted_batch_is_retried: {:?} ({stats:?}, {} records incl. aborted)", t0.elapsed(), outs.len());
 }

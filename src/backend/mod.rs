@@ -2,10 +2,10 @@
 //! `cpu` is the reference every other backend is tested against; `cuda`
 //! (feature `cuda`) is the fast one. The engine sees only `Backend`.
 
-pub mod collectives;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod collectives;
 pub mod rope;
 pub mod sharded;
 
@@ -20,11 +20,7 @@ pub enum BackendError {
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("sequence {seq:?} would reach {len} tokens, over the context limit of {limit}")]
-    ContextFull {
-        seq: SeqId,
-        len: usize,
-        limit: usize,
-    },
+    ContextFull { seq: SeqId, len: usize, limit: usize },
     #[error("device error: {0}")]
     Device(String),
     #[error("{0}")]
@@ -61,8 +57,7 @@ pub trait Backend: Send {
     fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> Result<(), BackendError>;
     /// Appends each chunk's tokens to its sequence and returns logits, row-major:
     /// one row per chunk (`Last`) or per token in chunk order (`All`).
-    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor)
-        -> Result<Vec<f32>, BackendError>;
+    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError>;
 
     /// `forward` that also returns the hidden states leaving the decoder
     /// layers listed in `layers` (layer `i` = the output of decoder layer `i`,
@@ -77,20 +72,13 @@ pub trait Backend: Send {
         layers: &[usize],
     ) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
         let _ = (chunks, which, layers);
-        Err(BackendError::Unsupported(format!(
-            "backend `{}` cannot capture hidden states (DFlash needs the cpu backend)",
-            self.name()
-        )))
+        Err(BackendError::Unsupported(format!("backend `{}` cannot capture hidden states (DFlash needs the cpu backend)", self.name())))
     }
 
     /// `forward_capture` for greedy verification: instead of logits, the
     /// argmax token of every row (ties: the lowest id, as greedy sampling),
     /// so a backend that computes it on the device returns only ids.
-    fn forward_capture_argmax(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        layers: &[usize],
-    ) -> Result<(Vec<u32>, Vec<f32>), BackendError> {
+    fn forward_capture_argmax(&mut self, chunks: &[Chunk<'_>], layers: &[usize]) -> Result<(Vec<u32>, Vec<f32>), BackendError> {
         let (logits, hidden) = self.forward_capture(chunks, LogitsFor::All, layers)?;
         let v = self.vocab_size().max(1);
         Ok((logits.chunks(v).map(first_argmax).collect(), hidden))
@@ -117,10 +105,7 @@ pub trait Backend: Send {
     ) -> Result<(Vec<u32>, Vec<f32>), BackendError> {
         check_masks(chunks, masks)?;
         let (logits, hidden) = self.forward_capture(chunks, LogitsFor::All, layers)?;
-        Ok((
-            masked_argmax_rows(&logits, self.vocab_size(), masks),
-            hidden,
-        ))
+        Ok((masked_argmax_rows(&logits, self.vocab_size(), masks), hidden))
     }
 
     /// A decode step that chooses the next token on the device: each chunk appends
@@ -128,11 +113,7 @@ pub trait Backend: Send {
     /// (temperature 0: greedy; u uniform in [0, 1) from the caller's seeded RNG), so only
     /// ids leave the device. `Ok(None)`: this backend samples on the host — nothing was
     /// appended, the caller uses `forward` and its own sampler.
-    fn decode_choose(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        params: &[(f32, f32, f32)],
-    ) -> Result<Option<Vec<u32>>, BackendError> {
+    fn decode_choose(&mut self, chunks: &[Chunk<'_>], params: &[(f32, f32, f32)]) -> Result<Option<Vec<u32>>, BackendError> {
         let _ = (chunks, params);
         Ok(None)
     }
@@ -155,10 +136,7 @@ pub fn masked_argmax_rows(logits: &[f32], vocab: usize, masks: &[Option<&[u64]>]
 pub fn check_masks(chunks: &[Chunk<'_>], masks: &[Option<&[u64]>]) -> Result<(), BackendError> {
     let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
     if masks.len() != rows {
-        return Err(BackendError::Unsupported(format!(
-            "{} token masks for {rows} rows",
-            masks.len()
-        )));
+        return Err(BackendError::Unsupported(format!("{} token masks for {rows} rows", masks.len())));
     }
     Ok(())
 }
@@ -193,13 +171,7 @@ pub fn first_argmax_allowed(row: &[f32], bits: &[u64]) -> Option<u32> {
             let m = chunk
                 .iter()
                 .enumerate()
-                .fold(f32::NEG_INFINITY, |a, (k, &v)| {
-                    a.max(if word >> k & 1 == 1 {
-                        v
-                    } else {
-                        f32::NEG_INFINITY
-                    })
-                });
+                .fold(f32::NEG_INFINITY, |a, (k, &v)| a.max(if word >> k & 1 == 1 { v } else { f32::NEG_INFINITY }));
             // (never NaN: `max` skips NaNs)
             if m <= best_v {
                 continue;
@@ -257,9 +229,7 @@ mod tests {
     fn first_argmax_is_the_first_largest() {
         let mut seed = 7u64;
         let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (seed >> 33) as usize
         };
         let levels = [f32::NEG_INFINITY, -0.0, 0.0, 1.5, 3.0, f32::INFINITY];
@@ -267,9 +237,7 @@ mod tests {
             for _ in 0..20 {
                 let row: Vec<f32> = (0..len).map(|_| levels[next() % levels.len()]).collect();
                 assert_eq!(first_argmax(&row), scan(&row), "{len}");
-                let row: Vec<f32> = (0..len)
-                    .map(|_| (next() % 1000) as f32 / 7.0 - 70.0)
-                    .collect();
+                let row: Vec<f32> = (0..len).map(|_| (next() % 1000) as f32 / 7.0 - 70.0).collect();
                 assert_eq!(first_argmax(&row), scan(&row), "{len}");
             }
         }
@@ -280,23 +248,15 @@ mod tests {
     fn first_argmax_allowed_is_the_masked_argmax() {
         let mut seed = 11u64;
         let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             seed >> 11
         };
         let levels = [f32::NEG_INFINITY, 0.0, 1.5, 3.0];
         for len in [1usize, 63, 64, 65, 200, 1000] {
             for case in 0..200 {
-                let row: Vec<f32> = (0..len)
-                    .map(|_| levels[next() as usize % levels.len()])
-                    .collect();
+                let row: Vec<f32> = (0..len).map(|_| levels[next() as usize % levels.len()]).collect();
                 // sparse, dense, full and empty words, and bitsets shorter than the row
-                let words = if case % 5 == 0 {
-                    len / 64
-                } else {
-                    len.div_ceil(64)
-                };
+                let words = if case % 5 == 0 { len / 64 } else { len.div_ceil(64) };
                 let bits: Vec<u64> = (0..words)
                     .map(|_| match next() % 4 {
                         0 => 0,
@@ -306,20 +266,9 @@ mod tests {
                     })
                     .collect();
                 let allowed = |i: usize| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
-                let masked: Vec<f32> = row
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| if allowed(i) { v } else { f32::NEG_INFINITY })
-                    .collect();
-                let want = masked
-                    .iter()
-                    .any(|&v| v > f32::NEG_INFINITY)
-                    .then(|| scan(&masked));
-                assert_eq!(
-                    super::first_argmax_allowed(&row, &bits),
-                    want,
-                    "len {len} case {case}"
-                );
+                let masked: Vec<f32> = row.iter().enumerate().map(|(i, &v)| if allowed(i) { v } else { f32::NEG_INFINITY }).collect();
+                let want = masked.iter().any(|&v| v > f32::NEG_INFINITY).then(|| scan(&masked));
+                assert_eq!(super::first_argmax_allowed(&row, &bits), want, "len {len} case {case}");
             }
         }
     }

@@ -14,24 +14,14 @@ impl RopeTable {
     pub fn new(cfg: &RopeConfig, head_dim: usize) -> Self {
         let half = head_dim / 2;
         let base = cfg.theta;
-        let plain: Vec<f64> = (0..half)
-            .map(|i| 1.0 / base.powf((2 * i) as f64 / head_dim as f64))
-            .collect();
+        let plain: Vec<f64> =
+            (0..half).map(|i| 1.0 / base.powf((2 * i) as f64 / head_dim as f64)).collect();
         match &cfg.scaling {
-            RopeScaling::None => Self {
-                inv_freq: plain,
-                scale: 1.0,
-            },
-            RopeScaling::Linear { factor } => Self {
-                inv_freq: plain.iter().map(|f| f / factor).collect(),
-                scale: 1.0,
-            },
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position,
-            } => {
+            RopeScaling::None => Self { inv_freq: plain, scale: 1.0 },
+            RopeScaling::Linear { factor } => {
+                Self { inv_freq: plain.iter().map(|f| f / factor).collect(), scale: 1.0 }
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
                 let low_wl = original_max_position / low_freq_factor;
                 let high_wl = original_max_position / high_freq_factor;
                 let inv_freq = plain
@@ -49,23 +39,12 @@ impl RopeTable {
                         }
                     })
                     .collect();
-                Self {
-                    inv_freq,
-                    scale: 1.0,
-                }
+                Self { inv_freq, scale: 1.0 }
             }
-            RopeScaling::Yarn {
-                factor,
-                original_max_position,
-                beta_fast,
-                beta_slow,
-                truncate,
-                attention_factor,
-            } => {
+            RopeScaling::Yarn { factor, original_max_position, beta_fast, beta_slow, truncate, attention_factor } => {
                 let dim = head_dim as f64;
                 let corr = |rot: f64| {
-                    dim * (original_max_position / (rot * 2.0 * std::f64::consts::PI)).ln()
-                        / (2.0 * base.ln())
+                    dim * (original_max_position / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
                 };
                 let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
                 if *truncate {
@@ -74,11 +53,7 @@ impl RopeTable {
                 }
                 let low = low.max(0.0);
                 let high = high.min(dim - 1.0);
-                let span = if (high - low).abs() < f64::EPSILON {
-                    0.001
-                } else {
-                    high - low
-                };
+                let span = if (high - low).abs() < f64::EPSILON { 0.001 } else { high - low };
                 let inv_freq = (0..half)
                     .map(|i| {
                         let ramp = ((i as f64 - low) / span).clamp(0.0, 1.0);
@@ -87,11 +62,8 @@ impl RopeTable {
                         (1.0 / (factor * pos)) * (1.0 - extrapolation) + (1.0 / pos) * extrapolation
                     })
                     .collect();
-                let scale = attention_factor.unwrap_or(if *factor > 1.0 {
-                    0.1 * factor.ln() + 1.0
-                } else {
-                    1.0
-                });
+                let scale = attention_factor
+                    .unwrap_or(if *factor > 1.0 { 0.1 * factor.ln() + 1.0 } else { 1.0 });
                 Self { inv_freq, scale }
             }
         }

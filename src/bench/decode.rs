@@ -94,16 +94,7 @@ pub struct DecodeRow {
 impl DecodeRow {
     /// A row from measured step times (s) and the bytes a step must read.
     #[allow(clippy::too_many_arguments)]
-    pub fn measured(
-        shape: &str,
-        batch: usize,
-        context: usize,
-        step_s: f64,
-        graph_s: f64,
-        wb: f64,
-        kvb: f64,
-        copy_gbps: f64,
-    ) -> Self {
+    pub fn measured(shape: &str, batch: usize, context: usize, step_s: f64, graph_s: f64, wb: f64, kvb: f64, copy_gbps: f64) -> Self {
         let bytes = wb + kvb;
         let gbps = bytes / step_s / 1e9;
         DecodeRow {
@@ -144,8 +135,7 @@ pub fn shape_config(name: &str) -> Result<ModelConfig, String> {
     // a path to an HF config.json (e.g. configs/models/kimi-k2-gqa.json) is a shape too
     if name.ends_with(".json") {
         let text = std::fs::read_to_string(name).map_err(|e| format!("bench shape {name}: {e}"))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("bench shape {name}: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("bench shape {name}: {e}"))?;
         return ModelConfig::from_hf_json(&v).map_err(|e| format!("bench shape {name}: {e}"));
     }
     let v = match name {
@@ -180,11 +170,7 @@ pub fn shape_config(name: &str) -> Result<ModelConfig, String> {
             "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": false,
             "swiglu_limit": 7.0
         }),
-        other => {
-            return Err(format!(
-                "unknown bench shape {other:?}: use qwen3-30b-a3b, gpt-oss-20b or smollm2-135m"
-            ))
-        }
+        other => return Err(format!("unknown bench shape {other:?}: use qwen3-30b-a3b, gpt-oss-20b or smollm2-135m")),
     };
     ModelConfig::from_hf_json(&v).map_err(|e| format!("bench shape {name}: {e}"))
 }
@@ -240,15 +226,7 @@ pub fn copy_bandwidth(cx: &CudaContext) -> Result<f64, String> {
 
 pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
-    let mut report = DecodeReport {
-        device: String::new(),
-        copy_gbps: 0.0,
-        resident_weight_bytes: Vec::new(),
-        prefill: Vec::new(),
-        fused: o.fused,
-        moe_q8: o.moe_q8,
-        rows: Vec::new(),
-    };
+    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), prefill: Vec::new(), fused: o.fused, moe_q8: o.moe_q8, rows: Vec::new() };
     if o.nccl_ranks > 1 {
         return super::decode_ranks::run(o);
     }
@@ -259,12 +237,8 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
         runs.push((name.clone(), None));
     }
     if let Some(p) = &o.model {
-        let m = crate::model::load_model_with(p, o.upcycle)
-            .map_err(|e| format!("{}: {e}", p.display()))?;
-        let mut name = p.file_name().map_or_else(
-            || p.display().to_string(),
-            |f| f.to_string_lossy().into_owned(),
-        );
+        let m = crate::model::load_model_with(p, o.upcycle).map_err(|e| format!("{}: {e}", p.display()))?;
+        let mut name = p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned());
         if let Some(u) = o.upcycle {
             name.push_str(&format!(" upcycled {u}"));
         }
@@ -293,54 +267,33 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
         if o.nccl_ranks == 1 {
             use crate::backend::collectives::nccl::{new_id, NcclComm};
             let id = new_id().map_err(|e| e.to_string())?;
-            let comm = NcclComm::join_on(bk.context().stream.clone(), 0, 1, id)
-                .map_err(|e| e.to_string())?;
+            let comm = NcclComm::join_on(bk.context().stream.clone(), 0, 1, id).map_err(|e| e.to_string())?;
             bk.attach_nccl(comm).map_err(be)?;
         }
         if report.device.is_empty() {
             report.device = bk.context().name.clone();
             report.copy_gbps = copy_bandwidth(bk.context())?;
         }
-        report
-            .resident_weight_bytes
-            .push((name.clone(), bk.weight_bytes()));
+        report.resident_weight_bytes.push((name.clone(), bk.weight_bytes()));
         // prefill: a warm-up prompt, then the timed one, on sequences of their own
-        let prompt: Vec<u32> = (0..PREFILL_TOKENS as u32)
-            .map(|i| 1 + (i * 7919) % (cfg.vocab_size as u32 - 1))
-            .collect();
+        let prompt: Vec<u32> = (0..PREFILL_TOKENS as u32).map(|i| 1 + (i * 7919) % (cfg.vocab_size as u32 - 1)).collect();
         let mut prefill_s = 0.0;
         for timed in [false, true] {
             let s = bk.new_sequence();
             let t = Instant::now();
-            bk.forward(
-                &[Chunk {
-                    seq: s,
-                    tokens: &prompt,
-                }],
-                LogitsFor::Last,
-            )
-            .map_err(be)?;
+            bk.forward(&[Chunk { seq: s, tokens: &prompt }], LogitsFor::Last).map_err(be)?;
             if timed {
                 prefill_s = t.elapsed().as_secs_f64();
             }
             bk.free_sequence(s);
         }
-        report.prefill.push((
-            name.clone(),
-            PREFILL_TOKENS,
-            PREFILL_TOKENS as f64 / prefill_s,
-        ));
+        report.prefill.push((name.clone(), PREFILL_TOKENS, PREFILL_TOKENS as f64 / prefill_s));
         let seqs: Vec<_> = (0..max_b).map(|_| bk.new_sequence()).collect();
         for &b in &o.batches {
             for &ctx in &o.contexts {
                 let mut toks: Vec<u32> = (0..b as u32).map(|i| 1 + i).collect();
                 let step = |bk: &mut CudaBackend, toks: &mut Vec<u32>| -> Result<(), String> {
-                    let ch: Vec<Chunk> = (0..b)
-                        .map(|i| Chunk {
-                            seq: seqs[i],
-                            tokens: std::slice::from_ref(&toks[i]),
-                        })
-                        .collect();
+                    let ch: Vec<Chunk> = (0..b).map(|i| Chunk { seq: seqs[i], tokens: std::slice::from_ref(&toks[i]) }).collect();
                     *toks = bk.decode_argmax(&ch).map_err(be)?;
                     Ok(())
                 };
@@ -365,30 +318,13 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
                 if let Some(prof) = bk.persistent_profile(bucket).map_err(be)? {
                     // KAIROS_CUDA_PK_PROFILE=1: the persistent step's time per kernel (stderr)
                     let total: f64 = prof.iter().map(|p| p.1).sum();
-                    eprintln!(
-                        "persistent step profile, {name} batch {b} context {ctx}: {:.1} us",
-                        total / 1e3
-                    );
+                    eprintln!("persistent step profile, {name} batch {b} context {ctx}: {:.1} us", total / 1e3);
                     for (k, ns, n) in &prof {
-                        eprintln!(
-                            "  {k:<28} {n:>4} x {:>7.2} us = {:>8.1} us ({:.1}%)",
-                            ns / 1e3 / *n as f64,
-                            ns / 1e3,
-                            100.0 * ns / total
-                        );
+                        eprintln!("  {k:<28} {n:>4} x {:>7.2} us = {:>8.1} us ({:.1}%)", ns / 1e3 / *n as f64, ns / 1e3, 100.0 * ns / total);
                     }
                 }
                 let (wb, kvb) = bytes_per_step(&cfg, b, ctx + o.steps / 2);
-                report.rows.push(DecodeRow::measured(
-                    name,
-                    b,
-                    ctx,
-                    step_s,
-                    graph_s,
-                    wb,
-                    kvb,
-                    report.copy_gbps,
-                ));
+                report.rows.push(DecodeRow::measured(name, b, ctx, step_s, graph_s, wb, kvb, report.copy_gbps));
             }
         }
     }

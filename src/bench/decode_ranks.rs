@@ -15,9 +15,7 @@
 use std::sync::Barrier;
 use std::time::Instant;
 
-use super::decode::{
-    bytes_per_step, copy_bandwidth, shape_config, DecodeBenchOptions, DecodeReport, DecodeRow,
-};
+use super::decode::{bytes_per_step, copy_bandwidth, shape_config, DecodeBenchOptions, DecodeReport, DecodeRow};
 use crate::backend::cuda::model::{CudaBackend, CudaBackendOptions};
 use crate::backend::cuda::sharded::join_nccl;
 use crate::backend::{Backend, Chunk};
@@ -27,26 +25,15 @@ use crate::model::ModelConfig;
 /// (weight bytes, KV bytes) one rank reads per decode step: `bytes_per_step` of the
 /// rank's local config, with its MoE part corrected to the full router and to
 /// local experts chosen among all E.
-fn rank_bytes_per_step(
-    full: &ModelConfig,
-    local: &ModelConfig,
-    batch: usize,
-    context: usize,
-) -> (f64, f64) {
+fn rank_bytes_per_step(full: &ModelConfig, local: &ModelConfig, batch: usize, context: usize) -> (f64, f64) {
     let (mut w, kv) = bytes_per_step(local, batch, context);
     if let (Some(fm), Some(lm)) = (&full.moe, &local.moe) {
         let h = full.hidden_size as f64;
-        let (e, el, k) = (
-            fm.num_experts as f64,
-            lm.num_experts as f64,
-            fm.top_k as f64,
-        );
+        let (e, el, k) = (fm.num_experts as f64, lm.num_experts as f64, fm.top_k as f64);
         let expert = 3.0 * h * lm.expert_intermediate as f64 * 17.0 / 32.0;
         let counted = el * h * 2.0 + el * (1.0 - (1.0 - k / el).powi(batch as i32)) * expert;
         let actual = e * h * 2.0 + el * (1.0 - (1.0 - k / e).powi(batch as i32)) * expert;
-        let moe_layers = (0..full.num_layers)
-            .filter(|&l| full.is_moe_layer(l))
-            .count() as f64;
+        let moe_layers = (0..full.num_layers).filter(|&l| full.is_moe_layer(l)).count() as f64;
         w += moe_layers * (actual - counted);
     }
     (w, kv)
@@ -54,29 +41,16 @@ fn rank_bytes_per_step(
 
 /// One rank's benchmark loop (the same steps on every rank): per (batch, context),
 /// (host-visible step seconds, graph-only step seconds).
-fn rank_loop(
-    bk: &mut CudaBackend,
-    o: &DecodeBenchOptions,
-    max_b: usize,
-    barrier: &Barrier,
-) -> Result<Vec<(f64, f64)>, String> {
+fn rank_loop(bk: &mut CudaBackend, o: &DecodeBenchOptions, max_b: usize, barrier: &Barrier) -> Result<Vec<(f64, f64)>, String> {
     let be = |e: crate::backend::BackendError| e.to_string();
-    bk.context()
-        .ctx
-        .bind_to_thread()
-        .map_err(|e| format!("{e:?}"))?;
+    bk.context().ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
     let seqs: Vec<_> = (0..max_b).map(|_| bk.new_sequence()).collect();
     let mut out = Vec::new();
     for &b in &o.batches {
         for &ctx in &o.contexts {
             let mut toks: Vec<u32> = (0..b as u32).map(|i| 1 + i).collect();
             let step = |bk: &mut CudaBackend, toks: &mut Vec<u32>| -> Result<(), String> {
-                let ch: Vec<Chunk> = (0..b)
-                    .map(|i| Chunk {
-                        seq: seqs[i],
-                        tokens: std::slice::from_ref(&toks[i]),
-                    })
-                    .collect();
+                let ch: Vec<Chunk> = (0..b).map(|i| Chunk { seq: seqs[i], tokens: std::slice::from_ref(&toks[i]) }).collect();
                 *toks = bk.decode_argmax(&ch).map_err(be)?;
                 Ok(())
             };
@@ -97,8 +71,7 @@ fn rank_loop(
             let step_s = t.elapsed().as_secs_f64() / o.steps as f64;
             barrier.wait();
             let t = Instant::now();
-            bk.replay_decode_graph(b.next_power_of_two(), o.steps)
-                .map_err(be)?;
+            bk.replay_decode_graph(b.next_power_of_two(), o.steps).map_err(be)?;
             out.push((step_s, t.elapsed().as_secs_f64() / o.steps as f64));
         }
     }
@@ -110,22 +83,12 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
     let n = o.nccl_ranks;
     let visible = crate::backend::cuda::device_count();
     if visible < n {
-        return Err(format!(
-            "--nccl-ranks {n}: one GPU per rank is needed and {visible} are visible"
-        ));
+        return Err(format!("--nccl-ranks {n}: one GPU per rank is needed and {visible} are visible"));
     }
     if o.model.is_some() {
         return Err(format!("--nccl-ranks {n} with --model: a real checkpoint is not sharded by the benchmark yet (random weights of each rank's slices only)"));
     }
-    let mut report = DecodeReport {
-        device: String::new(),
-        copy_gbps: 0.0,
-        resident_weight_bytes: Vec::new(),
-        prefill: Vec::new(),
-        fused: o.fused,
-        moe_q8: o.moe_q8,
-        rows: Vec::new(),
-    };
+    let mut report = DecodeReport { device: String::new(), copy_gbps: 0.0, resident_weight_bytes: Vec::new(), prefill: Vec::new(), fused: o.fused, moe_q8: o.moe_q8, rows: Vec::new() };
     let max_b = o.batches.iter().copied().max().unwrap_or(1);
     let max_ctx = o.contexts.iter().copied().max().unwrap_or(128);
     for name in &o.shapes {
@@ -142,40 +105,22 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
             pdl: None,
             ..CudaBackendOptions::default()
         };
-        let mut ranks = (0..n)
-            .map(|r| CudaBackend::random_rank(&cfg, plan, r, opts(r), o.seed))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(be)?;
+        let mut ranks = (0..n).map(|r| CudaBackend::random_rank(&cfg, plan, r, opts(r), o.seed)).collect::<Result<Vec<_>, _>>().map_err(be)?;
         join_nccl(&mut ranks).map_err(be)?;
         if report.device.is_empty() {
-            ranks[0]
-                .context()
-                .ctx
-                .bind_to_thread()
-                .map_err(|e| format!("{e:?}"))?;
+            ranks[0].context().ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
             report.device = format!("{} x{n}", ranks[0].context().name);
             report.copy_gbps = copy_bandwidth(ranks[0].context())?;
         }
         let label = format!("{name} [{n} GPUs, tp {} ep {}, per GPU]", plan.tp, plan.ep);
-        report
-            .resident_weight_bytes
-            .push((label.clone(), ranks[0].weight_bytes()));
+        report.resident_weight_bytes.push((label.clone(), ranks[0].weight_bytes()));
         let barrier = Barrier::new(n);
         let per_rank: Vec<Result<Vec<(f64, f64)>, String>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ranks
-                .iter_mut()
-                .map(|bk| {
-                    let barrier = &barrier;
-                    s.spawn(move || rank_loop(bk, o, max_b, barrier))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("a rank thread panicked".into()))
-                })
-                .collect()
+            let handles: Vec<_> = ranks.iter_mut().map(|bk| {
+                let barrier = &barrier;
+                s.spawn(move || rank_loop(bk, o, max_b, barrier))
+            }).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a rank thread panicked".into()))).collect()
         });
         let per_rank = per_rank.into_iter().collect::<Result<Vec<_>, _>>()?;
         let slices = plan.slices(&cfg, 0).map_err(|e| e.to_string())?;
@@ -187,16 +132,7 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
                 let graph_s = per_rank.iter().map(|r| r[i].1).fold(0f64, f64::max);
                 i += 1;
                 let (wb, kvb) = rank_bytes_per_step(&cfg, &local, b, ctx + o.steps / 2);
-                report.rows.push(DecodeRow::measured(
-                    &label,
-                    b,
-                    ctx,
-                    step_s,
-                    graph_s,
-                    wb,
-                    kvb,
-                    report.copy_gbps,
-                ));
+                report.rows.push(DecodeRow::measured(&label, b, ctx, step_s, graph_s, wb, kvb, report.copy_gbps));
             }
         }
     }
@@ -232,10 +168,8 @@ mod tests {
         let (h, l) = (2048f64, 48f64);
         let router = 128.0 * h * 2.0;
         let experts = 128.0 / 8.0 * (1.0 - (1.0 - 8.0 / 128.0f64)) * 3.0 * h * 768.0 * 17.0 / 32.0;
-        let attention =
-            ((4.0 + 2.0 * 1.0) * 128.0 * h + h * 4.0 * 128.0) * 2.0 + 4.0 * h + 4.0 * 128.0;
-        let want =
-            l * (router + experts + attention) + 151936.0 / 8.0 * h * 2.0 + h * 2.0 + h * 2.0;
+        let attention = ((4.0 + 2.0 * 1.0) * 128.0 * h + h * 4.0 * 128.0) * 2.0 + 4.0 * h + 4.0 * 128.0;
+        let want = l * (router + experts + attention) + 151936.0 / 8.0 * h * 2.0 + h * 2.0 + h * 2.0;
         assert!((w - want).abs() <= 1e-9 * want, "{w} vs {want}");
     }
 }

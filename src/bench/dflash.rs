@@ -69,8 +69,7 @@ pub fn verdict_set(
         }
     };
     g.seed = seed;
-    let mut gen = kairos_connectors::generator::build(&g)
-        .map_err(|e| DflashBenchError::Setup(e.to_string()))?;
+    let mut gen = kairos_connectors::generator::build(&g).map_err(|e| DflashBenchError::Setup(e.to_string()))?;
     let builder = PromptBuilder::new(tok, &cfg.prompt)?;
     let grammar = VerdictGrammar::compile(&cfg.verdict, &tok.token_bytes(), &tok.eos_ids)
         .map_err(|e| DflashBenchError::Setup(format!("verdict grammar: {e}")))?;
@@ -114,38 +113,11 @@ const CHAT_TASKS: &[&str] = &[
 ];
 
 const CHAT_TOPICS: &[&str] = &[
-    "the ocean",
-    "photosynthesis",
-    "the moon",
-    "credit cards",
-    "stock markets",
-    "volcanoes",
-    "honeybees",
-    "the internet",
-    "coffee",
-    "chess",
-    "rainbows",
-    "electric cars",
-    "recycling",
-    "the Roman empire",
-    "machine learning",
-    "sleep",
-    "bread baking",
-    "mountains",
-    "fraud prevention",
-    "saving money",
-    "gardening",
-    "the human heart",
-    "music",
-    "friendship",
-    "time zones",
-    "airplanes",
-    "libraries",
-    "exercise",
-    "clouds",
-    "prime numbers",
-    "solar power",
-    "cats",
+    "the ocean", "photosynthesis", "the moon", "credit cards", "stock markets", "volcanoes", "honeybees",
+    "the internet", "coffee", "chess", "rainbows", "electric cars", "recycling", "the Roman empire",
+    "machine learning", "sleep", "bread baking", "mountains", "fraud prevention", "saving money", "gardening",
+    "the human heart", "music", "friendship", "time zones", "airplanes", "libraries", "exercise", "clouds",
+    "prime numbers", "solar power", "cats",
 ];
 
 /// General chat prompts: every task applied to every topic (`n` of them, in a fixed order).
@@ -157,35 +129,18 @@ pub fn chat_set(tok: &TextTokenizer, n: usize) -> Result<PromptSet, DflashBenchE
         // Step through topics fastest so a short set still mixes tasks.
         let task = CHAT_TASKS[(i / CHAT_TOPICS.len() + i) % CHAT_TASKS.len()];
         let user = task.replace("{}", CHAT_TOPICS[i % CHAT_TOPICS.len()]);
-        let text = tok.render_chat(
-            &[ChatMessage {
-                role: "user".into(),
-                content: user,
-            }],
-            true,
-        )?;
+        let text = tok.render_chat(&[ChatMessage { role: "user".into(), content: user }], true)?;
         prompts.push(tok.encode(&text, false)?);
         texts.push(text);
     }
-    Ok(PromptSet {
-        name: "chat".into(),
-        prompts,
-        texts,
-        grammar: None,
-        forced_prefix: String::new(),
-        schema: None,
-    })
+    Ok(PromptSet { name: "chat".into(), prompts, texts, grammar: None, forced_prefix: String::new(), schema: None })
 }
 
 /// The prompt sets as JSONL for tools/train_dflash.py.
 pub fn export_jsonl(sets: &[PromptSet]) -> String {
     let mut out = String::new();
     for s in sets {
-        let kind = if s.grammar.is_some() {
-            "verdict"
-        } else {
-            "chat"
-        };
+        let kind = if s.grammar.is_some() { "verdict" } else { "chat" };
         for t in &s.texts {
             let mut v = serde_json::json!({"kind": kind, "source": s.name, "text": t});
             if !s.forced_prefix.is_empty() {
@@ -243,14 +198,8 @@ pub fn run(
     for set in sets {
         for &batch in &o.batches {
             let mut outs: [Vec<Vec<u32>>; 2] = [Vec::new(), Vec::new()];
-            for (k, (mode, b)) in [("plain", 1), ("dflash", o.block_size)]
-                .into_iter()
-                .enumerate()
-            {
-                let opts = SpecOptions {
-                    block_size: b,
-                    adaptive: if b > 1 { o.adaptive } else { None },
-                };
+            for (k, (mode, b)) in [("plain", 1), ("dflash", o.block_size)].into_iter().enumerate() {
+                let opts = SpecOptions { block_size: b, adaptive: if b > 1 { o.adaptive } else { None } };
                 let mut row = BenchRow {
                     set: set.name.clone(),
                     batch,
@@ -278,22 +227,12 @@ pub fn run(
                         })
                         .collect();
                     let t = Instant::now();
-                    let out = generate_speculative(
-                        target,
-                        drafter,
-                        &reqs,
-                        set.grammar.as_deref(),
-                        &opts,
-                    )?;
+                    let out = generate_speculative(target, drafter, &reqs, set.grammar.as_deref(), &opts)?;
                     let wall = t.elapsed().as_secs_f64();
                     let prefill = out.outputs.first().map_or(0.0, |x| x.prefill_s);
                     row.decode_s += (wall - prefill).max(0.0);
                     row.sequences += reqs.len();
-                    row.tokens += out
-                        .outputs
-                        .iter()
-                        .map(|x| x.output_ids.len().saturating_sub(1))
-                        .sum::<usize>();
+                    row.tokens += out.outputs.iter().map(|x| x.output_ids.len().saturating_sub(1)).sum::<usize>();
                     committed += out.stats.committed;
                     blocks += out.stats.blocks;
                     drafted += out.stats.drafted;
@@ -302,21 +241,9 @@ pub fn run(
                     row.verify_s += out.stats.verify_s;
                     outs[k].extend(out.outputs.into_iter().map(|x| x.output_ids));
                 }
-                row.tokens_per_s = if row.decode_s > 0.0 {
-                    row.tokens as f64 / row.decode_s
-                } else {
-                    0.0
-                };
-                row.tau = if blocks > 0 {
-                    committed as f64 / blocks as f64
-                } else {
-                    0.0
-                };
-                row.acceptance = if drafted > 0 {
-                    accepted as f64 / drafted as f64
-                } else {
-                    0.0
-                };
+                row.tokens_per_s = if row.decode_s > 0.0 { row.tokens as f64 / row.decode_s } else { 0.0 };
+                row.tau = if blocks > 0 { committed as f64 / blocks as f64 } else { 0.0 };
+                row.acceptance = if drafted > 0 { accepted as f64 / drafted as f64 } else { 0.0 };
                 rows.push(row);
             }
             identical &= outs[0] == outs[1];

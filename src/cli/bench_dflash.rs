@@ -23,11 +23,7 @@ pub struct DflashBench {
     draft: Option<PathBuf>,
     /// Pipeline configs whose events become verdict prompts: PATH uses the config's
     /// generator source, PATH=KIND (fraud, market, agent) that generator.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "configs/fraud.toml=fraud,configs/trading.toml"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "configs/fraud.toml=fraud,configs/trading.toml")]
     configs: Vec<String>,
     /// Verdict prompts per config.
     #[arg(long, default_value_t = 8)]
@@ -78,43 +74,27 @@ pub fn run(a: DflashBench) -> anyhow::Result<()> {
             Some((p, k)) => (PathBuf::from(p), Some(k)),
             None => (PathBuf::from(spec), None),
         };
-        let cfg =
-            PipelineConfig::load(&path).with_context(|| format!("reading {}", path.display()))?;
-        sets.push(
-            dflash::verdict_set(&cfg, kind, tok, a.verdicts, a.seed)
-                .with_context(|| spec.clone())?,
-        );
+        let cfg = PipelineConfig::load(&path).with_context(|| format!("reading {}", path.display()))?;
+        sets.push(dflash::verdict_set(&cfg, kind, tok, a.verdicts, a.seed).with_context(|| spec.clone())?);
     }
     if a.chats > 0 {
         sets.push(dflash::chat_set(tok, a.chats)?);
     }
     if let Some(p) = &a.export_prompts {
-        std::fs::write(p, dflash::export_jsonl(&sets))
-            .with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, dflash::export_jsonl(&sets)).with_context(|| format!("writing {}", p.display()))?;
         let n: usize = sets.iter().map(|s| s.texts.len()).sum();
         eprintln!("wrote {n} prompts to {}", p.display());
         return Ok(());
     }
-    let draft_dir = a
-        .draft
-        .as_ref()
-        .context("--draft DIR is required (or --export-prompts FILE)")?;
+    let draft_dir = a.draft.as_ref().context("--draft DIR is required (or --export-prompts FILE)")?;
     let draft = DFlashWeights::load(draft_dir, &model.weights.config)
         .with_context(|| format!("loading drafter {}", draft_dir.display()))?;
     let block = a.block_size.unwrap_or(draft.config.block_size).max(1);
     let eos = tok.eos_ids.clone();
-    let adaptive = a
-        .adaptive
-        .then(|| super::generate::cost_model(&model.weights.config, a.device));
+    let adaptive = a.adaptive.then(|| super::generate::cost_model(&model.weights.config, a.device));
     let weights = Arc::new(model.weights);
-    let (mut backend, mut drafter) =
-        super::speculative::open(a.device, weights, draft, a.max_step_tokens)?;
-    let opts = BenchOptions {
-        batches: a.batches.clone(),
-        max_new_tokens: a.max_new_tokens,
-        block_size: block,
-        adaptive,
-    };
+    let (mut backend, mut drafter) = super::speculative::open(a.device, weights, draft, a.max_step_tokens)?;
+    let opts = BenchOptions { batches: a.batches.clone(), max_new_tokens: a.max_new_tokens, block_size: block, adaptive };
     let (rows, identical) = dflash::run(backend.as_mut(), drafter.as_mut(), &sets, &eos, &opts)?;
     print!("{}", dflash::table(&rows));
     println!("greedy outputs identical with and without the drafter: {identical}");
@@ -133,8 +113,7 @@ pub fn run(a: DflashBench) -> anyhow::Result<()> {
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "rows": rows,
         });
-        std::fs::write(&out, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(&out, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }

@@ -59,10 +59,7 @@ pub struct KafkaRow {
 }
 
 fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 fn pct(sorted: &[i64], p: f64) -> f64 {
@@ -74,20 +71,12 @@ fn pct(sorted: &[i64], p: f64) -> f64 {
 }
 
 async fn create_topics(brokers: &str, names: &[(&str, i32)]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .context("Kafka admin client")?;
-    let topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
-        .collect();
-    let created = tokio::time::timeout(
-        Duration::from_secs(20),
-        admin.create_topics(&topics, &AdminOptions::new()),
-    )
-    .await
-    .context("creating the bench topics timed out (is the broker up?)")??;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().context("Kafka admin client")?;
+    let topics: Vec<NewTopic<'_>> = names.iter().map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1))).collect();
+    let created = tokio::time::timeout(Duration::from_secs(20), admin.create_topics(&topics, &AdminOptions::new()))
+        .await
+        .context("creating the bench topics timed out (is the broker up?)")??;
     for r in created {
         r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
     }
@@ -105,11 +94,7 @@ struct Received {
 }
 
 /// Reads the output and DLQ topics from the start until `stop`, stamping each record on receipt.
-fn read_outputs(
-    brokers: &str,
-    topics: [(&str, i32); 2],
-    stop: &AtomicBool,
-) -> anyhow::Result<Vec<Received>> {
+fn read_outputs(brokers: &str, topics: [(&str, i32); 2], stop: &AtomicBool) -> anyhow::Result<Vec<Received>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "kairos-bench-reader")
@@ -127,21 +112,13 @@ fn read_outputs(
     c.assign(&tpl)?;
     let mut out = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let Some(Ok(m)) = c.poll(Duration::from_millis(20)) else {
-            continue;
-        };
+        let Some(Ok(m)) = c.poll(Duration::from_millis(20)) else { continue };
         let at_us = now_us();
         let header = |name: &str| -> Option<String> {
-            m.headers()?
-                .iter()
-                .find(|h| h.key == name)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
+            m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
         };
-        let (Some(seq), Some(sent)) = (
-            header(SEQ).and_then(|s| s.parse().ok()),
-            header(SENT_US).and_then(|s| s.parse::<i64>().ok()),
-        ) else {
+        let (Some(seq), Some(sent)) = (header(SEQ).and_then(|s| s.parse().ok()), header(SENT_US).and_then(|s| s.parse::<i64>().ok()))
+        else {
             continue;
         };
         out.push(Received {
@@ -158,27 +135,12 @@ fn read_outputs(
 
 /// Highest offsets summed over `topic`'s partitions (records in it).
 fn records_in(brokers: &str, topic: &str, parts: i32) -> u64 {
-    let Ok(c) = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create::<BaseConsumer>()
-    else {
-        return 0;
-    };
-    (0..parts)
-        .filter_map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(5)).ok())
-        .map(|(_, h)| h.max(0) as u64)
-        .sum()
+    let Ok(c) = ClientConfig::new().set("bootstrap.servers", brokers).create::<BaseConsumer>() else { return 0 };
+    (0..parts).filter_map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(5)).ok()).map(|(_, h)| h.max(0) as u64).sum()
 }
 
 /// Produces `count` generator events to `topic`: `from_seq..` at `rate` (0 = at once).
-async fn produce(
-    p: &FutureProducer,
-    kind: &str,
-    topic: &str,
-    from_seq: u64,
-    count: u64,
-    rate: f64,
-) -> anyhow::Result<()> {
+async fn produce(p: &FutureProducer, kind: &str, topic: &str, from_seq: u64, count: u64, rate: f64) -> anyhow::Result<()> {
     let gen: SourceConfig = serde_json::from_value(serde_json::json!({
         "type": "generator", "kind": kind, "count": count, "seed": from_seq + 1,
     }))?;
@@ -194,52 +156,26 @@ async fn produce(
         let seq = (from_seq + k).to_string();
         let sent = now_us().to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: SEQ,
-                value: Some(&seq),
-            })
-            .insert(Header {
-                key: SENT_US,
-                value: Some(&sent),
-            });
-        let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
-            .payload(&ev.payload[..])
-            .headers(headers);
+            .insert(Header { key: SEQ, value: Some(&seq) })
+            .insert(Header { key: SENT_US, value: Some(&sent) });
+        let mut rec = FutureRecord::<[u8], [u8]>::to(topic).payload(&ev.payload[..]).headers(headers);
         if let Some(key) = &ev.key {
             rec = rec.key(&key[..]);
         }
-        sends.push(
-            p.send_result(rec)
-                .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?,
-        );
+        sends.push(p.send_result(rec).map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?);
         k += 1;
     }
     for s in sends {
-        s.await
-            .context("producer closed")?
-            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        s.await.context("producer closed")?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
     }
     Ok(())
 }
 
 /// Run one offered rate Kafka to Kafka.
-pub async fn run_rate(
-    base: &PipelineConfig,
-    engine: EngineParts,
-    b: &KafkaBench,
-    rate: f64,
-) -> anyhow::Result<KafkaRow> {
+pub async fn run_rate(base: &PipelineConfig, engine: EngineParts, b: &KafkaBench, rate: f64) -> anyhow::Result<KafkaRow> {
     let tag = format!("{}-{}", rate.to_string().replace('.', "_"), now_us());
-    let (tin, tout, tdlq) = (
-        format!("kairos-bench-in-{tag}"),
-        format!("kairos-bench-out-{tag}"),
-        format!("kairos-bench-dlq-{tag}"),
-    );
-    create_topics(
-        &b.brokers,
-        &[(&tin, b.partitions), (&tout, b.partitions), (&tdlq, 1)],
-    )
-    .await?;
+    let (tin, tout, tdlq) = (format!("kairos-bench-in-{tag}"), format!("kairos-bench-out-{tag}"), format!("kairos-bench-dlq-{tag}"));
+    create_topics(&b.brokers, &[(&tin, b.partitions), (&tout, b.partitions), (&tdlq, 1)]).await?;
     let mut cfg = base.clone();
     cfg.source = serde_json::from_value(serde_json::json!({
         "type": "kafka", "brokers": b.brokers, "topics": [tin], "group_id": format!("kairos-bench-{tag}"),
@@ -258,58 +194,35 @@ pub async fn run_rate(
 
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (brokers, stop, tout, tdlq, parts) = (
-            b.brokers.clone(),
-            stop.clone(),
-            tout.clone(),
-            tdlq.clone(),
-            b.partitions,
-        );
+        let (brokers, stop, tout, tdlq, parts) = (b.brokers.clone(), stop.clone(), tout.clone(), tdlq.clone(), b.partitions);
         std::thread::spawn(move || read_outputs(&brokers, [(&tout, parts), (&tdlq, 1)], &stop))
     };
     let feeder = {
-        let (p, kind, tin, tout, brokers) = (
-            producer.clone(),
-            b.kind.clone(),
-            tin.clone(),
-            tout.clone(),
-            b.brokers.clone(),
-        );
+        let (p, kind, tin, tout, brokers) = (producer.clone(), b.kind.clone(), tin.clone(), tout.clone(), b.brokers.clone());
         let (warmup, events, parts, dlq) = (b.warmup, b.events, b.partitions, tdlq.clone());
         tokio::spawn(async move {
             produce(&p, &kind, &tin, 0, warmup, 0.0).await?;
             // the measured events start once the warm-up is answered (group joined, engine warm)
             let until = Instant::now() + Duration::from_secs(120);
             while records_in(&brokers, &tout, parts) + records_in(&brokers, &dlq, 1) < warmup {
-                anyhow::ensure!(
-                    Instant::now() < until,
-                    "the pipeline answered no warm-up event in 120 s"
-                );
+                anyhow::ensure!(Instant::now() < until, "the pipeline answered no warm-up event in 120 s");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             produce(&p, &kind, &tin, warmup, events, rate).await
         })
     };
-    let opts = RunOptions {
-        max_events: Some(b.warmup + b.events),
-        duration: None,
-        live_summary: false,
-    };
+    let opts = RunOptions { max_events: Some(b.warmup + b.events), duration: None, live_summary: false };
     let piped = kairos::pipeline::run(cfg, engine, opts).await;
     let fed = feeder.await.context("bench producer task")?;
     // let the last verdicts reach the reader
     let total = b.warmup + b.events;
     let until = Instant::now() + Duration::from_secs(10);
-    while records_in(&b.brokers, &tout, b.partitions) + records_in(&b.brokers, &tdlq, 1) < total
-        && Instant::now() < until
-    {
+    while records_in(&b.brokers, &tout, b.partitions) + records_in(&b.brokers, &tdlq, 1) < total && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::SeqCst);
-    let received = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("bench reader panicked"))??;
+    let received = reader.join().map_err(|_| anyhow::anyhow!("bench reader panicked"))??;
     piped?;
     fed?;
 
@@ -332,8 +245,7 @@ pub async fn run_rate(
         fallbacks: first.values().filter(|r| r.fallback).count() as u64,
         deadline_misses: first.values().filter(|r| r.missed).count() as u64,
         // output rate: answers over the span from the first to the last answer
-        events_per_s: answered.saturating_sub(1) as f64
-            / ((last_at - first_at).max(1) as f64 / 1e6),
+        events_per_s: answered.saturating_sub(1) as f64 / ((last_at - first_at).max(1) as f64 / 1e6),
         p50_ms: pct(&lat, 0.5),
         p99_ms: pct(&lat, 0.99),
         p999_ms: pct(&lat, 0.999),
@@ -352,17 +264,7 @@ pub fn markdown(rows: &[KafkaRow], command: &str, machine: &str, config: &str) -
     for r in rows {
         s += &format!(
             "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |\n",
-            r.offered_rate,
-            r.events,
-            r.answered,
-            r.events_per_s,
-            r.p50_ms,
-            r.p99_ms,
-            r.p999_ms,
-            r.max_ms,
-            r.fallbacks,
-            r.deadline_misses,
-            r.dlq
+            r.offered_rate, r.events, r.answered, r.events_per_s, r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms, r.fallbacks, r.deadline_misses, r.dlq
         );
     }
     s

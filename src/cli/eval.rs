@@ -46,18 +46,14 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.text)
-        .with_context(|| format!("reading --text {}", a.text.display()))?;
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
     let model = load_with_quant(&a.model, None, a.upcycle)?;
     let mut tokens = model.tokenizer.encode(&text, true)?;
     if let Some(m) = a.max_tokens {
         tokens.truncate(m);
     }
     let stride = a.stride.unwrap_or((a.window / 2).max(1));
-    let opts = EvalOptions {
-        window: a.window,
-        stride,
-    };
+    let opts = EvalOptions { window: a.window, stride };
     let name = model.name.clone();
     let (weights, tokenizer) = (model.weights, model.tokenizer);
     let t = Instant::now();
@@ -72,19 +68,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             let calib = calibrate(&weights, &tokenizer, spec, &a.calib)?;
             let mut qw = load_with_quant(&a.model, None, a.upcycle)?.weights;
             let tq = Instant::now();
-            apply_quant_calibrated(&mut qw, spec, calib.as_ref())
-                .with_context(|| format!("--quant {spec}"))?;
+            apply_quant_calibrated(&mut qw, spec, calib.as_ref()).with_context(|| format!("--quant {spec}"))?;
             drop(calib);
-            eprintln!(
-                "[quantized with {spec} in {:.2}s]",
-                tq.elapsed().as_secs_f64()
-            );
+            eprintln!("[quantized with {spec} in {:.2}s]", tq.elapsed().as_secs_f64());
             let mut q = make_backend(a.device, Arc::new(qw))?;
             let mut r = make_backend(a.device, weights)?;
-            (
-                evaluate(q.as_mut(), Some(r.as_mut()), &tokens, opts)?,
-                q.name(),
-            )
+            (evaluate(q.as_mut(), Some(r.as_mut()), &tokens, opts)?, q.name())
         }
     };
     let secs = t.elapsed().as_secs_f64();
@@ -103,18 +92,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!(
-        "model {name}  tokens scored {}  windows {} (window {}, stride {stride})  {secs:.1}s",
-        res.tokens_scored, res.windows, a.window
-    );
+    println!("model {name}  tokens scored {}  windows {} (window {}, stride {stride})  {secs:.1}s", res.tokens_scored, res.windows, a.window);
     println!("perplexity      {:.4}", res.perplexity);
-    if let (Some(spec), Some(pr), Some(ag), Some(kl)) =
-        (&a.quant, res.perplexity_ref, res.top1_agreement, res.kl)
-    {
-        println!(
-            "perplexity_ref  {pr:.4}  (unquantized; ratio {:.4})",
-            res.perplexity / pr
-        );
+    if let (Some(spec), Some(pr), Some(ag), Some(kl)) = (&a.quant, res.perplexity_ref, res.top1_agreement, res.kl) {
+        println!("perplexity_ref  {pr:.4}  (unquantized; ratio {:.4})", res.perplexity / pr);
         println!("top1_agreement  {ag:.4}   kl {kl:.5} nats/token   quant {spec}");
     }
     Ok(())

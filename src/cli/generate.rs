@@ -69,26 +69,14 @@ pub struct GenerateArgs {
 }
 
 /// A model sharded over ranks (CPU threads, or GPUs): name, tokenizer, backend.
-fn open_sharded(
-    a: &GenerateArgs,
-) -> anyhow::Result<(
-    String,
-    kairos::model::TextTokenizer,
-    Box<dyn kairos::backend::Backend>,
-)> {
+fn open_sharded(a: &GenerateArgs) -> anyhow::Result<(String, kairos::model::TextTokenizer, Box<dyn kairos::backend::Backend>)> {
     if a.quant.is_some() || a.draft.is_some() {
-        anyhow::bail!(
-            "--tp/--ep/--ranks shard the checkpoint as stored: no --quant and no --draft"
-        );
+        anyhow::bail!("--tp/--ep/--ranks shard the checkpoint as stored: no --quant and no --draft");
     }
     let plan = kairos::model::shard::ShardPlan::new(a.tp, a.ep, a.ranks)?;
     let ck = kairos::model::shard::open_checkpoint_with(&a.model, a.upcycle)?;
     let backend: Box<dyn kairos::backend::Backend> = match a.device {
-        Device::Cpu => Box::new(kairos::backend::sharded::ShardedCpuBackend::load(
-            &ck.config,
-            ck.source.as_ref(),
-            plan,
-        )?),
+        Device::Cpu => Box::new(kairos::backend::sharded::ShardedCpuBackend::load(&ck.config, ck.source.as_ref(), plan)?),
         Device::Cuda(k) => cuda_sharded(&ck, plan, k)?,
     };
     Ok((ck.name, ck.tokenizer, backend))
@@ -97,44 +85,25 @@ fn open_sharded(
 /// Rank r on GPU r over NCCL when there are enough GPUs (and NCCL), else every rank
 /// on GPU `k` with host-staged collectives (no decode graphs; a functional check).
 #[cfg(feature = "cuda")]
-fn cuda_sharded(
-    ck: &kairos::model::shard::OpenCheckpoint,
-    plan: kairos::model::shard::ShardPlan,
-    k: usize,
-) -> anyhow::Result<Box<dyn kairos::backend::Backend>> {
+fn cuda_sharded(ck: &kairos::model::shard::OpenCheckpoint, plan: kairos::model::shard::ShardPlan, k: usize) -> anyhow::Result<Box<dyn kairos::backend::Backend>> {
     use kairos::backend::cuda::model::CudaBackendOptions;
     use kairos::backend::cuda::sharded::ShardedCudaBackend;
-    anyhow::ensure!(
-        kairos::backend::cuda::device_available(),
-        "--device cuda:{k}: no CUDA device found"
-    );
+    anyhow::ensure!(kairos::backend::cuda::device_available(), "--device cuda:{k}: no CUDA device found");
     let visible = kairos::backend::cuda::device_count();
-    let opts = CudaBackendOptions {
-        ordinal: k,
-        ..Default::default()
-    };
+    let opts = CudaBackendOptions { ordinal: k, ..Default::default() };
     let b = if visible >= plan.ranks && kairos::backend::collectives::nccl::nccl_available() {
         eprintln!("[{} ranks on GPUs 0..{} over NCCL]", plan.ranks, plan.ranks);
         ShardedCudaBackend::load_nccl(&ck.config, ck.source.as_ref(), plan, opts)?
     } else {
-        eprintln!(
-            "[{} ranks on GPU {k} with host-staged collectives: {visible} GPUs visible or no NCCL]",
-            plan.ranks
-        );
+        eprintln!("[{} ranks on GPU {k} with host-staged collectives: {visible} GPUs visible or no NCCL]", plan.ranks);
         ShardedCudaBackend::load_one_gpu(&ck.config, ck.source.as_ref(), plan, opts)?
     };
     Ok(Box::new(b))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_sharded(
-    _: &kairos::model::shard::OpenCheckpoint,
-    _: kairos::model::shard::ShardPlan,
-    k: usize,
-) -> anyhow::Result<Box<dyn kairos::backend::Backend>> {
-    anyhow::bail!(
-        "--device cuda:{k}: this binary was built without CUDA; rebuild with `--features cuda`"
-    )
+fn cuda_sharded(_: &kairos::model::shard::OpenCheckpoint, _: kairos::model::shard::ShardPlan, k: usize) -> anyhow::Result<Box<dyn kairos::backend::Backend>> {
+    anyhow::bail!("--device cuda:{k}: this binary was built without CUDA; rebuild with `--features cuda`")
 }
 
 /// The block-size chooser's prior cost model for a target on a device
@@ -142,27 +111,16 @@ fn cuda_sharded(
 pub fn cost_model(c: &kairos::model::ModelConfig, device: Device) -> CostModel {
     // A GPU step is bound by reading weights (extra block tokens are nearly free);
     // on the CPU a few rows share each weight load too, but less well.
-    let per_token = if matches!(device, Device::Cpu) {
-        0.15
-    } else {
-        0.03
-    };
+    let per_token = if matches!(device, Device::Cpu) { 0.15 } else { 0.03 };
     match &c.moe {
-        Some(m) => CostModel {
-            per_token,
-            moe_share: 0.8,
-            experts: Some((m.num_experts, m.top_k)),
-        },
+        Some(m) => CostModel { per_token, moe_share: 0.8, experts: Some((m.num_experts, m.top_k)) },
         None => CostModel::dense(per_token),
     }
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
-        anyhow::bail!(
-            "--temperature must be a finite number >= 0, got {}",
-            a.temperature
-        );
+        anyhow::bail!("--temperature must be a finite number >= 0, got {}", a.temperature);
     }
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1], got {}", a.top_p);
@@ -179,8 +137,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         let weights = Arc::new(model.weights);
         let (backend, drafter) = match &a.draft {
             Some(d) => {
-                let draft = DFlashWeights::load(d, &cfg)
-                    .map_err(|e| anyhow::anyhow!("--draft {}: {e}", d.display()))?;
+                let draft = DFlashWeights::load(d, &cfg).map_err(|e| anyhow::anyhow!("--draft {}: {e}", d.display()))?;
                 let block = a.block_size.unwrap_or(draft.config.block_size).max(1);
                 let (backend, drafter) = super::speculative::open(a.device, weights, draft, None)?;
                 (backend, Some((drafter, block)))
@@ -190,11 +147,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         (model.name, model.tokenizer, backend, Some(cfg), drafter)
     };
     let tok = &tokenizer;
-    let prompt_ids = if a.chat {
-        tok.encode_chat(&a.prompt)?
-    } else {
-        tok.encode(&a.prompt, true)?
-    };
+    let prompt_ids = if a.chat { tok.encode_chat(&a.prompt)? } else { tok.encode(&a.prompt, true)? };
     if prompt_ids.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
@@ -212,29 +165,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let req = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
+        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
         eos_ids,
         top_logits: a.top_logits,
     };
     let mut spec: Option<(SpecStats, usize)> = None;
     let out = match drafter {
         Some((mut drafter, block)) => {
-            let opts = SpecOptions {
-                block_size: block,
-                adaptive,
-            };
-            let mut r = generate_speculative(
-                backend.as_mut(),
-                drafter.as_mut(),
-                std::slice::from_ref(&req),
-                None,
-                &opts,
-            )?;
+            let opts = SpecOptions { block_size: block, adaptive };
+            let mut r = generate_speculative(backend.as_mut(), drafter.as_mut(), std::slice::from_ref(&req), None, &opts)?;
             spec = Some((r.stats, block));
             r.outputs.remove(0)
         }
@@ -271,18 +210,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!("{text}");
-        eprintln!(
-            "[{} tokens, {:.1} tok/s decode, prefill {:.3}s]",
-            out.output_ids.len(),
-            out.tokens_per_s,
-            out.prefill_s
-        );
+        eprintln!("[{} tokens, {:.1} tok/s decode, prefill {:.3}s]", out.output_ids.len(), out.tokens_per_s, out.prefill_s);
         if let Some((st, block)) = &spec {
-            eprintln!(
-                "[dflash: block {block}, tau {:.2} tokens per verify step over {} steps]",
-                st.mean_accepted_len(),
-                st.steps
-            );
+            eprintln!("[dflash: block {block}, tau {:.2} tokens per verify step over {} steps]", st.mean_accepted_len(), st.steps);
         }
     }
     Ok(())

@@ -49,10 +49,9 @@ fn read_config(path: &Path) -> anyhow::Result<ModelConfig> {
         return Ok(read_hf_config(path)?.1);
     }
     if path.extension().is_some_and(|e| e == "json") {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         return Ok(ModelConfig::from_hf_json(&v)?);
     }
     let f = GgufFile::open(path)?;
@@ -66,24 +65,12 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         None => c,
     };
     let p = ParamCounts::from_config(&c);
-    let mixes = [
-        ("f32", "f32"),
-        ("bf16", "bf16"),
-        ("mxfp4", "bf16"),
-        ("nvfp4", "bf16"),
-        ("mxfp4", "fp8"),
-    ];
+    let mixes = [("f32", "f32"), ("bf16", "bf16"), ("mxfp4", "bf16"), ("nvfp4", "bf16"), ("mxfp4", "fp8")];
     let kv = kv_step_bytes(&c, a.context, 2);
-    let rows: Vec<_> = mixes
-        .iter()
-        .map(|(e, d)| precision_mix(&c, &p, e, d))
-        .collect();
+    let rows: Vec<_> = mixes.iter().map(|(e, d)| precision_mix(&c, &p, e, d)).collect();
     let plan = ShardPlan::new(a.tp, a.ep, a.gpus)?;
     let sharded: Vec<RankCost> = if plan.ranks > 1 {
-        mixes
-            .iter()
-            .map(|(e, d)| rank_cost(&c, &plan, e, d, a.context))
-            .collect::<Result<_, _>>()?
+        mixes.iter().map(|(e, d)| rank_cost(&c, &plan, e, d, a.context)).collect::<Result<_, _>>()?
     } else {
         Vec::new()
     };
@@ -119,53 +106,25 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("architecture   {}", c.arch.name());
-    println!(
-        "layers         {}   hidden {}   heads {} / kv {} x {}   vocab {}",
-        c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
-    );
+    println!("layers         {}   hidden {}   heads {} / kv {} x {}   vocab {}", c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size);
     if let Some(m) = &c.moe {
-        println!(
-            "experts        {} top-{} width {}",
-            m.num_experts, m.top_k, m.expert_intermediate
-        );
+        println!("experts        {} top-{} width {}", m.num_experts, m.top_k, m.expert_intermediate);
     }
-    println!(
-        "parameters     {:.3} B total, {:.3} B active per token",
-        p.total() as f64 / 1e9,
-        p.active() as f64 / 1e9
-    );
+    println!("parameters     {:.3} B total, {:.3} B active per token", p.total() as f64 / 1e9, p.active() as f64 / 1e9);
     println!("  embedding {}  lm_head {}  attention {}  dense mlp {}  experts {} (active {})  router {}  norms {}",
         p.embedding, p.lm_head, p.attention, p.dense_mlp, p.experts_total, p.experts_active, p.router, p.norms);
-    println!(
-        "kv cache read per step at context {}: {:.1} MB (bf16)",
-        a.context,
-        kv as f64 / 1e6
-    );
-    println!(
-        "{:<28} {:>14} {:>16} {:>22}",
-        "precision mix",
-        "resident MB",
-        "step MB (b=1)",
-        format!("roofline tok/s @{:.0}GB/s", a.bandwidth_gbs)
-    );
+    println!("kv cache read per step at context {}: {:.1} MB (bf16)", a.context, kv as f64 / 1e6);
+    println!("{:<28} {:>14} {:>16} {:>22}", "precision mix", "resident MB", "step MB (b=1)", format!("roofline tok/s @{:.0}GB/s", a.bandwidth_gbs));
     for r in &rows {
-        println!(
-            "{:<28} {:>14.1} {:>16.2} {:>22.0}",
-            r.name,
-            r.resident_bytes as f64 / 1e6,
-            r.step_bytes as f64 / 1e6,
-            a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64
-        );
+        println!("{:<28} {:>14.1} {:>16.2} {:>22.0}", r.name, r.resident_bytes as f64 / 1e6, r.step_bytes as f64 / 1e6,
+            a.bandwidth_gbs * 1e9 / (r.step_bytes + kv) as f64);
     }
     if !sharded.is_empty() {
         print_sharded(&plan, &sharded, a.bandwidth_gbs);
     }
     if let Some(m) = measured {
         match &a.quant {
-            Some(q) => println!(
-                "measured resident (loaded, --quant {q}): {:.1} MB",
-                m as f64 / 1e6
-            ),
+            Some(q) => println!("measured resident (loaded, --quant {q}): {:.1} MB", m as f64 / 1e6),
             None => println!("measured resident (as loaded): {:.1} MB", m as f64 / 1e6),
         }
     }
@@ -179,27 +138,14 @@ fn print_sharded(plan: &ShardPlan, rows: &[RankCost], bw: f64) {
         println!("  chosen experts per MoE layer on one GPU group (batch 1): mean {:.2}, busiest {:.2} (expected max)",
             r.experts_per_group_mean, r.experts_per_group_busiest);
     }
-    println!(
-        "{:<28} {:>14} {:>14} {:>16} {:>22}",
-        "precision mix",
-        "resident GB",
-        "step MB mean",
-        "step MB busiest",
-        format!("roofline tok/s @{bw:.0}GB/s")
-    );
+    println!("{:<28} {:>14} {:>14} {:>16} {:>22}", "precision mix", "resident GB", "step MB mean", "step MB busiest",
+        format!("roofline tok/s @{bw:.0}GB/s"));
     for r in rows {
-        println!(
-            "{:<28} {:>14.2} {:>14.1} {:>16.1} {:>22.0}",
-            format!("experts={},dense={}", r.experts_format, r.dense_format),
-            r.resident_bytes as f64 / 1e9,
-            r.step_bytes_mean as f64 / 1e6,
-            r.step_bytes_busiest as f64 / 1e6,
-            bw * 1e9 / r.step_bytes_busiest as f64
-        );
+        println!("{:<28} {:>14.2} {:>14.1} {:>16.1} {:>22.0}", format!("experts={},dense={}", r.experts_format, r.dense_format),
+            r.resident_bytes as f64 / 1e9, r.step_bytes_mean as f64 / 1e6, r.step_bytes_busiest as f64 / 1e6,
+            bw * 1e9 / r.step_bytes_busiest as f64);
     }
-    println!(
-        "  (roofline: bandwidth / bytes of the busiest GPU incl. KV; collectives not counted)"
-    );
+    println!("  (roofline: bandwidth / bytes of the busiest GPU incl. KV; collectives not counted)");
 }
 
 /// Bytes the loaded weights occupy, counted from the tensors themselves.

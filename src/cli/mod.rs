@@ -1,9 +1,9 @@
 //! Command-line interface (DESIGN.md fixes the commands and flags).
 
+mod eval;
 mod bench;
 mod bench_dflash;
 mod bench_kafka;
-mod eval;
 mod generate;
 mod inspect;
 mod produce;
@@ -14,11 +14,7 @@ mod speculative;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "kairos",
-    version,
-    about = "Real-time streaming inference: events in, verdicts out"
-)]
+#[command(name = "kairos", version, about = "Real-time streaming inference: events in, verdicts out")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,14 +84,8 @@ pub fn make_backend(
             #[cfg(feature = "cuda")]
             {
                 use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
-                let b = CudaBackend::new(
-                    &weights,
-                    CudaBackendOptions {
-                        ordinal: k,
-                        ..Default::default()
-                    },
-                )
-                .map_err(|e| anyhow::anyhow!("--device cuda:{k}: {e}"))?;
+                let b = CudaBackend::new(&weights, CudaBackendOptions { ordinal: k, ..Default::default() })
+                    .map_err(|e| anyhow::anyhow!("--device cuda:{k}: {e}"))?;
                 Ok(Box::new(b))
             }
             #[cfg(not(feature = "cuda"))]

@@ -36,10 +36,7 @@ pub fn run(a: ProduceArgs) -> anyhow::Result<()> {
         "type": "kafka", "brokers": a.brokers, "output_topic": a.topic,
     }))
     .context("kafka settings")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let shutdown = Shutdown::new();
         let mut src = source.start(1024, shutdown.clone())?;
@@ -47,16 +44,12 @@ pub fn run(a: ProduceArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let mut n = 0u64;
         while let Some(ev) = src.events.recv().await {
-            sink.send(OutRecord::output_for(&ev, ev.payload.clone()))
-                .await?;
+            sink.send(OutRecord::output_for(&ev, ev.payload.clone())).await?;
             src.acker.ack(&ev.origin);
             n += 1;
         }
         sink.flush().await?;
-        eprintln!(
-            "[kairos] produced {n} events in {:.1}s",
-            t.elapsed().as_secs_f64()
-        );
+        eprintln!("[kairos] produced {n} events in {:.1}s", t.elapsed().as_secs_f64());
         anyhow::Ok(())
     })
 }

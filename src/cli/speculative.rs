@@ -23,27 +23,19 @@ pub fn open(
     match device {
         Device::Cpu => {
             let backend = make_backend(device, Arc::clone(&weights))?;
-            Ok((
-                backend,
-                Box::new(DFlashDrafter::new(Arc::new(draft), weights)),
-            ))
+            Ok((backend, Box::new(DFlashDrafter::new(Arc::new(draft), weights))))
         }
         Device::Cuda(k) => {
             #[cfg(feature = "cuda")]
             {
                 use kairos::backend::cuda::model::dflash::CudaDFlash;
                 use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
-                let mut opts = CudaBackendOptions {
-                    ordinal: k,
-                    ..Default::default()
-                };
+                let mut opts = CudaBackendOptions { ordinal: k, ..Default::default() };
                 if let Some(n) = max_step_tokens {
                     opts.max_step_tokens = n;
                 }
-                let target = CudaBackend::new(&weights, opts)
-                    .map_err(|e| anyhow::anyhow!("--device cuda:{k}: {e}"))?;
-                let drafter = CudaDFlash::new(&target, &draft)
-                    .map_err(|e| anyhow::anyhow!("GPU drafter on cuda:{k}: {e}"))?;
+                let target = CudaBackend::new(&weights, opts).map_err(|e| anyhow::anyhow!("--device cuda:{k}: {e}"))?;
+                let drafter = CudaDFlash::new(&target, &draft).map_err(|e| anyhow::anyhow!("GPU drafter on cuda:{k}: {e}"))?;
                 Ok((Box::new(target), Box::new(drafter)))
             }
             #[cfg(not(feature = "cuda"))]

@@ -24,11 +24,7 @@ impl MlpTap for HessianTap {
 
 /// Hessians of every dense MLP's linear inputs over `tokens`, fed in independent
 /// windows of at most `window` tokens (each window a fresh sequence).
-pub fn collect_mlp_hessians(
-    weights: Arc<ModelWeights>,
-    tokens: &[u32],
-    window: usize,
-) -> Result<Calibration, BackendError> {
+pub fn collect_mlp_hessians(weights: Arc<ModelWeights>, tokens: &[u32], window: usize) -> Result<Calibration, BackendError> {
     let dims = weights.layers.iter().map(|l| match &l.mlp {
         Mlp::Dense(m) => Some((m.gate.in_features(), m.down.in_features())),
         Mlp::Moe(_) => None,
@@ -45,10 +41,7 @@ pub fn collect_mlp_hessians(
     drop(b); // drops the tap's reference
     let c = match Arc::try_unwrap(calib) {
         Ok(m) => m.into_inner().unwrap_or_else(PoisonError::into_inner),
-        Err(shared) => shared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone(),
+        Err(shared) => shared.lock().unwrap_or_else(PoisonError::into_inner).clone(),
     };
     Ok(c)
 }

@@ -69,15 +69,11 @@ pub fn windows(n: usize, opts: EvalOptions) -> Vec<(usize, usize, usize)> {
 /// log-softmax of one row (f64 accumulation).
 fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let lse = max
-        + row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
     out.clear();
     out.extend(row.iter().map(|&v| v as f64 - lse));
 }
+
 
 /// Logits of every position of `tokens` in a fresh sequence.
 fn window_logits(b: &mut dyn Backend, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
@@ -96,10 +92,7 @@ pub fn evaluate(
     opts: EvalOptions,
 ) -> Result<EvalResult, EvalError> {
     if opts.window < 2 || opts.stride == 0 || opts.stride > opts.window {
-        return Err(EvalError::Options {
-            window: opts.window,
-            stride: opts.stride,
-        });
+        return Err(EvalError::Options { window: opts.window, stride: opts.stride });
     }
     if tokens.len() < 2 {
         return Err(EvalError::TooShort(tokens.len()));
@@ -131,11 +124,7 @@ pub fn evaluate(
                 let rr = &r[j * vocab..(j + 1) * vocab];
                 log_softmax(rr, &mut lr);
                 nll_ref -= lr[target];
-                kl += lr
-                    .iter()
-                    .zip(&lq)
-                    .map(|(&a, &b)| if a > -700.0 { a.exp() * (a - b) } else { 0.0 })
-                    .sum::<f64>();
+                kl += lr.iter().zip(&lq).map(|(&a, &b)| if a > -700.0 { a.exp() * (a - b) } else { 0.0 }).sum::<f64>();
                 agree += usize::from(first_argmax(rq) == first_argmax(rr));
             }
             count += 1;
@@ -161,21 +150,8 @@ mod tests {
 
     #[test]
     fn windows_cover_each_target_once() {
-        for (n, w, s) in [
-            (10, 4, 2),
-            (10, 4, 4),
-            (3, 8, 4),
-            (1000, 512, 256),
-            (513, 512, 256),
-            (7, 2, 1),
-        ] {
-            let wins = windows(
-                n,
-                EvalOptions {
-                    window: w,
-                    stride: s,
-                },
-            );
+        for (n, w, s) in [(10, 4, 2), (10, 4, 4), (3, 8, 4), (1000, 512, 256), (513, 512, 256), (7, 2, 1)] {
+            let wins = windows(n, EvalOptions { window: w, stride: s });
             let mut seen = vec![0; n];
             for &(b, e, f) in &wins {
                 assert!(e - b <= w && f > b && f < e);
@@ -184,10 +160,7 @@ mod tests {
                 }
             }
             assert_eq!(seen[0], 0);
-            assert!(
-                seen[1..].iter().all(|&c| c == 1),
-                "n={n} w={w} s={s}: {wins:?}"
-            );
+            assert!(seen[1..].iter().all(|&c| c == 1), "n={n} w={w} s={s}: {wins:?}");
         }
     }
 }

@@ -33,22 +33,13 @@ pub fn top_logits(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    idx.select_nth_unstable_by(k - 1, |&a, &b| {
-        logits[b as usize].total_cmp(&logits[a as usize])
-    });
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     idx.truncate(k);
-    idx.sort_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
     idx.into_iter().map(|i| (i, logits[i as usize])).collect()
 }
 
-pub fn generate(
-    backend: &mut dyn Backend,
-    req: &GenerateRequest,
-) -> Result<GenerateOutput, BackendError> {
+pub fn generate(backend: &mut dyn Backend, req: &GenerateRequest) -> Result<GenerateOutput, BackendError> {
     let seq = backend.new_sequence();
     let result = generate_in(backend, seq, req);
     backend.free_sequence(seq);
@@ -64,13 +55,7 @@ fn generate_in(
     let mut out = Vec::new();
     let mut tops = Vec::new();
     let t0 = Instant::now();
-    let logits = backend.forward(
-        &[Chunk {
-            seq,
-            tokens: &req.prompt_ids,
-        }],
-        LogitsFor::Last,
-    )?;
+    let logits = backend.forward(&[Chunk { seq, tokens: &req.prompt_ids }], LogitsFor::Last)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     // Decode steps choose their token on the device when the backend can (only ids
@@ -91,16 +76,10 @@ fn generate_in(
             }
             let chunk = [Chunk { seq, tokens: &[id] }];
             if on_device {
-                let u = if p.temperature > 0.0 {
-                    sampler.uniform()
-                } else {
-                    0.0
-                };
+                let u = if p.temperature > 0.0 { sampler.uniform() } else { 0.0 };
                 match backend.decode_choose(&chunk, &[(p.temperature.max(0.0), p.top_p, u)])? {
                     Some(ids) => {
-                        id = ids.first().copied().ok_or_else(|| {
-                            BackendError::Device("decode_choose returned no id".into())
-                        })?;
+                        id = ids.first().copied().ok_or_else(|| BackendError::Device("decode_choose returned no id".into()))?;
                         continue;
                     }
                     None => on_device = false,
@@ -115,16 +94,6 @@ fn generate_in(
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let steps = out.len().saturating_sub(1);
-    let tokens_per_s = if decode_s > 0.0 && steps > 0 {
-        steps as f64 / decode_s
-    } else {
-        0.0
-    };
-    Ok(GenerateOutput {
-        output_ids: out,
-        top_logits: tops,
-        prefill_s,
-        decode_s,
-        tokens_per_s,
-    })
+    let tokens_per_s = if decode_s > 0.0 && steps > 0 { steps as f64 / decode_s } else { 0.0 };
+    Ok(GenerateOutput { output_ids: out, top_logits: tops, prefill_s, decode_s, tokens_per_s })
 }

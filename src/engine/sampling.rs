@@ -16,12 +16,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
     }
 }
 
@@ -31,11 +26,7 @@ pub use crate::backend::first_argmax as argmax;
 /// Moves the smallest most-likely set of `c` whose mass reaches `need` to its
 /// front (in no particular order) and returns its size: a quickselect on mass,
 /// expected O(n), then a sort of at most 64 candidates at the boundary.
-fn nucleus(
-    c: &mut [(u32, f32)],
-    need: f64,
-    order: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering + Copy,
-) -> usize {
+fn nucleus(c: &mut [(u32, f32)], need: f64, order: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering + Copy) -> usize {
     let (mut lo, mut hi, mut acc) = (0, c.len(), 0f64);
     // A language model's nucleus is usually a handful of tokens: try the best 64 first.
     if hi > 64 {
@@ -77,10 +68,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self {
-            params,
-            rng: StdRng::seed_from_u64(params.seed),
-        }
+        Self { params, rng: StdRng::seed_from_u64(params.seed) }
     }
 
     pub fn params(&self) -> SamplingParams {
@@ -95,12 +83,8 @@ impl Sampler {
     pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let p = self.params;
         let t = p.temperature.max(1e-6);
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite())
-            .map(|(i, &v)| (i as u32, v / t))
-            .collect();
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, v / t)).collect();
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 {
             if cand.len() > p.top_k {
@@ -167,26 +151,11 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let params = SamplingParams {
-            temperature: 0.8,
-            top_k: 5,
-            top_p: 1.0,
-            seed: 7,
-        };
-        let a: Vec<u32> = {
-            let mut s = Sampler::new(params);
-            (0..100).map(|_| s.sample(&logits)).collect()
-        };
-        let b: Vec<u32> = {
-            let mut s = Sampler::new(params);
-            (0..100).map(|_| s.sample(&logits)).collect()
-        };
+        let params = SamplingParams { temperature: 0.8, top_k: 5, top_p: 1.0, seed: 7 };
+        let a: Vec<u32> = { let mut s = Sampler::new(params); (0..100).map(|_| s.sample(&logits)).collect() };
+        let b: Vec<u32> = { let mut s = Sampler::new(params); (0..100).map(|_| s.sample(&logits)).collect() };
         assert_eq!(a, b);
-        let allowed: Vec<u32> = Sampler::new(params)
-            .distribution(&logits)
-            .iter()
-            .map(|d| d.0)
-            .collect();
+        let allowed: Vec<u32> = Sampler::new(params).distribution(&logits).iter().map(|d| d.0).collect();
         assert_eq!(allowed.len(), 5);
         assert!(a.iter().all(|id| allowed.contains(id)));
     }
@@ -198,12 +167,8 @@ mod tests {
     fn distribution_equals_sorting_the_whole_row() {
         fn reference(logits: &[f32], p: SamplingParams) -> Vec<(u32, f64)> {
             let t = p.temperature.max(1e-6);
-            let mut cand: Vec<(u32, f32)> = logits
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| v.is_finite())
-                .map(|(i, &v)| (i as u32, v / t))
-                .collect();
+            let mut cand: Vec<(u32, f32)> =
+                logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, v / t)).collect();
             cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             if p.top_k > 0 {
                 cand.truncate(p.top_k);
@@ -214,20 +179,13 @@ mod tests {
             let mut keep = cand.len();
             if p.top_p < 1.0 {
                 let mut acc = 0.0;
-                keep = e
-                    .iter()
-                    .position(|x| {
-                        acc += x;
-                        acc >= p.top_p as f64 * total
-                    })
-                    .map_or(cand.len(), |i| i + 1);
+                keep = e.iter().position(|x| {
+                    acc += x;
+                    acc >= p.top_p as f64 * total
+                }).map_or(cand.len(), |i| i + 1);
             }
             let kept: f64 = e[..keep].iter().sum();
-            cand[..keep]
-                .iter()
-                .zip(&e)
-                .map(|(c, x)| (c.0, x / kept))
-                .collect()
+            cand[..keep].iter().zip(&e).map(|(c, x)| (c.0, x / kept)).collect()
         }
         let mut rng = StdRng::seed_from_u64(9);
         for case in 0..300 {
@@ -258,10 +216,7 @@ mod tests {
                 if cut {
                     assert_eq!(gi, wi, "case {case} {p:?}: order");
                 }
-                assert!(
-                    (*gp as f64 - wp).abs() <= 1e-6 * wp.max(1e-3),
-                    "case {case} {p:?}: p({gi}) {gp} vs {wp}"
-                );
+                assert!((*gp as f64 - wp).abs() <= 1e-6 * wp.max(1e-3), "case {case} {p:?}: p({gi}) {gp} vs {wp}");
             }
         }
     }
@@ -270,21 +225,12 @@ mod tests {
     /// `cargo test --release --lib timing_distribution -- --nocapture`.
     #[test]
     fn timing_distribution_50k() {
-        let flat: Vec<f32> = (0..49152)
-            .map(|i| (i as f32 * 0.7919).sin() * 8.0)
-            .collect();
+        let flat: Vec<f32> = (0..49152).map(|i| (i as f32 * 0.7919).sin() * 8.0).collect();
         // a language model's row: a few tokens far above the rest
-        let peaked: Vec<f32> = (0..49152)
-            .map(|i| (i as f32 * 0.7919).sin() * 3.0 + if i % 997 == 0 { 12.0 } else { 0.0 })
-            .collect();
+        let peaked: Vec<f32> = (0..49152).map(|i| (i as f32 * 0.7919).sin() * 3.0 + if i % 997 == 0 { 12.0 } else { 0.0 }).collect();
         for (name, row) in [("flat", &flat), ("peaked", &peaked)] {
             for (top_k, top_p) in [(0usize, 1.0f32), (0, 0.9), (40, 1.0), (50, 0.95)] {
-                let s = Sampler::new(SamplingParams {
-                    temperature: 0.8,
-                    top_k,
-                    top_p,
-                    seed: 1,
-                });
+                let s = Sampler::new(SamplingParams { temperature: 0.8, top_k, top_p, seed: 1 });
                 let reps = 20;
                 let t = std::time::Instant::now();
                 let mut kept = 0;
@@ -299,12 +245,7 @@ mod tests {
     #[test]
     fn top_p_keeps_the_smallest_prefix_reaching_p() {
         let logits = [10.0, 9.0, 0.0, -5.0];
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 0.9,
-            seed: 1,
-        };
+        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 1 };
         let d = Sampler::new(params).distribution(&logits);
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
     }

@@ -41,10 +41,7 @@ impl ParamCounts {
     pub fn from_config(c: &ModelConfig) -> Self {
         let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
         let (q, kv) = (c.q_dim() as u64, c.kv_dim() as u64);
-        let mut p = ParamCounts {
-            embedding: v * h,
-            ..Default::default()
-        };
+        let mut p = ParamCounts { embedding: v * h, ..Default::default() };
         p.lm_head = if c.tie_word_embeddings { 0 } else { v * h };
         p.norms = h;
         for l in 0..c.num_layers {
@@ -63,11 +60,7 @@ impl ParamCounts {
                 Some(m) if c.is_moe_layer(l) => {
                     let e = m.num_experts as u64;
                     let per = 3 * h * m.expert_intermediate as u64
-                        + if m.expert_bias {
-                            2 * m.expert_intermediate as u64 + h
-                        } else {
-                            0
-                        };
+                        + if m.expert_bias { 2 * m.expert_intermediate as u64 + h } else { 0 };
                     p.router += e * h + if m.router_bias { e } else { 0 };
                     p.experts_total += e * per;
                     p.experts_active += m.top_k as u64 * per;
@@ -79,18 +72,11 @@ impl ParamCounts {
     }
 
     pub fn total(&self) -> u64 {
-        self.embedding
-            + self.lm_head
-            + self.attention
-            + self.norms
-            + self.router
-            + self.dense_mlp
-            + self.experts_total
+        self.embedding + self.lm_head + self.attention + self.norms + self.router + self.dense_mlp + self.experts_total
     }
 
     pub fn active(&self) -> u64 {
-        self.lm_head
-            .max(if self.lm_head == 0 { self.embedding } else { 0 })
+        self.lm_head.max(if self.lm_head == 0 { self.embedding } else { 0 })
             + self.attention
             + self.norms
             + self.router
@@ -127,24 +113,15 @@ pub fn precision_mix(c: &ModelConfig, p: &ParamCounts, experts: &str, dense: &st
     let (ebits, dbits) = (bits_per_param(experts), bits_per_param(dense));
     let b = |n: u64, bits: f64| (n as f64 * bits / 8.0).round() as u64;
     // For dense models the `experts` format applies to the MLP weights.
-    let (fp4_total, fp4_active, dense_mlp) = if is_moe {
-        (p.experts_total, p.experts_active, p.dense_mlp)
-    } else {
-        (p.dense_mlp, p.dense_mlp, 0)
-    };
+    let (fp4_total, fp4_active, dense_mlp) =
+        if is_moe { (p.experts_total, p.experts_active, p.dense_mlp) } else { (p.dense_mlp, p.dense_mlp, 0) };
     // Norms and router stay in bf16 at most (they are tiny and precision-sensitive).
     let small = |n: u64| b(n, dbits.max(16.0).min(32.0));
-    let head_step = if p.lm_head > 0 {
-        p.lm_head
-    } else {
-        p.embedding
-    };
+    let head_step = if p.lm_head > 0 { p.lm_head } else { p.embedding };
     let resident = b(p.embedding + p.lm_head + p.attention + dense_mlp, dbits)
         + small(p.norms + p.router)
         + b(fp4_total, ebits);
-    let step = b(head_step + p.attention + dense_mlp, dbits)
-        + small(p.norms + p.router)
-        + b(fp4_active, ebits)
+    let step = b(head_step + p.attention + dense_mlp, dbits) + small(p.norms + p.router) + b(fp4_active, ebits)
         + b(c.hidden_size as u64, dbits); // one embedding row
     PrecisionMix {
         name: format!("experts={experts},dense={dense}"),

@@ -46,15 +46,8 @@ impl Arch {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     None,
-    Linear {
-        factor: f64,
-    },
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position: f64,
-    },
+    Linear { factor: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position: f64 },
     Yarn {
         factor: f64,
         original_max_position: f64,
@@ -140,9 +133,7 @@ fn req_usize(v: &Value, keys: &[&str]) -> Result<usize, ModelError> {
     get(v, keys)
         .and_then(Value::as_u64)
         .map(|x| x as usize)
-        .ok_or_else(|| {
-            ModelError::Config(format!("config.json: missing or non-integer `{}`", keys[0]))
-        })
+        .ok_or_else(|| ModelError::Config(format!("config.json: missing or non-integer `{}`", keys[0])))
 }
 
 fn opt_usize(v: &Value, keys: &[&str]) -> Option<usize> {
@@ -168,9 +159,7 @@ fn parse_rope(v: &Value) -> RopeConfig {
     let scaling = match scaling_obj {
         None => RopeScaling::None,
         Some(s) => {
-            let kind = get(s, &["rope_type", "type"])
-                .and_then(Value::as_str)
-                .unwrap_or("default");
+            let kind = get(s, &["rope_type", "type"]).and_then(Value::as_str).unwrap_or("default");
             let factor = opt_f64(s, &["factor"]).unwrap_or(1.0);
             let orig = opt_f64(s, &["original_max_position_embeddings"])
                 .or_else(|| opt_f64(v, &["original_max_position_embeddings"]));
@@ -202,9 +191,7 @@ fn parse_rope(v: &Value) -> RopeConfig {
 impl ModelConfig {
     /// Parse an HF `config.json` value.
     pub fn from_hf_json(v: &Value) -> Result<Self, ModelError> {
-        let model_type = get(v, &["model_type"])
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let model_type = get(v, &["model_type"]).and_then(Value::as_str).unwrap_or("");
         let arch = Arch::from_model_type(model_type).ok_or_else(|| {
             ModelError::UnknownArchitecture(format!(
                 "model_type `{model_type}` (supported: llama, qwen2, qwen3, qwen3_moe, mixtral, gpt_oss)"
@@ -244,36 +231,19 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2 => (true, false),
             Arch::GptOss => (true, true),
-            _ => (
-                attention_bias.unwrap_or(false),
-                attention_bias.unwrap_or(false),
-            ),
+            _ => (attention_bias.unwrap_or(false), attention_bias.unwrap_or(false)),
         };
         let moe = match arch {
             Arch::Qwen3Moe | Arch::Mixtral | Arch::GptOss => {
                 let num_experts = req_usize(v, &["num_local_experts", "num_experts"])?;
-                let top_k = req_usize(
-                    v,
-                    &[
-                        "num_experts_per_tok",
-                        "experts_per_token",
-                        "num_experts_per_token",
-                    ],
-                )?;
+                let top_k = req_usize(v, &["num_experts_per_tok", "experts_per_token", "num_experts_per_token"])?;
                 let expert_intermediate = match arch {
-                    Arch::Qwen3Moe => {
-                        opt_usize(v, &["moe_intermediate_size"]).unwrap_or(intermediate_size)
-                    }
+                    Arch::Qwen3Moe => opt_usize(v, &["moe_intermediate_size"]).unwrap_or(intermediate_size),
                     _ => intermediate_size,
                 };
                 let mut dense_layers: Vec<usize> = get(v, &["mlp_only_layers"])
                     .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_u64)
-                            .map(|x| x as usize)
-                            .collect()
-                    })
+                    .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
                     .unwrap_or_default();
                 if arch == Arch::Qwen3Moe {
                     let step = opt_usize(v, &["decoder_sparse_step"]).unwrap_or(1).max(1);
@@ -337,9 +307,7 @@ impl ModelConfig {
     }
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.moe
-            .as_ref()
-            .is_some_and(|m| !m.dense_layers.contains(&layer))
+        self.moe.as_ref().is_some_and(|m| !m.dense_layers.contains(&layer))
     }
 
     pub fn q_dim(&self) -> usize {
@@ -369,10 +337,7 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.rope.theta, 5e5);
         assert_eq!(a.rope.scaling, RopeScaling::None);
-        assert_eq!(
-            a.moe.as_ref().unwrap().router,
-            RouterKind::SoftmaxTopK { renormalize: true }
-        );
+        assert_eq!(a.moe.as_ref().unwrap().router, RouterKind::SoftmaxTopK { renormalize: true });
     }
 
     #[test]

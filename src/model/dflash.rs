@@ -45,9 +45,7 @@ pub fn default_target_layers(num_target_layers: usize, num_draft_layers: usize) 
     }
     let (start, end) = (1.0, num_target_layers.saturating_sub(3).max(1) as f64);
     (0..num_draft_layers)
-        .map(|i| {
-            (start + i as f64 * (end - start) / (num_draft_layers - 1) as f64).round() as usize
-        })
+        .map(|i| (start + i as f64 * (end - start) / (num_draft_layers - 1) as f64).round() as usize)
         .collect()
 }
 
@@ -55,21 +53,13 @@ impl DFlashConfig {
     pub fn from_json(v: &Value) -> Result<Self, ModelError> {
         let decoder = ModelConfig::from_hf_json(v)?;
         // Fields live in `dflash_config` (z-lab) or at the top level (older exports).
-        let field = |name: &str| {
-            v.get("dflash_config")
-                .and_then(|d| d.get(name))
-                .or_else(|| v.get(name))
-        };
+        let field = |name: &str| v.get("dflash_config").and_then(|d| d.get(name)).or_else(|| v.get(name));
         let target_layer_ids = match field("target_layer_ids").and_then(Value::as_array) {
             Some(a) => a
                 .iter()
                 .map(|x| x.as_u64().map(|x| x as usize))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    ModelError::Config(
-                        "dflash_config.target_layer_ids: not a list of integers".into(),
-                    )
-                })?,
+                .ok_or_else(|| ModelError::Config("dflash_config.target_layer_ids: not a list of integers".into()))?,
             None => {
                 let n = field("num_target_layers").and_then(Value::as_u64).ok_or_else(|| {
                     ModelError::Config("drafter config: neither dflash_config.target_layer_ids nor num_target_layers".into())
@@ -78,30 +68,16 @@ impl DFlashConfig {
             }
         };
         if target_layer_ids.is_empty() {
-            return Err(ModelError::Config(
-                "dflash_config.target_layer_ids is empty".into(),
-            ));
+            return Err(ModelError::Config("dflash_config.target_layer_ids is empty".into()));
         }
         let block_size = field("block_size").and_then(Value::as_u64).unwrap_or(16) as usize;
         if block_size < 2 {
-            return Err(ModelError::Config(format!(
-                "dflash_config.block_size must be >= 2, got {block_size}"
-            )));
+            return Err(ModelError::Config(format!("dflash_config.block_size must be >= 2, got {block_size}")));
         }
-        let mask_token_id = field("mask_token_id")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| {
-                ModelError::Config(
-                    "drafter config: no dflash_config.mask_token_id (the block's mask token)"
-                        .into(),
-                )
-            })? as u32;
-        Ok(Self {
-            decoder,
-            target_layer_ids,
-            block_size,
-            mask_token_id,
-        })
+        let mask_token_id = field("mask_token_id").and_then(Value::as_u64).ok_or_else(|| {
+            ModelError::Config("drafter config: no dflash_config.mask_token_id (the block's mask token)".into())
+        })? as u32;
+        Ok(Self { decoder, target_layer_ids, block_size, mask_token_id })
     }
 }
 
@@ -134,19 +110,14 @@ impl DFlashWeights {
     pub fn load(dir: &Path, target: &ModelConfig) -> Result<Self, ModelError> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let raw: Value = serde_json::from_str(&text).map_err(|e| {
-            ModelError::Config(format!("{}: not valid JSON: {e}", cfg_path.display()))
-        })?;
+        let raw: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config(format!("{}: not valid JSON: {e}", cfg_path.display())))?;
         let config = DFlashConfig::from_json(&raw)?;
         let src = SafetensorsSource::open_dir(dir)?;
         Self::from_source(config, &src, target)
     }
 
-    pub fn from_source(
-        config: DFlashConfig,
-        src: &dyn TensorSource,
-        target: &ModelConfig,
-    ) -> Result<Self, ModelError> {
+    pub fn from_source(config: DFlashConfig, src: &dyn TensorSource, target: &ModelConfig) -> Result<Self, ModelError> {
         let c = &config.decoder;
         if c.hidden_size != target.hidden_size {
             return Err(ModelError::Config(format!(
@@ -154,11 +125,7 @@ impl DFlashWeights {
                 c.hidden_size, target.hidden_size
             )));
         }
-        if let Some(&l) = config
-            .target_layer_ids
-            .iter()
-            .find(|&&l| l >= target.num_layers)
-        {
+        if let Some(&l) = config.target_layer_ids.iter().find(|&&l| l >= target.num_layers) {
             return Err(ModelError::Config(format!(
                 "drafter reads target layer {l} but the target has {} layers",
                 target.num_layers
@@ -175,19 +142,14 @@ impl DFlashWeights {
         let bias = c.qkv_bias;
         let ctx_width = config.target_layer_ids.len() * target.hidden_size;
         let fc = ld.linear("fc", h, ctx_width, false)?;
-        check_shape(
-            "fc.weight",
-            &[fc.out_features(), fc.in_features()],
-            &[h, ctx_width],
-        )?;
+        check_shape("fc.weight", &[fc.out_features(), fc.in_features()], &[h, ctx_width])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for li in 0..c.num_layers {
             let p = format!("layers.{li}");
             let a = format!("{p}.self_attn");
             layers.push(DraftLayer {
                 input_norm: ld.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                post_attention_norm: ld
-                    .vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                post_attention_norm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 q: ld.linear(&format!("{a}.q_proj"), c.q_dim(), h, bias)?,
                 k: ld.linear(&format!("{a}.k_proj"), c.kv_dim(), h, bias)?,
                 v: ld.linear(&format!("{a}.v_proj"), c.kv_dim(), h, bias)?,
@@ -229,15 +191,9 @@ mod tests {
             "vocab_size":512,"block_size":16,
             "dflash_config":{"target_layer_ids":[1],"mask_token_id":500,"block_size":8}});
         let c = DFlashConfig::from_json(&v).unwrap();
-        assert_eq!(
-            (c.target_layer_ids.clone(), c.block_size, c.mask_token_id),
-            (vec![1], 8, 500)
-        );
+        assert_eq!((c.target_layer_ids.clone(), c.block_size, c.mask_token_id), (vec![1], 8, 500));
         let no_mask = serde_json::json!({"model_type":"qwen3","hidden_size":64,"num_attention_heads":4,
             "num_hidden_layers":1,"vocab_size":512,"dflash_config":{"target_layer_ids":[1]}});
-        assert!(DFlashConfig::from_json(&no_mask)
-            .unwrap_err()
-            .to_string()
-            .contains("mask_token_id"));
+        assert!(DFlashConfig::from_json(&no_mask).unwrap_err().to_string().contains("mask_token_id"));
     }
 }

@@ -114,47 +114,28 @@ impl Loader<'_> {
     }
 
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight, ModelError> {
-        Ok(Weight::f32(
-            rows,
-            cols,
-            self.tensor(name, &[rows, cols])?.data,
-        ))
+        Ok(Weight::f32(rows, cols, self.tensor(name, &[rows, cols])?.data))
     }
 
-    pub fn linear(
-        &self,
-        prefix: &str,
-        rows: usize,
-        cols: usize,
-        bias: bool,
-    ) -> Result<Linear, ModelError> {
+    pub fn linear(&self, prefix: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear, ModelError> {
         // Pre-quantized checkpoints (MXFP4 blocks, ModelOpt NVFP4, FP8) stay packed.
         let weight = match super::quantize::packed::load_packed(self.src, prefix, rows, cols)? {
             Some(w) => w,
             None => self.matrix(&format!("{prefix}.weight"), rows, cols)?,
         };
-        let bias = if bias {
-            Some(self.vector(&format!("{prefix}.bias"), rows)?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), rows)?) } else { None };
         Ok(Linear { weight, bias })
     }
 }
 
 pub fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelError> {
     if got != want {
-        return Err(ModelError::Shape(format!(
-            "tensor `{name}` has shape {got:?}, the config implies {want:?}"
-        )));
+        return Err(ModelError::Shape(format!("tensor `{name}` has shape {got:?}, the config implies {want:?}")));
     }
     Ok(())
 }
 
-pub fn load_weights(
-    config: ModelConfig,
-    src: &dyn TensorSource,
-) -> Result<ModelWeights, ModelError> {
+pub fn load_weights(config: ModelConfig, src: &dyn TensorSource) -> Result<ModelWeights, ModelError> {
     let ld = Loader { src };
     let c = &config;
     let h = c.hidden_size;
@@ -182,26 +163,12 @@ pub fn load_weights(
         // GGUF files of tied models simply omit `output.weight`.
         None
     } else {
-        return Err(ModelError::MissingTensor(format!(
-            "`lm_head.weight` in {}",
-            src.describe()
-        )));
+        return Err(ModelError::MissingTensor(format!("`lm_head.weight` in {}", src.describe())));
     };
-    Ok(ModelWeights {
-        config,
-        embed,
-        layers,
-        final_norm,
-        lm_head,
-    })
+    Ok(ModelWeights { config, embed, layers, final_norm, lm_head })
 }
 
-fn load_attention(
-    ld: &Loader,
-    c: &ModelConfig,
-    layer: usize,
-    p: &str,
-) -> Result<Attention, ModelError> {
+fn load_attention(ld: &Loader, c: &ModelConfig, layer: usize, p: &str) -> Result<Attention, ModelError> {
     let (h, q, kv, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
     let a = format!("{p}.self_attn");
     Ok(Attention {
@@ -209,21 +176,9 @@ fn load_attention(
         k: ld.linear(&format!("{a}.k_proj"), kv, h, c.qkv_bias)?,
         v: ld.linear(&format!("{a}.v_proj"), kv, h, c.qkv_bias)?,
         o: ld.linear(&format!("{a}.o_proj"), h, q, c.o_bias)?,
-        q_norm: if c.qk_norm {
-            Some(ld.vector(&format!("{a}.q_norm.weight"), hd)?)
-        } else {
-            None
-        },
-        k_norm: if c.qk_norm {
-            Some(ld.vector(&format!("{a}.k_norm.weight"), hd)?)
-        } else {
-            None
-        },
-        sinks: if c.attention_sinks {
-            Some(ld.vector(&format!("{a}.sinks"), c.num_heads)?)
-        } else {
-            None
-        },
+        q_norm: if c.qk_norm { Some(ld.vector(&format!("{a}.q_norm.weight"), hd)?) } else { None },
+        k_norm: if c.qk_norm { Some(ld.vector(&format!("{a}.k_norm.weight"), hd)?) } else { None },
+        sinks: if c.attention_sinks { Some(ld.vector(&format!("{a}.sinks"), c.num_heads)?) } else { None },
         kind: c.layer_attention[layer],
     })
 }
@@ -244,11 +199,7 @@ fn load_moe(ld: &Loader, c: &ModelConfig, p: &str) -> Result<Moe, ModelError> {
     let (h, i, e) = (c.hidden_size, m.expert_intermediate, m.num_experts);
     match c.arch {
         Arch::GptOss => super::gpt_oss::load_experts(ld, c, p),
-        Arch::Mixtral
-            if ld
-                .src
-                .contains(&format!("{p}.block_sparse_moe.gate.weight")) =>
-        {
+        Arch::Mixtral if ld.src.contains(&format!("{p}.block_sparse_moe.gate.weight")) => {
             let b = format!("{p}.block_sparse_moe");
             let router = ld.linear(&format!("{b}.gate"), e, h, false)?;
             let experts = (0..e)
@@ -269,27 +220,16 @@ fn load_moe(ld: &Loader, c: &ModelConfig, p: &str) -> Result<Moe, ModelError> {
             let experts = if ld.src.contains(&fused) {
                 // transformers 5 stores experts fused: gate_up [E, 2I, H], down [E, H, I].
                 let gu = ld.tensor(&fused, &[e, 2 * i, h])?.data;
-                let dn = ld
-                    .tensor(&format!("{p}.mlp.experts.down_proj"), &[e, h, i])?
-                    .data;
+                let dn = ld.tensor(&format!("{p}.mlp.experts.down_proj"), &[e, h, i])?.data;
                 (0..e)
                     .map(|x| {
                         let g = &gu[x * 2 * i * h..(x * 2 + 1) * i * h];
                         let u = &gu[(x * 2 + 1) * i * h..(x + 1) * 2 * i * h];
                         let d = &dn[x * h * i..(x + 1) * h * i];
                         GatedMlp {
-                            gate: Linear {
-                                weight: Weight::f32(i, h, g.to_vec()),
-                                bias: None,
-                            },
-                            up: Linear {
-                                weight: Weight::f32(i, h, u.to_vec()),
-                                bias: None,
-                            },
-                            down: Linear {
-                                weight: Weight::f32(h, i, d.to_vec()),
-                                bias: None,
-                            },
+                            gate: Linear { weight: Weight::f32(i, h, g.to_vec()), bias: None },
+                            up: Linear { weight: Weight::f32(i, h, u.to_vec()), bias: None },
+                            down: Linear { weight: Weight::f32(h, i, d.to_vec()), bias: None },
                         }
                     })
                     .collect()

@@ -8,17 +8,13 @@ use super::ModelError;
 
 pub fn load_experts(ld: &Loader, c: &ModelConfig, p: &str) -> Result<Moe, ModelError> {
     let Some(m) = c.moe.as_ref() else {
-        return Err(ModelError::Config(
-            "gpt-oss layer without an MoE config".into(),
-        ));
+        return Err(ModelError::Config("gpt-oss layer without an MoE config".into()));
     };
     let (h, i, e) = (c.hidden_size, m.expert_intermediate, m.num_experts);
     let mp = format!("{p}.mlp");
     let router = ld.linear(&format!("{mp}.router"), e, h, true)?;
     let x = format!("{mp}.experts");
-    let gu_bias = ld
-        .tensor(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i])?
-        .data;
+    let gu_bias = ld.tensor(&format!("{x}.gate_up_proj_bias"), &[e, 2 * i])?.data;
     let dn_bias = ld.tensor(&format!("{x}.down_proj_bias"), &[e, h])?.data;
     let (gates, ups, downs) = if ld.src.contains(&format!("{x}.gate_up_proj_blocks")) {
         load_mxfp4(ld, &x, e, h, i)?
@@ -33,18 +29,9 @@ pub fn load_experts(ld: &Loader, c: &ModelConfig, p: &str) -> Result<Moe, ModelE
         .map(|(k, ((g, u), d))| {
             let b = &gu_bias[k * 2 * i..(k + 1) * 2 * i];
             GatedMlp {
-                gate: Linear {
-                    weight: g,
-                    bias: Some(b.iter().step_by(2).copied().collect()),
-                },
-                up: Linear {
-                    weight: u,
-                    bias: Some(b.iter().skip(1).step_by(2).copied().collect()),
-                },
-                down: Linear {
-                    weight: d,
-                    bias: Some(dn_bias[k * h..(k + 1) * h].to_vec()),
-                },
+                gate: Linear { weight: g, bias: Some(b.iter().step_by(2).copied().collect()) },
+                up: Linear { weight: u, bias: Some(b.iter().skip(1).step_by(2).copied().collect()) },
+                down: Linear { weight: d, bias: Some(dn_bias[k * h..(k + 1) * h].to_vec()) },
             }
         })
         .collect();
@@ -55,16 +42,8 @@ type ExpertMats = (Vec<Weight>, Vec<Weight>, Vec<Weight>);
 
 /// Float layout: `gate_up_proj` [E, H, 2I] is input-major with gate/up interleaved
 /// along the output axis; `down_proj` [E, I, H]. We store `[out, in]` rows.
-fn load_float(
-    ld: &Loader,
-    x: &str,
-    e: usize,
-    h: usize,
-    i: usize,
-) -> Result<ExpertMats, ModelError> {
-    let gu = ld
-        .tensor(&format!("{x}.gate_up_proj"), &[e, h, 2 * i])?
-        .data;
+fn load_float(ld: &Loader, x: &str, e: usize, h: usize, i: usize) -> Result<ExpertMats, ModelError> {
+    let gu = ld.tensor(&format!("{x}.gate_up_proj"), &[e, h, 2 * i])?.data;
     let dn = ld.tensor(&format!("{x}.down_proj"), &[e, i, h])?.data;
     let (mut gates, mut ups, mut downs) = (Vec::new(), Vec::new(), Vec::new());
     for k in 0..e {
@@ -93,24 +72,16 @@ fn load_float(
 
 /// Native MXFP4 layout: `gate_up_proj_blocks` [E, 2I, H/32, 16] with rows
 /// interleaved gate/up; `down_proj_blocks` [E, H, I/32, 16]. Kept packed.
-fn load_mxfp4(
-    ld: &Loader,
-    x: &str,
-    e: usize,
-    h: usize,
-    i: usize,
-) -> Result<ExpertMats, ModelError> {
+fn load_mxfp4(ld: &Loader, x: &str, e: usize, h: usize, i: usize) -> Result<ExpertMats, ModelError> {
     let raw = |name: &str, shape: &[usize]| -> Result<Vec<u8>, ModelError> {
         let full = format!("{x}.{name}");
-        let t = ld.src.get_raw(&full)?.ok_or_else(|| {
-            ModelError::MissingTensor(format!("`{full}` in {}", ld.src.describe()))
-        })?;
+        let t = ld
+            .src
+            .get_raw(&full)?
+            .ok_or_else(|| ModelError::MissingTensor(format!("`{full}` in {}", ld.src.describe())))?;
         super::family::check_shape(&full, &t.shape, shape)?;
         if t.dtype != "U8" {
-            return Err(ModelError::Format(format!(
-                "tensor `{full}` has dtype {}, expected U8",
-                t.dtype
-            )));
+            return Err(ModelError::Format(format!("tensor `{full}` has dtype {}, expected U8", t.dtype)));
         }
         Ok(t.bytes)
     };
@@ -129,10 +100,7 @@ fn load_mxfp4(
         let (mut gb, mut gs, mut ub, mut us) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in 0..2 * i {
             let row = k * 2 * i + r;
-            let (b, s) = (
-                &gub[row * row_b..(row + 1) * row_b],
-                &gus[row * row_s..(row + 1) * row_s],
-            );
+            let (b, s) = (&gub[row * row_b..(row + 1) * row_b], &gus[row * row_s..(row + 1) * row_s]);
             if r % 2 == 0 {
                 gb.extend_from_slice(b);
                 gs.extend_from_slice(s);

@@ -37,11 +37,7 @@ pub fn load_model_with(path: &Path, upcycle: Option<Upcycle>) -> Result<LoadedMo
     if let Some(raw) = &ck.hf_config {
         super::quantize::restore_recorded(raw, &mut weights)?;
     }
-    Ok(LoadedModel {
-        name: ck.name,
-        weights,
-        tokenizer: ck.tokenizer,
-    })
+    Ok(LoadedModel { name: ck.name, weights, tokenizer: ck.tokenizer })
 }
 
 /// A checkpoint opened, with no weights read yet: config, tokenizer and the
@@ -63,65 +59,31 @@ pub fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint, ModelError> {
 }
 
 /// `open_checkpoint`, seen as its upcycled MoE when `upcycle` is given.
-pub fn open_checkpoint_with(
-    path: &Path,
-    upcycle: Option<Upcycle>,
-) -> Result<OpenCheckpoint, ModelError> {
+pub fn open_checkpoint_with(path: &Path, upcycle: Option<Upcycle>) -> Result<OpenCheckpoint, ModelError> {
     if !path.exists() {
-        return Err(ModelError::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
-        ));
+        return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
     }
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let (config, tokenizer, source, hf_config): (_, _, Box<dyn TensorSource>, _) = if path.is_dir()
-    {
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let (config, tokenizer, source, hf_config): (_, _, Box<dyn TensorSource>, _) = if path.is_dir() {
         let (raw, config) = read_hf_config(path)?;
         let tokenizer = TextTokenizer::from_hf_dir(path, &raw)?;
-        (
-            config,
-            tokenizer,
-            Box::new(SafetensorsSource::open_dir(path)?),
-            Some(raw),
-        )
+        (config, tokenizer, Box::new(SafetensorsSource::open_dir(path)?), Some(raw))
     } else {
         let file = GgufFile::open(path)?;
         let (_, config) = gguf_config(&file)?;
-        let tokenizer =
-            TextTokenizer::from_gguf(super::gguf_tokenizer::tokenizer_from_gguf(&file)?);
+        let tokenizer = TextTokenizer::from_gguf(super::gguf_tokenizer::tokenizer_from_gguf(&file)?);
         let permuted = file.get_str("general.architecture") == Some("llama");
-        (
-            config.clone(),
-            tokenizer,
-            Box::new(GgufSource::new(
-                path,
-                file,
-                config.num_heads,
-                config.num_kv_heads,
-                permuted,
-            )),
-            None,
-        )
+        (config.clone(), tokenizer, Box::new(GgufSource::new(path, file, config.num_heads, config.num_kv_heads, permuted)), None)
     };
     let (config, source) = match upcycle {
         None => (config, source),
         Some(u) => {
             let moe = u.config(&config)?;
-            let up: Box<dyn TensorSource> =
-                Box::new(UpcycledSource::new(source, u, config.hidden_size));
+            let up: Box<dyn TensorSource> = Box::new(UpcycledSource::new(source, u, config.hidden_size));
             (moe, up)
         }
     };
-    Ok(OpenCheckpoint {
-        name,
-        config,
-        tokenizer,
-        source,
-        hf_config,
-    })
+    Ok(OpenCheckpoint { name, config, tokenizer, source, hf_config })
 }
 
 /// Reads and parses `config.json` of an HF folder.
@@ -160,16 +122,11 @@ pub fn gguf_config(f: &GgufFile) -> Result<(Value, ModelConfig), ModelError> {
     let kv_heads = f.get_u64(&key("attention.head_count_kv")).unwrap_or(heads);
     let vocab = match f.get_u64(&key("vocab_size")) {
         Some(v) => v,
-        None => f
-            .tensor_info("token_embd.weight")
-            .and_then(|t| t.dims.get(1).copied())
-            .ok_or_else(|| {
-                ModelError::Format("GGUF: no vocab size and no token_embd.weight tensor".into())
-            })?,
+        None => f.tensor_info("token_embd.weight").and_then(|t| t.dims.get(1).copied()).ok_or_else(|| {
+            ModelError::Format("GGUF: no vocab size and no token_embd.weight tensor".into())
+        })?,
     };
-    let head_dim = f
-        .get_u64(&key("attention.key_length"))
-        .unwrap_or(hidden / heads.max(1));
+    let head_dim = f.get_u64(&key("attention.key_length")).unwrap_or(hidden / heads.max(1));
     let raw = json!({
         "model_type": model_type,
         "hidden_size": hidden,

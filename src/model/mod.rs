@@ -28,10 +28,7 @@ pub use tokenizer::TextTokenizer;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("bad checkpoint: {0}")]
     Format(String),
     #[error("bad model config: {0}")]
@@ -52,9 +49,6 @@ pub enum ModelError {
 
 impl ModelError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.display().to_string(),
-            source,
-        }
+        ModelError::Io { path: path.display().to_string(), source }
     }
 }

@@ -76,21 +76,12 @@ pub struct QuantSpec {
 /// Why a `--quant` spec could not be parsed. Each names the bad part.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuantSpecError {
-    #[error(
-        "--quant `{spec}`: part `{part}` is not key=value (expected e.g. experts=mxfp4,dense=fp8)"
-    )]
+    #[error("--quant `{spec}`: part `{part}` is not key=value (expected e.g. experts=mxfp4,dense=fp8)")]
     NotKeyValue { spec: String, part: String },
-    #[error(
-        "--quant `{spec}`: unknown key `{key}` (expected experts, dense, scale, method or down)"
-    )]
+    #[error("--quant `{spec}`: unknown key `{key}` (expected experts, dense, scale, method or down)")]
     UnknownKey { spec: String, key: String },
     #[error("--quant `{spec}`: `{key}={value}` is not valid (expected {expected})")]
-    BadValue {
-        spec: String,
-        key: String,
-        value: String,
-        expected: &'static str,
-    },
+    BadValue { spec: String, key: String, value: String, expected: &'static str },
     #[error("--quant `{spec}`: key `{key}` is given twice")]
     Duplicate { spec: String, key: String },
     #[error("--quant `{spec}`: `experts=` is required (mxfp4 or nvfp4)")]
@@ -101,13 +92,7 @@ pub enum QuantSpecError {
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
     #[error("cannot quantize `{name}` ([{rows}, {cols}]) to {format}: {source}")]
-    Linear {
-        name: String,
-        rows: usize,
-        cols: usize,
-        format: &'static str,
-        source: QuantError,
-    },
+    Linear { name: String, rows: usize, cols: usize, format: &'static str, source: QuantError },
     #[error("method=gptq: no calibration Hessian for `{name}` (GPTQ covers dense MLPs; calibrate with a text first)")]
     NoCalibration { name: String },
     #[error("method=gptq: factoring the Hessian of layer {layer} failed: {source}")]
@@ -119,19 +104,12 @@ impl FromStr for QuantSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let spec = s.to_string();
-        let (mut experts, mut dense, mut scale, mut method, mut down) =
-            (None, None, None, None, None);
+        let (mut experts, mut dense, mut scale, mut method, mut down) = (None, None, None, None, None);
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((key, value)) = part.split_once('=') else {
-                return Err(QuantSpecError::NotKeyValue {
-                    spec,
-                    part: part.into(),
-                });
+                return Err(QuantSpecError::NotKeyValue { spec, part: part.into() });
             };
-            let (key, value) = (
-                key.trim().to_ascii_lowercase(),
-                value.trim().to_ascii_lowercase(),
-            );
+            let (key, value) = (key.trim().to_ascii_lowercase(), value.trim().to_ascii_lowercase());
             let bad = |expected| QuantSpecError::BadValue {
                 spec: spec.clone(),
                 key: key.clone(),
@@ -140,10 +118,7 @@ impl FromStr for QuantSpec {
             };
             let dup = |taken: bool| {
                 if taken {
-                    Err(QuantSpecError::Duplicate {
-                        spec: spec.clone(),
-                        key: key.clone(),
-                    })
+                    Err(QuantSpecError::Duplicate { spec: spec.clone(), key: key.clone() })
                 } else {
                     Ok(())
                 }
@@ -193,13 +168,7 @@ impl FromStr for QuantSpec {
             }
         }
         let experts = experts.ok_or(QuantSpecError::MissingExperts { spec })?;
-        Ok(QuantSpec {
-            experts,
-            dense,
-            scale: scale.unwrap_or_default(),
-            method: method.unwrap_or_default(),
-            down,
-        })
+        Ok(QuantSpec { experts, dense, scale: scale.unwrap_or_default(), method: method.unwrap_or_default(), down })
     }
 }
 
@@ -253,13 +222,7 @@ struct Job<'a> {
 
 impl<'a> Job<'a> {
     fn new(name: String, weight: &'a mut Weight, target: Target) -> Self {
-        Self {
-            name,
-            weight,
-            target,
-            factor: None,
-            gptq_missing: false,
-        }
+        Self { name, weight, target, factor: None, gptq_missing: false }
     }
 }
 
@@ -271,11 +234,7 @@ pub fn apply_quant(w: &mut ModelWeights, spec: &QuantSpec) -> Result<(), Quantiz
 }
 
 /// [`apply_quant`] with calibration Hessians for `method=gptq` (ignored for `rtn`).
-pub fn apply_quant_calibrated(
-    w: &mut ModelWeights,
-    spec: &QuantSpec,
-    calib: Option<&Calibration>,
-) -> Result<(), QuantizeError> {
+pub fn apply_quant_calibrated(w: &mut ModelWeights, spec: &QuantSpec, calib: Option<&Calibration>) -> Result<(), QuantizeError> {
     let factors: Vec<Option<LayerFactors>> = match (spec.method, calib) {
         (QuantMethod::Gptq, Some(c)) => c.factors()?,
         _ => Vec::new(),
@@ -294,41 +253,21 @@ pub fn apply_quant_calibrated(
     for (i, l) in w.layers.iter_mut().enumerate() {
         if let Some(t) = dense_target {
             let a = &mut l.attention;
-            for (n, lin) in [
-                ("q", &mut a.q),
-                ("k", &mut a.k),
-                ("v", &mut a.v),
-                ("o", &mut a.o),
-            ] {
+            for (n, lin) in [("q", &mut a.q), ("k", &mut a.k), ("v", &mut a.v), ("o", &mut a.o)] {
                 jobs.push(Job::new(format!("layers.{i}.attn.{n}"), &mut lin.weight, t));
             }
         }
         let f = factors.get(i).and_then(Option::as_ref);
         match &mut l.mlp {
-            Mlp::Dense(m) => push_mlp(
-                &mut jobs,
-                format!("layers.{i}.mlp"),
-                m,
-                [fp4, fp4, down],
-                gptq,
-                f,
-            ),
+            Mlp::Dense(m) => push_mlp(&mut jobs, format!("layers.{i}.mlp"), m, [fp4, fp4, down], gptq, f),
             Mlp::Moe(m) => {
                 for (e, x) in m.experts.iter_mut().enumerate() {
-                    push_mlp(
-                        &mut jobs,
-                        format!("layers.{i}.experts.{e}"),
-                        x,
-                        [fp4, fp4, down],
-                        gptq,
-                        None,
-                    );
+                    push_mlp(&mut jobs, format!("layers.{i}.experts.{e}"), x, [fp4, fp4, down], gptq, None);
                 }
             }
         }
     }
-    jobs.into_par_iter()
-        .try_for_each(|j| convert(j, spec.scale))
+    jobs.into_par_iter().try_for_each(|j| convert(j, spec.scale))
 }
 
 /// The spec a `kairos quantize` folder was written with (`quantization_config.kairos_spec`).
@@ -338,9 +277,7 @@ pub fn recorded_spec(config: &serde_json::Value) -> Result<Option<QuantSpec>, Mo
     let spec = match (q["quant_method"].as_str(), q["kairos_spec"].as_str()) {
         (_, Some(s)) => s,
         (Some("kairos"), None) => {
-            return Err(ModelError::Config(
-                "quantization_config (kairos) has no `kairos_spec` string".into(),
-            ))
+            return Err(ModelError::Config("quantization_config (kairos) has no `kairos_spec` string".into()))
         }
         _ => return Ok(None),
     };
@@ -351,35 +288,17 @@ pub fn recorded_spec(config: &serde_json::Value) -> Result<Option<QuantSpec>, Mo
 
 /// Re-applies the recorded spec after loading a `kairos quantize` folder: packed weights
 /// stay as stored; bf16-valued tensors get bf16 storage again (exact).
-pub fn restore_recorded(
-    config: &serde_json::Value,
-    w: &mut ModelWeights,
-) -> Result<(), ModelError> {
+pub fn restore_recorded(config: &serde_json::Value, w: &mut ModelWeights) -> Result<(), ModelError> {
     if let Some(spec) = recorded_spec(config)? {
         apply_quant(w, &spec).map_err(|e| ModelError::Format(e.to_string()))?;
     }
     Ok(())
 }
 
-fn push_mlp<'a>(
-    jobs: &mut Vec<Job<'a>>,
-    p: String,
-    m: &'a mut GatedMlp,
-    t: [Target; 3],
-    gptq: bool,
-    f: Option<&'a LayerFactors>,
-) {
+fn push_mlp<'a>(jobs: &mut Vec<Job<'a>>, p: String, m: &'a mut GatedMlp, t: [Target; 3], gptq: bool, f: Option<&'a LayerFactors>) {
     let GatedMlp { gate, up, down } = m;
-    let factors = [
-        f.map(|f| &f.input),
-        f.map(|f| &f.input),
-        f.map(|f| &f.down_input),
-    ];
-    for (((n, lin), t), factor) in [("gate", gate), ("up", up), ("down", down)]
-        .into_iter()
-        .zip(t)
-        .zip(factors)
-    {
+    let factors = [f.map(|f| &f.input), f.map(|f| &f.input), f.map(|f| &f.down_input)];
+    for (((n, lin), t), factor) in [("gate", gate), ("up", up), ("down", down)].into_iter().zip(t).zip(factors) {
         let lin: &mut Linear = lin;
         // GPTQ applies to FP4 targets; FP8/bf16 (e.g. `down=fp8`) stay round-to-nearest.
         let fp4 = matches!(t, Target::Format(QuantFormat::Mxfp4 | QuantFormat::Nvfp4));
@@ -395,30 +314,18 @@ fn push_mlp<'a>(
 }
 
 fn convert(job: Job<'_>, rule: ScaleRule) -> Result<(), QuantizeError> {
-    let Job {
-        name,
-        weight: w,
-        target,
-        factor,
-        gptq_missing,
-    } = job;
+    let Job { name, weight: w, target, factor, gptq_missing } = job;
     let (rows, cols) = (w.rows(), w.cols());
     let new = match target {
         Target::Bf16 => match w {
             // bf16 is the cap: never raise the precision of an FP8/FP4 weight.
-            Weight::F32 { data, .. } => Weight::Bf16 {
-                rows,
-                cols,
-                data: data.iter().map(|&v| bf16::from_f32(v)).collect(),
-            },
+            Weight::F32 { data, .. } => Weight::Bf16 { rows, cols, data: data.iter().map(|&v| bf16::from_f32(v)).collect() },
             _ => return Ok(()),
         },
         Target::Format(f) => {
             let same = matches!(
                 (f, &*w),
-                (QuantFormat::Mxfp4, Weight::Mxfp4(_))
-                    | (QuantFormat::Nvfp4, Weight::Nvfp4(_))
-                    | (QuantFormat::Fp8, Weight::Fp8(_))
+                (QuantFormat::Mxfp4, Weight::Mxfp4(_)) | (QuantFormat::Nvfp4, Weight::Nvfp4(_)) | (QuantFormat::Fp8, Weight::Fp8(_))
             );
             if same {
                 return Ok(());
@@ -427,29 +334,13 @@ fn convert(job: Job<'_>, rule: ScaleRule) -> Result<(), QuantizeError> {
                 return Err(QuantizeError::NoCalibration { name });
             }
             let data = w.to_f32();
-            let err = |source| QuantizeError::Linear {
-                name: name.clone(),
-                rows,
-                cols,
-                format: f.as_str(),
-                source,
-            };
+            let err = |source| QuantizeError::Linear { name: name.clone(), rows, cols, format: f.as_str(), source };
             match (f, factor) {
-                (QuantFormat::Mxfp4, Some(h)) => {
-                    Weight::Mxfp4(gptq::gptq_mxfp4(&data, rows, cols, h, rule).map_err(err)?)
-                }
-                (QuantFormat::Nvfp4, Some(h)) => {
-                    Weight::Nvfp4(gptq::gptq_nvfp4(&data, rows, cols, h, rule).map_err(err)?)
-                }
-                (QuantFormat::Mxfp4, None) => {
-                    Weight::Mxfp4(Mxfp4Matrix::quantize(&data, rows, cols, rule).map_err(err)?)
-                }
-                (QuantFormat::Nvfp4, None) => {
-                    Weight::Nvfp4(Nvfp4Matrix::quantize(&data, rows, cols, rule).map_err(err)?)
-                }
-                (QuantFormat::Fp8, _) => {
-                    Weight::Fp8(Fp8Matrix::quantize(&data, rows, cols, rule).map_err(err)?)
-                }
+                (QuantFormat::Mxfp4, Some(h)) => Weight::Mxfp4(gptq::gptq_mxfp4(&data, rows, cols, h, rule).map_err(err)?),
+                (QuantFormat::Nvfp4, Some(h)) => Weight::Nvfp4(gptq::gptq_nvfp4(&data, rows, cols, h, rule).map_err(err)?),
+                (QuantFormat::Mxfp4, None) => Weight::Mxfp4(Mxfp4Matrix::quantize(&data, rows, cols, rule).map_err(err)?),
+                (QuantFormat::Nvfp4, None) => Weight::Nvfp4(Nvfp4Matrix::quantize(&data, rows, cols, rule).map_err(err)?),
+                (QuantFormat::Fp8, _) => Weight::Fp8(Fp8Matrix::quantize(&data, rows, cols, rule).map_err(err)?),
             }
         }
     };
@@ -464,65 +355,27 @@ mod tests {
     #[test]
     fn quant_spec_parses() {
         let s: QuantSpec = "experts=mxfp4".parse().expect("spec");
-        let base = QuantSpec {
-            experts: QuantFormat::Mxfp4,
-            dense: None,
-            scale: ScaleRule::Spec,
-            method: QuantMethod::Rtn,
-            down: None,
-        };
+        let base = QuantSpec { experts: QuantFormat::Mxfp4, dense: None, scale: ScaleRule::Spec, method: QuantMethod::Rtn, down: None };
         assert_eq!(s, base);
         assert_eq!(s.to_string(), "experts=mxfp4,scale=spec");
         let s: QuantSpec = "experts=nvfp4, dense=fp8,scale=mse".parse().expect("spec");
-        assert_eq!(
-            s,
-            QuantSpec {
-                experts: QuantFormat::Nvfp4,
-                dense: Some(DenseFormat::Fp8),
-                scale: ScaleRule::MseSearch,
-                ..base
-            }
-        );
+        assert_eq!(s, QuantSpec { experts: QuantFormat::Nvfp4, dense: Some(DenseFormat::Fp8), scale: ScaleRule::MseSearch, ..base });
         assert_eq!(s.to_string().parse::<QuantSpec>(), Ok(s));
         let s: QuantSpec = "experts=mxfp4,method=gptq,down=fp8".parse().expect("spec");
-        assert_eq!(
-            s,
-            QuantSpec {
-                method: QuantMethod::Gptq,
-                down: Some(DenseFormat::Fp8),
-                ..base
-            }
-        );
+        assert_eq!(s, QuantSpec { method: QuantMethod::Gptq, down: Some(DenseFormat::Fp8), ..base });
         assert_eq!(s.to_string().parse::<QuantSpec>(), Ok(s));
-        assert!(
-            matches!("experts=mxfp4,method=awq".parse::<QuantSpec>(), Err(QuantSpecError::BadValue { key, .. }) if key == "method")
-        );
+        assert!(matches!("experts=mxfp4,method=awq".parse::<QuantSpec>(), Err(QuantSpecError::BadValue { key, .. }) if key == "method"));
     }
 
     #[test]
     fn quant_spec_errors_name_the_part() {
         let e = "experts=int4".parse::<QuantSpec>().unwrap_err();
-        assert!(
-            matches!(&e, QuantSpecError::BadValue { key, value, .. } if key == "experts" && value == "int4"),
-            "{e}"
-        );
+        assert!(matches!(&e, QuantSpecError::BadValue { key, value, .. } if key == "experts" && value == "int4"), "{e}");
         assert!(e.to_string().contains("experts=int4"));
-        assert!(
-            matches!("experts=mxfp4,foo=1".parse::<QuantSpec>(), Err(QuantSpecError::UnknownKey { key, .. }) if key == "foo")
-        );
-        assert!(
-            matches!("mxfp4".parse::<QuantSpec>(), Err(QuantSpecError::NotKeyValue { part, .. }) if part == "mxfp4")
-        );
-        assert!(matches!(
-            "dense=fp8".parse::<QuantSpec>(),
-            Err(QuantSpecError::MissingExperts { .. })
-        ));
-        assert!(
-            matches!("experts=mxfp4,dense=fp4".parse::<QuantSpec>(), Err(QuantSpecError::BadValue { key, .. }) if key == "dense")
-        );
-        assert!(matches!(
-            "experts=mxfp4,experts=nvfp4".parse::<QuantSpec>(),
-            Err(QuantSpecError::Duplicate { .. })
-        ));
+        assert!(matches!("experts=mxfp4,foo=1".parse::<QuantSpec>(), Err(QuantSpecError::UnknownKey { key, .. }) if key == "foo"));
+        assert!(matches!("mxfp4".parse::<QuantSpec>(), Err(QuantSpecError::NotKeyValue { part, .. }) if part == "mxfp4"));
+        assert!(matches!("dense=fp8".parse::<QuantSpec>(), Err(QuantSpecError::MissingExperts { .. })));
+        assert!(matches!("experts=mxfp4,dense=fp4".parse::<QuantSpec>(), Err(QuantSpecError::BadValue { key, .. }) if key == "dense"));
+        assert!(matches!("experts=mxfp4,experts=nvfp4".parse::<QuantSpec>(), Err(QuantSpecError::Duplicate { .. })));
     }
 }

@@ -50,21 +50,16 @@ impl SafetensorsSource {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| ModelError::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
                 ModelError::Format(format!("{}: not valid JSON: {e}", index_path.display()))
             })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| {
-                    ModelError::Format(format!("{}: no `weight_map` object", index_path.display()))
-                })?;
-            let mut shards: Vec<String> = map
-                .values()
-                .filter_map(|s| s.as_str().map(str::to_owned))
-                .collect();
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                ModelError::Format(format!("{}: no `weight_map` object", index_path.display()))
+            })?;
+            let mut shards: Vec<String> =
+                map.values().filter_map(|s| s.as_str().map(str::to_owned)).collect();
             shards.sort();
             shards.dedup();
             shards.into_iter().map(|s| dir.join(s)).collect()
@@ -94,9 +89,7 @@ impl SafetensorsSource {
             // of the u8 view we parse defensively.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
             let names: Vec<String> = SafeTensors::deserialize(&mmap)
-                .map_err(|e| {
-                    ModelError::Format(format!("{}: bad safetensors file: {e}", path.display()))
-                })?
+                .map_err(|e| ModelError::Format(format!("{}: bad safetensors file: {e}", path.display())))?
                 .names()
                 .into_iter()
                 .cloned()
@@ -106,24 +99,14 @@ impl SafetensorsSource {
             }
             maps.push((path, mmap));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            maps,
-            index,
-        })
+        Ok(Self { dir: dir.to_path_buf(), maps, index })
     }
 
-    fn view(
-        &self,
-        name: &str,
-    ) -> Result<Option<(safetensors::tensor::TensorView<'_>, &Path)>, ModelError> {
-        let Some(&i) = self.index.get(name) else {
-            return Ok(None);
-        };
+    fn view(&self, name: &str) -> Result<Option<(safetensors::tensor::TensorView<'_>, &Path)>, ModelError> {
+        let Some(&i) = self.index.get(name) else { return Ok(None) };
         let (path, mmap) = &self.maps[i];
-        let st = SafeTensors::deserialize(mmap).map_err(|e| {
-            ModelError::Format(format!("{}: bad safetensors file: {e}", path.display()))
-        })?;
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| ModelError::Format(format!("{}: bad safetensors file: {e}", path.display())))?;
         let view = st
             .tensor(name)
             .map_err(|e| ModelError::Format(format!("{}: tensor `{name}`: {e}", path.display())))?;
@@ -132,46 +115,27 @@ impl SafetensorsSource {
 }
 
 /// Converts a float tensor view to f32; other dtypes are an error naming the tensor.
-fn view_to_f32(
-    view: &safetensors::tensor::TensorView<'_>,
-    name: &str,
-    origin: &str,
-) -> Result<TensorF32, ModelError> {
+fn view_to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str, origin: &str) -> Result<TensorF32, ModelError> {
     let bytes = view.data();
     let data: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
             .collect(),
         other => {
-            return Err(ModelError::Format(format!(
-                "{origin}: tensor `{name}` has dtype {other:?}, expected a float type"
-            )))
+            return Err(ModelError::Format(format!("{origin}: tensor `{name}` has dtype {other:?}, expected a float type")))
         }
     };
-    Ok(TensorF32 {
-        shape: view.shape().to_vec(),
-        data,
-    })
+    Ok(TensorF32 { shape: view.shape().to_vec(), data })
 }
 
 /// Parses a whole safetensors buffer and converts every float tensor, as loading
 /// does (the fuzz target's entry point; every failure is a typed error).
 pub fn parse_safetensors(bytes: &[u8]) -> Result<Vec<(String, TensorF32)>, ModelError> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| ModelError::Format(format!("bad safetensors buffer: {e}")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Format(format!("bad safetensors buffer: {e}")))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
         out.push((name.clone(), view_to_f32(&view, &name, "buffer")?));
@@ -185,21 +149,13 @@ fn dtype_name(d: Dtype) -> String {
 
 impl TensorSource for SafetensorsSource {
     fn get_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
-        let Some((view, path)) = self.view(name)? else {
-            return Ok(None);
-        };
+        let Some((view, path)) = self.view(name)? else { return Ok(None) };
         view_to_f32(&view, name, &path.display().to_string()).map(Some)
     }
 
     fn get_raw(&self, name: &str) -> Result<Option<TensorRaw>, ModelError> {
-        let Some((view, _)) = self.view(name)? else {
-            return Ok(None);
-        };
-        Ok(Some(TensorRaw {
-            shape: view.shape().to_vec(),
-            dtype: dtype_name(view.dtype()),
-            bytes: view.data().to_vec(),
-        }))
+        let Some((view, _)) = self.view(name)? else { return Ok(None) };
+        Ok(Some(TensorRaw { shape: view.shape().to_vec(), dtype: dtype_name(view.dtype()), bytes: view.data().to_vec() }))
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -230,27 +186,14 @@ pub struct GgufSource {
 }
 
 impl GgufSource {
-    pub fn new(
-        path: &Path,
-        file: GgufFile,
-        n_heads: usize,
-        n_kv_heads: usize,
-        permuted_qk: bool,
-    ) -> Self {
+    pub fn new(path: &Path, file: GgufFile, n_heads: usize, n_kv_heads: usize, permuted_qk: bool) -> Self {
         let mut names = BTreeMap::new();
         for t in &file.tensors {
             if let Some(hf) = gguf_to_hf_name(&t.name) {
                 names.insert(hf, t.name.clone());
             }
         }
-        Self {
-            path: path.to_path_buf(),
-            file,
-            names,
-            n_heads,
-            n_kv_heads,
-            permuted_qk,
-        }
+        Self { path: path.to_path_buf(), file, names, n_heads, n_kv_heads, permuted_qk }
     }
 }
 
@@ -287,9 +230,7 @@ fn gguf_to_hf_name(g: &str) -> Option<String> {
 
 impl TensorSource for GgufSource {
     fn get_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
-        let Some(gname) = self.names.get(name) else {
-            return Ok(None);
-        };
+        let Some(gname) = self.names.get(name) else { return Ok(None) };
         let (shape, mut data) = self.file.tensor_f32(gname)?;
         if self.permuted_qk && shape.len() == 2 {
             let heads = if name.ends_with("q_proj.weight") {
@@ -330,8 +271,7 @@ mod tests {
 
     fn valid_buffer() -> Vec<u8> {
         let data: Vec<u8> = (0..24u8).collect();
-        let view =
-            safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &data).expect("view");
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &data).expect("view");
         safetensors::serialize(vec![("w".to_string(), view)], &None).expect("serialize")
     }
 

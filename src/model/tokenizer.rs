@@ -43,11 +43,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, ModelError> {
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|x| x as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
         _ => Vec::new(),
     }
 }
@@ -83,11 +79,8 @@ impl TextTokenizer {
                 if jinja.exists() {
                     Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?)
                 } else {
-                    read_json(&dir.join("chat_template.json"))?.and_then(|v| {
-                        v.get("chat_template")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned)
-                    })
+                    read_json(&dir.join("chat_template.json"))?
+                        .and_then(|v| v.get("chat_template").and_then(Value::as_str).map(str::to_owned))
                 }
             }
         };
@@ -103,26 +96,14 @@ impl TextTokenizer {
                 eos_ids.push(id);
             }
         }
-        Ok(Self {
-            inner,
-            chat_template,
-            bos_token,
-            eos_token,
-            eos_ids,
-        })
+        Ok(Self { inner, chat_template, bos_token, eos_token, eos_ids })
     }
 
     pub fn from_gguf(g: super::gguf_tokenizer::GgufTokenizer) -> Self {
         let tok = &g.tokenizer;
         let bos_token = g.bos_id.and_then(|i| tok.id_to_token(i));
         let eos_token = g.eos_ids.first().and_then(|&i| tok.id_to_token(i));
-        Self {
-            bos_token,
-            eos_token,
-            eos_ids: g.eos_ids,
-            chat_template: g.chat_template,
-            inner: g.tokenizer,
-        }
+        Self { bos_token, eos_token, eos_ids: g.eos_ids, chat_template: g.chat_template, inner: g.tokenizer }
     }
 
     /// Plain text, with the special tokens the tokenizer adds by default (e.g. BOS).
@@ -134,9 +115,7 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| ModelError::Tokenizer(format!("cannot decode ids: {e}")))
+        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(format!("cannot decode ids: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -144,33 +123,22 @@ impl TextTokenizer {
     }
 
     /// Renders the model's chat template, as transformers' `apply_chat_template` does.
-    pub fn render_chat(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, ModelError> {
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ModelError> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             ModelError::ChatTemplate("the model has no chat template; run without --chat".into())
         })?;
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
         env.add_function("strftime_now", |fmt: String| -> String {
             // Deterministic output matters more than the wall clock inside prompts.
             let _ = fmt;
             String::from("01 Jan 2026")
         });
-        env.add_template("chat", template).map_err(|e| {
-            ModelError::ChatTemplate(format!("cannot parse the model's template: {e}"))
-        })?;
+        env.add_template("chat", template)
+            .map_err(|e| ModelError::ChatTemplate(format!("cannot parse the model's template: {e}")))?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| ModelError::ChatTemplate(format!("cannot load template: {e}")))?;
@@ -185,13 +153,7 @@ impl TextTokenizer {
 
     /// Chat prompt ids: the rendered template, tokenized without adding special tokens again.
     pub fn encode_chat(&self, user: &str) -> Result<Vec<u32>, ModelError> {
-        let text = self.render_chat(
-            &[ChatMessage {
-                role: "user".into(),
-                content: user.into(),
-            }],
-            true,
-        )?;
+        let text = self.render_chat(&[ChatMessage { role: "user".into(), content: user.into() }], true)?;
         self.encode(&text, false)
     }
 }
@@ -202,8 +164,7 @@ fn byte_level_decoder() -> std::collections::HashMap<char, u8> {
     let mut map = std::collections::HashMap::new();
     let mut extra = 0u32;
     for b in 0u32..256 {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         let ch = if printable {
             b
         } else {
@@ -241,9 +202,7 @@ impl TextTokenizer {
                 if specials.contains(&id) {
                     return Vec::new();
                 }
-                let Some(tok) = self.inner.id_to_token(id) else {
-                    return Vec::new();
-                };
+                let Some(tok) = self.inner.id_to_token(id) else { return Vec::new() };
                 if byte_level {
                     let mut out = Vec::with_capacity(tok.len());
                     for c in tok.chars() {
@@ -253,11 +212,8 @@ impl TextTokenizer {
                         }
                     }
                     out
-                } else if let Some(hex) = tok.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'))
-                {
-                    u8::from_str_radix(hex, 16)
-                        .map(|b| vec![b])
-                        .unwrap_or_default()
+                } else if let Some(hex) = tok.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+                    u8::from_str_radix(hex, 16).map(|b| vec![b]).unwrap_or_default()
                 } else {
                     tok.replace('\u{2581}', " ").into_bytes()
                 }

@@ -14,7 +14,7 @@
 
 use std::str::FromStr;
 
-use super::config::{ModelConfig, MoeConfig, RouterKind};
+use super::config::{MoeConfig, ModelConfig, RouterKind};
 use super::tensors::{TensorF32, TensorRaw, TensorSource};
 use super::ModelError;
 
@@ -28,13 +28,9 @@ pub struct Upcycle {
 impl FromStr for Upcycle {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("`{s}`: expected E,K (experts per layer, experts per token), e.g. 8,2");
+        let bad = || format!("`{s}`: expected E,K (experts per layer, experts per token), e.g. 8,2");
         let (e, k) = s.split_once(',').ok_or_else(bad)?;
-        let (experts, top_k) = (
-            e.trim().parse().map_err(|_| bad())?,
-            k.trim().parse().map_err(|_| bad())?,
-        );
+        let (experts, top_k) = (e.trim().parse().map_err(|_| bad())?, k.trim().parse().map_err(|_| bad())?);
         let u = Upcycle { experts, top_k };
         u.check().map_err(|e| format!("`{s}`: {e}"))?;
         Ok(u)
@@ -50,10 +46,7 @@ impl std::fmt::Display for Upcycle {
 impl Upcycle {
     fn check(&self) -> Result<(), String> {
         if self.top_k == 0 || self.top_k > self.experts {
-            return Err(format!(
-                "top-k {} must be between 1 and the expert count {}",
-                self.top_k, self.experts
-            ));
+            return Err(format!("top-k {} must be between 1 and the expert count {}", self.top_k, self.experts));
         }
         // the GPU router's top-k covers up to 512 experts
         if self.experts > 512 {
@@ -65,8 +58,7 @@ impl Upcycle {
     /// The MoE config of the upcycled model: the dense config with every layer's MLP
     /// as `experts` experts of the dense width. Refuses models that are MoE already.
     pub fn config(&self, dense: &ModelConfig) -> Result<ModelConfig, ModelError> {
-        self.check()
-            .map_err(|e| ModelError::Config(format!("upcycle: {e}")))?;
+        self.check().map_err(|e| ModelError::Config(format!("upcycle: {e}")))?;
         if dense.moe.is_some() {
             return Err(ModelError::Config(format!(
                 "upcycle: the {} model is already a mixture of experts; upcycle a dense model",
@@ -98,11 +90,7 @@ pub struct UpcycledSource<'a> {
 
 impl<'a> UpcycledSource<'a> {
     pub fn new(inner: Box<dyn TensorSource + 'a>, up: Upcycle, hidden: usize) -> Self {
-        UpcycledSource {
-            inner,
-            experts: up.experts,
-            hidden,
-        }
+        UpcycledSource { inner, experts: up.experts, hidden }
     }
 
     /// `model.layers.L.mlp.experts.X.P` -> `model.layers.L.mlp.P`.
@@ -113,10 +101,7 @@ impl<'a> UpcycledSource<'a> {
     }
 
     fn router_layer(name: &str) -> Option<u64> {
-        name.strip_prefix("model.layers.")?
-            .strip_suffix(".mlp.gate.weight")?
-            .parse()
-            .ok()
+        name.strip_prefix("model.layers.")?.strip_suffix(".mlp.gate.weight")?.parse().ok()
     }
 
     /// Uniform in ±0.1 from a per-layer LCG: routing varies from token to token and
@@ -125,16 +110,11 @@ impl<'a> UpcycledSource<'a> {
         let mut seed = 12345u64 + layer;
         let data = (0..self.experts * self.hidden)
             .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
             })
             .collect();
-        TensorF32 {
-            shape: vec![self.experts, self.hidden],
-            data,
-        }
+        TensorF32 { shape: vec![self.experts, self.hidden], data }
     }
 
     fn inner_name(name: &str) -> String {
@@ -163,11 +143,7 @@ impl TensorSource for UpcycledSource<'_> {
         self.inner.names()
     }
     fn describe(&self) -> String {
-        format!(
-            "{} (upcycled to {} experts)",
-            self.inner.describe(),
-            self.experts
-        )
+        format!("{} (upcycled to {} experts)", self.inner.describe(), self.experts)
     }
 }
 
@@ -177,52 +153,21 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        assert_eq!(
-            "8,2".parse::<Upcycle>(),
-            Ok(Upcycle {
-                experts: 8,
-                top_k: 2
-            })
-        );
-        assert_eq!(
-            " 4, 4".parse::<Upcycle>(),
-            Ok(Upcycle {
-                experts: 4,
-                top_k: 4
-            })
-        );
+        assert_eq!("8,2".parse::<Upcycle>(), Ok(Upcycle { experts: 8, top_k: 2 }));
+        assert_eq!(" 4, 4".parse::<Upcycle>(), Ok(Upcycle { experts: 4, top_k: 4 }));
         for bad in ["8", "8,0", "2,3", "x,1", "600,8", ""] {
             assert!(bad.parse::<Upcycle>().is_err(), "{bad}");
         }
-        assert_eq!(
-            Upcycle {
-                experts: 8,
-                top_k: 2
-            }
-            .to_string(),
-            "8,2"
-        );
+        assert_eq!(Upcycle { experts: 8, top_k: 2 }.to_string(), "8,2");
     }
 
     #[test]
     fn expert_names_map_to_the_dense_mlp() {
         let d = UpcycledSource::dense_name;
-        assert_eq!(
-            d("model.layers.3.mlp.experts.7.gate_proj.weight").as_deref(),
-            Some("model.layers.3.mlp.gate_proj.weight")
-        );
-        assert_eq!(
-            d("model.layers.3.mlp.experts.0.down_proj.weight_scale").as_deref(),
-            Some("model.layers.3.mlp.down_proj.weight_scale")
-        );
+        assert_eq!(d("model.layers.3.mlp.experts.7.gate_proj.weight").as_deref(), Some("model.layers.3.mlp.gate_proj.weight"));
+        assert_eq!(d("model.layers.3.mlp.experts.0.down_proj.weight_scale").as_deref(), Some("model.layers.3.mlp.down_proj.weight_scale"));
         assert_eq!(d("model.layers.3.mlp.gate_proj.weight"), None);
-        assert_eq!(
-            UpcycledSource::router_layer("model.layers.12.mlp.gate.weight"),
-            Some(12)
-        );
-        assert_eq!(
-            UpcycledSource::router_layer("model.layers.12.mlp.gate_proj.weight"),
-            None
-        );
+        assert_eq!(UpcycledSource::router_layer("model.layers.12.mlp.gate.weight"), Some(12));
+        assert_eq!(UpcycledSource::router_layer("model.layers.12.mlp.gate_proj.weight"), None);
     }
 }

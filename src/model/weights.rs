@@ -5,18 +5,11 @@ use half::bf16;
 
 use crate::quant::{Fp8Matrix, Mxfp4Matrix, Nvfp4Matrix};
 
+
 /// A `[rows, cols]` matrix (rows = output features), in any storage precision.
 pub enum Weight {
-    F32 {
-        rows: usize,
-        cols: usize,
-        data: Vec<f32>,
-    },
-    Bf16 {
-        rows: usize,
-        cols: usize,
-        data: Vec<bf16>,
-    },
+    F32 { rows: usize, cols: usize, data: Vec<f32> },
+    Bf16 { rows: usize, cols: usize, data: Vec<bf16> },
     Mxfp4(Mxfp4Matrix),
     Nvfp4(Nvfp4Matrix),
     Fp8(Fp8Matrix),

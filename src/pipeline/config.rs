@@ -187,37 +187,24 @@ pub struct MetricsSection {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
 
 impl PipelineConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Io { path: path.display().to_string(), source: e })?;
         let mut cfg: PipelineConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
             path: path.display().to_string(),
             message: e.message().to_string() + &span_hint(&text, e.span()),
         })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message,
-        };
-        cfg.verdict
-            .validate()
-            .map_err(|e| invalid(format!("[verdict]: {e}")))?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.display().to_string(), message };
+        cfg.verdict.validate().map_err(|e| invalid(format!("[verdict]: {e}")))?;
         for f in &cfg.verdict.fields {
             if !cfg.fallback.verdict.contains_key(&f.name) {
-                return Err(invalid(format!(
-                    "[fallback] verdict: missing field `{}`",
-                    f.name
-                )));
+                return Err(invalid(format!("[fallback] verdict: missing field `{}`", f.name)));
             }
         }
         if cfg.engine.max_batch == 0 {
@@ -227,10 +214,7 @@ impl PipelineConfig {
             return Err(invalid("[budget] latency_ms: must be at least 1".into()));
         }
         if cfg.model.path.is_relative() {
-            let base = path
-                .parent()
-                .and_then(Path::parent)
-                .unwrap_or(Path::new("."));
+            let base = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
             cfg.model.path = base.join(&cfg.model.path);
         }
         Ok(cfg)

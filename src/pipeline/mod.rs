@@ -54,10 +54,7 @@ struct InFlight {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Deadline of an event: the header, else event time or receipt + budget.
@@ -72,11 +69,7 @@ fn deadline_of(ev: &Event, cfg: &PipelineConfig) -> (Instant, Instant) {
     let deadline = match ev.deadline_ms() {
         Some(ms) => {
             let left = ms - now_ms();
-            if left <= 0 {
-                now
-            } else {
-                now + Duration::from_millis(left as u64)
-            }
+            if left <= 0 { now } else { now + Duration::from_millis(left as u64) }
         }
         None => start + budget,
     };
@@ -106,11 +99,7 @@ pub struct EngineParts {
     pub model_name: String,
 }
 
-pub async fn run(
-    cfg: PipelineConfig,
-    engine: EngineParts,
-    opts: RunOptions,
-) -> Result<Summary, PipelineError> {
+pub async fn run(cfg: PipelineConfig, engine: EngineParts, opts: RunOptions) -> Result<Summary, PipelineError> {
     let cfg = Arc::new(cfg);
     let tok = engine.tokenizer.clone();
     let prompt = Arc::new(PromptBuilder::new(&tok, &cfg.prompt)?);
@@ -128,9 +117,7 @@ pub async fn run(
     let cancel = scheduler.cancellation();
 
     let shutdown = Shutdown::new();
-    let mut source = cfg
-        .source
-        .start(cfg.engine.queue_capacity.max(1), shutdown.clone())?;
+    let mut source = cfg.source.start(cfg.engine.queue_capacity.max(1), shutdown.clone())?;
     let sink: Arc<dyn Sink> = cfg.sink.build().await?;
     let acker: AckHandle = source.acker.clone();
     observe::set_ready(true);
@@ -138,15 +125,12 @@ pub async fn run(
     let inflight: Arc<Mutex<HashMap<u64, InFlight>>> = Arc::default();
 
     // Engine thread: jobs in (bounded: a full channel pauses intake), results out.
-    let (job_tx, job_rx) =
-        std::sync::mpsc::sync_channel::<VerdictJob>(cfg.engine.queue_capacity.max(1));
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<VerdictJob>(cfg.engine.queue_capacity.max(1));
     let (res_tx, mut res_rx) = mpsc::unbounded_channel::<JobResult>();
     let engine_thread = std::thread::Builder::new()
         .name("kairos-engine".into())
         .spawn(move || engine_loop(&mut scheduler, job_rx, res_tx))
-        .map_err(|e| {
-            crate::backend::BackendError::Device(format!("cannot start the engine thread: {e}"))
-        })?;
+        .map_err(|e| crate::backend::BackendError::Device(format!("cannot start the engine thread: {e}")))?;
 
     // Results: verdict record -> sink -> ack.
     let emitter = Arc::new(Emitter {
@@ -160,9 +144,7 @@ pub async fn run(
         let (emitter, inflight) = (emitter.clone(), inflight.clone());
         tokio::spawn(async move {
             while let Some(r) = res_rx.recv().await {
-                let Some(f) = inflight.lock().ok().and_then(|mut m| m.remove(&r.id)) else {
-                    continue;
-                };
+                let Some(f) = inflight.lock().ok().and_then(|mut m| m.remove(&r.id)) else { continue };
                 emitter.emit(f, r.outcome, r.queue_wait);
             }
         })
@@ -208,12 +190,7 @@ pub async fn run(
             Err(reason) => {
                 let mut rec = OutRecord::dlq_for(&ev, &reason.to_string());
                 rec.set_header("kairos-source", ev.origin.to_string());
-                let (sink, acker, stats, origin) = (
-                    sink.clone(),
-                    acker.clone(),
-                    stats.clone(),
-                    ev.origin.clone(),
-                );
+                let (sink, acker, stats, origin) = (sink.clone(), acker.clone(), stats.clone(), ev.origin.clone());
                 tokio::spawn(async move {
                     if sink.send(rec).await.is_ok() {
                         acker.ack(&origin);
@@ -227,20 +204,12 @@ pub async fn run(
                 let id = next_id;
                 next_id += 1;
                 if let Ok(mut m) = inflight.lock() {
-                    m.insert(
-                        id,
-                        InFlight {
-                            event: ev,
-                            deadline,
-                            start,
-                        },
-                    );
+                    m.insert(id, InFlight { event: ev, deadline, start });
                 }
                 // The watchdog answers with the fallback just before the deadline if the
                 // engine has not: never silently late, whatever one step costs.
                 {
-                    let (emitter, inflight, cancel) =
-                        (emitter.clone(), inflight.clone(), cancel.clone());
+                    let (emitter, inflight, cancel) = (emitter.clone(), inflight.clone(), cancel.clone());
                     let guard = Duration::from_millis((cfg.budget.latency_ms / 20).clamp(5, 50));
                     let at = deadline.checked_sub(guard).unwrap_or(deadline);
                     tokio::spawn(async move {
@@ -250,29 +219,14 @@ pub async fn run(
                             if let Ok(mut c) = cancel.lock() {
                                 c.insert(id);
                             }
-                            emitter.emit(
-                                f,
-                                Outcome::Fallback {
-                                    why: "deadline watchdog".into(),
-                                },
-                                Duration::ZERO,
-                            );
+                            emitter.emit(f, Outcome::Fallback { why: "deadline watchdog".into() }, Duration::ZERO);
                         }
                     });
                 }
-                let job = VerdictJob {
-                    id,
-                    tokens,
-                    deadline,
-                };
+                let job = VerdictJob { id, tokens, deadline };
                 let tx = job_tx.clone();
                 // A full engine queue blocks here, which stops intake and lets the source pause.
-                if tokio::task::spawn_blocking(move || tx.send(job))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .is_none()
-                {
+                if tokio::task::spawn_blocking(move || tx.send(job)).await.ok().and_then(Result::ok).is_none() {
                     break;
                 }
             }
@@ -335,12 +289,9 @@ impl Emitter {
             match me.sink.send(rec).await {
                 Ok(()) => {
                     me.acker.ack(&origin);
-                    me.stats
-                        .record_verdict(latency, queue_wait, met, is_fallback, tokens);
+                    me.stats.record_verdict(latency, queue_wait, met, is_fallback, tokens);
                 }
-                Err(e) => {
-                    tracing::error!(%origin, error = %e, "sink refused a verdict; the event will be redelivered")
-                }
+                Err(e) => tracing::error!(%origin, error = %e, "sink refused a verdict; the event will be redelivered"),
             }
         });
     }
@@ -349,8 +300,7 @@ impl Emitter {
 async fn sigterm() {
     #[cfg(unix)]
     {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             s.recv().await;
             return;
         }
@@ -368,8 +318,7 @@ fn engine_loop(
         // Take what is waiting (bounded by the queue), blocking only when idle.
         while open && scheduler.has_room() {
             let next = if scheduler.is_idle() {
-                jobs.recv()
-                    .map_err(|_| std::sync::mpsc::TryRecvError::Disconnected)
+                jobs.recv().map_err(|_| std::sync::mpsc::TryRecvError::Disconnected)
             } else {
                 jobs.try_recv()
             };
@@ -397,23 +346,16 @@ mod tests {
     #[test]
     fn fallback_verdict_keeps_schema_order() {
         for name in ["trading", "fraud", "agent", "demo"] {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(format!("configs/{name}.toml"));
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("configs/{name}.toml"));
             let cfg = PipelineConfig::load(&path).expect("config");
             let json = fallback_json(&cfg);
             let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
-            assert_eq!(
-                parsed.as_object().map(|o| o.len()),
-                Some(cfg.verdict.fields.len()),
-                "{json}"
-            );
+            assert_eq!(parsed.as_object().map(|o| o.len()), Some(cfg.verdict.fields.len()), "{json}");
             // the keys appear in the schema's order, the decision first
             let mut at = 0;
             for f in &cfg.verdict.fields {
                 let key = format!("\"{}\":", f.name);
-                let pos = json[at..]
-                    .find(&key)
-                    .unwrap_or_else(|| panic!("{name}: `{}` out of order in {json}", f.name));
+                let pos = json[at..].find(&key).unwrap_or_else(|| panic!("{name}: `{}` out of order in {json}", f.name));
                 at += pos + key.len();
             }
         }

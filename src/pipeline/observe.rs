@@ -21,24 +21,15 @@ pub fn is_ready() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
     #[error("metrics listener on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
     #[error("metrics recorder: {0}")]
     Recorder(String),
 }
 
 /// Installs the Prometheus recorder and serves it on `addr` (e.g. `0.0.0.0:9100`).
 pub fn serve(addr: &str) -> Result<std::net::SocketAddr, ObserveError> {
-    let listener = TcpListener::bind(addr).map_err(|e| ObserveError::Bind {
-        addr: addr.into(),
-        source: e,
-    })?;
-    let local = listener.local_addr().map_err(|e| ObserveError::Bind {
-        addr: addr.into(),
-        source: e,
-    })?;
+    let listener = TcpListener::bind(addr).map_err(|e| ObserveError::Bind { addr: addr.into(), source: e })?;
+    let local = listener.local_addr().map_err(|e| ObserveError::Bind { addr: addr.into(), source: e })?;
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| ObserveError::Recorder(e.to_string()))?;

@@ -54,14 +54,7 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 }
 
 impl LiveStats {
-    pub fn record_verdict(
-        &self,
-        latency: Duration,
-        queue_wait: Duration,
-        met: bool,
-        fallback: bool,
-        tokens: usize,
-    ) {
+    pub fn record_verdict(&self, latency: Duration, queue_wait: Duration, met: bool, fallback: bool, tokens: usize) {
         self.verdicts.fetch_add(1, Ordering::Relaxed);
         self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         metrics::counter!("kairos_verdicts_total").increment(1);
@@ -95,11 +88,7 @@ impl LiveStats {
     }
 
     pub fn summary(&self, elapsed: Duration) -> Summary {
-        let mut l = self
-            .latencies_us
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
+        let mut l = self.latencies_us.lock().map(|l| l.clone()).unwrap_or_default();
         l.sort_unstable();
         let answered = self.answered();
         Summary {

@@ -56,33 +56,20 @@ fn longest_string(v: &Value, limit: usize, path: &str) -> Option<String> {
 
 pub fn validate(payload: &[u8], schema: &EventSchema) -> Result<Map<String, Value>, Rejection> {
     if payload.len() > schema.max_bytes {
-        return Err(Rejection::Oversized {
-            size: payload.len(),
-            limit: schema.max_bytes,
-        });
+        return Err(Rejection::Oversized { size: payload.len(), limit: schema.max_bytes });
     }
     let text = std::str::from_utf8(payload).map_err(|e| Rejection::NotUtf8(e.valid_up_to()))?;
     let value: Value = serde_json::from_str(text).map_err(|e| Rejection::NotJson(e.to_string()))?;
-    let Value::Object(map) = value else {
-        return Err(Rejection::NotObject);
-    };
+    let Value::Object(map) = value else { return Err(Rejection::NotObject) };
     for (field, &t) in &schema.required {
-        let v = map
-            .get(field)
-            .ok_or_else(|| Rejection::MissingField(field.clone()))?;
+        let v = map.get(field).ok_or_else(|| Rejection::MissingField(field.clone()))?;
         if !type_ok(v, t) {
-            return Err(Rejection::WrongType {
-                field: field.clone(),
-                want: type_name(t),
-            });
+            return Err(Rejection::WrongType { field: field.clone(), want: type_name(t) });
         }
     }
     for (k, v) in &map {
         if let Some(field) = longest_string(v, schema.max_string_chars, k) {
-            return Err(Rejection::StringTooLong {
-                field,
-                limit: schema.max_string_chars,
-            });
+            return Err(Rejection::StringTooLong { field, limit: schema.max_string_chars });
         }
     }
     Ok(map)
@@ -96,12 +83,9 @@ mod tests {
     fn schema() -> EventSchema {
         EventSchema {
             max_bytes: 200,
-            required: [
-                ("amount".to_string(), FieldType::Number),
-                ("card_id".to_string(), FieldType::String),
-            ]
-            .into_iter()
-            .collect(),
+            required: [("amount".to_string(), FieldType::Number), ("card_id".to_string(), FieldType::String)]
+                .into_iter()
+                .collect(),
             max_string_chars: 20,
         }
     }
@@ -109,29 +93,14 @@ mod tests {
     #[test]
     fn every_kind_of_bad_event_has_its_reason() {
         let s = schema();
-        assert!(matches!(
-            validate(&[b'a'; 300], &s),
-            Err(Rejection::Oversized { .. })
-        ));
-        assert!(matches!(
-            validate(&[0xff, 0xfe], &s),
-            Err(Rejection::NotUtf8(0))
-        ));
+        assert!(matches!(validate(&[b'a'; 300], &s), Err(Rejection::Oversized { .. })));
+        assert!(matches!(validate(&[0xff, 0xfe], &s), Err(Rejection::NotUtf8(0))));
         assert!(matches!(validate(b"{nope", &s), Err(Rejection::NotJson(_))));
         assert!(matches!(validate(b"[1,2]", &s), Err(Rejection::NotObject)));
-        assert_eq!(
-            validate(br#"{"amount":1}"#, &s),
-            Err(Rejection::MissingField("card_id".into()))
-        );
+        assert_eq!(validate(br#"{"amount":1}"#, &s), Err(Rejection::MissingField("card_id".into())));
+        assert!(matches!(validate(br#"{"amount":"x","card_id":"c"}"#, &s), Err(Rejection::WrongType { .. })));
         assert!(matches!(
-            validate(br#"{"amount":"x","card_id":"c"}"#, &s),
-            Err(Rejection::WrongType { .. })
-        ));
-        assert!(matches!(
-            validate(
-                br#"{"amount":1,"card_id":"cccccccccccccccccccccccccccccc"}"#,
-                &s
-            ),
+            validate(br#"{"amount":1,"card_id":"cccccccccccccccccccccccccccccc"}"#, &s),
             Err(Rejection::StringTooLong { .. })
         ));
         assert!(validate(br#"{"amount":1.5,"card_id":"c1"}"#, &s).is_ok());
@@ -142,26 +111,12 @@ mod tests {
     /// model a number the event did not contain.
     #[test]
     fn numbers_reach_the_prompt_exactly() {
-        let s = EventSchema {
-            max_bytes: 200,
-            required: Default::default(),
-            max_string_chars: 20,
-        };
-        for text in [
-            "1e105",
-            "0.1",
-            "123456789.123456789",
-            "-2.2250738585072014e-308",
-            "5e-324",
-        ] {
+        let s = EventSchema { max_bytes: 200, required: Default::default(), max_string_chars: 20 };
+        for text in ["1e105", "0.1", "123456789.123456789", "-2.2250738585072014e-308", "5e-324"] {
             let map = validate(format!(r#"{{"x":{text}}}"#).as_bytes(), &s).expect("valid");
             let escaped = crate::pipeline::prompt::escape_event(&map);
             let back: Value = serde_json::from_str(&escaped).expect("JSON");
-            assert_eq!(
-                back["x"].as_f64(),
-                text.parse::<f64>().ok(),
-                "{text} -> {escaped}"
-            );
+            assert_eq!(back["x"].as_f64(), text.parse::<f64>().ok(), "{text} -> {escaped}");
         }
     }
 
@@ -173,8 +128,7 @@ mod tests {
             any::<i64>().prop_map(Value::from),
             (-1e12f64..1e12).prop_map(Value::from),
             "[a-z<>\"\\\\é\\u{0}]{0,30}".prop_map(Value::String),
-            proptest::collection::vec(any::<u8>().prop_map(Value::from), 0..3)
-                .prop_map(Value::Array),
+            proptest::collection::vec(any::<u8>().prop_map(Value::from), 0..3).prop_map(Value::Array),
         ]
     }
 

@@ -40,11 +40,7 @@ pub struct Hessian {
 
 impl Hessian {
     pub fn new(dim: usize) -> Self {
-        Self {
-            dim,
-            data: vec![0.0; dim * dim],
-            samples: 0,
-        }
+        Self { dim, data: vec![0.0; dim * dim], samples: 0 }
     }
 
     /// Adds the `n` rows of the row-major `[n, dim]` batch `x`.
@@ -53,11 +49,7 @@ impl Hessian {
     /// If `x.len() < n * dim` (caller contract: the backend's own activations).
     pub fn add_batch(&mut self, x: &[f32], n: usize) {
         let d = self.dim;
-        assert!(
-            x.len() >= n * d,
-            "Hessian::add_batch: {} values for {n} rows of {d}",
-            x.len()
-        );
+        assert!(x.len() >= n * d, "Hessian::add_batch: {} values for {n} rows of {d}", x.len());
         if n == 0 {
             return;
         }
@@ -91,12 +83,7 @@ pub struct GptqFactor {
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..4 {
             acc[k] += x[k] * y[k];
@@ -181,14 +168,7 @@ struct GptqCodes {
 }
 
 /// The column-by-column GPTQ pass; `scale(block values)` returns (scale byte, scale value).
-fn gptq_pass<S>(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    f: &GptqFactor,
-    block: usize,
-    scale: S,
-) -> GptqCodes
+fn gptq_pass<S>(w: &[f32], rows: usize, cols: usize, f: &GptqFactor, block: usize, scale: S) -> GptqCodes
 where
     S: Fn(&[f32]) -> (u8, f32) + Sync,
 {
@@ -239,20 +219,9 @@ where
     GptqCodes { codes, scales }
 }
 
-fn check_inputs(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    f: &GptqFactor,
-    format: &'static str,
-    block: usize,
-) -> Result<(), QuantError> {
+fn check_inputs(w: &[f32], rows: usize, cols: usize, f: &GptqFactor, format: &'static str, block: usize) -> Result<(), QuantError> {
     if !cols.is_multiple_of(block) {
-        return Err(QuantError::BlockAlignment {
-            format,
-            cols,
-            block,
-        });
+        return Err(QuantError::BlockAlignment { format, cols, block });
     }
     check_len("gptq weights", rows * cols, w.len())?;
     check_len("gptq hessian dim", cols, f.dim)?;
@@ -266,33 +235,17 @@ fn pack(codes: &[u8]) -> Vec<u8> {
 }
 
 /// GPTQ into MXFP4 (block scales by `rule` on the error-compensated values).
-pub fn gptq_mxfp4(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    f: &GptqFactor,
-    rule: ScaleRule,
-) -> Result<Mxfp4Matrix, QuantError> {
+pub fn gptq_mxfp4(w: &[f32], rows: usize, cols: usize, f: &GptqFactor, rule: ScaleRule) -> Result<Mxfp4Matrix, QuantError> {
     check_inputs(w, rows, cols, f, "mxfp4", MXFP4_BLOCK)?;
-    let q = gptq_pass(w, rows, cols, f, MXFP4_BLOCK, |xs| {
-        mxfp4::block_scale(xs, rule)
-    });
+    let q = gptq_pass(w, rows, cols, f, MXFP4_BLOCK, |xs| mxfp4::block_scale(xs, rule));
     Mxfp4Matrix::from_parts(rows, cols, pack(&q.codes), q.scales)
 }
 
 /// GPTQ into NVFP4; the tensor scale is the spec one of the original weights.
-pub fn gptq_nvfp4(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    f: &GptqFactor,
-    rule: ScaleRule,
-) -> Result<Nvfp4Matrix, QuantError> {
+pub fn gptq_nvfp4(w: &[f32], rows: usize, cols: usize, f: &GptqFactor, rule: ScaleRule) -> Result<Nvfp4Matrix, QuantError> {
     check_inputs(w, rows, cols, f, "nvfp4", NVFP4_BLOCK)?;
     let ts = nvfp4::tensor_scale_for(w);
-    let q = gptq_pass(w, rows, cols, f, NVFP4_BLOCK, |xs| {
-        nvfp4::block_scale(xs, ts, rule)
-    });
+    let q = gptq_pass(w, rows, cols, f, NVFP4_BLOCK, |xs| nvfp4::block_scale(xs, ts, rule));
     Nvfp4Matrix::from_parts(rows, cols, pack(&q.codes), q.scales, ts)
 }
 
@@ -331,9 +284,7 @@ mod tests {
         let mut s = 0f64;
         for t in 0..n {
             for r in 0..rows {
-                let e: f64 = (0..cols)
-                    .map(|c| x[t * cols + c] as f64 * (w[r * cols + c] - wq[r * cols + c]) as f64)
-                    .sum();
+                let e: f64 = (0..cols).map(|c| x[t * cols + c] as f64 * (w[r * cols + c] - wq[r * cols + c]) as f64).sum();
                 s += e * e;
             }
         }
@@ -350,13 +301,8 @@ mod tests {
         assert_eq!(h.samples, n);
         for i in 0..d {
             for j in 0..d {
-                let want: f64 = (0..n)
-                    .map(|t| x[t * d + i] as f64 * x[t * d + j] as f64)
-                    .sum();
-                assert!(
-                    (h.data[i * d + j] - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "{i},{j}"
-                );
+                let want: f64 = (0..n).map(|t| x[t * d + i] as f64 * x[t * d + j] as f64).sum();
+                assert!((h.data[i * d + j] - want).abs() <= 1e-4 * want.abs().max(1.0), "{i},{j}");
             }
         }
     }
@@ -373,9 +319,7 @@ mod tests {
             for j in 0..d {
                 let mut s = 0f64;
                 for k in 0..d {
-                    let hinv_ik: f64 = (0..d)
-                        .map(|m| f.u[m * d + i] as f64 * f.u[m * d + k] as f64)
-                        .sum();
+                    let hinv_ik: f64 = (0..d).map(|m| f.u[m * d + i] as f64 * f.u[m * d + k] as f64).sum();
                     let hk = h.data[k * d + j] + if k == j { DEFAULT_DAMP * mean } else { 0.0 };
                     s += hinv_ik * hk;
                 }
@@ -390,15 +334,8 @@ mod tests {
 
     #[test]
     fn indefinite_hessian_is_an_error() {
-        let h = Hessian {
-            dim: 2,
-            data: vec![1.0, 3.0, 3.0, 1.0],
-            samples: 1,
-        };
-        assert!(matches!(
-            GptqFactor::from_hessian(&h, DEFAULT_DAMP),
-            Err(QuantError::NotPositiveDefinite { .. })
-        ));
+        let h = Hessian { dim: 2, data: vec![1.0, 3.0, 3.0, 1.0], samples: 1 };
+        assert!(matches!(GptqFactor::from_hessian(&h, DEFAULT_DAMP), Err(QuantError::NotPositiveDefinite { .. })));
     }
 
     #[test]
@@ -411,23 +348,15 @@ mod tests {
         }
         let f = GptqFactor::from_hessian(&h, DEFAULT_DAMP).expect("factor");
         for rule in [ScaleRule::Spec, ScaleRule::MseSearch] {
-            assert_eq!(
-                gptq_mxfp4(&w, rows, cols, &f, rule),
-                Mxfp4Matrix::quantize(&w, rows, cols, rule)
-            );
-            assert_eq!(
-                gptq_nvfp4(&w, rows, cols, &f, rule),
-                Nvfp4Matrix::quantize(&w, rows, cols, rule)
-            );
+            assert_eq!(gptq_mxfp4(&w, rows, cols, &f, rule), Mxfp4Matrix::quantize(&w, rows, cols, rule));
+            assert_eq!(gptq_nvfp4(&w, rows, cols, &f, rule), Nvfp4Matrix::quantize(&w, rows, cols, rule));
         }
     }
 
     #[test]
     fn weights_on_the_grid_are_kept_exactly() {
         let (rows, cols, n) = (24, 96, 300);
-        let grid = Mxfp4Matrix::quantize(&normal(rows * cols, 8), rows, cols, ScaleRule::Spec)
-            .expect("q")
-            .dequantize();
+        let grid = Mxfp4Matrix::quantize(&normal(rows * cols, 8), rows, cols, ScaleRule::Spec).expect("q").dequantize();
         let x = correlated(n, cols, 21);
         let f = GptqFactor::from_hessian(&hessian(&x, n, cols), DEFAULT_DAMP).expect("factor");
         let q = gptq_mxfp4(&grid, rows, cols, &f, ScaleRule::Spec).expect("gptq");
@@ -441,34 +370,14 @@ mod tests {
         let x = correlated(n, cols, 31);
         let f = GptqFactor::from_hessian(&hessian(&x, n, cols), DEFAULT_DAMP).expect("factor");
         for rule in [ScaleRule::Spec, ScaleRule::MseSearch] {
-            let rtn = Mxfp4Matrix::quantize(&w, rows, cols, rule)
-                .expect("rtn")
-                .dequantize();
-            let g = gptq_mxfp4(&w, rows, cols, &f, rule)
-                .expect("gptq")
-                .dequantize();
-            let (e_rtn, e_g) = (
-                output_error(&x, n, &w, &rtn, rows, cols),
-                output_error(&x, n, &w, &g, rows, cols),
-            );
-            assert!(
-                e_g < 0.7 * e_rtn,
-                "mxfp4 {rule:?}: gptq {e_g:.4e} vs rtn {e_rtn:.4e}"
-            );
-            let rtn = Nvfp4Matrix::quantize(&w, rows, cols, rule)
-                .expect("rtn")
-                .dequantize();
-            let g = gptq_nvfp4(&w, rows, cols, &f, rule)
-                .expect("gptq")
-                .dequantize();
-            let (e_rtn, e_g) = (
-                output_error(&x, n, &w, &rtn, rows, cols),
-                output_error(&x, n, &w, &g, rows, cols),
-            );
-            assert!(
-                e_g < 0.7 * e_rtn,
-                "nvfp4 {rule:?}: gptq {e_g:.4e} vs rtn {e_rtn:.4e}"
-            );
+            let rtn = Mxfp4Matrix::quantize(&w, rows, cols, rule).expect("rtn").dequantize();
+            let g = gptq_mxfp4(&w, rows, cols, &f, rule).expect("gptq").dequantize();
+            let (e_rtn, e_g) = (output_error(&x, n, &w, &rtn, rows, cols), output_error(&x, n, &w, &g, rows, cols));
+            assert!(e_g < 0.7 * e_rtn, "mxfp4 {rule:?}: gptq {e_g:.4e} vs rtn {e_rtn:.4e}");
+            let rtn = Nvfp4Matrix::quantize(&w, rows, cols, rule).expect("rtn").dequantize();
+            let g = gptq_nvfp4(&w, rows, cols, &f, rule).expect("gptq").dequantize();
+            let (e_rtn, e_g) = (output_error(&x, n, &w, &rtn, rows, cols), output_error(&x, n, &w, &g, rows, cols));
+            assert!(e_g < 0.7 * e_rtn, "nvfp4 {rule:?}: gptq {e_g:.4e} vs rtn {e_rtn:.4e}");
         }
     }
 
@@ -481,23 +390,12 @@ mod tests {
         }
         let f = GptqFactor::from_hessian(&hessian(&x, n, cols), DEFAULT_DAMP).expect("factor");
         let w = normal(rows * cols, 2);
-        let q = gptq_mxfp4(&w, rows, cols, &f, ScaleRule::Spec)
-            .expect("gptq")
-            .dequantize();
+        let q = gptq_mxfp4(&w, rows, cols, &f, ScaleRule::Spec).expect("gptq").dequantize();
         assert!((0..rows).all(|r| q[r * cols + 5] == 0.0));
-        assert!(matches!(
-            gptq_mxfp4(&w[..rows * 16], rows, 16, &f, ScaleRule::Spec),
-            Err(QuantError::BlockAlignment { .. })
-        ));
-        assert!(matches!(
-            gptq_nvfp4(&w[..rows * 16], rows, 16, &f, ScaleRule::Spec),
-            Err(QuantError::Length { .. })
-        ));
+        assert!(matches!(gptq_mxfp4(&w[..rows * 16], rows, 16, &f, ScaleRule::Spec), Err(QuantError::BlockAlignment { .. })));
+        assert!(matches!(gptq_nvfp4(&w[..rows * 16], rows, 16, &f, ScaleRule::Spec), Err(QuantError::Length { .. })));
         let mut bad = w.clone();
         bad[3] = f32::NAN;
-        assert!(matches!(
-            gptq_mxfp4(&bad, rows, cols, &f, ScaleRule::Spec),
-            Err(QuantError::NonFinite { index: 3, .. })
-        ));
+        assert!(matches!(gptq_mxfp4(&bad, rows, cols, &f, ScaleRule::Spec), Err(QuantError::NonFinite { index: 3, .. })));
     }
 }

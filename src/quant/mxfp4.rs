@@ -72,11 +72,7 @@ fn choose_exp(xs: &[f32], amax: f32, rule: ScaleRule) -> i32 {
 /// The E8M0 scale byte of one block and its value (`ZERO_BLOCK_SCALE` for all-zero blocks).
 pub(crate) fn block_scale(xs: &[f32], rule: ScaleRule) -> (u8, f32) {
     let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let s = if amax == 0.0 {
-        ZERO_BLOCK_SCALE
-    } else {
-        e8m0_encode_exp(choose_exp(xs, amax, rule))
-    };
+    let s = if amax == 0.0 { ZERO_BLOCK_SCALE } else { e8m0_encode_exp(choose_exp(xs, amax, rule)) };
     (s, e8m0_decode(s))
 }
 

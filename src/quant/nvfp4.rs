@@ -65,11 +65,7 @@ pub(crate) fn block_scale(xs: &[f32], ts: f32, rule: ScaleRule) -> (u8, f32) {
 
 /// The spec tensor scale `amax / (6·448)` (1.0 for an all-zero tensor).
 pub(crate) fn tensor_scale_for(w: &[f32]) -> f32 {
-    let amax = w
-        .par_iter()
-        .with_min_len(4096)
-        .map(|v| v.abs())
-        .reduce(|| 0.0, f32::max);
+    let amax = w.par_iter().with_min_len(4096).map(|v| v.abs()).reduce(|| 0.0, f32::max);
     let ts = amax / (E2M1_MAX * E4M3_MAX);
     if ts.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater) {
         ts

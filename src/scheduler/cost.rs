@@ -12,10 +12,7 @@ pub struct StepCosts {
 
 impl Default for StepCosts {
     fn default() -> Self {
-        Self {
-            decode: vec![None; 257],
-            prefill_per_token: None,
-        }
+        Self { decode: vec![None; 257], prefill_per_token: None }
     }
 }
 
@@ -33,10 +30,7 @@ impl StepCosts {
 
     pub fn observe_prefill(&mut self, tokens: usize, took: Duration) {
         if tokens > 0 {
-            self.prefill_per_token = Some(ewma(
-                self.prefill_per_token,
-                took.as_secs_f64() / tokens as f64,
-            ));
+            self.prefill_per_token = Some(ewma(self.prefill_per_token, took.as_secs_f64() / tokens as f64));
         }
     }
 
@@ -47,9 +41,7 @@ impl StepCosts {
         if let Some(s) = self.decode[b] {
             return Duration::from_secs_f64(s);
         }
-        let nearest = (1..self.decode.len())
-            .filter_map(|i| self.decode[i].map(|s| (i, s)))
-            .min_by_key(|(i, _)| i.abs_diff(b));
+        let nearest = (1..self.decode.len()).filter_map(|i| self.decode[i].map(|s| (i, s))).min_by_key(|(i, _)| i.abs_diff(b));
         let secs = match nearest {
             Some((i, s)) => s * (1.0 + 0.1 * (b as f64 - i as f64).max(0.0)),
             None => self.prefill_per_token.unwrap_or(0.01) * 2.0,

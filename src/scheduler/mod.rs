@@ -26,11 +26,7 @@ pub struct VerdictJob {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The model's verdict; `closed_early` when the reason was cut at the deadline or token limit.
-    Model {
-        json: String,
-        tokens: usize,
-        closed_early: bool,
-    },
+    Model { json: String, tokens: usize, closed_early: bool },
     /// The fallback policy answers (the model could not decide in time, or failed).
     Fallback { why: String },
 }
@@ -71,10 +67,7 @@ impl PartialOrd for Queued {
 impl Ord for Queued {
     /// Reversed so that `BinaryHeap` pops the earliest deadline first.
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        o.job
-            .deadline
-            .cmp(&self.job.deadline)
-            .then(o.job.id.cmp(&self.job.id))
+        o.job.deadline.cmp(&self.job.deadline).then(o.job.id.cmp(&self.job.id))
     }
 }
 
@@ -120,19 +113,10 @@ impl Scheduler {
     ) -> Result<Self, BackendError> {
         let prefix_seq = backend.new_sequence();
         let t = Instant::now();
-        backend.forward(
-            &[Chunk {
-                seq: prefix_seq,
-                tokens: prefix,
-            }],
-            LogitsFor::Last,
-        )?;
+        backend.forward(&[Chunk { seq: prefix_seq, tokens: prefix }], LogitsFor::Last)?;
         let mut costs = StepCosts::default();
         costs.observe_prefill(prefix.len(), t.elapsed());
-        let sampler = Sampler::new(SamplingParams {
-            temperature: cfg.temperature,
-            ..Default::default()
-        });
+        let sampler = Sampler::new(SamplingParams { temperature: cfg.temperature, ..Default::default() });
         Ok(Self {
             backend,
             grammar,
@@ -153,9 +137,7 @@ impl Scheduler {
     }
 
     fn drop_cancelled(&mut self) {
-        let Ok(mut c) = self.cancelled.lock() else {
-            return;
-        };
+        let Ok(mut c) = self.cancelled.lock() else { return };
         if c.is_empty() {
             return;
         }
@@ -180,10 +162,7 @@ impl Scheduler {
     }
 
     pub fn submit(&mut self, job: VerdictJob) {
-        self.heap.push(Queued {
-            job,
-            arrived: Instant::now(),
-        });
+        self.heap.push(Queued { job, arrived: Instant::now() });
     }
 
     /// Expected time to reach a decided verdict for `tokens` new prompt tokens.
@@ -199,9 +178,7 @@ impl Scheduler {
             if now + self.time_to_decision(q.job.tokens.len()) > q.job.deadline {
                 done.push(JobResult {
                     id: q.job.id,
-                    outcome: Outcome::Fallback {
-                        why: "deadline: not admitted in time".into(),
-                    },
+                    outcome: Outcome::Fallback { why: "deadline: not admitted in time".into() },
                     queue_wait: now - q.arrived,
                 });
             } else {
@@ -221,8 +198,7 @@ impl Scheduler {
             budget = budget.saturating_sub(q.job.tokens.len());
             let Some(q) = self.heap.pop() else { break };
             let seq = self.backend.new_sequence();
-            self.backend
-                .copy_prefix(self.prefix_seq, seq, self.prefix_len)?;
+            self.backend.copy_prefix(self.prefix_seq, seq, self.prefix_len)?;
             self.active.push(Active {
                 id: q.job.id,
                 seq,
@@ -249,24 +225,13 @@ impl Scheduler {
         if self.active.is_empty() {
             return done;
         }
-        let prefill_tokens: usize = self
-            .active
-            .iter()
-            .map(|a| a.pending.len())
-            .filter(|&n| n > 1)
-            .sum();
-        let chunks: Vec<Chunk<'_>> = self
-            .active
-            .iter()
-            .map(|a| Chunk {
-                seq: a.seq,
-                tokens: &a.pending,
-            })
-            .collect();
+        let prefill_tokens: usize =
+            self.active.iter().map(|a| a.pending.len()).filter(|&n| n > 1).sum();
+        let chunks: Vec<Chunk<'_>> =
+            self.active.iter().map(|a| Chunk { seq: a.seq, tokens: &a.pending }).collect();
         // Greedy on a backend that takes argmaxes where its logits are (a GPU): each
         // sequence's allowed-token bitset goes down with its last row, only ids come back.
-        let device_choice =
-            self.sampler.params().temperature <= 0.0 && self.backend.argmax_on_device();
+        let device_choice = self.sampler.params().temperature <= 0.0 && self.backend.argmax_on_device();
         let t = Instant::now();
         let result = if device_choice {
             let mut masks = Vec::with_capacity(chunks.iter().map(|c| c.tokens.len()).sum());
@@ -274,21 +239,17 @@ impl Scheduler {
                 masks.extend(std::iter::repeat_n(None, a.pending.len().saturating_sub(1)));
                 masks.push(Some(a.state.allowed_bits(&self.grammar)));
             }
-            self.backend
-                .forward_capture_masked_argmax(&chunks, &[], &masks)
-                .map(|(ids, _)| {
-                    let mut last = Vec::with_capacity(chunks.len());
-                    let mut row = 0;
-                    for c in &chunks {
-                        row += c.tokens.len();
-                        last.push(ids[row - 1]);
-                    }
-                    Choices::Ids(last)
-                })
+            self.backend.forward_capture_masked_argmax(&chunks, &[], &masks).map(|(ids, _)| {
+                let mut last = Vec::with_capacity(chunks.len());
+                let mut row = 0;
+                for c in &chunks {
+                    row += c.tokens.len();
+                    last.push(ids[row - 1]);
+                }
+                Choices::Ids(last)
+            })
         } else {
-            self.backend
-                .forward(&chunks, LogitsFor::Last)
-                .map(Choices::Logits)
+            self.backend.forward(&chunks, LogitsFor::Last).map(Choices::Logits)
         };
         let choices = match result {
             Ok(c) => c,
@@ -309,11 +270,7 @@ impl Scheduler {
         let mut still = Vec::with_capacity(self.active.len());
         for (i, mut a) in std::mem::take(&mut self.active).into_iter().enumerate() {
             let choice = match &choices {
-                Choices::Logits(logits) => a.state.sample(
-                    &self.grammar,
-                    &logits[i * vocab..(i + 1) * vocab],
-                    &mut self.sampler,
-                ),
+                Choices::Logits(logits) => a.state.sample(&self.grammar, &logits[i * vocab..(i + 1) * vocab], &mut self.sampler),
                 Choices::Ids(ids) => Some(ids[i]),
             };
             a.pending.clear();
@@ -331,39 +288,21 @@ impl Scheduler {
                 a.pending.insert(0, id);
                 let late = now + step_est > a.deadline;
                 if a.state.is_complete() {
-                    outcome = Some(Outcome::Model {
-                        json: a.state.text().to_owned(),
-                        tokens: a.generated,
-                        closed_early: false,
-                    });
+                    outcome = Some(Outcome::Model { json: a.state.text().to_owned(), tokens: a.generated, closed_early: false });
                 } else if late || a.generated + a.pending.len() >= self.cfg.max_new_tokens {
                     outcome = Some(match a.state.closed_text(&self.grammar) {
-                        Some(json) => Outcome::Model {
-                            json,
-                            tokens: a.generated,
-                            closed_early: true,
-                        },
-                        None if late => Outcome::Fallback {
-                            why: "deadline: no decision in time".into(),
-                        },
-                        None => Outcome::Fallback {
-                            why: "token limit before a decision".into(),
-                        },
+                        Some(json) => Outcome::Model { json, tokens: a.generated, closed_early: true },
+                        None if late => Outcome::Fallback { why: "deadline: no decision in time".into() },
+                        None => Outcome::Fallback { why: "token limit before a decision".into() },
                     });
                 }
             } else {
-                outcome = Some(Outcome::Fallback {
-                    why: "engine: grammar rejected a token".into(),
-                });
+                outcome = Some(Outcome::Fallback { why: "engine: grammar rejected a token".into() });
             }
             match outcome {
                 Some(o) => {
                     self.backend.free_sequence(a.seq);
-                    done.push(JobResult {
-                        id: a.id,
-                        outcome: o,
-                        queue_wait: a.queue_wait,
-                    });
+                    done.push(JobResult { id: a.id, outcome: o, queue_wait: a.queue_wait });
                 }
                 None => still.push(a),
             }
@@ -375,11 +314,7 @@ impl Scheduler {
     fn fail_all(&mut self, why: &str, done: &mut Vec<JobResult>) {
         for a in std::mem::take(&mut self.active) {
             self.backend.free_sequence(a.seq);
-            done.push(JobResult {
-                id: a.id,
-                outcome: Outcome::Fallback { why: why.into() },
-                queue_wait: a.queue_wait,
-            });
+            done.push(JobResult { id: a.id, outcome: Outcome::Fallback { why: why.into() }, queue_wait: a.queue_wait });
         }
     }
 }
@@ -422,19 +357,10 @@ mod tests {
         fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> Result<(), BackendError> {
             self.0.copy_prefix(from, to, len)
         }
-        fn forward(
-            &mut self,
-            chunks: &[Chunk<'_>],
-            which: LogitsFor,
-        ) -> Result<Vec<f32>, BackendError> {
+        fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError> {
             self.0.forward(chunks, which)
         }
-        fn forward_capture(
-            &mut self,
-            chunks: &[Chunk<'_>],
-            which: LogitsFor,
-            layers: &[usize],
-        ) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
+        fn forward_capture(&mut self, chunks: &[Chunk<'_>], which: LogitsFor, layers: &[usize]) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
             self.0.forward_capture(chunks, which, layers)
         }
         fn argmax_on_device(&self) -> bool {
@@ -442,27 +368,12 @@ mod tests {
         }
     }
 
-    fn outcomes(
-        backend: Box<dyn Backend>,
-        grammar: &Arc<VerdictGrammar>,
-        prefix: &[u32],
-        jobs: &[Vec<u32>],
-    ) -> Vec<(u64, Outcome)> {
-        let cfg = SchedulerConfig {
-            max_batch: 3,
-            max_new_tokens: 40,
-            temperature: 0.0,
-            queue_capacity: 16,
-            prefill_budget: 256,
-        };
+    fn outcomes(backend: Box<dyn Backend>, grammar: &Arc<VerdictGrammar>, prefix: &[u32], jobs: &[Vec<u32>]) -> Vec<(u64, Outcome)> {
+        let cfg = SchedulerConfig { max_batch: 3, max_new_tokens: 40, temperature: 0.0, queue_capacity: 16, prefill_budget: 256 };
         let mut s = Scheduler::new(backend, Arc::clone(grammar), prefix, cfg).expect("scheduler");
         let deadline = Instant::now() + Duration::from_secs(3600);
         for (id, tokens) in jobs.iter().enumerate() {
-            s.submit(VerdictJob {
-                id: id as u64,
-                tokens: tokens.clone(),
-                deadline,
-            });
+            s.submit(VerdictJob { id: id as u64, tokens: tokens.clone(), deadline });
         }
         let mut out = Vec::new();
         for _ in 0..1000 {
@@ -483,45 +394,18 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
         let m = crate::model::load_model(&dir).expect("fixture");
         let grammar = Arc::new(
-            VerdictGrammar::compile(
-                &VerdictSchema::fraud_default(),
-                &m.tokenizer.token_bytes(),
-                &m.tokenizer.eos_ids,
-            )
-            .expect("grammar"),
+            VerdictGrammar::compile(&VerdictSchema::fraud_default(), &m.tokenizer.token_bytes(), &m.tokenizer.eos_ids).expect("grammar"),
         );
-        let prefix = m
-            .tokenizer
-            .encode("Decide on the card payment below.", true)
-            .expect("prefix");
-        let jobs: Vec<Vec<u32>> = [
-            "9000 EUR in Lagos at 3 am",
-            "coffee",
-            "two cards, one device, ten minutes",
-            "refund 1 EUR",
-            "x",
-        ]
-        .iter()
-        .map(|t| m.tokenizer.encode(t, false).expect("event"))
-        .collect();
+        let prefix = m.tokenizer.encode("Decide on the card payment below.", true).expect("prefix");
+        let jobs: Vec<Vec<u32>> = ["9000 EUR in Lagos at 3 am", "coffee", "two cards, one device, ten minutes", "refund 1 EUR", "x"]
+            .iter()
+            .map(|t| m.tokenizer.encode(t, false).expect("event"))
+            .collect();
         let weights = Arc::new(m.weights);
-        let host = outcomes(
-            Box::new(CpuBackend::new(Arc::clone(&weights))),
-            &grammar,
-            &prefix,
-            &jobs,
-        );
-        let device = outcomes(
-            Box::new(DeviceArgmax(CpuBackend::new(weights))),
-            &grammar,
-            &prefix,
-            &jobs,
-        );
+        let host = outcomes(Box::new(CpuBackend::new(Arc::clone(&weights))), &grammar, &prefix, &jobs);
+        let device = outcomes(Box::new(DeviceArgmax(CpuBackend::new(weights))), &grammar, &prefix, &jobs);
         assert_eq!(host.len(), jobs.len());
-        assert!(
-            host.iter().all(|(_, o)| matches!(o, Outcome::Model { .. })),
-            "{host:?}"
-        );
+        assert!(host.iter().all(|(_, o)| matches!(o, Outcome::Model { .. })), "{host:?}");
         assert_eq!(device, host);
     }
 }

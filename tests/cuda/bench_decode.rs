@@ -5,21 +5,16 @@
 //! `KAIROS_BENCH_UNFUSED=1` (one launch per op, for A/B), `KAIROS_BENCH_MOE_BF16=1`
 //! (experts with bf16 activations and f32 math instead of int8 + dp4a, for A/B).
 
+
 #[test]
 fn bench_decode() {
-    if std::env::var_os("KAIROS_BENCH_DECODE").is_none()
-        || !kairos::backend::cuda::device_available()
-    {
+    if std::env::var_os("KAIROS_BENCH_DECODE").is_none() || !kairos::backend::cuda::device_available() {
         println!("set KAIROS_BENCH_DECODE=1 on a CUDA machine to run: skipped");
         return;
     }
     let mut o = kairos::bench::decode::DecodeBenchOptions::default();
     if let Ok(s) = std::env::var("KAIROS_BENCH_SHAPES") {
-        o.shapes = s
-            .split(',')
-            .filter(|x| !x.is_empty())
-            .map(str::to_string)
-            .collect();
+        o.shapes = s.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect();
     }
     if std::env::var_os("KAIROS_BENCH_UNFUSED").is_some() {
         o.fused = false;
@@ -27,10 +22,7 @@ fn bench_decode() {
     if let Some(p) = std::env::var_os("KAIROS_BENCH_MODEL") {
         o.model = Some(p.into());
     }
-    if let Some(n) = std::env::var("KAIROS_BENCH_NCCL_RANKS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    if let Some(n) = std::env::var("KAIROS_BENCH_NCCL_RANKS").ok().and_then(|s| s.parse().ok()) {
         o.nccl_ranks = n;
     }
     if std::env::var_os("KAIROS_BENCH_MOE_BF16").is_some() {
@@ -42,10 +34,7 @@ fn bench_decode() {
     if let Ok(s) = std::env::var("KAIROS_BENCH_CONTEXTS") {
         o.contexts = s.split(',').filter_map(|x| x.parse().ok()).collect();
     }
-    if let Some(n) = std::env::var("KAIROS_BENCH_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    if let Some(n) = std::env::var("KAIROS_BENCH_STEPS").ok().and_then(|s| s.parse().ok()) {
         o.steps = n;
     }
     let r = kairos::bench::decode::run(&o).expect("bench decode");

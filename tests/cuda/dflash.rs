@@ -58,45 +58,23 @@ fn round_drafter(d: &mut DFlashWeights) {
     round_vec(&mut d.hidden_norm);
     round_vec(&mut d.norm);
     for l in d.layers.iter_mut() {
-        for lin in [
-            &mut l.q,
-            &mut l.k,
-            &mut l.v,
-            &mut l.o,
-            &mut l.mlp.gate,
-            &mut l.mlp.up,
-            &mut l.mlp.down,
-        ] {
+        for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.mlp.gate, &mut l.mlp.up, &mut l.mlp.down] {
             to_bf16(&mut lin.weight);
         }
-        for v in [
-            &mut l.input_norm,
-            &mut l.post_attention_norm,
-            &mut l.q_norm,
-            &mut l.k_norm,
-        ] {
+        for v in [&mut l.input_norm, &mut l.post_attention_norm, &mut l.q_norm, &mut l.k_norm] {
             round_vec(v);
         }
     }
 }
 
 fn opts(graphs: bool) -> CudaBackendOptions {
-    CudaBackendOptions {
-        max_context: Some(512),
-        initial_slots: 2,
-        max_step_tokens: 64,
-        graphs,
-        ..Default::default()
-    }
+    CudaBackendOptions { max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs, ..Default::default() }
 }
 
 /// Largest per-row `max|got − want| / max|want|` over rows of `width`.
 fn worst_rel(got: &[f32], want: &[f32], width: usize, what: &str) -> f32 {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
-    assert!(
-        got.iter().all(|v| v.is_finite()),
-        "{what}: non-finite values"
-    );
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite values");
     got.chunks(width)
         .zip(want.chunks(width))
         .map(|(g, w)| {
@@ -109,18 +87,11 @@ fn worst_rel(got: &[f32], want: &[f32], width: usize, what: &str) -> f32 {
 /// The GPU-vs-CPU rule on logits rows: error bound, and the argmax where the margin is clear.
 fn check_logits(got: &[f32], want: &[f32], vocab: usize, what: &str) {
     let worst = worst_rel(got, want, vocab, what);
-    assert!(
-        worst <= TOL,
-        "{what}: worst row error {worst:.3e} of max|logit|, over {TOL}"
-    );
+    assert!(worst <= TOL, "{what}: worst row error {worst:.3e} of max|logit|, over {TOL}");
     for (r, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
         let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (ci, gi) = (argmax(w), argmax(g));
-        let second = w
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != ci as usize)
-            .fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
+        let second = w.iter().enumerate().filter(|(i, _)| *i != ci as usize).fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
         if w[ci as usize] - second > 2.0 * TOL * scale {
             assert_eq!(ci, gi, "{what}: row {r} argmax differs with a clear margin");
         }
@@ -129,9 +100,7 @@ fn check_logits(got: &[f32], want: &[f32], vocab: usize, what: &str) {
 }
 
 fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 977) >> 7) % vocab as u32)
-        .collect()
+    (0..n as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 977) >> 7) % vocab as u32).collect()
 }
 
 #[test]
@@ -145,10 +114,7 @@ fn capture_and_graph_verify_match_cpu_and_eager() {
     let mut graph = CudaBackend::new(&w, opts(true)).expect("CUDA backend");
     let mut eager = CudaBackend::new(&w, opts(false)).expect("CUDA backend");
     let backends: [&mut dyn Backend; 3] = [&mut cpu, &mut graph, &mut eager];
-    let seqs: Vec<_> = backends
-        .into_iter()
-        .map(|b| (b.new_sequence(), b.new_sequence()))
-        .collect();
+    let seqs: Vec<_> = backends.into_iter().map(|b| (b.new_sequence(), b.new_sequence())).collect();
     let (pa, pb) = (tokens(100, 1, vocab), tokens(20, 2, vocab));
     // Prefill: 100 + 20 rows, eagerly in micro-batches of 64 on both GPU backends.
     let steps: Vec<(Vec<u32>, Vec<u32>, LogitsFor)> = vec![
@@ -160,45 +126,19 @@ fn capture_and_graph_verify_match_cpu_and_eager() {
     for (k, (ta, tb, which)) in steps.iter().enumerate() {
         let run = |b: &mut dyn Backend, i: usize| {
             let (sa, sb) = seqs[i];
-            b.forward_capture(
-                &[
-                    Chunk {
-                        seq: sa,
-                        tokens: ta,
-                    },
-                    Chunk {
-                        seq: sb,
-                        tokens: tb,
-                    },
-                ],
-                *which,
-                &layers,
-            )
-            .expect("forward_capture")
+            b.forward_capture(&[Chunk { seq: sa, tokens: ta }, Chunk { seq: sb, tokens: tb }], *which, &layers).expect("forward_capture")
         };
         let (lc, hc) = run(&mut cpu, 0);
         let (lg, hg) = run(&mut graph, 1);
         let (le, he) = run(&mut eager, 2);
-        assert_eq!(
-            hc.len(),
-            (ta.len() + tb.len()) * width,
-            "step {k}: hidden rows"
-        );
+        assert_eq!(hc.len(), (ta.len() + tb.len()) * width, "step {k}: hidden rows");
         check_logits(&lg, &lc, vocab, &format!("step {k}: graph vs cpu logits"));
         let hid = worst_rel(&hg, &hc, h, "hidden");
-        assert!(
-            hid <= TOL,
-            "step {k}: captured hidden states: worst row error {hid:.3e} vs the CPU"
-        );
+        assert!(hid <= TOL, "step {k}: captured hidden states: worst row error {hid:.3e} vs the CPU");
         let gl = worst_rel(&lg, &le, vocab, "logits");
         let gh = worst_rel(&hg, &he, h, "hidden");
-        assert!(
-            gl <= TOL_GRAPH && gh <= TOL_GRAPH,
-            "step {k}: graph vs eager: logits {gl:.3e}, hidden {gh:.3e}"
-        );
-        println!(
-            "step {k}: hidden vs cpu {hid:.2e}; graph vs eager: logits {gl:.2e}, hidden {gh:.2e}"
-        );
+        assert!(gl <= TOL_GRAPH && gh <= TOL_GRAPH, "step {k}: graph vs eager: logits {gl:.3e}, hidden {gh:.3e}");
+        println!("step {k}: hidden vs cpu {hid:.2e}; graph vs eager: logits {gl:.2e}, hidden {gh:.2e}");
     }
     // the verify steps replayed graphs
     assert_eq!(graph.graph_buckets(), vec![4, 16]);
@@ -207,50 +147,19 @@ fn capture_and_graph_verify_match_cpu_and_eager() {
     let (sa, sb) = seqs[1];
     let (ta, tb) = (tokens(6, 7, vocab), tokens(2, 8, vocab));
     let (la, lb) = (graph.seq_len(sa).unwrap(), graph.seq_len(sb).unwrap());
-    let chunks = [
-        Chunk {
-            seq: sa,
-            tokens: &ta,
-        },
-        Chunk {
-            seq: sb,
-            tokens: &tb,
-        },
-    ];
-    let (logits, h1) = graph
-        .forward_capture(&chunks, LogitsFor::All, &layers)
-        .unwrap();
+    let chunks = [Chunk { seq: sa, tokens: &ta }, Chunk { seq: sb, tokens: &tb }];
+    let (logits, h1) = graph.forward_capture(&chunks, LogitsFor::All, &layers).unwrap();
     graph.truncate(sa, la).unwrap();
     graph.truncate(sb, lb).unwrap();
     let (ids, h2) = graph.forward_capture_argmax(&chunks, &layers).unwrap();
-    assert_eq!(
-        ids,
-        logits.chunks(vocab).map(argmax).collect::<Vec<_>>(),
-        "device argmax ids"
-    );
+    assert_eq!(ids, logits.chunks(vocab).map(argmax).collect::<Vec<_>>(), "device argmax ids");
     assert_eq!(h1, h2, "hidden states of the ids-only forward");
     // plain forwards still agree after capture was turned on
     let (se, _) = seqs[2];
     graph.truncate(sa, la).unwrap();
     let t = [7u32];
-    let a = graph
-        .forward(
-            &[Chunk {
-                seq: sa,
-                tokens: &t,
-            }],
-            LogitsFor::Last,
-        )
-        .unwrap();
-    let b = eager
-        .forward(
-            &[Chunk {
-                seq: se,
-                tokens: &t,
-            }],
-            LogitsFor::Last,
-        )
-        .unwrap();
+    let a = graph.forward(&[Chunk { seq: sa, tokens: &t }], LogitsFor::Last).unwrap();
+    let b = eager.forward(&[Chunk { seq: se, tokens: &t }], LogitsFor::Last).unwrap();
     assert!(worst_rel(&a, &b, vocab, "decode") <= TOL_GRAPH);
 }
 
@@ -270,28 +179,12 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
     let mut cpu = DFlashDrafter::new(Arc::new(draft), Arc::clone(&target));
     let mut tb = CpuBackend::new(Arc::clone(&target));
     let ts = [tb.new_sequence(), tb.new_sequence()];
-    let (cs, gs) = (
-        [cpu.new_sequence(), cpu.new_sequence()],
-        [
-            Drafter::new_sequence(&mut gpu),
-            Drafter::new_sequence(&mut gpu),
-        ],
-    );
-    let gi = [
-        Drafter::new_sequence(&mut gpu_ids),
-        Drafter::new_sequence(&mut gpu_ids),
-    ];
-    let ge = [
-        Drafter::new_sequence(&mut eager),
-        Drafter::new_sequence(&mut eager),
-    ];
+    let (cs, gs) = ([cpu.new_sequence(), cpu.new_sequence()], [Drafter::new_sequence(&mut gpu), Drafter::new_sequence(&mut gpu)]);
+    let gi = [Drafter::new_sequence(&mut gpu_ids), Drafter::new_sequence(&mut gpu_ids)];
+    let ge = [Drafter::new_sequence(&mut eager), Drafter::new_sequence(&mut eager)];
     let mut pos = [0usize; 2];
     // (tokens appended to each sequence's context; None = not in this pass, block)
-    let passes: [[(usize, usize); 2]; 3] = [
-        [(30, b), (12, b.min(5))],
-        [(3, b), (0, 0)],
-        [(1, b), (2, b)],
-    ];
+    let passes: [[(usize, usize); 2]; 3] = [[(30, b), (12, b.min(5))], [(3, b), (0, 0)], [(1, b), (2, b)]];
     for (p, pass) in passes.iter().enumerate() {
         let mut hidden = Vec::new();
         let mut firsts = Vec::new();
@@ -302,16 +195,7 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
                 continue;
             }
             let toks = tokens(n + 1, (p * 2 + i) as u32 + 10, vocab);
-            let (_, hs) = tb
-                .forward_capture(
-                    &[Chunk {
-                        seq: ts[i],
-                        tokens: &toks[..n],
-                    }],
-                    LogitsFor::Last,
-                    &layers,
-                )
-                .unwrap();
+            let (_, hs) = tb.forward_capture(&[Chunk { seq: ts[i], tokens: &toks[..n] }], LogitsFor::Last, &layers).unwrap();
             pos[i] += n;
             hidden.push(hs);
             firsts.push(toks[n]);
@@ -335,16 +219,9 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
         let ids = Drafter::draft_argmax(&mut gpu_ids, &inputs(gi)).unwrap();
         let eager_logits = Drafter::draft(&mut eager, &inputs(ge)).unwrap();
         assert_eq!(want.len(), got.len());
-        assert!(
-            got == eager_logits,
-            "{what}, pass {p}: the drafter's graph differs from its eager launches"
-        );
+        assert!(got == eager_logits, "{what}, pass {p}: the drafter's graph differs from its eager launches");
         for (g, i) in got.iter().zip(&ids) {
-            assert_eq!(
-                &g.chunks(vocab).map(argmax).collect::<Vec<_>>(),
-                i,
-                "{what}, pass {p}: device argmax of the drafter"
-            );
+            assert_eq!(&g.chunks(vocab).map(argmax).collect::<Vec<_>>(), i, "{what}, pass {p}: device argmax of the drafter");
         }
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
             check_logits(g, w, vocab, &format!("{what}: pass {p}, input {k}"));
@@ -354,10 +231,7 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
     let mut buckets: Vec<(usize, usize)> = passes
         .iter()
         .map(|pass| {
-            let (nb, nc) = pass
-                .iter()
-                .filter(|(n, _)| *n > 0)
-                .fold((0, 0), |(b, c), &(n, blk)| (b + blk, c + n));
+            let (nb, nc) = pass.iter().filter(|(n, _)| *n > 0).fold((0, 0), |(b, c), &(n, blk)| (b + blk, c + n));
             let (nb, nc, padded) = pass_rows(nb, nc);
             assert!(padded);
             (nb, nc)
@@ -375,11 +249,7 @@ fn gpu_drafter_matches_cpu_drafter_on_fixtures() {
     let target = Arc::new(prepared("llama"));
     let mut fixture_draft = DFlashWeights::load(&fixture("dflash_llama"), &target.config).unwrap();
     round_drafter(&mut fixture_draft);
-    compare_drafters(
-        Arc::clone(&target),
-        fixture_draft,
-        "dflash_llama (head_dim 16)",
-    );
+    compare_drafters(Arc::clone(&target), fixture_draft, "dflash_llama (head_dim 16)");
     // head_dim 64 takes the split-K attention kernels
     let mut shape = target.config.clone();
     shape.head_dim = 64;
@@ -400,25 +270,11 @@ fn req(prompt: &[u32], n: usize, eos: &[u32]) -> GenerateRequest {
 
 /// Plain greedy decoding, one forward per token (under the grammar when given),
 /// with each step's top-1 − top-2 margin and top logit.
-fn plain_greedy(
-    b: &mut dyn Backend,
-    prompt: &[u32],
-    n: usize,
-    eos: &[u32],
-    g: Option<&VerdictGrammar>,
-) -> (Vec<u32>, Vec<(f32, f32)>) {
+fn plain_greedy(b: &mut dyn Backend, prompt: &[u32], n: usize, eos: &[u32], g: Option<&VerdictGrammar>) -> (Vec<u32>, Vec<(f32, f32)>) {
     let seq = b.new_sequence();
     let mut st = g.map(VerdictGrammar::start);
     let (mut out, mut margins) = (Vec::new(), Vec::new());
-    let mut logits = b
-        .forward(
-            &[Chunk {
-                seq,
-                tokens: prompt,
-            }],
-            LogitsFor::Last,
-        )
-        .unwrap();
+    let mut logits = b.forward(&[Chunk { seq, tokens: prompt }], LogitsFor::Last).unwrap();
     loop {
         let forced = match (st.as_ref(), g) {
             (Some(s), Some(g)) => s.forced(g).map(|f| f[0]),
@@ -434,11 +290,7 @@ fn plain_greedy(
                     s.apply_allowed(g, &mut logits);
                 }
                 let t = argmax(&logits);
-                let second = logits
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != t as usize)
-                    .fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
+                let second = logits.iter().enumerate().filter(|(i, _)| *i != t as usize).fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
                 margins.push((logits[t as usize] - second, logits[t as usize].abs()));
                 t
             }
@@ -454,15 +306,7 @@ fn plain_greedy(
         if complete || eos.contains(&tok) || out.len() >= n {
             break;
         }
-        logits = b
-            .forward(
-                &[Chunk {
-                    seq,
-                    tokens: &[tok],
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap();
+        logits = b.forward(&[Chunk { seq, tokens: &[tok] }], LogitsFor::Last).unwrap();
     }
     b.free_sequence(seq);
     (out, margins)
@@ -471,13 +315,7 @@ fn plain_greedy(
 /// Speculative output equals plain output, except after a near-tie of plain decoding.
 fn assert_same(got: &[u32], want: &[u32], margins: &[(f32, f32)], what: &str) {
     match got.iter().zip(want).position(|(a, b)| a != b) {
-        None => assert_eq!(
-            got.len(),
-            want.len(),
-            "{what}: lengths differ ({} vs {})",
-            got.len(),
-            want.len()
-        ),
+        None => assert_eq!(got.len(), want.len(), "{what}: lengths differ ({} vs {})", got.len(), want.len()),
         Some(i) => {
             let (m, top) = margins[i];
             assert!(m < TIE * top.max(1.0), "{what}: parts from plain greedy at step {i} where the margin is {m:.4} (top {top:.3})");
@@ -492,55 +330,29 @@ fn gpu_speculative_greedy_equals_gpu_plain_greedy_on_the_fixture() {
     let m = load_model(&fixture("llama")).unwrap();
     let draft = DFlashWeights::load(&fixture("dflash_llama"), &m.weights.config).unwrap();
     let eos = m.tokenizer.eos_ids.clone();
-    let grammar = VerdictGrammar::compile(
-        &VerdictSchema::fraud_default(),
-        &m.tokenizer.token_bytes(),
-        &eos,
-    )
-    .unwrap();
-    let prompts: Vec<Vec<u32>> = [
-        "The quick brown fox",
-        "Once upon a time there was",
-        "card 1234 paid 9000 EUR in Lagos",
-    ]
-    .iter()
-    .map(|p| m.tokenizer.encode(p, true).unwrap())
-    .collect();
+    let grammar = VerdictGrammar::compile(&VerdictSchema::fraud_default(), &m.tokenizer.token_bytes(), &eos).unwrap();
+    let prompts: Vec<Vec<u32>> = ["The quick brown fox", "Once upon a time there was", "card 1234 paid 9000 EUR in Lagos"]
+        .iter()
+        .map(|p| m.tokenizer.encode(p, true).unwrap())
+        .collect();
     let w = Arc::new(m.weights);
     let mut target = CudaBackend::new(&w, opts(true)).expect("CUDA backend");
     let mut drafter = CudaDFlash::new(&target, &draft).expect("GPU drafter");
     for g in [None, Some(&grammar)] {
-        let plain: Vec<_> = prompts
-            .iter()
-            .map(|p| plain_greedy(&mut target, p, 40, &eos, g))
-            .collect();
+        let plain: Vec<_> = prompts.iter().map(|p| plain_greedy(&mut target, p, 40, &eos, g)).collect();
         for b in [2, 4, 8] {
-            let opts = SpecOptions {
-                block_size: b,
-                adaptive: None,
-            };
+            let opts = SpecOptions { block_size: b, adaptive: None };
             let what = |i: usize| format!("prompt {i}, block {b}, grammar {}", g.is_some());
             for (i, (p, (want, margins))) in prompts.iter().zip(&plain).enumerate() {
-                let out =
-                    generate_speculative(&mut target, &mut drafter, &[req(p, 40, &eos)], g, &opts)
-                        .unwrap();
+                let out = generate_speculative(&mut target, &mut drafter, &[req(p, 40, &eos)], g, &opts).unwrap();
                 assert_same(&out.outputs[0].output_ids, want, margins, &what(i));
             }
             let reqs: Vec<_> = prompts.iter().map(|p| req(p, 40, &eos)).collect();
             let out = generate_speculative(&mut target, &mut drafter, &reqs, g, &opts).unwrap();
             for (i, (o, (want, margins))) in out.outputs.iter().zip(&plain).enumerate() {
-                assert_same(
-                    &o.output_ids,
-                    want,
-                    margins,
-                    &format!("batched {}", what(i)),
-                );
+                assert_same(&o.output_ids, want, margins, &format!("batched {}", what(i)));
             }
-            println!(
-                "block {b}, grammar {}: tau {:.2}",
-                g.is_some(),
-                out.stats.mean_accepted_len()
-            );
+            println!("block {b}, grammar {}: tau {:.2}", g.is_some(), out.stats.mean_accepted_len());
         }
     }
 }
@@ -551,9 +363,7 @@ fn smollm2_and_drafter() -> Option<(PathBuf, PathBuf)> {
     let model = std::env::var_os("KAIROS_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("models/cache/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let draft = std::env::var_os("KAIROS_TEST_DFLASH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("models/dflash_smollm2"));
+    let draft = std::env::var_os("KAIROS_TEST_DFLASH").map(PathBuf::from).unwrap_or_else(|| root.join("models/dflash_smollm2"));
     if model.exists() && draft.join("model.safetensors").exists() {
         return Some((model, draft));
     }
@@ -565,9 +375,7 @@ fn smollm2_and_drafter() -> Option<(PathBuf, PathBuf)> {
         model.display(),
         draft.display()
     );
-    println!(
-        "no SmolLM2 model or trained drafter (KAIROS_TEST_MODEL, KAIROS_TEST_DFLASH): skipped"
-    );
+    println!("no SmolLM2 model or trained drafter (KAIROS_TEST_MODEL, KAIROS_TEST_DFLASH): skipped");
     None
 }
 
@@ -608,49 +416,22 @@ fn smollm2_gpu_speculative_greedy_equals_gpu_plain_greedy() {
     .map(|p| m.tokenizer.encode_chat(p).unwrap())
     .collect();
     let w = Arc::new(m.weights);
-    let mut target = CudaBackend::new(
-        &w,
-        CudaBackendOptions {
-            max_context: Some(1024),
-            ..Default::default()
-        },
-    )
-    .expect("CUDA backend");
+    let mut target = CudaBackend::new(&w, CudaBackendOptions { max_context: Some(1024), ..Default::default() }).expect("CUDA backend");
     let mut drafter = CudaDFlash::new(&target, &draft).expect("GPU drafter");
-    let plain: Vec<_> = prompts
-        .iter()
-        .map(|p| plain_greedy(&mut target, p, 64, &eos, None))
-        .collect();
+    let plain: Vec<_> = prompts.iter().map(|p| plain_greedy(&mut target, p, 64, &eos, None)).collect();
     let b = draft.config.block_size;
-    let opts = SpecOptions {
-        block_size: b,
-        adaptive: None,
-    };
+    let opts = SpecOptions { block_size: b, adaptive: None };
     for (i, (p, (want, margins))) in prompts.iter().zip(&plain).enumerate() {
-        let out = generate_speculative(&mut target, &mut drafter, &[req(p, 64, &eos)], None, &opts)
-            .unwrap();
-        assert_same(
-            &out.outputs[0].output_ids,
-            want,
-            margins,
-            &format!("prompt {i}"),
-        );
-        println!(
-            "prompt {i}: tau {:.2} over {} verify steps",
-            out.stats.mean_accepted_len(),
-            out.stats.steps
-        );
+        let out = generate_speculative(&mut target, &mut drafter, &[req(p, 64, &eos)], None, &opts).unwrap();
+        assert_same(&out.outputs[0].output_ids, want, margins, &format!("prompt {i}"));
+        println!("prompt {i}: tau {:.2} over {} verify steps", out.stats.mean_accepted_len(), out.stats.steps);
     }
     let reqs: Vec<_> = prompts.iter().map(|p| req(p, 64, &eos)).collect();
     let out = generate_speculative(&mut target, &mut drafter, &reqs, None, &opts).unwrap();
     for (i, (o, (want, margins))) in out.outputs.iter().zip(&plain).enumerate() {
         assert_same(&o.output_ids, want, margins, &format!("batched prompt {i}"));
     }
-    println!(
-        "batch of {}: tau {:.2}",
-        reqs.len(),
-        out.stats.mean_accepted_len()
-    );
+    println!("batch of {}: tau {:.2}", reqs.len(), out.stats.mean_accepted_len());
 }
 
 /// `forward_capture_masked_argmax` takes each row's argmax over its allowed tokens
@@ -670,15 +451,10 @@ fn masked_argmax_on_the_device_equals_the_host() {
     let words = vocab.div_ceil(64);
     let mut seed = 5u64;
     let mut next = || {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         seed >> 11
     };
-    for (k, toks) in [tokens(100, 7, vocab), tokens(9, 8, vocab)]
-        .iter()
-        .enumerate()
-    {
+    for (k, toks) in [tokens(100, 7, vocab), tokens(9, 8, vocab)].iter().enumerate() {
         let bits: Vec<Vec<u64>> = (0..toks.len())
             .map(|r| {
                 (0..words)
@@ -691,31 +467,9 @@ fn masked_argmax_on_the_device_equals_the_host() {
                     .collect()
             })
             .collect();
-        let masks: Vec<Option<&[u64]>> = bits
-            .iter()
-            .enumerate()
-            .map(|(r, b)| (r % 5 != 4).then_some(b.as_slice()))
-            .collect();
-        let (got, hg) = with_ids
-            .forward_capture_masked_argmax(
-                &[Chunk {
-                    seq: sa,
-                    tokens: toks,
-                }],
-                &layers,
-                &masks,
-            )
-            .expect("masked argmax");
-        let (logits, hl) = with_logits
-            .forward_capture(
-                &[Chunk {
-                    seq: sb,
-                    tokens: toks,
-                }],
-                LogitsFor::All,
-                &layers,
-            )
-            .expect("logits");
+        let masks: Vec<Option<&[u64]>> = bits.iter().enumerate().map(|(r, b)| (r % 5 != 4).then_some(b.as_slice())).collect();
+        let (got, hg) = with_ids.forward_capture_masked_argmax(&[Chunk { seq: sa, tokens: toks }], &layers, &masks).expect("masked argmax");
+        let (logits, hl) = with_logits.forward_capture(&[Chunk { seq: sb, tokens: toks }], LogitsFor::All, &layers).expect("logits");
         let want: Vec<u32> = logits
             .chunks(vocab)
             .zip(&masks)

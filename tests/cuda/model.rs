@@ -36,7 +36,7 @@ use half::bf16;
 use kairos::backend::cpu::CpuBackend;
 use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
 use kairos::backend::{Backend, Chunk, LogitsFor, SeqId};
-use kairos::model::family::{Attention, GatedMlp, Layer, Mlp, ModelWeights, Moe};
+use kairos::model::family::{Attention, GatedMlp, Layer, Mlp, Moe, ModelWeights};
 use kairos::model::weights::Linear;
 use kairos::model::weights::Weight;
 use kairos::model::ModelConfig;
@@ -61,51 +61,22 @@ struct Stats {
 /// Compares one row of logits; returns the CPU argmax.
 fn compare(what: &str, cpu: &[f32], gpu: &[f32], st: &mut Stats) -> u32 {
     assert_eq!(cpu.len(), gpu.len(), "{what}: logits length");
-    assert!(
-        gpu.iter().all(|v| v.is_finite()),
-        "{what}: non-finite GPU logits"
-    );
+    assert!(gpu.iter().all(|v| v.is_finite()), "{what}: non-finite GPU logits");
     let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let err = cpu
-        .iter()
-        .zip(gpu)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = cpu.iter().zip(gpu).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     let rel = err / scale;
     st.worst = st.worst.max(rel);
     st.sum += rel;
     st.steps += 1;
     let tol = st.tol;
-    assert!(
-        rel <= tol,
-        "{what}: max |gpu - cpu| = {err:.4e} is {rel:.4e} of max |logit| {scale:.4}, over {tol}"
-    );
-    let am = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| {
-                if x > b.1 {
-                    (i, x)
-                } else {
-                    b
-                }
-            })
-            .0
-    };
+    assert!(rel <= tol, "{what}: max |gpu - cpu| = {err:.4e} is {rel:.4e} of max |logit| {scale:.4}, over {tol}");
+    let am = |v: &[f32]| v.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
     let (ci, gi) = (am(cpu), am(gpu));
-    let top2 = cpu
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != ci)
-        .fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
+    let top2 = cpu.iter().enumerate().filter(|(i, _)| *i != ci).fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
     let margin = cpu[ci] - top2;
     if margin > 2.0 * tol * scale {
         st.id_checked += 1;
-        assert_eq!(
-            ci,
-            gi,
-            "{what}: greedy id differs (cpu {ci}, gpu {gi}) with margin {margin:.4} > {:.4}",
-            2.0 * tol * scale
-        );
+        assert_eq!(ci, gi, "{what}: greedy id differs (cpu {ci}, gpu {gi}) with margin {margin:.4} > {:.4}", 2.0 * tol * scale);
     } else {
         st.id_close += 1;
     }
@@ -113,19 +84,7 @@ fn compare(what: &str, cpu: &[f32], gpu: &[f32], st: &mut Stats) -> u32 {
 }
 
 fn opts() -> CudaBackendOptions {
-    CudaBackendOptions {
-        ordinal: 0,
-        max_context: Some(512),
-        initial_slots: 2,
-        max_step_tokens: 64,
-        graphs: true,
-        fused: true,
-        moe_q8: true,
-        pdl: None,
-        cublas: true,
-        grouped: Some(8),
-        persistent: false,
-    }
+    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, grouped: Some(8), persistent: false }
 }
 
 /// Random weights for a config (bf16 matrices, MXFP4 experts): the fixtures all have
@@ -137,14 +96,9 @@ fn synthetic(v: serde_json::Value, seed: u64) -> ModelWeights {
     let mut mat = |rows: usize, cols: usize, s: f32| Weight::Bf16 {
         rows,
         cols,
-        data: (0..rows * cols)
-            .map(|_| bf16::from_f32(rng.gen_range(-s..s)))
-            .collect(),
+        data: (0..rows * cols).map(|_| bf16::from_f32(rng.gen_range(-s..s))).collect(),
     };
-    let lin = |w: Weight| Linear {
-        weight: w,
-        bias: None,
-    };
+    let lin = |w: Weight| Linear { weight: w, bias: None };
     let (h, hd) = (c.hidden_size, c.head_dim);
     let norm = |n: usize| vec![1.0f32; n];
     let mut layers = Vec::new();
@@ -174,10 +128,7 @@ fn synthetic(v: serde_json::Value, seed: u64) -> ModelWeights {
                         e
                     })
                     .collect();
-                Mlp::Moe(Moe {
-                    router: lin(mat(m.num_experts, h, 0.1)),
-                    experts,
-                })
+                Mlp::Moe(Moe { router: lin(mat(m.num_experts, h, 0.1)), experts })
             }
             None => Mlp::Dense(GatedMlp {
                 gate: lin(mat(c.intermediate_size, h, 0.1)),
@@ -185,26 +136,11 @@ fn synthetic(v: serde_json::Value, seed: u64) -> ModelWeights {
                 down: lin(mat(h, c.intermediate_size, 0.1)),
             }),
         };
-        layers.push(Layer {
-            input_norm: norm(h),
-            post_attention_norm: norm(h),
-            attention,
-            mlp,
-        });
+        layers.push(Layer { input_norm: norm(h), post_attention_norm: norm(h), attention, mlp });
     }
     let embed = mat(c.vocab_size, h, 1.0);
-    let lm_head = if c.tie_word_embeddings {
-        None
-    } else {
-        Some(mat(c.vocab_size, h, 0.1))
-    };
-    ModelWeights {
-        config: c,
-        embed,
-        layers,
-        final_norm: norm(h),
-        lm_head,
-    }
+    let lm_head = if c.tie_word_embeddings { None } else { Some(mat(c.vocab_size, h, 0.1)) };
+    ModelWeights { config: c, embed, layers, final_norm: norm(h), lm_head }
 }
 
 #[test]
@@ -265,61 +201,20 @@ fn check_weights(dir: &str, w: ModelWeights) {
 fn check_path(dir: &str, w: &Arc<ModelWeights>, moe_q8: bool, slack: f32) {
     let vocab = w.config.vocab_size;
     let mut cpu = CpuBackend::new(Arc::clone(w));
-    let mut gpu = CudaBackend::new(w, CudaBackendOptions { moe_q8, ..opts() })
-        .unwrap_or_else(|e| panic!("{dir}: CudaBackend::new: {e}"));
-    let mut rng =
-        StdRng::seed_from_u64(0x5eed ^ dir.trim_end_matches(" [int8 experts]").len() as u64);
-    let moe = w
-        .config
-        .moe
-        .as_ref()
-        .is_some_and(|m| m.top_k < m.num_experts);
-    let mut st = Stats {
-        tol: slack * if moe { TOL_MOE } else { TOL },
-        ..Stats::default()
-    };
+    let mut gpu = CudaBackend::new(w, CudaBackendOptions { moe_q8, ..opts() }).unwrap_or_else(|e| panic!("{dir}: CudaBackend::new: {e}"));
+    let mut rng = StdRng::seed_from_u64(0x5eed ^ dir.trim_end_matches(" [int8 experts]").len() as u64);
+    let moe = w.config.moe.as_ref().is_some_and(|m| m.top_k < m.num_experts);
+    let mut st = Stats { tol: slack * if moe { TOL_MOE } else { TOL }, ..Stats::default() };
 
     // 1. one sequence: 11-token prefill, then 12 teacher-forced decode steps (graph bucket 1)
     let prompt: Vec<u32> = (0..11).map(|_| rng.gen_range(0..vocab as u32)).collect();
     let (cs, gs) = (cpu.new_sequence(), gpu.new_sequence());
-    let c = cpu
-        .forward(
-            &[Chunk {
-                seq: cs,
-                tokens: &prompt,
-            }],
-            LogitsFor::Last,
-        )
-        .unwrap();
-    let g = gpu
-        .forward(
-            &[Chunk {
-                seq: gs,
-                tokens: &prompt,
-            }],
-            LogitsFor::Last,
-        )
-        .unwrap();
+    let c = cpu.forward(&[Chunk { seq: cs, tokens: &prompt }], LogitsFor::Last).unwrap();
+    let g = gpu.forward(&[Chunk { seq: gs, tokens: &prompt }], LogitsFor::Last).unwrap();
     let mut tok = compare(&format!("{dir} prefill"), &c, &g, &mut st);
     for step in 0..12 {
-        let c = cpu
-            .forward(
-                &[Chunk {
-                    seq: cs,
-                    tokens: &[tok],
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap();
-        let g = gpu
-            .forward(
-                &[Chunk {
-                    seq: gs,
-                    tokens: &[tok],
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap();
+        let c = cpu.forward(&[Chunk { seq: cs, tokens: &[tok] }], LogitsFor::Last).unwrap();
+        let g = gpu.forward(&[Chunk { seq: gs, tokens: &[tok] }], LogitsFor::Last).unwrap();
         tok = compare(&format!("{dir} decode step {step}"), &c, &g, &mut st);
     }
     assert_eq!(gpu.seq_len(gs).unwrap(), 23);
@@ -328,53 +223,16 @@ fn check_path(dir: &str, w: &Arc<ModelWeights>, moe_q8: bool, slack: f32) {
     let (cs2, gs2) = (cpu.new_sequence(), gpu.new_sequence());
     cpu.copy_prefix(cs, cs2, 7).unwrap();
     gpu.copy_prefix(gs, gs2, 7).unwrap();
-    let c = cpu
-        .forward(
-            &[Chunk {
-                seq: cs2,
-                tokens: &[3],
-            }],
-            LogitsFor::Last,
-        )
-        .unwrap();
-    let g = gpu
-        .forward(
-            &[Chunk {
-                seq: gs2,
-                tokens: &[3],
-            }],
-            LogitsFor::Last,
-        )
-        .unwrap();
+    let c = cpu.forward(&[Chunk { seq: cs2, tokens: &[3] }], LogitsFor::Last).unwrap();
+    let g = gpu.forward(&[Chunk { seq: gs2, tokens: &[3] }], LogitsFor::Last).unwrap();
     compare(&format!("{dir} after copy_prefix"), &c, &g, &mut st);
     cpu.truncate(cs, 15).unwrap();
     gpu.truncate(gs, 15).unwrap();
-    let c = cpu
-        .forward(
-            &[Chunk {
-                seq: cs,
-                tokens: &[5, 6],
-            }],
-            LogitsFor::All,
-        )
-        .unwrap();
-    let g = gpu
-        .forward(
-            &[Chunk {
-                seq: gs,
-                tokens: &[5, 6],
-            }],
-            LogitsFor::All,
-        )
-        .unwrap();
+    let c = cpu.forward(&[Chunk { seq: cs, tokens: &[5, 6] }], LogitsFor::All).unwrap();
+    let g = gpu.forward(&[Chunk { seq: gs, tokens: &[5, 6] }], LogitsFor::All).unwrap();
     assert_eq!(c.len(), 2 * vocab);
     for r in 0..2 {
-        compare(
-            &format!("{dir} after truncate row {r}"),
-            &c[r * vocab..(r + 1) * vocab],
-            &g[r * vocab..(r + 1) * vocab],
-            &mut st,
-        );
+        compare(&format!("{dir} after truncate row {r}"), &c[r * vocab..(r + 1) * vocab], &g[r * vocab..(r + 1) * vocab], &mut st);
     }
     for s in [cs, cs2] {
         cpu.free_sequence(s);
@@ -386,66 +244,30 @@ fn check_path(dir: &str, w: &Arc<ModelWeights>, moe_q8: bool, slack: f32) {
     // 3. three sequences of different lengths prefilled in one forward (slots grow past 2),
     //    then batched decode steps (graph bucket 4: one padded row)
     let lens = [5usize, 9, 3];
-    let prompts: Vec<Vec<u32>> = lens
-        .iter()
-        .map(|&n| (0..n).map(|_| rng.gen_range(0..vocab as u32)).collect())
-        .collect();
+    let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| (0..n).map(|_| rng.gen_range(0..vocab as u32)).collect()).collect();
     let cseqs: Vec<SeqId> = (0..3).map(|_| cpu.new_sequence()).collect();
     let gseqs: Vec<SeqId> = (0..3).map(|_| gpu.new_sequence()).collect();
-    let cch: Vec<Chunk> = cseqs
-        .iter()
-        .zip(&prompts)
-        .map(|(&seq, p)| Chunk { seq, tokens: p })
-        .collect();
-    let gch: Vec<Chunk> = gseqs
-        .iter()
-        .zip(&prompts)
-        .map(|(&seq, p)| Chunk { seq, tokens: p })
-        .collect();
+    let cch: Vec<Chunk> = cseqs.iter().zip(&prompts).map(|(&seq, p)| Chunk { seq, tokens: p }).collect();
+    let gch: Vec<Chunk> = gseqs.iter().zip(&prompts).map(|(&seq, p)| Chunk { seq, tokens: p }).collect();
     let c = cpu.forward(&cch, LogitsFor::Last).unwrap();
     let g = gpu.forward(&gch, LogitsFor::Last).unwrap();
     let mut toks = vec![0u32; 3];
     for i in 0..3 {
-        toks[i] = compare(
-            &format!("{dir} batch prefill seq {i}"),
-            &c[i * vocab..(i + 1) * vocab],
-            &g[i * vocab..(i + 1) * vocab],
-            &mut st,
-        );
+        toks[i] = compare(&format!("{dir} batch prefill seq {i}"), &c[i * vocab..(i + 1) * vocab], &g[i * vocab..(i + 1) * vocab], &mut st);
     }
     for step in 0..6 {
-        let cch: Vec<Chunk> = (0..3)
-            .map(|i| Chunk {
-                seq: cseqs[i],
-                tokens: std::slice::from_ref(&toks[i]),
-            })
-            .collect();
-        let gch: Vec<Chunk> = (0..3)
-            .map(|i| Chunk {
-                seq: gseqs[i],
-                tokens: std::slice::from_ref(&toks[i]),
-            })
-            .collect();
+        let cch: Vec<Chunk> = (0..3).map(|i| Chunk { seq: cseqs[i], tokens: std::slice::from_ref(&toks[i]) }).collect();
+        let gch: Vec<Chunk> = (0..3).map(|i| Chunk { seq: gseqs[i], tokens: std::slice::from_ref(&toks[i]) }).collect();
         let c = cpu.forward(&cch, LogitsFor::Last).unwrap();
         let g = gpu.forward(&gch, LogitsFor::Last).unwrap();
         let mut next = vec![0u32; 3];
         for i in 0..3 {
-            next[i] = compare(
-                &format!("{dir} batch decode step {step} seq {i}"),
-                &c[i * vocab..(i + 1) * vocab],
-                &g[i * vocab..(i + 1) * vocab],
-                &mut st,
-            );
+            next[i] = compare(&format!("{dir} batch decode step {step} seq {i}"), &c[i * vocab..(i + 1) * vocab], &g[i * vocab..(i + 1) * vocab], &mut st);
         }
         toks = next;
     }
     // device argmax agrees with the CPU's choice where the margin allows
-    let gch: Vec<Chunk> = (0..3)
-        .map(|i| Chunk {
-            seq: gseqs[i],
-            tokens: std::slice::from_ref(&toks[i]),
-        })
-        .collect();
+    let gch: Vec<Chunk> = (0..3).map(|i| Chunk { seq: gseqs[i], tokens: std::slice::from_ref(&toks[i]) }).collect();
     let ids = gpu.decode_argmax(&gch).unwrap();
     assert_eq!(ids.len(), 3);
     assert!(ids.iter().all(|&i| (i as usize) < vocab));
@@ -453,53 +275,20 @@ fn check_path(dir: &str, w: &Arc<ModelWeights>, moe_q8: bool, slack: f32) {
     // 4. a 150-token prompt (three micro-batches of 64 rows), every row's logits
     let long: Vec<u32> = (0..150).map(|_| rng.gen_range(0..vocab as u32)).collect();
     let (cl, gl) = (cpu.new_sequence(), gpu.new_sequence());
-    let c = cpu
-        .forward(
-            &[Chunk {
-                seq: cl,
-                tokens: &long,
-            }],
-            LogitsFor::All,
-        )
-        .unwrap();
-    let g = gpu
-        .forward(
-            &[Chunk {
-                seq: gl,
-                tokens: &long,
-            }],
-            LogitsFor::All,
-        )
-        .unwrap();
+    let c = cpu.forward(&[Chunk { seq: cl, tokens: &long }], LogitsFor::All).unwrap();
+    let g = gpu.forward(&[Chunk { seq: gl, tokens: &long }], LogitsFor::All).unwrap();
     assert_eq!(g.len(), 150 * vocab);
     for r in [0usize, 1, 63, 64, 65, 127, 128, 149] {
-        compare(
-            &format!("{dir} long prefill row {r}"),
-            &c[r * vocab..(r + 1) * vocab],
-            &g[r * vocab..(r + 1) * vocab],
-            &mut st,
-        );
+        compare(&format!("{dir} long prefill row {r}"), &c[r * vocab..(r + 1) * vocab], &g[r * vocab..(r + 1) * vocab], &mut st);
     }
     // errors are reported as errors
-    assert!(gpu
-        .forward(
-            &[Chunk {
-                seq: gl,
-                tokens: &[vocab as u32]
-            }],
-            LogitsFor::Last
-        )
-        .is_err());
+    assert!(gpu.forward(&[Chunk { seq: gl, tokens: &[vocab as u32] }], LogitsFor::Last).is_err());
     let mean = st.sum / st.steps as f32;
     println!(
         "  {dir}: {} logit rows compared, max|gpu-cpu|/max|cpu| worst {:.3e}, mean {:.3e} (row tol {}); greedy ids checked {} (all equal), {} within the margin",
         st.steps, st.worst, mean, st.tol, st.id_checked, st.id_close
     );
-    assert!(
-        mean <= slack * TOL / 2.0,
-        "{dir}: mean relative error {mean:.3e} over {}",
-        slack * TOL / 2.0
-    );
+    assert!(mean <= slack * TOL / 2.0, "{dir}: mean relative error {mean:.3e} over {}", slack * TOL / 2.0);
 }
 
 #[test]
@@ -585,76 +374,19 @@ fn graph_matches_eager() {
     guard!();
     let w = prepared("qwen3");
     let mut a = CudaBackend::new(&w, opts()).unwrap();
-    let mut b = CudaBackend::new(
-        &w,
-        CudaBackendOptions {
-            graphs: false,
-            ..opts()
-        },
-    )
-    .unwrap();
+    let mut b = CudaBackend::new(&w, CudaBackendOptions { graphs: false, ..opts() }).unwrap();
     let p = [1u32, 2, 3, 4, 5, 6, 7];
-    let (sa, sb) = (
-        [a.new_sequence(), a.new_sequence()],
-        [b.new_sequence(), b.new_sequence()],
-    );
+    let (sa, sb) = ([a.new_sequence(), a.new_sequence()], [b.new_sequence(), b.new_sequence()]);
     for (x, s) in [(&mut a, sa), (&mut b, sb)] {
-        x.forward(
-            &[
-                Chunk {
-                    seq: s[0],
-                    tokens: &p,
-                },
-                Chunk {
-                    seq: s[1],
-                    tokens: &p[..4],
-                },
-            ],
-            LogitsFor::Last,
-        )
-        .unwrap();
+        x.forward(&[Chunk { seq: s[0], tokens: &p }, Chunk { seq: s[1], tokens: &p[..4] }], LogitsFor::Last).unwrap();
     }
     for step in 0..5u32 {
         let t = [10 + step, 20 + step];
-        let ga = a
-            .forward(
-                &[
-                    Chunk {
-                        seq: sa[0],
-                        tokens: &t[..1],
-                    },
-                    Chunk {
-                        seq: sa[1],
-                        tokens: &t[1..],
-                    },
-                ],
-                LogitsFor::Last,
-            )
-            .unwrap();
-        let gb = b
-            .forward(
-                &[
-                    Chunk {
-                        seq: sb[0],
-                        tokens: &t[..1],
-                    },
-                    Chunk {
-                        seq: sb[1],
-                        tokens: &t[1..],
-                    },
-                ],
-                LogitsFor::Last,
-            )
-            .unwrap();
+        let ga = a.forward(&[Chunk { seq: sa[0], tokens: &t[..1] }, Chunk { seq: sa[1], tokens: &t[1..] }], LogitsFor::Last).unwrap();
+        let gb = b.forward(&[Chunk { seq: sb[0], tokens: &t[..1] }, Chunk { seq: sb[1], tokens: &t[1..] }], LogitsFor::Last).unwrap();
         let scale = gb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = ga
-            .iter()
-            .zip(&gb)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            err <= 1e-5 * scale.max(1.0),
-            "step {step}: graph vs eager {err}"
-        );
+        let err = ga.iter().zip(&gb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-5 * scale.max(1.0), "step {step}: graph vs eager {err}");
     }
     println!("  graph replay == eager within 1e-5 over 5 steps");
 }
@@ -674,14 +406,7 @@ fn fused_matches_unfused() {
         10,
     );
     let mut a = CudaBackend::new(&w, opts()).unwrap();
-    let mut b = CudaBackend::new(
-        &w,
-        CudaBackendOptions {
-            fused: false,
-            ..opts()
-        },
-    )
-    .unwrap();
+    let mut b = CudaBackend::new(&w, CudaBackendOptions { fused: false, ..opts() }).unwrap();
     let p: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
     let worst = worst_step_diff(&mut a, &mut b, &p, 8, 1e-6, "fused vs unfused");
     println!("  fused == unfused within {worst:.2e} of max |logit| over 8 steps");
@@ -702,23 +427,9 @@ fn moe_q8_matches_bf16_activations() {
         11,
     );
     let mut a = CudaBackend::new(&w, opts()).unwrap();
-    let mut b = CudaBackend::new(
-        &w,
-        CudaBackendOptions {
-            moe_q8: false,
-            ..opts()
-        },
-    )
-    .unwrap();
+    let mut b = CudaBackend::new(&w, CudaBackendOptions { moe_q8: false, ..opts() }).unwrap();
     let p: Vec<u32> = (0..24).map(|i| (i * 11 + 5) % 300).collect();
-    let worst = worst_step_diff(
-        &mut a,
-        &mut b,
-        &p,
-        8,
-        3e-2,
-        "int8 vs bf16 expert activations",
-    );
+    let worst = worst_step_diff(&mut a, &mut b, &p, 8, 3e-2, "int8 vs bf16 expert activations");
     println!("  int8 experts == bf16 experts within {worst:.2e} of max |logit| over 8 steps");
 }
 
@@ -732,24 +443,10 @@ fn cublas_matches_gemv() {
     for fam in ["qwen2", "qwen3_moe", "gpt_oss"] {
         let w = prepared(fam);
         let mut a = CudaBackend::new(&w, opts()).unwrap();
-        let mut b = CudaBackend::new(
-            &w,
-            CudaBackendOptions {
-                cublas: false,
-                ..opts()
-            },
-        )
-        .unwrap();
+        let mut b = CudaBackend::new(&w, CudaBackendOptions { cublas: false, ..opts() }).unwrap();
         let v = w.config.vocab_size as u32;
         let p: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % v).collect();
-        let worst = worst_step_diff(
-            &mut a,
-            &mut b,
-            &p,
-            4,
-            3e-2,
-            &format!("{fam}: cuBLAS vs GEMV"),
-        );
+        let worst = worst_step_diff(&mut a, &mut b, &p, 4, 3e-2, &format!("{fam}: cuBLAS vs GEMV"));
         println!("  {fam}: cuBLAS == GEMV within {worst:.2e} of max |logit|");
     }
 }
@@ -793,101 +490,39 @@ fn persistent_matches_graph() {
         "moe_intermediate_size": 64, "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
         "max_position_embeddings": 1024, "tie_word_embeddings": false}))
     .expect("qwen3-moe config");
-    let pk = CudaBackendOptions {
-        persistent: true,
-        ..opts()
-    };
+    let pk = CudaBackendOptions { persistent: true, ..opts() };
     let pairs: Vec<(&str, CudaBackend, CudaBackend)> = vec![
-        (
-            "llama d64",
-            CudaBackend::new(&llama, pk.clone()).unwrap(),
-            CudaBackend::new(&llama, opts()).unwrap(),
-        ),
-        (
-            "qwen3-moe d128",
-            CudaBackend::new(&moe, pk.clone()).unwrap(),
-            CudaBackend::new(&moe, opts()).unwrap(),
-        ),
-        (
-            "gpt-oss d64",
-            CudaBackend::random(&gpt_oss, pk.clone(), 5).unwrap(),
-            CudaBackend::random(&gpt_oss, opts(), 5).unwrap(),
-        ),
-        (
-            "128 experts top-8",
-            CudaBackend::random(&wide, pk.clone(), 6).unwrap(),
-            CudaBackend::random(&wide, opts(), 6).unwrap(),
-        ),
+        ("llama d64", CudaBackend::new(&llama, pk.clone()).unwrap(), CudaBackend::new(&llama, opts()).unwrap()),
+        ("qwen3-moe d128", CudaBackend::new(&moe, pk.clone()).unwrap(), CudaBackend::new(&moe, opts()).unwrap()),
+        ("gpt-oss d64", CudaBackend::random(&gpt_oss, pk.clone(), 5).unwrap(), CudaBackend::random(&gpt_oss, opts(), 5).unwrap()),
+        ("128 experts top-8", CudaBackend::random(&wide, pk.clone(), 6).unwrap(), CudaBackend::random(&wide, opts(), 6).unwrap()),
     ];
     for (what, mut a, mut b) in pairs {
         let v = a.config().vocab_size as u32;
         let p: Vec<u32> = (0..21).map(|i| (i * 13 + 1) % v).collect();
-        let worst = worst_step_diff(
-            &mut a,
-            &mut b,
-            &p,
-            10,
-            1e-6,
-            &format!("{what}: persistent vs graph"),
-        );
-        assert!(
-            a.bucket_is_persistent(1),
-            "{what}: bucket 1 did not take the persistent step"
-        );
+        let worst = worst_step_diff(&mut a, &mut b, &p, 10, 1e-6, &format!("{what}: persistent vs graph"));
+        assert!(a.bucket_is_persistent(1), "{what}: bucket 1 did not take the persistent step");
         assert!(!b.bucket_is_persistent(1));
         // three sequences of different lengths: bucket 4 with a padded row
         let sa: Vec<SeqId> = (0..3).map(|_| a.new_sequence()).collect();
         let sb: Vec<SeqId> = (0..3).map(|_| b.new_sequence()).collect();
         for i in 0..3 {
-            a.forward(
-                &[Chunk {
-                    seq: sa[i],
-                    tokens: &p[..5 + 4 * i],
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap();
-            b.forward(
-                &[Chunk {
-                    seq: sb[i],
-                    tokens: &p[..5 + 4 * i],
-                }],
-                LogitsFor::Last,
-            )
-            .unwrap();
+            a.forward(&[Chunk { seq: sa[i], tokens: &p[..5 + 4 * i] }], LogitsFor::Last).unwrap();
+            b.forward(&[Chunk { seq: sb[i], tokens: &p[..5 + 4 * i] }], LogitsFor::Last).unwrap();
         }
         let mut worst4 = 0f32;
         for step in 0..4u32 {
             let t = [(7 + step) % v, (8 + step) % v, (9 + step) % v];
-            let ca: Vec<Chunk> = (0..3)
-                .map(|i| Chunk {
-                    seq: sa[i],
-                    tokens: &t[i..i + 1],
-                })
-                .collect();
-            let cb: Vec<Chunk> = (0..3)
-                .map(|i| Chunk {
-                    seq: sb[i],
-                    tokens: &t[i..i + 1],
-                })
-                .collect();
+            let ca: Vec<Chunk> = (0..3).map(|i| Chunk { seq: sa[i], tokens: &t[i..i + 1] }).collect();
+            let cb: Vec<Chunk> = (0..3).map(|i| Chunk { seq: sb[i], tokens: &t[i..i + 1] }).collect();
             let la = a.forward(&ca, LogitsFor::Last).unwrap();
             let lb = b.forward(&cb, LogitsFor::Last).unwrap();
             let scale = lb.iter().fold(0f32, |m, x| m.max(x.abs())).max(1.0);
-            let err = la
-                .iter()
-                .zip(&lb)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let err = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             worst4 = worst4.max(err / scale);
-            assert!(
-                err <= 1e-6 * scale,
-                "{what}: bucket 4 step {step}: persistent vs graph differ by {err}"
-            );
+            assert!(err <= 1e-6 * scale, "{what}: bucket 4 step {step}: persistent vs graph differ by {err}");
         }
-        assert!(
-            a.bucket_is_persistent(4),
-            "{what}: bucket 4 did not take the persistent step"
-        );
+        assert!(a.bucket_is_persistent(4), "{what}: bucket 4 did not take the persistent step");
         println!("  {what}: persistent == graph within {worst:.1e} (bucket 1, 10 steps), {worst4:.1e} (bucket 4, 4 steps)");
     }
 }
@@ -913,116 +548,44 @@ fn grouped_experts_match_per_assignment() {
             "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": false}}))
     .expect("config");
     for (what, cfg) in [("qwen3-moe 32 experts top-8", qwen), ("gpt-oss-like", oss)] {
-        let mut a = CudaBackend::random(
-            &cfg,
-            CudaBackendOptions {
-                grouped: Some(1),
-                ..opts()
-            },
-            3,
-        )
-        .unwrap();
-        let mut b = CudaBackend::random(
-            &cfg,
-            CudaBackendOptions {
-                grouped: None,
-                ..opts()
-            },
-            3,
-        )
-        .unwrap();
+        let mut a = CudaBackend::random(&cfg, CudaBackendOptions { grouped: Some(1), ..opts() }, 3).unwrap();
+        let mut b = CudaBackend::random(&cfg, CudaBackendOptions { grouped: None, ..opts() }, 3).unwrap();
         let v = cfg.vocab_size as u32;
         let p: Vec<u32> = (0..40).map(|i| (i * 17 + 5) % v).collect();
         let (sa, sb) = (a.new_sequence(), b.new_sequence());
-        let la = a
-            .forward(
-                &[Chunk {
-                    seq: sa,
-                    tokens: &p,
-                }],
-                LogitsFor::All,
-            )
-            .unwrap();
-        let lb = b
-            .forward(
-                &[Chunk {
-                    seq: sb,
-                    tokens: &p,
-                }],
-                LogitsFor::All,
-            )
-            .unwrap();
+        let la = a.forward(&[Chunk { seq: sa, tokens: &p }], LogitsFor::All).unwrap();
+        let lb = b.forward(&[Chunk { seq: sb, tokens: &p }], LogitsFor::All).unwrap();
         assert!(la.iter().all(|x| x.is_finite()));
-        assert!(
-            la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{what}: 40-token prefill differs"
-        );
+        assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: 40-token prefill differs");
         // 16 sequences, one decode step each (bucket 16)
         let qa: Vec<SeqId> = (0..16).map(|_| a.new_sequence()).collect();
         let qb: Vec<SeqId> = (0..16).map(|_| b.new_sequence()).collect();
         let t: Vec<u32> = (0..16).map(|i| (i * 31 + 7) % v).collect();
-        let ca: Vec<Chunk> = (0..16)
-            .map(|i| Chunk {
-                seq: qa[i],
-                tokens: &t[i..i + 1],
-            })
-            .collect();
-        let cb: Vec<Chunk> = (0..16)
-            .map(|i| Chunk {
-                seq: qb[i],
-                tokens: &t[i..i + 1],
-            })
-            .collect();
+        let ca: Vec<Chunk> = (0..16).map(|i| Chunk { seq: qa[i], tokens: &t[i..i + 1] }).collect();
+        let cb: Vec<Chunk> = (0..16).map(|i| Chunk { seq: qb[i], tokens: &t[i..i + 1] }).collect();
         let la = a.forward(&ca, LogitsFor::Last).unwrap();
         let lb = b.forward(&cb, LogitsFor::Last).unwrap();
-        assert!(
-            la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{what}: batch-16 decode step differs"
-        );
+        assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: batch-16 decode step differs");
         println!("  {what}: grouped == per-assignment experts (bitwise) on a 40-token prefill and a batch-16 step");
     }
 }
 
 /// Runs `prompt` then `steps - 1` greedy decode steps (b's choice fed to both) on two
 /// backends; every step's max |a − b| must be ≤ `tol` · max |b| (≥ 1). Returns the worst ratio.
-fn worst_step_diff(
-    a: &mut CudaBackend,
-    b: &mut CudaBackend,
-    prompt: &[u32],
-    steps: usize,
-    tol: f32,
-    what: &str,
-) -> f32 {
+fn worst_step_diff(a: &mut CudaBackend, b: &mut CudaBackend, prompt: &[u32], steps: usize, tol: f32, what: &str) -> f32 {
     let (sa, sb) = (a.new_sequence(), b.new_sequence());
     let mut worst = 0f32;
     let mut tok = [0u32; 1];
     for step in 0..steps {
         let t: &[u32] = if step == 0 { prompt } else { &tok };
-        let la = a
-            .forward(&[Chunk { seq: sa, tokens: t }], LogitsFor::Last)
-            .unwrap();
-        let lb = b
-            .forward(&[Chunk { seq: sb, tokens: t }], LogitsFor::Last)
-            .unwrap();
-        assert!(
-            la.iter().all(|v| v.is_finite()),
-            "{what}, step {step}: non-finite logits"
-        );
+        let la = a.forward(&[Chunk { seq: sa, tokens: t }], LogitsFor::Last).unwrap();
+        let lb = b.forward(&[Chunk { seq: sb, tokens: t }], LogitsFor::Last).unwrap();
+        assert!(la.iter().all(|v| v.is_finite()), "{what}, step {step}: non-finite logits");
         let scale = lb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-        let err = la
-            .iter()
-            .zip(&lb)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let err = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         worst = worst.max(err / scale);
-        assert!(
-            err <= tol * scale,
-            "{what}, step {step}: differ by {err} (max |logit| {scale})"
-        );
-        tok[0] = (lb
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
-            .0) as u32;
+        assert!(err <= tol * scale, "{what}, step {step}: differ by {err} (max |logit| {scale})");
+        tok[0] = (lb.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0) as u32;
     }
     worst
 }

@@ -4,6 +4,7 @@
 //! float tolerance (not to the int8 rounding). Needs a GPU: `cargo test --release
 //! --features cuda --test cuda -- moe_q8::`; without one it prints a skip line.
 
+
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -17,10 +18,7 @@ static CX: OnceLock<Option<CudaContext>> = OnceLock::new();
 fn cx() -> Option<&'static CudaContext> {
     CX.get_or_init(|| {
         if !kairos::backend::cuda::device_available() {
-            assert!(
-                std::env::var_os("KAIROS_REQUIRE_CUDA").is_none(),
-                "KAIROS_REQUIRE_CUDA is set but no CUDA device was found"
-            );
+            assert!(std::env::var_os("KAIROS_REQUIRE_CUDA").is_none(), "KAIROS_REQUIRE_CUDA is set but no CUDA device was found");
             println!("no CUDA device: skipped");
             return None;
         }
@@ -36,17 +34,12 @@ fn down<T: DeviceRepr + Default + Clone>(c: &CudaContext, s: &CudaSlice<T>) -> V
     c.stream.memcpy_dtov(s).unwrap()
 }
 fn rng() -> StdRng {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     println!("  seed {seed}");
     StdRng::seed_from_u64(seed)
 }
 fn randn(r: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| r.gen_range(-1.0f32..1.0) + r.gen_range(-1.0f32..1.0))
-        .collect()
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0) + r.gen_range(-1.0f32..1.0)).collect()
 }
 fn bf(v: f32) -> u16 {
     half::bf16::from_f32(v).to_bits()
@@ -63,11 +56,7 @@ fn quantize_q8(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
         let m = blk.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
         d[b] = m;
         for (i, v) in blk.iter().enumerate() {
-            q[b * 32 + i] = if m > 0.0 {
-                (v / m).round_ties_even() as i8
-            } else {
-                0
-            };
+            q[b * 32 + i] = if m > 0.0 { (v / m).round_ties_even() as i8 } else { 0 };
         }
     }
     (q, d)
@@ -82,37 +71,22 @@ fn mx_row(blocks: &[u8], scales: &[u8], e: usize, rows: usize, r: usize, cols: u
         .map(|c| {
             let byte = blocks[(row * nb + c / 32) * 16 + (c % 32) / 2];
             let nib = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
-            let v = if nib & 8 != 0 {
-                -E2M1[(nib & 7) as usize]
-            } else {
-                E2M1[(nib & 7) as usize]
-            };
+            let v = if nib & 8 != 0 { -E2M1[(nib & 7) as usize] } else { E2M1[(nib & 7) as usize] };
             v * 2f64.powi(scales[row * nb + c / 32] as i32 - 127)
         })
         .collect()
 }
 fn dot(w: &[f64], q: &[i8], d: &[f32]) -> f64 {
-    w.iter()
-        .enumerate()
-        .map(|(c, wv)| wv * q[c] as f64 * d[c / 32] as f64)
-        .sum()
+    w.iter().enumerate().map(|(c, wv)| wv * q[c] as f64 * d[c / 32] as f64).sum()
 }
 fn rand_mx(r: &mut StdRng, e: usize, rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
-    (
-        (0..e * rows * cols / 2).map(|_| r.gen()).collect(),
-        (0..e * rows * cols / 32)
-            .map(|_| r.gen_range(118..=130))
-            .collect(),
-    )
+    ((0..e * rows * cols / 2).map(|_| r.gen()).collect(), (0..e * rows * cols / 32).map(|_| r.gen_range(118..=130)).collect())
 }
 fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len());
     let (mut num, mut den) = (0f64, 0f64);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.is_finite(),
-            "{what}: element {i} is {g} (unwritten?), want {w}"
-        );
+        assert!(g.is_finite(), "{what}: element {i} is {g} (unwritten?), want {w}");
         num += (*g as f64 - w).powi(2);
         den += w * w;
     }
@@ -133,18 +107,7 @@ fn rmsnorm_writes_int8_blocks() {
         let mut out = up(c, &vec![0x7fc0u16; n * h]);
         let mut xq = up(c, &vec![-128i8; n * h]);
         let mut xd = up(c, &vec![f32::NAN; n * h / 32]);
-        c.rmsnorm_residual_q8(
-            &mut dx,
-            Some(&dd),
-            &dw,
-            &mut out,
-            &mut xq,
-            &mut xd,
-            n,
-            h,
-            1e-6,
-        )
-        .unwrap();
+        c.rmsnorm_residual_q8(&mut dx, Some(&dd), &dw, &mut out, &mut xq, &mut xd, n, h, 1e-6).unwrap();
         let (out, xq, xd) = (down(c, &out), down(c, &xq), down(c, &xd));
         // the int8 blocks encode the kernel's own (pre-bf16-rounding) output: check them
         // against the bf16 output, which is that value to within bf16 rounding
@@ -154,20 +117,12 @@ fn rmsnorm_writes_int8_blocks() {
                 assert!(d.is_finite() && d >= 0.0, "rows {n} hidden {h}: scale {d}");
                 let blk: Vec<f32> = (0..32).map(|i| from_bf(out[t * h + b * 32 + i])).collect();
                 let m = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                assert!(
-                    (d * 127.0 - m).abs() <= 1e-2 * m + 1e-30,
-                    "block max {m} vs scale*127 {}",
-                    d * 127.0
-                );
+                assert!((d * 127.0 - m).abs() <= 1e-2 * m + 1e-30, "block max {m} vs scale*127 {}", d * 127.0);
                 for i in 0..32 {
                     let q = xq[t * h + b * 32 + i];
                     assert!(q != -128, "unwritten / out of range int8");
                     let err = (q as f32 * d - blk[i]).abs();
-                    assert!(
-                        err <= 0.5 * d + 1e-2 * blk[i].abs() + 1e-30,
-                        "q {q} d {d} v {}",
-                        blk[i]
-                    );
+                    assert!(err <= 0.5 * d + 1e-2 * blk[i].abs() + 1e-30, "q {q} d {d} v {}", blk[i]);
                 }
             }
         }
@@ -180,12 +135,9 @@ fn expert_gemv_int8() {
     let Some(c) = cx() else { return };
     let mut r = rng();
     // Qwen3-30B-A3B down (cols 768: 8 lanes a row), gate_up-like (2048: a warp a row), gpt-oss 2880, odd sizes
-    for &(ne, rows, cols, n_assign, x_div) in &[
-        (16usize, 2048usize, 768usize, 8usize, 1usize),
-        (16, 1536, 2048, 12, 4),
-        (4, 2880, 2880, 4, 2),
-        (3, 37, 96, 5, 1),
-    ] {
+    for &(ne, rows, cols, n_assign, x_div) in
+        &[(16usize, 2048usize, 768usize, 8usize, 1usize), (16, 1536, 2048, 12, 4), (4, 2880, 2880, 4, 2), (3, 37, 96, 5, 1)]
+    {
         let (bl, sc) = rand_mx(&mut r, ne, rows, cols);
         let ids: Vec<i32> = (0..n_assign).map(|_| r.gen_range(0..ne as i32)).collect();
         let nx = n_assign.div_ceil(x_div);
@@ -195,34 +147,13 @@ fn expert_gemv_int8() {
             let xr = a / x_div;
             for row in 0..rows {
                 let w = mx_row(&bl, &sc, e as usize, rows, row, cols);
-                want.push(dot(
-                    &w,
-                    &xq[xr * cols..(xr + 1) * cols],
-                    &xd[xr * cols / 32..(xr + 1) * cols / 32],
-                ));
+                want.push(dot(&w, &xq[xr * cols..(xr + 1) * cols], &xd[xr * cols / 32..(xr + 1) * cols / 32]));
             }
         }
         let mut y = up(c, &vec![f32::NAN; n_assign * rows]);
-        c.mxfp4_moe_gemv_q8(
-            &up(c, &bl),
-            &up(c, &sc),
-            &up(c, &xq),
-            &up(c, &xd),
-            &mut y,
-            Experts::Ids(&up(c, &ids)),
-            n_assign,
-            x_div,
-            rows,
-            cols,
-            ne,
-        )
-        .unwrap();
-        check(
-            &format!("mxfp4_moe_gemv_q8 E {ne} rows {rows} cols {cols} assign {n_assign}"),
-            &down(c, &y),
-            &want,
-            1e-5,
-        );
+        c.mxfp4_moe_gemv_q8(&up(c, &bl), &up(c, &sc), &up(c, &xq), &up(c, &xd), &mut y, Experts::Ids(&up(c, &ids)), n_assign, x_div, rows, cols, ne)
+            .unwrap();
+        check(&format!("mxfp4_moe_gemv_q8 E {ne} rows {rows} cols {cols} assign {n_assign}"), &down(c, &y), &want, 1e-5);
     }
 }
 
@@ -232,15 +163,7 @@ fn gate_up_activation_int8() {
     let mut r = rng();
     for (act, inter, cols, with_bias) in [
         (GateAct::SiluGlu, 768usize, 2048usize, false),
-        (
-            GateAct::GptOss {
-                alpha: 1.702,
-                limit: 7.0,
-            },
-            96,
-            2880,
-            true,
-        ),
+        (GateAct::GptOss { alpha: 1.702, limit: 7.0 }, 96, 2880, true),
         (GateAct::SiluGlu, 64, 96, true),
     ] {
         let (ne, n_tok, k) = (8usize, 3usize, 2usize);
@@ -253,10 +176,7 @@ fn gate_up_activation_int8() {
         let mut want_act = Vec::new();
         for (a, &e) in ids.iter().enumerate() {
             let e = e as usize;
-            let (xs, ds) = (
-                &xq[(a / k) * cols..(a / k + 1) * cols],
-                &xd[(a / k) * cols / 32..(a / k + 1) * cols / 32],
-            );
+            let (xs, ds) = (&xq[(a / k) * cols..(a / k + 1) * cols], &xd[(a / k) * cols / 32..(a / k + 1) * cols / 32]);
             for j in 0..inter {
                 let (gr, ur) = match act {
                     GateAct::SiluGlu => (j, inter + j),
@@ -284,38 +204,17 @@ fn gate_up_activation_int8() {
         let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
         let db = up(c, &bias);
         c.moe_gate_up_q8(
-            &up(c, &bl),
-            &up(c, &sc),
-            &up(c, &xq),
-            &up(c, &xd),
-            Experts::Ids(&up(c, &ids)),
-            with_bias.then_some(&db),
-            act,
-            &mut aq,
-            &mut ad,
-            n_assign,
-            k,
-            inter,
-            cols,
-            ne,
+            &up(c, &bl), &up(c, &sc), &up(c, &xq), &up(c, &xd), Experts::Ids(&up(c, &ids)), with_bias.then_some(&db), act, &mut aq, &mut ad,
+            n_assign, k, inter, cols, ne,
         )
         .unwrap();
         let (aq, ad) = (down(c, &aq), down(c, &ad));
-        let got: Vec<f32> = aq
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                assert!(*q != -128, "unwritten int8 at {i}");
-                *q as f32 * ad[i / 32]
-            })
-            .collect();
+        let got: Vec<f32> = aq.iter().enumerate().map(|(i, q)| {
+            assert!(*q != -128, "unwritten int8 at {i}");
+            *q as f32 * ad[i / 32]
+        }).collect();
         // int8 blocks carry at most half a step of rounding: relative l2 well under 1%
-        check(
-            &format!("moe_gate_up_q8 {act:?} inter {inter} cols {cols} bias {with_bias}"),
-            &got,
-            &want_act,
-            1e-2,
-        );
+        check(&format!("moe_gate_up_q8 {act:?} inter {inter} cols {cols} bias {with_bias}"), &got, &want_act, 1e-2);
     }
 }
 
@@ -330,45 +229,17 @@ fn grouped_matches_per_assignment() {
     let Some(c) = cx() else { return };
     let mut r = rng();
     for (act, ne, inter, hidden, n_tok, k, skew) in [
-        (
-            GateAct::SiluGlu,
-            128usize,
-            768usize,
-            2048usize,
-            64usize,
-            8usize,
-            false,
-        ),
-        (
-            GateAct::GptOss {
-                alpha: 1.702,
-                limit: 7.0,
-            },
-            32,
-            96,
-            2880,
-            16,
-            4,
-            false,
-        ),
+        (GateAct::SiluGlu, 128usize, 768usize, 2048usize, 64usize, 8usize, false),
+        (GateAct::GptOss { alpha: 1.702, limit: 7.0 }, 32, 96, 2880, 16, 4, false),
         (GateAct::SiluGlu, 16, 64, 96, 20, 4, true),
     ] {
         let n_assign = n_tok * k;
-        let ids: Vec<i32> = (0..n_assign)
-            .map(|a| {
-                if skew && a % 2 == 0 {
-                    3
-                } else {
-                    r.gen_range(0..ne as i32)
-                }
-            })
-            .collect();
+        let ids: Vec<i32> = (0..n_assign).map(|a| if skew && a % 2 == 0 { 3 } else { r.gen_range(0..ne as i32) }).collect();
         // moe_group against a host listing
         let dids = up(c, &ids);
         let mut off = up(c, &vec![-7i32; ne + 1]);
         let mut list = up(c, &vec![-7i32; n_assign]);
-        c.moe_group(&dids, n_assign, ne, &mut off, &mut list)
-            .unwrap();
+        c.moe_group(&dids, n_assign, ne, &mut off, &mut list).unwrap();
         let (off_h, list_h) = (down(c, &off), down(c, &list));
         let mut want_list = Vec::new();
         let mut want_off = vec![0i32];
@@ -391,51 +262,17 @@ fn grouped_matches_per_assignment() {
             let mut aq = up(c, &vec![99i8; n_assign * inter]);
             let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
             let mut y = up(c, &vec![f32::NAN; n_assign * hidden]);
-            let ex = if grouped {
-                Experts::Grouped {
-                    off: &off,
-                    list: &list,
-                }
-            } else {
-                Experts::Ids(&dids)
-            };
-            c.moe_gate_up_q8(
-                &gbl, &gsc, &xq, &xd, ex, bias, act, &mut aq, &mut ad, n_assign, k, inter, hidden,
-                ne,
-            )
-            .unwrap();
-            c.mxfp4_moe_gemv_q8(
-                &dbl, &dsc, &aq, &ad, &mut y, ex, n_assign, 1, hidden, inter, ne,
-            )
-            .unwrap();
+            let ex = if grouped { Experts::Grouped { off: &off, list: &list } } else { Experts::Ids(&dids) };
+            c.moe_gate_up_q8(&gbl, &gsc, &xq, &xd, ex, bias, act, &mut aq, &mut ad, n_assign, k, inter, hidden, ne).unwrap();
+            c.mxfp4_moe_gemv_q8(&dbl, &dsc, &aq, &ad, &mut y, ex, n_assign, 1, hidden, inter, ne).unwrap();
             outs.push((down(c, &aq), down(c, &ad), down(c, &y)));
         }
         let (a, b) = (&outs[0], &outs[1]);
-        assert!(
-            b.2.iter().all(|v| v.is_finite()),
-            "grouped: an output was not written"
-        );
+        assert!(b.2.iter().all(|v| v.is_finite()), "grouped: an output was not written");
         assert_eq!(a.0, b.0, "E {ne}: int8 activations differ");
-        assert!(
-            a.1.iter()
-                .zip(&b.1)
-                .all(|(x, y)| x.to_bits() == y.to_bits()),
-            "E {ne}: activation scales differ"
-        );
-        let diff =
-            a.2.iter()
-                .zip(&b.2)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count();
-        assert_eq!(
-            diff,
-            0,
-            "E {ne}: {diff} of {} expert outputs differ",
-            a.2.len()
-        );
-        println!(
-            "  E {ne}, {n_tok} tokens x top-{k}: grouped == per-assignment (bitwise), {} outputs",
-            a.2.len()
-        );
+        assert!(a.1.iter().zip(&b.1).all(|(x, y)| x.to_bits() == y.to_bits()), "E {ne}: activation scales differ");
+        let diff = a.2.iter().zip(&b.2).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(diff, 0, "E {ne}: {diff} of {} expert outputs differ", a.2.len());
+        println!("  E {ne}, {n_tok} tokens x top-{k}: grouped == per-assignment (bitwise), {} outputs", a.2.len());
     }
 }

@@ -13,6 +13,7 @@ pub use kairos::backend::cuda::CudaContext;
 pub use rand::rngs::StdRng;
 pub use rand::{Rng, SeedableRng};
 
+
 // ---------------------------------------------------------------- harness
 
 pub static CX: OnceLock<CudaContext> = OnceLock::new();
@@ -176,9 +177,7 @@ pub fn has_gpu() -> bool {
 /// `KAIROS_REQUIRE_CUDA=1`. Holds `LOCK` for the rest of the test.
 macro_rules! guard {
     () => {
-        let _g = crate::support::LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _g = crate::support::LOCK.lock().unwrap_or_else(|e| e.into_inner());
         if !crate::support::has_gpu() {
             println!("no CUDA device: skipped");
             return;
@@ -246,11 +245,13 @@ pub fn ref_mxfp4_dequant(blocks: &[u8], scales: &[u8], rows: usize, cols: usize)
 
 // ---------------------------------------------------------------- tests
 
+
 pub fn inv_freq(d: usize, theta: f64) -> Vec<f32> {
     (0..d / 2)
         .map(|i| theta.powf(-(2.0 * i as f64) / d as f64) as f32)
         .collect()
 }
+
 
 /// Reference decode attention over bf16 caches (as f32 values).
 #[allow(clippy::too_many_arguments)]
@@ -309,6 +310,7 @@ pub fn ref_attention(
     }
     out
 }
+
 
 pub fn rand_mxfp4(r: &mut StdRng, e: usize, rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
     let blocks: Vec<u8> = (0..e * rows * cols / 2).map(|_| r.gen()).collect();

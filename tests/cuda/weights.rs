@@ -21,9 +21,7 @@ pub fn to_bf16(w: &mut Weight) {
 
 pub fn to_mx(w: &mut Weight) {
     let (rows, cols) = (w.rows(), w.cols());
-    *w = Weight::Mxfp4(
-        Mxfp4Matrix::quantize(&w.to_f32(), rows, cols, ScaleRule::Spec).expect("quantize"),
-    );
+    *w = Weight::Mxfp4(Mxfp4Matrix::quantize(&w.to_f32(), rows, cols, ScaleRule::Spec).expect("quantize"));
 }
 
 pub fn round_vec(v: &mut [f32]) {
@@ -34,9 +32,7 @@ pub fn round_vec(v: &mut [f32]) {
 
 /// The fixture's weights as the CUDA backend stores them.
 pub fn prepared(dir: &str) -> ModelWeights {
-    let mut w = load_model(&fixtures().join(dir))
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .weights;
+    let mut w = load_model(&fixtures().join(dir)).unwrap_or_else(|e| panic!("{dir}: {e}")).weights;
     to_bf16(&mut w.embed);
     if let Some(h) = w.lm_head.as_mut() {
         to_bf16(h);
@@ -73,3 +69,4 @@ pub fn prepared(dir: &str) -> ModelWeights {
     }
     w
 }
+

@@ -168,13 +168,7 @@ impl Kind {
         if i % 10 != 7 {
             return Kind::Valid;
         }
-        [
-            Kind::NotJson,
-            Kind::NotUtf8,
-            Kind::MissingField,
-            Kind::WrongType,
-            Kind::Oversized,
-        ][(i / 10 % 5) as usize]
+        [Kind::NotJson, Kind::NotUtf8, Kind::MissingField, Kind::WrongType, Kind::Oversized][(i / 10 % 5) as usize]
     }
 
     /// The text the DLQ reason must contain.
@@ -209,14 +203,8 @@ pub fn payload_of(i: u64, pad: usize) -> Vec<u8> {
             v
         }
         Kind::MissingField => format!(r#"{{"txn_id":"t{i}","amount":3}}"#).into_bytes(),
-        Kind::WrongType => {
-            format!(r#"{{"txn_id":"t{i}","card_id":"c","amount":"lots"}}"#).into_bytes()
-        }
-        Kind::Oversized => format!(
-            r#"{{"txn_id":"t{i}","card_id":"c","amount":1,"pad":"{}"}}"#,
-            "x".repeat(2100)
-        )
-        .into_bytes(),
+        Kind::WrongType => format!(r#"{{"txn_id":"t{i}","card_id":"c","amount":"lots"}}"#).into_bytes(),
+        Kind::Oversized => format!(r#"{{"txn_id":"t{i}","card_id":"c","amount":1,"pad":"{}"}}"#, "x".repeat(2100)).into_bytes(),
     }
 }
 
@@ -229,42 +217,18 @@ pub struct Placed {
 
 /// Produce inputs `from..to` to `in` with key, `traceparent` and [`TEST_ID`]
 /// headers. Returns where each landed (acknowledged by the broker).
-pub async fn produce_events(
-    p: &FutureProducer,
-    from: u64,
-    to: u64,
-    pad: usize,
-) -> BTreeMap<u64, Placed> {
+pub async fn produce_events(p: &FutureProducer, from: u64, to: u64, pad: usize) -> BTreeMap<u64, Placed> {
     let sends = (from..to).map(|i| async move {
         let key = key_of(i);
         let payload = payload_of(i, pad);
         let id = i.to_string();
         let tp = format!("00-{i:032x}-{i:016x}-01");
         let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: TEST_ID,
-                value: Some(&id),
-            })
-            .insert(Header {
-                key: "traceparent",
-                value: Some(&tp),
-            });
-        let r = FutureRecord::to("in")
-            .key(&key)
-            .payload(&payload)
-            .headers(headers);
-        let d = p
-            .send(r, Timeout::After(Duration::from_secs(20)))
-            .await
-            .map_err(|(e, _)| e)
-            .expect("produce input");
-        (
-            i,
-            Placed {
-                partition: d.partition,
-                offset: d.offset,
-            },
-        )
+            .insert(Header { key: TEST_ID, value: Some(&id) })
+            .insert(Header { key: "traceparent", value: Some(&tp) });
+        let r = FutureRecord::to("in").key(&key).payload(&payload).headers(headers);
+        let d = p.send(r, Timeout::After(Duration::from_secs(20))).await.map_err(|(e, _)| e).expect("produce input");
+        (i, Placed { partition: d.partition, offset: d.offset })
     });
     futures::future::join_all(sends).await.into_iter().collect()
 }
@@ -304,24 +268,11 @@ fn reader(b: &Broker) -> BaseConsumer {
 /// High watermarks of every partition of `topic`.
 pub fn end_offsets(b: &Broker, topic: &str) -> BTreeMap<i32, i64> {
     let c = reader(b);
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     parts
         .into_iter()
-        .map(|p| {
-            (
-                p,
-                c.fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .expect("watermarks")
-                    .1,
-            )
-        })
+        .map(|p| (p, c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1))
         .collect()
 }
 
@@ -336,33 +287,20 @@ pub fn snapshot(b: &Broker, topic: &str) -> Vec<Rec> {
     let c = reader(b);
     let mut tpl = TopicPartitionList::new();
     for &p in ends.keys() {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("tpl");
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
     }
     c.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let mut next: BTreeMap<i32, i64> = ends.keys().map(|&p| (p, 0)).collect();
     let until = Instant::now() + Duration::from_secs(20);
     while ends.iter().any(|(p, e)| next[p] < *e) {
-        assert!(
-            Instant::now() < until,
-            "could not read {topic} up to {ends:?} (at {next:?})"
-        );
-        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
-            continue;
-        };
+        assert!(Instant::now() < until, "could not read {topic} up to {ends:?} (at {next:?})");
+        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else { continue };
         next.insert(m.partition(), m.offset() + 1);
         let headers = m
             .headers()
             .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
+                h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
             })
             .unwrap_or_default();
         out.push(Rec {
@@ -389,11 +327,7 @@ pub fn answers(verdicts: &[Rec], dlq: &[Rec]) -> BTreeMap<u64, usize> {
 
 /// Snapshot both output topics every 300 ms until every input in `ids` is
 /// answered or `timeout` passes; returns the last snapshot.
-pub async fn wait_answered(
-    b: &Broker,
-    ids: &BTreeSet<u64>,
-    timeout: Duration,
-) -> (Vec<Rec>, Vec<Rec>) {
+pub async fn wait_answered(b: &Broker, ids: &BTreeSet<u64>, timeout: Duration) -> (Vec<Rec>, Vec<Rec>) {
     let until = Instant::now() + timeout;
     loop {
         let (v, d) = (snapshot(b, "out"), snapshot(b, "dlq"));
@@ -407,9 +341,7 @@ pub async fn wait_answered(
 
 /// Committed offsets of `group` for each partition of `in`.
 pub fn committed_all(b: &Broker, group: &str, partitions: i32) -> BTreeMap<i32, Option<i64>> {
-    (0..partitions)
-        .map(|p| (p, committed(b, group, "in", p)))
-        .collect()
+    (0..partitions).map(|p| (p, committed(b, group, "in", p))).collect()
 }
 
 /// `kairos run` as a child process; stderr goes to a log file.
@@ -432,11 +364,7 @@ impl Kairos {
             .stderr(err)
             .spawn()
             .expect("start kairos");
-        Kairos {
-            child,
-            log: log.to_path_buf(),
-            status: None,
-        }
+        Kairos { child, log: log.to_path_buf(), status: None }
     }
 
     pub fn pid(&self) -> u32 {
@@ -450,12 +378,8 @@ impl Kairos {
     /// Verdicts so far, from the last live summary line (printed every second).
     pub fn verdicts(&self) -> u64 {
         let log = self.stderr();
-        let last = log
-            .lines()
-            .rev()
-            .find_map(|l| l.split("| verdicts ").nth(1).map(str::to_owned));
-        last.and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
-            .unwrap_or(0)
+        let last = log.lines().rev().find_map(|l| l.split("| verdicts ").nth(1).map(str::to_owned));
+        last.and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok())).unwrap_or(0)
     }
 
     /// Resident memory (kB) from /proc/<pid>/status, while it runs.
@@ -473,15 +397,8 @@ impl Kairos {
 
     /// SIGTERM, then wait up to `timeout` for the drain and exit.
     pub fn term(&mut self, timeout: Duration) -> ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.wait(timeout).unwrap_or_else(|| {
-            panic!(
-                "kairos did not exit {timeout:?} after SIGTERM; log:\n{}",
-                self.stderr()
-            )
-        })
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.wait(timeout).unwrap_or_else(|| panic!("kairos did not exit {timeout:?} after SIGTERM; log:\n{}", self.stderr()))
     }
 
     /// Wait for the process to exit on its own.
@@ -512,75 +429,31 @@ impl Drop for Kairos {
 pub fn check_verdict(r: &Rec, placed: &Placed) {
     let i = r.input().expect("test id");
     assert_eq!(r.key.as_deref(), Some(key_of(i).as_str()), "key of {r:?}");
-    assert_eq!(
-        r.header("kairos-source"),
-        format!("in/{}/{}", placed.partition, placed.offset),
-        "{r:?}"
-    );
+    assert_eq!(r.header("kairos-source"), format!("in/{}/{}", placed.partition, placed.offset), "{r:?}");
     assert_eq!(r.header("kairos-model"), "llama", "{r:?}");
-    assert!(
-        r.header("kairos-latency-us").parse::<u64>().is_ok(),
-        "{r:?}"
-    );
-    assert!(
-        ["true", "false"].contains(&r.header("kairos-deadline-met")),
-        "{r:?}"
-    );
-    assert!(
-        ["true", "false"].contains(&r.header("kairos-fallback")),
-        "{r:?}"
-    );
-    assert_eq!(
-        r.header("traceparent"),
-        format!("00-{i:032x}-{i:016x}-01"),
-        "traceparent passed through: {r:?}"
-    );
+    assert!(r.header("kairos-latency-us").parse::<u64>().is_ok(), "{r:?}");
+    assert!(["true", "false"].contains(&r.header("kairos-deadline-met")), "{r:?}");
+    assert!(["true", "false"].contains(&r.header("kairos-fallback")), "{r:?}");
+    assert_eq!(r.header("traceparent"), format!("00-{i:032x}-{i:016x}-01"), "traceparent passed through: {r:?}");
     let text = std::str::from_utf8(&r.payload).expect("UTF-8 verdict");
-    assert!(
-        text.starts_with("{\"decision\":\""),
-        "decision first: {text}"
-    );
+    assert!(text.starts_with("{\"decision\":\""), "decision first: {text}");
     let v: serde_json::Value = serde_json::from_str(text).expect("verdict JSON");
     let o = v.as_object().expect("object");
     assert_eq!(o.len(), 3, "{text}");
-    assert!(
-        ["allow", "review", "block"].contains(&o["decision"].as_str().unwrap_or("")),
-        "{text}"
-    );
-    assert!(
-        o["score"]
-            .as_f64()
-            .is_some_and(|s| (0.0..=1.0).contains(&s)),
-        "{text}"
-    );
-    assert!(
-        o["reason"]
-            .as_str()
-            .is_some_and(|s| s.chars().count() <= 40),
-        "{text}"
-    );
+    assert!(["allow", "review", "block"].contains(&o["decision"].as_str().unwrap_or("")), "{text}");
+    assert!(o["score"].as_f64().is_some_and(|s| (0.0..=1.0).contains(&s)), "{text}");
+    assert!(o["reason"].as_str().is_some_and(|s| s.chars().count() <= 40), "{text}");
 }
 
 /// Check one DLQ record against its input: original key, payload, a reason of the right kind.
 pub fn check_dlq(r: &Rec, placed: &Placed) {
     let i = r.input().expect("test id");
     assert_eq!(r.key.as_deref(), Some(key_of(i).as_str()), "{r:?}");
-    assert_eq!(
-        r.payload,
-        payload_of(i, 0),
-        "the DLQ keeps the original payload: {r:?}"
-    );
+    assert_eq!(r.payload, payload_of(i, 0), "the DLQ keeps the original payload: {r:?}");
     let want = Kind::of(i).reason();
     assert!(!want.is_empty(), "valid input {i} sent to the DLQ: {r:?}");
-    assert!(
-        r.header("kairos-dlq-reason").contains(want),
-        "reason for {i}: want {want:?}, got {r:?}"
-    );
-    assert_eq!(
-        r.header("kairos-source"),
-        format!("in/{}/{}", placed.partition, placed.offset),
-        "{r:?}"
-    );
+    assert!(r.header("kairos-dlq-reason").contains(want), "reason for {i}: want {want:?}, got {r:?}");
+    assert_eq!(r.header("kairos-source"), format!("in/{}/{}", placed.partition, placed.offset), "{r:?}");
 }
 
 /// Duplicates: records beyond the first per input.
@@ -594,13 +467,7 @@ pub fn missing(a: &BTreeMap<u64, usize>, ids: impl IntoIterator<Item = u64>) -> 
 
 /// Produce inputs `0..n` at `rate` events/s (in 10 ms ticks), calling
 /// `each_tick` between ticks (to sample the process under load).
-pub async fn produce_paced(
-    p: &FutureProducer,
-    n: u64,
-    rate: f64,
-    pad: usize,
-    mut each_tick: impl FnMut(),
-) -> BTreeMap<u64, Placed> {
+pub async fn produce_paced(p: &FutureProducer, n: u64, rate: f64, pad: usize, mut each_tick: impl FnMut()) -> BTreeMap<u64, Placed> {
     let per_tick = (rate / 100.0).max(1.0);
     let start = Instant::now();
     let mut sends = Vec::new();
@@ -613,9 +480,7 @@ pub async fn produce_paced(
         if upto > next {
             let p = p.clone();
             let (from, to) = (next, upto);
-            sends.push(tokio::spawn(async move {
-                produce_events(&p, from, to, pad).await
-            }));
+            sends.push(tokio::spawn(async move { produce_events(&p, from, to, pad).await }));
             next = upto;
         }
         each_tick();
@@ -629,10 +494,5 @@ pub async fn produce_paced(
 
 /// A list for an assertion message: the count and the first 20.
 pub fn brief<T: std::fmt::Debug>(v: &[T]) -> String {
-    format!(
-        "{} {:?}{}",
-        v.len(),
-        &v[..v.len().min(20)],
-        if v.len() > 20 { " …" } else { "" }
-    )
+    format!("{} {:?}{}", v.len(), &v[..v.len().min(20)], if v.len() > 20 { " …" } else { "" })
 }

@@ -25,16 +25,8 @@ const PLACES: &[(&str, &str, &str, i64)] = &[
 
 /// (mcc, category, merchant names)
 const NORMAL: &[(&str, &str, &[&str])] = &[
-    (
-        "5411",
-        "grocery",
-        &["FreshMart", "GreenGrocer", "DailyFoods"],
-    ),
-    (
-        "5812",
-        "restaurant",
-        &["Luigi's", "Noodle Bar", "Burger Spot"],
-    ),
+    ("5411", "grocery", &["FreshMart", "GreenGrocer", "DailyFoods"]),
+    ("5812", "restaurant", &["Luigi's", "Noodle Bar", "Burger Spot"]),
     ("5541", "fuel", &["QuickFuel", "Shell Station"]),
     ("5311", "department_store", &["MegaStore", "CityMall"]),
     ("4121", "rideshare", &["RideNow", "CityCab"]),
@@ -43,31 +35,18 @@ const NORMAL: &[(&str, &str, &[&str])] = &[
     ("4111", "transit", &["Metro Transit"]),
 ];
 const HIGH_RISK: &[(&str, &str, &[&str])] = &[
-    (
-        "7995",
-        "gambling",
-        &["LuckyBet Online", "Casino Royale Web"],
-    ),
+    ("7995", "gambling", &["LuckyBet Online", "Casino Royale Web"]),
     ("6051", "crypto_exchange", &["CoinSwap", "QuickCrypto"]),
     ("4829", "money_transfer", &["FastWire", "SendCash"]),
     ("5944", "jewelry", &["Golden Jewels"]),
 ];
 const TESTING: &[(&str, &str, &[&str])] = &[
     ("5816", "digital_games", &["GameCoins", "PlayStore X"]),
-    (
-        "5818",
-        "digital_goods",
-        &["eBooks4U", "AppCredits", "SkinShop"],
-    ),
+    ("5818", "digital_goods", &["eBooks4U", "AppCredits", "SkinShop"]),
     ("4899", "streaming", &["StreamBox", "TuneFlix"]),
 ];
 
-const PATTERNS: [&str; 4] = [
-    "card_testing",
-    "geo_impossible",
-    "night_high_risk",
-    "large_amount",
-];
+const PATTERNS: [&str; 4] = ["card_testing", "geo_impossible", "night_high_risk", "large_amount"];
 /// Mean events per pattern: card_testing 4..=8 (6), the others 1.
 const MEAN_PATTERN_LEN: f64 = (6.0 + 1.0 + 1.0 + 1.0) / 4.0;
 
@@ -127,15 +106,7 @@ impl FraudGenerator {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn txn(
-        &mut self,
-        card: usize,
-        place: usize,
-        amount: f64,
-        cat: (&str, &str, &[&str]),
-        channel: &str,
-        pattern: &'static str,
-    ) -> Generated {
+    fn txn(&mut self, card: usize, place: usize, amount: f64, cat: (&str, &str, &[&str]), channel: &str, pattern: &'static str) -> Generated {
         let now = self.clock_ms;
         let merchant = cat.2[self.rng.gen_range(0..cat.2.len())];
         let merchant = format!("{merchant} #{}", self.rng.gen_range(100..999));
@@ -170,11 +141,7 @@ impl FraudGenerator {
         c.last_place = place;
         c.last_ts = Some(now);
         self.seq += 1;
-        Generated {
-            key: c.id.clone(),
-            payload,
-            pattern,
-        }
+        Generated { key: c.id.clone(), payload, pattern }
     }
 
     fn normal(&mut self) -> Generated {
@@ -182,9 +149,7 @@ impl FraudGenerator {
         let card = self.rng.gen_range(0..self.cards.len());
         let home = self.cards[card].home;
         // mostly at home; some legit travel (far from the last transaction in time)
-        let recent = self.cards[card]
-            .last_ts
-            .is_some_and(|t| self.clock_ms - t < 86_400_000);
+        let recent = self.cards[card].last_ts.is_some_and(|t| self.clock_ms - t < 86_400_000);
         let place = if recent {
             self.cards[card].last_place
         } else if self.rng.gen_bool(0.95) {
@@ -221,11 +186,7 @@ impl FraudGenerator {
                 self.cards[card].last_place = home;
                 self.cards[card].last_ts = Some(self.clock_ms - self.rng.gen_range(2..40) * 60_000);
                 let far = (home + PLACES.len() / 2 + self.rng.gen_range(0..2)) % PLACES.len();
-                let far = if PLACES[far].0 == PLACES[home].0 {
-                    (far + 3) % PLACES.len()
-                } else {
-                    far
-                };
+                let far = if PLACES[far].0 == PLACES[home].0 { (far + 3) % PLACES.len() } else { far };
                 let cat = NORMAL[self.rng.gen_range(0..NORMAL.len())];
                 let amount = self.cards[card].avg_amount * self.rng.gen_range(1.0..4.0);
                 let g = self.txn(card, far, amount, cat, "pos", which);
@@ -233,19 +194,9 @@ impl FraudGenerator {
             }
             "night_high_risk" => {
                 self.tick(4_000);
-                let nights: Vec<usize> = (0..PLACES.len())
-                    .filter(|p| self.local_hour(*p) <= 5)
-                    .collect();
-                let place = if nights.is_empty() {
-                    self.cards[card].home
-                } else {
-                    nights[self.rng.gen_range(0..nights.len())]
-                };
-                let card = self
-                    .cards
-                    .iter()
-                    .position(|c| c.home == place)
-                    .unwrap_or(card);
+                let nights: Vec<usize> = (0..PLACES.len()).filter(|p| self.local_hour(*p) <= 5).collect();
+                let place = if nights.is_empty() { self.cards[card].home } else { nights[self.rng.gen_range(0..nights.len())] };
+                let card = self.cards.iter().position(|c| c.home == place).unwrap_or(card);
                 let cat = HIGH_RISK[self.rng.gen_range(0..HIGH_RISK.len())];
                 let amount = self.cards[card].avg_amount * self.rng.gen_range(3.0..12.0);
                 let g = self.txn(card, place, amount, cat, "online", which);

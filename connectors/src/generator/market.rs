@@ -35,19 +35,10 @@ impl MarketGenerator {
                     Some(s) => s.to_string(),
                     None => format!("SYM{i}"),
                 };
-                Sym {
-                    name,
-                    price: round2(rng.gen_range(20.0..800.0)),
-                    recent: VecDeque::new(),
-                }
+                Sym { name, price: round2(rng.gen_range(20.0..800.0)), recent: VecDeque::new() }
             })
             .collect();
-        MarketGenerator {
-            rng,
-            syms,
-            jump_p: start_probability(rate, 1.0),
-            clock_ms: start_ms,
-        }
+        MarketGenerator { rng, syms, jump_p: start_probability(rate, 1.0), clock_ms: start_ms }
     }
 }
 
@@ -58,20 +49,11 @@ impl EventGenerator for MarketGenerator {
         let jump = self.rng.gen_bool(self.jump_p);
         let ret = if jump {
             let m = self.rng.gen_range(0.03..0.12);
-            if self.rng.gen_bool(0.5) {
-                m
-            } else {
-                -m
-            }
+            if self.rng.gen_bool(0.5) { m } else { -m }
         } else {
             self.rng.gen_range(-0.002..0.002)
         };
-        let volume = if jump {
-            self.rng.gen_range(5_000.0..50_000.0f64)
-        } else {
-            self.rng.gen_range(100.0..3_000.0f64)
-        }
-        .round();
+        let volume = if jump { self.rng.gen_range(5_000.0..50_000.0f64) } else { self.rng.gen_range(100.0..3_000.0f64) }.round();
         let s = &mut self.syms[i];
         let prev = s.price;
         s.price = round2((prev * (1.0 + ret)).max(0.01));
@@ -79,10 +61,7 @@ impl EventGenerator for MarketGenerator {
         if s.recent.len() > 50 {
             s.recent.pop_front();
         }
-        let (pv, v): (f64, f64) = s
-            .recent
-            .iter()
-            .fold((0.0, 0.0), |a, (p, v)| (a.0 + p * v, a.1 + v));
+        let (pv, v): (f64, f64) = s.recent.iter().fold((0.0, 0.0), |a, (p, v)| (a.0 + p * v, a.1 + v));
         let spread = (s.price * self.rng.gen_range(0.0001..0.0008)).max(0.01);
         let payload = json!({
             "symbol": s.name,
@@ -95,10 +74,6 @@ impl EventGenerator for MarketGenerator {
             "ask": round2(s.price + spread / 2.0),
             "vwap_5m": round2(pv / v.max(1.0)),
         });
-        Generated {
-            key: s.name.clone(),
-            payload,
-            pattern: if jump { "price_jump" } else { "none" },
-        }
+        Generated { key: s.name.clone(), payload, pattern: if jump { "price_jump" } else { "none" } }
     }
 }

@@ -115,33 +115,15 @@ pub fn build(cfg: &GeneratorConfig) -> Result<Box<dyn EventGenerator>> {
         )));
     }
     if !(cfg.rate >= 0.0 && cfg.rate.is_finite()) {
-        return Err(ConnectorError::Config(format!(
-            "generator rate must be >= 0, got {}",
-            cfg.rate
-        )));
+        return Err(ConnectorError::Config(format!("generator rate must be >= 0, got {}", cfg.rate)));
     }
     let rng = StdRng::seed_from_u64(cfg.seed);
     let r = cfg.anomaly_rate;
     let t0 = cfg.start_time_ms;
     Ok(match cfg.kind {
-        GeneratorKind::Fraud => Box::new(FraudGenerator::new(
-            rng,
-            cfg.entities.unwrap_or(1000).max(1),
-            r,
-            t0,
-        )),
-        GeneratorKind::Market => Box::new(MarketGenerator::new(
-            rng,
-            cfg.entities.unwrap_or(20).max(1),
-            r,
-            t0,
-        )),
-        GeneratorKind::Agent => Box::new(AgentGenerator::new(
-            rng,
-            cfg.entities.unwrap_or(50).max(1),
-            r,
-            t0,
-        )),
+        GeneratorKind::Fraud => Box::new(FraudGenerator::new(rng, cfg.entities.unwrap_or(1000).max(1), r, t0)),
+        GeneratorKind::Market => Box::new(MarketGenerator::new(rng, cfg.entities.unwrap_or(20).max(1), r, t0)),
+        GeneratorKind::Agent => Box::new(AgentGenerator::new(rng, cfg.entities.unwrap_or(50).max(1), r, t0)),
     })
 }
 
@@ -158,25 +140,14 @@ pub fn to_event(g: Generated, topic: &str, seq: i64) -> Event {
     Event {
         key: Some(g.key.into_bytes()),
         payload: g.payload.to_string().into_bytes(),
-        headers: vec![(
-            HEADER_GEN_PATTERN.to_string(),
-            g.pattern.as_bytes().to_vec(),
-        )],
-        origin: Origin {
-            topic: topic.to_string(),
-            partition: 0,
-            offset: seq,
-        },
+        headers: vec![(HEADER_GEN_PATTERN.to_string(), g.pattern.as_bytes().to_vec())],
+        origin: Origin { topic: topic.to_string(), partition: 0, offset: seq },
         timestamp_ms: None,
         received: Instant::now(),
     }
 }
 
-pub(crate) fn start(
-    cfg: GeneratorConfig,
-    capacity: usize,
-    shutdown: Shutdown,
-) -> Result<SourceHandle> {
+pub(crate) fn start(cfg: GeneratorConfig, capacity: usize, shutdown: Shutdown) -> Result<SourceHandle> {
     let mut gen = build(&cfg)?;
     let topic = format!("generator:{}", kind_name(cfg.kind));
     let (tx, rx) = mpsc::channel(capacity);
@@ -200,11 +171,7 @@ pub(crate) fn start(
         }
         Ok(SourceStats { delivered: seq })
     });
-    Ok(SourceHandle {
-        events: rx,
-        acker: Arc::new(CountingAcker::default()),
-        join,
-    })
+    Ok(SourceHandle { events: rx, acker: Arc::new(CountingAcker::default()), join })
 }
 
 /// Probability of starting a pattern so that, with patterns of mean length

@@ -1,15 +1,7 @@
 use super::*;
 
 fn cfg(kind: GeneratorKind, seed: u64, rate: f64) -> GeneratorConfig {
-    GeneratorConfig {
-        kind,
-        rate: 0.0,
-        count: None,
-        seed,
-        anomaly_rate: rate,
-        entities: None,
-        start_time_ms: default_start(),
-    }
+    GeneratorConfig { kind, rate: 0.0, count: None, seed, anomaly_rate: rate, entities: None, start_time_ms: default_start() }
 }
 
 fn take(kind: GeneratorKind, seed: u64, rate: f64, n: usize) -> Vec<Generated> {
@@ -17,11 +9,7 @@ fn take(kind: GeneratorKind, seed: u64, rate: f64, n: usize) -> Vec<Generated> {
     (0..n).map(|_| g.next_event()).collect()
 }
 
-const KINDS: [GeneratorKind; 3] = [
-    GeneratorKind::Fraud,
-    GeneratorKind::Market,
-    GeneratorKind::Agent,
-];
+const KINDS: [GeneratorKind; 3] = [GeneratorKind::Fraud, GeneratorKind::Market, GeneratorKind::Agent];
 
 #[test]
 fn deterministic_per_seed() {
@@ -34,35 +22,11 @@ fn deterministic_per_seed() {
 fn fields(kind: GeneratorKind) -> &'static [&'static str] {
     match kind {
         GeneratorKind::Fraud => &[
-            "txn_id",
-            "card_id",
-            "ts_ms",
-            "amount",
-            "currency",
-            "merchant",
-            "mcc",
-            "merchant_category",
-            "channel",
-            "country",
-            "city",
-            "local_hour",
-            "card_home_country",
-            "card_avg_amount_30d",
-            "card_txns_last_10min",
-            "prev_txn_country",
-            "prev_txn_minutes_ago",
+            "txn_id", "card_id", "ts_ms", "amount", "currency", "merchant", "mcc", "merchant_category",
+            "channel", "country", "city", "local_hour", "card_home_country", "card_avg_amount_30d",
+            "card_txns_last_10min", "prev_txn_country", "prev_txn_minutes_ago",
         ],
-        GeneratorKind::Market => &[
-            "symbol",
-            "ts_ms",
-            "price",
-            "prev_price",
-            "change_pct",
-            "volume",
-            "bid",
-            "ask",
-            "vwap_5m",
-        ],
+        GeneratorKind::Market => &["symbol", "ts_ms", "price", "prev_price", "change_pct", "volume", "bid", "ask", "vwap_5m"],
         GeneratorKind::Agent => &["agent_id", "session_id", "seq", "ts_ms", "type"],
     }
 }
@@ -91,9 +55,7 @@ fn valid_json_with_documented_fields() {
                 match g.pattern {
                     "card_testing" => assert!(amount < 3.0),
                     "night_high_risk" => assert!(obj["local_hour"].as_i64() <= Some(5), "{v}"),
-                    "large_amount" => assert!(
-                        amount >= 10.0 * obj["card_avg_amount_30d"].as_f64().unwrap() - 0.01
-                    ),
+                    "large_amount" => assert!(amount >= 10.0 * obj["card_avg_amount_30d"].as_f64().unwrap() - 0.01),
                     "geo_impossible" => {
                         assert_ne!(obj["country"], obj["prev_txn_country"]);
                         assert!(obj["prev_txn_minutes_ago"].as_i64().unwrap() < 40);
@@ -112,28 +74,17 @@ fn anomalies_at_known_rate() {
             let n = 20_000;
             let evs = take(k, 3, rate, n);
             let frac = evs.iter().filter(|g| g.pattern != "none").count() as f64 / n as f64;
-            assert!(
-                (frac - rate).abs() < 0.02 + rate * 0.15,
-                "{k:?}: rate {rate}, got {frac}"
-            );
+            assert!((frac - rate).abs() < 0.02 + rate * 0.15, "{k:?}: rate {rate}, got {frac}");
         }
         // every pattern shows up
         let evs = take(k, 3, 0.2, 20_000);
         let want: &[&str] = match k {
-            GeneratorKind::Fraud => &[
-                "card_testing",
-                "geo_impossible",
-                "night_high_risk",
-                "large_amount",
-            ],
+            GeneratorKind::Fraud => &["card_testing", "geo_impossible", "night_high_risk", "large_amount"],
             GeneratorKind::Market => &["price_jump"],
             GeneratorKind::Agent => &["prompt_injection", "dangerous_tool_call", "error_loop"],
         };
         for p in want {
-            assert!(
-                evs.iter().any(|g| g.pattern == *p),
-                "{k:?} never produced {p}"
-            );
+            assert!(evs.iter().any(|g| g.pattern == *p), "{k:?} never produced {p}");
         }
     }
 }
@@ -151,20 +102,14 @@ async fn source_respects_count_and_rate() {
         n += 1;
     }
     assert_eq!(n, 20);
-    assert!(
-        t.elapsed() >= std::time::Duration::from_millis(90),
-        "rate not applied"
-    );
+    assert!(t.elapsed() >= std::time::Duration::from_millis(90), "rate not applied");
     assert_eq!(h.join.await.expect("join").expect("ok").delivered, 20);
 }
 
 #[test]
 fn config_rejects_unknown_fields() {
-    let ok: crate::SourceConfig =
-        serde_json::from_str(r#"{"type":"generator","kind":"fraud","rate":10}"#).expect("ok");
+    let ok: crate::SourceConfig = serde_json::from_str(r#"{"type":"generator","kind":"fraud","rate":10}"#).expect("ok");
     assert!(matches!(ok, crate::SourceConfig::Generator(_)));
-    let bad = serde_json::from_str::<crate::SourceConfig>(
-        r#"{"type":"generator","kind":"fraud","rat":10}"#,
-    );
+    let bad = serde_json::from_str::<crate::SourceConfig>(r#"{"type":"generator","kind":"fraud","rat":10}"#);
     assert!(bad.is_err());
 }

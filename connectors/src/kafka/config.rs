@@ -209,23 +209,14 @@ impl Connection<'_> {
         c.set("bootstrap.servers", self.brokers);
         let path = |p: &PathBuf| p.display().to_string();
         let opts: [(&str, Option<String>); 8] = [
-            (
-                "security.protocol",
-                self.security_protocol.map(str::to_string),
-            ),
+            ("security.protocol", self.security_protocol.map(str::to_string)),
             ("sasl.mechanism", self.sasl_mechanism.map(str::to_string)),
             ("sasl.username", self.sasl_username.map(str::to_string)),
             ("sasl.password", self.sasl_password.map(str::to_string)),
             ("ssl.ca.location", self.ssl_ca_location.map(path)),
-            (
-                "ssl.certificate.location",
-                self.ssl_certificate_location.map(path),
-            ),
+            ("ssl.certificate.location", self.ssl_certificate_location.map(path)),
             ("ssl.key.location", self.ssl_key_location.map(path)),
-            (
-                "ssl.key.password",
-                self.ssl_key_password.map(str::to_string),
-            ),
+            ("ssl.key.password", self.ssl_key_password.map(str::to_string)),
         ];
         for (k, v) in opts {
             if let Some(v) = v {
@@ -249,8 +240,7 @@ impl Connection<'_> {
 
 impl KafkaSourceConfig {
     pub(crate) fn revoke_drain(&self) -> u64 {
-        self.revoke_drain_ms
-            .unwrap_or(self.session_timeout_ms * 6 / 10)
+        self.revoke_drain_ms.unwrap_or(self.session_timeout_ms * 6 / 10)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -277,16 +267,10 @@ impl KafkaSourceConfig {
             ("group.id", self.group_id.clone()),
             ("enable.auto.commit", "true".into()),
             ("enable.auto.offset.store", "false".into()),
-            (
-                "auto.commit.interval.ms",
-                self.auto_commit_interval_ms.to_string(),
-            ),
+            ("auto.commit.interval.ms", self.auto_commit_interval_ms.to_string()),
             ("auto.offset.reset", self.auto_offset_reset.clone()),
             ("session.timeout.ms", self.session_timeout_ms.to_string()),
-            (
-                "heartbeat.interval.ms",
-                self.heartbeat_interval_ms.to_string(),
-            ),
+            ("heartbeat.interval.ms", self.heartbeat_interval_ms.to_string()),
             ("isolation.level", self.isolation_level.clone()),
             ("partition.assignment.strategy", "range,roundrobin".into()),
             ("enable.partition.eof", "false".into()),
@@ -298,19 +282,14 @@ impl KafkaSinkConfig {
     /// The librdkafka producer configuration (idempotent, acks=all).
     pub fn producer_config(&self) -> Result<ClientConfig> {
         if self.output_topic.is_empty() {
-            return Err(ConnectorError::KafkaConfig(
-                "`output_topic` is empty".into(),
-            ));
+            return Err(ConnectorError::KafkaConfig("`output_topic` is empty".into()));
         }
         self.connection().client_config(&[
             ("enable.idempotence", "true".into()),
             ("acks", "all".into()),
             ("message.timeout.ms", self.message_timeout_ms.to_string()),
             ("linger.ms", self.linger_ms.to_string()),
-            (
-                "compression.type",
-                self.compression.clone().unwrap_or_else(|| "none".into()),
-            ),
+            ("compression.type", self.compression.clone().unwrap_or_else(|| "none".into())),
         ])
     }
 }
@@ -335,9 +314,6 @@ mod tests {
         )
         .expect("parse");
         assert!(bad.consumer_config().is_err());
-        assert!(serde_json::from_str::<KafkaSinkConfig>(
-            r#"{"brokers":"b","output_topic":"o","typo":1}"#
-        )
-        .is_err());
+        assert!(serde_json::from_str::<KafkaSinkConfig>(r#"{"brokers":"b","output_topic":"o","typo":1}"#).is_err());
     }
 }

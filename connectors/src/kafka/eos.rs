@@ -77,20 +77,14 @@ where
     let mut cc = source.consumer_config()?;
     cc.set("enable.auto.commit", "false");
     cc.set("isolation.level", "read_committed");
-    let consumer: Arc<BaseConsumer> = Arc::new(
-        cc.create()
-            .map_err(|e| ConnectorError::kafka("create consumer", e))?,
-    );
+    let consumer: Arc<BaseConsumer> =
+        Arc::new(cc.create().map_err(|e| ConnectorError::kafka("create consumer", e))?);
     let topics: Vec<&str> = source.topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|e| ConnectorError::kafka("subscribe", e))?;
+    consumer.subscribe(&topics).map_err(|e| ConnectorError::kafka("subscribe", e))?;
 
     let mut pc = sink.producer_config()?;
     pc.set("transactional.id", &eos.transactional_id);
-    let producer: FutureProducer = pc
-        .create()
-        .map_err(|e| ConnectorError::kafka("create producer", e))?;
+    let producer: FutureProducer = pc.create().map_err(|e| ConnectorError::kafka("create producer", e))?;
     let out = KafkaSink::from_producer(producer.clone(), sink);
     let txn_timeout = Duration::from_millis(eos.transaction_timeout_ms);
     {
@@ -115,9 +109,7 @@ where
         }
         let n = batch.len() as u64;
         let origins: Vec<Origin> = batch.iter().map(|e| e.origin.clone()).collect();
-        producer
-            .begin_transaction()
-            .map_err(|e| ConnectorError::kafka("begin transaction", e))?;
+        producer.begin_transaction().map_err(|e| ConnectorError::kafka("begin transaction", e))?;
         let records = process(batch).await;
         let result = commit_batch(&out, &producer, &consumer, &origins, records, txn_timeout).await;
         match result {

@@ -31,9 +31,7 @@ pub struct KafkaSink {
 impl KafkaSink {
     pub fn new(cfg: &KafkaSinkConfig) -> Result<Self> {
         let config = cfg.producer_config()?;
-        let producer: FutureProducer = config
-            .create()
-            .map_err(|e| ConnectorError::kafka("create producer", e))?;
+        let producer: FutureProducer = config.create().map_err(|e| ConnectorError::kafka("create producer", e))?;
         Ok(KafkaSink {
             producer: RwLock::new(producer),
             config: Some(config),
@@ -55,10 +53,7 @@ impl KafkaSink {
     }
 
     fn producer(&self) -> FutureProducer {
-        self.producer
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.producer.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// After a fatal producer error (e.g. the broker lost the idempotent
@@ -69,9 +64,7 @@ impl KafkaSink {
     /// client waits for its threads and must not block a runtime worker.
     fn rebuild_if_fatal(&self, failed: FutureProducer) {
         let Some(config) = &self.config else { return };
-        let Some((code, reason)) = failed.client().fatal_error() else {
-            return;
-        };
+        let Some((code, reason)) = failed.client().fatal_error() else { return };
         let mut current = self.producer.write().unwrap_or_else(|e| e.into_inner());
         if current.client().native_ptr() == failed.client().native_ptr() {
             tracing::warn!(?code, %reason, "fatal producer error; creating a new producer");
@@ -94,11 +87,9 @@ impl KafkaSink {
     }
 
     pub(crate) fn dlq_topic(&self) -> Result<&str> {
-        self.dlq_topic.as_deref().ok_or_else(|| {
-            ConnectorError::KafkaConfig(
-                "a DLQ record was produced but no `dlq_topic` is configured".into(),
-            )
-        })
+        self.dlq_topic
+            .as_deref()
+            .ok_or_else(|| ConnectorError::KafkaConfig("a DLQ record was produced but no `dlq_topic` is configured".into()))
     }
 
     fn topic(&self, kind: TopicKind) -> Result<&str> {
@@ -140,25 +131,15 @@ impl KafkaSink {
 /// Drop a producer handle on a short-lived thread: if it is the last handle,
 /// librdkafka's destroy blocks until the client's threads end.
 fn drop_off_runtime(p: FutureProducer) {
-    if std::thread::Builder::new()
-        .name("kairos-producer-drop".into())
-        .spawn(move || drop(p))
-        .is_err()
-    {
+    if std::thread::Builder::new().name("kairos-producer-drop".into()).spawn(move || drop(p)).is_err() {
         tracing::warn!("cannot spawn a thread to drop a failed producer; it is leaked");
     }
 }
 
 pub(crate) fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
-    headers.iter().fold(
-        OwnedHeaders::new_with_capacity(headers.len()),
-        |h, (k, v)| {
-            h.insert(Header {
-                key: k,
-                value: Some(&v[..]),
-            })
-        },
-    )
+    headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
+        h.insert(Header { key: k, value: Some(&v[..]) })
+    })
 }
 
 impl Sink for KafkaSink {

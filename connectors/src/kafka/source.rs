@@ -69,11 +69,7 @@ impl Shared {
             if left == 0 || now >= until {
                 return left;
             }
-            t = self
-                .acked
-                .wait_timeout(t, until - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+            t = self.acked.wait_timeout(t, until - now).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
         }
     }
 }
@@ -97,28 +93,15 @@ impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
-        };
+        let Rebalance::Revoke(tpl) = rebalance else { return };
         self.0.stats.revocations.fetch_add(1, Ordering::Relaxed);
-        let tps: Vec<Tp> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
+        let tps: Vec<Tp> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         tracing::info!(partitions = ?tps, lost = consumer.assignment_lost(), "partitions revoked");
         if !consumer.assignment_lost() {
-            let budget = if self.0.closing.load(Ordering::SeqCst) {
-                Duration::ZERO
-            } else {
-                self.0.revoke_drain
-            };
+            let budget = if self.0.closing.load(Ordering::SeqCst) { Duration::ZERO } else { self.0.revoke_drain };
             let left = self.0.wait_drained(Some(&tps), budget);
             if left > 0 {
-                tracing::warn!(
-                    left,
-                    "revoke: in-flight events not acked in time; they will be redelivered"
-                );
+                tracing::warn!(left, "revoke: in-flight events not acked in time; they will be redelivered");
             }
             let marks = self.0.lock().watermarks(&tps);
             tracing::debug!(?marks, left, "revoke: committing");
@@ -161,11 +144,7 @@ fn tpl_of(marks: &[(Tp, i64)]) -> TopicPartitionList {
     tpl
 }
 
-fn commit_sync(
-    consumer: &BaseConsumer<SourceContext>,
-    marks: &[(Tp, i64)],
-    stats: &KafkaSourceStats,
-) {
+fn commit_sync(consumer: &BaseConsumer<SourceContext>, marks: &[(Tp, i64)], stats: &KafkaSourceStats) {
     if marks.is_empty() {
         return;
     }
@@ -195,21 +174,13 @@ fn store(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
 pub(crate) fn message_to_event(m: &BorrowedMessage<'_>) -> Event {
     let headers = m
         .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
+        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
         .unwrap_or_default();
     Event {
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().unwrap_or_default().to_vec(),
         headers,
-        origin: Origin {
-            topic: m.topic().to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
-        },
+        origin: Origin { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset() },
         timestamp_ms: m.timestamp().to_millis(),
         received: Instant::now(),
     }
@@ -220,11 +191,7 @@ pub struct KafkaSource;
 
 impl KafkaSource {
     /// Start the poll thread; see [`KafkaSource::start_with_stats`].
-    pub fn start(
-        cfg: KafkaSourceConfig,
-        capacity: usize,
-        shutdown: Shutdown,
-    ) -> Result<SourceHandle> {
+    pub fn start(cfg: KafkaSourceConfig, capacity: usize, shutdown: Shutdown) -> Result<SourceHandle> {
         Self::start_with_stats(cfg, capacity, shutdown).map(|(h, _)| h)
     }
 
@@ -254,9 +221,7 @@ impl KafkaSource {
             .create_with_context(SourceContext(shared.clone()))
             .map_err(|e| ConnectorError::kafka("create consumer", e))?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| ConnectorError::kafka("subscribe", e))?;
+        consumer.subscribe(&topics).map_err(|e| ConnectorError::kafka("subscribe", e))?;
         let (tx, rx) = mpsc::channel(capacity);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let drain = Duration::from_millis(cfg.shutdown_drain_ms);
@@ -271,30 +236,15 @@ impl KafkaSource {
             })
             .map_err(|e| ConnectorError::Task(format!("spawn kafka thread: {e}")))?;
         let join = tokio::spawn(async move {
-            done_rx
-                .await
-                .map_err(|_| ConnectorError::Task("kafka source thread panicked".into()))?
+            done_rx.await.map_err(|_| ConnectorError::Task("kafka source thread panicked".into()))?
         });
-        Ok((
-            SourceHandle {
-                events: rx,
-                acker: Arc::new(KafkaAcker(shared)),
-                join,
-            },
-            stats,
-        ))
+        Ok((SourceHandle { events: rx, acker: Arc::new(KafkaAcker(shared)), join }, stats))
     }
 }
 
 fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    let r = if pause {
-        consumer.pause(&assignment)
-    } else {
-        consumer.resume(&assignment)
-    };
+    let Ok(assignment) = consumer.assignment() else { return };
+    let r = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
     match r {
         Ok(()) => {
             shared.stats.paused.store(pause, Ordering::SeqCst);
@@ -347,10 +297,7 @@ fn poll_loop(
         }
         // hysteresis: pausing purges librdkafka's prefetch and resuming
         // takes a fetch round, so do neither too often
-        shared
-            .stats
-            .read_ahead
-            .store(backlog.len() as u64, Ordering::Relaxed);
+        shared.stats.read_ahead.store(backlog.len() as u64, Ordering::Relaxed);
         let paused = shared.stats.paused.load(Ordering::SeqCst);
         if backlog.len() >= read_ahead && !paused {
             set_paused(consumer, shared, true);
@@ -386,10 +333,7 @@ fn poll_loop(
     }
     let left = shared.lock().inflight(None);
     if left > 0 {
-        tracing::warn!(
-            left,
-            "shutdown: in-flight events not acked in time; they will be redelivered"
-        );
+        tracing::warn!(left, "shutdown: in-flight events not acked in time; they will be redelivered");
     }
     shared.closing.store(true, Ordering::SeqCst);
     let tps = shared.lock().partitions();

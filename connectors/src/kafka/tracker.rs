@@ -38,10 +38,7 @@ impl Tracker {
     pub fn assign(&mut self, tp: Tp) {
         self.epochs += 1;
         let epoch = self.epochs;
-        self.parts.entry(tp).or_insert_with(|| Part {
-            epoch,
-            ..Part::default()
-        });
+        self.parts.entry(tp).or_insert_with(|| Part { epoch, ..Part::default() });
     }
 
     /// The current assignment epoch of `tp` (None when not owned). A record
@@ -58,9 +55,7 @@ impl Tracker {
     /// Whether `offset` was already read (a re-fetch after pause); if not,
     /// remember it as read.
     pub fn is_duplicate(&mut self, tp: &Tp, offset: i64) -> bool {
-        let Some(p) = self.parts.get_mut(tp) else {
-            return false;
-        };
+        let Some(p) = self.parts.get_mut(tp) else { return false };
         if p.seen.is_some_and(|n| offset < n) {
             return true;
         }
@@ -90,11 +85,7 @@ impl Tracker {
     /// Number of in-flight events in `tps` (all partitions when `None`).
     pub fn inflight(&self, tps: Option<&[Tp]>) -> usize {
         match tps {
-            Some(tps) => tps
-                .iter()
-                .filter_map(|tp| self.parts.get(tp))
-                .map(|p| p.inflight.len())
-                .sum(),
+            Some(tps) => tps.iter().filter_map(|tp| self.parts.get(tp)).map(|p| p.inflight.len()).sum(),
             None => self.parts.values().map(|p| p.inflight.len()).sum(),
         }
     }

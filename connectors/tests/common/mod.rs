@@ -24,10 +24,7 @@ fn noida_bin() -> PathBuf {
     BIN.get_or_init(|| {
         let locate = || {
             Command::new("python3")
-                .args([
-                    "-c",
-                    "import importlib.resources as r; print(r.files('noida_db') / 'noida-db')",
-                ])
+                .args(["-c", "import importlib.resources as r; print(r.files('noida_db') / 'noida-db')"])
                 .output()
                 .ok()
                 .filter(|o| o.status.success())
@@ -41,19 +38,13 @@ fn noida_bin() -> PathBuf {
             .status()
             .expect("run python3 -m pip");
         assert!(st.success(), "pip install noida-db==0.2.3 failed");
-        locate()
-            .filter(|p| p.exists())
-            .expect("noida-db binary not found after install")
+        locate().filter(|p| p.exists()).expect("noida-db binary not found after install")
     })
     .clone()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// A noida-db broker on its own port and data dir, killed (by PID) on drop.
@@ -73,20 +64,10 @@ impl Broker {
             .with_test_writer()
             .try_init();
         let port = free_port();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let data_dir = std::env::temp_dir().join(format!(
-            "kairos-noida-{}-{port}-{nanos}",
-            std::process::id()
-        ));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let data_dir = std::env::temp_dir().join(format!("kairos-noida-{}-{port}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&data_dir).expect("data dir");
-        let mut b = Broker {
-            child: None,
-            port,
-            data_dir,
-        };
+        let mut b = Broker { child: None, port, data_dir };
         b.spawn();
         b
     }
@@ -103,14 +84,7 @@ impl Broker {
             .expect("log file");
         let log2 = log.try_clone().expect("log clone");
         let child = Command::new(noida_bin())
-            .args([
-                "start",
-                "--only",
-                "kafka",
-                "--host",
-                "127.0.0.1",
-                "--kafka-port",
-            ])
+            .args(["start", "--only", "kafka", "--host", "127.0.0.1", "--kafka-port"])
             .arg(self.port.to_string())
             .arg("--data-dir")
             .arg(self.data_dir.join("data"))
@@ -125,12 +99,7 @@ impl Broker {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("noida-db exited with {st}; log:\n{}", self.log());
             }
-            assert!(
-                Instant::now() < until,
-                "noida-db did not listen on {} in 15 s; log:\n{}",
-                self.port,
-                self.log()
-            );
+            assert!(Instant::now() < until, "noida-db did not listen on {} in 15 s; log:\n{}", self.port, self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -142,9 +111,7 @@ impl Broker {
     /// Stop the broker process (SIGINT by PID, as Ctrl-C; SIGKILL after 5 s) and wait for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
             let until = Instant::now() + Duration::from_secs(5);
             while Instant::now() < until {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -205,18 +172,13 @@ pub fn sink_config(b: &Broker, out: &str, dlq: Option<&str>) -> KafkaSinkConfig 
 }
 
 pub async fn create_topic(b: &Broker, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", b.brokers())
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", b.brokers()).create().expect("admin client");
     let t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let r = tokio::time::timeout(
-        Duration::from_secs(10),
-        admin.create_topics([&t], &AdminOptions::new()),
-    )
-    .await
-    .expect("create_topics timed out")
-    .expect("create_topics");
+    let r = tokio::time::timeout(Duration::from_secs(10), admin.create_topics([&t], &AdminOptions::new()))
+        .await
+        .expect("create_topics timed out")
+        .expect("create_topics");
     for x in r {
         x.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
@@ -240,23 +202,11 @@ pub async fn produce_inputs(p: &FutureProducer, topic: &str, from: u64, to: u64)
         let key = format!("k{}", i % 17);
         let payload = format!("{{\"i\":{i}}}");
         let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "traceparent",
-                value: Some(&format!("00-{i:032x}-{i:016x}-01")),
-            })
-            .insert(Header {
-                key: "kairos-deadline-ms",
-                value: Some("1700000000000"),
-            });
+            .insert(Header { key: "traceparent", value: Some(&format!("00-{i:032x}-{i:016x}-01")) })
+            .insert(Header { key: "kairos-deadline-ms", value: Some("1700000000000") });
         async move {
-            let r = FutureRecord::to(topic)
-                .key(&key)
-                .payload(&payload)
-                .headers(headers);
-            p.send(r, Timeout::After(Duration::from_secs(20)))
-                .await
-                .map_err(|(e, _)| e)
-                .expect("produce input");
+            let r = FutureRecord::to(topic).key(&key).payload(&payload).headers(headers);
+            p.send(r, Timeout::After(Duration::from_secs(20))).await.map_err(|(e, _)| e).expect("produce input");
         }
     });
     futures::future::join_all(sends).await;
@@ -265,25 +215,15 @@ pub async fn produce_inputs(p: &FutureProducer, topic: &str, from: u64, to: u64)
 /// The echo verdict for an event: `{"decision":"allow","input":<payload>}`,
 /// key and headers passed through, plus `kairos-source`.
 pub fn echo(ev: &Event) -> OutRecord {
-    let input: serde_json::Value =
-        serde_json::from_slice(&ev.payload).unwrap_or(serde_json::Value::Null);
-    let mut r = OutRecord::output_for(
-        ev,
-        serde_json::json!({"decision": "allow", "input": input})
-            .to_string()
-            .into_bytes(),
-    );
+    let input: serde_json::Value = serde_json::from_slice(&ev.payload).unwrap_or(serde_json::Value::Null);
+    let mut r = OutRecord::output_for(ev, serde_json::json!({"decision": "allow", "input": input}).to_string().into_bytes());
     r.set_header("kairos-source", ev.origin.to_string());
     r
 }
 
 /// Run an echo pipeline over a source until its channel closes: every event
 /// is answered through `sink`, then acked. `delay` slows each event down.
-pub fn spawn_echo(
-    h: SourceHandle,
-    sink: Arc<dyn Sink>,
-    delay: Duration,
-) -> tokio::task::JoinHandle<(u64, SourceHandle)> {
+pub fn spawn_echo(h: SourceHandle, sink: Arc<dyn Sink>, delay: Duration) -> tokio::task::JoinHandle<(u64, SourceHandle)> {
     spawn_echo_logged(h, sink, delay, Arc::default())
 }
 
@@ -301,10 +241,7 @@ pub fn spawn_echo_logged(
                 tokio::time::sleep(delay).await;
             }
             sink.send(echo(&ev)).await.expect("sink send");
-            if let Some(i) = serde_json::from_slice::<serde_json::Value>(&ev.payload)
-                .ok()
-                .and_then(|v| v["i"].as_u64())
-            {
+            if let Some(i) = serde_json::from_slice::<serde_json::Value>(&ev.payload).ok().and_then(|v| v["i"].as_u64()) {
                 sent.lock().unwrap_or_else(|e| e.into_inner()).insert(i);
             }
             h.acker.ack(&ev.origin);
@@ -324,42 +261,17 @@ pub struct Out {
 
 /// Read `topic` from the beginning (read_committed) until `want` records
 /// arrived (then `linger` longer, to catch extras) or `timeout` passes.
-pub async fn read_outputs(
-    b: &Broker,
-    topic: &str,
-    want: usize,
-    timeout: Duration,
-    linger: Duration,
-) -> Vec<Out> {
+pub async fn read_outputs(b: &Broker, topic: &str, want: usize, timeout: Duration, linger: Duration) -> Vec<Out> {
     read_outputs_iso(b, topic, want, timeout, linger, "read_committed").await
 }
 
 /// Read `topic` until inputs `0..n` are all answered (then `linger`), or `timeout`.
-pub async fn read_until_answered(
-    b: &Broker,
-    topic: &str,
-    n: u64,
-    timeout: Duration,
-    linger: Duration,
-) -> Vec<Out> {
-    read_outputs_until(b, topic, timeout, linger, "read_committed", move |outs| {
-        answered(outs).len() as u64 >= n
-    })
-    .await
+pub async fn read_until_answered(b: &Broker, topic: &str, n: u64, timeout: Duration, linger: Duration) -> Vec<Out> {
+    read_outputs_until(b, topic, timeout, linger, "read_committed", move |outs| answered(outs).len() as u64 >= n).await
 }
 
-pub async fn read_outputs_iso(
-    b: &Broker,
-    topic: &str,
-    want: usize,
-    timeout: Duration,
-    linger: Duration,
-    iso: &'static str,
-) -> Vec<Out> {
-    read_outputs_until(b, topic, timeout, linger, iso, move |outs| {
-        outs.len() >= want
-    })
-    .await
+pub async fn read_outputs_iso(b: &Broker, topic: &str, want: usize, timeout: Duration, linger: Duration, iso: &'static str) -> Vec<Out> {
+    read_outputs_until(b, topic, timeout, linger, iso, move |outs| outs.len() >= want).await
 }
 
 pub async fn read_outputs_until(
@@ -397,21 +309,14 @@ pub async fn read_outputs_until(
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
+                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
                             .collect()
                     })
                     .unwrap_or_default();
                 out.push(Out {
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     headers,
-                    payload: serde_json::from_slice(m.payload().unwrap_or_default())
-                        .unwrap_or(serde_json::Value::Null),
+                    payload: serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(serde_json::Value::Null),
                 });
                 if linger_until.is_none() && done(&out) {
                     linger_until = Some(Instant::now() + linger);
@@ -426,9 +331,7 @@ pub async fn read_outputs_until(
 
 /// The input index `i` each output answers.
 pub fn answered(outs: &[Out]) -> std::collections::BTreeSet<u64> {
-    outs.iter()
-        .filter_map(|o| o.payload["input"]["i"].as_u64())
-        .collect()
+    outs.iter().filter_map(|o| o.payload["input"]["i"].as_u64()).collect()
 }
 
 /// Committed offset of `group` on `topic`/`partition` (None when none).
@@ -440,9 +343,7 @@ pub fn committed(b: &Broker, group: &str, topic: &str, partition: i32) -> Option
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
-    let r = c
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
+    let r = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
     match r.find_partition(topic, partition)?.offset() {
         Offset::Offset(o) => Some(o),
         _ => None,
@@ -453,10 +354,7 @@ pub fn committed(b: &Broker, group: &str, topic: &str, partition: i32) -> Option
 pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + timeout;
     while !cond() {
-        assert!(
-            Instant::now() < until,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < until, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

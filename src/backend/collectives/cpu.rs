@@ -29,16 +29,9 @@ impl CpuComm {
     pub fn world(n: usize) -> Vec<CpuComm> {
         let shared = Arc::new(Shared {
             barrier: Barrier::new(n),
-            posts: (0..n)
-                .map(|_| Mutex::new((Vec::new(), Vec::new())))
-                .collect(),
+            posts: (0..n).map(|_| Mutex::new((Vec::new(), Vec::new()))).collect(),
         });
-        (0..n)
-            .map(|rank| CpuComm {
-                rank,
-                shared: Arc::clone(&shared),
-            })
-            .collect()
+        (0..n).map(|rank| CpuComm { rank, shared: Arc::clone(&shared) }).collect()
     }
 
     fn post(&self, data: &[f32], counts: &[usize]) {
@@ -50,12 +43,7 @@ impl CpuComm {
     }
 
     /// Posts, waits for every rank, runs `read` over all posts, waits again.
-    fn exchange<T>(
-        &self,
-        data: &[f32],
-        counts: &[usize],
-        read: impl FnOnce(&[&(Vec<f32>, Vec<usize>)]) -> T,
-    ) -> T {
+    fn exchange<T>(&self, data: &[f32], counts: &[usize], read: impl FnOnce(&[&(Vec<f32>, Vec<usize>)]) -> T) -> T {
         self.post(data, counts);
         self.read_posts(read)
     }
@@ -75,12 +63,7 @@ fn same_sizes(op: &'static str, posts: &[&(Vec<f32>, Vec<usize>)]) -> Result<usi
     let want = posts[0].0.len();
     for (rank, p) in posts.iter().enumerate() {
         if p.0.len() != want {
-            return Err(CommError::SizeMismatch {
-                op,
-                rank,
-                got: p.0.len(),
-                want,
-            });
+            return Err(CommError::SizeMismatch { op, rank, got: p.0.len(), want });
         }
     }
     Ok(want)
@@ -114,11 +97,7 @@ impl Collectives for CpuComm {
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<(), CommError> {
         let want = send.len() * self.world();
         if recv.len() != want {
-            return Err(CommError::BadBuffer {
-                op: "all_gather",
-                got: recv.len(),
-                want,
-            });
+            return Err(CommError::BadBuffer { op: "all_gather", got: recv.len(), want });
         }
         self.exchange(send, &[], |posts| {
             let n = same_sizes("all_gather", posts)?;
@@ -129,31 +108,14 @@ impl Collectives for CpuComm {
         })
     }
 
-    fn all_to_all(
-        &self,
-        send: &[f32],
-        send_counts: &[usize],
-        recv: &mut [f32],
-        recv_counts: &[usize],
-    ) -> Result<(), CommError> {
+    fn all_to_all(&self, send: &[f32], send_counts: &[usize], recv: &mut [f32], recv_counts: &[usize]) -> Result<(), CommError> {
         let world = self.world();
-        let (sent, want) = (
-            send_counts.iter().sum::<usize>(),
-            recv_counts.iter().sum::<usize>(),
-        );
+        let (sent, want) = (send_counts.iter().sum::<usize>(), recv_counts.iter().sum::<usize>());
         if send_counts.len() != world || sent != send.len() {
-            return Err(CommError::BadBuffer {
-                op: "all_to_all send",
-                got: send.len(),
-                want: sent,
-            });
+            return Err(CommError::BadBuffer { op: "all_to_all send", got: send.len(), want: sent });
         }
         if recv_counts.len() != world || want != recv.len() {
-            return Err(CommError::BadBuffer {
-                op: "all_to_all recv",
-                got: recv.len(),
-                want,
-            });
+            return Err(CommError::BadBuffer { op: "all_to_all recv", got: recv.len(), want });
         }
         let me = self.rank;
         self.exchange(send, send_counts, |posts| {
@@ -162,12 +124,7 @@ impl Collectives for CpuComm {
                 let offset: usize = p.1[..me].iter().sum();
                 let len = p.1[me];
                 if len != recv_counts[src] {
-                    return Err(CommError::SizeMismatch {
-                        op: "all_to_all",
-                        rank: src,
-                        got: len,
-                        want: recv_counts[src],
-                    });
+                    return Err(CommError::SizeMismatch { op: "all_to_all", rank: src, got: len, want: recv_counts[src] });
                 }
                 recv[at..at + len].copy_from_slice(&p.0[offset..offset + len]);
                 at += len;
@@ -186,12 +143,7 @@ impl Collectives for CpuComm {
         self.exchange(&mine, &[], |posts| {
             let src = &posts[root].0;
             if src.len() != buf.len() {
-                return Err(CommError::SizeMismatch {
-                    op: "broadcast",
-                    rank: self.rank,
-                    got: buf.len(),
-                    want: src.len(),
-                });
+                return Err(CommError::SizeMismatch { op: "broadcast", rank: self.rank, got: buf.len(), want: src.len() });
             }
             buf.copy_from_slice(src);
             Ok(())
@@ -203,18 +155,11 @@ impl Collectives for CpuComm {
 pub fn run_ranks<T: Send>(n: usize, f: impl Fn(usize, &CpuComm) -> T + Sync) -> Vec<T> {
     let comms = CpuComm::world(n);
     std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .iter()
-            .enumerate()
-            .map(|(r, c)| {
-                let f = &f;
-                s.spawn(move || f(r, c))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+        let handles: Vec<_> = comms.iter().enumerate().map(|(r, c)| {
+            let f = &f;
+            s.spawn(move || f(r, c))
+        }).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     })
 }
 
@@ -260,19 +205,14 @@ mod tests {
         let n = 4;
         let out = run_ranks(n, |r, c| {
             let counts: Vec<usize> = (0..n).map(|d| r + d).collect();
-            let send: Vec<f32> = (0..n)
-                .flat_map(|d| std::iter::repeat((100 * r + d) as f32).take(r + d))
-                .collect();
+            let send: Vec<f32> = (0..n).flat_map(|d| std::iter::repeat((100 * r + d) as f32).take(r + d)).collect();
             let recv_counts: Vec<usize> = (0..n).map(|s| s + r).collect();
             let mut recv = vec![0f32; recv_counts.iter().sum()];
-            c.all_to_all(&send, &counts, &mut recv, &recv_counts)
-                .unwrap();
+            c.all_to_all(&send, &counts, &mut recv, &recv_counts).unwrap();
             recv
         });
         for (d, recv) in out.iter().enumerate() {
-            let want: Vec<f32> = (0..n)
-                .flat_map(|s| std::iter::repeat((100 * s + d) as f32).take(s + d))
-                .collect();
+            let want: Vec<f32> = (0..n).flat_map(|s| std::iter::repeat((100 * s + d) as f32).take(s + d)).collect();
             assert_eq!(recv, &want, "rank {d}");
         }
     }
@@ -284,22 +224,9 @@ mod tests {
             c.all_reduce_sum(&mut v)
         });
         for e in out {
-            assert!(
-                matches!(
-                    e,
-                    Err(CommError::SizeMismatch {
-                        op: "all_reduce_sum",
-                        rank: 1,
-                        got: 3,
-                        want: 2
-                    })
-                ),
-                "{e:?}"
-            );
+            assert!(matches!(e, Err(CommError::SizeMismatch { op: "all_reduce_sum", rank: 1, got: 3, want: 2 })), "{e:?}");
         }
-        let e = CpuComm::world(1)[0]
-            .all_gather(&[1.0], &mut [0.0; 2])
-            .unwrap_err();
+        let e = CpuComm::world(1)[0].all_gather(&[1.0], &mut [0.0; 2]).unwrap_err();
         assert!(matches!(e, CommError::BadBuffer { .. }));
     }
 }

@@ -14,18 +14,9 @@ pub mod nccl;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommError {
     #[error("{op}: rank {rank} gave {got} values where rank 0 gave {want}")]
-    SizeMismatch {
-        op: &'static str,
-        rank: usize,
-        got: usize,
-        want: usize,
-    },
+    SizeMismatch { op: &'static str, rank: usize, got: usize, want: usize },
     #[error("{op}: buffer of {got} values, expected {want}")]
-    BadBuffer {
-        op: &'static str,
-        got: usize,
-        want: usize,
-    },
+    BadBuffer { op: &'static str, got: usize, want: usize },
     #[error("broadcast root {root} is outside a world of {world}")]
     BadRoot { root: usize, world: usize },
     #[error("{0}")]
@@ -43,13 +34,7 @@ pub trait Collectives {
     /// `send` holds `send_counts[d]` values for each destination `d`, in order;
     /// `recv` gets `recv_counts[s]` values from each source `s`, in order
     /// (dispatch of token rows to expert owners, and the combine back).
-    fn all_to_all(
-        &self,
-        send: &Self::Buf,
-        send_counts: &[usize],
-        recv: &mut Self::Buf,
-        recv_counts: &[usize],
-    ) -> Result<(), CommError>;
+    fn all_to_all(&self, send: &Self::Buf, send_counts: &[usize], recv: &mut Self::Buf, recv_counts: &[usize]) -> Result<(), CommError>;
     /// Every rank's `buf` becomes rank `root`'s.
     fn broadcast(&self, buf: &mut Self::Buf, root: usize) -> Result<(), CommError>;
 }

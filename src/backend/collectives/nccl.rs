@@ -48,12 +48,7 @@ impl NcclComm {
     /// Joins the world `id` as `rank` of `world` on an existing stream (a
     /// `CudaBackend`'s), so its collectives are ordered with that stream's kernels
     /// and can be captured into the backend's decode graphs.
-    pub fn join_on(
-        stream: Arc<CudaStream>,
-        rank: usize,
-        world: usize,
-        id: Id,
-    ) -> Result<Self, CommError> {
+    pub fn join_on(stream: Arc<CudaStream>, rank: usize, world: usize, id: Id) -> Result<Self, CommError> {
         let comm = Comm::from_rank(stream, rank, world, id).map_err(dev("ncclCommInitRank"))?;
         Ok(Self { comm })
     }
@@ -63,49 +58,24 @@ impl NcclComm {
     }
 
     /// In-place sum over ranks of the first `len` values of `buf` (the rows a step uses).
-    pub fn all_reduce_sum_prefix(
-        &self,
-        buf: &mut CudaSlice<f32>,
-        len: usize,
-    ) -> Result<(), CommError> {
+    pub fn all_reduce_sum_prefix(&self, buf: &mut CudaSlice<f32>, len: usize) -> Result<(), CommError> {
         if len > buf.len() {
-            return Err(CommError::BadBuffer {
-                op: "all_reduce_sum",
-                got: buf.len(),
-                want: len,
-            });
+            return Err(CommError::BadBuffer { op: "all_reduce_sum", got: buf.len(), want: len });
         }
-        self.comm
-            .all_reduce_in_place(&mut buf.slice_mut(0..len), &ReduceOp::Sum)
-            .map_err(dev("ncclAllReduce"))?;
+        self.comm.all_reduce_in_place(&mut buf.slice_mut(0..len), &ReduceOp::Sum).map_err(dev("ncclAllReduce"))?;
         Ok(())
     }
 
     /// `recv[r·len..(r+1)·len]` = rank r's `send[..len]`, in rank order.
-    pub fn all_gather_prefix(
-        &self,
-        send: &CudaSlice<f32>,
-        len: usize,
-        recv: &mut CudaSlice<f32>,
-    ) -> Result<(), CommError> {
+    pub fn all_gather_prefix(&self, send: &CudaSlice<f32>, len: usize, recv: &mut CudaSlice<f32>) -> Result<(), CommError> {
         let want = len * self.world();
         if len > send.len() {
-            return Err(CommError::BadBuffer {
-                op: "all_gather send",
-                got: send.len(),
-                want: len,
-            });
+            return Err(CommError::BadBuffer { op: "all_gather send", got: send.len(), want: len });
         }
         if recv.len() < want {
-            return Err(CommError::BadBuffer {
-                op: "all_gather recv",
-                got: recv.len(),
-                want,
-            });
+            return Err(CommError::BadBuffer { op: "all_gather recv", got: recv.len(), want });
         }
-        self.comm
-            .all_gather(&send.slice(0..len), &mut recv.slice_mut(0..want))
-            .map_err(dev("ncclAllGather"))?;
+        self.comm.all_gather(&send.slice(0..len), &mut recv.slice_mut(0..want)).map_err(dev("ncclAllGather"))?;
         Ok(())
     }
 }
@@ -122,56 +92,27 @@ impl Collectives for NcclComm {
     }
 
     fn all_reduce_sum(&self, buf: &mut CudaSlice<f32>) -> Result<(), CommError> {
-        self.comm
-            .all_reduce_in_place(buf, &ReduceOp::Sum)
-            .map_err(dev("ncclAllReduce"))?;
+        self.comm.all_reduce_in_place(buf, &ReduceOp::Sum).map_err(dev("ncclAllReduce"))?;
         Ok(())
     }
 
-    fn all_gather(
-        &self,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
-    ) -> Result<(), CommError> {
+    fn all_gather(&self, send: &CudaSlice<f32>, recv: &mut CudaSlice<f32>) -> Result<(), CommError> {
         let want = send.len() * self.world();
         if recv.len() != want {
-            return Err(CommError::BadBuffer {
-                op: "all_gather",
-                got: recv.len(),
-                want,
-            });
+            return Err(CommError::BadBuffer { op: "all_gather", got: recv.len(), want });
         }
-        self.comm
-            .all_gather(send, recv)
-            .map_err(dev("ncclAllGather"))?;
+        self.comm.all_gather(send, recv).map_err(dev("ncclAllGather"))?;
         Ok(())
     }
 
-    fn all_to_all(
-        &self,
-        send: &CudaSlice<f32>,
-        send_counts: &[usize],
-        recv: &mut CudaSlice<f32>,
-        recv_counts: &[usize],
-    ) -> Result<(), CommError> {
+    fn all_to_all(&self, send: &CudaSlice<f32>, send_counts: &[usize], recv: &mut CudaSlice<f32>, recv_counts: &[usize]) -> Result<(), CommError> {
         let world = self.world();
-        let (sent, want) = (
-            send_counts.iter().sum::<usize>(),
-            recv_counts.iter().sum::<usize>(),
-        );
+        let (sent, want) = (send_counts.iter().sum::<usize>(), recv_counts.iter().sum::<usize>());
         if send_counts.len() != world || sent != send.len() {
-            return Err(CommError::BadBuffer {
-                op: "all_to_all send",
-                got: send.len(),
-                want: sent,
-            });
+            return Err(CommError::BadBuffer { op: "all_to_all send", got: send.len(), want: sent });
         }
         if recv_counts.len() != world || want != recv.len() {
-            return Err(CommError::BadBuffer {
-                op: "all_to_all recv",
-                got: recv.len(),
-                want,
-            });
+            return Err(CommError::BadBuffer { op: "all_to_all recv", got: recv.len(), want });
         }
         group_start().map_err(dev("ncclGroupStart"))?;
         let mut result = Ok(());
@@ -179,17 +120,10 @@ impl Collectives for NcclComm {
         for peer in 0..world {
             let (sc, rc) = (send_counts[peer], recv_counts[peer]);
             if sc > 0 && result.is_ok() {
-                result = self
-                    .comm
-                    .send(&send.slice(s_at..s_at + sc), peer as i32)
-                    .map_err(dev("ncclSend"));
+                result = self.comm.send(&send.slice(s_at..s_at + sc), peer as i32).map_err(dev("ncclSend"));
             }
             if rc > 0 && result.is_ok() {
-                result = self
-                    .comm
-                    .recv(&mut recv.slice_mut(r_at..r_at + rc), peer as i32)
-                    .map(|_| ())
-                    .map_err(dev("ncclRecv"));
+                result = self.comm.recv(&mut recv.slice_mut(r_at..r_at + rc), peer as i32).map(|_| ()).map_err(dev("ncclRecv"));
             }
             s_at += sc;
             r_at += rc;
@@ -204,9 +138,7 @@ impl Collectives for NcclComm {
         if root >= world {
             return Err(CommError::BadRoot { root, world });
         }
-        self.comm
-            .broadcast_in_place(buf, root as i32)
-            .map_err(dev("ncclBroadcast"))?;
+        self.comm.broadcast_in_place(buf, root as i32).map_err(dev("ncclBroadcast"))?;
         Ok(())
     }
 }

@@ -23,12 +23,7 @@ pub struct AttentionShape {
 }
 
 /// `q` is `[rows, heads*head_dim]`; returns the attention output of the same shape.
-pub fn attend(
-    rows: &[QueryRow<'_>],
-    q: &[f32],
-    shape: &AttentionShape,
-    sinks: Option<&[f32]>,
-) -> Vec<f32> {
+pub fn attend(rows: &[QueryRow<'_>], q: &[f32], shape: &AttentionShape, sinks: Option<&[f32]>) -> Vec<f32> {
     let (h, hd) = (shape.heads, shape.head_dim);
     let group = h / shape.kv_heads;
     let kvd = shape.kv_heads * hd;
@@ -47,11 +42,7 @@ pub fn attend(
             .map(|p| dot(qv, &row.keys[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale)
             .collect();
         let sink = sinks.map(|s| s[head]);
-        let m = scores
-            .iter()
-            .copied()
-            .chain(sink)
-            .fold(f32::NEG_INFINITY, f32::max);
+        let m = scores.iter().copied().chain(sink).fold(f32::NEG_INFINITY, f32::max);
         let mut denom = sink.map(|s| (s - m).exp()).unwrap_or(0.0);
         for s in scores.iter_mut() {
             *s = (*s - m).exp();

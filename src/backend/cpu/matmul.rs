@@ -35,14 +35,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline]
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"), allow(dead_code))]
 fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
@@ -76,11 +69,7 @@ fn rows_per_task(rows: usize, cols: usize, bytes_per_weight: usize) -> usize {
 
 /// Same summation order as [`dot`] (two 8-lane FMA accumulators over chunks of
 /// 16, scalar FMA tail, then the fixed reduction), so results are bit-identical.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod simd {
     use std::arch::x86_64::*;
 
@@ -109,11 +98,7 @@ mod simd {
         let mut i = 0;
         while i < body {
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(wp.add(i + 8)),
-                _mm256_loadu_ps(xp.add(i + 8)),
-                a1,
-            );
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
             i += 16;
         }
         reduce(a0, a1, tail(w, x, body))
@@ -182,60 +167,36 @@ mod simd {
 
 #[inline]
 fn dot1_f32(w: &[f32], x: &[f32]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     // SAFETY: AVX2/FMA are enabled at compile time, and `w` is at least `x.len()` long
     // (every caller passes one `cols`-long weight row and one `cols`-long input row).
     unsafe {
         debug_assert_eq!(w.len(), x.len());
         simd::dot_f32(w, x)
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
     dot(w, x)
 }
 
 fn dot4_f32(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     // SAFETY: AVX2/FMA are enabled at compile time; every row is `x.len()` long.
     unsafe {
         simd::dot4_f32(w, x)
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
     [dot(w[0], x), dot(w[1], x), dot(w[2], x), dot(w[3], x)]
 }
 
 #[inline]
 fn dot1_bf16(w: &[bf16], x: &[f32]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     // SAFETY: as for `dot1_f32`.
     unsafe {
         debug_assert_eq!(w.len(), x.len());
         simd::dot_bf16(w, x)
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
     dot_bf16(w, x)
 }
 
@@ -284,9 +245,7 @@ fn float_matmul<T: Sync>(
         if rows <= per {
             block(0, y);
         } else {
-            y.par_chunks_mut(per)
-                .enumerate()
-                .for_each(|(c, out)| block(c * per, out));
+            y.par_chunks_mut(per).enumerate().for_each(|(c, out)| block(c * per, out));
         }
         return;
     }
@@ -294,9 +253,7 @@ fn float_matmul<T: Sync>(
     if rows <= per {
         block(0, &mut yt);
     } else {
-        yt.par_chunks_mut(per * n)
-            .enumerate()
-            .for_each(|(c, out)| block(c * per, out));
+        yt.par_chunks_mut(per * n).enumerate().for_each(|(c, out)| block(c * per, out));
     }
     for r in 0..rows {
         for t in 0..n {
@@ -332,8 +289,7 @@ fn quant_override(data: &[f32], rows: usize, cols: usize) -> Option<Arc<qdot::QM
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static MODE: OnceLock<Option<Option<qdot::QFormat>>> = OnceLock::new();
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize, usize), Arc<qdot::QMatrix>>>> =
-        OnceLock::new();
+    static CACHE: OnceLock<Mutex<HashMap<(usize, usize, usize), Arc<qdot::QMatrix>>>> = OnceLock::new();
     let mode = *MODE.get_or_init(|| match std::env::var("KAIROS_CPU_QUANT").ok()?.as_str() {
         "auto" => Some(None),
         "q8_0" => Some(Some(qdot::QFormat::Q8_0)),
@@ -345,10 +301,7 @@ fn quant_override(data: &[f32], rows: usize, cols: usize) -> Option<Arc<qdot::QM
         return None;
     }
     let key = (data.as_ptr() as usize, rows, cols);
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     Some(Arc::clone(cache.entry(key).or_insert_with(|| {
         Arc::new(match format {
             Some(f) => qdot::QMatrix::quantize(rows, cols, data, f),
@@ -362,9 +315,7 @@ fn quantized_matmul(w: &Weight, x: &[f32], n: usize, y: &mut [f32]) {
         Weight::Mxfp4(m) => m.matmul(x, n, y),
         Weight::Nvfp4(m) => m.matmul(x, n, y),
         Weight::Fp8(m) => m.matmul(x, n, y),
-        Weight::F32 { .. } | Weight::Bf16 { .. } => {
-            unreachable!("float weights take the float path")
-        }
+        Weight::F32 { .. } | Weight::Bf16 { .. } => unreachable!("float weights take the float path"),
     }
 }
 
@@ -391,9 +342,7 @@ mod tests {
         let mut y = vec![0f32; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                y[t * rows + r] = (0..cols)
-                    .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
-                    .sum::<f64>() as f32;
+                y[t * rows + r] = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum::<f64>() as f32;
             }
         }
         y
@@ -402,13 +351,9 @@ mod tests {
     #[test]
     fn batched_rows_are_bit_identical_to_one_row_at_a_time() {
         let (rows, cols) = (70, 100);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 113) as f32 / 57.0 - 1.0)
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 113) as f32 / 57.0 - 1.0).collect();
         let n = 9;
-        let x: Vec<f32> = (0..n * cols)
-            .map(|i| ((i * 31) % 29) as f32 / 14.0 - 1.0)
-            .collect();
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 31) % 29) as f32 / 14.0 - 1.0).collect();
         let wt = Weight::f32(rows, cols, w);
         let mut all = vec![0f32; n * rows];
         matmul(&wt, &x, n, &mut all);
@@ -424,13 +369,9 @@ mod tests {
     #[test]
     fn matmul_matches_naive_for_f32_and_bf16() {
         let (rows, cols) = (37, 53);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 113) as f32 / 57.0 - 1.0)
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 113) as f32 / 57.0 - 1.0).collect();
         for n in [1, 3, 17] {
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31) % 29) as f32 / 14.0 - 1.0)
-                .collect();
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 31) % 29) as f32 / 14.0 - 1.0).collect();
             let want = naive(&w, rows, cols, &x, n);
             let mut got = vec![0f32; n * rows];
             matmul(&Weight::f32(rows, cols, w.clone()), &x, n, &mut got);
@@ -440,16 +381,7 @@ mod tests {
             let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let wq: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
             let want = naive(&wq, rows, cols, &x, n);
-            matmul(
-                &Weight::Bf16 {
-                    rows,
-                    cols,
-                    data: wb,
-                },
-                &x,
-                n,
-                &mut got,
-            );
+            matmul(&Weight::Bf16 { rows, cols, data: wb }, &x, n, &mut got);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
             }

@@ -50,13 +50,7 @@ impl CpuBackend {
         let c = &weights.config;
         let rope = RopeTable::new(&c.rope, c.head_dim);
         let max_context = c.max_position_embeddings;
-        Self {
-            weights,
-            rope,
-            slots: Vec::new(),
-            max_context,
-            tap: None,
-        }
+        Self { weights, rope, slots: Vec::new(), max_context, tap: None }
     }
 
     /// Installs (or with `None` removes) the MLP input observer; returns the previous one.
@@ -69,17 +63,11 @@ impl CpuBackend {
     }
 
     fn cache(&self, seq: SeqId) -> Result<&KvCache, BackendError> {
-        self.slots
-            .get(seq.0)
-            .and_then(Option::as_ref)
-            .ok_or(BackendError::UnknownSequence(seq))
+        self.slots.get(seq.0).and_then(Option::as_ref).ok_or(BackendError::UnknownSequence(seq))
     }
 
     fn cache_mut(&mut self, seq: SeqId) -> Result<&mut KvCache, BackendError> {
-        self.slots
-            .get_mut(seq.0)
-            .and_then(Option::as_mut)
-            .ok_or(BackendError::UnknownSequence(seq))
+        self.slots.get_mut(seq.0).and_then(Option::as_mut).ok_or(BackendError::UnknownSequence(seq))
     }
 
     fn layer_forward(&mut self, li: usize, x: &mut [f32], chunks: &[Chunk<'_>], starts: &[usize]) {
@@ -99,9 +87,7 @@ impl CpuBackend {
                 None => moe::gated_mlp(mlp, c.activation, &h, n),
                 Some(tap) => {
                     tap.record(li, MlpSite::GateUpInput, &h, n);
-                    moe::gated_mlp_observed(mlp, c.activation, &h, n, &mut |g| {
-                        tap.record(li, MlpSite::DownInput, g, n)
-                    })
+                    moe::gated_mlp_observed(mlp, c.activation, &h, n, &mut |g| tap.record(li, MlpSite::DownInput, g, n))
                 }
             },
             Mlp::Moe(block) => moe::moe_forward(block, c, &h, n),
@@ -115,13 +101,7 @@ impl CpuBackend {
     /// `chunks`, each chunk starting at `starts`): appends K/V to the caches and
     /// returns the output projection (before the residual add). Sharded ranks
     /// call it with their slice of heads and sum the results over ranks.
-    pub fn attention(
-        &mut self,
-        li: usize,
-        h: &[f32],
-        chunks: &[Chunk<'_>],
-        starts: &[usize],
-    ) -> Vec<f32> {
+    pub fn attention(&mut self, li: usize, h: &[f32], chunks: &[Chunk<'_>], starts: &[usize]) -> Vec<f32> {
         let weights = Arc::clone(&self.weights);
         let c = &weights.config;
         let n = h.len() / c.hidden_size;
@@ -163,20 +143,11 @@ impl CpuBackend {
         for (chunk, &start) in chunks.iter().zip(starts) {
             if let Some(Some(cache)) = self.slots.get(chunk.seq.0) {
                 for j in 0..chunk.tokens.len() {
-                    rows.push(QueryRow {
-                        keys: &cache.keys[li],
-                        values: &cache.values[li],
-                        pos: start + j,
-                    });
+                    rows.push(QueryRow { keys: &cache.keys[li], values: &cache.values[li], pos: start + j });
                 }
             }
         }
-        let shape = AttentionShape {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: hd,
-            kind: a.kind,
-        };
+        let shape = AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: hd, kind: a.kind };
         let attn = attend(&rows, &q, &shape, a.sinks.as_deref());
         linear(&a.o, &attn, n)
     }
@@ -188,11 +159,7 @@ impl CpuBackend {
         for ch in chunks {
             let len = self.cache(ch.seq)?.len;
             if len + ch.tokens.len() > self.max_context {
-                return Err(BackendError::ContextFull {
-                    seq: ch.seq,
-                    len: len + ch.tokens.len(),
-                    limit: self.max_context,
-                });
+                return Err(BackendError::ContextFull { seq: ch.seq, len: len + ch.tokens.len(), limit: self.max_context });
             }
             starts.push(len);
         }
@@ -223,11 +190,7 @@ impl Backend for CpuBackend {
 
     fn new_sequence(&mut self) -> SeqId {
         let layers = self.weights.config.num_layers;
-        let cache = KvCache {
-            keys: vec![Vec::new(); layers],
-            values: vec![Vec::new(); layers],
-            len: 0,
-        };
+        let cache = KvCache { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], len: 0 };
         if let Some(i) = self.slots.iter().position(Option::is_none) {
             self.slots[i] = Some(cache);
             SeqId(i)
@@ -273,11 +236,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn forward(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        which: LogitsFor,
-    ) -> Result<Vec<f32>, BackendError> {
+    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError> {
         Ok(self.run_forward(chunks, which, &[])?.0)
     }
 
@@ -307,26 +266,16 @@ impl CpuBackend {
         for ch in chunks {
             let len = self.cache(ch.seq)?.len;
             if len + ch.tokens.len() > self.max_context {
-                return Err(BackendError::ContextFull {
-                    seq: ch.seq,
-                    len: len + ch.tokens.len(),
-                    limit: self.max_context,
-                });
+                return Err(BackendError::ContextFull { seq: ch.seq, len: len + ch.tokens.len(), limit: self.max_context });
             }
             if let Some(&id) = ch.tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
-                return Err(BackendError::TokenOutOfRange {
-                    id,
-                    vocab: c.vocab_size,
-                });
+                return Err(BackendError::TokenOutOfRange { id, vocab: c.vocab_size });
             }
             starts.push(len);
         }
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
         let mut x = vec![0f32; n * hdim];
-        for (row, &id) in x
-            .chunks_mut(hdim)
-            .zip(chunks.iter().flat_map(|ch| ch.tokens.iter()))
-        {
+        for (row, &id) in x.chunks_mut(hdim).zip(chunks.iter().flat_map(|ch| ch.tokens.iter())) {
             weights.embed.row_into(id as usize, row);
         }
         if let Some(&bad) = capture.iter().find(|&&l| l >= c.num_layers) {

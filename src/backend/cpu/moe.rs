@@ -11,13 +11,7 @@ pub fn gated_mlp(m: &GatedMlp, act: Activation, x: &[f32], n: usize) -> Vec<f32>
 }
 
 /// [`gated_mlp`] that shows `down_proj`'s input to `observe` (calibration).
-pub fn gated_mlp_observed(
-    m: &GatedMlp,
-    act: Activation,
-    x: &[f32],
-    n: usize,
-    observe: &mut dyn FnMut(&[f32]),
-) -> Vec<f32> {
+pub fn gated_mlp_observed(m: &GatedMlp, act: Activation, x: &[f32], n: usize, observe: &mut dyn FnMut(&[f32])) -> Vec<f32> {
     let mut gate = linear(&m.gate, x, n);
     let up = linear(&m.up, x, n);
     ops::gated_activation(act, &mut gate, &up);
@@ -33,9 +27,7 @@ pub fn route(logits: &[f32], k: usize, kind: RouterKind) -> Vec<(usize, f32)> {
             ops::softmax(&mut p);
             let top = ops::top_k(&p, k);
             let sum: f32 = top.iter().map(|&e| p[e]).sum();
-            top.into_iter()
-                .map(|e| (e, if renormalize { p[e] / sum } else { p[e] }))
-                .collect()
+            top.into_iter().map(|e| (e, if renormalize { p[e] / sum } else { p[e] })).collect()
         }
         RouterKind::TopKSoftmax => {
             let top = ops::top_k(logits, k);
@@ -48,9 +40,7 @@ pub fn route(logits: &[f32], k: usize, kind: RouterKind) -> Vec<(usize, f32)> {
 
 pub fn moe_forward(block: &Moe, c: &ModelConfig, x: &[f32], n: usize) -> Vec<f32> {
     let h = c.hidden_size;
-    let Some(moe) = c.moe.as_ref() else {
-        return vec![0f32; n * h];
-    };
+    let Some(moe) = c.moe.as_ref() else { return vec![0f32; n * h] };
     let router_logits = linear(&block.router, x, n);
     let e = moe.num_experts;
     // expert -> [(token, weight)]
@@ -71,10 +61,7 @@ pub fn moe_forward(block: &Moe, c: &ModelConfig, x: &[f32], n: usize) -> Vec<f32
         }
         let y = gated_mlp(&block.experts[ex], c.activation, &xs, tokens.len());
         for (j, &(t, w)) in tokens.iter().enumerate() {
-            for (o, v) in out[t * h..(t + 1) * h]
-                .iter_mut()
-                .zip(&y[j * h..(j + 1) * h])
-            {
+            for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[j * h..(j + 1) * h]) {
                 *o += w * v;
             }
         }

@@ -100,13 +100,7 @@ impl QMatrix {
                     let lo = blk.iter().copied().fold(f32::INFINITY, f32::min);
                     let hi = blk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let db = (hi - lo) / 15.0;
-                    let q = |v: f32| {
-                        if db > 0.0 {
-                            ((v - lo) / db).round().clamp(0.0, 15.0) as u8
-                        } else {
-                            0
-                        }
-                    };
+                    let q = |v: f32| if db > 0.0 { ((v - lo) / db).round().clamp(0.0, 15.0) as u8 } else { 0 };
                     for j in 0..QK / 2 {
                         qs[b * QK / 2 + j] = q(blk[j]) | (q(blk[j + QK / 2]) << 4);
                     }
@@ -116,14 +110,7 @@ impl QMatrix {
                 qs
             }
         };
-        Self {
-            rows,
-            cols,
-            format,
-            d,
-            m,
-            qs,
-        }
+        Self { rows, cols, format, d, m, qs }
     }
 
     /// Q4_1 if every block of `data` round-trips through Q4_1 to within
@@ -133,11 +120,7 @@ impl QMatrix {
         let mut row = vec![0f32; cols];
         for r in 0..rows {
             q4.dequantize_row(r, &mut row);
-            for (b, (got, want)) in row
-                .chunks(QK)
-                .zip(data[r * cols..(r + 1) * cols].chunks(QK))
-                .enumerate()
-            {
+            for (b, (got, want)) in row.chunks(QK).zip(data[r * cols..(r + 1) * cols].chunks(QK)).enumerate() {
                 let range = q4.d[(r * cols) / QK + b] * 15.0;
                 let tol = 1e-5 * range.max(f32::MIN_POSITIVE);
                 if got.iter().zip(want).any(|(a, w)| (a - w).abs() > tol) {
@@ -174,22 +157,12 @@ impl QMatrix {
     fn row_dot(&self, r: usize, a: &QAct, t: usize) -> f32 {
         let bpr = self.cols / QK;
         let (b0, tb0) = (r * bpr, t * bpr);
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         // SAFETY: AVX2/FMA are enabled at compile time; every block index is in bounds
         // (`b0 + bpr <= rows * bpr`, `tb0 + bpr <= n * bpr`).
         unsafe {
             match self.format {
-                QFormat::Q8_0 => simd::dot_q8_0(
-                    &self.qs[b0 * QK..],
-                    &self.d[b0..],
-                    &a.q[tb0 * QK..],
-                    &a.d[tb0..],
-                    bpr,
-                ),
+                QFormat::Q8_0 => simd::dot_q8_0(&self.qs[b0 * QK..], &self.d[b0..], &a.q[tb0 * QK..], &a.d[tb0..], bpr),
                 QFormat::Q4_1 => simd::dot_q4_1(
                     &self.qs[b0 * QK / 2..],
                     &self.d[b0..],
@@ -201,25 +174,18 @@ impl QMatrix {
                 ),
             }
         }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
         {
             let mut acc = 0f32;
             for b in 0..bpr {
                 let (wb, xb) = (b0 + b, tb0 + b);
                 let xq = &a.q[xb * QK..(xb + 1) * QK];
                 let isum: i32 = match self.format {
-                    QFormat::Q8_0 => (0..QK)
-                        .map(|j| (self.qs[wb * QK + j] as i8) as i32 * xq[j] as i32)
-                        .sum(),
+                    QFormat::Q8_0 => (0..QK).map(|j| (self.qs[wb * QK + j] as i8) as i32 * xq[j] as i32).sum(),
                     QFormat::Q4_1 => (0..QK / 2)
                         .map(|j| {
                             let byte = self.qs[wb * QK / 2 + j];
-                            (byte & 15) as i32 * xq[j] as i32
-                                + (byte >> 4) as i32 * xq[j + QK / 2] as i32
+                            (byte & 15) as i32 * xq[j] as i32 + (byte >> 4) as i32 * xq[j + QK / 2] as i32
                         })
                         .sum(),
                 };
@@ -270,11 +236,7 @@ impl QMatrix {
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod simd {
     use std::arch::x86_64::*;
 
@@ -301,24 +263,12 @@ mod simd {
         };
         let mut b = 0;
         while b + 2 <= nb {
-            acc0 = _mm256_fmadd_ps(
-                block(b),
-                _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)),
-                acc0,
-            );
-            acc1 = _mm256_fmadd_ps(
-                block(b + 1),
-                _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.get_unchecked(b + 1)),
-                acc1,
-            );
+            acc0 = _mm256_fmadd_ps(block(b), _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)), acc0);
+            acc1 = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.get_unchecked(b + 1)), acc1);
             b += 2;
         }
         if b < nb {
-            acc0 = _mm256_fmadd_ps(
-                block(b),
-                _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)),
-                acc0,
-            );
+            acc0 = _mm256_fmadd_ps(block(b), _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)), acc0);
         }
         hsum(_mm256_add_ps(acc0, acc1))
     }
@@ -351,26 +301,13 @@ mod simd {
         };
         let mut b = 0;
         while b + 2 <= nb {
-            acc0 = _mm256_fmadd_ps(
-                block(b),
-                _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)),
-                acc0,
-            );
-            acc1 = _mm256_fmadd_ps(
-                block(b + 1),
-                _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.get_unchecked(b + 1)),
-                acc1,
-            );
-            mins += *mw.get_unchecked(b) * *sx.get_unchecked(b)
-                + *mw.get_unchecked(b + 1) * *sx.get_unchecked(b + 1);
+            acc0 = _mm256_fmadd_ps(block(b), _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)), acc0);
+            acc1 = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(*dw.get_unchecked(b + 1) * *dx.get_unchecked(b + 1)), acc1);
+            mins += *mw.get_unchecked(b) * *sx.get_unchecked(b) + *mw.get_unchecked(b + 1) * *sx.get_unchecked(b + 1);
             b += 2;
         }
         if b < nb {
-            acc0 = _mm256_fmadd_ps(
-                block(b),
-                _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)),
-                acc0,
-            );
+            acc0 = _mm256_fmadd_ps(block(b), _mm256_set1_ps(*dw.get_unchecked(b) * *dx.get_unchecked(b)), acc0);
             mins += *mw.get_unchecked(b) * *sx.get_unchecked(b);
         }
         hsum(_mm256_add_ps(acc0, acc1)) + mins
@@ -385,9 +322,7 @@ mod tests {
         let mut y = vec![0f32; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                y[t * rows + r] = (0..cols)
-                    .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
-                    .sum::<f64>() as f32;
+                y[t * rows + r] = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum::<f64>() as f32;
             }
         }
         y
@@ -399,19 +334,13 @@ mod tests {
             None => QMatrix::from_f32_auto(rows, cols, w),
         };
         for n in [1, 3] {
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 31) % 29) as f32 / 14.0 - 1.0)
-                .collect();
+            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 31) % 29) as f32 / 14.0 - 1.0).collect();
             let want = naive(w, rows, cols, &x, n);
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             let mut got = vec![0f32; n * rows];
             q.matmul(&x, n, &mut got);
             for (a, b) in got.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= tol * scale,
-                    "{:?}: {a} vs {b} (scale {scale})",
-                    q.format
-                );
+                assert!((a - b).abs() <= tol * scale, "{:?}: {a} vs {b} (scale {scale})", q.format);
             }
         }
         q.format
@@ -420,16 +349,12 @@ mod tests {
     #[test]
     fn q8_0_and_q4_1_match_f32_within_quantization_error() {
         let (rows, cols) = (37, 160);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919) % 113) as f32 / 57.0 - 1.0)
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 113) as f32 / 57.0 - 1.0).collect();
         check(Some(QFormat::Q8_0), &w, rows, cols, 0.02);
         check(Some(QFormat::Q4_1), &w, rows, cols, 0.1);
         // A matrix that is exactly Q4_1 (as dequantized from a GGUF) is detected
         // and only the activation rounding remains.
-        let w4: Vec<f32> = (0..rows * cols)
-            .map(|i| 0.3 - 0.01 * (i / 32 % 5) as f32 + 0.021 * ((i * 7) % 16) as f32)
-            .collect();
+        let w4: Vec<f32> = (0..rows * cols).map(|i| 0.3 - 0.01 * (i / 32 % 5) as f32 + 0.021 * ((i * 7) % 16) as f32).collect();
         assert_eq!(check(None, &w4, rows, cols, 0.02), QFormat::Q4_1);
         assert_eq!(QMatrix::from_f32_auto(rows, cols, &w).format, QFormat::Q8_0);
     }

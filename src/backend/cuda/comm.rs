@@ -23,20 +23,9 @@ pub trait DeviceComm: Send {
     /// Whether the calls can be captured into a CUDA graph.
     fn capturable(&self) -> bool;
     /// `buf[..len]` = the sum over ranks of every rank's `buf[..len]`.
-    fn all_reduce_sum(
-        &self,
-        stream: &Arc<CudaStream>,
-        buf: &mut CudaSlice<f32>,
-        len: usize,
-    ) -> Result<(), CommError>;
+    fn all_reduce_sum(&self, stream: &Arc<CudaStream>, buf: &mut CudaSlice<f32>, len: usize) -> Result<(), CommError>;
     /// `recv[r·len..(r+1)·len]` = rank r's `send[..len]`, in rank order.
-    fn all_gather(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaSlice<f32>,
-        len: usize,
-        recv: &mut CudaSlice<f32>,
-    ) -> Result<(), CommError>;
+    fn all_gather(&self, stream: &Arc<CudaStream>, send: &CudaSlice<f32>, len: usize, recv: &mut CudaSlice<f32>) -> Result<(), CommError>;
 }
 
 /// NCCL on the backend's stream: the `stream` arguments are not used, the
@@ -65,21 +54,10 @@ impl DeviceComm for NcclStepComm {
     fn capturable(&self) -> bool {
         true
     }
-    fn all_reduce_sum(
-        &self,
-        _: &Arc<CudaStream>,
-        buf: &mut CudaSlice<f32>,
-        len: usize,
-    ) -> Result<(), CommError> {
+    fn all_reduce_sum(&self, _: &Arc<CudaStream>, buf: &mut CudaSlice<f32>, len: usize) -> Result<(), CommError> {
         self.0.all_reduce_sum_prefix(buf, len)
     }
-    fn all_gather(
-        &self,
-        _: &Arc<CudaStream>,
-        send: &CudaSlice<f32>,
-        len: usize,
-        recv: &mut CudaSlice<f32>,
-    ) -> Result<(), CommError> {
+    fn all_gather(&self, _: &Arc<CudaStream>, send: &CudaSlice<f32>, len: usize, recv: &mut CudaSlice<f32>) -> Result<(), CommError> {
         self.0.all_gather_prefix(send, len, recv)
     }
 }
@@ -97,50 +75,27 @@ fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CommErr
 impl HostStagedComm {
     /// One handle per rank of a world of `n`; move each into its rank's thread.
     pub fn world(n: usize) -> Vec<Self> {
-        CpuComm::world(n)
-            .into_iter()
-            .map(|cpu| Self { cpu })
-            .collect()
+        CpuComm::world(n).into_iter().map(|cpu| Self { cpu }).collect()
     }
 
-    fn to_host(
-        stream: &Arc<CudaStream>,
-        buf: &CudaSlice<f32>,
-        len: usize,
-    ) -> Result<Vec<f32>, CommError> {
+    fn to_host(stream: &Arc<CudaStream>, buf: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>, CommError> {
         if len > buf.len() {
-            return Err(CommError::BadBuffer {
-                op: "host-staged copy",
-                got: buf.len(),
-                want: len,
-            });
+            return Err(CommError::BadBuffer { op: "host-staged copy", got: buf.len(), want: len });
         }
         let mut host = vec![0f32; len];
         if len > 0 {
-            stream
-                .memcpy_dtoh(&buf.slice(0..len), &mut host)
-                .map_err(driver("copy to host"))?;
+            stream.memcpy_dtoh(&buf.slice(0..len), &mut host).map_err(driver("copy to host"))?;
         }
         stream.synchronize().map_err(driver("synchronize"))?;
         Ok(host)
     }
 
-    fn to_device(
-        stream: &Arc<CudaStream>,
-        host: &[f32],
-        buf: &mut CudaSlice<f32>,
-    ) -> Result<(), CommError> {
+    fn to_device(stream: &Arc<CudaStream>, host: &[f32], buf: &mut CudaSlice<f32>) -> Result<(), CommError> {
         if host.len() > buf.len() {
-            return Err(CommError::BadBuffer {
-                op: "host-staged copy",
-                got: buf.len(),
-                want: host.len(),
-            });
+            return Err(CommError::BadBuffer { op: "host-staged copy", got: buf.len(), want: host.len() });
         }
         if !host.is_empty() {
-            stream
-                .memcpy_htod(host, &mut buf.slice_mut(0..host.len()))
-                .map_err(driver("copy to device"))?;
+            stream.memcpy_htod(host, &mut buf.slice_mut(0..host.len())).map_err(driver("copy to device"))?;
         }
         // `host` is freed when the caller returns: wait for the copy.
         stream.synchronize().map_err(driver("synchronize"))
@@ -157,23 +112,12 @@ impl DeviceComm for HostStagedComm {
     fn capturable(&self) -> bool {
         false
     }
-    fn all_reduce_sum(
-        &self,
-        stream: &Arc<CudaStream>,
-        buf: &mut CudaSlice<f32>,
-        len: usize,
-    ) -> Result<(), CommError> {
+    fn all_reduce_sum(&self, stream: &Arc<CudaStream>, buf: &mut CudaSlice<f32>, len: usize) -> Result<(), CommError> {
         let mut host = Self::to_host(stream, buf, len)?;
         self.cpu.all_reduce_sum(&mut host)?;
         Self::to_device(stream, &host, buf)
     }
-    fn all_gather(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaSlice<f32>,
-        len: usize,
-        recv: &mut CudaSlice<f32>,
-    ) -> Result<(), CommError> {
+    fn all_gather(&self, stream: &Arc<CudaStream>, send: &CudaSlice<f32>, len: usize, recv: &mut CudaSlice<f32>) -> Result<(), CommError> {
         let host = Self::to_host(stream, send, len)?;
         let mut all = vec![0f32; len * DeviceComm::world(self)];
         self.cpu.all_gather(&host, &mut all)?;

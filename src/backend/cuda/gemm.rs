@@ -43,38 +43,22 @@ impl BlasGemm {
         let blas = std::panic::catch_unwind(move || CudaBlas::new(s))
             .map_err(|_| "libcublas could not be loaded".to_string())?
             .map_err(|e| format!("cublasCreate: {e:?}"))?;
-        let mut ws = stream
-            .alloc_zeros::<u8>(WORKSPACE_BYTES)
-            .map_err(|e| format!("{e:?}"))?;
+        let mut ws = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| format!("{e:?}"))?;
         {
             let (p, _g) = ws.device_ptr_mut(stream);
             // SAFETY: the workspace outlives the handle (both owned by self).
-            unsafe {
-                sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut c_void, WORKSPACE_BYTES)
-            }
-            .result()
-            .map_err(|e| format!("cublasSetWorkspace: {e:?}"))?;
+            unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), p as *mut c_void, WORKSPACE_BYTES) }
+                .result()
+                .map_err(|e| format!("cublasSetWorkspace: {e:?}"))?;
         }
         // split-K reductions in f32 too (cuBLAS may otherwise reduce bf16 GEMMs in lower
         // precision), so a GEMM row matches the GEMV's f32 accumulation closely
-        unsafe {
-            sys::cublasSetMathMode(
-                *blas.handle(),
-                sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
-            )
-        }
-        .result()
-        .map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
+        unsafe { sys::cublasSetMathMode(*blas.handle(), sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) }
+            .result()
+            .map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
         let max_elems = (max_rows * max_cols).max(1);
-        let xb = stream
-            .alloc_zeros::<u16>(max_elems)
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(Self {
-            blas,
-            _workspace: ws,
-            xb,
-            max_elems,
-        })
+        let xb = stream.alloc_zeros::<u16>(max_elems).map_err(|e| format!("{e:?}"))?;
+        Ok(Self { blas, _workspace: ws, xb, max_elems })
     }
 
     /// y f32 [n, rows] = x [n, cols] . W^T, W bf16 [rows, cols] row-major; x and y raw
@@ -98,11 +82,7 @@ impl BlasGemm {
         n: usize,
     ) -> Result<(), CudaError> {
         if w.len() < rows * cols {
-            return Err(CudaError::Shape(format!(
-                "gemm: weight has {} elements, needs {}",
-                w.len(),
-                rows * cols
-            )));
+            return Err(CudaError::Shape(format!("gemm: weight has {} elements, needs {}", w.len(), rows * cols)));
         }
         let st = cx.stream.clone();
         let xb = if x_bf16 {

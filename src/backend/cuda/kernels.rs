@@ -60,9 +60,7 @@ impl AttnWorkspace {
         Ok(Self {
             acc: cx.stream.alloc_zeros::<f32>(n * head_dim)?,
             ml: cx.stream.alloc_zeros::<f32>(n * 2)?,
-            cnt: cx
-                .stream
-                .alloc_zeros::<u32>((max_seqs * n_q_heads).max(1))?,
+            cnt: cx.stream.alloc_zeros::<u32>((max_seqs * n_q_heads).max(1))?,
             max_seqs,
             n_q_heads,
             max_splits,
@@ -565,11 +563,7 @@ impl CudaContext {
         }
         let a = [n as i32, n_experts as i32, k as i32, renorm as i32];
         // more than 256 experts: 16 logits per lane instead of 8
-        let mut b = self.launch(if n_experts <= 256 {
-            "moe_router_topk"
-        } else {
-            "moe_router_topk_512"
-        });
+        let mut b = self.launch(if n_experts <= 256 { "moe_router_topk" } else { "moe_router_topk_512" });
         b.arg(logits)
             .arg(ids)
             .arg(weights)
@@ -664,12 +658,7 @@ impl CudaContext {
         let (v, p, w) = (vocab as i32, parts as i32, words as i32);
         {
             let mut b = self.launch("argmax_partial_masked");
-            b.arg(logits)
-                .arg(&self.argmax_scratch)
-                .arg(&v)
-                .arg(mask)
-                .arg(&w)
-                .arg(rows);
+            b.arg(logits).arg(&self.argmax_scratch).arg(&v).arg(mask).arg(&w).arg(rows);
             unsafe { b.launch(grid(parts, m, 1, 256)) }?;
         }
         let mut b = self.launch("argmax_final");
@@ -697,9 +686,7 @@ impl CudaContext {
             len_at_least(s, n, name)?;
         }
         len_at_least(out, n, "out")?;
-        need(vocab > 0 && vocab < i32::MAX as usize, || {
-            format!("sample_top_p: vocab {vocab}")
-        })?;
+        need(vocab > 0 && vocab < i32::MAX as usize, || format!("sample_top_p: vocab {vocab}"))?;
         if n == 0 {
             return Ok(());
         }

@@ -36,9 +36,7 @@ impl CudaContext {
         hidden: usize,
         eps: f32,
     ) -> Result<()> {
-        need(hidden.is_multiple_of(32), || {
-            format!("rmsnorm_q8: hidden {hidden} % 32 != 0")
-        })?;
+        need(hidden.is_multiple_of(32), || format!("rmsnorm_q8: hidden {hidden} % 32 != 0"))?;
         len_at_least(residual, n_rows * hidden, "residual")?;
         if let Some(d) = delta {
             len_at_least(d, n_rows * hidden, "delta")?;
@@ -81,9 +79,7 @@ impl CudaContext {
         cols: usize,
         n_experts: usize,
     ) -> Result<()> {
-        need(cols.is_multiple_of(32) && x_div >= 1, || {
-            "mxfp4_q8: cols % 32 != 0 or x_div == 0".into()
-        })?;
+        need(cols.is_multiple_of(32) && x_div >= 1, || "mxfp4_q8: cols % 32 != 0 or x_div == 0".into())?;
         len_at_least(blocks, n_experts * rows * cols / 2, "blocks")?;
         len_at_least(scales, n_experts * rows * cols / 32, "scales")?;
         len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
@@ -97,23 +93,10 @@ impl CudaContext {
         let (lanes, rows_per_block) = if cols >= 1536 { ("l32", 8) } else { ("l8", 32) };
         let a = [rows as i32, cols as i32, x_div as i32];
         let mut b = self.launch(&format!("mxfp4_q8_{}{lanes}", experts.kernel_infix()));
-        b.arg(blocks)
-            .arg(scales)
-            .arg(xq)
-            .arg(xd)
-            .arg(y)
-            .arg(&a[0])
-            .arg(&a[1]);
+        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]);
         experts.args(&mut b);
         b.arg(&a[2]);
-        unsafe {
-            b.launch(grid(
-                rows.div_ceil(rows_per_block),
-                experts.grid_y(n_assign, n_experts),
-                1,
-                256,
-            ))
-        }?;
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), experts.grid_y(n_assign, n_experts), 1, 256)) }?;
         Ok(())
     }
 
@@ -139,10 +122,9 @@ impl CudaContext {
         cols: usize,
         n_experts: usize,
     ) -> Result<()> {
-        need(
-            cols.is_multiple_of(32) && inter.is_multiple_of(32) && x_div >= 1,
-            || format!("moe_gate_up_q8: cols {cols} and inter {inter} must be multiples of 32"),
-        )?;
+        need(cols.is_multiple_of(32) && inter.is_multiple_of(32) && x_div >= 1, || {
+            format!("moe_gate_up_q8: cols {cols} and inter {inter} must be multiples of 32")
+        })?;
         len_at_least(blocks, n_experts * 2 * inter * cols / 2, "blocks")?;
         len_at_least(scales, n_experts * 2 * inter * cols / 32, "scales")?;
         len_at_least(xq, n_assign.div_ceil(x_div) * cols, "xq")?;
@@ -173,38 +155,16 @@ impl CudaContext {
             Some(bb) => b.arg(bb),
             None => b.arg(&NULL),
         };
-        b.arg(&a[1])
-            .arg(&a[2])
-            .arg(&kind)
-            .arg(&alpha)
-            .arg(&limit)
-            .arg(aq)
-            .arg(ad);
-        unsafe {
-            b.launch(grid(
-                inter / 32,
-                experts.grid_y(n_assign, n_experts),
-                1,
-                256,
-            ))
-        }?;
+        b.arg(&a[1]).arg(&a[2]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
+        unsafe { b.launch(grid(inter / 32, experts.grid_y(n_assign, n_experts), 1, 256)) }?;
         Ok(())
     }
 
     /// Lists the assignments of every expert: `ids` i32 `[n_assign]` (< 0: skipped) ->
     /// `off` i32 `[E + 1]`, `list` i32 `[n_assign]` (expert e's assignments are
     /// `list[off[e]..off[e + 1]]`, increasing) for the grouped expert GEMVs.
-    pub fn moe_group(
-        &self,
-        ids: &CudaSlice<i32>,
-        n_assign: usize,
-        n_experts: usize,
-        off: &mut CudaSlice<i32>,
-        list: &mut CudaSlice<i32>,
-    ) -> Result<()> {
-        need(n_experts <= 512 && n_assign <= GROUP_MAX_ASSIGN, || {
-            format!("moe_group: E {n_experts}, {n_assign} assignments")
-        })?;
+    pub fn moe_group(&self, ids: &CudaSlice<i32>, n_assign: usize, n_experts: usize, off: &mut CudaSlice<i32>, list: &mut CudaSlice<i32>) -> Result<()> {
+        need(n_experts <= 512 && n_assign <= GROUP_MAX_ASSIGN, || format!("moe_group: E {n_experts}, {n_assign} assignments"))?;
         len_at_least(ids, n_assign, "ids")?;
         len_at_least(off, n_experts + 1, "off")?;
         len_at_least(list, n_assign, "list")?;
@@ -224,10 +184,7 @@ pub enum Experts<'a> {
     Ids(&'a CudaSlice<i32>),
     /// Each expert's assignments as `moe_group` lists them: a block per (row tile, expert)
     /// reading the expert once for all of them (assignments of no expert are not written).
-    Grouped {
-        off: &'a CudaSlice<i32>,
-        list: &'a CudaSlice<i32>,
-    },
+    Grouped { off: &'a CudaSlice<i32>, list: &'a CudaSlice<i32> },
 }
 
 impl Experts<'_> {
@@ -263,3 +220,5 @@ impl Experts<'_> {
         }
     }
 }
+
+

@@ -87,15 +87,7 @@ pub struct Launch<'a> {
 
 impl<'a> Launch<'a> {
     pub(crate) fn new(stream: &'a CudaStream, func: RawFunction, pdl: bool) -> Self {
-        Self {
-            stream,
-            func,
-            pdl,
-            cooperative: false,
-            rec: None,
-            args: [0; MAX_ARGS],
-            n: 0,
-        }
+        Self { stream, func, pdl, cooperative: false, rec: None, args: [0; MAX_ARGS], n: 0 }
     }
 
     /// While `rec` is recording, this launch is recorded there (as `name`) instead.
@@ -143,8 +135,7 @@ impl<'a> Launch<'a> {
         let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
         let mut n_attrs = 0;
         if self.pdl {
-            attrs[n_attrs].id =
-                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
             n_attrs += 1;
         }
@@ -165,12 +156,6 @@ impl<'a> Launch<'a> {
             attrs: attrs.as_mut_ptr(),
             numAttrs: n_attrs as u32,
         };
-        sys::cuLaunchKernelEx(
-            &config,
-            self.func.0,
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-        .result()
+        sys::cuLaunchKernelEx(&config, self.func.0, params.as_mut_ptr(), std::ptr::null_mut()).result()
     }
 }

@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DriverError};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use launch::{Launch, RawFunction, RawModule, Recorded, Recorder};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 /// Helpers prepended to every kernel source.
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
@@ -37,11 +37,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "rmsnorm",
         include_str!("../../../kernels/rmsnorm.cu"),
-        &[
-            "rmsnorm_residual",
-            "rmsnorm_residual_f32out",
-            "rmsnorm_residual_q8",
-        ],
+        &["rmsnorm_residual", "rmsnorm_residual_f32out", "rmsnorm_residual_q8"],
     ),
     (
         "rope",
@@ -289,10 +285,7 @@ fn persistent_source() -> Result<String> {
             .ok_or_else(|| CudaError::Shape(format!("persistent step: no kernel module {name}")))?;
         src.push_str(&format!("#line 1 \"kernels/{name}.cu\"\n{s}\n"));
     }
-    src.push_str(&format!(
-        "#line 1 \"kernels/persistent.cu\"\n{}",
-        persistent::SOURCE
-    ));
+    src.push_str(&format!("#line 1 \"kernels/persistent.cu\"\n{}", persistent::SOURCE));
     Ok(src)
 }
 
@@ -301,12 +294,7 @@ fn persistent_source() -> Result<String> {
 /// barrier after each (default; on the H100 5.13 ms per Qwen3-30B-A3B step against 5.39
 /// with completion counters) or per-instruction completion counters
 /// (`KAIROS_CUDA_PK_SYNC=counters`).
-fn persistent_opts(
-    head_dim: usize,
-    blocks_per_sm: u32,
-    rows: usize,
-    counters: bool,
-) -> Vec<String> {
+fn persistent_opts(head_dim: usize, blocks_per_sm: u32, rows: usize, counters: bool) -> Vec<String> {
     let mut opts = vec![
         "-DKAIROS_PERSISTENT".to_string(),
         format!("-DPK_HEAD_DIM={head_dim}"),
@@ -392,14 +380,11 @@ impl CudaContext {
         let mut modules = Vec::new();
         let mut hits = 0;
         ctx.bind_to_thread()?;
-        let cstr = |s: &str| {
-            std::ffi::CString::new(s).map_err(|_| CudaError::Shape(format!("NUL byte in {s:?}")))
-        };
+        let cstr = |s: &str| std::ffi::CString::new(s).map_err(|_| CudaError::Shape(format!("NUL byte in {s:?}")));
         for ((module, _, entries), ptx) in SOURCES.iter().zip(ptxs) {
             let (ptx, hit) = ptx?;
             hits += hit as usize;
-            let src = cstr(&ptx.to_src())
-                .map_err(|_| CudaError::Shape(format!("NUL byte in the PTX of {module}")))?;
+            let src = cstr(&ptx.to_src()).map_err(|_| CudaError::Shape(format!("NUL byte in the PTX of {module}")))?;
             // SAFETY: `src` is NUL-terminated PTX text; the module lives until `Drop`.
             let m = unsafe { cudarc::driver::result::module::load_data(src.as_ptr() as *const _) }?;
             modules.push(RawModule(m));
@@ -438,22 +423,13 @@ impl CudaContext {
 
     /// The launches recorded since `start_recording`; launches are enqueued again.
     pub(crate) fn take_recording(&self) -> Vec<Recorded> {
-        self.recorder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_default()
+        self.recorder.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default()
     }
 
     /// The persistent decode-step kernel (`kernels/persistent.cu`) for models of this
     /// head dimension and steps of up to `rows` rows, registers sized for `blocks_per_sm`
     /// blocks (compiled once, cached on disk like every module).
-    pub(crate) fn persistent_kernel(
-        &mut self,
-        head_dim: usize,
-        blocks_per_sm: u32,
-        rows: usize,
-    ) -> Result<RawFunction> {
+    pub(crate) fn persistent_kernel(&mut self, head_dim: usize, blocks_per_sm: u32, rows: usize) -> Result<RawFunction> {
         if let Some(f) = self.persistent.get(&(head_dim, blocks_per_sm, rows)) {
             return Ok(*f);
         }
@@ -461,31 +437,16 @@ impl CudaContext {
         let src = persistent_source()?;
         let mut opts = self.opts_list.clone();
         opts.extend(persistent_opts(head_dim, blocks_per_sm, rows, counters));
-        let module = format!(
-            "persistent_d{head_dim}_b{blocks_per_sm}_n{rows}{}",
-            if counters { "_ctr" } else { "" }
-        );
-        let (ptx, _) = compile_cached(
-            &module,
-            &src,
-            &opts,
-            ptx_cache_dir().as_deref(),
-            &self.arch,
-            driver_version(),
-            nvrtc_version(),
-        )?;
-        let cstr = |s: &str| {
-            std::ffi::CString::new(s).map_err(|_| CudaError::Shape(format!("NUL byte in {s:?}")))
-        };
+        let module = format!("persistent_d{head_dim}_b{blocks_per_sm}_n{rows}{}", if counters { "_ctr" } else { "" });
+        let (ptx, _) = compile_cached(&module, &src, &opts, ptx_cache_dir().as_deref(), &self.arch, driver_version(), nvrtc_version())?;
+        let cstr = |s: &str| std::ffi::CString::new(s).map_err(|_| CudaError::Shape(format!("NUL byte in {s:?}")));
         self.ctx.bind_to_thread()?;
         let text = cstr(&ptx.to_src())?;
         // SAFETY: NUL-terminated PTX; the module is unloaded in `Drop` with the others.
         let m = unsafe { cudarc::driver::result::module::load_data(text.as_ptr() as *const _) }?;
         self.modules.push(RawModule(m));
         // SAFETY: `m` was just loaded and lives until `Drop`.
-        let f = RawFunction(unsafe {
-            cudarc::driver::result::module::get_function(m, cstr("persistent_step")?)
-        }?);
+        let f = RawFunction(unsafe { cudarc::driver::result::module::get_function(m, cstr("persistent_step")?) }?);
         self.persistent.insert((head_dim, blocks_per_sm, rows), f);
         Ok(f)
     }
@@ -503,10 +464,7 @@ impl CudaContext {
 
     /// Starts a launch of kernel `name` on this context's stream.
     pub(crate) fn launch(&self, name: &str) -> Launch<'_> {
-        let f = *self
-            .funcs
-            .get(name)
-            .unwrap_or_else(|| panic!("kernel {name} not loaded"));
+        let f = *self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} not loaded"));
         Launch::new(&self.stream, f, self.pdl).recorded_by(&self.recorder, name)
     }
 }
@@ -539,46 +497,26 @@ mod tests {
     fn every_kernel_module_compiles_for_sm90() {
         // SAFETY: only asks the dynamic loader whether the library can be opened.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            assert!(
-                std::env::var_os("KAIROS_REQUIRE_NVRTC").is_none(),
-                "KAIROS_REQUIRE_NVRTC is set but no NVRTC library loads"
-            );
+            assert!(std::env::var_os("KAIROS_REQUIRE_NVRTC").is_none(), "KAIROS_REQUIRE_NVRTC is set but no NVRTC library loads");
             eprintln!("skipping: no NVRTC library (scripts/test.sh fetches one; put its folder on LD_LIBRARY_PATH)");
             return;
         }
-        let opts = vec![
-            "--gpu-architecture=sm_90".to_string(),
-            "--std=c++17".to_string(),
-        ];
+        let opts = vec!["--gpu-architecture=sm_90".to_string(), "--std=c++17".to_string()];
         let nvrtc = nvrtc_version();
         let compiled: Vec<(String, Result<(Ptx, bool)>)> = std::thread::scope(|sc| {
             let handles: Vec<_> = SOURCES
                 .iter()
                 .map(|(module, src, _)| {
                     let opts = &opts;
-                    sc.spawn(move || {
-                        (
-                            module.to_string(),
-                            compile_cached(module, src, opts, None, "sm_90", 0, nvrtc),
-                        )
-                    })
+                    sc.spawn(move || (module.to_string(), compile_cached(module, src, opts, None, "sm_90", 0, nvrtc)))
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("NVRTC thread"))
-                .collect()
+            handles.into_iter().map(|h| h.join().expect("NVRTC thread")).collect()
         });
         for ((module, ptx), (_, _, funcs)) in compiled.into_iter().zip(SOURCES) {
-            let ptx = ptx
-                .unwrap_or_else(|e| panic!("kernels/{module}.cu: {e}"))
-                .0
-                .to_src();
+            let ptx = ptx.unwrap_or_else(|e| panic!("kernels/{module}.cu: {e}")).0.to_src();
             for f in entry_names(funcs) {
-                assert!(
-                    ptx.contains(&format!(".entry {f}(")),
-                    "kernels/{module}.cu: no entry point {f} in the PTX"
-                );
+                assert!(ptx.contains(&format!(".entry {f}(")), "kernels/{module}.cu: no entry point {f} in the PTX");
             }
         }
     }
@@ -589,33 +527,17 @@ mod tests {
     #[test]
     fn persistent_module_compiles_for_sm90() {
         // SAFETY: only asks the dynamic loader whether the library can be opened.
-        if std::env::var_os("KAIROS_NVRTC_PERSISTENT").is_none()
-            || !unsafe { cudarc::nvrtc::sys::is_culib_present() }
-        {
+        if std::env::var_os("KAIROS_NVRTC_PERSISTENT").is_none() || !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             eprintln!("skipping: set KAIROS_NVRTC_PERSISTENT=1 with NVRTC on LD_LIBRARY_PATH");
             return;
         }
         let src = persistent_source().expect("source");
         for counters in [false, true] {
-            let mut opts = vec![
-                "--gpu-architecture=sm_90".to_string(),
-                "--std=c++17".to_string(),
-            ];
+            let mut opts = vec!["--gpu-architecture=sm_90".to_string(), "--std=c++17".to_string()];
             opts.extend(persistent_opts(128, 2, 8, counters));
-            let (ptx, _) = compile_cached(
-                "persistent_check",
-                &src,
-                &opts,
-                None,
-                "sm_90",
-                0,
-                nvrtc_version(),
-            )
-            .unwrap_or_else(|e| panic!("persistent step (counters {counters}): {e}"));
-            assert!(
-                ptx.to_src().contains(".entry persistent_step("),
-                "no persistent_step entry"
-            );
+            let (ptx, _) = compile_cached("persistent_check", &src, &opts, None, "sm_90", 0, nvrtc_version())
+                .unwrap_or_else(|e| panic!("persistent step (counters {counters}): {e}"));
+            assert!(ptx.to_src().contains(".entry persistent_step("), "no persistent_step entry");
         }
     }
 }
@@ -631,22 +553,14 @@ mod resources {
     #[test]
     fn kernel_resources_sm90() {
         // SAFETY: only asks the dynamic loader whether the library can be opened.
-        if std::env::var_os("KAIROS_NVRTC_RESOURCES").is_none()
-            || !unsafe { cudarc::nvrtc::sys::is_culib_present() }
-        {
+        if std::env::var_os("KAIROS_NVRTC_RESOURCES").is_none() || !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             eprintln!("skipping: set KAIROS_NVRTC_RESOURCES=1 with NVRTC on LD_LIBRARY_PATH");
             return;
         }
         for (module, src, _) in SOURCES {
-            let full =
-                std::ffi::CString::new(format!("{COMMON}\n#line 1 \"kernels/{module}.cu\"\n{src}"))
-                    .expect("no NUL");
+            let full = std::ffi::CString::new(format!("{COMMON}\n#line 1 \"kernels/{module}.cu\"\n{src}")).expect("no NUL");
             let prog = cudarc::nvrtc::result::create_program(&full, None).expect("program");
-            let opts = [
-                "--gpu-architecture=sm_90",
-                "--std=c++17",
-                "--ptxas-options=-v",
-            ];
+            let opts = ["--gpu-architecture=sm_90", "--std=c++17", "--ptxas-options=-v"];
             // SAFETY: `prog` was just created and is destroyed below.
             let log = unsafe {
                 let r = cudarc::nvrtc::result::compile_program(prog, &opts);
@@ -655,11 +569,7 @@ mod resources {
                 r.unwrap_or_else(|e| panic!("kernels/{module}.cu: {e:?}"));
                 log
             };
-            let text: String = log
-                .iter()
-                .take_while(|&&c| c != 0)
-                .map(|&c| c as u8 as char)
-                .collect();
+            let text: String = log.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
             // per kernel: "Function properties for K", then "N bytes stack frame, N bytes spill
             // stores, N bytes spill loads", then "Used N registers, ..., N bytes smem"
             let (mut name, mut frame) = (String::new(), String::new());
@@ -667,9 +577,7 @@ mod resources {
                 if let Some(k) = line.split("Function properties for ").nth(1) {
                     (name, frame) = (k.trim().to_string(), String::new());
                 } else if line.contains("stack frame") {
-                    frame = line
-                        .trim_start_matches(|c: char| !c.is_ascii_digit())
-                        .to_string();
+                    frame = line.trim_start_matches(|c: char| !c.is_ascii_digit()).to_string();
                 } else if let Some(used) = line.split("Used ").nth(1) {
                     println!("{module:<10} {name:<24} {used:<64} {frame}");
                 }

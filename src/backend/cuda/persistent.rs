@@ -26,17 +26,7 @@ use super::launch::{RawFunction, Recorded};
 use super::{CudaContext, CudaError};
 
 /// The kernel sources the persistent module is compiled from (after common.cuh).
-pub(crate) const MODULES: &[&str] = &[
-    "embedding",
-    "rmsnorm",
-    "model",
-    "attention",
-    "gemv",
-    "moe",
-    "moe_q8",
-    "argmax",
-    "swiglu",
-];
+pub(crate) const MODULES: &[&str] = &["embedding", "rmsnorm", "model", "attention", "gemv", "moe", "moe_q8", "argmax", "swiglu"];
 pub(crate) const SOURCE: &str = include_str!("../../../kernels/persistent.cu");
 
 /// u64 words per instruction and the first argument word (kernels/persistent.cu).
@@ -71,18 +61,10 @@ const GEMV_F32X: u64 = 30;
 
 fn op_code(name: &str, head_dim: usize) -> Option<u64> {
     if let Some(n) = name.strip_prefix("bf16_gemv_bf16x_n") {
-        return n
-            .parse::<u64>()
-            .ok()
-            .filter(|n| (1..=8).contains(n))
-            .map(|n| GEMV_BF16X + n - 1);
+        return n.parse::<u64>().ok().filter(|n| (1..=8).contains(n)).map(|n| GEMV_BF16X + n - 1);
     }
     if let Some(n) = name.strip_prefix("bf16_gemv_f32x_n") {
-        return n
-            .parse::<u64>()
-            .ok()
-            .filter(|n| (1..=8).contains(n))
-            .map(|n| GEMV_F32X + n - 1);
+        return n.parse::<u64>().ok().filter(|n| (1..=8).contains(n)).map(|n| GEMV_F32X + n - 1);
     }
     if let Some(d) = name.strip_prefix("attention_split_d") {
         // one attention instantiation per module: the model's head dimension
@@ -94,16 +76,13 @@ fn op_code(name: &str, head_dim: usize) -> Option<u64> {
 /// The recorded launches as instruction words, or why they cannot run persistently.
 pub(crate) fn translate(recs: &[Recorded], head_dim: usize) -> Result<Vec<u64>, String> {
     if !matches!(head_dim, 64 | 128) {
-        return Err(format!(
-            "head_dim {head_dim} (the persistent step has attention for 64 and 128)"
-        ));
+        return Err(format!("head_dim {head_dim} (the persistent step has attention for 64 and 128)"));
     }
     let mut words = Vec::with_capacity(recs.len() * WORDS);
     // (instruction, weight pointer, bytes) of the weight-reading instructions
     let mut weights: Vec<(usize, u64, u64)> = Vec::new();
     for (i, r) in recs.iter().enumerate() {
-        let op = op_code(&r.name, head_dim)
-            .ok_or_else(|| format!("kernel {} has no persistent form", r.name))?;
+        let op = op_code(&r.name, head_dim).ok_or_else(|| format!("kernel {} has no persistent form", r.name))?;
         if r.args.len() > WORDS - ARG0 {
             return Err(format!("kernel {}: {} arguments", r.name, r.args.len()));
         }
@@ -113,20 +92,13 @@ pub(crate) fn translate(recs: &[Recorded], head_dim: usize) -> Result<Vec<u64>, 
             // one warp per unit: 8 units per 256-thread virtual block
             "rope_qk_kv" | "argmax_final" => (r.block == 32 && gy * gz == 1, blocks.div_ceil(8)),
             // 4 warps (tokens) per launched block: 2 launched blocks per virtual block
-            "moe_router_topk" | "moe_router_topk_512" => {
-                (r.block == 128 && gy * gz == 1, blocks.div_ceil(2))
-            }
+            "moe_router_topk" | "moe_router_topk_512" => (r.block == 128 && gy * gz == 1, blocks.div_ceil(2)),
             // one row per block whatever its width (the body strides over the row)
-            n if n.starts_with("rmsnorm_") => {
-                (matches!(r.block, 256 | 1024) && gy * gz == 1, blocks)
-            }
+            n if n.starts_with("rmsnorm_") => (matches!(r.block, 256 | 1024) && gy * gz == 1, blocks),
             _ => (r.block == 256, blocks),
         };
         if !ok {
-            return Err(format!(
-                "kernel {}: block {} grid {:?}",
-                r.name, r.block, r.grid
-            ));
+            return Err(format!("kernel {}: block {} grid {:?}", r.name, r.block, r.grid));
         }
         if op >= GEMV_BF16X {
             let (rows, cols) = (r.args[3] & 0xffff_ffff, r.args[4] & 0xffff_ffff);
@@ -189,17 +161,10 @@ impl Program {
         let func = cx.persistent_kernel(head_dim, blocks_per_sm, rows)?;
         let mut fit = 0i32;
         // SAFETY: `func` is a loaded kernel of this context; plain out-parameter query.
-        unsafe {
-            cudarc::driver::sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                &mut fit, func.0, 256, 0,
-            )
-        }
-        .result()?;
+        unsafe { cudarc::driver::sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut fit, func.0, 256, 0) }.result()?;
         let per_sm = (fit.max(0) as u32).min(blocks_per_sm);
         if per_sm == 0 {
-            return Err(CudaError::Shape(
-                "persistent step: no block fits on an SM".into(),
-            ));
+            return Err(CudaError::Shape("persistent step: no block fits on an SM".into()));
         }
         let prog = cx.stream.memcpy_stod(words)?;
 
@@ -207,22 +172,11 @@ impl Program {
         let n_instr = words.len() / WORDS;
         let done = cx.stream.alloc_zeros::<u32>(n_instr.max(1))?;
         let times = if std::env::var("KAIROS_CUDA_PK_PROFILE").is_ok_and(|v| v == "1") {
-            Some((
-                cx.stream.alloc_zeros::<u64>(n_instr + 1)?,
-                recs.iter().map(|r| r.name.clone()).collect(),
-            ))
+            Some((cx.stream.alloc_zeros::<u64>(n_instr + 1)?, recs.iter().map(|r| r.name.clone()).collect()))
         } else {
             None
         };
-        Ok(Self {
-            prog,
-            n_instr: n_instr as i32,
-            done,
-            times,
-            func,
-            grid: cx.sm_count * per_sm,
-            cooperative,
-        })
+        Ok(Self { prog, n_instr: n_instr as i32, done, times, func, grid: cx.sm_count * per_sm, cooperative })
     }
 
     pub(crate) fn grid(&self) -> u32 {
@@ -233,9 +187,7 @@ impl Program {
     /// instructions, instruction count), as block 0 saw it (instruction start to the
     /// next instruction's start, so each includes its wait), in program order.
     pub(crate) fn profile(&self, cx: &CudaContext) -> Result<Option<Profile>, DriverError> {
-        let Some((t, names)) = self.times.as_ref() else {
-            return Ok(None);
-        };
+        let Some((t, names)) = self.times.as_ref() else { return Ok(None) };
         let ts = cx.stream.memcpy_dtov(t)?;
         let mut out: Profile = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -264,11 +216,7 @@ impl Program {
         if self.cooperative {
             l.cooperative();
         }
-        let cfg = LaunchConfig {
-            grid_dim: (self.grid, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (self.grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments match persistent_step(prog, n_instr, done, times); the program's
         // pointers are the backend's buffers, alive as long as its graphs.
         unsafe { l.launch(cfg) }
@@ -280,12 +228,7 @@ mod tests {
     use super::*;
 
     fn rec(name: &str, grid: (u32, u32, u32), block: u32, args: &[u64]) -> Recorded {
-        Recorded {
-            name: name.into(),
-            grid,
-            block,
-            args: args.to_vec(),
-        }
+        Recorded { name: name.into(), grid, block, args: args.to_vec() }
     }
 
     #[test]
@@ -306,35 +249,18 @@ mod tests {
         }
         assert_eq!(defs.get("BF16_GEMV_BF16X"), Some(&GEMV_BF16X));
         assert_eq!(defs.get("BF16_GEMV_F32X"), Some(&GEMV_F32X));
-        assert_eq!(
-            defs.len(),
-            OPS.len() + 2,
-            "an op in persistent.cu is missing here"
-        );
-        assert!(
-            SOURCE.contains(&format!("#define PK_WORDS {WORDS}"))
-                && SOURCE.contains(&format!("#define PK_ARG0 {ARG0}"))
-        );
+        assert_eq!(defs.len(), OPS.len() + 2, "an op in persistent.cu is missing here");
+        assert!(SOURCE.contains(&format!("#define PK_WORDS {WORDS}")) && SOURCE.contains(&format!("#define PK_ARG0 {ARG0}")));
     }
 
     #[test]
     fn translates_a_step_with_prefetch_slots() {
         let recs = [
             rec("rmsnorm_residual", (1, 1, 1), 1024, &[1, 0, 2, 3, 64, 0]),
-            rec(
-                "bf16_gemv_bf16x_n1",
-                (40, 1, 1),
-                256,
-                &[0x1000, 3, 4, 320, 64, 0],
-            ),
+            rec("bf16_gemv_bf16x_n1", (40, 1, 1), 256, &[0x1000, 3, 4, 320, 64, 0]),
             rec("rope_qk_kv", (20, 1, 1), 32, &[0; 16]),
             rec("attention_split_d64", (4, 2, 1), 256, &[0; 19]),
-            rec(
-                "bf16_gemv_f32x_n1",
-                (8, 1, 1),
-                256,
-                &[0x2000, 5, 6, 64, 256, 0],
-            ),
+            rec("bf16_gemv_f32x_n1", (8, 1, 1), 256, &[0x2000, 5, 6, 64, 256, 0]),
             rec("moe_router_topk", (1, 1, 1), 128, &[0; 7]),
         ];
         let w = translate(&recs, 64).unwrap();
@@ -356,23 +282,12 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_run() {
         let r = |name: &str, block| translate(&[rec(name, (1, 1, 1), block, &[0; 8])], 128);
-        assert!(r("add_bias_f32", 256)
-            .unwrap_err()
-            .contains("no persistent form"));
-        assert!(
-            r("attention_split_d64", 256).is_err(),
-            "attention of another head_dim"
-        );
+        assert!(r("add_bias_f32", 256).unwrap_err().contains("no persistent form"));
+        assert!(r("attention_split_d64", 256).is_err(), "attention of another head_dim");
         assert!(r("attention_split_d128", 256).is_ok());
         assert!(r("bf16_gemv_bf16x_n9", 256).is_err());
-        assert!(
-            r("mxfp4_q8_l32", 128).is_err(),
-            "a 256-thread body launched with 128"
-        );
-        assert!(
-            translate(&[rec("mxfp4_q8_l32", (1, 1, 1), 256, &[0; 28])], 128).is_err(),
-            "too many arguments"
-        );
+        assert!(r("mxfp4_q8_l32", 128).is_err(), "a 256-thread body launched with 128");
+        assert!(translate(&[rec("mxfp4_q8_l32", (1, 1, 1), 256, &[0; 28])], 128).is_err(), "too many arguments");
         assert!(translate(&[], 256).is_err());
     }
 }

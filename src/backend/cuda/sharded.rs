@@ -43,14 +43,11 @@ fn load_ranks(
     plan: ShardPlan,
     opts_for: impl Fn(usize) -> CudaBackendOptions,
 ) -> Result<Vec<CudaBackend>, BackendError> {
-    check_cuda_plan(&plan, full)
-        .map_err(|e| BackendError::Unsupported(format!("shard plan: {e}")))?;
-    let routers =
-        load_routers(full, src).map_err(|e| device_err("loading the routers")(e.to_string()))?;
+    check_cuda_plan(&plan, full).map_err(|e| BackendError::Unsupported(format!("shard plan: {e}")))?;
+    let routers = load_routers(full, src).map_err(|e| device_err("loading the routers")(e.to_string()))?;
     (0..plan.ranks)
         .map(|r| {
-            let (slices, weights) = load_rank(full, src, &plan, r)
-                .map_err(|e| device_err("loading a rank")(e.to_string()))?;
+            let (slices, weights) = load_rank(full, src, &plan, r).map_err(|e| device_err("loading a rank")(e.to_string()))?;
             CudaBackend::new_rank(&weights, &routers, full, plan, slices, opts_for(r))
         })
         .collect()
@@ -58,26 +55,14 @@ fn load_ranks(
 
 /// The calling thread works on `bk`'s GPU from here on.
 fn bind(bk: &CudaBackend) -> Result<(), BackendError> {
-    bk.context()
-        .ctx
-        .bind_to_thread()
-        .map_err(|e| BackendError::Device(format!("CUDA driver error: {e:?}")))
+    bk.context().ctx.bind_to_thread().map_err(|e| BackendError::Device(format!("CUDA driver error: {e:?}")))
 }
 
 impl ShardedCudaBackend {
     /// `plan.ranks` ranks on GPU `opts.ordinal`, joined by host-staged collectives.
-    pub fn load_one_gpu(
-        full: &ModelConfig,
-        src: &dyn TensorSource,
-        plan: ShardPlan,
-        opts: CudaBackendOptions,
-    ) -> Result<Self, BackendError> {
+    pub fn load_one_gpu(full: &ModelConfig, src: &dyn TensorSource, plan: ShardPlan, opts: CudaBackendOptions) -> Result<Self, BackendError> {
         let ranks = load_ranks(full, src, plan, |_| opts.clone())?;
-        let mut me = Self {
-            plan,
-            config: full.clone(),
-            ranks,
-        };
+        let mut me = Self { plan, config: full.clone(), ranks };
         for (bk, comm) in me.ranks.iter_mut().zip(HostStagedComm::world(plan.ranks)) {
             bk.attach_comm(Box::new(comm))?;
         }
@@ -85,28 +70,13 @@ impl ShardedCudaBackend {
     }
 
     /// Rank r on GPU r (`opts.ordinal` is ignored), joined by NCCL.
-    pub fn load_nccl(
-        full: &ModelConfig,
-        src: &dyn TensorSource,
-        plan: ShardPlan,
-        opts: CudaBackendOptions,
-    ) -> Result<Self, BackendError> {
+    pub fn load_nccl(full: &ModelConfig, src: &dyn TensorSource, plan: ShardPlan, opts: CudaBackendOptions) -> Result<Self, BackendError> {
         let visible = crate::backend::cuda::device_count();
         if visible < plan.ranks {
-            return Err(BackendError::Device(format!(
-                "{} ranks over NCCL need {} GPUs, {visible} visible",
-                plan.ranks, plan.ranks
-            )));
+            return Err(BackendError::Device(format!("{} ranks over NCCL need {} GPUs, {visible} visible", plan.ranks, plan.ranks)));
         }
-        let ranks = load_ranks(full, src, plan, |r| CudaBackendOptions {
-            ordinal: r,
-            ..opts.clone()
-        })?;
-        let mut me = Self {
-            plan,
-            config: full.clone(),
-            ranks,
-        };
+        let ranks = load_ranks(full, src, plan, |r| CudaBackendOptions { ordinal: r, ..opts.clone() })?;
+        let mut me = Self { plan, config: full.clone(), ranks };
         join_nccl(&mut me.ranks)?;
         Ok(me)
     }
@@ -120,10 +90,7 @@ impl ShardedCudaBackend {
     }
 
     /// `f` on every rank at once, one thread per rank; results in rank order.
-    fn on_all_ranks<T: Send>(
-        &mut self,
-        f: impl Fn(&mut CudaBackend) -> Result<T, BackendError> + Sync,
-    ) -> Result<Vec<T>, BackendError> {
+    fn on_all_ranks<T: Send>(&mut self, f: impl Fn(&mut CudaBackend) -> Result<T, BackendError> + Sync) -> Result<Vec<T>, BackendError> {
         let results: Vec<Result<T, BackendError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks
@@ -136,23 +103,13 @@ impl ShardedCudaBackend {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(BackendError::Device("a rank thread panicked".into()))
-                    })
-                })
-                .collect()
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(BackendError::Device("a rank thread panicked".into())))).collect()
         });
         results.into_iter().collect()
     }
 
     /// `f` on each rank in turn (calls without collectives).
-    fn each_rank(
-        &mut self,
-        mut f: impl FnMut(&mut CudaBackend) -> Result<(), BackendError>,
-    ) -> Result<(), BackendError> {
+    fn each_rank(&mut self, mut f: impl FnMut(&mut CudaBackend) -> Result<(), BackendError>) -> Result<(), BackendError> {
         for bk in &mut self.ranks {
             bind(bk)?;
             f(bk)?;
@@ -174,19 +131,12 @@ pub fn join_nccl(ranks: &mut [CudaBackend]) -> Result<(), BackendError> {
                 s.spawn(move || {
                     bind(bk)?;
                     let stream = Arc::clone(&bk.context().stream);
-                    let comm = NcclComm::join_on(stream, r, world, id)
-                        .map_err(|e| BackendError::Device(e.to_string()))?;
+                    let comm = NcclComm::join_on(stream, r, world, id).map_err(|e| BackendError::Device(e.to_string()))?;
                     bk.attach_nccl(comm)
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(BackendError::Device("a rank thread panicked".into())))
-            })
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(BackendError::Device("a rank thread panicked".into())))).collect()
     });
     results.into_iter().collect()
 }
@@ -194,13 +144,7 @@ pub fn join_nccl(ranks: &mut [CudaBackend]) -> Result<(), BackendError> {
 impl Backend for ShardedCudaBackend {
     fn name(&self) -> String {
         let p = self.plan;
-        format!(
-            "cuda-sharded(ranks={},tp={},ep={}) {}",
-            p.ranks,
-            p.tp,
-            p.ep,
-            self.ranks[0].name()
-        )
+        format!("cuda-sharded(ranks={},tp={},ep={}) {}", p.ranks, p.tp, p.ep, self.ranks[0].name())
     }
 
     fn vocab_size(&self) -> usize {
@@ -221,10 +165,7 @@ impl Backend for ShardedCudaBackend {
                 bk.new_sequence()
             })
             .collect();
-        debug_assert!(
-            ids.iter().all(|&s| s == ids[0]),
-            "ranks gave different sequence ids"
-        );
+        debug_assert!(ids.iter().all(|&s| s == ids[0]), "ranks gave different sequence ids");
         ids[0]
     }
 
@@ -246,11 +187,7 @@ impl Backend for ShardedCudaBackend {
         self.each_rank(|bk| bk.copy_prefix(from, to, len))
     }
 
-    fn forward(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        which: LogitsFor,
-    ) -> Result<Vec<f32>, BackendError> {
+    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError> {
         let mut all = self.on_all_ranks(|bk| bk.forward(chunks, which))?;
         if let Some(r) = all.iter().position(|l| l != &all[0]) {
             return Err(BackendError::Device(format!("rank {r}'s logits differ from rank 0's (the all-gather must give every rank the same)")));

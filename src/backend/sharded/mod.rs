@@ -29,23 +29,14 @@ pub struct ShardedCpuBackend {
 
 impl ShardedCpuBackend {
     /// Loads each rank's slices from `src` in turn (never the whole model).
-    pub fn load(
-        config: &ModelConfig,
-        src: &dyn TensorSource,
-        plan: ShardPlan,
-    ) -> Result<Self, ShardLoadError> {
+    pub fn load(config: &ModelConfig, src: &dyn TensorSource, plan: ShardPlan) -> Result<Self, ShardLoadError> {
         plan.validate(config)?;
         let mut ranks = Vec::with_capacity(plan.ranks);
         for r in 0..plan.ranks {
             let (slices, weights) = load_rank(config, src, &plan, r)?;
             ranks.push(Rank::new(slices, weights));
         }
-        Ok(Self {
-            plan,
-            config: config.clone(),
-            ranks,
-            comms: CpuComm::world(plan.ranks),
-        })
+        Ok(Self { plan, config: config.clone(), ranks, comms: CpuComm::world(plan.ranks) })
     }
 
     pub fn plan(&self) -> ShardPlan {
@@ -57,10 +48,7 @@ impl ShardedCpuBackend {
         self.ranks[r].weights()
     }
 
-    fn each_rank(
-        &mut self,
-        mut f: impl FnMut(&mut Rank) -> Result<(), BackendError>,
-    ) -> Result<(), BackendError> {
+    fn each_rank(&mut self, mut f: impl FnMut(&mut Rank) -> Result<(), BackendError>) -> Result<(), BackendError> {
         for r in &mut self.ranks {
             f(r)?;
         }
@@ -70,10 +58,7 @@ impl ShardedCpuBackend {
 
 impl Backend for ShardedCpuBackend {
     fn name(&self) -> String {
-        format!(
-            "cpu-sharded(ranks={},tp={},ep={})",
-            self.plan.ranks, self.plan.tp, self.plan.ep
-        )
+        format!("cpu-sharded(ranks={},tp={},ep={})", self.plan.ranks, self.plan.tp, self.plan.ep)
     }
 
     fn vocab_size(&self) -> usize {
@@ -86,11 +71,7 @@ impl Backend for ShardedCpuBackend {
 
     fn new_sequence(&mut self) -> SeqId {
         // Every rank allocates slots the same way, so the ids agree.
-        let ids: Vec<SeqId> = self
-            .ranks
-            .iter_mut()
-            .map(|r| r.cpu.new_sequence())
-            .collect();
+        let ids: Vec<SeqId> = self.ranks.iter_mut().map(|r| r.cpu.new_sequence()).collect();
         debug_assert!(ids.iter().all(|&s| s == ids[0]));
         ids[0]
     }
@@ -113,11 +94,7 @@ impl Backend for ShardedCpuBackend {
         self.each_rank(|r| r.cpu.copy_prefix(from, to, len))
     }
 
-    fn forward(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        which: LogitsFor,
-    ) -> Result<Vec<f32>, BackendError> {
+    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> Result<Vec<f32>, BackendError> {
         // Check everything a rank could reject before any rank starts, so no rank
         // waits at a collective for one that returned early.
         let vocab = self.config.vocab_size;
@@ -133,17 +110,11 @@ impl Backend for ShardedCpuBackend {
                 .ranks
                 .iter_mut()
                 .zip(&self.comms)
-                .map(|(rank, comm)| {
-                    s.spawn(move || rank.forward(comm, plan, config, chunks, which))
-                })
+                .map(|(rank, comm)| s.spawn(move || rank.forward(comm, plan, config, chunks, which)))
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(BackendError::Device("a rank thread panicked".into()))
-                    })
-                })
+                .map(|h| h.join().unwrap_or_else(|_| Err(BackendError::Device("a rank thread panicked".into()))))
                 .collect()
         });
         let mut first = None;

@@ -45,13 +45,7 @@ impl ExpertLayout<'_> {
 
 /// Router logits of all `n` tokens over all experts: each rank scores its own
 /// experts, an all-gather assembles the rows (one representative per expert group).
-fn router_logits<C: Collectives<Buf = [f32]>>(
-    block: &Moe,
-    lay: &ExpertLayout,
-    comm: &C,
-    x: &[f32],
-    n: usize,
-) -> Result<Vec<f32>, CommError> {
+fn router_logits<C: Collectives<Buf = [f32]>>(block: &Moe, lay: &ExpertLayout, comm: &C, x: &[f32], n: usize) -> Result<Vec<f32>, CommError> {
     let local = linear(&block.router, x, n);
     let (e, el, world) = (lay.moe.num_experts, lay.per_group(), comm.world());
     let mut all = vec![0f32; world * local.len()];
@@ -86,11 +80,7 @@ pub fn expert_parallel<C: Collectives<Buf = [f32]>>(
     let mut routes: Vec<Vec<(usize, f32)>> = Vec::with_capacity(home.len());
     let mut outgoing: Vec<Vec<f32>> = vec![Vec::new(); world];
     for t in home.clone() {
-        let mut chosen = route(
-            &logits[t * e_all..(t + 1) * e_all],
-            lay.moe.top_k,
-            lay.moe.router,
-        );
+        let mut chosen = route(&logits[t * e_all..(t + 1) * e_all], lay.moe.top_k, lay.moe.router);
         chosen.sort_by_key(|&(e, _)| e);
         for &(e, _) in &chosen {
             for d in lay.owners(e) {
@@ -107,10 +97,7 @@ pub fn expert_parallel<C: Collectives<Buf = [f32]>>(
     comm.all_to_all(&send, &send_counts, &mut recv, &recv_counts)?;
 
     // Run the local experts on what arrived, each expert's rows in one batch.
-    let items: Vec<(usize, &[f32])> = recv
-        .chunks_exact(h + 1)
-        .map(|r| (r[0] as usize, &r[1..]))
-        .collect();
+    let items: Vec<(usize, &[f32])> = recv.chunks_exact(h + 1).map(|r| (r[0] as usize, &r[1..])).collect();
     let mut results = vec![0f32; items.len() * h];
     for (le, expert) in block.experts.iter().enumerate() {
         let e = lay.slices.experts.start + le;
@@ -118,10 +105,7 @@ pub fn expert_parallel<C: Collectives<Buf = [f32]>>(
         if mine.is_empty() {
             continue;
         }
-        let xs: Vec<f32> = mine
-            .iter()
-            .flat_map(|&i| items[i].1.iter().copied())
-            .collect();
+        let xs: Vec<f32> = mine.iter().flat_map(|&i| items[i].1.iter().copied()).collect();
         let y = gated_mlp(expert, local.activation, &xs, mine.len());
         for (j, &i) in mine.iter().enumerate() {
             results[i * h..(i + 1) * h].copy_from_slice(&y[j * h..(j + 1) * h]);
@@ -133,14 +117,7 @@ pub fn expert_parallel<C: Collectives<Buf = [f32]>>(
     let back_recv: Vec<usize> = send_counts.iter().map(|c| c / (h + 1) * h).collect();
     let mut back = vec![0f32; back_recv.iter().sum()];
     comm.all_to_all(&results, &back_send, &mut back, &back_recv)?;
-    let mut offsets: Vec<usize> = back_recv
-        .iter()
-        .scan(0, |acc, c| {
-            let o = *acc;
-            *acc += c;
-            Some(o)
-        })
-        .collect();
+    let mut offsets: Vec<usize> = back_recv.iter().scan(0, |acc, c| { let o = *acc; *acc += c; Some(o) }).collect();
     let chunk = n.div_ceil(world);
     let mut mine = vec![0f32; chunk * h];
     let mut y = vec![0f32; h];
@@ -170,25 +147,19 @@ pub fn expert_parallel<C: Collectives<Buf = [f32]>>(
     let mut full = vec![0f32; n * h];
     for r in 0..world {
         let rows = home_rows(n, world, r);
-        full[rows.start * h..rows.end * h]
-            .copy_from_slice(&gathered[r * chunk * h..(r * chunk + rows.len()) * h]);
+        full[rows.start * h..rows.end * h].copy_from_slice(&gathered[r * chunk * h..(r * chunk + rows.len()) * h]);
     }
     Ok(full)
 }
 
 /// How many values each rank will receive from each other rank.
-fn exchange_counts<C: Collectives<Buf = [f32]>>(
-    comm: &C,
-    send_counts: &[usize],
-) -> Result<Vec<usize>, CommError> {
+fn exchange_counts<C: Collectives<Buf = [f32]>>(comm: &C, send_counts: &[usize]) -> Result<Vec<usize>, CommError> {
     let world = comm.world();
     // Counts travel as f32 (exact below 2^24 values per peer and step).
     let mine: Vec<f32> = send_counts.iter().map(|&c| c as f32).collect();
     let mut all = vec![0f32; world * world];
     comm.all_gather(&mine, &mut all)?;
-    Ok((0..world)
-        .map(|s| all[s * world + comm.rank()] as usize)
-        .collect())
+    Ok((0..world).map(|s| all[s * world + comm.rank()] as usize).collect())
 }
 
 #[cfg(test)]

@@ -31,10 +31,7 @@ fn add(x: &mut [f32], y: &[f32]) {
 
 impl Rank {
     pub fn new(slices: RankSlices, weights: ModelWeights) -> Self {
-        Self {
-            slices,
-            cpu: CpuBackend::new(Arc::new(weights)),
-        }
+        Self { slices, cpu: CpuBackend::new(Arc::new(weights)) }
     }
 
     pub fn weights(&self) -> &Arc<ModelWeights> {
@@ -57,10 +54,7 @@ impl Rank {
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
         // Embedding: each rank fills the rows of its vocabulary range, the sum completes them.
         let mut x = vec![0f32; n * hdim];
-        for (row, &id) in x
-            .chunks_mut(hdim)
-            .zip(chunks.iter().flat_map(|ch| ch.tokens.iter()))
-        {
+        for (row, &id) in x.chunks_mut(hdim).zip(chunks.iter().flat_map(|ch| ch.tokens.iter())) {
             let id = id as usize;
             if self.slices.vocab.contains(&id) {
                 w.embed.row_into(id - self.slices.vocab.start, row);
@@ -87,14 +81,8 @@ impl Rank {
                     m
                 }
                 Mlp::Moe(block) => {
-                    let moe = full.moe.as_ref().ok_or_else(|| {
-                        BackendError::Unsupported("MoE layer without an MoE config".into())
-                    })?;
-                    let lay = ExpertLayout {
-                        plan,
-                        slices: &self.slices,
-                        moe,
-                    };
+                    let moe = full.moe.as_ref().ok_or_else(|| BackendError::Unsupported("MoE layer without an MoE config".into()))?;
+                    let lay = ExpertLayout { plan, slices: &self.slices, moe };
                     expert_parallel(block, c, &lay, comm, &h, n).map_err(comm_err)?
                 }
             };
@@ -133,8 +121,7 @@ impl Rank {
             let range = plan.vocab_range(vocab, src);
             for r in 0..rows {
                 let from = src * rows * chunk + r * chunk;
-                logits[r * vocab + range.start..r * vocab + range.end]
-                    .copy_from_slice(&all[from..from + range.len()]);
+                logits[r * vocab + range.start..r * vocab + range.end].copy_from_slice(&all[from..from + range.len()]);
             }
         }
         Ok(logits)

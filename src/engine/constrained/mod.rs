@@ -335,12 +335,7 @@ impl VerdictState {
     /// The sampler's choice from `logits` under the grammar: the masked argmax in
     /// place when greedy, else a draw from a masked copy. `None` when no allowed
     /// token has a finite logit.
-    pub fn sample(
-        &self,
-        g: &VerdictGrammar,
-        logits: &[f32],
-        sampler: &mut crate::engine::sampling::Sampler,
-    ) -> Option<u32> {
+    pub fn sample(&self, g: &VerdictGrammar, logits: &[f32], sampler: &mut crate::engine::sampling::Sampler) -> Option<u32> {
         if sampler.params().temperature <= 0.0 {
             return self.masked_argmax(g, logits);
         }

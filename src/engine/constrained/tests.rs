@@ -469,13 +469,7 @@ fn masked_argmax_equals_masking_a_copy() {
             for _ in 0..400 {
                 let ties = rng.gen_bool(0.5);
                 let row: Vec<f32> = (0..vocab.len())
-                    .map(|_| {
-                        if ties {
-                            levels[rng.gen_range(0..levels.len())]
-                        } else {
-                            rng.gen_range(-4.0..4.0)
-                        }
-                    })
+                    .map(|_| if ties { levels[rng.gen_range(0..levels.len())] } else { rng.gen_range(-4.0..4.0) })
                     .collect();
                 let mut masked = row.clone();
                 st.apply_allowed(&g, &mut masked);
@@ -493,9 +487,7 @@ fn masked_argmax_equals_masking_a_copy() {
                     Some(t) => t,
                     None => {
                         st.allowed(&g, &mut mask);
-                        let ids: Vec<u32> = (0..mask.len() as u32)
-                            .filter(|&i| mask[i as usize])
-                            .collect();
+                        let ids: Vec<u32> = (0..mask.len() as u32).filter(|&i| mask[i as usize]).collect();
                         ids[rng.gen_range(0..ids.len())]
                     }
                 };

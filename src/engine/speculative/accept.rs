@@ -22,11 +22,7 @@ pub fn accept_point_mass(dist: &[(u32, f32)], draft: u32, u: f32) -> bool {
 /// i.e. p without `draft`, renormalised. When nothing is left (p was a point mass on
 /// the draft, so rejection had probability 0) p itself is returned.
 pub fn residual_without(dist: &[(u32, f32)], draft: u32) -> Vec<(u32, f32)> {
-    let rest: Vec<(u32, f32)> = dist
-        .iter()
-        .copied()
-        .filter(|d| d.0 != draft && d.1 > 0.0)
-        .collect();
+    let rest: Vec<(u32, f32)> = dist.iter().copied().filter(|d| d.0 != draft && d.1 > 0.0).collect();
     let total: f32 = rest.iter().map(|d| d.1).sum();
     if total <= 0.0 {
         return dist.to_vec();
@@ -47,10 +43,7 @@ mod tests {
             let r = residual_without(&p, d);
             for &(x, px) in &p {
                 let got = if x == d { pd } else { 0.0 } + (1.0 - pd) * prob_of(&r, x);
-                assert!(
-                    (got - px).abs() < 1e-6,
-                    "draft {d}, token {x}: {got} vs {px}"
-                );
+                assert!((got - px).abs() < 1e-6, "draft {d}, token {x}: {got} vs {px}");
             }
         }
     }

@@ -26,20 +26,14 @@ pub struct CostModel {
 
 impl CostModel {
     pub fn dense(per_token: f64) -> Self {
-        Self {
-            per_token,
-            moe_share: 0.0,
-            experts: None,
-        }
+        Self { per_token, moe_share: 0.0, experts: None }
     }
 
     /// Cost of a step with block `b` relative to a one-token step.
     pub fn relative(&self, b: usize) -> f64 {
         let dense = (1.0 - self.moe_share) * (1.0 + self.per_token * (b as f64 - 1.0));
         let moe = match self.experts {
-            Some((e, k)) if self.moe_share > 0.0 => {
-                self.moe_share * expected_experts(e, k, b) / k as f64
-            }
+            Some((e, k)) if self.moe_share > 0.0 => self.moe_share * expected_experts(e, k, b) / k as f64,
             _ => 0.0,
         };
         dense + moe
@@ -200,18 +194,9 @@ mod tests {
             0.7,
             2000,
             16,
-            CostModel {
-                per_token: 0.03,
-                moe_share: 0.8,
-                experts: Some((256, 8)),
-            },
+            CostModel { per_token: 0.03, moe_share: 0.8, experts: Some((256, 8)) },
         );
-        assert!(
-            moe.choose() < dense.choose(),
-            "moe {} dense {}",
-            moe.choose(),
-            dense.choose()
-        );
+        assert!(moe.choose() < dense.choose(), "moe {} dense {}", moe.choose(), dense.choose());
     }
 
     #[test]
@@ -219,10 +204,7 @@ mod tests {
         let mut c = trained(0.05, 2000, 8, CostModel::dense(1.0));
         let picks: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| c.next()).collect();
         assert_eq!(picks.iter().filter(|&&b| b == 8).count(), 2, "{picks:?}");
-        assert!(
-            picks.iter().filter(|&&b| b == 1).count() >= 2 * EXPLORE_EVERY - 2,
-            "{picks:?}"
-        );
+        assert!(picks.iter().filter(|&&b| b == 1).count() >= 2 * EXPLORE_EVERY - 2, "{picks:?}");
     }
 
     #[test]

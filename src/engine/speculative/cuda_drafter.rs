@@ -42,12 +42,6 @@ impl Drafter for CudaDFlash {
 fn blocks<'a>(inputs: &[DraftInput<'a>]) -> Vec<DraftBlock<'a>> {
     inputs
         .iter()
-        .map(|i| DraftBlock {
-            seq: i.seq,
-            context: i.context,
-            first_token: i.first_token,
-            position: i.position,
-            block: i.block,
-        })
+        .map(|i| DraftBlock { seq: i.seq, context: i.context, first_token: i.first_token, position: i.position, block: i.block })
         .collect()
 }

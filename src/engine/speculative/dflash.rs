@@ -38,12 +38,7 @@ impl DFlashDrafter {
     pub fn new(draft: Arc<DFlashWeights>, target: Arc<ModelWeights>) -> Self {
         let c = &draft.config.decoder;
         let rope = RopeTable::new(&c.rope, c.head_dim);
-        Self {
-            draft,
-            target,
-            rope,
-            slots: Vec::new(),
-        }
+        Self { draft, target, rope, slots: Vec::new() }
     }
 
     pub fn weights(&self) -> &DFlashWeights {
@@ -100,25 +95,13 @@ impl DFlashDrafter {
         let b = input.block;
         let mut x = vec![0f32; b * h];
         for (j, row) in x.chunks_mut(h).enumerate() {
-            let id = if j == 0 {
-                input.first_token
-            } else {
-                dc.mask_token_id
-            };
+            let id = if j == 0 { input.first_token } else { dc.mask_token_id };
             if id as usize >= target.config.vocab_size {
-                return Err(BackendError::TokenOutOfRange {
-                    id,
-                    vocab: target.config.vocab_size,
-                });
+                return Err(BackendError::TokenOutOfRange { id, vocab: target.config.vocab_size });
             }
             target.embed.row_into(id as usize, row);
         }
-        let shape = AttentionShape {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            kind: AttentionKind::Full,
-        };
+        let shape = AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim, kind: AttentionKind::Full };
         let mut hbuf = vec![0f32; b * h];
         for (li, layer) in draft.layers.iter().enumerate() {
             ops::rmsnorm(&x, &layer.input_norm, c.rms_norm_eps, &mut hbuf);
@@ -142,11 +125,7 @@ impl DFlashDrafter {
             cache.values[li].extend_from_slice(&vb);
             let last = cache.keys[li].len() / kvd - 1;
             let rows: Vec<QueryRow<'_>> = (0..b)
-                .map(|_| QueryRow {
-                    keys: &cache.keys[li],
-                    values: &cache.values[li],
-                    pos: last,
-                })
+                .map(|_| QueryRow { keys: &cache.keys[li], values: &cache.values[li], pos: last })
                 .collect();
             let attn = attend(&rows, &q, &shape, None);
             cache.keys[li].truncate(keep);
@@ -183,11 +162,7 @@ impl Drafter for DFlashDrafter {
 
     fn new_sequence(&mut self) -> usize {
         let n = self.draft.layers.len();
-        let cache = ContextCache {
-            keys: vec![Vec::new(); n],
-            values: vec![Vec::new(); n],
-            len: 0,
-        };
+        let cache = ContextCache { keys: vec![Vec::new(); n], values: vec![Vec::new(); n], len: 0 };
         match self.slots.iter().position(Option::is_none) {
             Some(i) => {
                 self.slots[i] = Some(cache);

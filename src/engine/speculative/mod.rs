@@ -80,10 +80,7 @@ pub trait Drafter {
             .zip(logits)
             .map(|(i, l)| match i.block {
                 0 | 1 => Vec::new(),
-                b => l
-                    .chunks(l.len() / (b - 1))
-                    .map(crate::backend::first_argmax)
-                    .collect(),
+                b => l.chunks(l.len() / (b - 1)).map(crate::backend::first_argmax).collect(),
             })
             .collect())
     }

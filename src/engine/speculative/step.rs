@@ -41,12 +41,7 @@ pub(super) struct Run<'a> {
 
 /// The token the target picks at one row, as plain decoding would: a forced
 /// grammar token, else a draw (argmax at temperature 0) from the masked logits.
-fn target_choice(
-    row: &[f32],
-    st: Option<&VerdictState>,
-    g: Option<&VerdictGrammar>,
-    sampler: &mut Sampler,
-) -> u32 {
+fn target_choice(row: &[f32], st: Option<&VerdictState>, g: Option<&VerdictGrammar>, sampler: &mut Sampler) -> u32 {
     if let (Some(st), Some(g)) = (st, g) {
         if let Some(f) = st.forced(g) {
             return f[0];
@@ -129,12 +124,7 @@ fn verify_block(
 /// [`row_masks`]): the accepted drafts, then the target's token at the first
 /// mismatch (or the bonus row); a forced grammar token is the target's choice
 /// whatever its row says — `verify_block` at temperature 0.
-fn verify_greedy(
-    target: &[u32],
-    drafts: &[u32],
-    state: Option<&VerdictState>,
-    g: Option<&VerdictGrammar>,
-) -> Vec<u32> {
+fn verify_greedy(target: &[u32], drafts: &[u32], state: Option<&VerdictState>, g: Option<&VerdictGrammar>) -> Vec<u32> {
     let mut sim = state.cloned();
     let mut out = Vec::with_capacity(target.len());
     for (j, &t) in target.iter().enumerate() {
@@ -158,12 +148,7 @@ fn verify_greedy(
 /// The allowed-token bitset of each row of a verify block: row `j` is decided in
 /// the grammar state reached after the block's first `j` drafts. Past a draft
 /// the grammar rejects, rows keep the last state's set (verification stops there).
-fn row_masks<'g>(
-    drafts: &[u32],
-    state: &VerdictState,
-    g: &'g VerdictGrammar,
-    out: &mut Vec<Option<&'g [u64]>>,
-) {
+fn row_masks<'g>(drafts: &[u32], state: &VerdictState, g: &'g VerdictGrammar, out: &mut Vec<Option<&'g [u64]>>) {
     let mut sim = state.clone();
     for j in 0..=drafts.len() {
         out.push(Some(sim.allowed_bits(g)));
@@ -210,13 +195,7 @@ fn greedy_drafts(mut ids: Vec<u32>, eos: &[u32]) -> Vec<u32> {
 /// Greedy drafts from the drafter's rows, filtered by the grammar: forced
 /// tokens replace predictions, masked argmax elsewhere, cut at the first token
 /// the automaton rejects, at EOS or once the verdict is complete.
-fn make_drafts(
-    logits: &[f32],
-    vocab: usize,
-    state: Option<&VerdictState>,
-    g: Option<&VerdictGrammar>,
-    eos: &[u32],
-) -> Vec<u32> {
+fn make_drafts(logits: &[f32], vocab: usize, state: Option<&VerdictState>, g: Option<&VerdictGrammar>, eos: &[u32]) -> Vec<u32> {
     let mut sim = state.cloned();
     let mut drafts = Vec::new();
     for row in logits.chunks(vocab) {
@@ -258,9 +237,7 @@ impl<'a> Run<'a> {
         let mut seqs = Vec::with_capacity(reqs.len());
         for r in reqs {
             if r.prompt_ids.is_empty() {
-                return Err(BackendError::Unsupported(
-                    "speculative decoding needs a non-empty prompt".into(),
-                ));
+                return Err(BackendError::Unsupported("speculative decoding needs a non-empty prompt".into()));
             }
             seqs.push(SeqRun {
                 seq: target.new_sequence(),
@@ -296,18 +273,9 @@ impl<'a> Run<'a> {
 
     fn prefill(&mut self) -> Result<(), BackendError> {
         let t0 = Instant::now();
-        let chunks: Vec<Chunk<'_>> = self
-            .seqs
-            .iter()
-            .zip(self.reqs)
-            .map(|(s, r)| Chunk {
-                seq: s.seq,
-                tokens: &r.prompt_ids,
-            })
-            .collect();
-        let (logits, hidden) =
-            self.target
-                .forward_capture(&chunks, LogitsFor::Last, &self.layers)?;
+        let chunks: Vec<Chunk<'_>> =
+            self.seqs.iter().zip(self.reqs).map(|(s, r)| Chunk { seq: s.seq, tokens: &r.prompt_ids }).collect();
+        let (logits, hidden) = self.target.forward_capture(&chunks, LogitsFor::Last, &self.layers)?;
         let vocab = self.target.vocab_size();
         let width = hidden.len() / self.reqs.iter().map(|r| r.prompt_ids.len()).sum::<usize>();
         let mut row0 = 0;
@@ -318,12 +286,7 @@ impl<'a> Run<'a> {
             s.ctx_tokens = r.prompt_ids.clone();
             s.cached = n;
             row0 += n;
-            let tok = target_choice(
-                &logits[i * vocab..(i + 1) * vocab],
-                s.state.as_ref(),
-                self.grammar,
-                &mut s.sampler,
-            );
+            let tok = target_choice(&logits[i * vocab..(i + 1) * vocab], s.state.as_ref(), self.grammar, &mut s.sampler);
             commit(s, tok, r, self.grammar)?;
             s.pending = tok;
         }
@@ -338,9 +301,7 @@ impl<'a> Run<'a> {
 
     /// One draft + verify step at block size `b`; returns (drafted, accepted) per block.
     pub(super) fn step(&mut self, b: usize) -> Result<Vec<(usize, usize)>, BackendError> {
-        let active: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| self.seqs[i].active)
-            .collect();
+        let active: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].active).collect();
         let max_ctx = self.target.max_context();
         let sizes: Vec<usize> = active
             .iter()
@@ -352,17 +313,11 @@ impl<'a> Run<'a> {
             .collect();
         // Draft every sequence whose block has room for drafts, in one drafter call.
         let t = Instant::now();
-        let drafting: Vec<(usize, usize)> = active
-            .iter()
-            .zip(&sizes)
-            .filter(|(_, &bi)| bi > 1)
-            .map(|(&i, &bi)| (i, bi))
-            .collect();
+        let drafting: Vec<(usize, usize)> =
+            active.iter().zip(&sizes).filter(|(_, &bi)| bi > 1).map(|(&i, &bi)| (i, bi)).collect();
         // Greedy decoding needs only argmax ids from drafter and target, which a GPU
         // computes where the logits are; a grammar becomes per-row token masks there.
-        let greedy = active
-            .iter()
-            .all(|&i| self.seqs[i].sampler.params().temperature <= 0.0);
+        let greedy = active.iter().all(|&i| self.seqs[i].sampler.params().temperature <= 0.0);
         let vocab = self.target.vocab_size();
         let drafted: Vec<Vec<u32>> = {
             let inputs: Vec<DraftInput<'_>> = drafting
@@ -383,13 +338,8 @@ impl<'a> Run<'a> {
                 Vec::new()
             } else if greedy && self.grammar.is_none() {
                 let ids = self.drafter.draft_argmax(&inputs)?;
-                ids.into_iter()
-                    .zip(&drafting)
-                    .map(|(d, &(i, _))| greedy_drafts(d, &self.reqs[i].eos_ids))
-                    .collect()
-            } else if let (true, true, Some(g)) =
-                (greedy, self.drafter.argmax_on_device(), self.grammar)
-            {
+                ids.into_iter().zip(&drafting).map(|(d, &(i, _))| greedy_drafts(d, &self.reqs[i].eos_ids)).collect()
+            } else if let (true, true, Some(g)) = (greedy, self.drafter.argmax_on_device(), self.grammar) {
                 let ids = self.drafter.draft_argmax(&inputs)?;
                 ids.iter()
                     .zip(&drafting)
@@ -403,20 +353,11 @@ impl<'a> Run<'a> {
                 logits
                     .iter()
                     .zip(&drafting)
-                    .map(|(l, &(i, _))| {
-                        make_drafts(
-                            l,
-                            vocab,
-                            self.seqs[i].state.as_ref(),
-                            self.grammar,
-                            &self.reqs[i].eos_ids,
-                        )
-                    })
+                    .map(|(l, &(i, _))| make_drafts(l, vocab, self.seqs[i].state.as_ref(), self.grammar, &self.reqs[i].eos_ids))
                     .collect()
             }
         };
-        let mut blocks: Vec<Vec<u32>> =
-            active.iter().map(|&i| vec![self.seqs[i].pending]).collect();
+        let mut blocks: Vec<Vec<u32>> = active.iter().map(|&i| vec![self.seqs[i].pending]).collect();
         for (&(i, _), drafts) in drafting.iter().zip(drafted) {
             let s = &mut self.seqs[i];
             s.ctx.clear();
@@ -427,14 +368,8 @@ impl<'a> Run<'a> {
         self.stats.draft_s += t.elapsed().as_secs_f64();
         // Verify all blocks in one target forward.
         let t = Instant::now();
-        let chunks: Vec<Chunk<'_>> = active
-            .iter()
-            .zip(&blocks)
-            .map(|(&i, bl)| Chunk {
-                seq: self.seqs[i].seq,
-                tokens: bl,
-            })
-            .collect();
+        let chunks: Vec<Chunk<'_>> =
+            active.iter().zip(&blocks).map(|(&i, bl)| Chunk { seq: self.seqs[i].seq, tokens: bl }).collect();
         let (logits, ids, hidden) = if greedy {
             let (ids, hidden) = match self.grammar {
                 None => self.target.forward_capture_argmax(&chunks, &self.layers)?,
@@ -446,15 +381,12 @@ impl<'a> Run<'a> {
                             None => masks.extend(bl.iter().map(|_| None)),
                         }
                     }
-                    self.target
-                        .forward_capture_masked_argmax(&chunks, &self.layers, &masks)?
+                    self.target.forward_capture_masked_argmax(&chunks, &self.layers, &masks)?
                 }
             };
             (Vec::new(), ids, hidden)
         } else {
-            let (logits, hidden) =
-                self.target
-                    .forward_capture(&chunks, LogitsFor::All, &self.layers)?;
+            let (logits, hidden) = self.target.forward_capture(&chunks, LogitsFor::All, &self.layers)?;
             (logits, Vec::new(), hidden)
         };
         self.stats.verify_s += t.elapsed().as_secs_f64();
@@ -471,20 +403,12 @@ impl<'a> Run<'a> {
                 verify_greedy(&ids[row0..row0 + n], drafts, s.state.as_ref(), self.grammar)
             } else {
                 let rows = &logits[row0 * vocab..(row0 + n) * vocab];
-                verify_block(
-                    rows,
-                    vocab,
-                    drafts,
-                    s.state.as_ref(),
-                    self.grammar,
-                    &mut s.sampler,
-                )
+                verify_block(rows, vocab, drafts, s.state.as_ref(), self.grammar, &mut s.sampler)
             };
             let accepted = tokens.len() - 1;
             // The block's first `accepted + 1` tokens are now committed context.
             self.target.truncate(s.seq, s.cached + accepted + 1)?;
-            s.ctx
-                .extend_from_slice(&hidden[row0 * width..(row0 + accepted + 1) * width]);
+            s.ctx.extend_from_slice(&hidden[row0 * width..(row0 + accepted + 1) * width]);
             s.ctx_tokens.extend_from_slice(&block[..accepted + 1]);
             s.cached += accepted + 1;
             row0 += n;
@@ -522,38 +446,19 @@ impl<'a> Run<'a> {
             .into_iter()
             .map(|s| {
                 let steps = s.out.len().saturating_sub(1);
-                let tokens_per_s = if s.decode_s > 0.0 && steps > 0 {
-                    steps as f64 / s.decode_s
-                } else {
-                    0.0
-                };
-                GenerateOutput {
-                    output_ids: s.out,
-                    top_logits: Vec::new(),
-                    prefill_s,
-                    decode_s: s.decode_s,
-                    tokens_per_s,
-                }
+                let tokens_per_s = if s.decode_s > 0.0 && steps > 0 { steps as f64 / s.decode_s } else { 0.0 };
+                GenerateOutput { output_ids: s.out, top_logits: Vec::new(), prefill_s, decode_s: s.decode_s, tokens_per_s }
             })
             .collect();
-        SpecOutput {
-            outputs,
-            stats: self.stats,
-        }
+        SpecOutput { outputs, stats: self.stats }
     }
 }
 
 /// Appends `tok` to the output; the sequence stops at EOS, a complete verdict or the token limit.
-fn commit(
-    s: &mut SeqRun,
-    tok: u32,
-    req: &GenerateRequest,
-    g: Option<&VerdictGrammar>,
-) -> Result<(), BackendError> {
+fn commit(s: &mut SeqRun, tok: u32, req: &GenerateRequest, g: Option<&VerdictGrammar>) -> Result<(), BackendError> {
     s.out.push(tok);
     if let (Some(st), Some(g)) = (s.state.as_mut(), g) {
-        st.advance(g, tok)
-            .map_err(|e| BackendError::Unsupported(format!("verdict grammar: {e}")))?;
+        st.advance(g, tok).map_err(|e| BackendError::Unsupported(format!("verdict grammar: {e}")))?;
         if st.is_complete() {
             s.active = false;
         }
@@ -584,25 +489,11 @@ mod tests {
             let rows: Vec<f32> = (0..n * vocab).map(|_| rng.gen_range(0..4) as f32).collect();
             let target: Vec<u32> = rows.chunks(vocab).map(argmax).collect();
             // drafts: mostly the target's own choice, sometimes not
-            let drafts: Vec<u32> = target[..n - 1]
-                .iter()
-                .map(|&t| {
-                    if rng.gen_bool(0.8) {
-                        t
-                    } else {
-                        rng.gen_range(0..vocab as u32)
-                    }
-                })
-                .collect();
+            let drafts: Vec<u32> =
+                target[..n - 1].iter().map(|&t| if rng.gen_bool(0.8) { t } else { rng.gen_range(0..vocab as u32) }).collect();
             let mut sampler = Sampler::new(SamplingParams::default());
-            assert_eq!(
-                verify_greedy(&target, &drafts, None, None),
-                verify_block(&rows, vocab, &drafts, None, None, &mut sampler)
-            );
-            assert_eq!(
-                greedy_drafts(target.clone(), &eos),
-                make_drafts(&rows, vocab, None, None, &eos)
-            );
+            assert_eq!(verify_greedy(&target, &drafts, None, None), verify_block(&rows, vocab, &drafts, None, None, &mut sampler));
+            assert_eq!(greedy_drafts(target.clone(), &eos), make_drafts(&rows, vocab, None, None, &eos));
         }
     }
 
@@ -615,26 +506,13 @@ mod tests {
         use crate::backend::first_argmax_allowed;
         use crate::engine::constrained::VerdictSchema;
         let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-        for f in [
-            "block",
-            "allow",
-            "review",
-            "\",\"score\":",
-            "0.",
-            "0.9",
-            "12",
-            ",\"reason\":\"",
-            " card",
-            "\"}",
-            "ok",
-        ] {
+        for f in ["block", "allow", "review", "\",\"score\":", "0.", "0.9", "12", ",\"reason\":\"", " card", "\"}", "ok"] {
             vocab.push(f.as_bytes().to_vec());
         }
         vocab.push(b"</s>".to_vec());
         let n_vocab = vocab.len();
         let eos = [n_vocab as u32 - 1];
-        let g = VerdictGrammar::compile(&VerdictSchema::fraud_default(), &vocab, &eos)
-            .expect("grammar");
+        let g = VerdictGrammar::compile(&VerdictSchema::fraud_default(), &vocab, &eos).expect("grammar");
         let mut rng = StdRng::seed_from_u64(5);
         let greedy = SamplingParams::default();
         let (mut checked, mut accepted) = (0, 0);
@@ -642,50 +520,26 @@ mod tests {
             // a state somewhere along a verdict (mostly in the decision and the score,
             // where the allowed set changes token by token): a random allowed walk
             let mut st = g.start();
-            let walk = if rng.gen_bool(0.7) {
-                rng.gen_range(0..8)
-            } else {
-                rng.gen_range(0..40)
-            };
+            let walk = if rng.gen_bool(0.7) { rng.gen_range(0..8) } else { rng.gen_range(0..40) };
             for _ in 0..walk {
                 if st.is_complete() {
                     break;
                 }
                 let row: Vec<f32> = (0..n_vocab).map(|_| rng.gen_range(0.0..1.0)).collect();
-                let t = st
-                    .forced(&g)
-                    .map_or_else(|| st.masked_argmax(&g, &row).expect("a token"), |f| f[0]);
+                let t = st.forced(&g).map_or_else(|| st.masked_argmax(&g, &row).expect("a token"), |f| f[0]);
                 st.advance(&g, t).expect("allowed");
             }
             let n = rng.gen_range(1..7);
             // few distinct values, so ties happen and the lowest-id rule matters
-            let rows: Vec<f32> = (0..n * n_vocab)
-                .map(|_| rng.gen_range(0..4) as f32)
-                .collect();
-            let drafts_masked = make_drafts(
-                &rows[..(n - 1) * n_vocab],
-                n_vocab,
-                Some(&st),
-                Some(&g),
-                &eos,
-            );
+            let rows: Vec<f32> = (0..n * n_vocab).map(|_| rng.gen_range(0..4) as f32).collect();
+            let drafts_masked = make_drafts(&rows[..(n - 1) * n_vocab], n_vocab, Some(&st), Some(&g), &eos);
             let ids: Vec<u32> = rows.chunks(n_vocab).map(first_argmax).collect();
             let drafts_ids = grammar_drafts(&ids[..n - 1], &st, &g, &eos);
-            assert_eq!(
-                drafts_ids[..],
-                drafts_masked[..drafts_ids.len()],
-                "ids drafts are a prefix of masked drafts"
-            );
+            assert_eq!(drafts_ids[..], drafts_masked[..drafts_ids.len()], "ids drafts are a prefix of masked drafts");
             // mostly the grammar's drafts, now and then a wrong token
             let drafts: Vec<u32> = drafts_masked
                 .iter()
-                .map(|&d| {
-                    if rng.gen_bool(0.85) {
-                        d
-                    } else {
-                        rng.gen_range(0..n_vocab as u32)
-                    }
-                })
+                .map(|&d| if rng.gen_bool(0.85) { d } else { rng.gen_range(0..n_vocab as u32) })
                 .collect();
             let rows = &rows[..(drafts.len() + 1) * n_vocab];
             let mut masks = Vec::new();
@@ -696,25 +550,11 @@ mod tests {
                 .zip(&masks)
                 .map(|(r, m)| first_argmax_allowed(r, m.expect("masked")).unwrap_or(0))
                 .collect();
-            let want = verify_block(
-                rows,
-                n_vocab,
-                &drafts,
-                Some(&st),
-                Some(&g),
-                &mut Sampler::new(greedy),
-            );
-            assert_eq!(
-                verify_greedy(&target, &drafts, Some(&st), Some(&g)),
-                want,
-                "drafts {drafts:?}"
-            );
+            let want = verify_block(rows, n_vocab, &drafts, Some(&st), Some(&g), &mut Sampler::new(greedy));
+            assert_eq!(verify_greedy(&target, &drafts, Some(&st), Some(&g)), want, "drafts {drafts:?}");
             checked += 1;
             accepted += want.len() - 1;
         }
-        assert!(
-            checked == 3000 && accepted > 1000,
-            "accepted {accepted} drafts"
-        );
+        assert!(checked == 3000 && accepted > 1000, "accepted {accepted} drafts");
     }
 }

@@ -36,27 +36,14 @@ impl Calibration {
     pub fn new(layers: impl IntoIterator<Item = Option<(usize, usize)>>) -> Self {
         let layers = layers
             .into_iter()
-            .map(|dims| {
-                dims.map(|(hidden, inter)| MlpHessians {
-                    input: Hessian::new(hidden),
-                    down_input: Hessian::new(inter),
-                })
-            })
+            .map(|dims| dims.map(|(hidden, inter)| MlpHessians { input: Hessian::new(hidden), down_input: Hessian::new(inter) }))
             .collect();
-        Self {
-            layers,
-            damp: DEFAULT_DAMP,
-        }
+        Self { layers, damp: DEFAULT_DAMP }
     }
 
     /// Calibration rows seen by the first calibrated layer.
     pub fn samples(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|h| h.input.samples)
-            .next()
-            .unwrap_or(0)
+        self.layers.iter().flatten().map(|h| h.input.samples).next().unwrap_or(0)
     }
 
     /// Factors every layer's Hessians (layers in parallel).
@@ -66,14 +53,8 @@ impl Calibration {
             .enumerate()
             .map(|(layer, h)| {
                 let Some(h) = h else { return Ok(None) };
-                let f = |x: &Hessian| {
-                    GptqFactor::from_hessian(x, self.damp)
-                        .map_err(|source| QuantizeError::Factor { layer, source })
-                };
-                Ok(Some(LayerFactors {
-                    input: f(&h.input)?,
-                    down_input: f(&h.down_input)?,
-                }))
+                let f = |x: &Hessian| GptqFactor::from_hessian(x, self.damp).map_err(|source| QuantizeError::Factor { layer, source });
+                Ok(Some(LayerFactors { input: f(&h.input)?, down_input: f(&h.down_input)? }))
             })
             .collect()
     }

@@ -22,11 +22,7 @@ fn expect_dtype(t: &TensorRaw, name: &str, allowed: &[&str]) -> Result<(), Model
     if allowed.contains(&t.dtype.as_str()) {
         Ok(())
     } else {
-        Err(ModelError::Format(format!(
-            "tensor `{name}` has dtype {}, expected {}",
-            t.dtype,
-            allowed.join(" or ")
-        )))
+        Err(ModelError::Format(format!("tensor `{name}` has dtype {}, expected {}", t.dtype, allowed.join(" or "))))
     }
 }
 
@@ -44,12 +40,7 @@ fn bad(prefix: &str, e: QuantError) -> ModelError {
 
 /// The packed weight of linear `prefix` (`[rows, cols]`), or `None` when the
 /// checkpoint stores it as a plain float `<prefix>.weight`.
-pub fn load_packed(
-    src: &dyn TensorSource,
-    prefix: &str,
-    rows: usize,
-    cols: usize,
-) -> Result<Option<Weight>, ModelError> {
+pub fn load_packed(src: &dyn TensorSource, prefix: &str, rows: usize, cols: usize) -> Result<Option<Weight>, ModelError> {
     let blocks = format!("{prefix}.weight_blocks");
     if src.contains(&blocks) {
         let b = raw(src, &blocks)?;
@@ -59,8 +50,7 @@ pub fn load_packed(
         let s = raw(src, &scales)?;
         expect_dtype(&s, &scales, &["U8"])?;
         check_shape(&scales, &s.shape, &[rows, cols / 32])?;
-        let m =
-            Mxfp4Matrix::from_parts(rows, cols, b.bytes, s.bytes).map_err(|e| bad(prefix, e))?;
+        let m = Mxfp4Matrix::from_parts(rows, cols, b.bytes, s.bytes).map_err(|e| bad(prefix, e))?;
         return Ok(Some(Weight::Mxfp4(m)));
     }
     let wname = format!("{prefix}.weight");

@@ -80,12 +80,9 @@ impl Tensors {
         let shape = vec![w.rows(), w.cols()];
         match w {
             Weight::F32 { data, .. } => self.push(name, Dtype::F32, shape, f32_bytes(data)),
-            Weight::Bf16 { data, .. } => self.push(
-                name,
-                Dtype::BF16,
-                shape,
-                data.iter().flat_map(|x: &bf16| x.to_le_bytes()).collect(),
-            ),
+            Weight::Bf16 { data, .. } => {
+                self.push(name, Dtype::BF16, shape, data.iter().flat_map(|x: &bf16| x.to_le_bytes()).collect())
+            }
             _ => {
                 return Err(ModelError::Format(format!(
                     "`{name}` is stored as {}; only f32/bf16 embeddings and lm_head can be saved",
@@ -99,50 +96,18 @@ impl Tensors {
     fn linear(&mut self, p: &str, lin: &Linear) -> Result<(), ModelError> {
         let (rows, cols) = (lin.weight.rows(), lin.weight.cols());
         match &lin.weight {
-            Weight::F32 { .. } | Weight::Bf16 { .. } => {
-                self.matrix(format!("{p}.weight"), &lin.weight)?
-            }
+            Weight::F32 { .. } | Weight::Bf16 { .. } => self.matrix(format!("{p}.weight"), &lin.weight)?,
             Weight::Mxfp4(m) => {
-                self.push(
-                    format!("{p}.weight_blocks"),
-                    Dtype::U8,
-                    vec![rows, cols / 32, 16],
-                    m.blocks.clone(),
-                );
-                self.push(
-                    format!("{p}.weight_scales"),
-                    Dtype::U8,
-                    vec![rows, cols / 32],
-                    m.scales.clone(),
-                );
+                self.push(format!("{p}.weight_blocks"), Dtype::U8, vec![rows, cols / 32, 16], m.blocks.clone());
+                self.push(format!("{p}.weight_scales"), Dtype::U8, vec![rows, cols / 32], m.scales.clone());
             }
             Weight::Nvfp4(m) => {
-                self.push(
-                    format!("{p}.weight"),
-                    Dtype::U8,
-                    vec![rows, cols / 2],
-                    m.packed.clone(),
-                );
-                self.push(
-                    format!("{p}.weight_scale"),
-                    Dtype::F8_E4M3,
-                    vec![rows, cols / 16],
-                    m.scales.clone(),
-                );
-                self.push(
-                    format!("{p}.weight_scale_2"),
-                    Dtype::F32,
-                    vec![],
-                    m.tensor_scale.to_le_bytes().to_vec(),
-                );
+                self.push(format!("{p}.weight"), Dtype::U8, vec![rows, cols / 2], m.packed.clone());
+                self.push(format!("{p}.weight_scale"), Dtype::F8_E4M3, vec![rows, cols / 16], m.scales.clone());
+                self.push(format!("{p}.weight_scale_2"), Dtype::F32, vec![], m.tensor_scale.to_le_bytes().to_vec());
             }
             Weight::Fp8(m) => {
-                self.push(
-                    format!("{p}.weight"),
-                    Dtype::F8_E4M3,
-                    vec![rows, cols],
-                    m.data.clone(),
-                );
+                self.push(format!("{p}.weight"), Dtype::F8_E4M3, vec![rows, cols], m.data.clone());
                 match m.scale_block {
                     None => self.vector(format!("{p}.weight_scale"), &m.scales),
                     Some(b) => self.push(
@@ -167,9 +132,7 @@ impl Tensors {
     /// `down_proj` [E, I, H]; plus `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H].
     fn gpt_oss_experts(&mut self, x: &str, m: &Moe) -> Result<(), ModelError> {
         let e = m.experts.len();
-        let Some(first) = m.experts.first() else {
-            return Ok(());
-        };
+        let Some(first) = m.experts.first() else { return Ok(()) };
         let (i, h) = (first.gate.weight.rows(), first.gate.weight.cols());
         let (mut gu_bias, mut dn_bias) = (Vec::with_capacity(e * 2 * i), Vec::with_capacity(e * h));
         let zeros = |n| vec![0f32; n];
@@ -180,22 +143,15 @@ impl Tensors {
             dn_bias.extend(ex.down.bias.clone().unwrap_or_else(|| zeros(h)));
         }
         let all_mxfp4 = m.experts.iter().all(|ex| {
-            [&ex.gate, &ex.up, &ex.down]
-                .iter()
-                .all(|l| matches!(l.weight, Weight::Mxfp4(_)))
+            [&ex.gate, &ex.up, &ex.down].iter().all(|l| matches!(l.weight, Weight::Mxfp4(_)))
         });
         let all_float = m.experts.iter().all(|ex| {
-            [&ex.gate, &ex.up, &ex.down]
-                .iter()
-                .all(|l| matches!(l.weight, Weight::F32 { .. } | Weight::Bf16 { .. }))
+            [&ex.gate, &ex.up, &ex.down].iter().all(|l| matches!(l.weight, Weight::F32 { .. } | Weight::Bf16 { .. }))
         });
         if all_mxfp4 {
-            let (mut gub, mut gus, mut dnb, mut dns) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut gub, mut gus, mut dnb, mut dns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ex in &m.experts {
-                let (Weight::Mxfp4(g), Weight::Mxfp4(u), Weight::Mxfp4(d)) =
-                    (&ex.gate.weight, &ex.up.weight, &ex.down.weight)
-                else {
+                let (Weight::Mxfp4(g), Weight::Mxfp4(u), Weight::Mxfp4(d)) = (&ex.gate.weight, &ex.up.weight, &ex.down.weight) else {
                     unreachable!("checked above")
                 };
                 let (rb, rs) = (h / 2, h / 32);
@@ -208,38 +164,14 @@ impl Tensors {
                 dnb.extend_from_slice(&d.blocks);
                 dns.extend_from_slice(&d.scales);
             }
-            self.push(
-                format!("{x}.gate_up_proj_blocks"),
-                Dtype::U8,
-                vec![e, 2 * i, h / 32, 16],
-                gub,
-            );
-            self.push(
-                format!("{x}.gate_up_proj_scales"),
-                Dtype::U8,
-                vec![e, 2 * i, h / 32],
-                gus,
-            );
-            self.push(
-                format!("{x}.down_proj_blocks"),
-                Dtype::U8,
-                vec![e, h, i / 32, 16],
-                dnb,
-            );
-            self.push(
-                format!("{x}.down_proj_scales"),
-                Dtype::U8,
-                vec![e, h, i / 32],
-                dns,
-            );
+            self.push(format!("{x}.gate_up_proj_blocks"), Dtype::U8, vec![e, 2 * i, h / 32, 16], gub);
+            self.push(format!("{x}.gate_up_proj_scales"), Dtype::U8, vec![e, 2 * i, h / 32], gus);
+            self.push(format!("{x}.down_proj_blocks"), Dtype::U8, vec![e, h, i / 32, 16], dnb);
+            self.push(format!("{x}.down_proj_scales"), Dtype::U8, vec![e, h, i / 32], dns);
         } else if all_float {
             let (mut gu, mut dn) = (vec![0f32; e * h * 2 * i], vec![0f32; e * i * h]);
             for (k, ex) in m.experts.iter().enumerate() {
-                let (g, u, d) = (
-                    ex.gate.weight.to_f32(),
-                    ex.up.weight.to_f32(),
-                    ex.down.weight.to_f32(),
-                );
+                let (g, u, d) = (ex.gate.weight.to_f32(), ex.up.weight.to_f32(), ex.down.weight.to_f32());
                 let dst = &mut gu[k * h * 2 * i..(k + 1) * h * 2 * i];
                 for r in 0..h {
                     for j in 0..i {
@@ -254,36 +186,16 @@ impl Tensors {
                     }
                 }
             }
-            self.push(
-                format!("{x}.gate_up_proj"),
-                Dtype::F32,
-                vec![e, h, 2 * i],
-                f32_bytes(&gu),
-            );
-            self.push(
-                format!("{x}.down_proj"),
-                Dtype::F32,
-                vec![e, i, h],
-                f32_bytes(&dn),
-            );
+            self.push(format!("{x}.gate_up_proj"), Dtype::F32, vec![e, h, 2 * i], f32_bytes(&gu));
+            self.push(format!("{x}.down_proj"), Dtype::F32, vec![e, i, h], f32_bytes(&dn));
         } else {
             return Err(ModelError::Format(format!(
                 "`{x}`: gpt-oss experts can be saved as MXFP4 (native `*_blocks`/`*_scales`) or float, not {}",
                 first.gate.weight.precision().name()
             )));
         }
-        self.push(
-            format!("{x}.gate_up_proj_bias"),
-            Dtype::F32,
-            vec![e, 2 * i],
-            f32_bytes(&gu_bias),
-        );
-        self.push(
-            format!("{x}.down_proj_bias"),
-            Dtype::F32,
-            vec![e, h],
-            f32_bytes(&dn_bias),
-        );
+        self.push(format!("{x}.gate_up_proj_bias"), Dtype::F32, vec![e, 2 * i], f32_bytes(&gu_bias));
+        self.push(format!("{x}.down_proj_bias"), Dtype::F32, vec![e, h], f32_bytes(&dn_bias));
         Ok(())
     }
 
@@ -301,17 +213,9 @@ fn collect(w: &ModelWeights) -> Result<Tensors, ModelError> {
     for (i, l) in w.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         t.vector(format!("{p}.input_layernorm.weight"), &l.input_norm);
-        t.vector(
-            format!("{p}.post_attention_layernorm.weight"),
-            &l.post_attention_norm,
-        );
+        t.vector(format!("{p}.post_attention_layernorm.weight"), &l.post_attention_norm);
         let a = &l.attention;
-        for (n, lin) in [
-            ("q_proj", &a.q),
-            ("k_proj", &a.k),
-            ("v_proj", &a.v),
-            ("o_proj", &a.o),
-        ] {
+        for (n, lin) in [("q_proj", &a.q), ("k_proj", &a.k), ("v_proj", &a.v), ("o_proj", &a.o)] {
             t.linear(&format!("{p}.self_attn.{n}"), lin)?;
         }
         if let Some(v) = &a.q_norm {
@@ -378,8 +282,7 @@ pub fn gpt_oss_quantization_config(spec: &QuantSpec) -> Value {
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<(), ModelError> {
-    let text = serde_json::to_string_pretty(v)
-        .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
     std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
 }
 
@@ -396,9 +299,7 @@ pub fn save_model(
     let tensors = collect(&model.weights)?;
     std::fs::create_dir_all(out).map_err(|e| ModelError::io(out, e))?;
     let mut cfg = source_config.clone();
-    let q = if model.weights.config.arch == Arch::GptOss
-        && spec.experts == crate::quant::QuantFormat::Mxfp4
-    {
+    let q = if model.weights.config.arch == Arch::GptOss && spec.experts == crate::quant::QuantFormat::Mxfp4 {
         gpt_oss_quantization_config(spec)
     } else {
         quantization_config(spec)
@@ -408,31 +309,17 @@ pub fn save_model(
     }
     write_json(&out.join("config.json"), &cfg)?;
     let st = out.join("model.safetensors");
-    let meta = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
+    let meta = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
     safetensors::serialize_to_file(tensors.0.iter().map(|(n, o)| (n.as_str(), o)), &meta, &st)
-        .map_err(|e| {
-            ModelError::Format(format!("{}: cannot write safetensors: {e}", st.display()))
-        })?;
+        .map_err(|e| ModelError::Format(format!("{}: cannot write safetensors: {e}", st.display())))?;
     write_tokenizer(out, model, source)?;
-    std::fs::metadata(&st)
-        .map(|m| m.len())
-        .map_err(|e| ModelError::io(&st, e))
+    std::fs::metadata(&st).map(|m| m.len()).map_err(|e| ModelError::io(&st, e))
 }
 
 fn write_tokenizer(out: &Path, model: &LoadedModel, source: &Path) -> Result<(), ModelError> {
     if source.is_dir() {
-        let files = [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-            "special_tokens_map.json",
-            "chat_template.jinja",
-            "chat_template.json",
-        ];
+        let files = ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+            "chat_template.jinja", "chat_template.json"];
         for f in files {
             let from = source.join(f);
             if from.exists() {
@@ -447,22 +334,14 @@ fn write_tokenizer(out: &Path, model: &LoadedModel, source: &Path) -> Result<(),
         .save(&tpath, false)
         .map_err(|e| ModelError::Tokenizer(format!("{}: cannot write: {e}", tpath.display())))?;
     let mut tc = json!({"tokenizer_class": "PreTrainedTokenizerFast"});
-    for (k, v) in [
-        ("bos_token", &tok.bos_token),
-        ("eos_token", &tok.eos_token),
-        ("chat_template", &tok.chat_template),
-    ] {
+    for (k, v) in [("bos_token", &tok.bos_token), ("eos_token", &tok.eos_token), ("chat_template", &tok.chat_template)] {
         if let Some(s) = v {
             tc[k] = json!(s);
         }
     }
     write_json(&out.join("tokenizer_config.json"), &tc)?;
     let mut gen = json!({"eos_token_id": tok.eos_ids});
-    if let Some(id) = tok
-        .bos_token
-        .as_deref()
-        .and_then(|t| tok.inner.token_to_id(t))
-    {
+    if let Some(id) = tok.bos_token.as_deref().and_then(|t| tok.inner.token_to_id(t)) {
         gen["bos_token_id"] = json!(id);
     }
     write_json(&out.join("generation_config.json"), &gen)

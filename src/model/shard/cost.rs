@@ -59,22 +59,13 @@ pub fn expected_busiest_group(groups: usize, per: usize, k: usize) -> f64 {
 }
 
 /// Per-rank bytes for one precision mix (experts / everything else), at `context` tokens of bf16 KV cache.
-pub fn rank_cost(
-    c: &ModelConfig,
-    plan: &ShardPlan,
-    experts: &str,
-    dense: &str,
-    context: usize,
-) -> Result<RankCost, ShardError> {
+pub fn rank_cost(c: &ModelConfig, plan: &ShardPlan, experts: &str, dense: &str, context: usize) -> Result<RankCost, ShardError> {
     plan.validate(c)?;
     let s = plan.slices(c, 0)?;
     let (eb, db) = (bits_per_param(experts) / 8.0, bits_per_param(dense) / 8.0);
     let small = db.max(2.0);
     let h = c.hidden_size as f64;
-    let (q, kv) = (
-        (s.heads.len() * c.head_dim) as f64,
-        (s.kv_heads.len() * c.head_dim) as f64,
-    );
+    let (q, kv) = ((s.heads.len() * c.head_dim) as f64, (s.kv_heads.len() * c.head_dim) as f64);
     let vocab_rows = plan.vocab_chunk(c.vocab_size) as f64;
     let head_copies = if c.tie_word_embeddings { 1.0 } else { 2.0 };
     let mut resident = vocab_rows * h * head_copies * db + h * small;

@@ -34,12 +34,7 @@ pub enum DeviceShardError {
     #[error("{experts} experts: the CUDA router takes at most {MAX_ROUTED_EXPERTS}")]
     TooManyExperts { experts: usize },
     #[error("rank {rank} would hold no vocabulary rows (vocab {vocab} over {ranks} ranks in chunks of {chunk})")]
-    EmptyVocab {
-        rank: usize,
-        vocab: usize,
-        ranks: usize,
-        chunk: usize,
-    },
+    EmptyVocab { rank: usize, vocab: usize, ranks: usize, chunk: usize },
 }
 
 /// [`ShardPlan::validate`] plus what the CUDA kernels need of each rank's slices.
@@ -47,9 +42,7 @@ pub fn check_cuda_plan(plan: &ShardPlan, c: &ModelConfig) -> Result<(), DeviceSh
     plan.validate(c)?;
     if let Some(m) = &c.moe {
         if m.num_experts > MAX_ROUTED_EXPERTS {
-            return Err(DeviceShardError::TooManyExperts {
-                experts: m.num_experts,
-            });
+            return Err(DeviceShardError::TooManyExperts { experts: m.num_experts });
         }
         let width = m.expert_intermediate / plan.expert_split();
         if !width.is_multiple_of(32) {
@@ -59,12 +52,7 @@ pub fn check_cuda_plan(plan: &ShardPlan, c: &ModelConfig) -> Result<(), DeviceSh
     for rank in 0..plan.ranks {
         if plan.vocab_range(c.vocab_size, rank).is_empty() {
             let chunk = plan.vocab_chunk(c.vocab_size);
-            return Err(DeviceShardError::EmptyVocab {
-                rank,
-                vocab: c.vocab_size,
-                ranks: plan.ranks,
-                chunk,
-            });
+            return Err(DeviceShardError::EmptyVocab { rank, vocab: c.vocab_size, ranks: plan.ranks, chunk });
         }
     }
     Ok(())
@@ -88,13 +76,7 @@ pub fn bench_plan(c: &ModelConfig, n: usize) -> Result<ShardPlan, DeviceShardErr
             }
         }
     }
-    Err(
-        first_err.unwrap_or(DeviceShardError::Plan(ShardError::Zero {
-            ranks: n,
-            tp: n,
-            ep: 1,
-        })),
-    )
+    Err(first_err.unwrap_or(DeviceShardError::Plan(ShardError::Zero { ranks: n, tp: n, ep: 1 })))
 }
 
 /// Index of global expert `id` among a rank's `experts`, or −1 when another rank holds it.
@@ -110,13 +92,7 @@ pub fn local_expert_id(id: i32, experts: &Range<usize>) -> i32 {
 /// Where logit (`row`, `col`) of the full vocabulary sits in the all-gather of every
 /// rank's lm_head output: rank `s = col / chunk` sent `rows` rows of its range's
 /// width (row stride = that width) in a part of `rows · chunk` values.
-pub fn vocab_source_index(
-    row: usize,
-    col: usize,
-    rows: usize,
-    vocab: usize,
-    chunk: usize,
-) -> usize {
+pub fn vocab_source_index(row: usize, col: usize, rows: usize, vocab: usize, chunk: usize) -> usize {
     let s = col / chunk;
     let width = chunk.min(vocab - s * chunk);
     s * rows * chunk + row * width + (col - s * chunk)
@@ -125,24 +101,17 @@ pub fn vocab_source_index(
 /// Every layer's full router (`None` for dense layers), read from the whole
 /// checkpoint (`full` is the whole model's config). The names are those of
 /// `family.rs` / `gpt_oss.rs` (a test checks both load the same router).
-pub fn load_routers(
-    full: &ModelConfig,
-    src: &dyn TensorSource,
-) -> Result<Vec<Option<Linear>>, ModelError> {
+pub fn load_routers(full: &ModelConfig, src: &dyn TensorSource) -> Result<Vec<Option<Linear>>, ModelError> {
     let ld = Loader { src };
     let h = full.hidden_size;
     (0..full.num_layers)
         .map(|i| {
-            let Some(m) = full.moe.as_ref().filter(|_| full.is_moe_layer(i)) else {
-                return Ok(None);
-            };
+            let Some(m) = full.moe.as_ref().filter(|_| full.is_moe_layer(i)) else { return Ok(None) };
             let (p, e) = (format!("model.layers.{i}"), m.num_experts);
             let mixtral_gate = format!("{p}.block_sparse_moe.gate");
             let router = match full.arch {
                 Arch::GptOss => ld.linear(&format!("{p}.mlp.router"), e, h, true)?,
-                Arch::Mixtral if src.contains(&format!("{mixtral_gate}.weight")) => {
-                    ld.linear(&mixtral_gate, e, h, false)?
-                }
+                Arch::Mixtral if src.contains(&format!("{mixtral_gate}.weight")) => ld.linear(&mixtral_gate, e, h, false)?,
                 _ => ld.linear(&format!("{p}.mlp.gate"), e, h, false)?,
             };
             Ok(Some(router))
@@ -171,11 +140,7 @@ mod tests {
     #[test]
     fn gathered_vocab_parts_reassemble_in_order() {
         for (vocab, ranks, rows) in [(100, 3, 2), (512, 4, 5), (10, 4, 1), (7, 1, 3)] {
-            let plan = ShardPlan {
-                ranks,
-                tp: 1,
-                ep: 1,
-            };
+            let plan = ShardPlan { ranks, tp: 1, ep: 1 };
             let chunk = plan.vocab_chunk(vocab);
             let value = |r: usize, col: usize| (r * 1000 + col) as f32;
             let mut gathered = vec![f32::NAN; ranks * rows * chunk];
@@ -189,20 +154,14 @@ mod tests {
             }
             for r in 0..rows {
                 for col in 0..vocab {
-                    assert_eq!(
-                        gathered[vocab_source_index(r, col, rows, vocab, chunk)],
-                        value(r, col),
-                        "vocab {vocab} ranks {ranks}"
-                    );
+                    assert_eq!(gathered[vocab_source_index(r, col, rows, vocab, chunk)], value(r, col), "vocab {vocab} ranks {ranks}");
                 }
             }
         }
     }
 
     fn fixture_config(name: &str) -> ModelConfig {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
         read_hf_config(&dir).expect("config").1
     }
 
@@ -215,71 +174,29 @@ mod tests {
         assert_eq!(e, DeviceShardError::ExpertBlocks { width: 16 });
         assert!(e.to_string().contains("multiple of 32"), "{e}");
         let e = check_cuda_plan(&ShardPlan::new(1, 3, Some(3)).unwrap(), &c).unwrap_err();
-        assert!(
-            matches!(e, DeviceShardError::Plan(ShardError::Experts { .. })),
-            "{e}"
-        );
+        assert!(matches!(e, DeviceShardError::Plan(ShardError::Experts { .. })), "{e}");
         let mut small = fixture_config("llama");
         small.vocab_size = 9; // chunks of 3 over 4 ranks leave rank 3 nothing
         let e = check_cuda_plan(&ShardPlan::new(4, 1, None).unwrap(), &small).unwrap_err();
-        assert!(
-            matches!(e, DeviceShardError::EmptyVocab { rank: 3, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, DeviceShardError::EmptyVocab { rank: 3, .. }), "{e}");
     }
 
     #[test]
     fn bench_plans_split_what_the_model_allows() {
         let moe = fixture_config("qwen3_moe"); // 4 heads, 4 experts of width 64
-        assert_eq!(
-            bench_plan(&moe, 2).unwrap(),
-            ShardPlan {
-                ranks: 2,
-                tp: 2,
-                ep: 2
-            }
-        );
-        assert_eq!(
-            bench_plan(&moe, 4).unwrap(),
-            ShardPlan {
-                ranks: 4,
-                tp: 4,
-                ep: 4
-            }
-        );
+        assert_eq!(bench_plan(&moe, 2).unwrap(), ShardPlan { ranks: 2, tp: 2, ep: 2 });
+        assert_eq!(bench_plan(&moe, 4).unwrap(), ShardPlan { ranks: 4, tp: 4, ep: 4 });
         // 8 ranks: 4 heads and 4 experts cannot be split 8 ways, 64 / 8 is not a block of 32
-        assert!(matches!(
-            bench_plan(&moe, 8),
-            Err(DeviceShardError::Plan(ShardError::Heads {
-                heads: 4,
-                tp: 8
-            }))
-        ));
+        assert!(matches!(bench_plan(&moe, 8), Err(DeviceShardError::Plan(ShardError::Heads { heads: 4, tp: 8 }))));
         let dense = fixture_config("llama");
-        assert_eq!(
-            bench_plan(&dense, 3).unwrap(),
-            ShardPlan {
-                ranks: 3,
-                tp: 1,
-                ep: 1
-            }
-        );
-        assert_eq!(
-            bench_plan(&dense, 2).unwrap(),
-            ShardPlan {
-                ranks: 2,
-                tp: 2,
-                ep: 1
-            }
-        );
+        assert_eq!(bench_plan(&dense, 3).unwrap(), ShardPlan { ranks: 3, tp: 1, ep: 1 });
+        assert_eq!(bench_plan(&dense, 2).unwrap(), ShardPlan { ranks: 2, tp: 2, ep: 1 });
     }
 
     #[test]
     fn full_routers_equal_the_family_loaders() {
         for name in ["qwen3_moe", "mixtral", "gpt_oss", "gpt_oss_mxfp4"] {
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures")
-                .join(name);
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
             let m = crate::model::load_model(&dir).expect("load");
             let src = SafetensorsSource::open_dir(&dir).expect("open");
             let routers = load_routers(&m.weights.config, &src).expect("routers");
@@ -287,11 +204,7 @@ mod tests {
             for (li, (l, r)) in m.weights.layers.iter().zip(&routers).enumerate() {
                 match (&l.mlp, r) {
                     (Mlp::Moe(block), Some(r)) => {
-                        assert_eq!(
-                            r.weight.to_f32(),
-                            block.router.weight.to_f32(),
-                            "{name} layer {li}"
-                        );
+                        assert_eq!(r.weight.to_f32(), block.router.weight.to_f32(), "{name} layer {li}");
                         assert_eq!(r.bias, block.router.bias, "{name} layer {li}");
                     }
                     (Mlp::Dense(_), None) => {}

@@ -23,17 +23,11 @@ pub enum ShardLoadError {
 }
 
 /// One rank's weights: the model of the plan's local config, read slice by slice.
-pub fn load_rank(
-    full: &ModelConfig,
-    src: &dyn TensorSource,
-    plan: &ShardPlan,
-    rank: usize,
-) -> Result<(RankSlices, ModelWeights), ShardLoadError> {
+pub fn load_rank(full: &ModelConfig, src: &dyn TensorSource, plan: &ShardPlan, rank: usize) -> Result<(RankSlices, ModelWeights), ShardLoadError> {
     let slices = plan.slices(full, rank)?;
     let local = plan.local_config(full, &slices);
     let view = ShardSource::new(src, full, slices.clone());
-    let weights =
-        load_weights(local, &view).map_err(|source| ShardLoadError::Model { rank, source })?;
+    let weights = load_weights(local, &view).map_err(|source| ShardLoadError::Model { rank, source })?;
     Ok((slices, weights))
 }
 

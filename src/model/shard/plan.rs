@@ -47,12 +47,7 @@ pub enum ShardError {
     #[error("{experts} experts are not divisible by ep {ep}")]
     Experts { experts: usize, ep: usize },
     #[error("expert width {width} is not divisible by the {split} ranks that share each expert (ranks {ranks} / ep {ep})")]
-    ExpertWidth {
-        width: usize,
-        split: usize,
-        ranks: usize,
-        ep: usize,
-    },
+    ExpertWidth { width: usize, split: usize, ranks: usize, ep: usize },
     #[error("vocabulary {vocab} is smaller than the number of ranks {ranks}")]
     Vocab { vocab: usize, ranks: usize },
     #[error("rank {rank} is outside a world of {ranks} ranks")]
@@ -85,21 +80,13 @@ fn part(total: usize, parts: usize, i: usize) -> Range<usize> {
 impl ShardPlan {
     /// `--tp N --ep M` with the world size defaulting to the larger of the two.
     pub fn new(tp: usize, ep: usize, ranks: Option<usize>) -> Result<Self, ShardError> {
-        let plan = ShardPlan {
-            ranks: ranks.unwrap_or(tp.max(ep)),
-            tp,
-            ep,
-        };
+        let plan = ShardPlan { ranks: ranks.unwrap_or(tp.max(ep)), tp, ep };
         plan.check_world()?;
         Ok(plan)
     }
 
     pub fn single() -> Self {
-        ShardPlan {
-            ranks: 1,
-            tp: 1,
-            ep: 1,
-        }
+        ShardPlan { ranks: 1, tp: 1, ep: 1 }
     }
 
     fn check_world(&self) -> Result<(), ShardError> {
@@ -126,10 +113,7 @@ impl ShardPlan {
         self.check_world()?;
         let tp = self.tp;
         if c.num_heads % tp != 0 {
-            return Err(ShardError::Heads {
-                heads: c.num_heads,
-                tp,
-            });
+            return Err(ShardError::Heads { heads: c.num_heads, tp });
         }
         let kv = c.num_kv_heads;
         if kv % tp != 0 && tp % kv != 0 {
@@ -137,20 +121,14 @@ impl ShardPlan {
         }
         let has_dense = (0..c.num_layers).any(|l| !c.is_moe_layer(l));
         if has_dense && c.intermediate_size % tp != 0 {
-            return Err(ShardError::Intermediate {
-                size: c.intermediate_size,
-                tp,
-            });
+            return Err(ShardError::Intermediate { size: c.intermediate_size, tp });
         }
         match &c.moe {
             None if self.ep > 1 => return Err(ShardError::EpOnDense { ep: self.ep }),
             None => {}
             Some(m) => {
                 if m.num_experts % self.ep != 0 {
-                    return Err(ShardError::Experts {
-                        experts: m.num_experts,
-                        ep: self.ep,
-                    });
+                    return Err(ShardError::Experts { experts: m.num_experts, ep: self.ep });
                 }
                 let split = self.expert_split();
                 if m.expert_intermediate % split != 0 {
@@ -164,10 +142,7 @@ impl ShardPlan {
             }
         }
         if c.vocab_size < self.ranks {
-            return Err(ShardError::Vocab {
-                vocab: c.vocab_size,
-                ranks: self.ranks,
-            });
+            return Err(ShardError::Vocab { vocab: c.vocab_size, ranks: self.ranks });
         }
         Ok(())
     }
@@ -186,10 +161,7 @@ impl ShardPlan {
     pub fn slices(&self, c: &ModelConfig, rank: usize) -> Result<RankSlices, ShardError> {
         self.validate(c)?;
         if rank >= self.ranks {
-            return Err(ShardError::Rank {
-                rank,
-                ranks: self.ranks,
-            });
+            return Err(ShardError::Rank { rank, ranks: self.ranks });
         }
         let tp_rank = if self.tp == 1 { 0 } else { rank };
         let heads = part(c.num_heads, self.tp, tp_rank);
@@ -199,10 +171,7 @@ impl ShardPlan {
         let intermediate = part(c.intermediate_size, self.tp, tp_rank);
         let split = self.expert_split();
         let (experts, expert_width) = match &c.moe {
-            Some(m) => (
-                part(m.num_experts, self.ep, rank / split),
-                part(m.expert_intermediate, split, rank % split),
-            ),
+            Some(m) => (part(m.num_experts, self.ep, rank / split), part(m.expert_intermediate, split, rank % split)),
             None => (0..0, 0..0),
         };
         Ok(RankSlices {
@@ -251,36 +220,18 @@ mod tests {
     #[test]
     fn head_and_expert_mismatches_are_named() {
         let c = cfg(9, 3, None);
-        let e = ShardPlan::new(2, 1, None)
-            .unwrap()
-            .validate(&c)
-            .unwrap_err();
+        let e = ShardPlan::new(2, 1, None).unwrap().validate(&c).unwrap_err();
         assert_eq!(e.to_string(), "num_heads 9 is not divisible by tp 2");
         assert!(ShardPlan::new(3, 1, None).unwrap().validate(&c).is_ok());
-        let e = ShardPlan::new(1, 2, None)
-            .unwrap()
-            .validate(&c)
-            .unwrap_err();
+        let e = ShardPlan::new(1, 2, None).unwrap().validate(&c).unwrap_err();
         assert_eq!(e, ShardError::EpOnDense { ep: 2 });
         let m = cfg(4, 2, Some(6));
-        let e = ShardPlan::new(1, 4, None)
-            .unwrap()
-            .validate(&m)
-            .unwrap_err();
+        let e = ShardPlan::new(1, 4, None).unwrap().validate(&m).unwrap_err();
         assert_eq!(e.to_string(), "6 experts are not divisible by ep 4");
-        let e = ShardPlan::new(4, 1, None)
-            .unwrap()
-            .validate(&cfg(12, 6, None))
-            .unwrap_err();
+        let e = ShardPlan::new(4, 1, None).unwrap().validate(&cfg(12, 6, None)).unwrap_err();
         assert!(matches!(e, ShardError::KvHeads { kv: 6, tp: 4 }), "{e}");
-        assert!(matches!(
-            ShardPlan::new(2, 4, None),
-            Err(ShardError::TpNotWorld { tp: 2, ranks: 4 })
-        ));
-        assert!(matches!(
-            ShardPlan::new(4, 3, None),
-            Err(ShardError::EpNotDivisor { ep: 3, ranks: 4 })
-        ));
+        assert!(matches!(ShardPlan::new(2, 4, None), Err(ShardError::TpNotWorld { tp: 2, ranks: 4 })));
+        assert!(matches!(ShardPlan::new(4, 3, None), Err(ShardError::EpNotDivisor { ep: 3, ranks: 4 })));
     }
 
     #[test]
@@ -288,50 +239,22 @@ mod tests {
         let c = cfg(4, 2, Some(4));
         let plan = ShardPlan::new(4, 2, None).unwrap();
         let s: Vec<RankSlices> = (0..4).map(|r| plan.slices(&c, r).unwrap()).collect();
-        assert_eq!(
-            s.iter().map(|x| x.heads.clone()).collect::<Vec<_>>(),
-            vec![0..1, 1..2, 2..3, 3..4]
-        );
+        assert_eq!(s.iter().map(|x| x.heads.clone()).collect::<Vec<_>>(), vec![0..1, 1..2, 2..3, 3..4]);
         // Two query heads per KV head: ranks 0,1 share KV head 0 (replicated), 2,3 share head 1.
-        assert_eq!(
-            s.iter().map(|x| x.kv_heads.clone()).collect::<Vec<_>>(),
-            vec![0..1, 0..1, 1..2, 1..2]
-        );
-        assert_eq!(
-            s.iter().map(|x| x.experts.clone()).collect::<Vec<_>>(),
-            vec![0..2, 0..2, 2..4, 2..4]
-        );
-        assert_eq!(
-            s.iter().map(|x| x.expert_width.clone()).collect::<Vec<_>>(),
-            vec![0..48, 48..96, 0..48, 48..96]
-        );
-        assert_eq!(
-            s.iter().map(|x| x.vocab.clone()).collect::<Vec<_>>(),
-            vec![0..25, 25..50, 50..75, 75..100]
-        );
+        assert_eq!(s.iter().map(|x| x.kv_heads.clone()).collect::<Vec<_>>(), vec![0..1, 0..1, 1..2, 1..2]);
+        assert_eq!(s.iter().map(|x| x.experts.clone()).collect::<Vec<_>>(), vec![0..2, 0..2, 2..4, 2..4]);
+        assert_eq!(s.iter().map(|x| x.expert_width.clone()).collect::<Vec<_>>(), vec![0..48, 48..96, 0..48, 48..96]);
+        assert_eq!(s.iter().map(|x| x.vocab.clone()).collect::<Vec<_>>(), vec![0..25, 25..50, 50..75, 75..100]);
         assert_eq!(s.iter().filter(|x| x.owns_o_bias).count(), 1);
         assert_eq!(s.iter().filter(|x| x.owns_expert_down_bias).count(), 2);
         let local = plan.local_config(&c, &s[3]);
-        assert_eq!(
-            (local.num_heads, local.num_kv_heads, local.vocab_size),
-            (1, 1, 25)
-        );
-        assert_eq!(
-            local
-                .moe
-                .as_ref()
-                .map(|m| (m.num_experts, m.expert_intermediate)),
-            Some((2, 48))
-        );
+        assert_eq!((local.num_heads, local.num_kv_heads, local.vocab_size), (1, 1, 25));
+        assert_eq!(local.moe.as_ref().map(|m| (m.num_experts, m.expert_intermediate)), Some((2, 48)));
     }
 
     #[test]
     fn uneven_vocab_ranges_end_at_the_vocab() {
-        let plan = ShardPlan {
-            ranks: 3,
-            tp: 1,
-            ep: 1,
-        };
+        let plan = ShardPlan { ranks: 3, tp: 1, ep: 1 };
         let r: Vec<_> = (0..3).map(|i| plan.vocab_range(100, i)).collect();
         assert_eq!(r, vec![0..34, 34..68, 68..100]);
     }

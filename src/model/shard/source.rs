@@ -43,13 +43,7 @@ fn scale(r: &Range<usize>, k: usize) -> Range<usize> {
 }
 
 /// Keeps `ranges` along `axis` of a row-major tensor of `shape`; `unit` elements per index.
-fn select<T: Copy>(
-    data: &[T],
-    shape: &mut [usize],
-    axis: usize,
-    ranges: &[Range<usize>],
-    unit: usize,
-) -> Vec<T> {
+fn select<T: Copy>(data: &[T], shape: &mut [usize], axis: usize, ranges: &[Range<usize>], unit: usize) -> Vec<T> {
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product::<usize>() * unit;
     let dim = shape[axis];
@@ -78,13 +72,7 @@ impl<'a> ShardSource<'a> {
     /// `full` is the whole model's config, `s` the rank's slices from the plan.
     pub fn new(inner: &'a dyn TensorSource, full: &ModelConfig, s: RankSlices) -> Self {
         let expert_width = full.moe.as_ref().map_or(0, |m| m.expert_intermediate);
-        Self {
-            inner,
-            arch: full.arch,
-            head_dim: full.head_dim,
-            expert_width,
-            s,
-        }
+        Self { inner, arch: full.arch, head_dim: full.head_dim, expert_width, s }
     }
 
     /// The checkpoint name of a local name: local expert `j` is global expert `experts.start + j`.
@@ -94,11 +82,7 @@ impl<'a> ShardSource<'a> {
                 let rest = &name[at + marker.len()..];
                 if let Some((idx, tail)) = rest.split_once('.') {
                     if let Ok(j) = idx.parse::<usize>() {
-                        return format!(
-                            "{}{marker}{}.{tail}",
-                            &name[..at],
-                            self.s.experts.start + j
-                        );
+                        return format!("{}{marker}{}.{tail}", &name[..at], self.s.experts.start + j);
                     }
                 }
             }
@@ -115,11 +99,7 @@ impl<'a> ShardSource<'a> {
         if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
             return Cut::default().axis(0, vec![s.vocab.clone()]);
         }
-        let Some(tail) = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split_once('.'))
-            .map(|(_, t)| t)
-        else {
+        let Some(tail) = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')).map(|(_, t)| t) else {
             return Cut::default();
         };
         // A linear `prefix.{weight,bias,weight_blocks,weight_scales}`: rows and columns to keep.
@@ -127,23 +107,15 @@ impl<'a> ShardSource<'a> {
             Some(pp) => pp,
             None => return Cut::default(),
         };
-        let is_expert =
-            prefix.contains(".experts.") && prefix.split('.').any(|p| p.parse::<usize>().is_ok());
+        let is_expert = prefix.contains(".experts.") && prefix.split('.').any(|p| p.parse::<usize>().is_ok());
         let linear: Option<(Option<Range<usize>>, Option<Range<usize>>, bool)> = match prefix {
             "self_attn.q_proj" => Some((Some(q.clone()), None, false)),
             "self_attn.k_proj" | "self_attn.v_proj" => Some((Some(kv.clone()), None, false)),
             "self_attn.o_proj" => Some((None, Some(q.clone()), !s.owns_o_bias)),
             "mlp.gate_proj" | "mlp.up_proj" => Some((Some(s.intermediate.clone()), None, false)),
             "mlp.down_proj" => Some((None, Some(s.intermediate.clone()), false)),
-            "mlp.gate" | "block_sparse_moe.gate" | "mlp.router" => {
-                Some((Some(x.clone()), None, false))
-            }
-            p if is_expert
-                && (p.ends_with(".gate_proj")
-                    || p.ends_with(".up_proj")
-                    || p.ends_with(".w1")
-                    || p.ends_with(".w3")) =>
-            {
+            "mlp.gate" | "block_sparse_moe.gate" | "mlp.router" => Some((Some(x.clone()), None, false)),
+            p if is_expert && (p.ends_with(".gate_proj") || p.ends_with(".up_proj") || p.ends_with(".w1") || p.ends_with(".w3")) => {
                 Some((Some(j.clone()), None, false))
             }
             p if is_expert && (p.ends_with(".down_proj") || p.ends_with(".w2")) => {
@@ -180,27 +152,15 @@ impl<'a> ShardSource<'a> {
         let gptoss = self.arch == Arch::GptOss;
         match tail.strip_prefix("mlp.experts.") {
             // transformers 5 fused (Qwen-MoE, Mixtral): gate_up [E, 2I, H] (gate rows then up rows), down [E, H, I].
-            Some("gate_up_proj") if !gptoss => Cut::default()
-                .axis(0, vec![x])
-                .axis(1, vec![j.clone(), j.start + w..j.end + w]),
+            Some("gate_up_proj") if !gptoss => Cut::default().axis(0, vec![x]).axis(1, vec![j.clone(), j.start + w..j.end + w]),
             Some("down_proj") if !gptoss => Cut::default().axis(0, vec![x]).axis(2, vec![j]),
             // gpt-oss: gate_up [E, H, 2I] interleaved (gate, up) pairs, down [E, I, H], blocks [E, rows, cols/32, 16].
             Some("gate_up_proj") => Cut::default().axis(0, vec![x]).axis(2, vec![scale(&j, 2)]),
-            Some("gate_up_proj_bias") => {
-                Cut::default().axis(0, vec![x]).axis(1, vec![scale(&j, 2)])
-            }
-            Some("gate_up_proj_blocks" | "gate_up_proj_scales") => {
-                Cut::default().axis(0, vec![x]).axis(1, vec![scale(&j, 2)])
-            }
+            Some("gate_up_proj_bias") => Cut::default().axis(0, vec![x]).axis(1, vec![scale(&j, 2)]),
+            Some("gate_up_proj_blocks" | "gate_up_proj_scales") => Cut::default().axis(0, vec![x]).axis(1, vec![scale(&j, 2)]),
             Some("down_proj") => Cut::default().axis(0, vec![x]).axis(1, vec![j]),
-            Some("down_proj_bias") => Cut {
-                zero: !s.owns_expert_down_bias,
-                ..Cut::default()
-            }
-            .axis(0, vec![x]),
-            Some("down_proj_blocks" | "down_proj_scales") => {
-                Cut::default().axis(0, vec![x]).axis(2, vec![j])
-            }
+            Some("down_proj_bias") => Cut { zero: !s.owns_expert_down_bias, ..Cut::default() }.axis(0, vec![x]),
+            Some("down_proj_blocks" | "down_proj_scales") => Cut::default().axis(0, vec![x]).axis(2, vec![j]),
             _ => Cut::default(),
         }
     }
@@ -208,8 +168,7 @@ impl<'a> ShardSource<'a> {
     /// Whether axis `axis` of raw tensor `name` counts MXFP4 blocks of 32 values.
     fn blocked_axis(name: &str, axis: usize) -> bool {
         (name.ends_with(".weight_blocks") || name.ends_with(".weight_scales")) && axis == 1
-            || (name.ends_with("down_proj_blocks") || name.ends_with("down_proj_scales"))
-                && axis == 2
+            || (name.ends_with("down_proj_blocks") || name.ends_with("down_proj_scales")) && axis == 2
     }
 }
 
@@ -220,18 +179,13 @@ fn sliced_err(name: &str, msg: String) -> ModelError {
 impl TensorSource for ShardSource<'_> {
     fn get_f32(&self, name: &str) -> Result<Option<TensorF32>, ModelError> {
         let global = self.global_name(name);
-        let Some(t) = self.inner.get_f32(&global)? else {
-            return Ok(None);
-        };
+        let Some(t) = self.inner.get_f32(&global)? else { return Ok(None) };
         let cut = self.cut(&global);
         let (mut shape, mut data) = (t.shape, t.data);
         for (axis, ranges) in &cut.axes {
             let ok = *axis < shape.len() && ranges.iter().all(|r| r.end <= shape[*axis]);
             if !ok {
-                return Err(sliced_err(
-                    &global,
-                    format!("shape {shape:?} has no room for {ranges:?} on axis {axis}"),
-                ));
+                return Err(sliced_err(&global, format!("shape {shape:?} has no room for {ranges:?} on axis {axis}")));
             }
             data = select(&data, &mut shape, *axis, ranges, 1);
         }
@@ -243,48 +197,31 @@ impl TensorSource for ShardSource<'_> {
 
     fn get_raw(&self, name: &str) -> Result<Option<TensorRaw>, ModelError> {
         let global = self.global_name(name);
-        let Some(t) = self.inner.get_raw(&global)? else {
-            return Ok(None);
-        };
+        let Some(t) = self.inner.get_raw(&global)? else { return Ok(None) };
         let cut = self.cut(&global);
-        let unit = dtype_bytes(&t.dtype)
-            .ok_or_else(|| sliced_err(&global, format!("dtype {}", t.dtype)))?;
-        if global.ends_with(".weight") && unit == 1 && t.dtype != "F8_E4M3" && !cut.axes.is_empty()
-        {
+        let unit = dtype_bytes(&t.dtype).ok_or_else(|| sliced_err(&global, format!("dtype {}", t.dtype)))?;
+        if global.ends_with(".weight") && unit == 1 && t.dtype != "F8_E4M3" && !cut.axes.is_empty() {
             // NVFP4 packs two values per byte with per-16 scales in other tensors.
-            return Err(sliced_err(
-                &global,
-                "packed NVFP4 weights cannot be sharded yet; shard the float checkpoint".into(),
-            ));
+            return Err(sliced_err(&global, "packed NVFP4 weights cannot be sharded yet; shard the float checkpoint".into()));
         }
         let (mut shape, mut bytes) = (t.shape, t.bytes);
         for (axis, ranges) in &cut.axes {
             let mut ranges = ranges.clone();
             if Self::blocked_axis(&global, *axis) {
                 if ranges.iter().any(|r| r.start % 32 != 0 || r.end % 32 != 0) {
-                    return Err(sliced_err(
-                        &global,
-                        format!("MXFP4 columns {ranges:?} do not fall on blocks of 32"),
-                    ));
+                    return Err(sliced_err(&global, format!("MXFP4 columns {ranges:?} do not fall on blocks of 32")));
                 }
                 ranges = ranges.iter().map(|r| r.start / 32..r.end / 32).collect();
             }
             if *axis >= shape.len() || ranges.iter().any(|r| r.end > shape[*axis]) {
-                return Err(sliced_err(
-                    &global,
-                    format!("shape {shape:?} has no room for {ranges:?} on axis {axis}"),
-                ));
+                return Err(sliced_err(&global, format!("shape {shape:?} has no room for {ranges:?} on axis {axis}")));
             }
             bytes = select(&bytes, &mut shape, *axis, &ranges, unit);
         }
         if cut.zero {
             bytes.fill(0);
         }
-        Ok(Some(TensorRaw {
-            shape,
-            dtype: t.dtype,
-            bytes,
-        }))
+        Ok(Some(TensorRaw { shape, dtype: t.dtype, bytes }))
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -313,9 +250,6 @@ mod tests {
         assert_eq!(out, vec![0, 1, 4, 5, 6, 7, 10, 11]);
         assert_eq!(shape, vec![2, 2, 2]);
         let mut shape = vec![2, 3, 2];
-        assert_eq!(
-            select(&data, &mut shape, 2, &[1..2], 1),
-            vec![1, 3, 5, 7, 9, 11]
-        );
+        assert_eq!(select(&data, &mut shape, 2, &[1..2], 1), vec![1, 3, 5, 7, 9, 11]);
     }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{dptr, drv, lc, CudaBackend, CudaContext, Res};
+use super::{drv, dptr, lc, CudaBackend, CudaContext, Res};
 use crate::backend::{BackendError, Chunk, LogitsFor};
 
 /// The masked argmax's inputs and outputs: compact per masked row.
@@ -58,25 +58,13 @@ pub(super) struct CapturePlan {
 
 impl Capture {
     pub(super) fn plan(&self, st: &Arc<CudaStream>, hidden: usize) -> CapturePlan {
-        CapturePlan {
-            base: dptr(&self.buf, st),
-            ones: dptr(&self.ones, st),
-            layers: self.layers.clone(),
-            stride: self.rows * hidden,
-        }
+        CapturePlan { base: dptr(&self.buf, st), ones: dptr(&self.ones, st), layers: self.layers.clone(), stride: self.rows * hidden }
     }
 }
 
 /// Copies rows `0..n` of the residual stream `x` into every capture block of
 /// `layer` (asynchronous, graph-capturable).
-pub(super) fn after_layer(
-    cx: &CudaContext,
-    plan: Option<&CapturePlan>,
-    x: u64,
-    layer: usize,
-    n: usize,
-    hidden: usize,
-) -> Res<()> {
+pub(super) fn after_layer(cx: &CudaContext, plan: Option<&CapturePlan>, x: u64, layer: usize, n: usize, hidden: usize) -> Res<()> {
     let Some(p) = plan else { return Ok(()) };
     let (k1, hh) = (1i32, hidden as i32);
     for (k, _) in p.layers.iter().enumerate().filter(|(_, &l)| l == layer) {
@@ -91,12 +79,7 @@ pub(super) fn after_layer(
 }
 
 /// Per-layer blocks `[layers][rows][hidden]` → rows `[rows][layers * hidden]`, appended to `out`.
-pub(super) fn interleave_layers(
-    blocks: &[Vec<f32>],
-    rows: usize,
-    hidden: usize,
-    out: &mut Vec<f32>,
-) {
+pub(super) fn interleave_layers(blocks: &[Vec<f32>], rows: usize, hidden: usize, out: &mut Vec<f32>) {
     out.reserve(rows * blocks.len() * hidden);
     for r in 0..rows {
         for b in blocks {
@@ -107,10 +90,7 @@ pub(super) fn interleave_layers(
 
 impl CudaBackend {
     /// Captures `layers` from now on (a no-op when they are already captured).
-    pub(super) fn set_capture(
-        &mut self,
-        layers: &[usize],
-    ) -> std::result::Result<(), BackendError> {
+    pub(super) fn set_capture(&mut self, layers: &[usize]) -> std::result::Result<(), BackendError> {
         if let Some(&bad) = layers.iter().find(|&&l| l >= self.cfg.num_layers) {
             return Err(BackendError::Unsupported(format!(
                 "cannot capture layer {bad}: the model has {} layers",
@@ -122,17 +102,8 @@ impl CudaBackend {
         }
         let n = layers.len() * self.max_tok * self.cfg.hidden_size;
         let buf = self.cx.stream.alloc_zeros::<f32>(n.max(1)).map_err(drv)?;
-        let ones = self
-            .cx
-            .stream
-            .memcpy_stod(&vec![1f32; self.max_tok])
-            .map_err(drv)?;
-        self.cap = Some(Capture {
-            layers: layers.to_vec(),
-            buf,
-            rows: self.max_tok,
-            ones,
-        });
+        let ones = self.cx.stream.memcpy_stod(&vec![1f32; self.max_tok]).map_err(drv)?;
+        self.cap = Some(Capture { layers: layers.to_vec(), buf, rows: self.max_tok, ones });
         // the graphs copy into the old buffer (or none)
         self.graphs.clear();
         Ok(())
@@ -140,9 +111,7 @@ impl CudaBackend {
 
     /// The plan `encode_step` copies captured layers with (none when nothing is captured).
     pub(super) fn capture_plan(&self) -> Option<CapturePlan> {
-        self.cap
-            .as_ref()
-            .map(|c| c.plan(&self.cx.stream, self.cfg.hidden_size))
+        self.cap.as_ref().map(|c| c.plan(&self.cx.stream, self.cfg.hidden_size))
     }
 
     /// Row buckets whose CUDA graphs have been captured (tests: which path a forward took).
@@ -153,24 +122,18 @@ impl CudaBackend {
     }
 
     /// Reads the wanted logits rows of the last step (rows `0..want.len()`).
-    fn read_logits(
-        &self,
-        want: &[bool],
-        out: &mut Vec<f32>,
-    ) -> std::result::Result<(), BackendError> {
+    fn read_logits(&self, want: &[bool], out: &mut Vec<f32>) -> std::result::Result<(), BackendError> {
         let v = self.cfg.vocab_size;
         let st = &self.cx.stream;
         if want.iter().all(|w| *w) {
             let at = out.len();
             out.resize(at + want.len() * v, 0f32);
-            st.memcpy_dtoh(&self.b.logits.slice(0..want.len() * v), &mut out[at..])
-                .map_err(drv)?;
+            st.memcpy_dtoh(&self.b.logits.slice(0..want.len() * v), &mut out[at..]).map_err(drv)?;
         } else {
             for (i, _) in want.iter().enumerate().filter(|(_, w)| **w) {
                 let at = out.len();
                 out.resize(at + v, 0f32);
-                st.memcpy_dtoh(&self.b.logits.slice(i * v..(i + 1) * v), &mut out[at..])
-                    .map_err(drv)?;
+                st.memcpy_dtoh(&self.b.logits.slice(i * v..(i + 1) * v), &mut out[at..]).map_err(drv)?;
             }
         }
         Ok(())
@@ -178,16 +141,13 @@ impl CudaBackend {
 
     /// Reads rows `0..n` of every capture block of the last step.
     fn read_capture(&self, n: usize) -> std::result::Result<Vec<Vec<f32>>, BackendError> {
-        let Some(c) = &self.cap else {
-            return Ok(Vec::new());
-        };
+        let Some(c) = &self.cap else { return Ok(Vec::new()) };
         let (h, st) = (self.cfg.hidden_size, &self.cx.stream);
         let mut blocks = Vec::with_capacity(c.layers.len());
         for k in 0..c.layers.len() {
             let mut b = vec![0f32; n * h];
             let at = k * c.rows * h;
-            st.memcpy_dtoh(&c.buf.slice(at..at + n * h), &mut b)
-                .map_err(drv)?;
+            st.memcpy_dtoh(&c.buf.slice(at..at + n * h), &mut b).map_err(drv)?;
             blocks.push(b);
         }
         Ok(blocks)
@@ -196,10 +156,7 @@ impl CudaBackend {
     /// Reads the device argmax ids of the last step's rows `0..n`.
     fn read_ids(&self, n: usize, ids: &mut Vec<u32>) -> std::result::Result<(), BackendError> {
         let mut v = vec![0i32; n];
-        self.cx
-            .stream
-            .memcpy_dtoh(&self.b.am.slice(0..n), &mut v)
-            .map_err(drv)?;
+        self.cx.stream.memcpy_dtoh(&self.b.am.slice(0..n), &mut v).map_err(drv)?;
         ids.extend(v.into_iter().map(|x| x as u32));
         Ok(())
     }
@@ -212,8 +169,7 @@ impl CudaBackend {
         which: LogitsFor,
         capture: bool,
     ) -> std::result::Result<(Vec<f32>, Vec<f32>), BackendError> {
-        self.run_rows(chunks, Some(which), capture, None)
-            .map(|(logits, _, hidden)| (logits, hidden))
+        self.run_rows(chunks, Some(which), capture, None).map(|(logits, _, hidden)| (logits, hidden))
     }
 
     /// `forward_capture_argmax`: every row's argmax id (computed on the device by
@@ -225,23 +181,15 @@ impl CudaBackend {
         capture: bool,
         masks: Option<&[Option<&[u64]>]>,
     ) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
-        self.run_rows(chunks, None, capture, masks)
-            .map(|(_, ids, hidden)| (ids, hidden))
+        self.run_rows(chunks, None, capture, masks).map(|(_, ids, hidden)| (ids, hidden))
     }
 
     /// The argmax over its allowed tokens of every last-step row that `masks` masks
     /// (`Backend::forward_capture_masked_argmax`), as (row, id): only those rows'
     /// bitsets go up (as u32 words), the logits stay where they are, and unmasked
     /// rows keep the step's own argmax.
-    fn masked_ids(
-        &mut self,
-        masks: &[Option<&[u64]>],
-    ) -> std::result::Result<Vec<(usize, u32)>, BackendError> {
-        let masked: Vec<(usize, &[u64])> = masks
-            .iter()
-            .enumerate()
-            .filter_map(|(r, m)| m.map(|b| (r, b)))
-            .collect();
+    fn masked_ids(&mut self, masks: &[Option<&[u64]>]) -> std::result::Result<Vec<(usize, u32)>, BackendError> {
+        let masked: Vec<(usize, &[u64])> = masks.iter().enumerate().filter_map(|(r, m)| m.map(|b| (r, b))).collect();
         if masked.is_empty() {
             return Ok(Vec::new());
         }
@@ -255,11 +203,7 @@ impl CudaBackend {
             }
         }
         let rows: Vec<i32> = masked.iter().map(|&(r, _)| r as i32).collect();
-        if self
-            .masked
-            .as_ref()
-            .is_none_or(|b| b.rows.len() < m || b.words.len() < host.len())
-        {
+        if self.masked.as_ref().is_none_or(|b| b.rows.len() < m || b.words.len() < host.len()) {
             let st = &self.cx.stream;
             self.masked = Some(MaskBufs {
                 words: st.alloc_zeros::<u32>(host.len()).map_err(drv)?,
@@ -267,33 +211,14 @@ impl CudaBackend {
                 ids: st.alloc_zeros::<i32>(m).map_err(drv)?,
             });
         }
-        let Some(mb) = self.masked.as_mut() else {
-            unreachable!("allocated above")
-        };
+        let Some(mb) = self.masked.as_mut() else { unreachable!("allocated above") };
         let st = &self.cx.stream;
-        st.memcpy_htod(&host, &mut mb.words.slice_mut(0..host.len()))
-            .map_err(drv)?;
-        st.memcpy_htod(&rows, &mut mb.rows.slice_mut(0..m))
-            .map_err(drv)?;
-        self.cx
-            .argmax_masked(
-                &self.b.logits,
-                masks.len(),
-                &mb.rows,
-                &mb.words,
-                words,
-                &mut mb.ids,
-                m,
-                v,
-            )
-            .map_err(super::dev)?;
+        st.memcpy_htod(&host, &mut mb.words.slice_mut(0..host.len())).map_err(drv)?;
+        st.memcpy_htod(&rows, &mut mb.rows.slice_mut(0..m)).map_err(drv)?;
+        self.cx.argmax_masked(&self.b.logits, masks.len(), &mb.rows, &mb.words, words, &mut mb.ids, m, v).map_err(super::dev)?;
         let mut ids = vec![0i32; m];
         st.memcpy_dtoh(&mb.ids.slice(0..m), &mut ids).map_err(drv)?;
-        Ok(masked
-            .iter()
-            .zip(ids)
-            .map(|(&(r, _), id)| (r, id as u32))
-            .collect())
+        Ok(masked.iter().zip(ids).map(|(&(r, _), id)| (r, id as u32)).collect())
     }
 
     /// Logits as `which` asks, or (`None`) every row's argmax id (over the tokens
@@ -308,9 +233,7 @@ impl CudaBackend {
     ) -> std::result::Result<(Vec<f32>, Vec<u32>, Vec<f32>), BackendError> {
         let starts = self.check_chunks(chunks)?;
         if chunks.iter().any(|c| c.seq.0 >= self.kv.n_slots) {
-            return Err(BackendError::Device(
-                "KV slot beyond the cache (slot growth failed)".into(),
-            ));
+            return Err(BackendError::Device("KV slot beyond the cache (slot growth failed)".into()));
         }
         // rows: (token, slot, pos), and whether each row's logits are wanted
         let mut rows = Vec::new();
@@ -345,11 +268,7 @@ impl CudaBackend {
                 blocks.push((self.read_capture(rows.len())?, rows.len()));
             }
         } else {
-            for (k, (mb, wmb)) in rows
-                .chunks(self.max_tok)
-                .zip(want.chunks(self.max_tok))
-                .enumerate()
-            {
+            for (k, (mb, wmb)) in rows.chunks(self.max_tok).zip(want.chunks(self.max_tok)).enumerate() {
                 let n = mb.len();
                 self.upload(mb, n)?;
                 let max_len = mb.iter().map(|r| r.2 + 1).max().unwrap_or(1);
@@ -360,8 +279,7 @@ impl CudaBackend {
                     None => {
                         let at = ids.len();
                         self.read_ids(n, &mut ids)?;
-                        let mb_masks =
-                            masks.map_or(&[][..], |m| &m[k * self.max_tok..k * self.max_tok + n]);
+                        let mb_masks = masks.map_or(&[][..], |m| &m[k * self.max_tok..k * self.max_tok + n]);
                         for (r, id) in self.masked_ids(mb_masks)? {
                             ids[at + r] = id;
                         }
@@ -391,18 +309,10 @@ mod tests {
     #[test]
     fn layer_blocks_become_concatenated_rows() {
         // 2 layers, 3 rows, hidden 2: block k row r = [100k + 10r, 100k + 10r + 1]
-        let blocks: Vec<Vec<f32>> = (0..2)
-            .map(|k| {
-                (0..3)
-                    .flat_map(|r| [(100 * k + 10 * r) as f32, (100 * k + 10 * r + 1) as f32])
-                    .collect()
-            })
-            .collect();
+        let blocks: Vec<Vec<f32>> =
+            (0..2).map(|k| (0..3).flat_map(|r| [(100 * k + 10 * r) as f32, (100 * k + 10 * r + 1) as f32]).collect()).collect();
         let mut out = vec![-1.0];
         interleave_layers(&blocks, 3, 2, &mut out);
-        assert_eq!(
-            out,
-            vec![-1.0, 0.0, 1.0, 100.0, 101.0, 10.0, 11.0, 110.0, 111.0, 20.0, 21.0, 120.0, 121.0]
-        );
+        assert_eq!(out, vec![-1.0, 0.0, 1.0, 100.0, 101.0, 10.0, 11.0, 110.0, 111.0, 20.0, 21.0, 120.0, 121.0]);
     }
 }

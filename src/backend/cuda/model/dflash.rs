@@ -65,11 +65,7 @@ unsafe impl Send for DraftGraph {}
 /// bool says whether they were padded (and may replay a graph).
 pub fn pass_rows(nb: usize, nc: usize) -> (usize, usize, bool) {
     if nb <= DRAFT_GRAPH_ROWS && nc <= DRAFT_GRAPH_ROWS {
-        (
-            nb.next_power_of_two(),
-            if nc == 0 { 0 } else { nc.next_power_of_two() },
-            true,
-        )
+        (nb.next_power_of_two(), if nc == 0 { 0 } else { nc.next_power_of_two() }, true)
     } else {
         (nb, nc, false)
     }
@@ -180,8 +176,7 @@ pub(crate) fn plan_rows(specs: &[RowSpec], mask_token: u32) -> RowPlan {
     for s in specs {
         p.block_start.push(p.ids.len());
         for j in 0..s.block {
-            p.ids
-                .push(if j == 0 { s.first_token } else { mask_token } as i32);
+            p.ids.push(if j == 0 { s.first_token } else { mask_token } as i32);
             // every block row sees the whole context and the whole block
             p.lens.push((s.position + s.block) as i32);
             p.pos.push((s.position + j) as i32);
@@ -256,31 +251,18 @@ impl CudaDFlash {
         let c = &cfg.decoder;
         let (h, hd) = (c.hidden_size, c.head_dim);
         if h != target.cfg.hidden_size {
-            return Err(BackendError::Unsupported(format!(
-                "drafter hidden size {h} differs from the target's {}",
-                target.cfg.hidden_size
-            )));
+            return Err(BackendError::Unsupported(format!("drafter hidden size {h} differs from the target's {}", target.cfg.hidden_size)));
         }
-        if !hd.is_multiple_of(2)
-            || hd > 256
-            || c.num_kv_heads == 0
-            || !c.num_heads.is_multiple_of(c.num_kv_heads)
-        {
+        if !hd.is_multiple_of(2) || hd > 256 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
             return Err(BackendError::Unsupported(format!(
                 "GPU drafter: head_dim {hd} (even, at most 256) with {} heads over {} KV heads",
                 c.num_heads, c.num_kv_heads
             )));
         }
         let biased = draft.fc.bias.is_some()
-            || draft.layers.iter().any(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
-                    .iter()
-                    .any(|x| x.bias.is_some())
-            });
+            || draft.layers.iter().any(|l| [&l.q, &l.k, &l.v, &l.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down].iter().any(|x| x.bias.is_some()));
         if biased {
-            return Err(BackendError::Unsupported(
-                "GPU drafter: projections with biases are not supported".into(),
-            ));
+            return Err(BackendError::Unsupported("GPU drafter: projections with biases are not supported".into()));
         }
         let cx = CudaContext::new(target.ordinal).map_err(dev)?;
         // the target's weights were uploaded on its own stream
@@ -292,21 +274,11 @@ impl CudaDFlash {
             layers.push(Layer {
                 ln1: up(bf16_bits(&l.input_norm))?,
                 ln2: up(bf16_bits(&l.post_attention_norm))?,
-                wqkv: up([
-                    weight_bits(&l.q.weight),
-                    weight_bits(&l.k.weight),
-                    weight_bits(&l.v.weight),
-                ]
-                .concat())?,
+                wqkv: up([weight_bits(&l.q.weight), weight_bits(&l.k.weight), weight_bits(&l.v.weight)].concat())?,
                 wo: up(weight_bits(&l.o.weight))?,
                 q_norm: up(bf16_bits(&l.q_norm))?,
                 k_norm: up(bf16_bits(&l.k_norm))?,
-                gu: up(fuse_rows(
-                    &weight_bits(&l.mlp.gate.weight),
-                    &weight_bits(&l.mlp.up.weight),
-                    h,
-                    interleave,
-                ))?,
+                gu: up(fuse_rows(&weight_bits(&l.mlp.gate.weight), &weight_bits(&l.mlp.up.weight), h, interleave))?,
                 down: up(weight_bits(&l.mlp.down.weight))?,
                 inter: l.mlp.gate.out_features(),
             });
@@ -325,22 +297,15 @@ impl CudaDFlash {
             inv_freq,
             mscale,
         };
-        let kv = KvShape {
-            n_slots: 4,
-            n_layers: draft.layers.len(),
-            n_kv_heads: c.num_kv_heads,
-            max_pos: target.max_context,
-            head_dim: hd,
-        };
+        let kv =
+            KvShape { n_slots: 4, n_layers: draft.layers.len(), n_kv_heads: c.num_kv_heads, max_pos: target.max_context, head_dim: hd };
         let k_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
         let v_cache = cx.stream.alloc_zeros::<u16>(kv.len()).map_err(drv)?;
         cx.stream.synchronize().map_err(drv)?;
         // staging for the largest graphed pass's GEMMs, so no capture grows it
         let widest = draft.fc.in_features().max(h).max(draft.layers.iter().map(|l| l.mlp.gate.out_features()).max().unwrap_or(0));
-        let gemm =
-            if target.gemm.is_some() { BlasGemm::new(&cx.stream, 2 * DRAFT_GRAPH_ROWS, widest).ok() } else { None };
-        let use_graphs = target.use_graphs
-            && std::env::var("KAIROS_CUDA_DRAFT_GRAPHS").map_or(true, |v| v != "0");
+        let gemm = if target.gemm.is_some() { BlasGemm::new(&cx.stream, 2 * DRAFT_GRAPH_ROWS, widest).ok() } else { None };
+        let use_graphs = target.use_graphs && std::env::var("KAIROS_CUDA_DRAFT_GRAPHS").map_or(true, |v| v != "0");
         Ok(Self {
             gemm,
             use_graphs,
@@ -397,11 +362,7 @@ impl CudaDFlash {
 
     /// Context rows cached for `seq`.
     pub fn seq_len(&self, seq: usize) -> Result<usize, BackendError> {
-        self.lens
-            .get(seq)
-            .copied()
-            .flatten()
-            .ok_or_else(|| BackendError::Device(format!("drafter: unknown sequence {seq}")))
+        self.lens.get(seq).copied().flatten().ok_or_else(|| BackendError::Device(format!("drafter: unknown sequence {seq}")))
     }
 
     /// Forget context beyond `len` rows.
@@ -424,13 +385,7 @@ impl CudaDFlash {
         for (s, &start) in specs.iter().zip(&plan.block_start) {
             let mut rows = vec![0f32; (s.block - 1) * v];
             if s.block > 1 {
-                self.cx
-                    .stream
-                    .memcpy_dtoh(
-                        &b.logits.slice((start + 1) * v..(start + s.block) * v),
-                        &mut rows,
-                    )
-                    .map_err(drv)?;
+                self.cx.stream.memcpy_dtoh(&b.logits.slice((start + 1) * v..(start + s.block) * v), &mut rows).map_err(drv)?;
             }
             out.push(rows);
         }
@@ -440,10 +395,7 @@ impl CudaDFlash {
 
     /// `draft` for greedy drafting: the argmax id (ties: lowest) of block
     /// positions 1..B, computed on the device; only the ids cross to the host.
-    pub fn draft_argmax(
-        &mut self,
-        blocks: &[DraftBlock<'_>],
-    ) -> Result<Vec<Vec<u32>>, BackendError> {
+    pub fn draft_argmax(&mut self, blocks: &[DraftBlock<'_>]) -> Result<Vec<Vec<u32>>, BackendError> {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
@@ -452,32 +404,20 @@ impl CudaDFlash {
         let b = self.b.as_mut().expect("allocated by run_pass");
         let mut am = vec![0i32; nb];
         if nb <= ARGMAX_MAX_ROWS {
-            self.cx
-                .argmax(&b.logits, &mut b.am, nb, self.vocab)
-                .map_err(dev)?;
-            self.cx
-                .stream
-                .memcpy_dtoh(&b.am.slice(0..nb), &mut am)
-                .map_err(drv)?;
+            self.cx.argmax(&b.logits, &mut b.am, nb, self.vocab).map_err(dev)?;
+            self.cx.stream.memcpy_dtoh(&b.am.slice(0..nb), &mut am).map_err(drv)?;
         } else {
             // more rows than one argmax launch takes: on the host
             let v = self.vocab;
             let mut logits = vec![0f32; nb * v];
-            self.cx
-                .stream
-                .memcpy_dtoh(&b.logits.slice(0..nb * v), &mut logits)
-                .map_err(drv)?;
+            self.cx.stream.memcpy_dtoh(&b.logits.slice(0..nb * v), &mut logits).map_err(drv)?;
             self.cx.stream.synchronize().map_err(drv)?;
             for (a, row) in am.iter_mut().zip(logits.chunks(v)) {
                 *a = crate::backend::first_argmax(row) as i32;
             }
         }
         self.finish_pass(&specs)?;
-        Ok(specs
-            .iter()
-            .zip(&plan.block_start)
-            .map(|(s, &st)| am[st + 1..st + s.block].iter().map(|&x| x as u32).collect())
-            .collect())
+        Ok(specs.iter().zip(&plan.block_start).map(|(s, &st)| am[st + 1..st + s.block].iter().map(|&x| x as u32).collect()).collect())
     }
 
     /// Waits for the pass and records the appended context rows.
@@ -490,19 +430,13 @@ impl CudaDFlash {
     }
 
     /// Checks the blocks, uploads the pass's rows and context, and launches it.
-    fn run_pass(
-        &mut self,
-        blocks: &[DraftBlock<'_>],
-    ) -> Result<(Vec<RowSpec>, RowPlan), BackendError> {
+    fn run_pass(&mut self, blocks: &[DraftBlock<'_>]) -> Result<(Vec<RowSpec>, RowPlan), BackendError> {
         let mut specs = Vec::with_capacity(blocks.len());
         let mut seen = HashSet::new();
         for bl in blocks {
             let ctx_start = self.seq_len(bl.seq)?;
             if !seen.insert(bl.seq) {
-                return Err(BackendError::Device(format!(
-                    "drafter: sequence {} twice in one pass",
-                    bl.seq
-                )));
+                return Err(BackendError::Device(format!("drafter: sequence {} twice in one pass", bl.seq)));
             }
             if bl.context.len() % self.ctx_width != 0 {
                 return Err(BackendError::Device(format!(
@@ -527,10 +461,7 @@ impl CudaDFlash {
                 });
             }
             if bl.first_token as usize >= self.vocab {
-                return Err(BackendError::TokenOutOfRange {
-                    id: bl.first_token,
-                    vocab: self.vocab,
-                });
+                return Err(BackendError::TokenOutOfRange { id: bl.first_token, vocab: self.vocab });
             }
             specs.push(RowSpec {
                 slot: bl.seq,
@@ -549,32 +480,18 @@ impl CudaDFlash {
         let rows = pad_rows(&plan, nb, nc, self.cfg.mask_token_id);
         let b = self.b.as_mut().expect("allocated above");
         let st = &self.cx.stream;
-        st.memcpy_htod(&rows.ids, &mut b.ids.slice_mut(0..nb))
-            .map_err(drv)?;
-        st.memcpy_htod(&rows.lens, &mut b.lens.slice_mut(0..nb))
-            .map_err(drv)?;
-        st.memcpy_htod(&rows.pos, &mut b.pos.slice_mut(0..nb + nc))
-            .map_err(drv)?;
-        st.memcpy_htod(&rows.slots, &mut b.slots.slice_mut(0..nb + nc))
-            .map_err(drv)?;
+        st.memcpy_htod(&rows.ids, &mut b.ids.slice_mut(0..nb)).map_err(drv)?;
+        st.memcpy_htod(&rows.lens, &mut b.lens.slice_mut(0..nb)).map_err(drv)?;
+        st.memcpy_htod(&rows.pos, &mut b.pos.slice_mut(0..nb + nc)).map_err(drv)?;
+        st.memcpy_htod(&rows.slots, &mut b.slots.slice_mut(0..nb + nc)).map_err(drv)?;
         if plan.n_ctx > 0 {
-            let ctx: Vec<f32> = blocks
-                .iter()
-                .flat_map(|bl| bl.context.iter().copied())
-                .collect();
-            st.memcpy_htod(&ctx, &mut b.ctx_in.slice_mut(0..ctx.len()))
-                .map_err(drv)?;
+            let ctx: Vec<f32> = blocks.iter().flat_map(|bl| bl.context.iter().copied()).collect();
+            st.memcpy_htod(&ctx, &mut b.ctx_in.slice_mut(0..ctx.len())).map_err(drv)?;
         }
         let c = &self.cfg.decoder;
         // padded passes split attention for the longest context, as their graphs must
-        let max_len = if padded {
-            self.kv.max_pos
-        } else {
-            plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize
-        };
-        let splits = self
-            .cx
-            .attention_splits(nb, c.num_heads, c.num_kv_heads, max_len, MAX_SPLITS);
+        let max_len = if padded { self.kv.max_pos } else { plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize };
+        let splits = self.cx.attention_splits(nb, c.num_heads, c.num_kv_heads, max_len, MAX_SPLITS);
         if padded && self.use_graphs {
             self.launch_graph(nb, nc, splits)?;
         } else {
@@ -592,16 +509,11 @@ impl CudaDFlash {
     fn launch_graph(&mut self, nb: usize, nc: usize, splits: usize) -> Result<(), BackendError> {
         if !self.graphs.contains_key(&(nb, nc)) {
             let st = self.cx.stream.clone();
-            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(drv)?;
+            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
             let r = self.encode(nb, nc, splits);
-            let g = st.end_capture(
-                CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-            );
+            let g = st.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
             r.map_err(dev)?;
-            let g = g
-                .map_err(drv)?
-                .ok_or_else(|| BackendError::Device("empty CUDA graph (drafter)".into()))?;
+            let g = g.map_err(drv)?.ok_or_else(|| BackendError::Device("empty CUDA graph (drafter)".into()))?;
             self.graphs.insert((nb, nc), DraftGraph(g));
         }
         self.graphs[&(nb, nc)].0.launch().map_err(drv)
@@ -613,9 +525,7 @@ impl CudaDFlash {
             return Ok(());
         }
         let slots = n.next_power_of_two().max(2 * self.kv.n_slots);
-        let (k, v, kv) =
-            super::ops::grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, slots)
-                .map_err(drv)?;
+        let (k, v, kv) = super::ops::grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, slots).map_err(drv)?;
         (self.k_cache, self.v_cache, self.kv) = (k, v, kv);
         // the graphs address the old cache
         self.graphs.clear();
@@ -624,11 +534,7 @@ impl CudaDFlash {
 
     /// Pass buffers for `blk` block rows and `all` rows in total (grown, never shrunk).
     fn ensure_bufs(&mut self, blk: usize, all: usize) -> Result<(), BackendError> {
-        if self
-            .b
-            .as_ref()
-            .is_some_and(|b| b.blk >= blk && b.all >= all)
-        {
+        if self.b.as_ref().is_some_and(|b| b.blk >= blk && b.all >= all) {
             return Ok(());
         }
         let (old_blk, old_all) = self.b.as_ref().map_or((0, 0), |b| (b.blk, b.all));
@@ -677,20 +583,7 @@ impl CudaDFlash {
     /// All launches of one pass: `nb` block rows, `nc` context rows (inputs uploaded),
     /// attention in `splits` splits.
     fn encode(&mut self, nb: usize, nc: usize, splits: usize) -> Res<()> {
-        let Self {
-            cx,
-            cfg,
-            w,
-            b,
-            k_cache,
-            v_cache,
-            kv,
-            scale,
-            vocab,
-            ctx_width,
-            gemm,
-            ..
-        } = self;
+        let Self { cx, cfg, w, b, k_cache, v_cache, kv, scale, vocab, ctx_width, gemm, .. } = self;
         let b = b.as_mut().expect("buffers allocated before encode");
         let st = cx.stream.clone();
         let c = &cfg.decoder;
@@ -700,54 +593,17 @@ impl CudaDFlash {
         let all = nb + nc;
         // Context features → H, normed, into rows nb.. of the layers' input.
         if nc > 0 {
-            dense(
-                cx,
-                gemm,
-                &w.fc,
-                dptr(&b.ctx_in, &st),
-                false,
-                dptr(&b.ctxh, &st),
-                h,
-                *ctx_width,
-                nc,
-                None,
-            )?;
+            dense(cx, gemm, &w.fc, dptr(&b.ctx_in, &st), false, dptr(&b.ctxh, &st), h, *ctx_width, nc, None)?;
             cx.rmsnorm_residual::<f32>(&mut b.ctxh, None, &w.hidden_norm, &mut b.ctxn, nc, h, eps)?;
-            st.memcpy_dtod(
-                &b.ctxn.slice(0..nc * h),
-                &mut b.inp.slice_mut(nb * h..all * h),
-            )?;
+            st.memcpy_dtod(&b.ctxn.slice(0..nc * h), &mut b.inp.slice_mut(nb * h..all * h))?;
         }
         cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, nb, h)?;
         for (li, l) in w.layers.iter().enumerate() {
             // x += the previous layer's MLP output; block rows' normed input → rows 0..nb
             let delta = if li > 0 { Some(&b.delta) } else { None };
             cx.rmsnorm_residual::<f32>(&mut b.x, delta, &l.ln1, &mut b.inp, nb, h, eps)?;
-            dense(
-                cx,
-                gemm,
-                &l.wqkv,
-                dptr(&b.inp, &st),
-                false,
-                dptr(&b.qkv, &st),
-                qkvd,
-                h,
-                all,
-                None,
-            )?;
-            cx.rope_qk(
-                &mut b.qkv,
-                &b.pos,
-                &w.inv_freq,
-                Some(&l.q_norm),
-                Some(&l.k_norm),
-                all,
-                nq,
-                nkv,
-                hd,
-                eps,
-                w.mscale,
-            )?;
+            dense(cx, gemm, &l.wqkv, dptr(&b.inp, &st), false, dptr(&b.qkv, &st), qkvd, h, all, None)?;
+            cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, Some(&l.q_norm), Some(&l.k_norm), all, nq, nkv, hd, eps, w.mscale)?;
             cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, all, nq, li, kv)?;
             if matches!(hd, 64 | 128 | 256) {
                 cx.attention_decode(
@@ -769,92 +625,29 @@ impl CudaDFlash {
                     splits,
                 )?;
             } else {
-                let a = [
-                    nq as i32,
-                    nkv as i32,
-                    hd as i32,
-                    li as i32,
-                    kv.n_layers as i32,
-                    kv.max_pos as i32,
-                ];
+                let a = [nq as i32, nkv as i32, hd as i32, li as i32, kv.n_layers as i32, kv.max_pos as i32];
                 let (win, qs, null) = (0i32, qkvd as i64, 0u64);
                 let mut lb = cx.launch("attention_generic");
-                lb.arg(&b.qkv)
-                    .arg(&*k_cache)
-                    .arg(&*v_cache)
-                    .arg(&b.slots)
-                    .arg(&b.lens)
-                    .arg(&null)
-                    .arg(&mut b.attn);
+                lb.arg(&b.qkv).arg(&*k_cache).arg(&*v_cache).arg(&b.slots).arg(&b.lens).arg(&null).arg(&mut b.attn);
                 for x in a.iter() {
                     lb.arg(x);
                 }
                 lb.arg(&*scale).arg(&win).arg(&qs);
                 unsafe { lb.launch(lc(nq, nb, 1, 128)) }?;
             }
-            dense(
-                cx,
-                gemm,
-                &l.wo,
-                dptr(&b.attn, &st),
-                false,
-                dptr(&b.delta, &st),
-                h,
-                nq * hd,
-                nb,
-                None,
-            )?;
+            dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, nb, None)?;
             cx.rmsnorm_residual::<f32>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.hn, nb, h, eps)?;
-            dense(
-                cx,
-                gemm,
-                &l.gu,
-                dptr(&b.hn, &st),
-                false,
-                dptr(&b.gu, &st),
-                2 * l.inter,
-                h,
-                nb,
-                None,
-            )?;
+            dense(cx, gemm, &l.gu, dptr(&b.hn, &st), false, dptr(&b.gu, &st), 2 * l.inter, h, nb, None)?;
             match c.activation {
                 Activation::SiluGlu => cx.swiglu::<f32>(&b.gu, &mut b.act, nb, l.inter)?,
-                Activation::GptOssGlu { alpha, limit } => {
-                    cx.swiglu_oai::<f32>(&b.gu, &mut b.act, nb, l.inter, alpha, limit)?
-                }
+                Activation::GptOssGlu { alpha, limit } => cx.swiglu_oai::<f32>(&b.gu, &mut b.act, nb, l.inter, alpha, limit)?,
             }
-            dense(
-                cx,
-                gemm,
-                &l.down,
-                dptr(&b.act, &st),
-                false,
-                dptr(&b.delta, &st),
-                h,
-                l.inter,
-                nb,
-                None,
-            )?;
+            dense(cx, gemm, &l.down, dptr(&b.act, &st), false, dptr(&b.delta, &st), h, l.inter, nb, None)?;
         }
-        let delta = if w.layers.is_empty() {
-            None
-        } else {
-            Some(&b.delta)
-        };
+        let delta = if w.layers.is_empty() { None } else { Some(&b.delta) };
         cx.rmsnorm_residual::<f32>(&mut b.x, delta, &w.norm, &mut b.hn, nb, h, eps)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        dense(
-            cx,
-            gemm,
-            head,
-            dptr(&b.hn, &st),
-            false,
-            dptr(&b.logits, &st),
-            *vocab,
-            h,
-            nb,
-            None,
-        )?;
+        dense(cx, gemm, head, dptr(&b.hn, &st), false, dptr(&b.logits, &st), *vocab, h, nb, None)?;
         Ok(())
     }
 }
@@ -866,22 +659,8 @@ mod tests {
     #[test]
     fn block_rows_come_first_and_see_context_plus_block() {
         let specs = [
-            RowSpec {
-                slot: 2,
-                ctx_start: 5,
-                ctx_rows: 2,
-                first_token: 11,
-                position: 7,
-                block: 3,
-            },
-            RowSpec {
-                slot: 0,
-                ctx_start: 0,
-                ctx_rows: 1,
-                first_token: 12,
-                position: 1,
-                block: 2,
-            },
+            RowSpec { slot: 2, ctx_start: 5, ctx_rows: 2, first_token: 11, position: 7, block: 3 },
+            RowSpec { slot: 0, ctx_start: 0, ctx_rows: 1, first_token: 12, position: 1, block: 2 },
         ];
         let p = plan_rows(&specs, 99);
         assert_eq!((p.n_block, p.n_ctx), (5, 3));
@@ -896,22 +675,8 @@ mod tests {
     #[test]
     fn padded_rows_keep_real_rows_in_place_and_pad_with_inert_rows() {
         let specs = [
-            RowSpec {
-                slot: 2,
-                ctx_start: 5,
-                ctx_rows: 2,
-                first_token: 11,
-                position: 7,
-                block: 3,
-            },
-            RowSpec {
-                slot: 0,
-                ctx_start: 0,
-                ctx_rows: 1,
-                first_token: 12,
-                position: 1,
-                block: 2,
-            },
+            RowSpec { slot: 2, ctx_start: 5, ctx_rows: 2, first_token: 11, position: 7, block: 3 },
+            RowSpec { slot: 0, ctx_start: 0, ctx_rows: 1, first_token: 12, position: 1, block: 2 },
         ];
         let p = plan_rows(&specs, 99);
         let (nb, nc, padded) = pass_rows(p.n_block, p.n_ctx);

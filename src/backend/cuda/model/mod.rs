@@ -39,8 +39,8 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaSlice};
 use half::bf16;
 
-use super::gemm::{BlasGemm, GEMM_MIN_ROWS};
 use super::kernels::{AttnWorkspace, KvShape};
+use super::gemm::{BlasGemm, GEMM_MIN_ROWS};
 use super::{persistent, CudaContext, CudaError};
 use crate::backend::rope::RopeTable;
 use crate::backend::{Backend, BackendError, Chunk, LogitsFor, SeqId};
@@ -111,19 +111,7 @@ pub struct CudaBackendOptions {
 
 impl Default for CudaBackendOptions {
     fn default() -> Self {
-        Self {
-            ordinal: 0,
-            max_context: None,
-            initial_slots: 4,
-            max_step_tokens: 64,
-            graphs: true,
-            fused: true,
-            moe_q8: true,
-            pdl: None,
-            cublas: true,
-            grouped: Some(8),
-            persistent: false,
-        }
+        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, grouped: Some(8), persistent: false }
     }
 }
 
@@ -140,11 +128,7 @@ struct Mx {
 }
 
 enum DMlp {
-    Dense {
-        gu: CudaSlice<u16>,
-        down: CudaSlice<u16>,
-        inter: usize,
-    },
+    Dense { gu: CudaSlice<u16>, down: CudaSlice<u16>, inter: usize },
     Moe {
         router: CudaSlice<u16>,
         router_bias: Option<CudaSlice<f32>>,
@@ -252,29 +236,15 @@ pub struct CudaBackend {
     masked: Option<capture::MaskBufs>,
 }
 
+
 impl CudaBackend {
-    fn assemble(
-        mut cx: CudaContext,
-        c: ModelConfig,
-        w: DWeights,
-        opts: CudaBackendOptions,
-    ) -> std::result::Result<Self, BackendError> {
+    fn assemble(mut cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
         cx.set_pdl(opts.pdl.unwrap_or(c.moe.is_none()));
         let t = opts.max_step_tokens.max(1).next_power_of_two();
-        let max_context = opts
-            .max_context
-            .unwrap_or(c.max_position_embeddings.min(8192))
-            .max(1);
-        let (h, hd, nq, nkv, v) = (
-            c.hidden_size,
-            c.head_dim,
-            c.num_heads,
-            c.num_kv_heads,
-            c.vocab_size,
-        );
+        let max_context = opts.max_context.unwrap_or(c.max_position_embeddings.min(8192)).max(1);
+        let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
         let qkvd = (nq + 2 * nkv) * hd;
-        let (mut gu_w, mut act_w, mut e, mut k) =
-            (2 * c.intermediate_size, c.intermediate_size, 1, 1);
+        let (mut gu_w, mut act_w, mut e, mut k) = (2 * c.intermediate_size, c.intermediate_size, 1, 1);
         if let Some(m) = &c.moe {
             gu_w = gu_w.max(m.top_k * 2 * m.expert_intermediate);
             act_w = act_w.max(m.top_k * m.expert_intermediate);
@@ -326,13 +296,7 @@ impl CudaBackend {
         })()
         .map_err(drv)?;
         let slots = opts.initial_slots.max(1);
-        let kv = KvShape {
-            n_slots: slots,
-            n_layers: c.num_layers,
-            n_kv_heads: nkv,
-            max_pos: max_context,
-            head_dim: hd,
-        };
+        let kv = KvShape { n_slots: slots, n_layers: c.num_layers, n_kv_heads: nkv, max_pos: max_context, head_dim: hd };
         let k_cache = z16(kv.len()).map_err(drv)?;
         let v_cache = z16(kv.len()).map_err(drv)?;
         st.synchronize().map_err(drv)?;
@@ -362,14 +326,8 @@ impl CudaBackend {
             max_tok: t,
             use_graphs: opts.graphs,
             graphs: HashMap::new(),
-            pk_blocks: if std::env::var("KAIROS_CUDA_PERSISTENT")
-                .map_or(opts.persistent, |v| v != "0")
-            {
-                std::env::var("KAIROS_CUDA_PK_BLOCKS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(2u32)
-                    .clamp(1, 2)
+            pk_blocks: if std::env::var("KAIROS_CUDA_PERSISTENT").map_or(opts.persistent, |v| v != "0") {
+                std::env::var("KAIROS_CUDA_PK_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(2u32).clamp(1, 2)
             } else {
                 0
             },
@@ -377,19 +335,13 @@ impl CudaBackend {
             fused: opts.fused,
             group_min: match opts.grouped {
                 Some(m) if std::env::var("KAIROS_CUDA_GROUPED").map_or(true, |v| v != "0") => {
-                    std::env::var("KAIROS_CUDA_GROUPED_MIN")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(m)
-                        .max(1)
+                    std::env::var("KAIROS_CUDA_GROUPED_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(m).max(1)
                 }
                 _ => usize::MAX,
             },
             moe_q8: opts.moe_q8
                 && h.is_multiple_of(32)
-                && c.moe
-                    .as_ref()
-                    .is_some_and(|m| m.expert_intermediate.is_multiple_of(32)),
+                && c.moe.as_ref().is_some_and(|m| m.expert_intermediate.is_multiple_of(32)),
             cfg: c,
             comm: None,
             cap: None,
@@ -405,10 +357,7 @@ impl CudaBackend {
     /// combine then runs unfused, before the reduction). A backend holding the
     /// whole model takes a world of 1; a rank of a sharded model (`new_rank`,
     /// `random_rank`) its plan's world (see `attach_comm`).
-    pub fn attach_nccl(
-        &mut self,
-        comm: crate::backend::collectives::nccl::NcclComm,
-    ) -> std::result::Result<(), BackendError> {
+    pub fn attach_nccl(&mut self, comm: crate::backend::collectives::nccl::NcclComm) -> std::result::Result<(), BackendError> {
         self.attach_comm(Box::new(super::comm::NcclStepComm::new(comm)))
     }
 
@@ -428,21 +377,11 @@ impl CudaBackend {
     }
 
     fn splits_for(&self, n: usize, max_len: usize) -> usize {
-        self.cx.attention_splits(
-            n,
-            self.cfg.num_heads,
-            self.cfg.num_kv_heads,
-            max_len,
-            MAX_SPLITS,
-        )
+        self.cx.attention_splits(n, self.cfg.num_heads, self.cfg.num_kv_heads, max_len, MAX_SPLITS)
     }
 
     /// Uploads step inputs for `rows` (token, slot, position), padded to `n_pad` rows.
-    fn upload(
-        &mut self,
-        rows: &[(u32, usize, usize)],
-        n_pad: usize,
-    ) -> std::result::Result<(), BackendError> {
+    fn upload(&mut self, rows: &[(u32, usize, usize)], n_pad: usize) -> std::result::Result<(), BackendError> {
         let mut ids = vec![0i32; n_pad];
         let mut slots = vec![-1i32; n_pad];
         let mut pos = vec![-1i32; n_pad];
@@ -454,24 +393,17 @@ impl CudaBackend {
             lens[i] = p as i32 + 1;
         }
         let st = &self.cx.stream;
-        st.memcpy_htod(&ids, &mut self.b.ids.slice_mut(0..n_pad))
-            .map_err(drv)?;
-        st.memcpy_htod(&slots, &mut self.b.slots.slice_mut(0..n_pad))
-            .map_err(drv)?;
-        st.memcpy_htod(&pos, &mut self.b.pos.slice_mut(0..n_pad))
-            .map_err(drv)?;
-        st.memcpy_htod(&lens, &mut self.b.lens.slice_mut(0..n_pad))
-            .map_err(drv)?;
+        st.memcpy_htod(&ids, &mut self.b.ids.slice_mut(0..n_pad)).map_err(drv)?;
+        st.memcpy_htod(&slots, &mut self.b.slots.slice_mut(0..n_pad)).map_err(drv)?;
+        st.memcpy_htod(&pos, &mut self.b.pos.slice_mut(0..n_pad)).map_err(drv)?;
+        st.memcpy_htod(&lens, &mut self.b.lens.slice_mut(0..n_pad)).map_err(drv)?;
         Ok(())
     }
 
     /// Runs one decode step (one row per entry, at most `max_step_tokens`) from the
     /// bucket's CUDA graph (captured on first use), or eagerly when graphs are off.
     /// Returns the number of rows computed (the bucket).
-    fn decode_launch(
-        &mut self,
-        rows: &[(u32, usize, usize)],
-    ) -> std::result::Result<usize, BackendError> {
+    fn decode_launch(&mut self, rows: &[(u32, usize, usize)]) -> std::result::Result<usize, BackendError> {
         let n = rows.len();
         let bucket = n.next_power_of_two().min(self.max_tok);
         self.upload(rows, bucket)?;
@@ -485,19 +417,14 @@ impl CudaBackend {
             let splits = self.splits_for(bucket, self.max_context);
             let mut prog = self.persistent_program(bucket, splits)?;
             let st = self.cx.stream.clone();
-            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(drv)?;
+            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
             let r = match prog.as_mut() {
                 Some(p) => p.launch(&self.cx).map_err(CudaError::from),
                 None => self.encode_step(bucket, splits),
             };
-            let g = st.end_capture(
-                CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-            );
+            let g = st.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
             r.map_err(dev)?;
-            let g = g
-                .map_err(drv)?
-                .ok_or_else(|| BackendError::Device("empty CUDA graph".into()))?;
+            let g = g.map_err(drv)?.ok_or_else(|| BackendError::Device("empty CUDA graph".into()))?;
             self.graphs.insert(bucket, SendGraph(g, prog));
         }
         self.graphs[&bucket].0.launch().map_err(drv)?;
@@ -506,11 +433,7 @@ impl CudaBackend {
 
     /// The step of `bucket` rows as a persistent program, when that is on and every
     /// launch of the step has a persistent form (else None: the ordinary graph).
-    fn persistent_program(
-        &mut self,
-        bucket: usize,
-        splits: usize,
-    ) -> std::result::Result<Option<persistent::Program>, BackendError> {
+    fn persistent_program(&mut self, bucket: usize, splits: usize) -> std::result::Result<Option<persistent::Program>, BackendError> {
         let eligible = self.pk_blocks > 0
             && bucket < GEMM_MIN_ROWS
             && self.comm.is_none()
@@ -525,20 +448,8 @@ impl CudaBackend {
         r.map_err(dev)?;
         match persistent::translate(&recs, self.cfg.head_dim) {
             Ok(words) => {
-                let p = persistent::Program::new(
-                    &mut self.cx,
-                    &recs,
-                    &words,
-                    self.cfg.head_dim,
-                    self.pk_blocks,
-                    bucket,
-                )
-                .map_err(dev)?;
-                tracing::debug!(
-                    "bucket {bucket}: persistent step of {} instructions on {} blocks",
-                    recs.len(),
-                    p.grid()
-                );
+                let p = persistent::Program::new(&mut self.cx, &recs, &words, self.cfg.head_dim, self.pk_blocks, bucket).map_err(dev)?;
+                tracing::debug!("bucket {bucket}: persistent step of {} instructions on {} blocks", recs.len(), p.grid());
                 Ok(Some(p))
             }
             Err(why) => {
@@ -550,10 +461,7 @@ impl CudaBackend {
 
     /// `KAIROS_CUDA_PK_PROFILE=1`: where the last persistent step of `bucket` rows spent
     /// its time, per kernel name (ns, instructions), else None.
-    pub fn persistent_profile(
-        &self,
-        bucket: usize,
-    ) -> std::result::Result<Option<persistent::Profile>, BackendError> {
+    pub fn persistent_profile(&self, bucket: usize) -> std::result::Result<Option<persistent::Profile>, BackendError> {
         match self.graphs.get(&bucket).and_then(|g| g.1.as_ref()) {
             Some(p) => p.profile(&self.cx).map_err(drv),
             None => Ok(None),
@@ -567,15 +475,8 @@ impl CudaBackend {
 
     /// Replays the decode graph of `bucket` rows `times` times with the inputs of
     /// the last step (benchmarks: GPU time per step without host round trips).
-    pub fn replay_decode_graph(
-        &mut self,
-        bucket: usize,
-        times: usize,
-    ) -> std::result::Result<(), BackendError> {
-        let g = self
-            .graphs
-            .get(&bucket)
-            .ok_or_else(|| BackendError::Device(format!("no graph for bucket {bucket}")))?;
+    pub fn replay_decode_graph(&mut self, bucket: usize, times: usize) -> std::result::Result<(), BackendError> {
+        let g = self.graphs.get(&bucket).ok_or_else(|| BackendError::Device(format!("no graph for bucket {bucket}")))?;
         for _ in 0..times {
             g.0.launch().map_err(drv)?;
         }
@@ -588,21 +489,10 @@ impl CudaBackend {
         for ch in chunks {
             let len = self.seq_len(ch.seq)? + extra.get(&ch.seq.0).copied().unwrap_or(0);
             if len + ch.tokens.len() > self.max_context {
-                return Err(BackendError::ContextFull {
-                    seq: ch.seq,
-                    len: len + ch.tokens.len(),
-                    limit: self.max_context,
-                });
+                return Err(BackendError::ContextFull { seq: ch.seq, len: len + ch.tokens.len(), limit: self.max_context });
             }
-            if let Some(&id) = ch
-                .tokens
-                .iter()
-                .find(|&&id| id as usize >= self.cfg.vocab_size)
-            {
-                return Err(BackendError::TokenOutOfRange {
-                    id,
-                    vocab: self.cfg.vocab_size,
-                });
+            if let Some(&id) = ch.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(BackendError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
             }
             starts.push(len);
             *extra.entry(ch.seq.0).or_default() += ch.tokens.len();
@@ -612,27 +502,15 @@ impl CudaBackend {
 
     /// One greedy decode step on the device: appends each chunk's single token and
     /// returns the argmax id of each (only the ids cross to the host).
-    pub fn decode_argmax(
-        &mut self,
-        chunks: &[Chunk<'_>],
-    ) -> std::result::Result<Vec<u32>, BackendError> {
+    pub fn decode_argmax(&mut self, chunks: &[Chunk<'_>]) -> std::result::Result<Vec<u32>, BackendError> {
         if chunks.iter().any(|c| c.tokens.len() != 1) || chunks.len() > self.max_tok {
-            return Err(BackendError::Unsupported(
-                "decode_argmax takes one token per chunk, at most max_step_tokens chunks".into(),
-            ));
+            return Err(BackendError::Unsupported("decode_argmax takes one token per chunk, at most max_step_tokens chunks".into()));
         }
         let starts = self.check_chunks(chunks)?;
-        let rows: Vec<(u32, usize, usize)> = chunks
-            .iter()
-            .zip(&starts)
-            .map(|(c, &s)| (c.tokens[0], c.seq.0, s))
-            .collect();
+        let rows: Vec<(u32, usize, usize)> = chunks.iter().zip(&starts).map(|(c, &s)| (c.tokens[0], c.seq.0, s)).collect();
         self.decode_launch(&rows)?;
         let mut out = vec![0i32; rows.len()];
-        self.cx
-            .stream
-            .memcpy_dtoh(&self.b.am.slice(0..rows.len()), &mut out)
-            .map_err(drv)?;
+        self.cx.stream.memcpy_dtoh(&self.b.am.slice(0..rows.len()), &mut out).map_err(drv)?;
         self.cx.stream.synchronize().map_err(drv)?;
         for ch in chunks {
             *self.lens[ch.seq.0].as_mut().expect("checked") += 1;
@@ -645,25 +523,14 @@ impl CudaBackend {
     /// (`kernels/sample.cu`) from `(temperature, top_p, u)` per chunk, u uniform in
     /// [0, 1) from the caller's seeded RNG; temperature 0 = greedy. Only ids cross
     /// to the host.
-    pub fn decode_sample(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        params: &[(f32, f32, f32)],
-    ) -> std::result::Result<Vec<u32>, BackendError> {
-        if chunks.iter().any(|c| c.tokens.len() != 1)
-            || chunks.len() > self.max_tok
-            || params.len() != chunks.len()
-        {
+    pub fn decode_sample(&mut self, chunks: &[Chunk<'_>], params: &[(f32, f32, f32)]) -> std::result::Result<Vec<u32>, BackendError> {
+        if chunks.iter().any(|c| c.tokens.len() != 1) || chunks.len() > self.max_tok || params.len() != chunks.len() {
             return Err(BackendError::Unsupported(
                 "decode_sample takes one token and one (temperature, top_p, u) per chunk, at most max_step_tokens chunks".into(),
             ));
         }
         let starts = self.check_chunks(chunks)?;
-        let rows: Vec<(u32, usize, usize)> = chunks
-            .iter()
-            .zip(&starts)
-            .map(|(c, &s)| (c.tokens[0], c.seq.0, s))
-            .collect();
+        let rows: Vec<(u32, usize, usize)> = chunks.iter().zip(&starts).map(|(c, &s)| (c.tokens[0], c.seq.0, s)).collect();
         self.decode_launch(&rows)?;
         let n = rows.len();
         let t = self.max_tok;
@@ -677,16 +544,10 @@ impl CudaBackend {
         let (temp, top_p, u) = (base, base + 4 * t as u64, base + 8 * t as u64);
         let v = self.cfg.vocab_size as i32;
         let mut lb = self.cx.launch("sample_top_p");
-        lb.arg(&self.b.logits)
-            .arg(&v)
-            .arg(&temp)
-            .arg(&top_p)
-            .arg(&u)
-            .arg(&mut self.b.am);
+        lb.arg(&self.b.logits).arg(&v).arg(&temp).arg(&top_p).arg(&u).arg(&mut self.b.am);
         unsafe { lb.launch(lc(n, 1, 1, 1024)) }.map_err(drv)?;
         let mut out = vec![0i32; n];
-        st.memcpy_dtoh(&self.b.am.slice(0..n), &mut out)
-            .map_err(drv)?;
+        st.memcpy_dtoh(&self.b.am.slice(0..n), &mut out).map_err(drv)?;
         st.synchronize().map_err(drv)?;
         for ch in chunks {
             *self.lens[ch.seq.0].as_mut().expect("checked") += 1;
@@ -696,41 +557,23 @@ impl CudaBackend {
 
     /// Sets a sequence's cached length without computing it (benchmarks: the cache
     /// contents are whatever the slot held; attention cost is the same).
-    pub fn bench_set_len(
-        &mut self,
-        seq: SeqId,
-        len: usize,
-    ) -> std::result::Result<(), BackendError> {
+    pub fn bench_set_len(&mut self, seq: SeqId, len: usize) -> std::result::Result<(), BackendError> {
         if len > self.max_context {
-            return Err(BackendError::ContextFull {
-                seq,
-                len,
-                limit: self.max_context,
-            });
+            return Err(BackendError::ContextFull { seq, len, limit: self.max_context });
         }
-        *self
-            .lens
-            .get_mut(seq.0)
-            .and_then(Option::as_mut)
-            .ok_or(BackendError::UnknownSequence(seq))? = len;
+        *self.lens.get_mut(seq.0).and_then(Option::as_mut).ok_or(BackendError::UnknownSequence(seq))? = len;
         Ok(())
     }
 
     fn grow_slots(&mut self) -> std::result::Result<(), BackendError> {
-        let (k, v, kv) = grow_kv(
-            &self.cx,
-            &self.k_cache,
-            &self.v_cache,
-            self.kv,
-            self.kv.n_slots * 2,
-        )
-        .map_err(drv)?;
+        let (k, v, kv) = grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, self.kv.n_slots * 2).map_err(drv)?;
         (self.k_cache, self.v_cache, self.kv) = (k, v, kv);
         // graphs hold the old cache pointers
         self.graphs.clear();
         Ok(())
     }
 }
+
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
@@ -766,35 +609,20 @@ impl Backend for CudaBackend {
     }
 
     fn seq_len(&self, seq: SeqId) -> std::result::Result<usize, BackendError> {
-        self.lens
-            .get(seq.0)
-            .copied()
-            .flatten()
-            .ok_or(BackendError::UnknownSequence(seq))
+        self.lens.get(seq.0).copied().flatten().ok_or(BackendError::UnknownSequence(seq))
     }
 
     fn truncate(&mut self, seq: SeqId, len: usize) -> std::result::Result<(), BackendError> {
-        let l = self
-            .lens
-            .get_mut(seq.0)
-            .and_then(Option::as_mut)
-            .ok_or(BackendError::UnknownSequence(seq))?;
+        let l = self.lens.get_mut(seq.0).and_then(Option::as_mut).ok_or(BackendError::UnknownSequence(seq))?;
         *l = (*l).min(len);
         Ok(())
     }
 
-    fn copy_prefix(
-        &mut self,
-        from: SeqId,
-        to: SeqId,
-        len: usize,
-    ) -> std::result::Result<(), BackendError> {
+    fn copy_prefix(&mut self, from: SeqId, to: SeqId, len: usize) -> std::result::Result<(), BackendError> {
         let len = len.min(self.seq_len(from)?);
         self.seq_len(to)?;
         if from.0 >= self.kv.n_slots || to.0 >= self.kv.n_slots {
-            return Err(BackendError::Device(
-                "KV slot beyond the cache (slot growth failed)".into(),
-            ));
+            return Err(BackendError::Device("KV slot beyond the cache (slot growth failed)".into()));
         }
         let kv = self.kv;
         let st = self.cx.stream.clone();
@@ -805,16 +633,9 @@ impl Backend for CudaBackend {
                 let base = dptr(cache, &st);
                 for li in 0..kv.n_layers {
                     for hh in 0..kv.n_kv_heads {
-                        let off = |slot: usize| {
-                            (((slot * kv.n_layers + li) * kv.n_kv_heads + hh) * block * 2) as u64
-                        };
+                        let off = |slot: usize| (((slot * kv.n_layers + li) * kv.n_kv_heads + hh) * block * 2) as u64;
                         unsafe {
-                            cudarc::driver::result::memcpy_dtod_async(
-                                base + off(to.0),
-                                base + off(from.0),
-                                bytes,
-                                st.cu_stream(),
-                            )
+                            cudarc::driver::result::memcpy_dtod_async(base + off(to.0), base + off(from.0), bytes, st.cu_stream())
                         }
                         .map_err(drv)?;
                     }
@@ -825,13 +646,8 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn forward(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        which: LogitsFor,
-    ) -> std::result::Result<Vec<f32>, BackendError> {
-        self.run_forward(chunks, which, false)
-            .map(|(logits, _)| logits)
+    fn forward(&mut self, chunks: &[Chunk<'_>], which: LogitsFor) -> std::result::Result<Vec<f32>, BackendError> {
+        self.run_forward(chunks, which, false).map(|(logits, _)| logits)
     }
 
     fn forward_capture(
@@ -847,19 +663,11 @@ impl Backend for CudaBackend {
         self.run_forward(chunks, which, true)
     }
 
-    fn decode_choose(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        params: &[(f32, f32, f32)],
-    ) -> std::result::Result<Option<Vec<u32>>, BackendError> {
+    fn decode_choose(&mut self, chunks: &[Chunk<'_>], params: &[(f32, f32, f32)]) -> std::result::Result<Option<Vec<u32>>, BackendError> {
         self.decode_sample(chunks, params).map(Some)
     }
 
-    fn forward_capture_argmax(
-        &mut self,
-        chunks: &[Chunk<'_>],
-        layers: &[usize],
-    ) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
+    fn forward_capture_argmax(&mut self, chunks: &[Chunk<'_>], layers: &[usize]) -> std::result::Result<(Vec<u32>, Vec<f32>), BackendError> {
         if !layers.is_empty() {
             self.set_capture(layers)?;
         }
@@ -884,10 +692,7 @@ impl Backend for CudaBackend {
         if self.shard.is_some() {
             // a rank's logits buffer is not the assembled vocabulary: mask on the host
             let (logits, hidden) = self.run_forward(chunks, LogitsFor::All, !layers.is_empty())?;
-            return Ok((
-                crate::backend::masked_argmax_rows(&logits, self.cfg.vocab_size, masks),
-                hidden,
-            ));
+            return Ok((crate::backend::masked_argmax_rows(&logits, self.cfg.vocab_size, masks), hidden));
         }
         self.run_forward_ids(chunks, !layers.is_empty(), Some(masks))
     }

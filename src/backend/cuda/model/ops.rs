@@ -13,11 +13,7 @@ use crate::backend::cuda::kernels::{Act, KvShape};
 use crate::model::config::Activation;
 
 pub(super) fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (x as u32, y as u32, z as u32),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    LaunchConfig { grid_dim: (x as u32, y as u32, z as u32), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
 pub(super) fn dptr<T>(s: &CudaSlice<T>, st: &Arc<CudaStream>) -> u64 {
@@ -30,25 +26,12 @@ impl CudaContext {
         Ok(self.stream.memcpy_stod(v)?)
     }
 
-    pub(super) fn fill_bf16(
-        &self,
-        n: usize,
-        seed: u64,
-        scale: f32,
-        offset: f32,
-    ) -> Res<CudaSlice<u16>> {
+    pub(super) fn fill_bf16(&self, n: usize, seed: u64, scale: f32, offset: f32) -> Res<CudaSlice<u16>> {
         let mut s = self.stream.alloc_zeros::<u16>(n.max(1))?;
         let nn = n as i64;
         let mut b = self.launch("fill_random_bf16");
         b.arg(&mut s).arg(&nn).arg(&seed).arg(&scale).arg(&offset);
-        unsafe {
-            b.launch(lc(
-                n.div_ceil(256).clamp(1, self.sm_count as usize * 32),
-                1,
-                1,
-                256,
-            ))
-        }?;
+        unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
         Ok(s)
     }
 
@@ -57,14 +40,7 @@ impl CudaContext {
         let nn = n as i64;
         let mut b = self.launch("fill_random_u8");
         b.arg(&mut s).arg(&nn).arg(&seed).arg(&lo).arg(&range);
-        unsafe {
-            b.launch(lc(
-                n.div_ceil(256).clamp(1, self.sm_count as usize * 32),
-                1,
-                1,
-                256,
-            ))
-        }?;
+        unsafe { b.launch(lc(n.div_ceil(256).clamp(1, self.sm_count as usize * 32), 1, 1, 256)) }?;
         Ok(s)
     }
 
@@ -85,10 +61,7 @@ impl CudaContext {
     ) -> Res<()> {
         if let Some(b) = bias {
             if b.len() < rows {
-                return Err(CudaError::Shape(format!(
-                    "GEMV bias: {} values for {rows} rows",
-                    b.len()
-                )));
+                return Err(CudaError::Shape(format!("GEMV bias: {} values for {rows} rows", b.len())));
             }
         }
         let null = 0u64;
@@ -118,40 +91,15 @@ impl CudaContext {
         let (nn, c) = (n as i32, cols as i32);
         let mut b = self.launch("add_bias_f32");
         b.arg(&y).arg(bias).arg(&nn).arg(&c);
-        unsafe {
-            b.launch(lc(
-                (n * cols)
-                    .div_ceil(256)
-                    .clamp(1, self.sm_count as usize * 8),
-                1,
-                1,
-                256,
-            ))
-        }?;
+        unsafe { b.launch(lc((n * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
         Ok(())
     }
 
-    pub(super) fn add_expert_bias(
-        &self,
-        y: &mut CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
-        ids: &CudaSlice<i32>,
-        n_assign: usize,
-        cols: usize,
-    ) -> Res<()> {
+    pub(super) fn add_expert_bias(&self, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, ids: &CudaSlice<i32>, n_assign: usize, cols: usize) -> Res<()> {
         let (nn, c) = (n_assign as i32, cols as i32);
         let mut b = self.launch("add_expert_bias");
         b.arg(y).arg(bias).arg(ids).arg(&nn).arg(&c);
-        unsafe {
-            b.launch(lc(
-                (n_assign * cols)
-                    .div_ceil(256)
-                    .clamp(1, self.sm_count as usize * 8),
-                1,
-                1,
-                256,
-            ))
-        }?;
+        unsafe { b.launch(lc((n_assign * cols).div_ceil(256).clamp(1, self.sm_count as usize * 8), 1, 1, 256)) }?;
         Ok(())
     }
 }
@@ -234,11 +182,7 @@ pub(super) fn pre_norm<O: Act>(
         Pend::None => cx.rmsnorm_residual::<O>(x, None, w, out, n, h, eps),
         Pend::Delta => cx.rmsnorm_residual::<O>(x, Some(delta), w, out, n, h, eps),
         Pend::Moe => {
-            let name = if O::NAME == "bf16" {
-                "rmsnorm_moe_bf16"
-            } else {
-                "rmsnorm_moe_f32"
-            };
+            let name = if O::NAME == "bf16" { "rmsnorm_moe_bf16" } else { "rmsnorm_moe_f32" };
             let (kk, hh) = (k as i32, h as i32);
             let null = 0u64;
             let mut lb = cx.launch(name);
@@ -254,18 +198,9 @@ pub(super) fn pre_norm<O: Act>(
     }
 }
 
-pub(super) fn activation(
-    cx: &CudaContext,
-    act: Activation,
-    gu: &CudaSlice<f32>,
-    out: &mut CudaSlice<u16>,
-    n: usize,
-    inter: usize,
-) -> Res<()> {
+pub(super) fn activation(cx: &CudaContext, act: Activation, gu: &CudaSlice<f32>, out: &mut CudaSlice<u16>, n: usize, inter: usize) -> Res<()> {
     match act {
         Activation::SiluGlu => cx.swiglu::<u16>(gu, out, n, inter),
-        Activation::GptOssGlu { alpha, limit } => {
-            cx.swiglu_oai::<u16>(gu, out, n, inter, alpha, limit)
-        }
+        Activation::GptOssGlu { alpha, limit } => cx.swiglu_oai::<u16>(gu, out, n, inter, alpha, limit),
     }
 }

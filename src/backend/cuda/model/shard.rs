@@ -83,49 +83,19 @@ impl ShardState {
     }
 
     /// `x [n, h]` = the embedding rows of ids in this rank's range, zeros elsewhere.
-    pub(super) fn embed(
-        &self,
-        cx: &CudaContext,
-        table: &CudaSlice<u16>,
-        ids: &CudaSlice<i32>,
-        x: &mut CudaSlice<f32>,
-        n: usize,
-        h: usize,
-    ) -> Res<()> {
-        let a = [
-            h as i32,
-            self.slices.vocab.start as i32,
-            self.slices.vocab.len() as i32,
-        ];
+    pub(super) fn embed(&self, cx: &CudaContext, table: &CudaSlice<u16>, ids: &CudaSlice<i32>, x: &mut CudaSlice<f32>, n: usize, h: usize) -> Res<()> {
+        let a = [h as i32, self.slices.vocab.start as i32, self.slices.vocab.len() as i32];
         let mut lb = cx.launch("embedding_vocab_range");
-        lb.arg(table)
-            .arg(ids)
-            .arg(x)
-            .arg(&a[0])
-            .arg(&a[1])
-            .arg(&a[2]);
+        lb.arg(table).arg(ids).arg(x).arg(&a[0]).arg(&a[1]).arg(&a[2]);
         unsafe { lb.launch(lc(n, 1, 1, 256)) }?;
         Ok(())
     }
 
     /// The first `count` chosen experts of `tid` as local indices (−1: another rank's).
-    pub(super) fn local_ids(
-        &mut self,
-        cx: &CudaContext,
-        tid: &CudaSlice<i32>,
-        count: usize,
-    ) -> Res<&CudaSlice<i32>> {
-        let a = [
-            count as i32,
-            self.slices.experts.start as i32,
-            self.slices.experts.len() as i32,
-        ];
+    pub(super) fn local_ids(&mut self, cx: &CudaContext, tid: &CudaSlice<i32>, count: usize) -> Res<&CudaSlice<i32>> {
+        let a = [count as i32, self.slices.experts.start as i32, self.slices.experts.len() as i32];
         let mut lb = cx.launch("moe_local_ids");
-        lb.arg(tid)
-            .arg(&mut self.tid_local)
-            .arg(&a[0])
-            .arg(&a[1])
-            .arg(&a[2]);
+        lb.arg(tid).arg(&mut self.tid_local).arg(&a[0]).arg(&a[1]).arg(&a[2]);
         unsafe { lb.launch(lc(count.div_ceil(256), 1, 1, 256)) }?;
         Ok(&self.tid_local)
     }
@@ -144,29 +114,17 @@ impl ShardState {
         h: usize,
     ) -> Res<()> {
         let st = cx.stream.clone();
-        cx.gemv_ext(
-            head,
-            dptr(hf, &st),
-            false,
-            dptr(&self.head_out, &st),
-            self.slices.vocab.len(),
-            h,
-            n,
-            None,
-        )?;
+        cx.gemv_ext(head, dptr(hf, &st), false, dptr(&self.head_out, &st), self.slices.vocab.len(), h, n, None)?;
         let parts = match comm {
             Some(c) => {
-                c.all_gather(&st, &self.head_out, n * self.chunk, &mut self.gathered)
-                    .map_err(comm_err)?;
+                c.all_gather(&st, &self.head_out, n * self.chunk, &mut self.gathered).map_err(comm_err)?;
                 &self.gathered
             }
             // a world of one: its part is the whole vocabulary
             None => &self.head_out,
         };
         let a = [n as i32, self.vocab as i32, self.chunk as i32];
-        let blocks = (n * self.vocab)
-            .div_ceil(256)
-            .clamp(1, cx.sm_count as usize * 8);
+        let blocks = (n * self.vocab).div_ceil(256).clamp(1, cx.sm_count as usize * 8);
         let mut lb = cx.launch("vocab_assemble");
         lb.arg(parts).arg(logits).arg(&a[0]).arg(&a[1]).arg(&a[2]);
         unsafe { lb.launch(lc(blocks, 1, 1, 256)) }?;
@@ -194,22 +152,8 @@ impl CudaBackend {
         check_cuda_plan(&plan, full).map_err(plan_err)?;
         let local = plan.local_config(full, &slices);
         let (got, want) = (&weights.config, &local);
-        let experts = |c: &ModelConfig| {
-            c.moe
-                .as_ref()
-                .map(|m| (m.num_experts, m.expert_intermediate))
-        };
-        if (
-            got.num_heads,
-            got.num_kv_heads,
-            got.vocab_size,
-            experts(got),
-        ) != (
-            want.num_heads,
-            want.num_kv_heads,
-            want.vocab_size,
-            experts(want),
-        ) {
+        let experts = |c: &ModelConfig| c.moe.as_ref().map(|m| (m.num_experts, m.expert_intermediate));
+        if (got.num_heads, got.num_kv_heads, got.vocab_size, experts(got)) != (want.num_heads, want.num_kv_heads, want.vocab_size, experts(want)) {
             return Err(BackendError::Unsupported(format!(
                 "rank {}: the weights are not this rank's slices of the plan (load them with model::shard::load_rank)",
                 slices.rank
@@ -219,20 +163,11 @@ impl CudaBackend {
         let h = full.hidden_size;
         let mut extra = 0usize;
         for (li, l) in bk.w.layers.iter_mut().enumerate() {
-            let DMlp::Moe {
-                router,
-                router_bias,
-                ..
-            } = &mut l.mlp
-            else {
-                continue;
-            };
+            let DMlp::Moe { router, router_bias, .. } = &mut l.mlp else { continue };
             let r = routers.get(li).and_then(Option::as_ref);
             let e = full.moe.as_ref().map_or(0, |m| m.num_experts);
             let Some(r) = r.filter(|r| (r.weight.rows(), r.weight.cols()) == (e, h)) else {
-                return Err(BackendError::Unsupported(format!(
-                    "layer {li}: a full router of {e} x {h} is needed on every rank"
-                )));
+                return Err(BackendError::Unsupported(format!("layer {li}: a full router of {e} x {h} is needed on every rank")));
             };
             let bits = bf16_bits(&r.weight.to_f32());
             extra += 2 * bits.len().saturating_sub(router.len());
@@ -250,13 +185,7 @@ impl CudaBackend {
     /// routers are the same on every rank (seeded by layer). Expert down biases are
     /// not zeroed on the ranks that do not own them: the numbers are meaningless,
     /// the bytes read and the launches are those of the real rank.
-    pub fn random_rank(
-        full: &ModelConfig,
-        plan: ShardPlan,
-        rank: usize,
-        opts: CudaBackendOptions,
-        seed: u64,
-    ) -> Result<Self, BackendError> {
+    pub fn random_rank(full: &ModelConfig, plan: ShardPlan, rank: usize, opts: CudaBackendOptions, seed: u64) -> Result<Self, BackendError> {
         check_cuda_plan(&plan, full).map_err(plan_err)?;
         let slices = plan.slices(full, rank).map_err(plan_err)?;
         let local = plan.local_config(full, &slices);
@@ -266,23 +195,11 @@ impl CudaBackend {
         if let Some(m) = &full.moe {
             let e = m.num_experts;
             for (li, l) in bk.w.layers.iter_mut().enumerate() {
-                let DMlp::Moe {
-                    router,
-                    router_bias,
-                    ..
-                } = &mut l.mlp
-                else {
-                    continue;
-                };
+                let DMlp::Moe { router, router_bias, .. } = &mut l.mlp else { continue };
                 extra += 2 * (e * h).saturating_sub(router.len());
-                *router = bk
-                    .cx
-                    .fill_bf16(e * h, seed ^ (0x5eed_0000 + li as u64), 0.02, 0.0)
-                    .map_err(dev)?;
+                *router = bk.cx.fill_bf16(e * h, seed ^ (0x5eed_0000 + li as u64), 0.02, 0.0).map_err(dev)?;
                 if router_bias.is_some() {
-                    let bias: Vec<f32> = (0..e)
-                        .map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.01)
-                        .collect();
+                    let bias: Vec<f32> = (0..e).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.01).collect();
                     *router_bias = Some(bk.cx.up(&bias).map_err(dev)?);
                 }
             }
@@ -293,12 +210,7 @@ impl CudaBackend {
 
     /// Turns a backend built from a rank's local config into that rank: router and
     /// logits buffers of the full expert count and vocabulary, and the rank's buffers.
-    fn into_rank(
-        mut self,
-        full: &ModelConfig,
-        plan: ShardPlan,
-        slices: RankSlices,
-    ) -> Result<Self, BackendError> {
+    fn into_rank(mut self, full: &ModelConfig, plan: ShardPlan, slices: RankSlices) -> Result<Self, BackendError> {
         let t = self.max_tok;
         let vocab = full.vocab_size;
         let chunk = plan.vocab_chunk(vocab);
@@ -336,10 +248,7 @@ impl CudaBackend {
     /// rank. A communicator that cannot be captured (host-staged) turns the
     /// decode graphs off.
     pub fn attach_comm(&mut self, comm: Box<dyn DeviceComm>) -> Result<(), BackendError> {
-        let (ranks, rank) = self
-            .shard
-            .as_ref()
-            .map_or((1, 0), |s| (s.plan.ranks, s.slices.rank));
+        let (ranks, rank) = self.shard.as_ref().map_or((1, 0), |s| (s.plan.ranks, s.slices.rank));
         if comm.world() != ranks || comm.rank() != rank {
             return Err(BackendError::Unsupported(format!(
                 "a communicator for rank {} of {} does not fit this backend (rank {rank} of {ranks}; a backend holding the whole model takes a world of 1, a rank of a sharded model its plan's world)",

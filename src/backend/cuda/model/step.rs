@@ -6,9 +6,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::{
-    activation, capture, dense, dptr, lc, pre_norm, shard, CudaBackend, CudaError, DMlp, Pend, Res,
-};
+use super::{activation, capture, dense, dptr, lc, pre_norm, shard, CudaBackend, CudaError, DMlp, Pend, Res};
 use crate::backend::cuda::gemm::GEMM_MIN_ROWS;
 use crate::backend::cuda::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN};
 use crate::model::config::{Activation, RouterKind};
@@ -17,23 +15,7 @@ impl CudaBackend {
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     pub(super) fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
         let capt = self.capture_plan();
-        let Self {
-            cx,
-            cfg: c,
-            w,
-            b,
-            k_cache,
-            v_cache,
-            kv,
-            scale,
-            fused,
-            moe_q8,
-            group_min,
-            comm,
-            shard,
-            gemm,
-            ..
-        } = self;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, .. } = self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
         let st = cx.stream.clone();
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
@@ -48,13 +30,7 @@ impl CudaBackend {
         let mut pend = Pend::None;
         // the expert down biases of a pending MoE combine (gpt-oss), folded into the next rmsnorm
         let mut moe_bias: Option<&CudaSlice<f32>> = None;
-        let (h, hd, nq, nkv, v) = (
-            c.hidden_size,
-            c.head_dim,
-            c.num_heads,
-            c.num_kv_heads,
-            c.vocab_size,
-        );
+        let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);
         let qkvd = (nq + 2 * nkv) * hd;
         let eps = c.rms_norm_eps;
         match shard.as_ref() {
@@ -66,45 +42,17 @@ impl CudaBackend {
             None => cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?,
         }
         for (li, l) in w.layers.iter().enumerate() {
-            pre_norm(
-                cx,
-                &mut b.x,
-                pend,
-                &b.delta,
-                &b.ye,
-                &b.tw,
-                k_top,
-                moe_bias.map(|mb| (mb, &b.tid)),
-                &l.ln1,
-                &mut b.h,
-                n,
-                h,
-                eps,
-            )?;
+            pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &l.ln1, &mut b.h, n, h, eps)?;
             if li > 0 {
                 capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
             }
-            dense(
-                cx,
-                gemm,
-                &l.wqkv,
-                dptr(&b.h, &st),
-                true,
-                dptr(&b.qkv, &st),
-                qkvd,
-                h,
-                n,
-                l.bqkv.as_ref(),
-            )?;
+            dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
             if fused {
                 let a = [nq as i32, nkv as i32, hd as i32];
                 let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
                 let null = 0u64;
                 let mut lb = cx.launch("rope_qk_kv");
-                lb.arg(&mut b.qkv)
-                    .arg(&b.pos)
-                    .arg(&b.slots)
-                    .arg(&w.inv_freq);
+                lb.arg(&mut b.qkv).arg(&b.pos).arg(&b.slots).arg(&w.inv_freq);
                 match &l.q_norm {
                     Some(q) => lb.arg(q),
                     None => lb.arg(&null),
@@ -113,69 +61,26 @@ impl CudaBackend {
                     Some(k) => lb.arg(k),
                     None => lb.arg(&null),
                 };
-                lb.arg(&mut *k_cache)
-                    .arg(&mut *v_cache)
-                    .arg(&a[0])
-                    .arg(&a[1])
-                    .arg(&a[2])
-                    .arg(&eps)
-                    .arg(&w.mscale);
+                lb.arg(&mut *k_cache).arg(&mut *v_cache).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&eps).arg(&w.mscale);
                 lb.arg(&b2[0]).arg(&b2[1]).arg(&b2[2]);
                 unsafe { lb.launch(lc(n * (nq + 2 * nkv), 1, 1, 32)) }?;
             } else {
-                cx.rope_qk(
-                    &mut b.qkv,
-                    &b.pos,
-                    &w.inv_freq,
-                    l.q_norm.as_ref(),
-                    l.k_norm.as_ref(),
-                    n,
-                    nq,
-                    nkv,
-                    hd,
-                    eps,
-                    w.mscale,
-                )?;
+                cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
                 cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, n, nq, li, kv)?;
             }
             if matches!(hd, 64 | 128 | 256) {
                 cx.attention_decode(
-                    &b.qkv,
-                    k_cache,
-                    v_cache,
-                    &b.slots,
-                    &b.lens,
-                    l.sinks.as_ref(),
-                    &mut b.attn,
-                    &mut b.ws,
-                    n,
-                    nq,
-                    qkvd,
-                    li,
-                    kv,
-                    *scale,
-                    l.window,
-                    splits,
+                    &b.qkv, k_cache, v_cache, &b.slots, &b.lens, l.sinks.as_ref(), &mut b.attn, &mut b.ws, n, nq, qkvd, li,
+                    kv, *scale, l.window, splits,
                 )?;
             } else {
                 if hd > 256 {
                     return Err(CudaError::Shape(format!("head_dim {hd} > 256")));
                 }
-                let a = [
-                    nq as i32,
-                    nkv as i32,
-                    hd as i32,
-                    li as i32,
-                    kv.n_layers as i32,
-                    kv.max_pos as i32,
-                ];
+                let a = [nq as i32, nkv as i32, hd as i32, li as i32, kv.n_layers as i32, kv.max_pos as i32];
                 let (win, qs, null) = (l.window as i32, qkvd as i64, 0u64);
                 let mut lb = cx.launch("attention_generic");
-                lb.arg(&b.qkv)
-                    .arg(&*k_cache)
-                    .arg(&*v_cache)
-                    .arg(&b.slots)
-                    .arg(&b.lens);
+                lb.arg(&b.qkv).arg(&*k_cache).arg(&*v_cache).arg(&b.slots).arg(&b.lens);
                 match &l.sinks {
                     Some(s) => lb.arg(s),
                     None => lb.arg(&null),
@@ -187,79 +92,28 @@ impl CudaBackend {
                 lb.arg(&*scale).arg(&win).arg(&qs);
                 unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
             }
-            dense(
-                cx,
-                gemm,
-                &l.wo,
-                dptr(&b.attn, &st),
-                false,
-                dptr(&b.delta, &st),
-                h,
-                nq * hd,
-                n,
-                l.bo.as_ref(),
-            )?;
+            dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
             if tp_reduce {
                 reduce(&mut b.delta, n * h)?;
             }
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             if q8_layer {
-                cx.rmsnorm_residual_q8(
-                    &mut b.x,
-                    Some(&b.delta),
-                    &l.ln2,
-                    &mut b.h,
-                    &mut b.hq,
-                    &mut b.hd,
-                    n,
-                    h,
-                    eps,
-                )?;
+                cx.rmsnorm_residual_q8(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, &mut b.hq, &mut b.hd, n, h, eps)?;
             } else {
                 cx.rmsnorm_residual::<u16>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, n, h, eps)?;
             }
             match &l.mlp {
                 DMlp::Dense { gu, down, inter } => {
                     let inter = *inter;
-                    dense(
-                        cx,
-                        gemm,
-                        gu,
-                        dptr(&b.h, &st),
-                        true,
-                        dptr(&b.gu, &st),
-                        2 * inter,
-                        h,
-                        n,
-                        None,
-                    )?;
+                    dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
-                    dense(
-                        cx,
-                        gemm,
-                        down,
-                        dptr(&b.act, &st),
-                        true,
-                        dptr(&b.delta, &st),
-                        h,
-                        inter,
-                        n,
-                        None,
-                    )?;
+                    dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
                     if tp_reduce {
                         reduce(&mut b.delta, n * h)?;
                     }
                     pend = Pend::Delta;
                 }
-                DMlp::Moe {
-                    router,
-                    router_bias,
-                    gu,
-                    down,
-                    inter,
-                    gu_bias,
-                    down_bias,
-                } => {
+                DMlp::Moe { router, router_bias, gu, down, inter, gu_bias, down_bias } => {
                     let m = c.moe.as_ref().expect("MoE layer without MoE config");
                     let (e, k, inter) = (m.num_experts, m.top_k, *inter);
                     let renorm = match m.router {
@@ -267,18 +121,7 @@ impl CudaBackend {
                         // softmax over the top-k logits == softmax over all, renormalised over the k
                         RouterKind::TopKSoftmax => true,
                     };
-                    dense(
-                        cx,
-                        gemm,
-                        router,
-                        dptr(&b.h, &st),
-                        true,
-                        dptr(&b.rlogits, &st),
-                        e,
-                        h,
-                        n,
-                        router_bias.as_ref(),
-                    )?;
+                    dense(cx, gemm, router, dptr(&b.h, &st), true, dptr(&b.rlogits, &st), e, h, n, router_bias.as_ref())?;
                     cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
                     let sharded = shard.is_some();
                     // a rank computes its own experts only (ids of other ranks' become -1)
@@ -296,79 +139,24 @@ impl CudaBackend {
                     if q8_layer {
                         let act = match c.activation {
                             Activation::SiluGlu => GateAct::SiluGlu,
-                            Activation::GptOssGlu { alpha, limit } => {
-                                GateAct::GptOss { alpha, limit }
-                            }
+                            Activation::GptOssGlu { alpha, limit } => GateAct::GptOss { alpha, limit },
                         };
                         if group {
                             cx.moe_group(tid, n * k, e, &mut b.goff, &mut b.glist)?;
                         }
-                        let experts = if group {
-                            Experts::Grouped {
-                                off: &b.goff,
-                                list: &b.glist,
-                            }
-                        } else {
-                            Experts::Ids(tid)
-                        };
+                        let experts = if group { Experts::Grouped { off: &b.goff, list: &b.glist } } else { Experts::Ids(tid) };
                         cx.moe_gate_up_q8(
-                            &gu.blocks,
-                            &gu.scales,
-                            &b.hq,
-                            &b.hd,
-                            experts,
-                            gu_bias.as_ref(),
-                            act,
-                            &mut b.aq,
-                            &mut b.ad,
-                            n * k,
-                            k,
-                            inter,
-                            h,
-                            e,
+                            &gu.blocks, &gu.scales, &b.hq, &b.hd, experts, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
+                            inter, h, e,
                         )?;
-                        cx.mxfp4_moe_gemv_q8(
-                            &down.blocks,
-                            &down.scales,
-                            &b.aq,
-                            &b.ad,
-                            &mut b.ye,
-                            experts,
-                            n * k,
-                            1,
-                            h,
-                            inter,
-                            e,
-                        )?;
+                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                     } else {
-                        cx.mxfp4_moe_gemv::<u16>(
-                            &gu.blocks,
-                            &gu.scales,
-                            &b.h,
-                            &mut b.gu,
-                            tid,
-                            n * k,
-                            k,
-                            2 * inter,
-                            h,
-                            e,
-                        )?;
+                        cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, tid, n * k, k, 2 * inter, h, e)?;
                         if let Some(bias) = gu_bias {
                             cx.add_expert_bias(&mut b.gu, bias, tid, n * k, 2 * inter)?;
                         }
                         activation(cx, c.activation, &b.gu, &mut b.act, n * k, inter)?;
-                        cx.mxfp4_moe_gemv::<u16>(
-                            &down.blocks,
-                            &down.scales,
-                            &b.act,
-                            &mut b.ye,
-                            tid,
-                            n * k,
-                            1,
-                            h,
-                            inter,
-                            e,
-                        )?;
+                        cx.mxfp4_moe_gemv::<u16>(&down.blocks, &down.scales, &b.act, &mut b.ye, tid, n * k, 1, h, inter, e)?;
                     }
                     if fused {
                         // the next rmsnorm adds the down biases with the combine
@@ -385,37 +173,12 @@ impl CudaBackend {
                 }
             }
         }
-        pre_norm(
-            cx,
-            &mut b.x,
-            pend,
-            &b.delta,
-            &b.ye,
-            &b.tw,
-            k_top,
-            moe_bias.map(|mb| (mb, &b.tid)),
-            &w.final_norm,
-            &mut b.hf,
-            n,
-            h,
-            eps,
-        )?;
+        pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &w.final_norm, &mut b.hf, n, h, eps)?;
         capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), c.num_layers - 1, n, h)?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
         match shard.as_mut() {
             Some(s) => s.lm_head(cx, comm.as_deref(), head, &b.hf, &mut b.logits, n, h)?,
-            None => dense(
-                cx,
-                gemm,
-                head,
-                dptr(&b.hf, &st),
-                false,
-                dptr(&b.logits, &st),
-                v,
-                h,
-                n,
-                None,
-            )?,
+            None => dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?,
         }
         cx.argmax(&b.logits, &mut b.am, n, v)?;
         Ok(())

@@ -17,12 +17,8 @@ pub(super) fn weight_bits(w: &Weight) -> Vec<u16> {
 fn weight_mx(w: &Weight) -> std::result::Result<Mxfp4Matrix, BackendError> {
     match w {
         Weight::Mxfp4(m) => Ok(m.clone()),
-        other => {
-            Mxfp4Matrix::quantize(&other.to_f32(), other.rows(), other.cols(), ScaleRule::Spec)
-                .map_err(|e| {
-                    BackendError::Unsupported(format!("cannot quantize an expert to MXFP4: {e}"))
-                })
-        }
+        other => Mxfp4Matrix::quantize(&other.to_f32(), other.rows(), other.cols(), ScaleRule::Spec)
+            .map_err(|e| BackendError::Unsupported(format!("cannot quantize an expert to MXFP4: {e}"))),
     }
 }
 
@@ -41,23 +37,16 @@ pub(super) fn fuse_rows<T: Copy>(a: &[T], b: &[T], row_len: usize, interleave: b
 
 fn no_bias(l: &Linear, what: &str) -> std::result::Result<(), BackendError> {
     if l.bias.is_some() {
-        return Err(BackendError::Unsupported(format!(
-            "the CUDA backend has no {what} biases yet"
-        )));
+        return Err(BackendError::Unsupported(format!("the CUDA backend has no {what} biases yet")));
     }
     Ok(())
 }
 
 impl CudaBackend {
     /// Uploads `weights` to GPU `opts.ordinal` (experts quantized to MXFP4 unless already).
-    pub fn new(
-        weights: &ModelWeights,
-        opts: CudaBackendOptions,
-    ) -> std::result::Result<Self, BackendError> {
+    pub fn new(weights: &ModelWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
         if !crate::backend::cuda::device_available() {
-            return Err(BackendError::Device(
-                "no CUDA driver or device found".into(),
-            ));
+            return Err(BackendError::Device("no CUDA driver or device found".into()));
         }
         let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
         let c = weights.config.clone();
@@ -77,14 +66,7 @@ impl CudaBackend {
         let mut layers = Vec::with_capacity(weights.layers.len());
         for (li, l) in weights.layers.iter().enumerate() {
             let a = &l.attention;
-            let wqkv = up16(
-                [
-                    weight_bits(&a.q.weight),
-                    weight_bits(&a.k.weight),
-                    weight_bits(&a.v.weight),
-                ]
-                .concat(),
-            )?;
+            let wqkv = up16([weight_bits(&a.q.weight), weight_bits(&a.k.weight), weight_bits(&a.v.weight)].concat())?;
             let wo = up16(weight_bits(&a.o.weight))?;
             let bqkv = if a.q.bias.is_some() || a.k.bias.is_some() || a.v.bias.is_some() {
                 let mut v = Vec::new();
@@ -124,60 +106,32 @@ impl CudaBackend {
                         no_bias(lin, "MLP")?;
                     }
                     let h = m.gate.in_features();
-                    let gu = up16(fuse_rows(
-                        &weight_bits(&m.gate.weight),
-                        &weight_bits(&m.up.weight),
-                        h,
-                        interleave,
-                    ))?;
+                    let gu = up16(fuse_rows(&weight_bits(&m.gate.weight), &weight_bits(&m.up.weight), h, interleave))?;
                     let down = up16(weight_bits(&m.down.weight))?;
-                    DMlp::Dense {
-                        gu,
-                        down,
-                        inter: m.gate.out_features(),
-                    }
+                    DMlp::Dense { gu, down, inter: m.gate.out_features() }
                 }
                 Mlp::Moe(block) => {
                     let moe = c.moe.as_ref().ok_or_else(|| {
-                        BackendError::Unsupported(format!(
-                            "layer {li} has experts but the config no MoE section"
-                        ))
+                        BackendError::Unsupported(format!("layer {li} has experts but the config no MoE section"))
                     })?;
                     if moe.num_experts > 512 {
                         return Err(BackendError::Unsupported("more than 512 experts".into()));
                     }
                     let inter = moe.expert_intermediate;
-                    let (mut gb, mut gs, mut db, mut ds) =
-                        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                    let any_gu_bias = block
-                        .experts
-                        .iter()
-                        .any(|e| e.gate.bias.is_some() || e.up.bias.is_some());
+                    let (mut gb, mut gs, mut db, mut ds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    let any_gu_bias = block.experts.iter().any(|e| e.gate.bias.is_some() || e.up.bias.is_some());
                     let any_down_bias = block.experts.iter().any(|e| e.down.bias.is_some());
                     let (mut gub, mut dnb) = (Vec::new(), Vec::new());
-                    let bias_or_zero = |l: &Linear| {
-                        l.bias
-                            .clone()
-                            .unwrap_or_else(|| vec![0f32; l.out_features()])
-                    };
+                    let bias_or_zero = |l: &Linear| l.bias.clone().unwrap_or_else(|| vec![0f32; l.out_features()]);
                     for ex in &block.experts {
                         let GatedMlp { gate, up, down } = ex;
                         if any_gu_bias {
-                            gub.extend(fuse_rows(
-                                &bias_or_zero(gate),
-                                &bias_or_zero(up),
-                                1,
-                                interleave,
-                            ));
+                            gub.extend(fuse_rows(&bias_or_zero(gate), &bias_or_zero(up), 1, interleave));
                         }
                         if any_down_bias {
                             dnb.extend(bias_or_zero(down));
                         }
-                        let (g, u, d) = (
-                            weight_mx(&gate.weight)?,
-                            weight_mx(&up.weight)?,
-                            weight_mx(&down.weight)?,
-                        );
+                        let (g, u, d) = (weight_mx(&gate.weight)?, weight_mx(&up.weight)?, weight_mx(&down.weight)?);
                         gb.extend(fuse_rows(&g.blocks, &u.blocks, g.cols / 2, interleave));
                         gs.extend(fuse_rows(&g.scales, &u.scales, g.cols / 32, interleave));
                         db.extend_from_slice(&d.blocks);
@@ -189,33 +143,11 @@ impl CudaBackend {
                         Some(b) => Some(cx.up(b).map_err(dev)?),
                         None => None,
                     };
-                    let gu = Mx {
-                        blocks: cx.up(&gb).map_err(dev)?,
-                        scales: cx.up(&gs).map_err(dev)?,
-                    };
-                    let down = Mx {
-                        blocks: cx.up(&db).map_err(dev)?,
-                        scales: cx.up(&ds).map_err(dev)?,
-                    };
-                    let gu_bias = if any_gu_bias {
-                        Some(cx.up(&gub).map_err(dev)?)
-                    } else {
-                        None
-                    };
-                    let down_bias = if any_down_bias {
-                        Some(cx.up(&dnb).map_err(dev)?)
-                    } else {
-                        None
-                    };
-                    DMlp::Moe {
-                        router,
-                        router_bias,
-                        gu,
-                        down,
-                        inter,
-                        gu_bias,
-                        down_bias,
-                    }
+                    let gu = Mx { blocks: cx.up(&gb).map_err(dev)?, scales: cx.up(&gs).map_err(dev)? };
+                    let down = Mx { blocks: cx.up(&db).map_err(dev)?, scales: cx.up(&ds).map_err(dev)? };
+                    let gu_bias = if any_gu_bias { Some(cx.up(&gub).map_err(dev)?) } else { None };
+                    let down_bias = if any_down_bias { Some(cx.up(&dnb).map_err(dev)?) } else { None };
+                    DMlp::Moe { router, router_bias, gu, down, inter, gu_bias, down_bias }
                 }
             };
             layers.push(DLayer {
@@ -233,29 +165,15 @@ impl CudaBackend {
             });
         }
         let (inv_freq, mscale) = rope_tables(&cx, &c)?;
-        let w = DWeights {
-            embed,
-            lm_head,
-            final_norm,
-            layers,
-            inv_freq,
-            mscale,
-            bytes: bytes + mx_bytes,
-        };
+        let w = DWeights { embed, lm_head, final_norm, layers, inv_freq, mscale, bytes: bytes + mx_bytes };
         Self::assemble(cx, c, w, opts)
     }
 
     /// Random weights of `config`'s shapes, made on the device (benchmarks):
     /// bf16 dense weights, MXFP4 experts, norms = 1.
-    pub fn random(
-        config: &ModelConfig,
-        opts: CudaBackendOptions,
-        seed: u64,
-    ) -> std::result::Result<Self, BackendError> {
+    pub fn random(config: &ModelConfig, opts: CudaBackendOptions, seed: u64) -> std::result::Result<Self, BackendError> {
         if !crate::backend::cuda::device_available() {
-            return Err(BackendError::Device(
-                "no CUDA driver or device found".into(),
-            ));
+            return Err(BackendError::Device("no CUDA driver or device found".into()));
         }
         let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
         let c = config.clone();
@@ -269,50 +187,33 @@ impl CudaBackend {
         };
         // small f32 vectors (biases, sinks) drawn on the host: they are tiny
         let mut host_rng = seed ^ 0x9e37_79b9_7f4a_7c15;
-        let mut f32s =
-            |n: usize, scale: f32| -> std::result::Result<CudaSlice<f32>, BackendError> {
-                let v: Vec<f32> = (0..n)
-                    .map(|_| {
-                        host_rng ^= host_rng << 13;
-                        host_rng ^= host_rng >> 7;
-                        host_rng ^= host_rng << 17;
-                        ((host_rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-                    })
-                    .collect();
-                cx.up(&v).map_err(dev)
-            };
+        let mut f32s = |n: usize, scale: f32| -> std::result::Result<CudaSlice<f32>, BackendError> {
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    host_rng ^= host_rng << 13;
+                    host_rng ^= host_rng >> 7;
+                    host_rng ^= host_rng << 17;
+                    ((host_rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                })
+                .collect();
+            cx.up(&v).map_err(dev)
+        };
         let mut bf = |n: usize, scale: f32, offset: f32, seed: u64| {
             bytes += 2 * n;
             cx.fill_bf16(n, seed, scale, offset).map_err(dev)
         };
         let embed = bf(c.vocab_size * h, 0.02, 0.0, next())?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(bf(c.vocab_size * h, 0.02, 0.0, next())?)
-        };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(bf(c.vocab_size * h, 0.02, 0.0, next())?) };
         let final_norm = bf(h, 0.0, 1.0, next())?;
         let mut layers = Vec::new();
         for li in 0..c.num_layers {
             let qkv_rows = (nq + 2 * nkv) * hd;
-            let q_norm = if c.qk_norm {
-                Some(bf(hd, 0.0, 1.0, next())?)
-            } else {
-                None
-            };
-            let k_norm = if c.qk_norm {
-                Some(bf(hd, 0.0, 1.0, next())?)
-            } else {
-                None
-            };
+            let q_norm = if c.qk_norm { Some(bf(hd, 0.0, 1.0, next())?) } else { None };
+            let k_norm = if c.qk_norm { Some(bf(hd, 0.0, 1.0, next())?) } else { None };
             let mlp = match (&c.moe, c.is_moe_layer(li)) {
                 (Some(m), true) => {
                     let (e, i) = (m.num_experts, m.expert_intermediate);
-                    let mx = |rows: usize,
-                              cols: usize,
-                              s1: u64,
-                              s2: u64|
-                     -> std::result::Result<Mx, BackendError> {
+                    let mx = |rows: usize, cols: usize, s1: u64, s2: u64| -> std::result::Result<Mx, BackendError> {
                         Ok(Mx {
                             blocks: cx.fill_u8(e * rows * cols / 2, s1, 0, 256).map_err(dev)?,
                             // E8M0 120..123: 2^-7 .. 2^-4 per block, E2M1 values up to 6
@@ -324,53 +225,29 @@ impl CudaBackend {
                     mx_bytes += e * 3 * i * h * 17 / 32;
                     DMlp::Moe {
                         router: bf(e * h, 0.02, 0.0, next())?,
-                        router_bias: if m.router_bias {
-                            Some(f32s(e, 0.1)?)
-                        } else {
-                            None
-                        },
+                        router_bias: if m.router_bias { Some(f32s(e, 0.1)?) } else { None },
                         gu,
                         down,
                         inter: i,
-                        gu_bias: if m.expert_bias {
-                            Some(f32s(e * 2 * i, 0.1)?)
-                        } else {
-                            None
-                        },
-                        down_bias: if m.expert_bias {
-                            Some(f32s(e * h, 0.1)?)
-                        } else {
-                            None
-                        },
+                        gu_bias: if m.expert_bias { Some(f32s(e * 2 * i, 0.1)?) } else { None },
+                        down_bias: if m.expert_bias { Some(f32s(e * h, 0.1)?) } else { None },
                     }
                 }
                 _ => {
                     let i = c.intermediate_size;
-                    DMlp::Dense {
-                        gu: bf(2 * i * h, 0.02, 0.0, next())?,
-                        down: bf(h * i, 0.02, 0.0, next())?,
-                        inter: i,
-                    }
+                    DMlp::Dense { gu: bf(2 * i * h, 0.02, 0.0, next())?, down: bf(h * i, 0.02, 0.0, next())?, inter: i }
                 }
             };
             layers.push(DLayer {
                 ln1: bf(h, 0.0, 1.0, next())?,
                 ln2: bf(h, 0.0, 1.0, next())?,
                 wqkv: bf(qkv_rows * h, 0.02, 0.0, next())?,
-                bqkv: if c.qkv_bias {
-                    Some(f32s(qkv_rows, 0.1)?)
-                } else {
-                    None
-                },
+                bqkv: if c.qkv_bias { Some(f32s(qkv_rows, 0.1)?) } else { None },
                 wo: bf(h * nq * hd, 0.02, 0.0, next())?,
                 bo: if c.o_bias { Some(f32s(h, 0.1)?) } else { None },
                 q_norm,
                 k_norm,
-                sinks: if c.attention_sinks {
-                    Some(f32s(nq, 1.0)?)
-                } else {
-                    None
-                },
+                sinks: if c.attention_sinks { Some(f32s(nq, 1.0)?) } else { None },
                 window: match c.layer_attention.get(li) {
                     Some(AttentionKind::Sliding(w)) => *w,
                     _ => 0,
@@ -379,24 +256,13 @@ impl CudaBackend {
             });
         }
         let (inv_freq, mscale) = rope_tables(&cx, &c)?;
-        let w = DWeights {
-            embed,
-            lm_head,
-            final_norm,
-            layers,
-            inv_freq,
-            mscale,
-            bytes: bytes + mx_bytes,
-        };
+        let w = DWeights { embed, lm_head, final_norm, layers, inv_freq, mscale, bytes: bytes + mx_bytes };
         Self::assemble(cx, c, w, opts)
     }
 }
 
 /// RoPE inverse frequencies on the device and the cos/sin scale (YaRN's mscale, else 1).
-pub(super) fn rope_tables(
-    cx: &CudaContext,
-    c: &ModelConfig,
-) -> std::result::Result<(CudaSlice<f32>, f32), BackendError> {
+pub(super) fn rope_tables(cx: &CudaContext, c: &ModelConfig) -> std::result::Result<(CudaSlice<f32>, f32), BackendError> {
     let rope = RopeTable::new(&c.rope, c.head_dim);
     let inv: Vec<f32> = rope.inv_freq.iter().map(|&f| f as f32).collect();
     Ok((cx.up(&inv).map_err(dev)?, rope.scale as f32))
