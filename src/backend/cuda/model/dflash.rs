@@ -691,7 +691,8 @@ mod tests {
         // no context rows stay none; passes too big for a graph are not padded
         assert_eq!(pass_rows(16, 0), (16, 0, true));
         assert_eq!(pass_rows(16, 300), (16, 300, false));
-        assert_eq!(pass_rows(65, 3), (65, 3, false));
+        assert_eq!(pass_rows(65, 3), (128, 4, true));
+        assert_eq!(pass_rows(257, 3), (257, 3, false));
         let same = pad_rows(&p, p.n_block, p.n_ctx, 99);
         assert_eq!((same.ids, same.pos, same.slots), (p.ids, p.pos, p.slots));
     }
