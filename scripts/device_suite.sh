@@ -10,7 +10,8 @@
 #   peer     the torch CUDA-graph peer (.dev/torch_decode_peer.py) in the same call -> $OUT/peer.log
 #   smollm2  decode bench on the real SmolLM2 (KAIROS_TEST_MODEL) at batch 1/32,
 #            dense and upcycled to 8 experts top-2 (MXFP4 experts) -> $OUT/smollm2.{json,log}
-#   dflash   DFlash on SmolLM2, dense and upcycled MoE target, with the drafter in
+#   dflash   DFlash on SmolLM2, dense and upcycled MoE target (32 prompts per set, batch 1/8/32 as
+#            issue 6 asks), with the drafter in
 #            $KAIROS_DRAFT (tools/train_dflash.py; tools/TRAIN_DFLASH.md) -> $OUT/dflash*.json
 #   dflash_gemv  the dense DFlash run with KAIROS_CUDA_CUBLAS=0: verify steps of 9+
 #            rows on the GEMVs instead of cuBLAS (an A/B for the verify cost) -> $OUT/dflash_gemv.json
@@ -80,7 +81,7 @@ for step in "${@:-tests}"; do
       for target in dense moe; do
         extra=(); [ $target = moe ] && extra=(--upcycle 8,2)
         run "dflash_$target" $bin/kairos bench dflash --device cuda:0 --model "$model" --draft "$draft" "${extra[@]}" \
-          --configs configs/fraud.toml=fraud,configs/trading.toml --verdicts 16 --chats 16 --batches 1,8,16 \
+          --configs configs/fraud.toml=fraud,configs/trading.toml --verdicts 32 --chats 32 --batches 1,8,32 \
           --max-new-tokens 64 --block-size 16 --out "$out/dflash_$target.json"
       done ;;
     dflash_gemv)
