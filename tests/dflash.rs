@@ -15,7 +15,9 @@ use kairos::engine::constrained::{VerdictGrammar, VerdictSchema};
 use kairos::engine::generate::{generate, GenerateRequest};
 use kairos::engine::sampling::{Sampler, SamplingParams};
 use kairos::engine::speculative::dflash::DFlashDrafter;
-use kairos::engine::speculative::{generate_speculative, CostModel, DraftInput, Drafter, SpecOptions};
+use kairos::engine::speculative::{
+    generate_speculative, generate_speculative_adaptive, BlockSizeChooser, CostModel, DraftInput, Drafter, SpecOptions,
+};
 use kairos::model::dflash::DFlashWeights;
 use kairos::model::upcycle::Upcycle;
 use kairos::model::{load_model, load_model_with};
@@ -105,6 +107,21 @@ fn greedy_is_identical_with_and_without_the_drafter_on_the_fixture() {
     for (o, want) in out.outputs.iter().zip(&plain) {
         assert_eq!(&o.output_ids, want, "adaptive");
     }
+    // One chooser over several calls (one request each): same outputs, and its
+    // statistics carry over — every call adds its blocks to the earlier ones.
+    let mut chooser = BlockSizeChooser::new(8, CostModel::dense(0.03));
+    let mut seen = 0;
+    for (p, want) in prompts.iter().zip(&plain) {
+        let mut drafter = DFlashDrafter::new(Arc::clone(&draft), Arc::clone(&target));
+        let out = generate_speculative_adaptive(&mut backend, &mut drafter, &[req(p, 40, &eos, SamplingParams::default())], None, &mut chooser)
+            .unwrap();
+        assert_eq!(&out.outputs[0].output_ids, want, "adaptive across calls");
+        let now = chooser.observed_blocks();
+        assert!(out.stats.drafted > 0);
+        assert!(now > seen && now <= seen + out.stats.blocks, "the chooser keeps the earlier calls' blocks: {seen} then {now}");
+        seen = now;
+    }
+    assert!(seen > 0);
 }
 
 #[test]

@@ -17,7 +17,7 @@ use crate::backend::{Backend, BackendError};
 use crate::engine::constrained::VerdictGrammar;
 use crate::engine::generate::GenerateRequest;
 use crate::engine::sampling::SamplingParams;
-use crate::engine::speculative::{generate_speculative, CostModel, Drafter, SpecOptions};
+use crate::engine::speculative::{generate_speculative, generate_speculative_adaptive, BlockSizeChooser, CostModel, Drafter, SpecOptions};
 use crate::model::tokenizer::{ChatMessage, TextTokenizer};
 use crate::model::ModelError;
 use crate::pipeline::config::PipelineConfig;
@@ -199,7 +199,9 @@ pub fn run(
         for &batch in &o.batches {
             let mut outs: [Vec<Vec<u32>>; 2] = [Vec::new(), Vec::new()];
             for (k, (mode, b)) in [("plain", 1), ("dflash", o.block_size)].into_iter().enumerate() {
-                let opts = SpecOptions { block_size: b, adaptive: if b > 1 { o.adaptive } else { None } };
+                let opts = SpecOptions { block_size: b, adaptive: None };
+                // adaptive: one chooser for the whole row, learning across its calls
+                let mut chooser = o.adaptive.filter(|_| b > 1).map(|m| BlockSizeChooser::new(b, m));
                 let mut row = BenchRow {
                     set: set.name.clone(),
                     batch,
@@ -227,7 +229,10 @@ pub fn run(
                         })
                         .collect();
                     let t = Instant::now();
-                    let out = generate_speculative(target, drafter, &reqs, set.grammar.as_deref(), &opts)?;
+                    let out = match chooser.as_mut() {
+                        Some(c) => generate_speculative_adaptive(target, drafter, &reqs, set.grammar.as_deref(), c)?,
+                        None => generate_speculative(target, drafter, &reqs, set.grammar.as_deref(), &opts)?,
+                    };
                     let wall = t.elapsed().as_secs_f64();
                     let prefill = out.outputs.first().map_or(0.0, |x| x.prefill_s);
                     row.decode_s += (wall - prefill).max(0.0);

@@ -76,6 +76,16 @@ impl BlockSizeChooser {
         }
     }
 
+    /// The largest block it picks.
+    pub fn max_block(&self) -> usize {
+        self.max_block
+    }
+
+    /// Verified blocks observed so far (draft position 1 tried).
+    pub fn observed_blocks(&self) -> usize {
+        self.tried[0] as usize
+    }
+
     /// The block size for the next step: [`choose`](Self::choose), except every
     /// [`EXPLORE_EVERY`]-th step, which runs the longest block.
     pub fn next(&mut self) -> usize {
