@@ -656,13 +656,17 @@ impl CudaDFlash {
 mod tests {
     use super::{pad_rows, pass_rows, plan_rows, RowSpec};
 
-    #[test]
-    fn block_rows_come_first_and_see_context_plus_block() {
-        let specs = [
+    /// Slot 2 with 2 new context rows and a block of 3; slot 0 with 1 and 2.
+    fn two_sequences() -> [RowSpec; 2] {
+        [
             RowSpec { slot: 2, ctx_start: 5, ctx_rows: 2, first_token: 11, position: 7, block: 3 },
             RowSpec { slot: 0, ctx_start: 0, ctx_rows: 1, first_token: 12, position: 1, block: 2 },
-        ];
-        let p = plan_rows(&specs, 99);
+        ]
+    }
+
+    #[test]
+    fn block_rows_come_first_and_see_context_plus_block() {
+        let p = plan_rows(&two_sequences(), 99);
         assert_eq!((p.n_block, p.n_ctx), (5, 3));
         assert_eq!(p.ids, vec![11, 99, 99, 12, 99]);
         assert_eq!(p.lens, vec![10, 10, 10, 3, 3]);
@@ -674,11 +678,7 @@ mod tests {
 
     #[test]
     fn padded_rows_keep_real_rows_in_place_and_pad_with_inert_rows() {
-        let specs = [
-            RowSpec { slot: 2, ctx_start: 5, ctx_rows: 2, first_token: 11, position: 7, block: 3 },
-            RowSpec { slot: 0, ctx_start: 0, ctx_rows: 1, first_token: 12, position: 1, block: 2 },
-        ];
-        let p = plan_rows(&specs, 99);
+        let p = plan_rows(&two_sequences(), 99);
         let (nb, nc, padded) = pass_rows(p.n_block, p.n_ctx);
         assert_eq!((nb, nc, padded), (8, 4, true));
         let q = pad_rows(&p, nb, nc, 99);
