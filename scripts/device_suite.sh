@@ -19,8 +19,9 @@
 #            200 generated events at 20/s -> $OUT/pipeline.{log,jsonl}, the verdict and
 #            fallback counts at the end of the log
 #
-# The SmolLM2 GGUF is 98 MB (over one call's 64 MiB): send it in two halves over two
-# consecutive calls into /tmp and set KAIROS_TEST_MODEL to the joined file.
+# The SmolLM2 GGUF is 98 MB (over one call's 64 MiB): send it in the parts that
+# scripts/device_build.sh cuts (.dev/g1..g3) over consecutive calls into /tmp and set
+# KAIROS_TEST_MODEL to the joined file (md5 a1231443440b107ff29f02bdb38c9d0a).
 # Every step writes its log under $OUT (default bench/out); the exit status is the
 # number of failed steps. At most 8 files come back from one device call: pick the
 # steps of a call so that suite.log + their logs/JSON stay within that.
