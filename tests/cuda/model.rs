@@ -90,6 +90,28 @@ fn opts() -> CudaBackendOptions {
 /// Random weights for a config (bf16 matrices, MXFP4 experts): the fixtures all have
 /// head_dim 16, which takes the generic attention kernel; these shapes take the
 /// split-K kernels of the real models (head_dim 64 and 128).
+/// A 2-layer llama with head_dim 64 (3 heads over 1 KV head), random weights from `seed`.
+fn small_llama(seed: u64) -> ModelWeights {
+    synthetic(
+        serde_json::json!({"model_type": "llama", "hidden_size": 192, "num_attention_heads": 3,
+            "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 300, "intermediate_size": 256,
+            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 1024, "tie_word_embeddings": true}),
+        seed,
+    )
+}
+
+/// A 2-layer qwen3-moe with head_dim 128 and q/k norm, `experts` experts of width 96, top-`top_k`.
+fn small_moe(experts: usize, top_k: usize, seed: u64) -> ModelWeights {
+    synthetic(
+        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
+            "intermediate_size": 512, "num_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": 96,
+            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
+        seed,
+    )
+}
+
 fn synthetic(v: serde_json::Value, seed: u64) -> ModelWeights {
     let c = ModelConfig::from_hf_json(&v).expect("config");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -146,40 +168,21 @@ fn synthetic(v: serde_json::Value, seed: u64) -> ModelWeights {
 #[test]
 fn synthetic_llama_d64() {
     guard!();
-    let w = synthetic(
-        serde_json::json!({"model_type": "llama", "hidden_size": 192, "num_attention_heads": 3,
-            "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 300, "intermediate_size": 256,
-            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 1024, "tie_word_embeddings": true}),
-        7,
-    );
+    let w = small_llama(7);
     check_weights("synthetic llama d64", w);
 }
 
 #[test]
 fn synthetic_qwen3_moe_d128() {
     guard!();
-    let w = synthetic(
-        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
-            "intermediate_size": 512, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 96,
-            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
-        8,
-    );
+    let w = small_moe(16, 4, 8);
     check_weights("synthetic qwen3-moe d128", w);
 }
 
 #[test]
 fn synthetic_moe_all_experts() {
     guard!();
-    let w = synthetic(
-        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
-            "intermediate_size": 512, "num_experts": 8, "num_experts_per_tok": 8, "moe_intermediate_size": 96,
-            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
-        9,
-    );
+    let w = small_moe(8, 8, 9);
     check_weights("synthetic moe, top-k = all 8 experts", w);
 }
 
@@ -397,14 +400,7 @@ fn graph_matches_eager() {
 #[test]
 fn fused_matches_unfused() {
     guard!();
-    let w = synthetic(
-        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
-            "intermediate_size": 512, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 96,
-            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
-        10,
-    );
+    let w = small_moe(16, 4, 10);
     let mut a = CudaBackend::new(&w, opts()).unwrap();
     let mut b = CudaBackend::new(&w, CudaBackendOptions { fused: false, ..opts() }).unwrap();
     let p: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
@@ -418,14 +414,7 @@ fn fused_matches_unfused() {
 #[test]
 fn moe_q8_matches_bf16_activations() {
     guard!();
-    let w = synthetic(
-        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
-            "intermediate_size": 512, "num_experts": 8, "num_experts_per_tok": 8, "moe_intermediate_size": 96,
-            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
-        11,
-    );
+    let w = small_moe(8, 8, 11);
     let mut a = CudaBackend::new(&w, opts()).unwrap();
     let mut b = CudaBackend::new(&w, CudaBackendOptions { moe_q8: false, ..opts() }).unwrap();
     let p: Vec<u32> = (0..24).map(|i| (i * 11 + 5) % 300).collect();
@@ -461,20 +450,8 @@ fn cublas_matches_gemv() {
 #[test]
 fn persistent_matches_graph() {
     guard!();
-    let llama = synthetic(
-        serde_json::json!({"model_type": "llama", "hidden_size": 192, "num_attention_heads": 3,
-            "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 300, "intermediate_size": 256,
-            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 1024, "tie_word_embeddings": true}),
-        21,
-    );
-    let moe = synthetic(
-        serde_json::json!({"model_type": "qwen3_moe", "hidden_size": 256, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 2, "vocab_size": 300,
-            "intermediate_size": 512, "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 96,
-            "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 1024, "tie_word_embeddings": false}),
-        22,
-    );
+    let llama = small_llama(21);
+    let moe = small_moe(16, 4, 22);
     let gpt_oss = ModelConfig::from_hf_json(&serde_json::json!({"model_type": "gpt_oss", "hidden_size": 256,
         "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 4,
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
