@@ -39,11 +39,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice};
+use cudarc::driver::CudaSlice;
 
 use super::upload::{bf16_bits, fuse_rows, rope_tables, weight_bits};
-use super::{dense, dev, dptr, drv, lc, CudaBackend, Res, MAX_SPLITS};
+use super::{capture_graph, dense, dev, dptr, drv, lc, CudaBackend, Res, SendGraph, MAX_SPLITS};
 use crate::backend::cuda::gemm::BlasGemm;
 use crate::backend::cuda::kernels::{AttnWorkspace, KvShape, ARGMAX_MAX_ROWS};
 use crate::backend::cuda::CudaContext;
@@ -53,12 +52,6 @@ use crate::model::dflash::{DFlashConfig, DFlashWeights};
 
 /// Largest block-row and context-row count of a pass replayed from a CUDA graph.
 pub const DRAFT_GRAPH_ROWS: usize = 256;
-
-/// A captured pass, used from one thread at a time (as the target's graphs).
-struct DraftGraph(CudaGraph);
-// SAFETY: only touched through `&mut CudaDFlash`, never concurrently; cudarc binds
-// the context to the calling thread on launch.
-unsafe impl Send for DraftGraph {}
 
 /// The rows a pass of `nb` block and `nc` context rows computes: padded to powers
 /// of two (0 context rows stay 0) when both fit a graph, else as they are; the
@@ -235,7 +228,7 @@ pub struct CudaDFlash {
     /// `KAIROS_CUDA_DRAFT_GRAPHS=0` turns it off)
     use_graphs: bool,
     /// by (block rows, context rows) after padding
-    graphs: HashMap<(usize, usize), DraftGraph>,
+    graphs: HashMap<(usize, usize), SendGraph>,
 }
 
 fn copy_device(cx: &CudaContext, src: &CudaSlice<u16>) -> Res<CudaSlice<u16>> {
@@ -509,12 +502,8 @@ impl CudaDFlash {
     fn launch_graph(&mut self, nb: usize, nc: usize, splits: usize) -> Result<(), BackendError> {
         if !self.graphs.contains_key(&(nb, nc)) {
             let st = self.cx.stream.clone();
-            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
-            let r = self.encode(nb, nc, splits);
-            let g = st.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-            r.map_err(dev)?;
-            let g = g.map_err(drv)?.ok_or_else(|| BackendError::Device("empty CUDA graph (drafter)".into()))?;
-            self.graphs.insert((nb, nc), DraftGraph(g));
+            let g = capture_graph(&st, || self.encode(nb, nc, splits))?;
+            self.graphs.insert((nb, nc), SendGraph(g, None));
         }
         self.graphs[&(nb, nc)].0.launch().map_err(drv)
     }

@@ -34,9 +34,10 @@
 //! in `step.rs`; hidden-state capture and the logits/ids read-back in `capture.rs`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::kernels::{AttnWorkspace, KvShape};
@@ -118,9 +119,19 @@ impl Default for CudaBackendOptions {
 /// A CUDA graph used from one thread at a time (the backend is `Send`, not `Sync`),
 /// with the persistent program it launches, if any (dropped after the graph).
 struct SendGraph(CudaGraph, Option<persistent::Program>);
-// SAFETY: the graph is only touched through `&mut CudaBackend`, so never concurrently;
-// cudarc binds the context to the calling thread on launch.
+// SAFETY: the graph is only touched through `&mut CudaBackend` (or `&mut CudaDFlash`),
+// so never concurrently; cudarc binds the context to the calling thread on launch.
 unsafe impl Send for SendGraph {}
+
+/// Records what `encode` launches on `st` as a CUDA graph (nothing runs now).
+fn capture_graph(st: &Arc<CudaStream>, encode: impl FnOnce() -> Res<()>) -> std::result::Result<CudaGraph, BackendError> {
+    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
+    let r = encode();
+    // end the capture even when encoding failed, so the stream is usable again
+    let g = st.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    r.map_err(dev)?;
+    g.map_err(drv)?.ok_or_else(|| BackendError::Device("empty CUDA graph".into()))
+}
 
 struct Mx {
     blocks: CudaSlice<u8>,
@@ -417,14 +428,10 @@ impl CudaBackend {
             let splits = self.splits_for(bucket, self.max_context);
             let mut prog = self.persistent_program(bucket, splits)?;
             let st = self.cx.stream.clone();
-            st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv)?;
-            let r = match prog.as_mut() {
+            let g = capture_graph(&st, || match prog.as_mut() {
                 Some(p) => p.launch(&self.cx).map_err(CudaError::from),
                 None => self.encode_step(bucket, splits),
-            };
-            let g = st.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-            r.map_err(dev)?;
-            let g = g.map_err(drv)?.ok_or_else(|| BackendError::Device("empty CUDA graph".into()))?;
+            })?;
             self.graphs.insert(bucket, SendGraph(g, prog));
         }
         self.graphs[&bucket].0.launch().map_err(drv)?;
