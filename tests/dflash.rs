@@ -287,3 +287,40 @@ fn a_drafter_exported_by_the_trainer_loads_with_its_config() {
     shallow.num_layers = 1;
     assert!(DFlashWeights::load(&fixture("dflash_llama"), &shallow).is_err());
 }
+
+/// Why a drafter trained on dense SmolLM2 accepts far less on the MXFP4-expert MoE the
+/// GPU runs (bench/results/dflash_cuda_h100.md, session 6): MXFP4 MLP weights move the
+/// hidden states the drafter reads, more with depth. Prints the relative RMS drift at
+/// the drafter's layers 1/14/27 on a chat prompt (measured 0.108 / 0.195 / 0.314).
+#[test]
+fn mxfp4_mlps_move_the_drafters_hidden_states_more_with_depth() {
+    let Some(path) = smollm2_path() else { return };
+    let dense = load_model(&path).unwrap();
+    let toks = dense.tokenizer.encode_chat("Explain photosynthesis in simple terms.").unwrap();
+    let h = dense.weights.config.hidden_size;
+    let mut quant = load_model(&path).unwrap().weights;
+    kairos::model::quantize::apply_quant(&mut quant, &"experts=mxfp4".parse().unwrap()).unwrap();
+    let layers = [1usize, 14, 27];
+    let mut capture = |w: kairos::model::family::ModelWeights| {
+        let mut b = CpuBackend::new(Arc::new(w));
+        let s = b.new_sequence();
+        b.forward_capture(&[Chunk { seq: s, tokens: &toks }], LogitsFor::Last, &layers).unwrap().1
+    };
+    let (a, q) = (capture(dense.weights), capture(quant));
+    let drift: Vec<f64> = (0..layers.len())
+        .map(|k| {
+            let (mut num, mut den) = (0f64, 0f64);
+            // every token but the first (BOS-like rows carry the massive activations)
+            for r in 1..toks.len() {
+                let at = r * layers.len() * h + k * h;
+                for (x, y) in a[at..at + h].iter().zip(&q[at..at + h]) {
+                    num += ((x - y) as f64).powi(2);
+                    den += (*x as f64).powi(2);
+                }
+            }
+            (num / den).sqrt()
+        })
+        .collect();
+    println!("MXFP4 MLPs: relative hidden-state drift at layers {layers:?}: {drift:.3?}");
+    assert!(drift[0] > 0.0 && drift[0] < drift[1] && drift[1] < drift[2] && drift[2] < 1.0, "{drift:?}");
+}
