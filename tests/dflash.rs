@@ -301,12 +301,21 @@ fn mxfp4_mlps_move_the_drafters_hidden_states_more_with_depth() {
     let mut quant = load_model(&path).unwrap().weights;
     kairos::model::quantize::apply_quant(&mut quant, &"experts=mxfp4".parse().unwrap()).unwrap();
     let layers = [1usize, 14, 27];
-    let mut capture = |w: kairos::model::family::ModelWeights| {
+    let capture = |w: kairos::model::family::ModelWeights| {
         let mut b = CpuBackend::new(Arc::new(w));
         let s = b.new_sequence();
         b.forward_capture(&[Chunk { seq: s, tokens: &toks }], LogitsFor::Last, &layers).unwrap().1
     };
     let (a, q) = (capture(dense.weights), capture(quant));
+    // KAIROS_DUMP_HIDDEN=DIR: both captures for tools/compare_mxfp4_hidden.py (torch's side)
+    if let Ok(dir) = std::env::var("KAIROS_DUMP_HIDDEN") {
+        let dir = std::path::Path::new(&dir);
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("tokens.json"), serde_json::to_string(&toks).unwrap()).unwrap();
+        for (name, x) in [("dense.f32", &a), ("mxfp4.f32", &q)] {
+            std::fs::write(dir.join(name), x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        }
+    }
     let drift: Vec<f64> = (0..layers.len())
         .map(|k| {
             let (mut num, mut den) = (0f64, 0f64);

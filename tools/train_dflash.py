@@ -612,6 +612,8 @@ def cmd_reference(args):
     from safetensors.torch import load_file
 
     target, tok = load_target(args.target, "cpu", torch.float32)
+    if args.target_quant:
+        quantize_mlps(target, args.target_quant)
     d = Path(args.drafter)
     cfg = json.loads((d / "config.json").read_text())
     drafter = Drafter(cfg)
@@ -681,6 +683,7 @@ def main():
     r.add_argument("--drafter", required=True, help="exported drafter folder")
     r.add_argument("--prompt", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--target-quant", default="", help="mxfp4: the target's MLP weights through MXFP4")
     args = ap.parse_args()
     {"gen": cmd_gen, "train": cmd_train, "reference": cmd_reference}[args.cmd](args)
 

@@ -175,6 +175,14 @@ pub struct BenchRow {
     /// Seconds in drafter passes and in target verify forwards (both inside `decode_s`).
     pub draft_s: f64,
     pub verify_s: f64,
+    /// The drafter's own counters over the row (`Drafter::counters`; the GPU
+    /// drafter's eager passes, graph replays, captures, context chunks).
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub drafter: Map<String, Value>,
+    /// DFlash rows: sequences whose greedy output equals plain decoding's (on a
+    /// GPU a verify step sums in another order, so near-ties may part).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identical_outputs: Option<usize>,
 }
 
 pub struct BenchOptions {
@@ -215,7 +223,10 @@ pub fn run(
                     acceptance: 0.0,
                     draft_s: 0.0,
                     verify_s: 0.0,
+                    drafter: Map::new(),
+                    identical_outputs: None,
                 };
+                let before = drafter.counters();
                 let (mut committed, mut blocks, mut drafted, mut accepted) = (0, 0, 0, 0);
                 for group in set.prompts.chunks(batch.max(1)) {
                     let reqs: Vec<GenerateRequest> = group
@@ -249,9 +260,15 @@ pub fn run(
                 row.tokens_per_s = if row.decode_s > 0.0 { row.tokens as f64 / row.decode_s } else { 0.0 };
                 row.tau = if blocks > 0 { committed as f64 / blocks as f64 } else { 0.0 };
                 row.acceptance = if drafted > 0 { accepted as f64 / drafted as f64 } else { 0.0 };
+                for ((name, after), (_, was)) in drafter.counters().into_iter().zip(before) {
+                    row.drafter.insert(name.into(), Value::from(after.saturating_sub(was)));
+                }
                 rows.push(row);
             }
             identical &= outs[0] == outs[1];
+            if let Some(r) = rows.last_mut() {
+                r.identical_outputs = Some(outs[0].iter().zip(&outs[1]).filter(|(a, b)| a == b).count());
+            }
         }
     }
     Ok((rows, identical))
@@ -259,13 +276,14 @@ pub fn run(
 
 pub fn table(rows: &[BenchRow]) -> String {
     let mut s = format!(
-        "{:<12} {:>5} {:>7} {:>5} {:>7} {:>9} {:>6} {:>6}\n",
-        "set", "batch", "mode", "B", "tokens", "tok/s", "tau", "acc"
+        "{:<12} {:>5} {:>7} {:>5} {:>7} {:>9} {:>6} {:>6} {:>8} {:>8} {:>9}\n",
+        "set", "batch", "mode", "B", "tokens", "tok/s", "tau", "acc", "draft s", "verify s", "same out"
     );
     for r in rows {
+        let same = r.identical_outputs.map_or(String::new(), |n| format!("{n}/{}", r.sequences));
         s.push_str(&format!(
-            "{:<12} {:>5} {:>7} {:>5} {:>7} {:>9.2} {:>6.2} {:>6.2}\n",
-            r.set, r.batch, r.mode, r.block_size, r.tokens, r.tokens_per_s, r.tau, r.acceptance
+            "{:<12} {:>5} {:>7} {:>5} {:>7} {:>9.2} {:>6.2} {:>6.2} {:>8.4} {:>8.4} {:>9}\n",
+            r.set, r.batch, r.mode, r.block_size, r.tokens, r.tokens_per_s, r.tau, r.acceptance, r.draft_s, r.verify_s, same
         ));
     }
     s

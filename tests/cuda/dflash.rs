@@ -36,7 +36,7 @@ use std::sync::Arc;
 use crate::dflash_util::{fixture, random_drafter};
 use crate::weights::{prepared, round_vec, to_bf16};
 use kairos::backend::cpu::CpuBackend;
-use kairos::backend::cuda::model::dflash::{pass_rows, CudaDFlash};
+use kairos::backend::cuda::model::dflash::{pass_rows, CudaDFlash, DRAFT_GRAPH_ROWS};
 use kairos::backend::cuda::model::{CudaBackend, CudaBackendOptions};
 use kairos::backend::{first_argmax_allowed, Backend, Chunk, LogitsFor};
 use kairos::engine::constrained::{VerdictGrammar, VerdictSchema};
@@ -184,7 +184,8 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
     let ge = [Drafter::new_sequence(&mut eager), Drafter::new_sequence(&mut eager)];
     let mut pos = [0usize; 2];
     // (tokens appended to each sequence's context; None = not in this pass, block)
-    let passes: [[(usize, usize); 2]; 3] = [[(30, b), (12, b.min(5))], [(3, b), (0, 0)], [(1, b), (2, b)]];
+    // the last pass brings more context rows than a graph takes (a prompt's): context-only chunks
+    let passes: [[(usize, usize); 2]; 4] = [[(30, b), (12, b.min(5))], [(3, b), (0, 0)], [(1, b), (2, b)], [(300, b), (2, b)]];
     for (p, pass) in passes.iter().enumerate() {
         let mut hidden = Vec::new();
         let mut firsts = Vec::new();
@@ -227,20 +228,31 @@ fn compare_drafters(target: Arc<ModelWeights>, draft: DFlashWeights, what: &str)
             check_logits(g, w, vocab, &format!("{what}: pass {p}, input {k}"));
         }
     }
-    // every pass fits a graph (at most DRAFT_GRAPH_ROWS block and context rows): one per bucket
-    let mut buckets: Vec<(usize, usize)> = passes
-        .iter()
-        .map(|pass| {
-            let (nb, nc) = pass.iter().filter(|(n, _)| *n > 0).fold((0, 0), |(b, c), &(n, blk)| (b + blk, c + n));
-            let (nb, nc, padded) = pass_rows(nb, nc);
-            assert!(padded);
-            (nb, nc)
-        })
-        .collect();
+    // a graph per bucket: passes of at most DRAFT_GRAPH_ROWS block and context rows are padded;
+    // more context rows go first in context-only chunks (0, rows) of at most DRAFT_GRAPH_ROWS
+    let mut buckets: Vec<(usize, usize)> = Vec::new();
+    for pass in &passes {
+        let (nb, nc) = pass.iter().filter(|(n, _)| *n > 0).fold((0, 0), |(b, c), &(n, blk)| (b + blk, c + n));
+        let nc = if nc > DRAFT_GRAPH_ROWS {
+            let (full, rest) = (nc / DRAFT_GRAPH_ROWS, nc % DRAFT_GRAPH_ROWS);
+            buckets.extend(std::iter::repeat_n((0, DRAFT_GRAPH_ROWS), full));
+            if rest > 0 {
+                buckets.push((0, rest.next_power_of_two()));
+            }
+            0
+        } else {
+            nc
+        };
+        let (nb, nc, padded) = pass_rows(nb, nc);
+        assert!(padded);
+        buckets.push((nb, nc));
+    }
     buckets.sort_unstable();
     buckets.dedup();
     assert_eq!(gpu.graph_buckets(), buckets, "{what}: drafter graphs");
     assert!(eager.graph_buckets().is_empty());
+    let p = gpu.profile();
+    assert_eq!((p.passes, p.context_chunks, p.eager), (passes.len(), 2, 0), "{what}: {p:?}");
 }
 
 #[test]

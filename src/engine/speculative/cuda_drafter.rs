@@ -30,6 +30,18 @@ impl Drafter for CudaDFlash {
         CudaDFlash::draft(self, &blocks(inputs))
     }
 
+    fn counters(&self) -> Vec<(&'static str, usize)> {
+        let p = self.profile();
+        vec![
+            ("passes", p.passes),
+            ("eager", p.eager),
+            ("graph_launches", p.graph_launches),
+            ("captures", p.captures),
+            ("graph_drops", p.graph_drops),
+            ("context_chunks", p.context_chunks),
+        ]
+    }
+
     fn argmax_on_device(&self) -> bool {
         true
     }

@@ -62,6 +62,11 @@ pub trait Drafter {
     /// block positions 1..B, row-major `[B−1, vocab]`.
     fn draft(&mut self, inputs: &[DraftInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
 
+    /// Counters of the drafter's work so far (name, count), for benchmarks; none by default.
+    fn counters(&self) -> Vec<(&'static str, usize)> {
+        Vec::new()
+    }
+
     /// Whether `draft_argmax` is cheaper than `draft` (the argmax is taken where
     /// the logits are, e.g. on the GPU): then greedy drafting under a verdict
     /// grammar uses the ids and ends a block at the first one the grammar

@@ -227,8 +227,25 @@ pub struct CudaDFlash {
     /// replay padded passes from CUDA graphs (the target's `graphs` option;
     /// `KAIROS_CUDA_DRAFT_GRAPHS=0` turns it off)
     use_graphs: bool,
-    /// by (block rows, context rows) after padding
+    /// by (block rows, context rows) after padding; (0, rows): context-only passes
     graphs: HashMap<(usize, usize), SendGraph>,
+    profile: DraftProfile,
+}
+
+/// What the drafter's passes did since it was made (`kairos bench dflash` prints it).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DraftProfile {
+    /// drafter passes (each returns one block per sequence)
+    pub passes: usize,
+    /// passes run as eager launches (too big for a graph, or graphs off)
+    pub eager: usize,
+    /// graph replays (block passes and context chunks) and graph captures
+    pub graph_launches: usize,
+    pub captures: usize,
+    /// times every graph was dropped (buffers, KV cache or GEMM staging moved)
+    pub graph_drops: usize,
+    /// context-only chunks of a prompt's context
+    pub context_chunks: usize,
 }
 
 fn copy_device(cx: &CudaContext, src: &CudaSlice<u16>) -> Res<CudaSlice<u16>> {
@@ -299,10 +316,11 @@ impl CudaDFlash {
         let widest = draft.fc.in_features().max(h).max(draft.layers.iter().map(|l| l.mlp.gate.out_features()).max().unwrap_or(0));
         let gemm = if target.gemm.is_some() { BlasGemm::new(&cx.stream, 2 * DRAFT_GRAPH_ROWS, widest).ok() } else { None };
         let use_graphs = target.use_graphs && std::env::var("KAIROS_CUDA_DRAFT_GRAPHS").map_or(true, |v| v != "0");
-        Ok(Self {
+        let mut d = Self {
             gemm,
             use_graphs,
             graphs: HashMap::new(),
+            profile: DraftProfile::default(),
             cx,
             vocab: target.cfg.vocab_size,
             ctx_width: draft.fc.in_features(),
@@ -314,7 +332,11 @@ impl CudaDFlash {
             lens: Vec::new(),
             scale: 1.0 / (hd as f32).sqrt(),
             cfg,
-        })
+        };
+        // room for a block of 16 beside a full context chunk from the start, so the
+        // first prompt's chunks do not grow the buffers (and drop the graphs) mid-run
+        d.ensure_bufs(16, 2 * DRAFT_GRAPH_ROWS)?;
+        Ok(d)
     }
 
     pub fn config(&self) -> &DFlashConfig {
@@ -324,6 +346,18 @@ impl CudaDFlash {
     /// Replay padded passes from CUDA graphs (on by default with the target's graphs).
     pub fn set_graphs(&mut self, on: bool) {
         self.use_graphs = on;
+        self.graphs.clear();
+    }
+
+    /// What the passes did so far.
+    pub fn profile(&self) -> &DraftProfile {
+        &self.profile
+    }
+
+    fn drop_graphs(&mut self) {
+        if !self.graphs.is_empty() {
+            self.profile.graph_drops += 1;
+        }
         self.graphs.clear();
     }
 
@@ -465,9 +499,17 @@ impl CudaDFlash {
                 block: bl.block,
             });
         }
-        let plan = plan_rows(&specs, self.cfg.mask_token_id);
         let max_slot = specs.iter().map(|s| s.slot).max().unwrap_or(0);
         self.ensure_slots(max_slot + 1)?;
+        let mut plan = plan_rows(&specs, self.cfg.mask_token_id);
+        if plan.n_ctx > DRAFT_GRAPH_ROWS {
+            // A prompt's whole context: its rows in graphed context-only chunks, then the
+            // blocks as a small pass (one eager pass of every row took ~2 ms on the H100).
+            let ctx: Vec<f32> = blocks.iter().flat_map(|bl| bl.context.iter().copied()).collect();
+            self.ingest_context(&ctx, &plan.pos[plan.n_block..], &plan.slots[plan.n_block..])?;
+            let blocks_only: Vec<RowSpec> = specs.iter().map(|s| RowSpec { ctx_rows: 0, ..*s }).collect();
+            plan = plan_rows(&blocks_only, self.cfg.mask_token_id);
+        }
         let (nb, nc, padded) = pass_rows(plan.n_block, plan.n_ctx);
         self.ensure_bufs(nb, nb + nc)?;
         let rows = pad_rows(&plan, nb, nc, self.cfg.mask_token_id);
@@ -481,6 +523,7 @@ impl CudaDFlash {
             let ctx: Vec<f32> = blocks.iter().flat_map(|bl| bl.context.iter().copied()).collect();
             st.memcpy_htod(&ctx, &mut b.ctx_in.slice_mut(0..ctx.len())).map_err(drv)?;
         }
+        self.profile.passes += 1;
         let c = &self.cfg.decoder;
         // padded passes split attention for the longest context, as their graphs must
         let max_len = if padded { self.kv.max_pos } else { plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize };
@@ -488,24 +531,76 @@ impl CudaDFlash {
         if padded && self.use_graphs {
             self.launch_graph(nb, nc, splits)?;
         } else {
+            self.profile.eager += 1;
             let staging = self.gemm.as_ref().map(BlasGemm::staging_len);
             self.encode(nb, nc, splits).map_err(dev)?;
             // a big eager pass moved the GEMMs' staging buffer that the graphs read
             if self.gemm.as_ref().map(BlasGemm::staging_len) != staging {
-                self.graphs.clear();
+                self.drop_graphs();
             }
         }
         Ok((specs, plan))
     }
 
-    /// Replays the pass of `nb` block and `nc` context rows from its graph (captured now if new).
+    /// Replays the pass of `nb` block and `nc` context rows from its graph (captured now if new);
+    /// `nb` = 0 is a context-only pass ([`Self::encode_context`]).
     fn launch_graph(&mut self, nb: usize, nc: usize, splits: usize) -> Result<(), BackendError> {
         if !self.graphs.contains_key(&(nb, nc)) {
             let st = self.cx.stream.clone();
-            let g = capture_graph(&st, || self.encode(nb, nc, splits))?;
+            let g = capture_graph(&st, || if nb == 0 { self.encode_context(nc) } else { self.encode(nb, nc, splits) })?;
             self.graphs.insert((nb, nc), SendGraph(g, None));
+            self.profile.captures += 1;
         }
+        self.profile.graph_launches += 1;
         self.graphs[&(nb, nc)].0.launch().map_err(drv)
+    }
+
+    /// Writes context rows (`ctx`: `[rows, ctx_width]`, at `pos` in cache `slots`) into
+    /// the KV cache in passes of at most `DRAFT_GRAPH_ROWS` rows, padded like block
+    /// passes and replayed from graphs. Context rows are independent of each other
+    /// (each is projected, normed and turned into K/V per layer), so any cut is exact.
+    fn ingest_context(&mut self, ctx: &[f32], pos: &[i32], slots: &[i32]) -> Result<(), BackendError> {
+        let width = self.ctx_width;
+        for (k, rows) in pos.chunks(DRAFT_GRAPH_ROWS).enumerate() {
+            let (r0, n) = (k * DRAFT_GRAPH_ROWS, rows.len());
+            let nc = n.next_power_of_two();
+            self.ensure_bufs(1, nc)?;
+            let (mut p, mut sl) = (rows.to_vec(), slots[r0..r0 + n].to_vec());
+            p.resize(nc, 0);
+            sl.resize(nc, -1);
+            let b = self.b.as_mut().expect("allocated above");
+            let st = &self.cx.stream;
+            st.memcpy_htod(&p, &mut b.pos.slice_mut(0..nc)).map_err(drv)?;
+            st.memcpy_htod(&sl, &mut b.slots.slice_mut(0..nc)).map_err(drv)?;
+            st.memcpy_htod(&ctx[r0 * width..(r0 + n) * width], &mut b.ctx_in.slice_mut(0..n * width)).map_err(drv)?;
+            self.profile.context_chunks += 1;
+            if self.use_graphs {
+                self.launch_graph(0, nc, 0)?;
+            } else {
+                self.encode_context(nc).map_err(dev)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The launches of a context-only pass of `nc` rows (uploaded to `ctx_in`, `pos`,
+    /// `slots` from row 0): what [`Self::encode`] does to its context rows.
+    fn encode_context(&mut self, nc: usize) -> Res<()> {
+        let Self { cx, cfg, w, b, k_cache, v_cache, kv, ctx_width, gemm, .. } = self;
+        let b = b.as_mut().expect("buffers allocated before encode");
+        let st = cx.stream.clone();
+        let c = &cfg.decoder;
+        let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let qkvd = (nq + 2 * nkv) * hd;
+        let eps = c.rms_norm_eps;
+        dense(cx, gemm, &w.fc, dptr(&b.ctx_in, &st), false, dptr(&b.ctxh, &st), h, *ctx_width, nc, None)?;
+        cx.rmsnorm_residual::<f32>(&mut b.ctxh, None, &w.hidden_norm, &mut b.ctxn, nc, h, eps)?;
+        for (li, l) in w.layers.iter().enumerate() {
+            dense(cx, gemm, &l.wqkv, dptr(&b.ctxn, &st), false, dptr(&b.qkv, &st), qkvd, h, nc, None)?;
+            cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, Some(&l.q_norm), Some(&l.k_norm), nc, nq, nkv, hd, eps, w.mscale)?;
+            cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, nc, nq, li, kv)?;
+        }
+        Ok(())
     }
 
     /// Grows the KV cache to at least `n` slots (contents kept).
@@ -517,7 +612,7 @@ impl CudaDFlash {
         let (k, v, kv) = super::ops::grow_kv(&self.cx, &self.k_cache, &self.v_cache, self.kv, slots).map_err(drv)?;
         (self.k_cache, self.v_cache, self.kv) = (k, v, kv);
         // the graphs address the old cache
-        self.graphs.clear();
+        self.drop_graphs();
         Ok(())
     }
 
@@ -530,7 +625,7 @@ impl CudaDFlash {
         let blk = blk.next_power_of_two().max(old_blk).max(16);
         let all = all.next_power_of_two().max(old_all).max(blk);
         // free the old buffers (and the graphs that address them) first
-        self.graphs.clear();
+        self.drop_graphs();
         self.b = None;
         let c = &self.cfg.decoder;
         let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
