@@ -406,6 +406,8 @@ impl<'a> Run<'a> {
                 verify_block(rows, vocab, drafts, s.state.as_ref(), self.grammar, &mut s.sampler)
             };
             let accepted = tokens.len() - 1;
+            // KAIROS_LOG=kairos::engine::speculative=trace: every block, for acceptance studies
+            tracing::trace!(seq = i, position = s.cached, ?block, target = ?tokens, accepted, "verified block");
             // The block's first `accepted + 1` tokens are now committed context.
             self.target.truncate(s.seq, s.cached + accepted + 1)?;
             s.ctx.extend_from_slice(&hidden[row0 * width..(row0 + accepted + 1) * width]);
