@@ -59,8 +59,8 @@ pub struct BlockSizeChooser {
 const PRIOR_ACCEPT: f64 = 1.0;
 const PRIOR_TRIED: f64 = 2.0;
 const COST_EMA: f64 = 0.2;
-/// Every this many steps the longest block is run anyway, so acceptance and
-/// cost statistics keep coming even while short blocks look better.
+/// Every this many steps the longest block or plain decoding (alternately) is run
+/// anyway, so acceptance and cost statistics keep coming for both ends.
 pub const EXPLORE_EVERY: usize = 16;
 
 impl BlockSizeChooser {
@@ -86,12 +86,20 @@ impl BlockSizeChooser {
         self.tried[0] as usize
     }
 
-    /// The block size for the next step: [`choose`](Self::choose), except every
-    /// [`EXPLORE_EVERY`]-th step, which runs the longest block.
+    /// The block size for the next step: [`choose`](Self::choose), except the second
+    /// step, which measures plain decoding (B = 1 runs no drafter pass, a cost no
+    /// model of the verify step predicts), and every [`EXPLORE_EVERY`]-th step, which
+    /// runs the longest block and plain decoding in turn.
     pub fn next(&mut self) -> usize {
         self.steps += 1;
-        if self.steps % EXPLORE_EVERY == 0 {
-            self.max_block
+        if self.steps == 2 && self.cost[1].is_none() {
+            1
+        } else if self.steps % EXPLORE_EVERY == 0 {
+            if (self.steps / EXPLORE_EVERY) % 2 == 1 {
+                self.max_block
+            } else {
+                1
+            }
         } else {
             self.choose()
         }
@@ -132,14 +140,16 @@ impl BlockSizeChooser {
         total
     }
 
-    /// Step cost at `b`: measured if run, else the model scaled to the nearest measured B.
+    /// Step cost at `b`: measured if run, else the model scaled to the nearest measured
+    /// B. Drafting steps (B ≥ 2) scale from drafting steps where one was measured: a
+    /// plain step has no drafter pass, so it would make every block look cheap.
     pub fn step_cost(&self, b: usize) -> f64 {
         if let Some(c) = self.cost[b] {
             return c;
         }
-        let anchor = (1..=self.max_block)
-            .filter_map(|x| self.cost[x].map(|c| (x, c)))
-            .min_by_key(|&(x, _)| x.abs_diff(b));
+        let measured = |x: usize| self.cost[x].map(|c| (x, c));
+        let drafting = (2..=self.max_block).filter_map(measured).min_by_key(|&(x, _)| x.abs_diff(b));
+        let anchor = if b >= 2 { drafting.or_else(|| measured(1)) } else { drafting };
         match anchor {
             Some((x, c)) => c * self.model.relative(b) / self.model.relative(x),
             None => self.model.relative(b),
@@ -212,9 +222,34 @@ mod tests {
     #[test]
     fn a_short_choice_still_explores_the_longest_block() {
         let mut c = trained(0.05, 2000, 8, CostModel::dense(1.0));
-        let picks: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| c.next()).collect();
+        let picks: Vec<usize> = (0..4 * EXPLORE_EVERY).map(|_| c.next()).collect();
         assert_eq!(picks.iter().filter(|&&b| b == 8).count(), 2, "{picks:?}");
-        assert!(picks.iter().filter(|&&b| b == 1).count() >= 2 * EXPLORE_EVERY - 2, "{picks:?}");
+        assert!(picks.iter().filter(|&&b| b == 1).count() >= 4 * EXPLORE_EVERY - 2, "{picks:?}");
+    }
+
+    #[test]
+    fn a_long_choice_measures_plain_decoding_early_and_again() {
+        let mut c = trained(0.9, 2000, 16, CostModel::dense(0.03));
+        let picks: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| c.next()).collect();
+        assert_eq!(picks[1], 1, "{picks:?}");
+        assert_eq!(picks[2 * EXPLORE_EVERY - 1], 1, "{picks:?}");
+        assert_eq!(picks.iter().filter(|&&b| b == 1).count(), 2, "{picks:?}");
+        // once measured, B = 1 is not re-measured at the second step of a new chooser's life
+        let mut d = trained(0.9, 2000, 16, CostModel::dense(0.03));
+        d.observe_cost(1, 1.0);
+        assert_eq!((d.next(), d.next()), (16, 16));
+    }
+
+    #[test]
+    fn plain_decoding_wins_when_drafting_steps_cost_more_than_they_commit() {
+        // a large batch on a GPU: plain steps are cheap, every drafting step pays the
+        // drafter pass and many more verify rows (measured, H100 batch 32: ~4x)
+        let mut c = trained(0.5, 2000, 16, CostModel::dense(0.03));
+        c.observe_cost(1, 1.0);
+        c.observe_cost(16, 6.0);
+        assert_eq!(c.choose(), 1);
+        // unmeasured drafting blocks scale from the measured drafting step, not from B = 1
+        assert!(c.step_cost(4) > 4.0, "{}", c.step_cost(4));
     }
 
     #[test]
