@@ -179,6 +179,8 @@ pub struct BenchRow {
     /// drafter's eager passes, graph replays, captures, context chunks).
     #[serde(skip_serializing_if = "Map::is_empty")]
     pub drafter: Map<String, Value>,
+    /// Verify steps per block size (fixed B: one entry; `--adaptive`: the chooser's picks).
+    pub block_sizes: std::collections::BTreeMap<usize, usize>,
     /// DFlash rows: sequences whose greedy output equals plain decoding's (on a
     /// GPU a verify step sums in another order, so near-ties may part).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -225,6 +227,7 @@ pub fn run(
                     verify_s: 0.0,
                     drafter: Map::new(),
                     identical_outputs: None,
+                    block_sizes: Default::default(),
                 };
                 let before = drafter.counters();
                 let (mut committed, mut blocks, mut drafted, mut accepted) = (0, 0, 0, 0);
@@ -255,6 +258,9 @@ pub fn run(
                     accepted += out.stats.accepted;
                     row.draft_s += out.stats.draft_s;
                     row.verify_s += out.stats.verify_s;
+                    for &bs in &out.stats.block_sizes {
+                        *row.block_sizes.entry(bs).or_default() += 1;
+                    }
                     outs[k].extend(out.outputs.into_iter().map(|x| x.output_ids));
                 }
                 row.tokens_per_s = if row.decode_s > 0.0 { row.tokens as f64 / row.decode_s } else { 0.0 };

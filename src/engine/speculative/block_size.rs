@@ -140,7 +140,9 @@ impl BlockSizeChooser {
         total
     }
 
-    /// Step cost at `b`: measured if run, else the model scaled to the nearest measured
+    /// Step cost at `b`: measured if run; else, between two measured drafting blocks,
+    /// the straight line through them (a big batch's verify rows grow with B far faster
+    /// than the model's per-token term); else the model scaled to the nearest measured
     /// B. Drafting steps (B ≥ 2) scale from drafting steps where one was measured: a
     /// plain step has no drafter pass, so it would make every block look cheap.
     pub fn step_cost(&self, b: usize) -> f64 {
@@ -148,6 +150,13 @@ impl BlockSizeChooser {
             return c;
         }
         let measured = |x: usize| self.cost[x].map(|c| (x, c));
+        if b >= 2 {
+            let below = (2..b).rev().find_map(measured);
+            let above = (b + 1..=self.max_block).find_map(measured);
+            if let (Some((x0, c0)), Some((x1, c1))) = (below, above) {
+                return c0 + (c1 - c0) * (b - x0) as f64 / (x1 - x0) as f64;
+            }
+        }
         let drafting = (2..=self.max_block).filter_map(measured).min_by_key(|&(x, _)| x.abs_diff(b));
         let anchor = if b >= 2 { drafting.or_else(|| measured(1)) } else { drafting };
         match anchor {
@@ -238,6 +247,16 @@ mod tests {
         let mut d = trained(0.9, 2000, 16, CostModel::dense(0.03));
         d.observe_cost(1, 1.0);
         assert_eq!((d.next(), d.next()), (16, 16));
+    }
+
+    #[test]
+    fn unmeasured_blocks_between_two_measured_ones_cost_the_straight_line() {
+        let mut c = BlockSizeChooser::new(16, CostModel::dense(0.03));
+        c.observe_cost(4, 2.0);
+        c.observe_cost(16, 8.0);
+        assert!((c.step_cost(10) - 5.0).abs() < 1e-12, "{}", c.step_cost(10));
+        // outside the measured range the model scales from the nearest drafting block
+        assert!((c.step_cost(2) - 2.0 * c.model.relative(2) / c.model.relative(4)).abs() < 1e-12);
     }
 
     #[test]

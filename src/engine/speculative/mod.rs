@@ -183,12 +183,16 @@ fn generate_with(
 }
 
 fn drive(run: &mut step::Run<'_>, max_b: usize, mut chooser: Option<&mut BlockSizeChooser>) -> Result<(), BackendError> {
+    let mut first = true;
     while run.any_active() {
         let b = chooser.as_deref_mut().map_or(max_b, BlockSizeChooser::next);
         let t = Instant::now();
         let outcomes = run.step(b)?;
         if let Some(c) = chooser.as_deref_mut() {
-            c.observe_cost(b, t.elapsed().as_secs_f64());
+            // the first step also hands the drafter every prompt's context, whatever B is
+            if !std::mem::take(&mut first) {
+                c.observe_cost(b, t.elapsed().as_secs_f64());
+            }
             for (drafted, accepted) in outcomes {
                 c.observe_acceptance(drafted, accepted);
             }
