@@ -118,10 +118,14 @@ impl BlockSizeChooser {
         }
     }
 
-    /// A measured step (draft + verify) at block `b`.
+    /// A measured step (draft + verify) at block `b`. The estimate drops at once to a
+    /// faster step and rises only by a moving average: a slow step is often a one-off
+    /// (a CUDA graph captured for a new row count), and a block explored once every
+    /// 2·[`EXPLORE_EVERY`] steps would otherwise keep such a spike for a long time.
     pub fn observe_cost(&mut self, b: usize, seconds: f64) {
         if let Some(slot) = self.cost.get_mut(b) {
             *slot = Some(match *slot {
+                Some(old) if seconds < old => seconds,
                 Some(old) => old + COST_EMA * (seconds - old),
                 None => seconds,
             });
@@ -247,6 +251,16 @@ mod tests {
         let mut d = trained(0.9, 2000, 16, CostModel::dense(0.03));
         d.observe_cost(1, 1.0);
         assert_eq!((d.next(), d.next()), (16, 16));
+    }
+
+    #[test]
+    fn a_one_off_slow_step_is_forgotten_at_the_next_normal_one() {
+        let mut c = BlockSizeChooser::new(16, CostModel::dense(0.03));
+        c.observe_cost(16, 9.0); // e.g. a graph capture
+        c.observe_cost(16, 1.5);
+        assert_eq!(c.step_cost(16), 1.5);
+        c.observe_cost(16, 2.5);
+        assert!((c.step_cost(16) - (1.5 + COST_EMA)).abs() < 1e-12);
     }
 
     #[test]
