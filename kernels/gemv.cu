@@ -120,3 +120,56 @@ extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf1
         const float* bias) { \
     gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols, bias, blockIdx.x); }
 GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5, 2) GEMV_ENTRY(6, 2) GEMV_ENTRY(7, 2) GEMV_ENTRY(8, 2)
+
+// Split-K GEMV for one input row (decode at batch 1) on matrices with few rows: KS warps
+// of a block share an output row, each summing every KS-th 512-byte segment of it, and
+// their partial sums meet in shared memory in warp order (deterministic). With one warp
+// per row, Qwen3's o_proj (2048 rows) puts ~16 warps on an SM and a router (128 rows) 128
+// warps on the whole GPU: too few loads in flight to stream the weights. cols % 8 == 0.
+// Entry points bf16_gemv_k{2,4,8}_{bf16x,f32x}; the host picks KS (CudaContext::gemv_split).
+template <typename TX, int KS>
+__device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
+                                int rows, int cols, const float* __restrict__ bias) {
+    __shared__ float part[8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row = blockIdx.x * (8 / KS) + warp / KS, k = warp % KS;
+    const int c8 = cols / 8;
+    float acc = 0.f;
+    if (row < rows) {
+        const bf16_t* wr = W + (long long)row * cols;
+#pragma unroll 4
+        for (int c = k * 32 + lane; c < c8; c += 32 * KS) {
+            float w[8], xv[8];
+            unpack8(__ldg((const uint4*)(wr + c * 8)), w);
+            load8_bf16(x + c * 8, xv);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc += w[e] * xv[e];
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) part[warp] = acc;
+    __syncthreads();
+    if (k == 0 && lane == 0 && row < rows) {
+        float v = 0.f;
+#pragma unroll
+        for (int i = 0; i < KS; i++) v += part[warp + i];
+        y[row] = v + (bias ? bias[row] : 0.f);
+    }
+}
+// As gemv_pdl_entry: each warp asks L2 for its share of its row before the PDL wait.
+template <int KS>
+__device__ __forceinline__ void gemv_split_pdl_entry(const bf16_t* W, int rows, int cols) {
+    PDL_TRIGGER();
+    const int warp = threadIdx.x >> 5, row = blockIdx.x * (8 / KS) + warp / KS, k = warp % KS;
+    const long long bytes = (long long)cols * 2 / KS;
+    if (row < rows) prefetch_l2_warp((const char*)(W + (long long)row * cols) + k * bytes, bytes);
+    PDL_WAIT();
+}
+#define GEMV_SPLIT_ENTRY(KS) \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_bf16x(const bf16_t* W, const bf16_t* x, float* y, int rows, \
+        int cols, const float* bias) { \
+    gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<bf16_t, KS>(W, x, y, rows, cols, bias); } \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_f32x(const bf16_t* W, const float* x, float* y, int rows, \
+        int cols, const float* bias) { \
+    gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<float, KS>(W, x, y, rows, cols, bias); }
+GEMV_SPLIT_ENTRY(2) GEMV_SPLIT_ENTRY(4) GEMV_SPLIT_ENTRY(8)

@@ -8,12 +8,17 @@ use crate::support::*;
 fn bf16_gemv() {
     guard!();
     let c = cx();
+    // the same kernels with one warp per output row (no split-K GEMVs), for the A/B below
+    let mut unsplit = kairos::backend::cuda::CudaContext::new(0).expect("second CUDA context");
+    unsplit.gemv_split = false;
     let mut r = rng();
     for &(rows, cols) in &[
         (1536usize, 576usize),
         (576, 1536),
         (49152, 576),
         (1536, 2048),
+        (2048, 4096), // Qwen3 o_proj: split in 2
+        (128, 2048),  // Qwen3 router: split in 8
         (77, 100),
         (33, 40),
         (5, 8),
@@ -35,19 +40,26 @@ fn bf16_gemv() {
             let mut y = nan_f32(n * rows);
             c.bf16_gemv(&dw, &up(&x), &mut y, rows, cols, n).unwrap();
             check(
-                &format!("bf16_gemv f32-x rows {rows} cols {cols} n {n}"),
+                &format!("bf16_gemv f32-x rows {rows} cols {cols} n {n} (split {})", c.gemv_split_warps(rows, cols, n)),
                 &down(&y),
                 &want,
                 1e-5,
             );
         }
     }
+    if c.gemv_split {
+        assert_eq!((c.gemv_split_warps(2048, 4096, 1), c.gemv_split_warps(128, 2048, 1), c.gemv_split_warps(151936, 2048, 1)), (2, 8, 1));
+    }
+    assert_eq!(c.gemv_split_warps(2048, 4096, 2), 1, "split only for one input row");
     // timing (weights rotated past L2)
     for &(rows, cols, what) in &[
         (49152usize, 576usize, "SmolLM2 lm_head"),
         (1536, 576, "SmolLM2 gate"),
         (576, 1536, "SmolLM2 down"),
         (4096, 2048, "Qwen3-30B q_proj"),
+        (2048, 4096, "Qwen3-30B o_proj"),
+        (128, 2048, "Qwen3-30B router"),
+        (2880, 4096, "gpt-oss-20b o_proj"),
         (151936, 2048, "Qwen3 lm_head"),
     ] {
         let w = up(&to_bf(&randn(&mut r, rows * cols, 1.0)));
@@ -55,16 +67,17 @@ fn bf16_gemv() {
         for &n in &[1usize, 8] {
             let x = up(&to_bf(&randn(&mut r, n * cols, 1.0)));
             let mut y = nan_f32(n * rows);
+            let bytes = (rows * cols * 2 + n * cols * 2 + n * rows * 4) as f64;
             let us = bench(|i| {
                 c.bf16_gemv(&ws[i % ws.len()], &x, &mut y, rows, cols, n)
                     .unwrap()
             });
-            report(
-                "bf16_gemv",
-                &format!("{what} {rows}x{cols} n {n}"),
-                us,
-                (rows * cols * 2 + n * cols * 2 + n * rows * 4) as f64,
-            );
+            let ks = c.gemv_split_warps(rows, cols, n);
+            report("bf16_gemv", &format!("{what} {rows}x{cols} n {n} (split {ks})"), us, bytes);
+            if ks > 1 {
+                let us = bench(|i| unsplit.bf16_gemv(&ws[i % ws.len()], &x, &mut y, rows, cols, n).unwrap());
+                report("bf16_gemv", &format!("{what} {rows}x{cols} n {n} (one warp per row)"), us, bytes);
+            }
         }
     }
 }

@@ -84,7 +84,7 @@ fn compare(what: &str, cpu: &[f32], gpu: &[f32], st: &mut Stats) -> u32 {
 }
 
 fn opts() -> CudaBackendOptions {
-    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, grouped: Some(8), persistent: false }
+    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, grouped: Some(8), persistent: false, gemv_split: true }
 }
 
 /// Random weights for a config (bf16 matrices, MXFP4 experts): the fixtures all have
@@ -467,12 +467,14 @@ fn persistent_matches_graph() {
         "moe_intermediate_size": 64, "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
         "max_position_embeddings": 1024, "tie_word_embeddings": false}))
     .expect("qwen3-moe config");
-    let pk = CudaBackendOptions { persistent: true, ..opts() };
+    // the persistent step runs the one-warp-per-row GEMV bodies: compare with a graph of those
+    let graph = CudaBackendOptions { gemv_split: false, ..opts() };
+    let pk = CudaBackendOptions { persistent: true, ..graph.clone() };
     let pairs: Vec<(&str, CudaBackend, CudaBackend)> = vec![
-        ("llama d64", CudaBackend::new(&llama, pk.clone()).unwrap(), CudaBackend::new(&llama, opts()).unwrap()),
-        ("qwen3-moe d128", CudaBackend::new(&moe, pk.clone()).unwrap(), CudaBackend::new(&moe, opts()).unwrap()),
-        ("gpt-oss d64", CudaBackend::random(&gpt_oss, pk.clone(), 5).unwrap(), CudaBackend::random(&gpt_oss, opts(), 5).unwrap()),
-        ("128 experts top-8", CudaBackend::random(&wide, pk.clone(), 6).unwrap(), CudaBackend::random(&wide, opts(), 6).unwrap()),
+        ("llama d64", CudaBackend::new(&llama, pk.clone()).unwrap(), CudaBackend::new(&llama, graph.clone()).unwrap()),
+        ("qwen3-moe d128", CudaBackend::new(&moe, pk.clone()).unwrap(), CudaBackend::new(&moe, graph.clone()).unwrap()),
+        ("gpt-oss d64", CudaBackend::random(&gpt_oss, pk.clone(), 5).unwrap(), CudaBackend::random(&gpt_oss, graph.clone(), 5).unwrap()),
+        ("128 experts top-8", CudaBackend::random(&wide, pk.clone(), 6).unwrap(), CudaBackend::random(&wide, graph.clone(), 6).unwrap()),
     ];
     for (what, mut a, mut b) in pairs {
         let v = a.config().vocab_size as u32;

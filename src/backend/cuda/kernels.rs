@@ -475,9 +475,11 @@ impl CudaContext {
         len_at_least(x, n * cols, "x")?;
         len_at_least(y, n * rows, "y")?;
         let a = [rows as i32, cols as i32];
-        let mut b = self.launch(&format!("bf16_gemv_{}x_n{n}", X::NAME));
+        let ks = self.gemv_split_warps(rows, cols, n);
+        let name = if ks > 1 { format!("bf16_gemv_k{ks}_{}x", X::NAME) } else { format!("bf16_gemv_{}x_n{n}", X::NAME) };
+        let mut b = self.launch(&name);
         b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL);
-        let rows_per_block = if n >= 4 { 16 } else { 8 };
+        let rows_per_block = if ks > 1 { 8 / ks } else if n >= 4 { 16 } else { 8 };
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
         Ok(())
     }

@@ -75,7 +75,16 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "gemv",
         include_str!("../../../kernels/gemv.cu"),
-        &["bf16_gemv_bf16x_n", "bf16_gemv_f32x_n"],
+        &[
+            "bf16_gemv_bf16x_n",
+            "bf16_gemv_f32x_n",
+            "bf16_gemv_k2_bf16x",
+            "bf16_gemv_k2_f32x",
+            "bf16_gemv_k4_bf16x",
+            "bf16_gemv_k4_f32x",
+            "bf16_gemv_k8_bf16x",
+            "bf16_gemv_k8_f32x",
+        ],
     ),
     (
         "swiglu",
@@ -168,6 +177,9 @@ pub struct CudaContext {
     pub pdl: bool,
     /// the device supports PDL (sm_90+)
     pub pdl_supported: bool,
+    /// one-row GEMVs on matrices with few rows split each row over 2–8 warps
+    /// (`gemv_split_warps`); `KAIROS_CUDA_GEMV_SPLIT=0` turns it off
+    pub gemv_split: bool,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -409,11 +421,28 @@ impl CudaContext {
             modules,
             pdl,
             pdl_supported,
+            gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
             argmax_scratch,
             recorder: std::sync::Mutex::new(None),
             opts_list,
             persistent: HashMap::new(),
         })
+    }
+
+    /// Warps per output row of a one-row GEMV (1, 2, 4 or 8): doubled while the matrix
+    /// has fewer than 4096 warps' worth of rows and every lane keeps at least one 16-byte
+    /// load of its row. 1 when split GEMVs are off, for steps being recorded for the
+    /// persistent kernel (which runs the plain bodies), and for columns not a multiple of 8.
+    pub fn gemv_split_warps(&self, rows: usize, cols: usize, n: usize) -> usize {
+        let recording = self.recorder.lock().map_or(true, |r| r.is_some());
+        if !self.gemv_split || n != 1 || cols % 8 != 0 || recording {
+            return 1;
+        }
+        let mut ks = 1;
+        while ks < 8 && rows * ks < 4096 && cols / 8 >= 64 * ks {
+            ks *= 2;
+        }
+        ks
     }
 
     /// From now on launches are recorded, not enqueued, until `take_recording`.

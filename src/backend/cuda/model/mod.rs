@@ -108,11 +108,27 @@ pub struct CudaBackendOptions {
     /// Off by default: measured 1.5x slower than the graph on the H100 (see persistent.rs).
     /// `KAIROS_CUDA_PERSISTENT=0|1` overrides; `KAIROS_CUDA_PK_BLOCKS=1|2` blocks per SM.
     pub persistent: bool,
+    /// One-row GEMVs on matrices with few rows split each row over 2–8 warps
+    /// (`CudaContext::gemv_split_warps`). `KAIROS_CUDA_GEMV_SPLIT=0` turns it off.
+    pub gemv_split: bool,
 }
 
 impl Default for CudaBackendOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, initial_slots: 4, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, grouped: Some(8), persistent: false }
+        Self {
+            ordinal: 0,
+            max_context: None,
+            initial_slots: 4,
+            max_step_tokens: 64,
+            graphs: true,
+            fused: true,
+            moe_q8: true,
+            pdl: None,
+            cublas: true,
+            grouped: Some(8),
+            persistent: false,
+            gemv_split: true,
+        }
     }
 }
 
@@ -251,6 +267,7 @@ pub struct CudaBackend {
 impl CudaBackend {
     fn assemble(mut cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
         cx.set_pdl(opts.pdl.unwrap_or(c.moe.is_none()));
+        cx.gemv_split &= opts.gemv_split;
         let t = opts.max_step_tokens.max(1).next_power_of_two();
         let max_context = opts.max_context.unwrap_or(c.max_position_embeddings.min(8192)).max(1);
         let (h, hd, nq, nkv, v) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size);

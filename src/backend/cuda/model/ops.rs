@@ -70,7 +70,9 @@ impl CudaContext {
         let mut j0 = 0;
         while j0 < n {
             let nn = (n - j0).min(8);
-            let name = format!("bf16_gemv_{}x_n{nn}", if x_bf16 { "bf16" } else { "f32" });
+            let ks = self.gemv_split_warps(rows, cols, nn);
+            let xt = if x_bf16 { "bf16" } else { "f32" };
+            let name = if ks > 1 { format!("bf16_gemv_k{ks}_{xt}x") } else { format!("bf16_gemv_{xt}x_n{nn}") };
             let xp = x + (j0 * cols * xs) as u64;
             let yp = y + (j0 * rows * 4) as u64;
             let mut b = self.launch(&name);
@@ -79,7 +81,7 @@ impl CudaContext {
                 Some(bb) => b.arg(bb),
                 None => b.arg(&null),
             };
-            let rpb = if nn >= 4 { 16 } else { 8 };
+            let rpb = if ks > 1 { 8 / ks } else if nn >= 4 { 16 } else { 8 };
             unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
             j0 += nn;
         }
