@@ -8,9 +8,6 @@ use crate::support::*;
 fn bf16_gemv() {
     guard!();
     let c = cx();
-    // the same kernels with one warp per output row (no split-K GEMVs), for the A/B below
-    let mut unsplit = kairos::backend::cuda::CudaContext::new(0).expect("second CUDA context");
-    unsplit.gemv_split = false;
     let mut r = rng();
     for &(rows, cols) in &[
         (1536usize, 576usize),
@@ -47,6 +44,17 @@ fn bf16_gemv() {
             );
         }
     }
+    // every split count on a shape each can take (KS warps x 32 lanes x 8 columns | 2048)
+    for ks in [1usize, 2, 4, 8] {
+        let (rows, cols) = (100usize, 2048usize);
+        let w = rbf(&randn(&mut r, rows * cols, 1.0));
+        let x = rbf(&randn(&mut r, cols, 1.0));
+        let want = ref_gemv(&w, &x, rows, cols, 1);
+        let mut y = nan_f32(rows);
+        c.bf16_gemv_split(&up(&to_bf(&w)), &up(&x), &mut y, rows, cols, 1, ks).unwrap();
+        check(&format!("bf16_gemv f32-x rows {rows} cols {cols} n 1, {ks} warps per row"), &down(&y), &want, 1e-5);
+    }
+    assert!(c.bf16_gemv_split(&up(&[0u16; 16]), &up(&[0f32; 16]), &mut nan_f32(2), 2, 8, 1, 3).is_err());
     if c.gemv_split {
         assert_eq!((c.gemv_split_warps(2048, 4096, 1), c.gemv_split_warps(128, 2048, 1), c.gemv_split_warps(151936, 2048, 1)), (2, 8, 1));
     }
@@ -75,7 +83,7 @@ fn bf16_gemv() {
             let ks = c.gemv_split_warps(rows, cols, n);
             report("bf16_gemv", &format!("{what} {rows}x{cols} n {n} (split {ks})"), us, bytes);
             if ks > 1 {
-                let us = bench(|i| unsplit.bf16_gemv(&ws[i % ws.len()], &x, &mut y, rows, cols, n).unwrap());
+                let us = bench(|i| c.bf16_gemv_split(&ws[i % ws.len()], &x, &mut y, rows, cols, n, 1).unwrap());
                 report("bf16_gemv", &format!("{what} {rows}x{cols} n {n} (one warp per row)"), us, bytes);
             }
         }

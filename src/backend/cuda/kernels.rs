@@ -468,6 +468,25 @@ impl CudaContext {
         cols: usize,
         n: usize,
     ) -> Result<()> {
+        self.bf16_gemv_split(w, x, y, rows, cols, n, self.gemv_split_warps(rows, cols, n))
+    }
+
+    /// [`Self::bf16_gemv`] with `ks` warps per output row (1, or 2/4/8 for n = 1 and
+    /// cols % 8 == 0), whatever [`CudaContext::gemv_split_warps`] would pick (tests, timing).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bf16_gemv_split<X: Act>(
+        &self,
+        w: &CudaSlice<u16>,
+        x: &CudaSlice<X>,
+        y: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        n: usize,
+        ks: usize,
+    ) -> Result<()> {
+        need(ks == 1 || (matches!(ks, 2 | 4 | 8) && n == 1 && cols % 8 == 0), || {
+            format!("bf16_gemv: {ks} warps per row (n {n}, cols {cols})")
+        })?;
         need((1..=8).contains(&n), || {
             format!("bf16_gemv: n {n} not in 1..=8")
         })?;
@@ -475,7 +494,6 @@ impl CudaContext {
         len_at_least(x, n * cols, "x")?;
         len_at_least(y, n * rows, "y")?;
         let a = [rows as i32, cols as i32];
-        let ks = self.gemv_split_warps(rows, cols, n);
         let name = if ks > 1 { format!("bf16_gemv_k{ks}_{}x", X::NAME) } else { format!("bf16_gemv_{}x_n{n}", X::NAME) };
         let mut b = self.launch(&name);
         b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL);
