@@ -484,7 +484,7 @@ impl CudaContext {
         n: usize,
         ks: usize,
     ) -> Result<()> {
-        need(ks == 1 || (matches!(ks, 2 | 4 | 8) && n == 1 && cols % 8 == 0), || {
+        need(ks == 1 || (matches!(ks, 2 | 4 | 8) && n == 1 && cols.is_multiple_of(8)), || {
             format!("bf16_gemv: {ks} warps per row (n {n}, cols {cols})")
         })?;
         need((1..=8).contains(&n), || {

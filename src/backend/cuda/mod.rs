@@ -435,7 +435,7 @@ impl CudaContext {
     /// persistent kernel (which runs the plain bodies), and for columns not a multiple of 8.
     pub fn gemv_split_warps(&self, rows: usize, cols: usize, n: usize) -> usize {
         let recording = self.recorder.lock().map_or(true, |r| r.is_some());
-        if !self.gemv_split || n != 1 || cols % 8 != 0 || recording {
+        if !self.gemv_split || n != 1 || !cols.is_multiple_of(8) || recording {
             return 1;
         }
         let mut ks = 1;

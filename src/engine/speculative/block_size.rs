@@ -94,7 +94,7 @@ impl BlockSizeChooser {
         self.steps += 1;
         if self.steps == 2 && self.cost[1].is_none() {
             1
-        } else if self.steps % EXPLORE_EVERY == 0 {
+        } else if self.steps.is_multiple_of(EXPLORE_EVERY) {
             if (self.steps / EXPLORE_EVERY) % 2 == 1 {
                 self.max_block
             } else {
