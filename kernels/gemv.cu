@@ -25,7 +25,7 @@ template <int R> struct GemvPre<NoWait, R> { static const int chunks = 0; };
 // `wait()` is called once by every thread before x is read: the persistent step passes
 // its dependency wait, so the first PRE 16-byte weight chunks of each lane's rows are
 // already loaded (in registers) when the input becomes ready.
-template <typename TX, int N, int R, typename Wait = NoWait>
+template <typename TX, int N, int R, typename Wait = NoWait, bool ACC = false>
 __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
                           int rows, int cols, const float* __restrict__ bias, int bx, Wait wait = Wait()) {
     constexpr int PRE = GemvPre<Wait, R>::chunks;
@@ -45,11 +45,18 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
                                                                  : make_uint4(0, 0, 0, 0);
     wait();
     if (row0 >= rows) return;
-    float acc[R][N];
+    float acc[R][N], y0[ACC ? R : 1][ACC ? N : 1];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int j = 0; j < N; j++) acc[r][j] = 0.f;
+    // ACC: the values added to are loaded now, not after the reduction (a dependent round trip)
+    if (ACC && lane == 0)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int j = 0; j < N; j++)
+                y0[ACC ? r : 0][ACC ? j : 0] = row0 + r < rows ? y[(long long)j * rows + row0 + r] : 0.f;
     if (vec) {
         // the preloaded chunks first (the same order as the loop below)
 #pragma unroll
@@ -70,7 +77,11 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
                 }
             }
         }
-#pragma unroll 4
+        // 16-byte weight chunks per lane in flight: 8 for one row per warp (a 4 KB row in
+        // one round trip: on the H100 gpt-oss-20b b1 -2.9%, b4 -5.6%, Qwen3 b1 -0.7%),
+        // 4 for two (8 made SmolLM2 b4 7.6% slower: registers)
+        constexpr int GU = R == 1 ? 8 : 4;
+#pragma unroll GU
         for (int c = lane + 32 * PRE; c < c8; c += 32) {
             float w[R][8];
 #pragma unroll
@@ -100,7 +111,10 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
 #pragma unroll
         for (int j = 0; j < N; j++) {
             float v = warp_sum(acc[r][j]);
-            if (lane == 0 && row0 + r < rows) y[(long long)j * rows + row0 + r] = v + (bias ? bias[row0 + r] : 0.f);
+            if (lane == 0 && row0 + r < rows) {
+                const float o = v + (bias ? bias[row0 + r] : 0.f);
+                y[(long long)j * rows + row0 + r] = ACC ? y0[ACC ? r : 0][ACC ? j : 0] + o : o;
+            }
         }
 }
 // The weights never depend on the previous kernel: each warp asks L2 for its rows
@@ -120,6 +134,15 @@ extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf1
         const float* bias) { \
     gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols, bias, blockIdx.x); }
 GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5, 2) GEMV_ENTRY(6, 2) GEMV_ENTRY(7, 2) GEMV_ENTRY(8, 2)
+// bf16_gemv_f32x_acc_n*: y += x . W^T (+ bias), y read and written by the owner of the row.
+// The o-projection of a decode step adds itself to the residual stream this way, so the
+// norm after it has nothing to add (router_norm_q8 normalises the residual in every block).
+#define GEMV_ACC_ENTRY(NN, RR) \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_acc_n##NN(const bf16_t* W, const float* x, float* y, int rows, \
+        int cols, const float* bias) { \
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR, NoWait, true>(W, x, y, rows, cols, bias, blockIdx.x); }
+GEMV_ACC_ENTRY(1, 1) GEMV_ACC_ENTRY(2, 1) GEMV_ACC_ENTRY(3, 1) GEMV_ACC_ENTRY(4, 2) GEMV_ACC_ENTRY(5, 2) GEMV_ACC_ENTRY(6, 2)
+GEMV_ACC_ENTRY(7, 2) GEMV_ACC_ENTRY(8, 2)
 
 // Split-K GEMV for one input row (decode at batch 1) on matrices with few rows: KS warps
 // of a block share an output row, each summing every KS-th 512-byte segment of it, and
@@ -127,7 +150,12 @@ GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5
 // per row, Qwen3's o_proj (2048 rows) puts ~16 warps on an SM and a router (128 rows) 128
 // warps on the whole GPU: too few loads in flight to stream the weights. cols % 8 == 0.
 // Entry points bf16_gemv_k{2,4,8}_{bf16x,f32x}; the host picks KS (CudaContext::gemv_split).
-template <typename TX, int KS>
+// 16-byte chunks per lane in flight (KAIROS_NVRTC_DEFINES=GEMV_SPLIT_UNROLL=8 for A/B: on the
+// H100 8 changed nothing for the Qwen3 / gpt-oss shapes and made SmolLM2 b1 1% slower)
+#ifndef GEMV_SPLIT_UNROLL
+#define GEMV_SPLIT_UNROLL 4
+#endif
+template <typename TX, int KS, bool ACC = false>
 __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
                                 int rows, int cols, const float* __restrict__ bias) {
     __shared__ float part[8];
@@ -135,9 +163,11 @@ __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restri
     const int row = blockIdx.x * (8 / KS) + warp / KS, k = warp % KS;
     const int c8 = cols / 8;
     float acc = 0.f;
+    // ACC: the value added to is loaded now, not after the reduction
+    const float y0 = ACC && k == 0 && lane == 0 && row < rows ? y[row] : 0.f;
     if (row < rows) {
         const bf16_t* wr = W + (long long)row * cols;
-#pragma unroll 4
+#pragma unroll GEMV_SPLIT_UNROLL
         for (int c = k * 32 + lane; c < c8; c += 32 * KS) {
             float w[8], xv[8];
             unpack8(__ldg((const uint4*)(wr + c * 8)), w);
@@ -153,7 +183,8 @@ __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restri
         float v = 0.f;
 #pragma unroll
         for (int i = 0; i < KS; i++) v += part[warp + i];
-        y[row] = v + (bias ? bias[row] : 0.f);
+        const float o = v + (bias ? bias[row] : 0.f);
+        y[row] = ACC ? y0 + o : o;
     }
 }
 // As gemv_pdl_entry: each warp asks L2 for its share of its row before the PDL wait.
@@ -173,3 +204,8 @@ extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_f32x(const b
         int cols, const float* bias) { \
     gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<float, KS>(W, x, y, rows, cols, bias); }
 GEMV_SPLIT_ENTRY(2) GEMV_SPLIT_ENTRY(4) GEMV_SPLIT_ENTRY(8)
+#define GEMV_SPLIT_ACC_ENTRY(KS) \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_f32x_acc(const bf16_t* W, const float* x, float* y, int rows, \
+        int cols, const float* bias) { \
+    gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<float, KS, true>(W, x, y, rows, cols, bias); }
+GEMV_SPLIT_ACC_ENTRY(2) GEMV_SPLIT_ACC_ENTRY(4) GEMV_SPLIT_ACC_ENTRY(8)

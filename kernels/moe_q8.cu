@@ -96,15 +96,18 @@ extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, 
 //                        act 1 (gpt-oss):  gate = row 2j, up = row 2j + 1, with
 //   g = min(g, limit), u = clamp(u, -limit, limit), out = (u + 1) * g * sigmoid(alpha * g).
 // bias f32 [E, 2I] (rows as fused) or null. Out: aq i8 [n_assign, I], ad f32 [n_assign, I/32].
-// grid (I / 32, n_assign), block 256: 8 warps x 4 outputs = one 32-block of the activation.
-__device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
-        const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
+// grid (I / 32, n_assign), block 256 (512, 1024): 8 (16, 32) warps x 4 (2, 1) outputs = one
+// 32-block of the activation.
+// gate_up_q8_body: assignment a (= by) with its expert e already known.
+__device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, long long e, int x_div,
         const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
         signed char* __restrict__ aq, float* __restrict__ ad, int bx, int by) {
     __shared__ float out[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = by;
     const int nb = cols / 32;
-    const long long e = ids[a];
+    // 8, 16 or 32 warps share the block's 32 outputs (more warps: more loads in flight)
+    const int per = 32 / (blockDim.x >> 5);
     if (e < 0) {  // expert held by another rank (expert parallel): a zero activation
         if (warp == 0) {
             aq[(long long)a * I + bx * 32 + lane] = 0;
@@ -117,8 +120,8 @@ __device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restr
     const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
     const u8* es = scales + e * 2 * I * (long long)nb;
 #pragma unroll 2
-    for (int t = 0; t < 4; t++) {
-        const int j = bx * 32 + warp * 4 + t;
+    for (int t = 0; t < per; t++) {
+        const int j = bx * 32 + warp * per + t;
         const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
         float g = row_dot<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
         float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
@@ -134,7 +137,7 @@ __device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restr
             } else {
                 v = g / (1.f + expf(-g)) * u;
             }
-            out[warp * 4 + t] = v;
+            out[warp * per + t] = v;
         }
     }
     __syncthreads();
@@ -146,10 +149,169 @@ __device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restr
         if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
     }
 }
+__device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
+        const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
+        signed char* __restrict__ aq, float* __restrict__ ad, int bx, int by) {
+    gate_up_q8_body(blocks, scales, xq, xd, ids[by], x_div, bias, I, cols, act, alpha, limit, aq, ad, bx, by);
+}
 extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, const int* ids, int x_div, const float* bias, int I, int cols, int act, float alpha, float limit,
         signed char* aq, float* ad) { PDL_ENTRY();
     gate_up_q8_impl(blocks, scales, xq, xd, ids, x_div, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, blockIdx.y);
+}
+
+// ---- The MoE block of a decode step of up to 8 rows in three launches ----
+// The post-attention rmsnorm (+ int8 blocks) and the router top-k were two launches of
+// their own, each a short dependent kernel between two GEMVs. Here every block that needs
+// them redoes them (a few KB read from L2, no serial tail): router_norm_q8 normalises
+// the residual itself, and moe_gate_up_q8_topk picks its experts itself.
+
+// router_norm_q8: per row t < n (n <= 8) of the residual x f32 [n, H] (the o-projection
+// already added, see bf16_gemv_*_acc):
+//   h = x[t] * rsqrt(mean(x[t]^2) + eps) * ln         (as rmsnorm_residual_q8)
+//   logits[t, e] = bf16(h) . Wr[e] (+ bias[e])         (as the bf16 router GEMV)
+//   xq/xd = h as int8 32-blocks (each block's warps write a share of them).
+// One router row per block, its 8 warps splitting the row; H % 32 == 0.
+// grid (E), block 256.
+#define RN_MAX_N 8
+#define RN_PRE 4
+// acc[t] += the 8 router weights of chunk c . bf16(rmsnorm(x[t]) of that chunk), t < n
+__device__ __forceinline__ void rn_dot(uint4 wq, const float* __restrict__ x, const bf16_t* __restrict__ ln,
+                                       const float* s_inv, int n, int H, int c, float (&acc)[RN_MAX_N]) {
+    float w[8], lw[8];
+    unpack8(wq, w);
+    unpack8(__ldg((const uint4*)(ln + c * 8)), lw);
+#pragma unroll
+    for (int t = 0; t < RN_MAX_N; t++) {
+        if (t < n) {
+            float v[8];
+            load8(x + (long long)t * H + c * 8, v);
+            const float inv = s_inv[t];
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[t] += w[i] * bf2f(f2bf(v[i] * inv * lw[i]));
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __restrict__ x, const bf16_t* __restrict__ ln,
+        const bf16_t* __restrict__ Wr, const float* __restrict__ bias, float* __restrict__ logits,
+        signed char* __restrict__ xq, float* __restrict__ xd, int n, int H, int E, float eps) {
+    __shared__ float s_part[RN_MAX_N][8];
+    __shared__ float s_inv[RN_MAX_N];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, e = blockIdx.x;
+    const int c8 = H / 8;
+    const bf16_t* wr = Wr + (long long)e * H;
+    // the router row does not depend on the previous kernel: its loads go first
+    uint4 pre[RN_PRE];
+#pragma unroll
+    for (int p = 0; p < RN_PRE; p++) {
+        const int c = threadIdx.x + 256 * p;
+        pre[p] = c < c8 ? __ldg((const uint4*)(wr + c * 8)) : make_uint4(0, 0, 0, 0);
+    }
+    PDL_ENTRY();
+    // sum of squares of every row: this thread's 8-chunks, then warps in order
+    for (int t = 0; t < n; t++) {
+        float ss = 0.f;
+        for (int c = threadIdx.x; c < c8; c += 256) {
+            float v[8];
+            load8(x + (long long)t * H + c * 8, v);
+#pragma unroll
+            for (int i = 0; i < 8; i++) ss += v[i] * v[i];
+        }
+        ss = warp_sum(ss);
+        if (lane == 0) s_part[t][warp] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x < n) {
+        float ss = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) ss += s_part[threadIdx.x][w];
+        s_inv[threadIdx.x] = rsqrtf(ss / (float)H + eps);
+    }
+    __syncthreads();
+    float acc[RN_MAX_N];
+#pragma unroll
+    for (int t = 0; t < RN_MAX_N; t++) acc[t] = 0.f;
+#pragma unroll
+    for (int p = 0; p < RN_PRE; p++) {
+        const int c = threadIdx.x + 256 * p;
+        if (c < c8) rn_dot(pre[p], x, ln, s_inv, n, H, c, acc);
+    }
+    for (int c = threadIdx.x + 256 * RN_PRE; c < c8; c += 256) rn_dot(__ldg((const uint4*)(wr + c * 8)), x, ln, s_inv, n, H, c, acc);
+    __syncthreads();  // s_part is reused
+#pragma unroll
+    for (int t = 0; t < RN_MAX_N; t++) {
+        if (t < n) {
+            const float v = warp_sum(acc[t]);
+            if (lane == 0) s_part[t][warp] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < n) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) v += s_part[threadIdx.x][w];
+        logits[(long long)threadIdx.x * E + e] = v + (bias ? bias[e] : 0.f);
+    }
+    // int8 blocks of h: warp-sized 32-blocks q = blockIdx.x * 8 + warp, + 8 * gridDim.x, ...
+    const int qpr = H / 32;
+    for (int q = blockIdx.x * 8 + warp; q < n * qpr; q += gridDim.x * 8) {
+        const int t = q / qpr, i = (q % qpr) * 32 + lane;
+        const float o = LDG_ACT(x + (long long)t * H + i) * s_inv[t] * bf2f(ln[i]);
+        const float d = warp_max(fabsf(o)) / 127.f;
+        xq[(long long)t * H + i] = (signed char)__float2int_rn(d > 0.f ? o / d : 0.f);
+        if (lane == 0) xd[(long long)t * qpr + q % qpr] = d;
+    }
+}
+
+// moe_gate_up_q8 that picks its own expert: every block ranks its token's (t = a / k)
+// router logits f32 [n, E] (E <= 256 = one per thread): the rank of logit i is the number
+// of logits above it (equal ones: lower index first), so rank r is the r-th pick of
+// moe_router_topk (softmax is monotonic) -- ~E shared-memory reads per thread instead of
+// k dependent warp arg-max rounds (which cost ~3.6 us per layer inside this kernel on the
+// H100). Blocks of row tile 0 also store the pick and its weight (softmax over all E,
+// renormalised over the k when `renorm`) in ids / wout [n*k] for the down GEMV and the
+// combine. k <= 32, x_div = k. grid (I / 32, n * k), block 256 or 512.
+extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
+        const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
+        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
+    PDL_ENTRY();
+    __shared__ float s_lg[512];
+    __shared__ float s_red[33];
+    __shared__ int s_ids[32];
+    __shared__ float s_p[32];
+    const int a = blockIdx.y, t = a / k, r = a % k, i = threadIdx.x;
+    const float v = i < E ? logits[(long long)t * E + i] : NEG_INF;
+    s_lg[i] = v;
+    __syncthreads();
+    int rank = 0;
+    if (i < E) {
+#pragma unroll 8
+        for (int j = 0; j < E; j++) {
+            const float u = s_lg[j];
+            rank += (u > v) | ((u == v) & (j < i));
+        }
+        if (rank < k) s_ids[rank] = i;
+    }
+    if (blockIdx.x == 0) {  // the weights, for the combine: softmax over all E
+        float mx = warp_max(v);
+        if ((i & 31) == 0) s_red[i >> 5] = mx;
+        __syncthreads();
+        mx = s_red[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) mx = fmaxf(mx, s_red[w]);
+        __syncthreads();
+        const float ex = i < E ? expf(v - mx) : 0.f;
+        const float sum = block_sum(ex, s_red);
+        if (i < E && rank < k) s_p[rank] = ex / sum;
+    }
+    __syncthreads();
+    if (blockIdx.x == 0 && i == 0) {
+        float sel = 0.f;
+        for (int q = 0; q < k; q++) sel += s_p[q];
+        ids[a] = s_ids[r];
+        wout[a] = renorm ? s_p[r] / sel : s_p[r];
+    }
+    gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
 }
 
 // ---- Grouped expert GEMVs (steps of many rows) ----

@@ -50,6 +50,9 @@ pub struct DecodeBenchOptions {
     /// NCCL path on one GPU (all-reduces in the graph), N > 1 = each shape sharded
     /// over GPUs 0..N, one rank per GPU (`decode_ranks.rs`).
     pub nccl_ranks: usize,
+    /// Time a 512-token prefill per shape (off: only decode steps run, e.g. under a
+    /// kernel profiler that should see the decode graph's kernels first).
+    pub prefill: bool,
 }
 
 impl Default for DecodeBenchOptions {
@@ -66,6 +69,7 @@ impl Default for DecodeBenchOptions {
             model: None,
             upcycle: None,
             nccl_ranks: 0,
+            prefill: true,
         }
     }
 }
@@ -277,17 +281,19 @@ pub fn run(o: &DecodeBenchOptions) -> Result<DecodeReport, String> {
         report.resident_weight_bytes.push((name.clone(), bk.weight_bytes()));
         // prefill: a warm-up prompt, then the timed one, on sequences of their own
         let prompt: Vec<u32> = (0..PREFILL_TOKENS as u32).map(|i| 1 + (i * 7919) % (cfg.vocab_size as u32 - 1)).collect();
-        let mut prefill_s = 0.0;
-        for timed in [false, true] {
-            let s = bk.new_sequence();
-            let t = Instant::now();
-            bk.forward(&[Chunk { seq: s, tokens: &prompt }], LogitsFor::Last).map_err(be)?;
-            if timed {
-                prefill_s = t.elapsed().as_secs_f64();
+        if o.prefill {
+            let mut prefill_s = 0.0;
+            for timed in [false, true] {
+                let s = bk.new_sequence();
+                let t = Instant::now();
+                bk.forward(&[Chunk { seq: s, tokens: &prompt }], LogitsFor::Last).map_err(be)?;
+                if timed {
+                    prefill_s = t.elapsed().as_secs_f64();
+                }
+                bk.free_sequence(s);
             }
-            bk.free_sequence(s);
+            report.prefill.push((name.clone(), PREFILL_TOKENS, PREFILL_TOKENS as f64 / prefill_s));
         }
-        report.prefill.push((name.clone(), PREFILL_TOKENS, PREFILL_TOKENS as f64 / prefill_s));
         let seqs: Vec<_> = (0..max_b).map(|_| bk.new_sequence()).collect();
         for &b in &o.batches {
             for &ctx in &o.contexts {

@@ -62,6 +62,10 @@ struct DecodeBench {
     /// MoE experts with bf16 activations and f32 math instead of int8 + dp4a (A/B).
     #[arg(long)]
     moe_bf16: bool,
+    /// Skip the 512-token prefill timing (decode steps only: what a kernel profiler
+    /// should see first).
+    #[arg(long)]
+    no_prefill: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -130,6 +134,7 @@ fn decode(a: DecodeBench) -> anyhow::Result<()> {
             model: a.model,
             upcycle: a.upcycle,
             nccl_ranks: a.nccl_ranks,
+            prefill: !a.no_prefill,
         };
         let r = kairos::bench::decode::run(&o).map_err(|e| anyhow::anyhow!("kairos bench decode: {e}"))?;
         println!("{}", kairos::bench::decode::table(&r));

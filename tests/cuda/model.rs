@@ -84,7 +84,7 @@ fn compare(what: &str, cpu: &[f32], gpu: &[f32], st: &mut Stats) -> u32 {
 }
 
 fn opts() -> CudaBackendOptions {
-    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, grouped: Some(8), persistent: false, gemv_split: true }
+    CudaBackendOptions { ordinal: 0, max_context: Some(512), initial_slots: 2, max_step_tokens: 64, graphs: true, fused: true, moe_q8: true, pdl: None, cublas: true, grouped: Some(8), persistent: false, gemv_split: true, layer_fusion: true }
 }
 
 /// Random weights for a config (bf16 matrices, MXFP4 experts): the fixtures all have
@@ -406,6 +406,31 @@ fn fused_matches_unfused() {
     let p: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 300).collect();
     let worst = worst_step_diff(&mut a, &mut b, &p, 8, 1e-6, "fused vs unfused");
     println!("  fused == unfused within {worst:.2e} of max |logit| over 8 steps");
+}
+
+/// Layer fusion (decode steps of one row: the o-projection adds into the residual;
+/// a MoE block is router_norm_q8 + moe_gate_up_q8_topk + down) against the separate
+/// launches: a Qwen3-MoE head_dim-128 model, 128 experts top-8, a gpt-oss-like model
+/// (router and expert biases, clamped GLU) and a dense llama. Only the norm's sum order
+/// differs, so the logits agree to float rounding unless an int8 block or a top-k pick
+/// flips at a tie: within 1e-3 of the largest logit (the dense model's must agree exactly:
+/// the fold there changes no sum).
+#[test]
+fn layer_fusion_matches_separate_launches() {
+    guard!();
+    for (what, w, tol) in [
+        ("qwen3-moe 16x4", small_moe(16, 4, 21), 1e-3f32),
+        ("moe 128x8", small_moe(128, 8, 22), 1e-3),
+        ("gpt-oss-like", prepared("gpt_oss"), 1e-3),
+        ("llama d64", small_llama(23), 1e-6),
+    ] {
+        let mut a = CudaBackend::new(&w, opts()).unwrap();
+        let mut b = CudaBackend::new(&w, CudaBackendOptions { layer_fusion: false, ..opts() }).unwrap();
+        let v = w.config.vocab_size as u32;
+        let p: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % v).collect();
+        let worst = worst_step_diff(&mut a, &mut b, &p, 10, tol, &format!("{what}: layer fusion"));
+        println!("  {what}: folded == separate launches within {worst:.2e} of max |logit| over 10 steps");
+    }
 }
 
 /// The int8-activation expert path (`moe_q8`, default) against bf16 activations with

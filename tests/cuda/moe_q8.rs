@@ -276,3 +276,102 @@ fn grouped_matches_per_assignment() {
         println!("  E {ne}, {n_tok} tokens x top-{k}: grouped == per-assignment (bitwise), {} outputs", a.2.len());
     }
 }
+
+/// `router_norm_q8` (the post-attention norm folded into the router GEMV, every block
+/// normalising the rows itself) against an f64 reference: logits = bf16(rmsnorm(x) * w) .
+/// router (+ bias) to float tolerance, and the int8 blocks within half a step of the
+/// normalised row. Shapes: Qwen3-30B-A3B (2048, 128 experts) at 1 and 8 rows, gpt-oss
+/// (2880, 32 experts, bias), SmolLM2-like (576) and a row longer than the kernel's
+/// preloaded chunks (8448 = 1056 chunks of 8 > 4 x 256).
+#[test]
+fn router_norm_matches_reference() {
+    let Some(c) = cx() else { return };
+    let mut r = rng();
+    for &(n, h, ne, with_bias) in &[(1usize, 2048usize, 128usize, false), (8, 2048, 128, false), (3, 2880, 32, true), (2, 576, 8, false), (1, 8448, 16, true)] {
+        let x: Vec<f32> = randn(&mut r, n * h).iter().map(|v| v * 3.0).collect();
+        let w: Vec<u16> = randn(&mut r, h).iter().map(|v| bf(*v)).collect();
+        let wr: Vec<u16> = randn(&mut r, ne * h).iter().map(|v| bf(v * 0.05)).collect();
+        let bias = randn(&mut r, ne);
+        let (dx, dw, dwr, db) = (up(c, &x), up(c, &w), up(c, &wr), up(c, &bias));
+        let mut logits = up(c, &vec![f32::NAN; n * ne]);
+        let mut xq = up(c, &vec![-128i8; n * h]);
+        let mut xd = up(c, &vec![f32::NAN; n * h / 32]);
+        c.router_norm_q8(&dx, &dw, &dwr, with_bias.then_some(&db), &mut logits, &mut xq, &mut xd, n, h, ne, 1e-6).unwrap();
+        let (logits, xq, xd) = (down(c, &logits), down(c, &xq), down(c, &xd));
+        assert_eq!(down(c, &dx), x, "the residual must not change");
+        let mut want = Vec::new();
+        for t in 0..n {
+            let row = &x[t * h..(t + 1) * h];
+            let inv = 1.0 / (row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / h as f64 + 1e-6).sqrt();
+            let hn: Vec<f64> = row.iter().zip(&w).map(|(v, wv)| *v as f64 * inv * from_bf(*wv) as f64).collect();
+            for e in 0..ne {
+                let d: f64 = (0..h).map(|i| from_bf(bf(hn[i] as f32)) as f64 * from_bf(wr[e * h + i]) as f64).sum();
+                want.push(d + if with_bias { bias[e] as f64 } else { 0.0 });
+            }
+            for b in 0..h / 32 {
+                let d = xd[t * h / 32 + b];
+                let m = (0..32).fold(0f64, |m, i| m.max(hn[b * 32 + i].abs()));
+                assert!(d.is_finite() && (d as f64 * 127.0 - m).abs() <= 1e-5 * m + 1e-30, "rows {n} hidden {h}: scale {d} vs max {m}");
+                for i in 0..32 {
+                    let q = xq[t * h + b * 32 + i];
+                    assert!(q != -128, "unwritten / out of range int8");
+                    let err = (q as f64 * d as f64 - hn[b * 32 + i]).abs();
+                    assert!(err <= 0.5 * d as f64 * (1.0 + 1e-4) + 1e-5 * m, "q {q} d {d} v {}", hn[b * 32 + i]);
+                }
+            }
+        }
+        check(&format!("router_norm_q8 rows {n} hidden {h} experts {ne} bias {with_bias}"), &logits, &want, 1e-4);
+    }
+}
+
+/// `moe_gate_up_q8_topk` (each block ranking its token's router logits) gives what
+/// `moe_router_topk` followed by `moe_gate_up_q8` gives: the same expert ids in the same
+/// order and bit for bit the same int8 activations; the weights (stored by the blocks of
+/// row tile 0) to float rounding (the softmax sum runs in another order). Shapes:
+/// Qwen3-30B-A3B (128 experts top-8, 2048 -> 2x768) at 1 and 8 rows, gpt-oss-like
+/// (32 top-4, 2880, biases, clamped GLU, no renormalisation) and 256 experts top-32.
+#[test]
+fn gate_up_topk_matches_separate_launches() {
+    let Some(c) = cx() else { return };
+    let mut r = rng();
+    for &(n, ne, k, inter, cols, renorm, oss) in &[
+        (1usize, 128usize, 8usize, 768usize, 2048usize, true, false),
+        (8, 128, 8, 768, 2048, true, false),
+        (3, 32, 4, 96, 2880, false, true),
+        (2, 256, 32, 64, 256, true, false),
+    ] {
+        let act = if oss { GateAct::GptOss { alpha: 1.702, limit: 7.0 } } else { GateAct::SiluGlu };
+        let n_assign = n * k;
+        let (bl, sc) = rand_mx(&mut r, ne, 2 * inter, cols);
+        let (xq, xd) = quantize_q8(&randn(&mut r, n * cols));
+        // rounded to a coarse grid so that ties occur (picked lowest index first)
+        let logits: Vec<f32> = randn(&mut r, n * ne).iter().map(|v| (v * 8.0).round() / 8.0).collect();
+        let bias = randn(&mut r, ne * 2 * inter);
+        let (dbl, dsc, dxq, dxd, dlg, db) = (up(c, &bl), up(c, &sc), up(c, &xq), up(c, &xd), up(c, &logits), up(c, &bias));
+        let bias_arg = oss.then_some(&db);
+        // separate launches
+        let mut ids = up(c, &vec![-7i32; n_assign]);
+        let mut tw = up(c, &vec![f32::NAN; n_assign]);
+        c.moe_router_topk(&dlg, &mut ids, &mut tw, n, ne, k, renorm).unwrap();
+        let mut aq = up(c, &vec![-128i8; n_assign * inter]);
+        let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
+        c.moe_gate_up_q8(&dbl, &dsc, &dxq, &dxd, Experts::Ids(&ids), bias_arg, act, &mut aq, &mut ad, n_assign, k, inter, cols, ne).unwrap();
+        // one launch
+        let mut ids2 = up(c, &vec![-7i32; n_assign]);
+        let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
+        let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
+        let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
+        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne)
+            .unwrap();
+        let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");
+        let ids1 = down(c, &ids);
+        assert!(ids1.iter().all(|&e| e >= 0 && (e as usize) < ne), "{what}: separate top-k ids {ids1:?}");
+        assert_eq!(down(c, &ids2), ids1, "{what}: expert ids");
+        let (w1, w2) = (down(c, &tw), down(c, &tw2));
+        assert!(w1.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-30)), "{what}: weights {w1:?} vs {w2:?}");
+        assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
+        let (d1, d2) = (down(c, &ad), down(c, &ad2));
+        assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
+        println!("  moe_gate_up_q8_topk {what}: equal to top-k + gate/up");
+    }
+}

@@ -70,6 +70,8 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "mxfp4_q8_grouped_l32",
             "mxfp4_q8_grouped_l8",
             "moe_gate_up_q8_grouped",
+            "router_norm_q8",
+            "moe_gate_up_q8_topk",
         ],
     ),
     (
@@ -84,6 +86,10 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "bf16_gemv_k4_f32x",
             "bf16_gemv_k8_bf16x",
             "bf16_gemv_k8_f32x",
+            "bf16_gemv_f32x_acc_n",
+            "bf16_gemv_k2_f32x_acc",
+            "bf16_gemv_k4_f32x_acc",
+            "bf16_gemv_k8_f32x_acc",
         ],
     ),
     (
@@ -364,6 +370,10 @@ impl CudaContext {
         if std::env::var("KAIROS_CUDA_PREFETCH").is_ok_and(|v| v == "0") {
             opts_list.push("-DKAIROS_NO_PREFETCH".into());
         }
+        // tuning experiments: `KAIROS_NVRTC_DEFINES="GEMV_UNROLL=8 ..."` (part of the PTX cache key)
+        if let Ok(defs) = std::env::var("KAIROS_NVRTC_DEFINES") {
+            opts_list.extend(defs.split_whitespace().map(|d| format!("-D{d}")));
+        }
         let drv = driver_version();
         let nvrtc = nvrtc_version();
         let cache = ptx_cache_dir();
@@ -434,8 +444,7 @@ impl CudaContext {
     /// load of its row. 1 when split GEMVs are off, for steps being recorded for the
     /// persistent kernel (which runs the plain bodies), and for columns not a multiple of 8.
     pub fn gemv_split_warps(&self, rows: usize, cols: usize, n: usize) -> usize {
-        let recording = self.recorder.lock().map_or(true, |r| r.is_some());
-        if !self.gemv_split || n != 1 || !cols.is_multiple_of(8) || recording {
+        if !self.gemv_split || n != 1 || !cols.is_multiple_of(8) || self.is_recording() {
             return 1;
         }
         let mut ks = 1;
@@ -443,6 +452,12 @@ impl CudaContext {
             ks *= 2;
         }
         ks
+    }
+
+    /// Whether launches are being recorded for the persistent step (which runs only the
+    /// kernels of its table).
+    pub(crate) fn is_recording(&self) -> bool {
+        self.recorder.lock().map_or(true, |r| r.is_some())
     }
 
     /// From now on launches are recorded, not enqueued, until `take_recording`.

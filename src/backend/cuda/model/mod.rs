@@ -111,6 +111,12 @@ pub struct CudaBackendOptions {
     /// One-row GEMVs on matrices with few rows split each row over 2–8 warps
     /// (`CudaContext::gemv_split_warps`). `KAIROS_CUDA_GEMV_SPLIT=0` turns it off.
     pub gemv_split: bool,
+    /// Decode steps of one row fold small kernels into their neighbours: the
+    /// o-projection adds into the residual, and a MoE block's post-attention norm, router
+    /// and top-k ride in the router and expert GEMVs (`router_norm_q8`,
+    /// `moe_gate_up_q8_topk`): two launches fewer per MoE layer.
+    /// `KAIROS_CUDA_LAYER_FUSION=0` turns it off.
+    pub layer_fusion: bool,
 }
 
 impl Default for CudaBackendOptions {
@@ -128,6 +134,7 @@ impl Default for CudaBackendOptions {
             grouped: Some(8),
             persistent: false,
             gemv_split: true,
+            layer_fusion: true,
         }
     }
 }
@@ -247,6 +254,8 @@ pub struct CudaBackend {
     scale: f32,
     ordinal: usize,
     fused: bool,
+    /// see `CudaBackendOptions::layer_fusion`
+    layer_fusion: bool,
     moe_q8: bool,
     /// grouped expert GEMVs from this many assignments per expert (`usize::MAX`: never;
     /// see `CudaBackendOptions::grouped`)
@@ -361,6 +370,7 @@ impl CudaBackend {
             },
             ordinal: opts.ordinal,
             fused: opts.fused,
+            layer_fusion: std::env::var("KAIROS_CUDA_LAYER_FUSION").map_or(opts.layer_fusion, |v| v != "0"),
             group_min: match opts.grouped {
                 Some(m) if std::env::var("KAIROS_CUDA_GROUPED").map_or(true, |v| v != "0") => {
                     std::env::var("KAIROS_CUDA_GROUPED_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(m).max(1)

@@ -59,6 +59,32 @@ impl CudaContext {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
     ) -> Res<()> {
+        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, false)
+    }
+
+    /// y f32 [n, rows] += x f32 [n, cols] . W^T (+ bias): `gemv_ext` adding into y (the
+    /// o-projection into the residual stream).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemv_acc(&self, w: &CudaSlice<u16>, x: u64, y: u64, rows: usize, cols: usize, n: usize, bias: Option<&CudaSlice<f32>>) -> Res<()> {
+        self.gemv_rows(w, x, false, y, rows, cols, n, bias, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_rows(
+        &self,
+        w: &CudaSlice<u16>,
+        x: u64,
+        x_bf16: bool,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        n: usize,
+        bias: Option<&CudaSlice<f32>>,
+        acc: bool,
+    ) -> Res<()> {
+        if acc && x_bf16 {
+            return Err(CudaError::Shape("accumulating GEMV: f32 inputs only".into()));
+        }
         if let Some(b) = bias {
             if b.len() < rows {
                 return Err(CudaError::Shape(format!("GEMV bias: {} values for {rows} rows", b.len())));
@@ -72,7 +98,12 @@ impl CudaContext {
             let nn = (n - j0).min(8);
             let ks = self.gemv_split_warps(rows, cols, nn);
             let xt = if x_bf16 { "bf16" } else { "f32" };
-            let name = if ks > 1 { format!("bf16_gemv_k{ks}_{xt}x") } else { format!("bf16_gemv_{xt}x_n{nn}") };
+            let name = match (ks > 1, acc) {
+                (true, false) => format!("bf16_gemv_k{ks}_{xt}x"),
+                (true, true) => format!("bf16_gemv_k{ks}_{xt}x_acc"),
+                (false, false) => format!("bf16_gemv_{xt}x_n{nn}"),
+                (false, true) => format!("bf16_gemv_{xt}x_acc_n{nn}"),
+            };
             let xp = x + (j0 * cols * xs) as u64;
             let yp = y + (j0 * rows * 4) as u64;
             let mut b = self.launch(&name);

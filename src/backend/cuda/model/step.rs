@@ -8,15 +8,22 @@ use cudarc::driver::CudaSlice;
 
 use super::{activation, capture, dense, dptr, lc, pre_norm, shard, CudaBackend, CudaError, DMlp, Pend, Res};
 use crate::backend::cuda::gemm::GEMM_MIN_ROWS;
-use crate::backend::cuda::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN};
+use crate::backend::cuda::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN, TOPK_FUSED_MAX_EXPERTS};
 use crate::model::config::{Activation, RouterKind};
 
 impl CudaBackend {
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     pub(super) fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
         let capt = self.capture_plan();
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, .. } = self;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, layer_fusion, .. } = self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
+        // Steps of one row (decode at batch 1, where launch gaps and short dependent kernels
+        // set the time): the o-projection adds itself to the residual, and a MoE block is three
+        // launches (router_norm_q8, moe_gate_up_q8_topk, down). At 4 rows both measured slower
+        // on the H100 (the folded MoE block 2-5%: two waves of gate/up blocks each redoing the
+        // top-k; the accumulating o-projection 1.6% on SmolLM2). Not in a recording for the
+        // persistent step, which has no form of these kernels.
+        let fold = *layer_fusion && fused && shard.is_none() && n == 1 && !cx.is_recording();
         let st = cx.stream.clone();
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
@@ -92,15 +99,25 @@ impl CudaBackend {
                 lb.arg(&*scale).arg(&win).arg(&qs);
                 unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
             }
-            dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
-            if tp_reduce {
-                reduce(&mut b.delta, n * h)?;
-            }
-            let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
-            if q8_layer {
-                cx.rmsnorm_residual_q8(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, &mut b.hq, &mut b.hd, n, h, eps)?;
+            if fold {
+                cx.gemv_acc(&l.wo, dptr(&b.attn, &st), dptr(&b.x, &st), h, nq * hd, n, l.bo.as_ref())?;
             } else {
-                cx.rmsnorm_residual::<u16>(&mut b.x, Some(&b.delta), &l.ln2, &mut b.h, n, h, eps)?;
+                dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
+                if tp_reduce {
+                    reduce(&mut b.delta, n * h)?;
+                }
+            }
+            let delta = if fold { None } else { Some(&b.delta) };
+            let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
+            let moe_fold = fold
+                && q8_layer
+                && c.moe.as_ref().is_some_and(|m| m.num_experts <= TOPK_FUSED_MAX_EXPERTS && m.top_k <= 32);
+            if moe_fold {
+                // router_norm_q8 below normalises the residual itself
+            } else if q8_layer {
+                cx.rmsnorm_residual_q8(&mut b.x, delta, &l.ln2, &mut b.h, &mut b.hq, &mut b.hd, n, h, eps)?;
+            } else {
+                cx.rmsnorm_residual::<u16>(&mut b.x, delta, &l.ln2, &mut b.h, n, h, eps)?;
             }
             match &l.mlp {
                 DMlp::Dense { gu, down, inter } => {
@@ -121,6 +138,21 @@ impl CudaBackend {
                         // softmax over the top-k logits == softmax over all, renormalised over the k
                         RouterKind::TopKSoftmax => true,
                     };
+                    let act = match c.activation {
+                        Activation::SiluGlu => GateAct::SiluGlu,
+                        Activation::GptOssGlu { alpha, limit } => GateAct::GptOss { alpha, limit },
+                    };
+                    if moe_fold {
+                        cx.router_norm_q8(&b.x, &l.ln2, router, router_bias.as_ref(), &mut b.rlogits, &mut b.hq, &mut b.hd, n, h, e, eps)?;
+                        cx.moe_gate_up_q8_topk(
+                            &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
+                            &mut b.aq, &mut b.ad, n, inter, h, e,
+                        )?;
+                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, Experts::Ids(&b.tid), n * k, 1, h, inter, e)?;
+                        moe_bias = down_bias.as_ref();
+                        pend = Pend::Moe;
+                        continue;
+                    }
                     dense(cx, gemm, router, dptr(&b.h, &st), true, dptr(&b.rlogits, &st), e, h, n, router_bias.as_ref())?;
                     cx.moe_router_topk(&b.rlogits, &mut b.tid, &mut b.tw, n, e, k, renorm)?;
                     let sharded = shard.is_some();
@@ -137,10 +169,6 @@ impl CudaBackend {
                         && n * k <= GROUP_MAX_ASSIGN
                         && e <= 512;
                     if q8_layer {
-                        let act = match c.activation {
-                            Activation::SiluGlu => GateAct::SiluGlu,
-                            Activation::GptOssGlu { alpha, limit } => GateAct::GptOss { alpha, limit },
-                        };
                         if group {
                             cx.moe_group(tid, n * k, e, &mut b.goff, &mut b.glist)?;
                         }
