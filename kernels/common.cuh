@@ -351,3 +351,48 @@ __device__ void router_topk_impl(const float* __restrict__ logits, int* __restri
         for (int r = lane; r < k; r += 32) wout[(long long)t * k + r] /= sel_sum;
     }
 }
+
+// The router top-k of one token by ranking, all threads of the block (blockDim.x >= E,
+// E <= 512, k <= 32): thread i holds logit i; its rank is the number of logits above it
+// (equal ones: lower index first), so rank r is router_topk_impl's r-th pick (softmax is
+// monotonic). s_ids[r] = the r-th expert; with `weights`, s_w[r] = its softmax weight over
+// all E (renormalised over the k when renorm). The sums run in another order than
+// router_topk_impl's: weights agree to float rounding, ids exactly.
+__device__ __forceinline__ void router_rank_topk(const float* __restrict__ lg, int E, int k, int renorm, bool weights,
+                                                 int* s_ids, float* s_w) {
+    __shared__ float s_lg[512];
+    __shared__ float s_red[33];
+    const int i = threadIdx.x, nw = blockDim.x >> 5;
+    const float v = i < E ? lg[i] : NEG_INF;
+    s_lg[i] = v;
+    __syncthreads();
+    int rank = 0;
+    if (i < E) {
+#pragma unroll 8
+        for (int j = 0; j < E; j++) {
+            const float u = s_lg[j];
+            rank += (u > v) | ((u == v) & (j < i));
+        }
+        if (rank < k) s_ids[rank] = i;
+    }
+    if (weights) {  // block-uniform
+        float mx = warp_max(v);
+        if ((i & 31) == 0) s_red[i >> 5] = mx;
+        __syncthreads();
+        mx = s_red[0];
+        for (int w = 1; w < nw; w++) mx = fmaxf(mx, s_red[w]);
+        __syncthreads();
+        const float ex = i < E ? expf(v - mx) : 0.f;
+        const float sum = block_sum(ex, s_red);
+        if (i < E && rank < k) s_w[rank] = ex / sum;
+        __syncthreads();
+        if (renorm && i < 32) {  // warp 0 whole (k <= 32)
+            float sel = 0.f;
+            for (int q = 0; q < k; q++) sel += s_w[q];
+            const float p = i < k ? s_w[i] / sel : 0.f;
+            __syncwarp();
+            if (i < k) s_w[i] = p;
+        }
+    }
+    __syncthreads();
+}

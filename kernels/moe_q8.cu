@@ -265,51 +265,23 @@ extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __
 }
 
 // moe_gate_up_q8 that picks its own expert: every block ranks its token's (t = a / k)
-// router logits f32 [n, E] (E <= 256 = one per thread): the rank of logit i is the number
-// of logits above it (equal ones: lower index first), so rank r is the r-th pick of
-// moe_router_topk (softmax is monotonic) -- ~E shared-memory reads per thread instead of
-// k dependent warp arg-max rounds (which cost ~3.6 us per layer inside this kernel on the
-// H100). Blocks of row tile 0 also store the pick and its weight (softmax over all E,
-// renormalised over the k when `renorm`) in ids / wout [n*k] for the down GEMV and the
-// combine. k <= 32, x_div = k. grid (I / 32, n * k), block 256 or 512.
+// router logits f32 [n, E] (router_rank_topk, common.cuh; E <= 256) -- ~E shared-memory
+// reads per thread instead of k dependent warp arg-max rounds (which cost ~3.6 us per
+// layer inside this kernel on the H100). Blocks of row tile 0 also store the pick and its
+// weight in ids / wout [n*k] for the down GEMV and the combine. k <= 32, x_div = k.
+// grid (I / 32, n * k), block 256 or 512.
 extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
         const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
         const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
     PDL_ENTRY();
-    __shared__ float s_lg[512];
-    __shared__ float s_red[33];
     __shared__ int s_ids[32];
-    __shared__ float s_p[32];
-    const int a = blockIdx.y, t = a / k, r = a % k, i = threadIdx.x;
-    const float v = i < E ? logits[(long long)t * E + i] : NEG_INF;
-    s_lg[i] = v;
-    __syncthreads();
-    int rank = 0;
-    if (i < E) {
-#pragma unroll 8
-        for (int j = 0; j < E; j++) {
-            const float u = s_lg[j];
-            rank += (u > v) | ((u == v) & (j < i));
-        }
-        if (rank < k) s_ids[rank] = i;
-    }
-    if (blockIdx.x == 0) {  // the weights, for the combine: softmax over all E
-        float mx = warp_max(v);
-        if ((i & 31) == 0) s_red[i >> 5] = mx;
-        __syncthreads();
-        mx = s_red[0];
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++) mx = fmaxf(mx, s_red[w]);
-        __syncthreads();
-        const float ex = i < E ? expf(v - mx) : 0.f;
-        const float sum = block_sum(ex, s_red);
-        if (i < E && rank < k) s_p[rank] = ex / sum;
-    }
-    __syncthreads();
-    if (blockIdx.x == 0 && i == 0) {
-        float sel = 0.f;
-        for (int q = 0; q < k; q++) sel += s_p[q];
+    __shared__ float s_w[32];
+    const int a = blockIdx.y, t = a / k, r = a % k;
+    // only row tile 0 stores the weights: the other blocks skip the softmax
+    router_rank_topk(logits + (long long)t * E, E, k, renorm, blockIdx.x == 0, s_ids, s_w);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
         ids[a] = s_ids[r];
-        wout[a] = renorm ? s_p[r] / sel : s_p[r];
+        wout[a] = s_w[r];
     }
     gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
 }

@@ -582,6 +582,14 @@ impl CudaContext {
             return Ok(());
         }
         let a = [n as i32, n_experts as i32, k as i32, renorm as i32];
+        // a block per token ranking the logits: no dependent arg-max rounds (not in the
+        // persistent step's table, so not while it is recorded)
+        if self.topk_rank && n_experts <= 256 && k <= 32 && !self.is_recording() {
+            let mut b = self.launch("moe_router_topk_rank");
+            b.arg(logits).arg(ids).arg(weights).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]);
+            unsafe { b.launch(grid(n, 1, 1, 256)) }?;
+            return Ok(());
+        }
         // more than 256 experts: 16 logits per lane instead of 8
         let mut b = self.launch(if n_experts <= 256 { "moe_router_topk" } else { "moe_router_topk_512" });
         b.arg(logits)

@@ -105,7 +105,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "moe",
         include_str!("../../../kernels/moe.cu"),
-        &["moe_router_topk", "moe_router_topk_512", "moe_combine"],
+        &["moe_router_topk", "moe_router_topk_512", "moe_router_topk_rank", "moe_combine"],
     ),
     (
         "shard",
@@ -186,6 +186,9 @@ pub struct CudaContext {
     /// one-row GEMVs on matrices with few rows split each row over 2–8 warps
     /// (`gemv_split_warps`); `KAIROS_CUDA_GEMV_SPLIT=0` turns it off
     pub gemv_split: bool,
+    /// `moe_router_topk` with up to 256 experts ranks the logits in a block per token
+    /// (`moe_router_topk_rank`); `KAIROS_CUDA_TOPK_RANK=0`: a warp per token, k arg-max rounds
+    pub topk_rank: bool,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -432,6 +435,7 @@ impl CudaContext {
             pdl,
             pdl_supported,
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
+            topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             argmax_scratch,
             recorder: std::sync::Mutex::new(None),
             opts_list,
