@@ -56,7 +56,9 @@ fn bf16_gemv() {
     }
     assert!(c.bf16_gemv_split(&up(&[0u16; 16]), &up(&[0f32; 16]), &mut nan_f32(2), 2, 8, 1, 3).is_err());
     if c.gemv_split {
-        assert_eq!((c.gemv_split_warps(2048, 4096, 1), c.gemv_split_warps(128, 2048, 1), c.gemv_split_warps(151936, 2048, 1)), (2, 8, 1));
+        // Qwen3-30B-A3B: o-proj, router, q|k|v, lm_head (default target: 16384 warps)
+        let got = [(2048, 4096), (128, 2048), (5120, 2048), (151936, 2048)].map(|(r, cc)| c.gemv_split_warps(r, cc, 1));
+        assert_eq!(got, [8, 8, 4, 1]);
     }
     assert_eq!(c.gemv_split_warps(2048, 4096, 2), 1, "split only for one input row");
     // timing (weights rotated past L2)
