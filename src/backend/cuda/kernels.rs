@@ -93,6 +93,18 @@ pub(super) fn grid(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
 
 pub(super) const NULL: u64 = 0;
 
+/// The bf16 GEMV entry point (`kernels/gemv.cu`) for `n` input rows (1..=8) of type `xt`
+/// ("bf16" / "f32") with `ks` warps per output row (1, or 2/4/8 for one row), adding into y
+/// when `acc`; and the output rows one 256-thread block covers.
+pub(super) fn gemv_kernel(xt: &str, n: usize, ks: usize, acc: bool) -> (String, usize) {
+    let acc = if acc { "_acc" } else { "" };
+    if ks > 1 {
+        (format!("bf16_gemv_k{ks}_{xt}x{acc}"), 8 / ks)
+    } else {
+        (format!("bf16_gemv_{xt}x{acc}_n{n}"), if n >= 4 { 16 } else { 8 })
+    }
+}
+
 /// Most splits `attention_decode` takes (shared memory of its combining block: ATT_RMAX).
 pub const ATTN_MAX_SPLITS: usize = 512;
 /// Most rows one `argmax` call takes.
@@ -494,10 +506,9 @@ impl CudaContext {
         len_at_least(x, n * cols, "x")?;
         len_at_least(y, n * rows, "y")?;
         let a = [rows as i32, cols as i32];
-        let name = if ks > 1 { format!("bf16_gemv_k{ks}_{}x", X::NAME) } else { format!("bf16_gemv_{}x_n{n}", X::NAME) };
+        let (name, rows_per_block) = gemv_kernel(X::NAME, n, ks, false);
         let mut b = self.launch(&name);
         b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL);
-        let rows_per_block = if ks > 1 { 8 / ks } else if n >= 4 { 16 } else { 8 };
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
         Ok(())
     }

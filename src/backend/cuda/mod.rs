@@ -542,6 +542,29 @@ impl Drop for CudaContext {
 mod tests {
     use super::*;
 
+    /// Every GEMV the launch paths can name (`kernels::gemv_kernel`) is an entry point the
+    /// context loads (entries ending in "_n" stand for _n1 ..= _n8).
+    #[test]
+    fn every_gemv_name_is_loaded() {
+        let loaded: Vec<String> = SOURCES
+            .iter()
+            .flat_map(|(_, _, e)| e.iter())
+            .flat_map(|e| if e.ends_with("_n") { (1..=8).map(|n| format!("{e}{n}")).collect() } else { vec![e.to_string()] })
+            .collect();
+        for (xt, acc) in [("bf16", false), ("f32", false), ("f32", true)] {
+            for n in 1..=8 {
+                let (name, rows) = kernels::gemv_kernel(xt, n, 1, acc);
+                assert!(loaded.contains(&name), "{name} not loaded");
+                assert_eq!(rows, if n >= 4 { 16 } else { 8 });
+            }
+            for ks in [2, 4, 8] {
+                let (name, rows) = kernels::gemv_kernel(xt, 1, ks, acc);
+                assert!(loaded.contains(&name), "{name} not loaded");
+                assert_eq!(rows, 8 / ks);
+            }
+        }
+    }
+
     /// NVRTC alone (no GPU, no driver) compiles every kernel module for the
     /// Hopper target and each lists its entry points: a kernel edit that does
     /// not compile fails here, on any machine with an NVRTC library —

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
 use super::{CudaContext, CudaError, Res};
 use crate::backend::cuda::gemm::{BlasGemm, GEMM_MIN_ROWS};
-use crate::backend::cuda::kernels::{Act, KvShape};
+use crate::backend::cuda::kernels::{gemv_kernel, Act, KvShape};
 use crate::model::config::Activation;
 
 pub(super) fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
@@ -97,13 +97,7 @@ impl CudaContext {
         while j0 < n {
             let nn = (n - j0).min(8);
             let ks = self.gemv_split_warps(rows, cols, nn);
-            let xt = if x_bf16 { "bf16" } else { "f32" };
-            let name = match (ks > 1, acc) {
-                (true, false) => format!("bf16_gemv_k{ks}_{xt}x"),
-                (true, true) => format!("bf16_gemv_k{ks}_{xt}x_acc"),
-                (false, false) => format!("bf16_gemv_{xt}x_n{nn}"),
-                (false, true) => format!("bf16_gemv_{xt}x_acc_n{nn}"),
-            };
+            let (name, rpb) = gemv_kernel(if x_bf16 { "bf16" } else { "f32" }, nn, ks, acc);
             let xp = x + (j0 * cols * xs) as u64;
             let yp = y + (j0 * rows * 4) as u64;
             let mut b = self.launch(&name);
@@ -112,7 +106,6 @@ impl CudaContext {
                 Some(bb) => b.arg(bb),
                 None => b.arg(&null),
             };
-            let rpb = if ks > 1 { 8 / ks } else if nn >= 4 { 16 } else { 8 };
             unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
             j0 += nn;
         }
