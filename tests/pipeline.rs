@@ -170,8 +170,10 @@ fn overload_is_answered_inside_the_budget() {
     for r in &recs {
         check_verdict(&r["payload"]);
         let lat_us: u64 = r["headers"]["kairos-latency-us"].as_str().unwrap().parse().unwrap();
-        // Slack: one sink write and scheduling noise on a loaded 2-core machine.
-        assert!(lat_us <= (budget_ms + 400) * 1000, "latency {lat_us} us over budget: {r}");
+        // Slack: one sink write and scheduling noise on a loaded machine (2.03 s was seen
+        // once in CI while other builds ran). The fallback count below checks that the
+        // budget, not the queue, decided these answers.
+        assert!(lat_us <= (budget_ms + 1000) * 1000, "latency {lat_us} us over budget: {r}");
         if r["headers"]["kairos-fallback"] == "true" {
             fallbacks += 1;
         }

@@ -614,6 +614,34 @@ impl CudaContext {
         Ok(())
     }
 
+    /// Queues L2 prefetches of up to three device regions `(pointer, bytes)` and returns
+    /// at once (kernels/prefetch.cu): the fill proceeds while the kernels after it run.
+    /// A hint; pointers must be 16-byte aligned (device allocations are), sizes are
+    /// rounded down to 16. Empty regions are skipped; nothing is launched when all are.
+    pub fn l2_prefetch(&self, regions: &[(u64, usize)]) -> Result<()> {
+        need(regions.len() <= 3, || "l2_prefetch: at most 3 regions".into())?;
+        need(regions.iter().all(|&(p, _)| p % 16 == 0), || "l2_prefetch: pointer not 16-byte aligned".into())?;
+        let mut r = [(0u64, 0u64); 3];
+        for (d, &(p, n)) in r.iter_mut().zip(regions) {
+            *d = (p, n as u64 & !15);
+        }
+        let total: u64 = r.iter().map(|&(_, n)| n).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let chunk = self.l2_prefetch_chunk;
+        // one prefetch per thread where the regions allow, over at most one block per SM
+        let threads = total.div_ceil(chunk as u64).max(1);
+        let blocks = threads.div_ceil(128).clamp(1, self.sm_count as u64) as usize;
+        let mut b = self.launch("l2_prefetch");
+        for (p, n) in r.iter() {
+            b.arg(p).arg(n);
+        }
+        b.arg(&chunk);
+        unsafe { b.launch(grid(blocks, 1, 1, 128)) }?;
+        Ok(())
+    }
+
     /// out f32 [n, hidden] = sum_r weights[t, r] * y[t*k + r, :]  (y f32 [n*k, hidden]).
     pub fn moe_combine(
         &self,

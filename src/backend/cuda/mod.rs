@@ -137,6 +137,11 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "add_expert_bias",
         ],
     ),
+    (
+        "prefetch",
+        include_str!("../../../kernels/prefetch.cu"),
+        &["l2_prefetch"],
+    ),
 ];
 
 /// Errors of the CUDA backend.
@@ -192,6 +197,8 @@ pub struct CudaContext {
     /// `moe_router_topk` with up to 256 experts ranks the logits in a block per token
     /// (`moe_router_topk_rank`); `KAIROS_CUDA_TOPK_RANK=0`: a warp per token, k arg-max rounds
     pub topk_rank: bool,
+    /// bytes per bulk prefetch of `l2_prefetch` (16 KiB; `KAIROS_CUDA_L2_PREFETCH_CHUNK`)
+    pub l2_prefetch_chunk: u32,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -440,6 +447,7 @@ impl CudaContext {
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
+            l2_prefetch_chunk: std::env::var("KAIROS_CUDA_L2_PREFETCH_CHUNK").ok().and_then(|v| v.parse::<u32>().ok()).map_or(16384, |c| c.max(16) & !15),
             argmax_scratch,
             recorder: std::sync::Mutex::new(None),
             opts_list,

@@ -15,7 +15,8 @@ impl CudaBackend {
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     pub(super) fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
         let capt = self.capture_plan();
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, layer_fusion, .. } = self;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, layer_fusion, l2_prefetch, .. } =
+            self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
         // Steps of one row (decode at batch 1, where launch gaps and short dependent kernels
         // set the time): the o-projection adds itself to the residual, and a MoE block is three
@@ -25,6 +26,11 @@ impl CudaBackend {
         // persistent step, which has no form of these kernels.
         let fold = *layer_fusion && fused && shard.is_none() && n == 1 && !cx.is_recording();
         let st = cx.stream.clone();
+        // L2 prefetch of the weights ahead (see `CudaBackendOptions::l2_prefetch`); not in a
+        // recording for the persistent step, which prefetches per phase itself
+        let prefetch = *l2_prefetch && !cx.is_recording();
+        let pf_next = std::env::var("KAIROS_CUDA_L2_PF_NEXT").unwrap_or_else(|_| "gu".into());
+        let region = |s: &CudaSlice<u16>| (dptr(s, &st), s.len() * 2);
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
                 Some(cm) => cm.all_reduce_sum(&st, buf, len).map_err(shard::comm_err),
@@ -54,6 +60,16 @@ impl CudaBackend {
                 capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
             }
             dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
+            // RoPE and attention leave DRAM idle: fill L2 with the o-projection and the
+            // MLP's first matrix (the router for MoE) meanwhile
+            let next_qkv = w.layers.get(li + 1).map(|nl| region(&nl.wqkv));
+            if prefetch {
+                let mlp_first = match &l.mlp {
+                    DMlp::Dense { gu, .. } => region(gu),
+                    DMlp::Moe { router, .. } => region(router),
+                };
+                cx.l2_prefetch(&[region(&l.wo), mlp_first])?;
+            }
             if fused {
                 let a = [nq as i32, nkv as i32, hd as i32];
                 let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
@@ -108,6 +124,9 @@ impl CudaBackend {
                 }
             }
             let delta = if fold { None } else { Some(&b.delta) };
+            if prefetch && pf_next == "o" {
+                cx.l2_prefetch(next_qkv.as_slice())?;
+            }
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             let moe_fold = fold
                 && q8_layer
@@ -123,6 +142,11 @@ impl CudaBackend {
                 DMlp::Dense { gu, down, inter } => {
                     let inter = *inter;
                     dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
+                    if prefetch && pf_next == "gu" {
+                        let mut r = vec![region(down)];
+                        r.extend(next_qkv);
+                        cx.l2_prefetch(&r)?;
+                    }
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
                     dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
                     if tp_reduce {
@@ -148,6 +172,9 @@ impl CudaBackend {
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
                             &mut b.aq, &mut b.ad, n, inter, h, e,
                         )?;
+                        if prefetch && pf_next == "gu" {
+                            cx.l2_prefetch(next_qkv.as_slice())?;
+                        }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, Experts::Ids(&b.tid), n * k, 1, h, inter, e)?;
                         moe_bias = down_bias.as_ref();
                         pend = Pend::Moe;
@@ -177,6 +204,9 @@ impl CudaBackend {
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, experts, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
                             inter, h, e,
                         )?;
+                        if prefetch && pf_next == "gu" {
+                            cx.l2_prefetch(next_qkv.as_slice())?;
+                        }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                     } else {
                         cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, tid, n * k, k, 2 * inter, h, e)?;
