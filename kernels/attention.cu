@@ -15,6 +15,15 @@
 // ~3-6 us per layer at batch 1 on the H100).
 #define MAXG 8
 #define ATT_RMAX 512
+// fewest positions a split takes (the grid is sized for the longest context; shorter
+// sequences use fewer splits, the rest of the blocks leave at once)
+#ifndef ATT_MINPOS
+#define ATT_MINPOS 32
+#endif
+// 1: a warp loads its next positions' k/v rows before working on the current ones
+#ifndef ATT_PIPE
+#define ATT_PIPE 0
+#endif
 
 template <int EPL> __device__ __forceinline__ void ld_row(const bf16_t* p, float* o);
 template <> __device__ __forceinline__ void ld_row<2>(const bf16_t* p, float* o) {
@@ -56,9 +65,9 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     int slot = slots[s];
     int lo = window > 0 ? max(0, len - window) : 0;
     int range = max(0, len - lo);
-    // splits actually used: at least 32 positions each (the grid is sized for the longest
-    // context a graph may see; short sequences leave the rest idle, uncounted)
-    const int eff = min(n_splits, max(1, (range + 31) / 32));
+    // splits actually used: at least ATT_MINPOS positions each (the grid is sized for the
+    // longest context a graph may see; short sequences leave the rest idle, uncounted)
+    const int eff = min(n_splits, max(1, (range + ATT_MINPOS - 1) / ATT_MINPOS));
     if (split >= eff) return;
     int chunk = (range + eff - 1) / eff;
     int start = lo + split * chunk, end = min(len, start + chunk);
@@ -74,14 +83,40 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
         }
     }
     const long long base = (((long long)slot * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
+#if ATT_PIPE
+    float kn[ATT_PU][EPL], vn[ATT_PU][EPL];
+    if (start + warp * ATT_PU < end) {
+#pragma unroll
+        for (int u = 0; u < ATT_PU; u++) {
+            int p = min(start + warp * ATT_PU + u, end - 1);
+            ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kn[u]);
+            ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vn[u]);
+        }
+    }
+#endif
     for (int p0 = start + warp * ATT_PU; p0 < end; p0 += NW * ATT_PU) {
         float kf[ATT_PU][EPL], vf[ATT_PU][EPL];
+#if ATT_PIPE
+#pragma unroll
+        for (int u = 0; u < ATT_PU; u++)
+#pragma unroll
+            for (int e = 0; e < EPL; e++) { kf[u][e] = kn[u][e]; vf[u][e] = vn[u][e]; }
+        if (p0 + NW * ATT_PU < end) {
+#pragma unroll
+            for (int u = 0; u < ATT_PU; u++) {
+                int p = min(p0 + NW * ATT_PU + u, end - 1);
+                ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kn[u]);
+                ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vn[u]);
+            }
+        }
+#else
 #pragma unroll
         for (int u = 0; u < ATT_PU; u++) {
             int p = min(p0 + u, end - 1);  // clamp: loads stay in bounds, masked below
             ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kf[u]);
             ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vf[u]);
         }
+#endif
 #pragma unroll
         for (int g = 0; g < MAXG; g++) {
             if (g < ng) {
@@ -143,10 +178,22 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
                 }
             }
         }
+        if (eff == 1) {
+            // one split covers the context: normalise here (as the combine below would)
+            const float sk = sinks ? sinks[g0 + g] : NEG_INF;
+            const float Mx = fmaxf(M, sk);
+            const float f = M == NEG_INF ? 0.f : __expf(M - Mx);
+            float Lt = f * L;
+            if (sinks && Mx != NEG_INF) Lt += __expf(sk - Mx);
+            const float inv = Lt > 0.f ? 1.f / Lt : 0.f;
+            out[((long long)s * n_q + g0 + g) * D + d] = (o * f) * inv;
+            continue;
+        }
         long long pi = ((long long)s * n_q + g0 + g) * n_splits + split;
         part_acc[pi * D + d] = o;
         if (d == 0) { part_ml[pi * 2] = M; part_ml[pi * 2 + 1] = L; }
     }
+    if (eff == 1) return;
     if (!last_block(ctr + ((long long)s * n_kv + kvh) * groups + grp, (unsigned)eff)) return;
     // Combine the eff splits of this block's heads (other blocks' partials: read through L2).
     float* sw = sm_acc;  // [MAXG][ATT_RMAX]

@@ -361,7 +361,9 @@ fn gate_up_topk_matches_separate_launches() {
         let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
         let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
         let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
-        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne)
+        // (the gate/up matrices stand in for the down ones to prefetch: the kernel reads nothing of them)
+        let pf = Some((&dbl, &dsc));
+        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne, pf)
             .unwrap();
         let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");
         let ids1 = down(c, &ids);

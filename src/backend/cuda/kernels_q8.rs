@@ -211,7 +211,8 @@ impl CudaContext {
     /// `moe_gate_up_q8` over the `n_rows * k` assignments of `n_rows` tokens, with the router
     /// top-k (as `moe_router_topk`) redone by every block from `logits` f32 `[n_rows, E]`;
     /// the choice is also stored in `ids` / `weights` `[n_rows * k]` for the down GEMV and the
-    /// combine. E <= 256, k <= 32.
+    /// combine. E <= 256, k <= 32. `down_prefetch`: the layer's down blocks and scales
+    /// (`[E, cols, inter/32]`), whose picked experts' weights are queued for L2 (a hint).
     #[allow(clippy::too_many_arguments)]
     pub fn moe_gate_up_q8_topk(
         &self,
@@ -232,10 +233,15 @@ impl CudaContext {
         inter: usize,
         cols: usize,
         n_experts: usize,
+        down_prefetch: Option<(&CudaSlice<u8>, &CudaSlice<u8>)>,
     ) -> Result<()> {
         need(cols.is_multiple_of(32) && inter.is_multiple_of(32), || {
             format!("moe_gate_up_q8_topk: cols {cols} and inter {inter} must be multiples of 32")
         })?;
+        if let Some((db, ds)) = down_prefetch {
+            len_at_least(db, n_experts * cols * inter / 2, "down blocks")?;
+            len_at_least(ds, n_experts * cols * inter / 32, "down scales")?;
+        }
         need(n_experts <= TOPK_FUSED_MAX_EXPERTS && (1..=32).contains(&top_k) && top_k <= n_experts, || {
             format!("moe_gate_up_q8_topk: E {n_experts} (<= 256), k {top_k} (1..=32)")
         })?;
@@ -267,6 +273,10 @@ impl CudaContext {
             None => b.arg(&NULL),
         };
         b.arg(&a[3]).arg(&a[4]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
+        match down_prefetch {
+            Some((db, ds)) => b.arg(db).arg(ds),
+            None => b.arg(&NULL).arg(&NULL),
+        };
         // 16 warps per block while the grid fits in one wave at 2 blocks per SM (Qwen3-30B-A3B
         // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
         // 16 warps made it 0.6% slower)

@@ -30,6 +30,7 @@ impl CudaBackend {
         // recording for the persistent step, which prefetches per phase itself
         let prefetch = *l2_prefetch && !cx.is_recording();
         let pf_next = std::env::var("KAIROS_CUDA_L2_PF_NEXT").unwrap_or_else(|_| "gu".into());
+        let pf_down = std::env::var("KAIROS_CUDA_L2_PF_DOWN").map_or(true, |v| v != "0");
         let region = |s: &CudaSlice<u16>| (dptr(s, &st), s.len() * 2);
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
@@ -170,7 +171,7 @@ impl CudaBackend {
                         cx.router_norm_q8(&b.x, &l.ln2, router, router_bias.as_ref(), &mut b.rlogits, &mut b.hq, &mut b.hd, n, h, e, eps)?;
                         cx.moe_gate_up_q8_topk(
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
-                            &mut b.aq, &mut b.ad, n, inter, h, e,
+                            &mut b.aq, &mut b.ad, n, inter, h, e, (prefetch && pf_down).then_some((&down.blocks, &down.scales)),
                         )?;
                         if prefetch && pf_next == "gu" {
                             cx.l2_prefetch(next_qkv.as_slice())?;
