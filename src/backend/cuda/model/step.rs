@@ -63,13 +63,23 @@ impl CudaBackend {
             dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
             // RoPE and attention leave DRAM idle: fill L2 with the o-projection and the
             // MLP's first matrix (the router for MoE) meanwhile
-            let next_qkv = w.layers.get(li + 1).map(|nl| region(&nl.wqkv));
+            // (experiment "gu2": the next layer's o-projection goes with its q|k|v)
+            let gu2 = pf_next == "gu2";
+            let next_qkv: Vec<(u64, usize)> = match w.layers.get(li + 1) {
+                Some(nl) if gu2 => vec![region(&nl.wqkv), region(&nl.wo)],
+                Some(nl) => vec![region(&nl.wqkv)],
+                None => vec![],
+            };
             if prefetch {
                 let mlp_first = match &l.mlp {
                     DMlp::Dense { gu, .. } => region(gu),
                     DMlp::Moe { router, .. } => region(router),
                 };
-                cx.l2_prefetch(&[region(&l.wo), mlp_first])?;
+                if gu2 && li > 0 {
+                    cx.l2_prefetch(&[mlp_first])?;
+                } else {
+                    cx.l2_prefetch(&[region(&l.wo), mlp_first])?;
+                }
             }
             if fused {
                 let a = [nq as i32, nkv as i32, hd as i32];
@@ -126,7 +136,7 @@ impl CudaBackend {
             }
             let delta = if fold { None } else { Some(&b.delta) };
             if prefetch && pf_next == "o" {
-                cx.l2_prefetch(next_qkv.as_slice())?;
+                cx.l2_prefetch(&next_qkv)?;
             }
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             let moe_fold = fold
@@ -143,9 +153,9 @@ impl CudaBackend {
                 DMlp::Dense { gu, down, inter } => {
                     let inter = *inter;
                     dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
-                    if prefetch && pf_next == "gu" {
+                    if prefetch && (pf_next == "gu" || gu2) {
                         let mut r = vec![region(down)];
-                        r.extend(next_qkv);
+                        r.extend(next_qkv.iter().copied().take(2));
                         cx.l2_prefetch(&r)?;
                     }
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
@@ -173,8 +183,8 @@ impl CudaBackend {
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
                             &mut b.aq, &mut b.ad, n, inter, h, e, (prefetch && pf_down).then_some((&down.blocks, &down.scales)),
                         )?;
-                        if prefetch && pf_next == "gu" {
-                            cx.l2_prefetch(next_qkv.as_slice())?;
+                        if prefetch && (pf_next == "gu" || gu2) {
+                            cx.l2_prefetch(&next_qkv)?;
                         }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, Experts::Ids(&b.tid), n * k, 1, h, inter, e)?;
                         moe_bias = down_bias.as_ref();
@@ -205,8 +215,8 @@ impl CudaBackend {
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, experts, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
                             inter, h, e,
                         )?;
-                        if prefetch && pf_next == "gu" {
-                            cx.l2_prefetch(next_qkv.as_slice())?;
+                        if prefetch && (pf_next == "gu" || gu2) {
+                            cx.l2_prefetch(&next_qkv)?;
                         }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                     } else {
