@@ -271,21 +271,14 @@ extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __
 // weight in ids / wout [n*k] for the down GEMV and the combine. k <= 32, x_div = k.
 // down_blocks / down_scales (or null): the down matrices [E, cols, I/32] of the same
 // layer. Once its expert is known, each block queues an L2 prefetch of its share of that
-// expert's down weights (16 threads, one bulk prefetch each), so the down GEMV that
-// follows reads them from L2.
+// expert's down weights (l2_prefetch_share), so the down GEMV that follows reads them
+// from L2; pf / pf_bytes (or null): a later kernel's weights (the next layer's q|k|v),
+// shared out over all blocks the same way.
 // grid (I / 32, n * k), block 256 or 512.
-__device__ __forceinline__ void prefetch_share(const u8* base, unsigned bytes, unsigned part, unsigned parts) {
-    const unsigned share = (bytes / parts + 255u) & ~255u, step = share / 16u;
-    const unsigned off = part * share + threadIdx.x * step, hi = min(bytes, part * share + share);
-    if (threadIdx.x < 16 && off < hi) {
-        const unsigned sz = min(step, hi - off) & ~15u;
-        if (sz) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + off), "r"(sz));
-    }
-}
 extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
         const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
         const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad,
-        const u8* down_blocks, const u8* down_scales) {
+        const u8* down_blocks, const u8* down_scales, const void* pf, unsigned long long pf_bytes) {
     PDL_ENTRY();
     __shared__ int s_ids[32];
     __shared__ float s_w[32];
@@ -297,10 +290,13 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
         wout[a] = s_w[r];
     }
     const int e = s_ids[r];
-    if (down_blocks && threadIdx.x < 16) {
-        const unsigned nbytes = (unsigned)cols * (unsigned)I / 2u;
-        prefetch_share(down_blocks + (long long)e * nbytes, nbytes, blockIdx.x, gridDim.x);
-        if (blockIdx.x == 0) prefetch_share(down_scales + (long long)e * (nbytes / 16), nbytes / 16, 0, 1);
+    if (threadIdx.x < 32) {
+        if (down_blocks) {
+            const unsigned long long nbytes = (unsigned long long)cols * I / 2;
+            l2_prefetch_share(down_blocks + e * nbytes, nbytes, blockIdx.x, gridDim.x);
+            if (blockIdx.x == 0) l2_prefetch_share(down_scales + e * (nbytes / 16), nbytes / 16, 0, 1);
+        }
+        l2_prefetch_share(pf, pf_bytes, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
     }
     gate_up_q8_body(blocks, scales, xq, xd, e, k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
 }

@@ -7,8 +7,8 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::{CudaSlice, DeviceRepr};
-use kairos::backend::cuda::kernels_q8::{Experts, GateAct};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use kairos::backend::cuda::kernels_q8::{Experts, GateAct, GateUpPrefetch};
 use kairos::backend::cuda::CudaContext;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -361,8 +361,10 @@ fn gate_up_topk_matches_separate_launches() {
         let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
         let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
         let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
-        // (the gate/up matrices stand in for the down ones to prefetch: the kernel reads nothing of them)
-        let pf = Some((&dbl, &dsc));
+        // with L2 prefetches queued (the gate/up matrices stand in for the down ones and the
+        // next layer's: prefetches are hints, the kernel reads nothing of them)
+        let next = (dbl.device_ptr(&c.stream).0, bl.len());
+        let pf = GateUpPrefetch { down: Some((&dbl, &dsc)), next };
         c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne, pf)
             .unwrap();
         let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");

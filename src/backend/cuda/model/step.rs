@@ -8,7 +8,7 @@ use cudarc::driver::CudaSlice;
 
 use super::{activation, capture, dense, dptr, lc, pre_norm, shard, CudaBackend, CudaError, DMlp, Pend, Res};
 use crate::backend::cuda::gemm::GEMM_MIN_ROWS;
-use crate::backend::cuda::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN, TOPK_FUSED_MAX_EXPERTS};
+use crate::backend::cuda::kernels_q8::{Experts, GateAct, GateUpPrefetch, GROUP_MAX_ASSIGN, TOPK_FUSED_MAX_EXPERTS};
 use crate::model::config::{Activation, RouterKind};
 
 impl CudaBackend {
@@ -31,6 +31,8 @@ impl CudaBackend {
         let prefetch = *l2_prefetch && !cx.is_recording();
         let pf_next = std::env::var("KAIROS_CUDA_L2_PF_NEXT").unwrap_or_else(|_| "gu".into());
         let pf_down = std::env::var("KAIROS_CUDA_L2_PF_DOWN").map_or(true, |v| v != "0");
+        // the prefetches ride in the RoPE and gate/up launches instead of launches of their own
+        let pf_fold = std::env::var("KAIROS_CUDA_L2_PF_FOLD").map_or(true, |v| v != "0");
         let region = |s: &CudaSlice<u16>| (dptr(s, &st), s.len() * 2);
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
@@ -70,15 +72,19 @@ impl CudaBackend {
                 Some(nl) => vec![region(&nl.wqkv)],
                 None => vec![],
             };
+            let mut rope_pf = [(0u64, 0u64); 2];
             if prefetch {
                 let mlp_first = match &l.mlp {
                     DMlp::Dense { gu, .. } => region(gu),
                     DMlp::Moe { router, .. } => region(router),
                 };
-                if gu2 && li > 0 {
-                    cx.l2_prefetch(&[mlp_first])?;
+                let regs = if gu2 && li > 0 { vec![mlp_first] } else { vec![region(&l.wo), mlp_first] };
+                if fused && pf_fold {
+                    for (d, &(p, len)) in rope_pf.iter_mut().zip(&regs) {
+                        *d = (p, len as u64);
+                    }
                 } else {
-                    cx.l2_prefetch(&[region(&l.wo), mlp_first])?;
+                    cx.l2_prefetch(&regs)?;
                 }
             }
             if fused {
@@ -97,6 +103,7 @@ impl CudaBackend {
                 };
                 lb.arg(&mut *k_cache).arg(&mut *v_cache).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&eps).arg(&w.mscale);
                 lb.arg(&b2[0]).arg(&b2[1]).arg(&b2[2]);
+                lb.arg(&rope_pf[0].0).arg(&rope_pf[0].1).arg(&rope_pf[1].0).arg(&rope_pf[1].1);
                 unsafe { lb.launch(lc(n * (nq + 2 * nkv), 1, 1, 32)) }?;
             } else {
                 cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
@@ -179,11 +186,16 @@ impl CudaBackend {
                     };
                     if moe_fold {
                         cx.router_norm_q8(&b.x, &l.ln2, router, router_bias.as_ref(), &mut b.rlogits, &mut b.hq, &mut b.hd, n, h, e, eps)?;
+                        let next_in_gu = prefetch && pf_fold && pf_next == "gu" && next_qkv.len() == 1;
+                        let pf = GateUpPrefetch {
+                            down: (prefetch && pf_down).then_some((&down.blocks, &down.scales)),
+                            next: if next_in_gu { next_qkv[0] } else { (0, 0) },
+                        };
                         cx.moe_gate_up_q8_topk(
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
-                            &mut b.aq, &mut b.ad, n, inter, h, e, (prefetch && pf_down).then_some((&down.blocks, &down.scales)),
+                            &mut b.aq, &mut b.ad, n, inter, h, e, pf,
                         )?;
-                        if prefetch && (pf_next == "gu" || gu2) {
+                        if prefetch && (pf_next == "gu" || gu2) && !next_in_gu {
                             cx.l2_prefetch(&next_qkv)?;
                         }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, Experts::Ids(&b.tid), n * k, 1, h, inter, e)?;
