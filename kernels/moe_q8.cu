@@ -290,14 +290,12 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
         wout[a] = s_w[r];
     }
     const int e = s_ids[r];
-    if (threadIdx.x < 32) {
-        if (down_blocks) {
-            const unsigned long long nbytes = (unsigned long long)cols * I / 2;
-            l2_prefetch_share(down_blocks + e * nbytes, nbytes, blockIdx.x, gridDim.x);
-            if (blockIdx.x == 0) l2_prefetch_share(down_scales + e * (nbytes / 16), nbytes / 16, 0, 1);
-        }
-        l2_prefetch_share(pf, pf_bytes, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
+    if (down_blocks) {
+        const unsigned long long nbytes = (unsigned long long)cols * I / 2;
+        l2_prefetch_share(down_blocks + e * nbytes, nbytes, blockIdx.x, gridDim.x);
+        if (blockIdx.x == 0) l2_prefetch_share(down_scales + e * (nbytes / 16), nbytes / 16, 0, 1);
     }
+    l2_prefetch_share(pf, pf_bytes, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
     gate_up_q8_body(blocks, scales, xq, xd, e, k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
 }
 

@@ -33,6 +33,8 @@ impl CudaBackend {
         let pf_down = std::env::var("KAIROS_CUDA_L2_PF_DOWN").map_or(true, |v| v != "0");
         // the prefetches ride in the RoPE and gate/up launches instead of launches of their own
         let pf_fold = std::env::var("KAIROS_CUDA_L2_PF_FOLD").map_or(true, |v| v != "0");
+        // stand-alone prefetches on a side stream, beside the step's chain
+        let pf_side = std::env::var("KAIROS_CUDA_L2_PF_SIDE").is_ok_and(|v| v == "1");
         let region = |s: &CudaSlice<u16>| (dptr(s, &st), s.len() * 2);
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
@@ -84,7 +86,7 @@ impl CudaBackend {
                         *d = (p, len as u64);
                     }
                 } else {
-                    cx.l2_prefetch(&regs)?;
+                    cx.l2_prefetch(&regs, pf_side)?;
                 }
             }
             if fused {
@@ -143,7 +145,7 @@ impl CudaBackend {
             }
             let delta = if fold { None } else { Some(&b.delta) };
             if prefetch && pf_next == "o" {
-                cx.l2_prefetch(&next_qkv)?;
+                cx.l2_prefetch(&next_qkv, pf_side)?;
             }
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             let moe_fold = fold
@@ -163,7 +165,7 @@ impl CudaBackend {
                     if prefetch && (pf_next == "gu" || gu2) {
                         let mut r = vec![region(down)];
                         r.extend(next_qkv.iter().copied().take(2));
-                        cx.l2_prefetch(&r)?;
+                        cx.l2_prefetch(&r, pf_side)?;
                     }
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
                     dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
@@ -196,7 +198,7 @@ impl CudaBackend {
                             &mut b.aq, &mut b.ad, n, inter, h, e, pf,
                         )?;
                         if prefetch && (pf_next == "gu" || gu2) && !next_in_gu {
-                            cx.l2_prefetch(&next_qkv)?;
+                            cx.l2_prefetch(&next_qkv, pf_side)?;
                         }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, Experts::Ids(&b.tid), n * k, 1, h, inter, e)?;
                         moe_bias = down_bias.as_ref();
@@ -228,7 +230,7 @@ impl CudaBackend {
                             inter, h, e,
                         )?;
                         if prefetch && (pf_next == "gu" || gu2) {
-                            cx.l2_prefetch(&next_qkv)?;
+                            cx.l2_prefetch(&next_qkv, pf_side)?;
                         }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                     } else {
@@ -262,6 +264,9 @@ impl CudaBackend {
             None => dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?,
         }
         cx.argmax(&b.logits, &mut b.am, n, v)?;
+        if prefetch && pf_side {
+            cx.join_side()?;
+        }
         Ok(())
     }
 }
