@@ -16,13 +16,10 @@
 #define MAXG 8
 #define ATT_RMAX 512
 // fewest positions a split takes (the grid is sized for the longest context; shorter
-// sequences use fewer splits, the rest of the blocks leave at once)
+// sequences use fewer splits, the rest of the blocks leave at once). 64 or 128 measured
+// 3-6% slower per Qwen3-30B-A3B b1 step on the H100 than 32 (bench/results, session 9).
 #ifndef ATT_MINPOS
 #define ATT_MINPOS 32
-#endif
-// 1: a warp loads its next positions' k/v rows before working on the current ones
-#ifndef ATT_PIPE
-#define ATT_PIPE 0
 #endif
 
 template <int EPL> __device__ __forceinline__ void ld_row(const bf16_t* p, float* o);
@@ -83,40 +80,14 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
         }
     }
     const long long base = (((long long)slot * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
-#if ATT_PIPE
-    float kn[ATT_PU][EPL], vn[ATT_PU][EPL];
-    if (start + warp * ATT_PU < end) {
-#pragma unroll
-        for (int u = 0; u < ATT_PU; u++) {
-            int p = min(start + warp * ATT_PU + u, end - 1);
-            ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kn[u]);
-            ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vn[u]);
-        }
-    }
-#endif
     for (int p0 = start + warp * ATT_PU; p0 < end; p0 += NW * ATT_PU) {
         float kf[ATT_PU][EPL], vf[ATT_PU][EPL];
-#if ATT_PIPE
-#pragma unroll
-        for (int u = 0; u < ATT_PU; u++)
-#pragma unroll
-            for (int e = 0; e < EPL; e++) { kf[u][e] = kn[u][e]; vf[u][e] = vn[u][e]; }
-        if (p0 + NW * ATT_PU < end) {
-#pragma unroll
-            for (int u = 0; u < ATT_PU; u++) {
-                int p = min(p0 + NW * ATT_PU + u, end - 1);
-                ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kn[u]);
-                ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vn[u]);
-            }
-        }
-#else
 #pragma unroll
         for (int u = 0; u < ATT_PU; u++) {
             int p = min(p0 + u, end - 1);  // clamp: loads stay in bounds, masked below
             ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kf[u]);
             ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vf[u]);
         }
-#endif
 #pragma unroll
         for (int g = 0; g < MAXG; g++) {
             if (g < ng) {

@@ -100,28 +100,6 @@ __device__ __forceinline__ void prefetch_l2_warp(const void* p, long long bytes)
 #endif
 }
 
-// This block's share (block `part` of `parts`) of an L2 prefetch of `bytes` at p (null:
-// none). A hint: nothing waits for it, a line evicted before its use is read from DRAM
-// again. Call it from every thread of the block; p 16-byte aligned. Latency-bound kernels
-// carry the weights of a later kernel this way (kernels/prefetch.cu: the stand-alone form).
-// Default: the block's first 32 threads queue one cp.async.bulk.prefetch (sm_90) of 1/32
-// of the share each. L2PF_LINES: every thread asks for 128-byte lines (prefetch.global.L2).
-__device__ __forceinline__ void l2_prefetch_share(const void* p, unsigned long long bytes, unsigned part, unsigned parts) {
-    if (!p) return;
-    const unsigned long long share = ((bytes + parts - 1) / parts + 511) & ~511ull;
-    const unsigned long long lo = part * share, hi = min(bytes, lo + share);
-#ifdef L2PF_LINES
-    for (unsigned long long off = lo + threadIdx.x * 128ull; off < hi; off += blockDim.x * 128ull)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));
-#else
-    if (threadIdx.x >= 32) return;
-    const unsigned long long step = share / 32, off = lo + threadIdx.x * step;
-    if (off >= hi) return;
-    const unsigned sz = (unsigned)min(step, hi - off) & ~15u;
-    if (sz) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"((const char*)p + off), "r"(sz));
-#endif
-}
-
 // ---- Last block of a grid ----
 // A kernel can finish with work that needs all of its blocks' output (attention's split
 // combine): each block counts itself done on `ctr`, and the block that finishes last does

@@ -146,12 +146,7 @@ extern "C" __global__ void rope_qk_kv(float* __restrict__ qkv, const int* __rest
                                       const bf16_t* __restrict__ q_norm, const bf16_t* __restrict__ k_norm,
                                       bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
                                       int n_q, int n_kv, int D, float eps, float mscale,
-                                      int layer, int n_layers, int max_pos, const void* pf_a,
-                                      unsigned long long na, const void* pf_b, unsigned long long nb) { PDL_ENTRY();
-    // (optional) a share of the L2 prefetch of later kernels' weights: RoPE and the
-    // attention after it leave DRAM idle (see l2_prefetch_share)
-    l2_prefetch_share(pf_a, na, blockIdx.x, gridDim.x);
-    l2_prefetch_share(pf_b, nb, blockIdx.x, gridDim.x);
+                                      int layer, int n_layers, int max_pos) { PDL_ENTRY();
     rope_qk_kv_impl(qkv, positions, slots, inv_freq, q_norm, k_norm, k_cache, v_cache, n_q, n_kv, D, eps, mscale, layer,
                     n_layers, max_pos, blockIdx.x, threadIdx.x);
 }

@@ -269,16 +269,10 @@ extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __
 // reads per thread instead of k dependent warp arg-max rounds (which cost ~3.6 us per
 // layer inside this kernel on the H100). Blocks of row tile 0 also store the pick and its
 // weight in ids / wout [n*k] for the down GEMV and the combine. k <= 32, x_div = k.
-// down_blocks / down_scales (or null): the down matrices [E, cols, I/32] of the same
-// layer. Once its expert is known, each block queues an L2 prefetch of its share of that
-// expert's down weights (l2_prefetch_share), so the down GEMV that follows reads them
-// from L2; pf / pf_bytes (or null): a later kernel's weights (the next layer's q|k|v),
-// shared out over all blocks the same way.
 // grid (I / 32, n * k), block 256 or 512.
 extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
         const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
-        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad,
-        const u8* down_blocks, const u8* down_scales, const void* pf, unsigned long long pf_bytes) {
+        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
     PDL_ENTRY();
     __shared__ int s_ids[32];
     __shared__ float s_w[32];
@@ -289,14 +283,7 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
         ids[a] = s_ids[r];
         wout[a] = s_w[r];
     }
-    const int e = s_ids[r];
-    if (down_blocks) {
-        const unsigned long long nbytes = (unsigned long long)cols * I / 2;
-        l2_prefetch_share(down_blocks + e * nbytes, nbytes, blockIdx.x, gridDim.x);
-        if (blockIdx.x == 0) l2_prefetch_share(down_scales + e * (nbytes / 16), nbytes / 16, 0, 1);
-    }
-    l2_prefetch_share(pf, pf_bytes, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
-    gate_up_q8_body(blocks, scales, xq, xd, e, k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
+    gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
 }
 
 // ---- Grouped expert GEMVs (steps of many rows) ----

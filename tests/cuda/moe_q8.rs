@@ -7,8 +7,8 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
-use kairos::backend::cuda::kernels_q8::{Experts, GateAct, GateUpPrefetch};
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use kairos::backend::cuda::kernels_q8::{Experts, GateAct};
 use kairos::backend::cuda::CudaContext;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -361,11 +361,7 @@ fn gate_up_topk_matches_separate_launches() {
         let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
         let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
         let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
-        // with L2 prefetches queued (the gate/up matrices stand in for the down ones and the
-        // next layer's: prefetches are hints, the kernel reads nothing of them)
-        let next = (dbl.device_ptr(&c.stream).0, bl.len());
-        let pf = GateUpPrefetch { down: Some((&dbl, &dsc)), next };
-        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne, pf)
+        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne)
             .unwrap();
         let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");
         let ids1 = down(c, &ids);

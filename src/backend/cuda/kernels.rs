@@ -614,46 +614,6 @@ impl CudaContext {
         Ok(())
     }
 
-    /// Queues L2 prefetches of up to three device regions `(pointer, bytes)` (kernels/prefetch.cu),
-    /// a hint. On the stream: its blocks last until their prefetches land (bulk prefetches),
-    /// so the kernels after it wait; with `side`, it runs on the side stream instead, after
-    /// the work queued so far on the stream, beside what is queued after it
-    /// (`join_side` ends the branch). Pointers 16-byte aligned (device allocations are);
-    /// nothing is launched when all regions are empty.
-    pub fn l2_prefetch(&self, regions: &[(u64, usize)], side: bool) -> Result<()> {
-        need(regions.len() <= 3, || "l2_prefetch: at most 3 regions".into())?;
-        need(regions.iter().all(|&(p, _)| p % 16 == 0), || "l2_prefetch: pointer not 16-byte aligned".into())?;
-        let mut r = [(0u64, 0u64); 3];
-        for (d, &(p, n)) in r.iter_mut().zip(regions) {
-            *d = (p, n as u64);
-        }
-        if r.iter().all(|&(_, n)| n < 16) {
-            return Ok(());
-        }
-        let side_stream;
-        let mut b = if side {
-            side_stream = self.side_stream()?;
-            side_stream.join(&self.stream)?;
-            self.launch_on(side_stream, "l2_prefetch")
-        } else {
-            self.launch("l2_prefetch")
-        };
-        for (p, n) in r.iter() {
-            b.arg(p).arg(n);
-        }
-        unsafe { b.launch(grid(self.sm_count as usize, 1, 1, 128)) }?;
-        Ok(())
-    }
-
-    /// The stream waits for what the side stream has queued (a no-op without one): ends
-    /// a step's side branch (stream capture needs every branch joined).
-    pub fn join_side(&self) -> Result<()> {
-        if let Some(s) = self.side.get() {
-            self.stream.join(s)?;
-        }
-        Ok(())
-    }
-
     /// out f32 [n, hidden] = sum_r weights[t, r] * y[t*k + r, :]  (y f32 [n*k, hidden]).
     pub fn moe_combine(
         &self,

@@ -11,17 +11,6 @@ use super::{CudaContext, Result};
 
 /// Most assignments `moe_group` lists (GROUP_MAX_ASSIGN in kernels/moe_q8.cu).
 pub const GROUP_MAX_ASSIGN: usize = 4096;
-/// L2 prefetches `moe_gate_up_q8_topk` queues once its blocks know their experts (hints,
-/// see `CudaContext::l2_prefetch`).
-#[derive(Default, Clone, Copy)]
-pub struct GateUpPrefetch<'a> {
-    /// The layer's down blocks and scales (`[E, cols, inter/32]`): each block queues its
-    /// share of its expert's down weights, which the next launch reads.
-    pub down: Option<(&'a CudaSlice<u8>, &'a CudaSlice<u8>)>,
-    /// A later kernel's weights (device pointer, bytes; 0 bytes: none), shared out over
-    /// all blocks: the next layer's q|k|v.
-    pub next: (u64, usize),
-}
 /// Most rows `router_norm_q8` takes (RN_MAX_N in kernels/moe_q8.cu).
 pub const ROUTER_NORM_MAX_ROWS: usize = 8;
 /// Most experts `moe_gate_up_q8_topk` picks from (8 logits per lane of one warp).
@@ -222,7 +211,7 @@ impl CudaContext {
     /// `moe_gate_up_q8` over the `n_rows * k` assignments of `n_rows` tokens, with the router
     /// top-k (as `moe_router_topk`) redone by every block from `logits` f32 `[n_rows, E]`;
     /// the choice is also stored in `ids` / `weights` `[n_rows * k]` for the down GEMV and the
-    /// combine. E <= 256, k <= 32. `prefetch`: what the blocks queue for L2 meanwhile.
+    /// combine. E <= 256, k <= 32.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_gate_up_q8_topk(
         &self,
@@ -243,16 +232,10 @@ impl CudaContext {
         inter: usize,
         cols: usize,
         n_experts: usize,
-        prefetch: GateUpPrefetch<'_>,
     ) -> Result<()> {
         need(cols.is_multiple_of(32) && inter.is_multiple_of(32), || {
             format!("moe_gate_up_q8_topk: cols {cols} and inter {inter} must be multiples of 32")
         })?;
-        need(prefetch.next.0 % 16 == 0, || "moe_gate_up_q8_topk: prefetch pointer not 16-byte aligned".into())?;
-        if let Some((db, ds)) = prefetch.down {
-            len_at_least(db, n_experts * cols * inter / 2, "down blocks")?;
-            len_at_least(ds, n_experts * cols * inter / 32, "down scales")?;
-        }
         need(n_experts <= TOPK_FUSED_MAX_EXPERTS && (1..=32).contains(&top_k) && top_k <= n_experts, || {
             format!("moe_gate_up_q8_topk: E {n_experts} (<= 256), k {top_k} (1..=32)")
         })?;
@@ -284,12 +267,6 @@ impl CudaContext {
             None => b.arg(&NULL),
         };
         b.arg(&a[3]).arg(&a[4]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
-        match prefetch.down {
-            Some((db, ds)) => b.arg(db).arg(ds),
-            None => b.arg(&NULL).arg(&NULL),
-        };
-        let next_bytes = prefetch.next.1 as u64;
-        b.arg(&prefetch.next.0).arg(&next_bytes);
         // 16 warps per block while the grid fits in one wave at 2 blocks per SM (Qwen3-30B-A3B
         // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
         // 16 warps made it 0.6% slower)

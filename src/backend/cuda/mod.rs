@@ -137,11 +137,6 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "add_expert_bias",
         ],
     ),
-    (
-        "prefetch",
-        include_str!("../../../kernels/prefetch.cu"),
-        &["l2_prefetch"],
-    ),
 ];
 
 /// Errors of the CUDA backend.
@@ -197,9 +192,6 @@ pub struct CudaContext {
     /// `moe_router_topk` with up to 256 experts ranks the logits in a block per token
     /// (`moe_router_topk_rank`); `KAIROS_CUDA_TOPK_RANK=0`: a warp per token, k arg-max rounds
     pub topk_rank: bool,
-    /// A second stream for work beside the step's chain (`l2_prefetch_side`); created on
-    /// first use.
-    side: std::sync::OnceLock<Arc<CudaStream>>,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -448,7 +440,6 @@ impl CudaContext {
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
-            side: std::sync::OnceLock::new(),
             argmax_scratch,
             recorder: std::sync::Mutex::new(None),
             opts_list,
@@ -523,21 +514,6 @@ impl CudaContext {
     /// where unsupported). `KAIROS_CUDA_PDL=0|1` in the environment wins.
     pub fn set_pdl(&mut self, on: bool) {
         self.pdl = self.pdl_supported && pdl_env().unwrap_or(on);
-    }
-
-    /// The side stream (see `l2_prefetch_side`).
-    pub(crate) fn side_stream(&self) -> Result<&Arc<CudaStream>> {
-        if let Some(s) = self.side.get() {
-            return Ok(s);
-        }
-        let s = self.stream.context().new_stream()?;
-        Ok(self.side.get_or_init(|| s))
-    }
-
-    /// Starts a launch of kernel `name` on `stream` (no PDL, not recorded).
-    pub(crate) fn launch_on<'a>(&'a self, stream: &'a CudaStream, name: &str) -> Launch<'a> {
-        let f = *self.funcs.get(name).unwrap_or_else(|| panic!("kernel {name} not loaded"));
-        Launch::new(stream, f, false)
     }
 
     /// Starts a launch of kernel `name` on this context's stream.

@@ -117,11 +117,6 @@ pub struct CudaBackendOptions {
     /// `moe_gate_up_q8_topk`): two launches fewer per MoE layer.
     /// `KAIROS_CUDA_LAYER_FUSION=0` turns it off.
     pub layer_fusion: bool,
-    /// Decode steps queue L2 prefetches of the weights ahead (`CudaContext::l2_prefetch`):
-    /// the o-projection's (and the router's or dense MLP's) before RoPE and attention, which
-    /// leave DRAM idle, and the next layer's q|k|v after the MLP's first GEMV.
-    /// `KAIROS_CUDA_L2_PREFETCH=0` turns it off.
-    pub l2_prefetch: bool,
 }
 
 impl Default for CudaBackendOptions {
@@ -140,7 +135,6 @@ impl Default for CudaBackendOptions {
             persistent: false,
             gemv_split: true,
             layer_fusion: true,
-            l2_prefetch: true,
         }
     }
 }
@@ -262,8 +256,6 @@ pub struct CudaBackend {
     fused: bool,
     /// see `CudaBackendOptions::layer_fusion`
     layer_fusion: bool,
-    /// see `CudaBackendOptions::l2_prefetch`
-    l2_prefetch: bool,
     moe_q8: bool,
     /// grouped expert GEMVs from this many assignments per expert (`usize::MAX`: never;
     /// see `CudaBackendOptions::grouped`)
@@ -379,7 +371,6 @@ impl CudaBackend {
             ordinal: opts.ordinal,
             fused: opts.fused,
             layer_fusion: std::env::var("KAIROS_CUDA_LAYER_FUSION").map_or(opts.layer_fusion, |v| v != "0"),
-            l2_prefetch: std::env::var("KAIROS_CUDA_L2_PREFETCH").map_or(opts.l2_prefetch, |v| v != "0"),
             group_min: match opts.grouped {
                 Some(m) if std::env::var("KAIROS_CUDA_GROUPED").map_or(true, |v| v != "0") => {
                     std::env::var("KAIROS_CUDA_GROUPED_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(m).max(1)

@@ -8,15 +8,14 @@ use cudarc::driver::CudaSlice;
 
 use super::{activation, capture, dense, dptr, lc, pre_norm, shard, CudaBackend, CudaError, DMlp, Pend, Res};
 use crate::backend::cuda::gemm::GEMM_MIN_ROWS;
-use crate::backend::cuda::kernels_q8::{Experts, GateAct, GateUpPrefetch, GROUP_MAX_ASSIGN, TOPK_FUSED_MAX_EXPERTS};
+use crate::backend::cuda::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN, TOPK_FUSED_MAX_EXPERTS};
 use crate::model::config::{Activation, RouterKind};
 
 impl CudaBackend {
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     pub(super) fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
         let capt = self.capture_plan();
-        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, layer_fusion, l2_prefetch, .. } =
-            self;
+        let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, layer_fusion, .. } = self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
         // Steps of one row (decode at batch 1, where launch gaps and short dependent kernels
         // set the time): the o-projection adds itself to the residual, and a MoE block is three
@@ -26,16 +25,6 @@ impl CudaBackend {
         // persistent step, which has no form of these kernels.
         let fold = *layer_fusion && fused && shard.is_none() && n == 1 && !cx.is_recording();
         let st = cx.stream.clone();
-        // L2 prefetch of the weights ahead (see `CudaBackendOptions::l2_prefetch`); not in a
-        // recording for the persistent step, which prefetches per phase itself
-        let prefetch = *l2_prefetch && !cx.is_recording();
-        let pf_next = std::env::var("KAIROS_CUDA_L2_PF_NEXT").unwrap_or_else(|_| "gu".into());
-        let pf_down = std::env::var("KAIROS_CUDA_L2_PF_DOWN").map_or(true, |v| v != "0");
-        // the prefetches ride in the RoPE and gate/up launches instead of launches of their own
-        let pf_fold = std::env::var("KAIROS_CUDA_L2_PF_FOLD").map_or(true, |v| v != "0");
-        // stand-alone prefetches on a side stream, beside the step's chain
-        let pf_side = std::env::var("KAIROS_CUDA_L2_PF_SIDE").is_ok_and(|v| v == "1");
-        let region = |s: &CudaSlice<u16>| (dptr(s, &st), s.len() * 2);
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
                 Some(cm) => cm.all_reduce_sum(&st, buf, len).map_err(shard::comm_err),
@@ -65,30 +54,6 @@ impl CudaBackend {
                 capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
             }
             dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
-            // RoPE and attention leave DRAM idle: fill L2 with the o-projection and the
-            // MLP's first matrix (the router for MoE) meanwhile
-            // (experiment "gu2": the next layer's o-projection goes with its q|k|v)
-            let gu2 = pf_next == "gu2";
-            let next_qkv: Vec<(u64, usize)> = match w.layers.get(li + 1) {
-                Some(nl) if gu2 => vec![region(&nl.wqkv), region(&nl.wo)],
-                Some(nl) => vec![region(&nl.wqkv)],
-                None => vec![],
-            };
-            let mut rope_pf = [(0u64, 0u64); 2];
-            if prefetch {
-                let mlp_first = match &l.mlp {
-                    DMlp::Dense { gu, .. } => region(gu),
-                    DMlp::Moe { router, .. } => region(router),
-                };
-                let regs = if gu2 && li > 0 { vec![mlp_first] } else { vec![region(&l.wo), mlp_first] };
-                if fused && pf_fold {
-                    for (d, &(p, len)) in rope_pf.iter_mut().zip(&regs) {
-                        *d = (p, len as u64);
-                    }
-                } else {
-                    cx.l2_prefetch(&regs, pf_side)?;
-                }
-            }
             if fused {
                 let a = [nq as i32, nkv as i32, hd as i32];
                 let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
@@ -105,7 +70,6 @@ impl CudaBackend {
                 };
                 lb.arg(&mut *k_cache).arg(&mut *v_cache).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&eps).arg(&w.mscale);
                 lb.arg(&b2[0]).arg(&b2[1]).arg(&b2[2]);
-                lb.arg(&rope_pf[0].0).arg(&rope_pf[0].1).arg(&rope_pf[1].0).arg(&rope_pf[1].1);
                 unsafe { lb.launch(lc(n * (nq + 2 * nkv), 1, 1, 32)) }?;
             } else {
                 cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
@@ -144,9 +108,6 @@ impl CudaBackend {
                 }
             }
             let delta = if fold { None } else { Some(&b.delta) };
-            if prefetch && pf_next == "o" {
-                cx.l2_prefetch(&next_qkv, pf_side)?;
-            }
             let q8_layer = moe_q8 && matches!(l.mlp, DMlp::Moe { .. });
             let moe_fold = fold
                 && q8_layer
@@ -162,11 +123,6 @@ impl CudaBackend {
                 DMlp::Dense { gu, down, inter } => {
                     let inter = *inter;
                     dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
-                    if prefetch && (pf_next == "gu" || gu2) {
-                        let mut r = vec![region(down)];
-                        r.extend(next_qkv.iter().copied().take(2));
-                        cx.l2_prefetch(&r, pf_side)?;
-                    }
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
                     dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
                     if tp_reduce {
@@ -188,18 +144,10 @@ impl CudaBackend {
                     };
                     if moe_fold {
                         cx.router_norm_q8(&b.x, &l.ln2, router, router_bias.as_ref(), &mut b.rlogits, &mut b.hq, &mut b.hd, n, h, e, eps)?;
-                        let next_in_gu = prefetch && pf_fold && pf_next == "gu" && next_qkv.len() == 1;
-                        let pf = GateUpPrefetch {
-                            down: (prefetch && pf_down).then_some((&down.blocks, &down.scales)),
-                            next: if next_in_gu { next_qkv[0] } else { (0, 0) },
-                        };
                         cx.moe_gate_up_q8_topk(
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
-                            &mut b.aq, &mut b.ad, n, inter, h, e, pf,
+                            &mut b.aq, &mut b.ad, n, inter, h, e,
                         )?;
-                        if prefetch && (pf_next == "gu" || gu2) && !next_in_gu {
-                            cx.l2_prefetch(&next_qkv, pf_side)?;
-                        }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, Experts::Ids(&b.tid), n * k, 1, h, inter, e)?;
                         moe_bias = down_bias.as_ref();
                         pend = Pend::Moe;
@@ -229,9 +177,6 @@ impl CudaBackend {
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, experts, gu_bias.as_ref(), act, &mut b.aq, &mut b.ad, n * k, k,
                             inter, h, e,
                         )?;
-                        if prefetch && (pf_next == "gu" || gu2) {
-                            cx.l2_prefetch(&next_qkv, pf_side)?;
-                        }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                     } else {
                         cx.mxfp4_moe_gemv::<u16>(&gu.blocks, &gu.scales, &b.h, &mut b.gu, tid, n * k, k, 2 * inter, h, e)?;
@@ -264,9 +209,6 @@ impl CudaBackend {
             None => dense(cx, gemm, head, dptr(&b.hf, &st), false, dptr(&b.logits, &st), v, h, n, None)?,
         }
         cx.argmax(&b.logits, &mut b.am, n, v)?;
-        if prefetch && pf_side {
-            cx.join_side()?;
-        }
         Ok(())
     }
 }
