@@ -37,9 +37,7 @@ template <> __device__ __forceinline__ void ld_row<8>(const bf16_t* p, float* o)
 // Lane l holds dims [l*EPL, (l+1)*EPL) of q, k, v and the output (EPL = D/32);
 // scores are warp-reduced. (A layout with D/8 lanes per position and 16-byte
 // loads measured 10-30% slower on H100: 195 registers. See bench/results.)
-// FULL: every block has MAXG query heads (G % 8 == 0): the scores of all heads are
-// reduced together (8x the independent shuffles per round instead of 8 dependent chains).
-template <int EPL, int NW, bool FULL>
+template <int EPL, int NW>
 __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                                 const bf16_t* __restrict__ vc, const int* __restrict__ slots,
                                 const int* __restrict__ seq_lens, float* __restrict__ part_acc,
@@ -90,44 +88,21 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
             ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kf[u]);
             ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vf[u]);
         }
-        float scs[FULL ? MAXG : 1][ATT_PU];
-        if (FULL) {
 #pragma unroll
-            for (int g = 0; g < (FULL ? MAXG : 1); g++)
+        for (int g = 0; g < MAXG; g++) {
+            if (g < ng) {
+                float sc[ATT_PU];
 #pragma unroll
                 for (int u = 0; u < ATT_PU; u++) {
                     float d = 0.f;
 #pragma unroll
                     for (int e = 0; e < EPL; e++) d += qr[g][e] * kf[u][e];
-                    scs[g][u] = d;
+                    sc[u] = d;
                 }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
+                for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-                for (int g = 0; g < (FULL ? MAXG : 1); g++)
-#pragma unroll
-                    for (int u = 0; u < ATT_PU; u++) scs[g][u] += __shfl_xor_sync(0xffffffffu, scs[g][u], o);
-        }
-#pragma unroll
-        for (int g = 0; g < MAXG; g++) {
-            if (FULL || g < ng) {
-                float sc[ATT_PU];
-                if (FULL) {
-#pragma unroll
-                    for (int u = 0; u < ATT_PU; u++) sc[u] = scs[FULL ? g : 0][u];
-                } else {
-#pragma unroll
-                    for (int u = 0; u < ATT_PU; u++) {
-                        float d = 0.f;
-#pragma unroll
-                        for (int e = 0; e < EPL; e++) d += qr[g][e] * kf[u][e];
-                        sc[u] = d;
-                    }
-#pragma unroll
-                    for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-                        for (int u = 0; u < ATT_PU; u++) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
-                }
+                    for (int u = 0; u < ATT_PU; u++) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
                 float mn = m[g];
 #pragma unroll
                 for (int u = 0; u < ATT_PU; u++) {
@@ -237,10 +212,6 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     long long q_stride, const float* sinks, float* out, unsigned* ctr
 #define ATT_PASS q, kc, vc, slots, seq_lens, part_acc, part_ml, n_q, n_kv, layer, n_layers, max_pos, scale, window, n_splits, q_stride, \
     sinks, out, ctr, blockIdx.x, blockIdx.y, blockIdx.z
-extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<2, 8, false>(ATT_PASS); }
-extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<4, 8, false>(ATT_PASS); }
-extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<8, 4, false>(ATT_PASS); }
-// G % 8 == 0 (Qwen3-30B-A3B, gpt-oss-20b): every block has 8 query heads. (175 registers
-// for D = 128: one block per SM; the host takes these where the grid fits one wave.)
-extern "C" __global__ void __launch_bounds__(256) attention_split_d64_g8(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<2, 8, true>(ATT_PASS); }
-extern "C" __global__ void __launch_bounds__(256) attention_split_d128_g8(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<4, 8, true>(ATT_PASS); }
+extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<2, 8>(ATT_PASS); }
+extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<4, 8>(ATT_PASS); }
+extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<8, 4>(ATT_PASS); }

@@ -60,9 +60,9 @@
 #define PL(i) ((long long)a[PK_ARG0 + (i)])
 
 #if PK_HEAD_DIM == 64
-#define PK_ATTN attn_split_impl<2, 8, false>
+#define PK_ATTN attn_split_impl<2, 8>
 #elif PK_HEAD_DIM == 128
-#define PK_ATTN attn_split_impl<4, 8, false>
+#define PK_ATTN attn_split_impl<4, 8>
 #else
 #error "PK_HEAD_DIM must be 64 or 128"
 #endif

@@ -299,21 +299,10 @@ impl CudaContext {
         n_splits: usize,
     ) -> Result<()> {
         let d = kv.head_dim;
-        // 8 query heads in every block: all heads' scores reduced together, where the grid
-        // fits one wave at one block per SM (its register count; batch-1 decode); not in a
-        // recording for the persistent step, which runs the general body
-        let grid_blocks = n_splits * (n_q / kv.n_kv_heads.max(1)).div_ceil(8) * kv.n_kv_heads * n_seq;
-        let g8 = kv.n_kv_heads > 0
-            && (n_q / kv.n_kv_heads).is_multiple_of(8)
-            && grid_blocks <= self.sm_count as usize
-            && self.attn_g8
-            && !self.is_recording();
-        let name = match (d, g8) {
-            (64, true) => "attention_split_d64_g8",
-            (128, true) => "attention_split_d128_g8",
-            (64, false) => "attention_split_d64",
-            (128, false) => "attention_split_d128",
-            (256, _) => "attention_split_d256",
+        let name = match d {
+            64 => "attention_split_d64",
+            128 => "attention_split_d128",
+            256 => "attention_split_d256",
             _ => {
                 return Err(CudaError::Shape(format!(
                     "attention: head_dim {d} not in 64/128/256"

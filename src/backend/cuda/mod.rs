@@ -51,8 +51,6 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_split_d64",
             "attention_split_d128",
             "attention_split_d256",
-            "attention_split_d64_g8",
-            "attention_split_d128_g8",
         ],
     ),
     // entries ending in "_n" are loaded as _n1 ..= _n8
@@ -194,9 +192,6 @@ pub struct CudaContext {
     /// `moe_router_topk` with up to 256 experts ranks the logits in a block per token
     /// (`moe_router_topk_rank`); `KAIROS_CUDA_TOPK_RANK=0`: a warp per token, k arg-max rounds
     pub topk_rank: bool,
-    /// `attention_decode` takes the `_g8` kernels where every block has 8 query heads
-    /// (`KAIROS_CUDA_ATTN_G8=0`: the general ones)
-    pub attn_g8: bool,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -445,7 +440,6 @@ impl CudaContext {
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
-            attn_g8: std::env::var("KAIROS_CUDA_ATTN_G8").map_or(true, |v| v != "0"),
             argmax_scratch,
             recorder: std::sync::Mutex::new(None),
             opts_list,
