@@ -95,6 +95,9 @@ fn attention_decode() {
         (9, 3, 64, 8, 4096),
         (64, 8, 64, 1, 8192),
         (32, 4, 128, 1, 32768),
+        // batch-1 decode at a short context
+        (32, 4, 128, 1, 128),
+        (64, 8, 64, 1, 128),
     ] {
         let kv = KvShape {
             n_slots: nseq,
