@@ -492,8 +492,11 @@ fn persistent_matches_graph() {
         "moe_intermediate_size": 64, "norm_topk_prob": true, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
         "max_position_embeddings": 1024, "tie_word_embeddings": false}))
     .expect("qwen3-moe config");
-    // the persistent step runs the one-warp-per-row GEMV bodies: compare with a graph of those
-    let graph = CudaBackendOptions { gemv_split: false, ..opts() };
+    // the persistent step runs the one-warp-per-row GEMV bodies and no folded layer (it records
+    // with the fold off): compare with a graph of those. (With the fold on in the graph, the
+    // 128-expert model parted at step 5 by 1.9e-4 of max |logit| on the H100, session 9: the
+    // folded norm sums in another order, so an int8 block can round the other way.)
+    let graph = CudaBackendOptions { gemv_split: false, layer_fusion: false, ..opts() };
     let pk = CudaBackendOptions { persistent: true, ..graph.clone() };
     let pairs: Vec<(&str, CudaBackend, CudaBackend)> = vec![
         ("llama d64", CudaBackend::new(&llama, pk.clone()).unwrap(), CudaBackend::new(&llama, graph.clone()).unwrap()),
