@@ -17,7 +17,9 @@
 #define ATT_RMAX 512
 // fewest positions a split takes (the grid is sized for the longest context; shorter
 // sequences use fewer splits, the rest of the blocks leave at once). 64 or 128 measured
-// 3-6% slower per Qwen3-30B-A3B b1 step on the H100 than 32 (bench/results, session 9).
+// 3.5% / 6% slower per Qwen3-30B-A3B b1 step (ctx 128, H100) than 32 (bench/results,
+// session 9). The host's grid sizing (`attention_splits`) assumes 32; it is only an
+// upper bound, so a larger value here leaves more blocks idle, never wrong.
 #ifndef ATT_MINPOS
 #define ATT_MINPOS 32
 #endif

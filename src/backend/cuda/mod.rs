@@ -449,10 +449,11 @@ impl CudaContext {
 
     /// Warps per output row of a one-row GEMV (1, 2, 4 or 8): doubled while the matrix
     /// has fewer than `gemv_split_target` (16384) warps' worth of rows and every lane keeps
-    /// at least one 16-byte load of its row. (On the H100, 16384 instead of 4096 made the
-    /// Qwen3-30B-A3B b1 step 6.3% faster and gpt-oss-20b 3.9%: Qwen3's q|k|v over 4 warps
-    /// a row and its o-projection over 8 keep more loads in flight; more changed nothing.) 1 when split GEMVs are off, for steps being recorded for the
-    /// persistent kernel (which runs the plain bodies), and for columns not a multiple of 8.
+    /// at least one 16-byte load of its row. 1 when split GEMVs are off, for steps being
+    /// recorded for the persistent kernel (which runs the plain bodies), and for columns
+    /// not a multiple of 8. (On the H100, 16384 instead of 4096 made the Qwen3-30B-A3B b1
+    /// step 6.3% faster and gpt-oss-20b 3.9%: Qwen3's q|k|v over 4 warps a row and its
+    /// o-projection over 8 keep more loads in flight; higher targets changed nothing.)
     pub fn gemv_split_warps(&self, rows: usize, cols: usize, n: usize) -> usize {
         if !self.gemv_split || n != 1 || !cols.is_multiple_of(8) || self.is_recording() {
             return 1;
