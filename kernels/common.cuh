@@ -77,11 +77,11 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
 // predecessor ends. PDL_ENTRY(), the first statement of every kernel, lets the next
 // kernel be scheduled and then waits until the predecessor has completed and its
 // writes are visible. Without the attribute both instructions are no-ops.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_ENTRY() asm volatile("griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;" ::: "memory")
-#else
-#define PDL_ENTRY() do { } while (0)
-#endif
+// Kernels that load something independent of their predecessor (weights) first split it:
+// PDL_PRE(), the independent loads, PDL_POST().
+// -DPDL_LATE: the dependent is let go only after this kernel's own wait, so at most one
+// grid waits ahead of the running one (by default single-wave grids let theirs go at once,
+// and a chain of them can be resident, waiting, together).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
@@ -89,6 +89,19 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
 #define PDL_TRIGGER() do { } while (0)
 #define PDL_WAIT() do { } while (0)
 #endif
+#ifdef PDL_LATE
+#define PDL_PRE() do { } while (0)
+#define PDL_POST() do { PDL_WAIT(); PDL_TRIGGER(); } while (0)
+#else
+#define PDL_PRE() PDL_TRIGGER()
+#define PDL_POST() PDL_WAIT()
+#endif
+#define PDL_ENTRY() do { PDL_PRE(); PDL_POST(); } while (0)
+// The PDL wait as a functor, for kernel bodies that load their weights first and take
+// their wait as a parameter (the persistent step passes its own).
+struct PdlWait {
+    __device__ __forceinline__ void operator()() const { PDL_POST(); }
+};
 // Ask L2 for `bytes` at p, one 128-byte line per lane of the warp per step: kernels
 // whose weights do not depend on their predecessor issue this before PDL_WAIT(), so
 // the weight stream starts while the predecessor finishes (-DKAIROS_NO_PREFETCH: off).
@@ -358,12 +371,14 @@ __device__ void router_topk_impl(const float* __restrict__ logits, int* __restri
 // monotonic). s_ids[r] = the r-th expert; with `weights`, s_w[r] = its softmax weight over
 // all E (renormalised over the k when renorm). The sums run in another order than
 // router_topk_impl's: weights agree to float rounding, ids exactly.
+// CG: the logits are read through L2 (__ldcg), for a reader that runs before its PDL wait
+template <bool CG = false>
 __device__ __forceinline__ void router_rank_topk(const float* __restrict__ lg, int E, int k, int renorm, bool weights,
                                                  int* s_ids, float* s_w) {
     __shared__ float s_lg[512];
     __shared__ float s_red[33];
     const int i = threadIdx.x, nw = blockDim.x >> 5;
-    const float v = i < E ? lg[i] : NEG_INF;
+    const float v = i < E ? (CG ? __ldcg(lg + i) : lg[i]) : NEG_INF;
     s_lg[i] = v;
     __syncthreads();
     int rank = 0;

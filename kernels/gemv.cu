@@ -121,18 +121,27 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
 // before waiting on it (PDL), so the weight stream overlaps the predecessor's tail.
 template <int R>
 __device__ __forceinline__ void gemv_pdl_entry(const bf16_t* W, int rows, int cols) {
-    PDL_TRIGGER();
+    PDL_PRE();
     const int row0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
     if (row0 < rows) prefetch_l2_warp(W + (long long)row0 * cols, (long long)min(R, rows - row0) * cols * 2);
-    PDL_WAIT();
+    PDL_POST();
 }
+// -DGEMV_PRELOAD: instead of the L2 prefetch, each lane loads its first weight chunks into
+// registers before the PDL wait (gemv_impl's Wait = PdlWait), as the persistent step does.
+#ifdef GEMV_PRELOAD
+#define GEMV_CALL(TX, NN, RR, ACC) \
+    PDL_PRE(); gemv_impl<TX, NN, RR, PdlWait, ACC>(W, x, y, rows, cols, bias, blockIdx.x, PdlWait());
+#else
+#define GEMV_CALL(TX, NN, RR, ACC) \
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<TX, NN, RR, NoWait, ACC>(W, x, y, rows, cols, bias, blockIdx.x);
+#endif
 #define GEMV_ENTRY(NN, RR) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, int cols, \
         const float* bias) { \
-    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<bf16_t, NN, RR>(W, x, y, rows, cols, bias, blockIdx.x); } \
+    GEMV_CALL(bf16_t, NN, RR, false) } \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_n##NN(const bf16_t* W, const float* x, float* y, int rows, int cols, \
         const float* bias) { \
-    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR>(W, x, y, rows, cols, bias, blockIdx.x); }
+    GEMV_CALL(float, NN, RR, false) }
 GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5, 2) GEMV_ENTRY(6, 2) GEMV_ENTRY(7, 2) GEMV_ENTRY(8, 2)
 // bf16_gemv_f32x_acc_n*: y += x . W^T (+ bias), y read and written by the owner of the row.
 // The o-projection of a decode step adds itself to the residual stream this way, so the
@@ -140,7 +149,7 @@ GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5
 #define GEMV_ACC_ENTRY(NN, RR) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_acc_n##NN(const bf16_t* W, const float* x, float* y, int rows, \
         int cols, const float* bias) { \
-    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<float, NN, RR, NoWait, true>(W, x, y, rows, cols, bias, blockIdx.x); }
+    GEMV_CALL(float, NN, RR, true) }
 GEMV_ACC_ENTRY(1, 1) GEMV_ACC_ENTRY(2, 1) GEMV_ACC_ENTRY(3, 1) GEMV_ACC_ENTRY(4, 2) GEMV_ACC_ENTRY(5, 2) GEMV_ACC_ENTRY(6, 2)
 GEMV_ACC_ENTRY(7, 2) GEMV_ACC_ENTRY(8, 2)
 
@@ -155,20 +164,44 @@ GEMV_ACC_ENTRY(7, 2) GEMV_ACC_ENTRY(8, 2)
 #ifndef GEMV_SPLIT_UNROLL
 #define GEMV_SPLIT_UNROLL 4
 #endif
-template <typename TX, int KS, bool ACC = false>
+// Wait: as gemv_impl's (PdlWait: the first SPLIT_PRE chunks of each lane are loaded before it).
+#ifndef GEMV_SPLIT_PRE
+#define GEMV_SPLIT_PRE 4
+#endif
+template <typename TX, int KS, bool ACC = false, typename Wait = NoWait>
 __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
-                                int rows, int cols, const float* __restrict__ bias) {
+                                int rows, int cols, const float* __restrict__ bias, Wait wait = Wait()) {
+    constexpr int PRE = GemvPre<Wait, 1>::chunks > 0 ? GEMV_SPLIT_PRE : 0;
     __shared__ float part[8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row = blockIdx.x * (8 / KS) + warp / KS, k = warp % KS;
     const int c8 = cols / 8;
+    const bf16_t* wr = W + (long long)min(row, rows - 1) * cols;
+    uint4 pre[PRE > 0 ? PRE : 1];
+#pragma unroll
+    for (int p = 0; p < PRE; p++) {
+        const int c = k * 32 + lane + p * 32 * KS;
+        pre[p] = row < rows && c < c8 ? __ldg((const uint4*)(wr + c * 8)) : make_uint4(0, 0, 0, 0);
+    }
+    wait();
     float acc = 0.f;
     // ACC: the value added to is loaded now, not after the reduction
     const float y0 = ACC && k == 0 && lane == 0 && row < rows ? y[row] : 0.f;
     if (row < rows) {
-        const bf16_t* wr = W + (long long)row * cols;
+        // the preloaded chunks first, in the loop's order
+#pragma unroll
+        for (int p = 0; p < PRE; p++) {
+            const int c = k * 32 + lane + p * 32 * KS;
+            if (c < c8) {
+                float w[8], xv[8];
+                unpack8(pre[p], w);
+                load8_bf16(x + c * 8, xv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc += w[e] * xv[e];
+            }
+        }
 #pragma unroll GEMV_SPLIT_UNROLL
-        for (int c = k * 32 + lane; c < c8; c += 32 * KS) {
+        for (int c = k * 32 + lane + PRE * 32 * KS; c < c8; c += 32 * KS) {
             float w[8], xv[8];
             unpack8(__ldg((const uint4*)(wr + c * 8)), w);
             load8_bf16(x + c * 8, xv);
@@ -190,22 +223,27 @@ __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restri
 // As gemv_pdl_entry: each warp asks L2 for its share of its row before the PDL wait.
 template <int KS>
 __device__ __forceinline__ void gemv_split_pdl_entry(const bf16_t* W, int rows, int cols) {
-    PDL_TRIGGER();
+    PDL_PRE();
     const int warp = threadIdx.x >> 5, row = blockIdx.x * (8 / KS) + warp / KS, k = warp % KS;
     const long long bytes = (long long)cols * 2 / KS;
     if (row < rows) prefetch_l2_warp((const char*)(W + (long long)row * cols) + k * bytes, bytes);
-    PDL_WAIT();
+    PDL_POST();
 }
+#ifdef GEMV_PRELOAD
+#define GEMV_SPLIT_CALL(TX, KS, ACC) PDL_PRE(); gemv_split_impl<TX, KS, ACC, PdlWait>(W, x, y, rows, cols, bias, PdlWait());
+#else
+#define GEMV_SPLIT_CALL(TX, KS, ACC) gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<TX, KS, ACC>(W, x, y, rows, cols, bias);
+#endif
 #define GEMV_SPLIT_ENTRY(KS) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_bf16x(const bf16_t* W, const bf16_t* x, float* y, int rows, \
         int cols, const float* bias) { \
-    gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<bf16_t, KS>(W, x, y, rows, cols, bias); } \
+    GEMV_SPLIT_CALL(bf16_t, KS, false) } \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_f32x(const bf16_t* W, const float* x, float* y, int rows, \
         int cols, const float* bias) { \
-    gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<float, KS>(W, x, y, rows, cols, bias); }
+    GEMV_SPLIT_CALL(float, KS, false) }
 GEMV_SPLIT_ENTRY(2) GEMV_SPLIT_ENTRY(4) GEMV_SPLIT_ENTRY(8)
 #define GEMV_SPLIT_ACC_ENTRY(KS) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_f32x_acc(const bf16_t* W, const float* x, float* y, int rows, \
         int cols, const float* bias) { \
-    gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<float, KS, true>(W, x, y, rows, cols, bias); }
+    GEMV_SPLIT_CALL(float, KS, true) }
 GEMV_SPLIT_ACC_ENTRY(2) GEMV_SPLIT_ACC_ENTRY(4) GEMV_SPLIT_ACC_ENTRY(8)

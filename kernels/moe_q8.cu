@@ -61,6 +61,36 @@ __device__ __forceinline__ float row_dot(const u8* __restrict__ wrow, const u8* 
     return acc;
 }
 
+// row_dot whose first U blocks per lane are loaded before wait() (the same sums in the
+// same order, so the same result).
+template <int LPR, int U, typename Wait>
+__device__ __forceinline__ float row_dot_pre(const u8* __restrict__ wrow, const u8* __restrict__ srow, int nb,
+                                             const signed char* __restrict__ xq, const float* __restrict__ xd, int sub,
+                                             Wait wait) {
+    uint4 w[U];
+    u32 s[U];
+    auto load = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int b = base + u * LPR + sub;
+            w[u] = b < nb ? ld_stream16(wrow + b * 16) : make_uint4(0, 0, 0, 0);
+            s[u] = b < nb ? (u32)__ldg(srow + b) : 127u;
+        }
+    };
+    load(0);
+    wait();
+    float acc = 0.f;
+    for (int base = 0; base < nb; base += LPR * U) {
+        if (base > 0) load(base);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int b = base + u * LPR + sub;
+            if (b < nb) acc += (float)dot_block(w[u], xq + b * 32) * (0.5f * e8m0_q8(s[u]) * LDG_ACT(xd + b));
+        }
+    }
+    return acc;
+}
+
 // y f32 [n_assign, rows]: grid (ceil(rows / (8 * 32/LPR)), n_assign), block 256.
 template <int LPR, int U>
 __device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales, const signed char* __restrict__ xq,
@@ -89,6 +119,42 @@ extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l32(const u8* blocks,
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* y, int rows, int cols, const int* ids, int x_div) { PDL_ENTRY();
     mx_q8_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, ids, x_div, blockIdx.x, blockIdx.y);
+}
+
+// mxfp4_q8_l{32,8} that picks its assignment's expert itself (rank a % k of token a / k's
+// router logits f32 [n, E], as moe_gate_up_q8_topk picks; E <= 256, k <= 32):
+// nothing it needs before its weights comes from its predecessor, so under PDL it ranks and
+// loads its first weights while the gate/up kernel still runs, then waits for the
+// activations. The logits come from the kernel BEFORE that predecessor, and
+// moe_gate_up_q8_topk lets this kernel go only after its own wait, i.e. once they are
+// complete; they are read through L2, never a stale L1 line. grid as mxfp4_q8_l*, block 256.
+template <int LPR, int U>
+__device__ void mx_q8_rank_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+                                const signed char* __restrict__ xq, const float* __restrict__ xd, float* __restrict__ y,
+                                int rows, int cols, const float* __restrict__ logits, int E, int k, int x_div) {
+    __shared__ int s_ids[32];
+    __shared__ float s_w[32];
+    PDL_PRE();
+    const int a = blockIdx.y;
+    router_rank_topk<true>(logits + (long long)(a / k) * E, E, k, 0, false, s_ids, s_w);
+    const long long e = s_ids[a % k];
+    const int lane = threadIdx.x & 31, sub = lane % LPR;
+    const int row = (blockIdx.x * 8 + (threadIdx.x >> 5)) * (32 / LPR) + lane / LPR;
+    const int nb = cols / 32;
+    const long long r = e * rows + min(row, rows - 1);  // clamped rows: computed, never stored
+    float acc = row_dot_pre<LPR, U>(blocks + r * nb * 16, scales + r * nb, nb, xq + (long long)(a / x_div) * cols,
+                                    xd + (long long)(a / x_div) * nb, sub, PdlWait());
+#pragma unroll
+    for (int o = LPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (sub == 0 && row < rows) y[(long long)a * rows + row] = acc;
+}
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_rank_l32(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* y, int rows, int cols, const float* logits, int E, int k, int x_div) {
+    mx_q8_rank_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, logits, E, k, x_div);
+}
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_rank_l8(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* y, int rows, int cols, const float* logits, int E, int k, int x_div) {
+    mx_q8_rank_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, logits, E, k, x_div);
 }
 
 // Expert gate/up GEMV fused with the gated activation, writing the activation in int8.
@@ -202,13 +268,14 @@ extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __
     const int c8 = H / 8;
     const bf16_t* wr = Wr + (long long)e * H;
     // the router row does not depend on the previous kernel: its loads go first
+    PDL_PRE();
     uint4 pre[RN_PRE];
 #pragma unroll
     for (int p = 0; p < RN_PRE; p++) {
         const int c = threadIdx.x + 256 * p;
         pre[p] = c < c8 ? __ldg((const uint4*)(wr + c * 8)) : make_uint4(0, 0, 0, 0);
     }
-    PDL_ENTRY();
+    PDL_POST();
     // sum of squares of every row: this thread's 8-chunks, then warps in order
     for (int t = 0; t < n; t++) {
         float ss = 0.f;
@@ -273,7 +340,10 @@ extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __
 extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
         const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
         const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
-    PDL_ENTRY();
+    // the dependent is let go only after the wait, whatever PDL_LATE says: mxfp4_q8_rank_*
+    // reads the router logits before its own wait
+    PDL_WAIT();
+    PDL_TRIGGER();
     __shared__ int s_ids[32];
     __shared__ float s_w[32];
     const int a = blockIdx.y, t = a / k, r = a % k;

@@ -433,6 +433,42 @@ fn layer_fusion_matches_separate_launches() {
     }
 }
 
+/// Programmatic dependent launch changes when a kernel starts, never what it computes:
+/// with PDL on (each kernel loading its weights before it waits on its predecessor) the
+/// logits equal those of plain stream-ordered launches, bit for bit, over prefill and graph
+/// decode steps of one row (the folded MoE block) and of two. Run it with the tuning
+/// defines too (`KAIROS_NVRTC_DEFINES="GEMV_PRELOAD PDL_LATE"`): a kernel that read its
+/// predecessor's output before the wait would differ here.
+#[test]
+fn pdl_matches_plain_launches() {
+    guard!();
+    for (what, w) in [
+        ("qwen3-moe 16x4", small_moe(16, 4, 31)),
+        ("moe 128x8", small_moe(128, 8, 32)),
+        ("gpt-oss-like", prepared("gpt_oss")),
+        ("llama d64", small_llama(33)),
+    ] {
+        let mut a = CudaBackend::new(&w, CudaBackendOptions { pdl: Some(true), ..opts() }).unwrap();
+        let mut b = CudaBackend::new(&w, CudaBackendOptions { pdl: Some(false), ..opts() }).unwrap();
+        let v = w.config.vocab_size as u32;
+        let p: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % v).collect();
+        worst_step_diff(&mut a, &mut b, &p, 10, 0.0, &format!("{what}: PDL vs plain, one row"));
+        // two rows per step: the unfolded launches
+        let (sa, sb) = ([a.new_sequence(), a.new_sequence()], [b.new_sequence(), b.new_sequence()]);
+        for (x, s) in [(&mut a, sa), (&mut b, sb)] {
+            x.forward(&[Chunk { seq: s[0], tokens: &p }, Chunk { seq: s[1], tokens: &p[..5] }], LogitsFor::Last).unwrap();
+        }
+        for step in 0..6u32 {
+            let t = [(10 + step) % v, (20 + step) % v];
+            let ga = a.forward(&[Chunk { seq: sa[0], tokens: &t[..1] }, Chunk { seq: sa[1], tokens: &t[1..] }], LogitsFor::Last).unwrap();
+            let gb = b.forward(&[Chunk { seq: sb[0], tokens: &t[..1] }, Chunk { seq: sb[1], tokens: &t[1..] }], LogitsFor::Last).unwrap();
+            let err = ga.iter().zip(&gb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err == 0.0, "{what}, two rows, step {step}: PDL vs plain differ by {err}");
+        }
+        println!("  {what}: PDL == plain launches (bitwise) over 10 one-row and 6 two-row steps");
+    }
+}
+
 /// The int8-activation expert path (`moe_q8`, default) against bf16 activations with
 /// f32 math, on an MoE model where every expert is active (no top-k flips possible):
 /// the two differ only by the int8 rounding of the expert inputs.

@@ -339,6 +339,7 @@ fn gate_up_topk_matches_separate_launches() {
         (8, 128, 8, 768, 2048, true, false),
         (3, 32, 4, 96, 2880, false, true),
         (2, 256, 32, 64, 256, true, false),
+        (1, 64, 4, 1536, 512, true, false),
     ] {
         let act = if oss { GateAct::GptOss { alpha: 1.702, limit: 7.0 } } else { GateAct::SiluGlu };
         let n_assign = n * k;
@@ -372,6 +373,17 @@ fn gate_up_topk_matches_separate_launches() {
         assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
         let (d1, d2) = (down(c, &ad), down(c, &ad2));
         assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
-        println!("  moe_gate_up_q8_topk {what}: equal to top-k + gate/up");
+        // the down GEMV that ranks the logits itself reads the experts the ids name
+        let (dbl2, dsc2) = rand_mx(&mut r, ne, cols, inter);
+        let (dbl2, dsc2) = (up(c, &dbl2), up(c, &dsc2));
+        let mut y1 = up(c, &vec![f32::NAN; n_assign * cols]);
+        let mut y2 = up(c, &vec![f32::NAN; n_assign * cols]);
+        c.mxfp4_moe_gemv_q8(&dbl2, &dsc2, &aq, &ad, &mut y1, Experts::Ids(&ids), n_assign, 1, cols, inter, ne).unwrap();
+        c.mxfp4_moe_gemv_q8(&dbl2, &dsc2, &aq, &ad, &mut y2, Experts::Rank { logits: &dlg, top_k: k }, n_assign, 1, cols, inter, ne)
+            .unwrap();
+        let (y1, y2) = (down(c, &y1), down(c, &y2));
+        assert!(y1.iter().all(|v| v.is_finite()), "{what}: down GEMV by ids left outputs unwritten");
+        assert!(y1.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: down GEMV ranking its experts");
+        println!("  moe_gate_up_q8_topk {what}: equal to top-k + gate/up; the ranking down GEMV equals the ids one");
     }
 }

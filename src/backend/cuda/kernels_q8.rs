@@ -98,7 +98,7 @@ impl CudaContext {
         let a = [rows as i32, cols as i32, x_div as i32];
         let mut b = self.launch(&format!("mxfp4_q8_{}{lanes}", experts.kernel_infix()));
         b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(y).arg(&a[0]).arg(&a[1]);
-        experts.args(&mut b);
+        experts.args(&mut b, n_experts);
         b.arg(&a[2]);
         unsafe { b.launch(grid(rows.div_ceil(rows_per_block), experts.grid_y(n_assign, n_experts), 1, 256)) }?;
         Ok(())
@@ -150,10 +150,11 @@ impl CudaContext {
         let name = match experts {
             Experts::Ids(_) => "moe_gate_up_q8",
             Experts::Grouped { .. } => "moe_gate_up_q8_grouped",
+            Experts::Rank { .. } => return need(false, || "moe_gate_up_q8: ranking experts is moe_gate_up_q8_topk".into()),
         };
         let mut b = self.launch(name);
         b.arg(blocks).arg(scales).arg(xq).arg(xd);
-        experts.args(&mut b);
+        experts.args(&mut b, n_experts);
         b.arg(&a[0]);
         match bias {
             Some(bb) => b.arg(bb),
@@ -301,6 +302,12 @@ pub enum Experts<'a> {
     /// Each expert's assignments as `moe_group` lists them: a block per (row tile, expert)
     /// reading the expert once for all of them (assignments of no expert are not written).
     Grouped { off: &'a CudaSlice<i32>, list: &'a CudaSlice<i32> },
+    /// Each block ranks the router `logits` f32 `[n_assign / top_k, E]` itself and takes pick
+    /// `a % top_k` of token `a / top_k`: the ids `moe_gate_up_q8_topk` stores, without
+    /// reading them. The expert down GEMV of the folded MoE block ranks so under PDL: it
+    /// picks its expert and loads its first weights while the gate/up kernel runs.
+    /// E <= 256, top_k <= 32.
+    Rank { logits: &'a CudaSlice<f32>, top_k: usize },
 }
 
 impl Experts<'_> {
@@ -311,15 +318,22 @@ impl Experts<'_> {
                 len_at_least(off, n_experts + 1, "off")?;
                 len_at_least(list, n_assign, "list")
             }
+            Experts::Rank { logits, top_k } => {
+                need(n_experts <= TOPK_FUSED_MAX_EXPERTS && (1..=32).contains(top_k) && *top_k <= n_experts, || {
+                    format!("expert ranking: E {n_experts} (<= {TOPK_FUSED_MAX_EXPERTS}), k {top_k} (1..=32)")
+                })?;
+                len_at_least(logits, n_assign.div_ceil(*top_k) * n_experts, "logits")
+            }
         }
     }
     fn kernel_infix(&self) -> &'static str {
         match self {
             Experts::Ids(_) => "",
             Experts::Grouped { .. } => "grouped_",
+            Experts::Rank { .. } => "rank_",
         }
     }
-    fn args(&self, b: &mut super::launch::Launch<'_>) {
+    fn args(&self, b: &mut super::launch::Launch<'_>, n_experts: usize) {
         match self {
             Experts::Ids(ids) => {
                 b.arg(*ids);
@@ -327,11 +341,14 @@ impl Experts<'_> {
             Experts::Grouped { off, list } => {
                 b.arg(*off).arg(*list);
             }
+            Experts::Rank { logits, top_k } => {
+                b.arg(*logits).arg(&(n_experts as i32)).arg(&(*top_k as i32));
+            }
         }
     }
     fn grid_y(&self, n_assign: usize, n_experts: usize) -> usize {
         match self {
-            Experts::Ids(_) => n_assign,
+            Experts::Ids(_) | Experts::Rank { .. } => n_assign,
             Experts::Grouped { .. } => n_experts,
         }
     }

@@ -72,6 +72,8 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up_q8_grouped",
             "router_norm_q8",
             "moe_gate_up_q8_topk",
+            "mxfp4_q8_rank_l32",
+            "mxfp4_q8_rank_l8",
         ],
     ),
     (
@@ -192,6 +194,10 @@ pub struct CudaContext {
     /// `moe_router_topk` with up to 256 experts ranks the logits in a block per token
     /// (`moe_router_topk_rank`); `KAIROS_CUDA_TOPK_RANK=0`: a warp per token, k arg-max rounds
     pub topk_rank: bool,
+    /// under PDL, the folded MoE block's expert down GEMV ranks the router logits itself
+    /// (`Experts::Rank`) and loads its first weights before it waits on the gate/up kernel;
+    /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
+    pub down_rank: bool,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -440,6 +446,7 @@ impl CudaContext {
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
+            down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
             argmax_scratch,
             recorder: std::sync::Mutex::new(None),
             opts_list,
@@ -579,7 +586,11 @@ mod tests {
             eprintln!("skipping: no NVRTC library (scripts/test.sh fetches one; put its folder on LD_LIBRARY_PATH)");
             return;
         }
-        let opts = vec!["--gpu-architecture=sm_90".to_string(), "--std=c++17".to_string()];
+        let mut opts = vec!["--gpu-architecture=sm_90".to_string(), "--std=c++17".to_string()];
+        // the tuning defines compile too (`KAIROS_NVRTC_DEFINES`, as CudaContext::new takes them)
+        if let Ok(defs) = std::env::var("KAIROS_NVRTC_DEFINES") {
+            opts.extend(defs.split_whitespace().map(|d| format!("-D{d}")));
+        }
         let nvrtc = nvrtc_version();
         let compiled: Vec<(String, Result<(Ptx, bool)>)> = std::thread::scope(|sc| {
             let handles: Vec<_> = SOURCES
@@ -638,7 +649,11 @@ mod resources {
         for (module, src, _) in SOURCES {
             let full = std::ffi::CString::new(format!("{COMMON}\n#line 1 \"kernels/{module}.cu\"\n{src}")).expect("no NUL");
             let prog = cudarc::nvrtc::result::create_program(&full, None).expect("program");
-            let opts = ["--gpu-architecture=sm_90", "--std=c++17", "--ptxas-options=-v"];
+            let mut opts: Vec<String> =
+                ["--gpu-architecture=sm_90", "--std=c++17", "--ptxas-options=-v"].map(String::from).to_vec();
+            if let Ok(defs) = std::env::var("KAIROS_NVRTC_DEFINES") {
+                opts.extend(defs.split_whitespace().map(|d| format!("-D{d}")));
+            }
             // SAFETY: `prog` was just created and is destroyed below.
             let log = unsafe {
                 let r = cudarc::nvrtc::result::compile_program(prog, &opts);

@@ -148,7 +148,11 @@ impl CudaBackend {
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
                             &mut b.aq, &mut b.ad, n, inter, h, e,
                         )?;
-                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, Experts::Ids(&b.tid), n * k, 1, h, inter, e)?;
+                        // under PDL the down GEMV picks its experts itself, so it can load its
+                        // weights while the gate/up kernel runs (the same ids: the same ranking)
+                        let experts =
+                            if cx.pdl && cx.down_rank { Experts::Rank { logits: &b.rlogits, top_k: k } } else { Experts::Ids(&b.tid) };
+                        cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                         moe_bias = down_bias.as_ref();
                         pend = Pend::Moe;
                         continue;
