@@ -86,10 +86,12 @@ pub struct CudaBackendOptions {
     /// gate/up); off = bf16 activations with f32 math (`kernels/mxfp4.cu`). Used only when
     /// hidden and expert width are multiples of 32.
     pub moe_q8: bool,
-    /// Programmatic dependent launch between the step's kernels (with the GEMVs' L2
-    /// prefetch before their wait). `None` = on for dense models, off for MoE: on the
-    /// H100 it made SmolLM2 17% faster and the Qwen3-30B-A3B / gpt-oss-20b shapes
-    /// 6-9% slower (bench/results/cuda_decode_h100.md). `KAIROS_CUDA_PDL` overrides.
+    /// Programmatic dependent launch between the step's kernels: each GEMV fetches its
+    /// weights before it waits on its predecessor (`PdlFlavor`: dense models ask L2, MoE
+    /// models load registers and let at most one kernel wait ahead). `None` = on for dense
+    /// models (SmolLM2 b1 17% faster on the H100), and for MoE models on steps of one row
+    /// only (Qwen3-30B-A3B b1 7.6% faster, gpt-oss-20b 4.4%; at 4 rows PDL made them 2-9%
+    /// slower). bench/results/cuda_decode_h100.md. `KAIROS_CUDA_PDL` overrides.
     pub pdl: Option<bool>,
     /// Dense weights of steps of more than 8 rows (prefill, decode batches of 16+) go
     /// through cuBLAS GEMMs on tensor cores (`gemm.rs`); off = the GEMVs only.
@@ -256,6 +258,8 @@ pub struct CudaBackend {
     fused: bool,
     /// see `CudaBackendOptions::layer_fusion`
     layer_fusion: bool,
+    /// PDL for steps of one row / of more rows (see `CudaBackendOptions::pdl`)
+    pdl_rows: (bool, bool),
     moe_q8: bool,
     /// grouped expert GEMVs from this many assignments per expert (`usize::MAX`: never;
     /// see `CudaBackendOptions::grouped`)
@@ -273,9 +277,19 @@ pub struct CudaBackend {
 }
 
 
+/// The PDL hand-over a model's kernels are compiled for (see `PdlFlavor`).
+pub(crate) fn pdl_flavor(c: &ModelConfig) -> super::PdlFlavor {
+    if c.moe.is_some() {
+        super::PdlFlavor::Late
+    } else {
+        super::PdlFlavor::Early
+    }
+}
+
 impl CudaBackend {
     fn assemble(mut cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
-        cx.set_pdl(opts.pdl.unwrap_or(c.moe.is_none()));
+        let pdl_rows = (opts.pdl.unwrap_or(true), opts.pdl.unwrap_or(c.moe.is_none()));
+        cx.set_pdl(pdl_rows.0);
         cx.gemv_split &= opts.gemv_split;
         let t = opts.max_step_tokens.max(1).next_power_of_two();
         let max_context = opts.max_context.unwrap_or(c.max_position_embeddings.min(8192)).max(1);
@@ -371,6 +385,7 @@ impl CudaBackend {
             ordinal: opts.ordinal,
             fused: opts.fused,
             layer_fusion: std::env::var("KAIROS_CUDA_LAYER_FUSION").map_or(opts.layer_fusion, |v| v != "0"),
+            pdl_rows,
             group_min: match opts.grouped {
                 Some(m) if std::env::var("KAIROS_CUDA_GROUPED").map_or(true, |v| v != "0") => {
                     std::env::var("KAIROS_CUDA_GROUPED_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(m).max(1)
@@ -401,6 +416,11 @@ impl CudaBackend {
 
     pub fn context(&self) -> &CudaContext {
         &self.cx
+    }
+    /// The context's kernel choices (`topk_rank`, `gemv_split_target`, ...) for A/B tests;
+    /// graphs captured afterwards take them.
+    pub fn context_mut(&mut self) -> &mut CudaContext {
+        &mut self.cx
     }
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

@@ -15,6 +15,7 @@ impl CudaBackend {
     /// All launches of one step over rows 0..n of the step buffers (inputs already uploaded).
     pub(super) fn encode_step(&mut self, n: usize, splits: usize) -> Res<()> {
         let capt = self.capture_plan();
+        self.cx.set_pdl(if n == 1 { self.pdl_rows.0 } else { self.pdl_rows.1 });
         let Self { cx, cfg: c, w, b, k_cache, v_cache, kv, scale, fused, moe_q8, group_min, comm, shard, gemm, layer_fusion, .. } = self;
         let (fused, moe_q8) = (*fused && comm.is_none(), *moe_q8);
         // Steps of one row (decode at batch 1, where launch gaps and short dependent kernels

@@ -48,7 +48,7 @@ impl CudaBackend {
         if !crate::backend::cuda::device_available() {
             return Err(BackendError::Device("no CUDA driver or device found".into()));
         }
-        let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
+        let cx = CudaContext::with_pdl_flavor(opts.ordinal, pdl_flavor(&weights.config)).map_err(dev)?;
         let c = weights.config.clone();
         let interleave = matches!(c.activation, Activation::GptOssGlu { .. });
         let mut bytes = 0usize;
@@ -175,7 +175,7 @@ impl CudaBackend {
         if !crate::backend::cuda::device_available() {
             return Err(BackendError::Device("no CUDA driver or device found".into()));
         }
-        let cx = CudaContext::new(opts.ordinal).map_err(dev)?;
+        let cx = CudaContext::with_pdl_flavor(opts.ordinal, pdl_flavor(config)).map_err(dev)?;
         let c = config.clone();
         let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
         let mut s = seed;
