@@ -39,14 +39,18 @@ template <> __device__ __forceinline__ void ld_row<8>(const bf16_t* p, float* o)
 // Lane l holds dims [l*EPL, (l+1)*EPL) of q, k, v and the output (EPL = D/32);
 // scores are warp-reduced. (A layout with D/8 lanes per position and 16-byte
 // loads measured 10-30% slower on H100: 195 registers. See bench/results.)
-template <int EPL, int NW>
+// Wait = PdlWait (-DATT_PRELOAD): in a step of one row, the first rows of the position loop
+// are loaded before the PDL wait. Positions before len - 1 were written by earlier steps; the
+// new token's (written by this step's RoPE kernel) is loaded again after the wait, and q is
+// read after it.
+template <int EPL, int NW, typename Wait = NoWait>
 __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                                 const bf16_t* __restrict__ vc, const int* __restrict__ slots,
                                 const int* __restrict__ seq_lens, float* __restrict__ part_acc,
                                 float* __restrict__ part_ml, int n_q, int n_kv, int layer, int n_layers,
                                 int max_pos, float scale, int window, int n_splits, long long q_stride,
                                 const float* __restrict__ sinks, float* __restrict__ out, unsigned* __restrict__ ctr,
-                                int bx, int by, int bz) {
+                                int bx, int by, int bz, Wait wait = Wait()) {
     constexpr int D = EPL * 32;
     // positions per warp per step, all loaded before the first is used
     constexpr int ATT_PU = EPL >= 8 ? 2 : 4;
@@ -67,9 +71,34 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     // splits actually used: at least ATT_MINPOS positions each (the grid is sized for the
     // longest context a graph may see; short sequences leave the rest idle, uncounted)
     const int eff = min(n_splits, max(1, (range + ATT_MINPOS - 1) / ATT_MINPOS));
-    if (split >= eff) return;
+    if (split >= eff) return;  // split 0 always stays, so the grid still waits on its predecessor
     int chunk = (range + eff - 1) / eff;
     int start = lo + split * chunk, end = min(len, start + chunk);
+    const long long base = (((long long)slot * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
+    // each warp's ATT_PU positions of a step, all loaded before the first is used
+    auto load_rows = [&](int p0, float (&kf)[ATT_PU][EPL], float (&vf)[ATT_PU][EPL]) {
+#pragma unroll
+        for (int u = 0; u < ATT_PU; u++) {
+            int p = min(p0 + u, end - 1);  // clamp: loads stay in bounds, masked below
+            ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kf[u]);
+            ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vf[u]);
+        }
+    };
+    const int first = start + warp * ATT_PU;
+    constexpr bool PRE = WaitsInside<Wait>::value;
+    float kf0[ATT_PU][EPL], vf0[ATT_PU][EPL];  // unused (optimised out) without PRE
+    if constexpr (PRE) {
+        // in a step of several rows, rows may be tokens of one sequence (prefill, DFlash
+        // verify): any position may be this step's, so those wait first
+        const bool one_row = gridDim.z == 1;
+        if (!one_row) wait();
+        if (first < end) load_rows(first, kf0, vf0);
+        if (one_row) {
+            wait();
+            // the new token's rows (position len - 1) come from this step: loaded again
+            if (first < end && end == len && first + ATT_PU >= len) load_rows(first, kf0, vf0);
+        }
+    }
 
     float qr[MAXG][EPL], acc[MAXG][EPL], m[MAXG], l[MAXG];
 #pragma unroll
@@ -81,14 +110,15 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
             qr[g][e] = g < ng ? q[(long long)s * q_stride + (long long)(g0 + g) * D + lane * EPL + e] * scale : 0.f;
         }
     }
-    const long long base = (((long long)slot * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
-    for (int p0 = start + warp * ATT_PU; p0 < end; p0 += NW * ATT_PU) {
+    for (int p0 = first; p0 < end; p0 += NW * ATT_PU) {
         float kf[ATT_PU][EPL], vf[ATT_PU][EPL];
+        if (PRE && p0 == first) {
 #pragma unroll
-        for (int u = 0; u < ATT_PU; u++) {
-            int p = min(p0 + u, end - 1);  // clamp: loads stay in bounds, masked below
-            ld_row<EPL>(kc + base + (long long)p * D + lane * EPL, kf[u]);
-            ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vf[u]);
+            for (int u = 0; u < ATT_PU; u++)
+#pragma unroll
+                for (int e = 0; e < EPL; e++) { kf[u][e] = kf0[u][e]; vf[u][e] = vf0[u][e]; }
+        } else {
+            load_rows(p0, kf, vf);
         }
 #pragma unroll
         for (int g = 0; g < MAXG; g++) {
@@ -214,6 +244,11 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     long long q_stride, const float* sinks, float* out, unsigned* ctr
 #define ATT_PASS q, kc, vc, slots, seq_lens, part_acc, part_ml, n_q, n_kv, layer, n_layers, max_pos, scale, window, n_splits, q_stride, \
     sinks, out, ctr, blockIdx.x, blockIdx.y, blockIdx.z
-extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<2, 8>(ATT_PASS); }
-extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<4, 8>(ATT_PASS); }
-extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { PDL_ENTRY(); attn_split_impl<8, 4>(ATT_PASS); }
+#ifdef ATT_PRELOAD
+#define ATT_CALL(EPL, NW) PDL_PRE(); attn_split_impl<EPL, NW, PdlWait>(ATT_PASS, PdlWait());
+#else
+#define ATT_CALL(EPL, NW) PDL_ENTRY(); attn_split_impl<EPL, NW>(ATT_PASS);
+#endif
+extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { ATT_CALL(2, 8) }
+extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { ATT_CALL(4, 8) }
+extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { ATT_CALL(8, 4) }

@@ -102,6 +102,12 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
 struct PdlWait {
     __device__ __forceinline__ void operator()() const { PDL_POST(); }
 };
+// A body given NoWait was waited for before it began (PDL_ENTRY, or the persistent step).
+struct NoWait {
+    __device__ __forceinline__ void operator()() const {}
+};
+template <typename W> struct WaitsInside { static const bool value = true; };
+template <> struct WaitsInside<NoWait> { static const bool value = false; };
 // Ask L2 for `bytes` at p, one 128-byte line per lane of the warp per step: kernels
 // whose weights do not depend on their predecessor issue this before PDL_WAIT(), so
 // the weight stream starts while the predecessor finishes (-DKAIROS_NO_PREFETCH: off).

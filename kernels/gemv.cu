@@ -15,11 +15,8 @@ __device__ __forceinline__ void load8_bf16(const float* p, float* o) {
 #pragma unroll
     for (int e = 0; e < 8; e++) o[e] = bf2f(f2bf(o[e]));
 }
-// A no-op Wait: ordinary launches wait (PDL) before the body, and preload nothing
+// NoWait (common.cuh): ordinary launches wait (PDL) before the body, and preload nothing
 // (registers: occupancy).
-struct NoWait {
-    __device__ __forceinline__ void operator()() const {}
-};
 template <typename W, int R> struct GemvPre { static const int chunks = R == 1 ? 8 : 4; };
 template <int R> struct GemvPre<NoWait, R> { static const int chunks = 0; };
 // `wait()` is called once by every thread before x is read: the persistent step passes
