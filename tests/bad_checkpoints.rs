@@ -130,7 +130,7 @@ fn gguf_with_unknown_tensor_type() {
     b.extend_from_slice(&4u64.to_le_bytes());
     b.extend_from_slice(&99u32.to_le_bytes()); // no such ggml type
     b.extend_from_slice(&0u64.to_le_bytes());
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend_from_slice(&[0u8; 512]);

@@ -116,7 +116,7 @@ pub fn precision_mix(c: &ModelConfig, p: &ParamCounts, experts: &str, dense: &st
     let (fp4_total, fp4_active, dense_mlp) =
         if is_moe { (p.experts_total, p.experts_active, p.dense_mlp) } else { (p.dense_mlp, p.dense_mlp, 0) };
     // Norms and router stay in bf16 at most (they are tiny and precision-sensitive).
-    let small = |n: u64| b(n, dbits.max(16.0).min(32.0));
+    let small = |n: u64| b(n, dbits.clamp(16.0, 32.0));
     let head_step = if p.lm_head > 0 { p.lm_head } else { p.embedding };
     let resident = b(p.embedding + p.lm_head + p.attention + dense_mlp, dbits)
         + small(p.norms + p.router)

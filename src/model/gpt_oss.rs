@@ -85,7 +85,7 @@ fn load_mxfp4(ld: &Loader, x: &str, e: usize, h: usize, i: usize) -> Result<Expe
         }
         Ok(t.bytes)
     };
-    if h % 32 != 0 || i % 32 != 0 {
+    if !h.is_multiple_of(32) || !i.is_multiple_of(32) {
         return Err(ModelError::Shape(format!(
             "MXFP4 experts need hidden ({h}) and expert width ({i}) divisible by 32"
         )));

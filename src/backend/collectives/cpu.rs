@@ -205,14 +205,14 @@ mod tests {
         let n = 4;
         let out = run_ranks(n, |r, c| {
             let counts: Vec<usize> = (0..n).map(|d| r + d).collect();
-            let send: Vec<f32> = (0..n).flat_map(|d| std::iter::repeat((100 * r + d) as f32).take(r + d)).collect();
+            let send: Vec<f32> = (0..n).flat_map(|d| std::iter::repeat_n((100 * r + d) as f32, r + d)).collect();
             let recv_counts: Vec<usize> = (0..n).map(|s| s + r).collect();
             let mut recv = vec![0f32; recv_counts.iter().sum()];
             c.all_to_all(&send, &counts, &mut recv, &recv_counts).unwrap();
             recv
         });
         for (d, recv) in out.iter().enumerate() {
-            let want: Vec<f32> = (0..n).flat_map(|s| std::iter::repeat((100 * s + d) as f32).take(s + d)).collect();
+            let want: Vec<f32> = (0..n).flat_map(|s| std::iter::repeat_n((100 * s + d) as f32, s + d)).collect();
             assert_eq!(recv, &want, "rank {d}");
         }
     }

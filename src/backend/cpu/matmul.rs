@@ -297,7 +297,7 @@ fn quant_override(data: &[f32], rows: usize, cols: usize) -> Option<Arc<qdot::QM
         _ => None,
     });
     let format = mode?;
-    if cols % qdot::QK != 0 {
+    if !cols.is_multiple_of(qdot::QK) {
         return None;
     }
     let key = (data.as_ptr() as usize, rows, cols);

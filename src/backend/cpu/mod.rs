@@ -107,9 +107,9 @@ impl CpuBackend {
         let n = h.len() / c.hidden_size;
         let (hd, kvd) = (c.head_dim, c.kv_dim());
         let a = &weights.layers[li].attention;
-        let mut q = linear(&a.q, &h, n);
-        let mut k = linear(&a.k, &h, n);
-        let v = linear(&a.v, &h, n);
+        let mut q = linear(&a.q, h, n);
+        let mut k = linear(&a.k, h, n);
+        let v = linear(&a.v, h, n);
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
             ops::rmsnorm_in_place(&mut q, qn, c.rms_norm_eps);
             ops::rmsnorm_in_place(&mut k, kn, c.rms_norm_eps);

@@ -73,7 +73,7 @@ impl DFlashDrafter {
         let c = &dc.decoder;
         let (h, kvd, qd) = (c.hidden_size, c.kv_dim(), c.q_dim());
         let ctx_width = draft.fc.in_features();
-        if input.context.len() % ctx_width != 0 {
+        if !input.context.len().is_multiple_of(ctx_width) {
             return Err(BackendError::Device(format!(
                 "drafter: context of {} floats is not whole rows of {ctx_width}",
                 input.context.len()

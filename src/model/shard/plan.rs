@@ -112,15 +112,15 @@ impl ShardPlan {
     pub fn validate(&self, c: &ModelConfig) -> Result<(), ShardError> {
         self.check_world()?;
         let tp = self.tp;
-        if c.num_heads % tp != 0 {
+        if !c.num_heads.is_multiple_of(tp) {
             return Err(ShardError::Heads { heads: c.num_heads, tp });
         }
         let kv = c.num_kv_heads;
-        if kv % tp != 0 && tp % kv != 0 {
+        if !kv.is_multiple_of(tp) && !tp.is_multiple_of(kv) {
             return Err(ShardError::KvHeads { kv, tp });
         }
         let has_dense = (0..c.num_layers).any(|l| !c.is_moe_layer(l));
-        if has_dense && c.intermediate_size % tp != 0 {
+        if has_dense && !c.intermediate_size.is_multiple_of(tp) {
             return Err(ShardError::Intermediate { size: c.intermediate_size, tp });
         }
         match &c.moe {
@@ -183,7 +183,7 @@ impl ShardPlan {
             expert_width,
             vocab: self.vocab_range(c.vocab_size, rank),
             owns_o_bias: tp_rank == 0,
-            owns_expert_down_bias: rank % split == 0,
+            owns_expert_down_bias: rank.is_multiple_of(split),
         })
     }
 
