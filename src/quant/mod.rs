@@ -27,6 +27,7 @@ use std::str::FromStr;
 
 pub mod e2m1;
 pub mod e4m3;
+mod fp4;
 pub mod fp8;
 pub mod gptq;
 pub mod kernels;

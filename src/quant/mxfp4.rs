@@ -4,9 +4,10 @@
 
 use rayon::prelude::*;
 
-use super::e2m1::{block_sse, decode_packed, encode_block, pack_codes};
+use super::e2m1::{block_sse, encode_block, pack_codes};
+use super::fp4::{self, Fp4Matrix};
 use super::e4m3::{e8m0_decode, e8m0_encode_exp, e8m0_floor_log2, E8M0_NAN};
-use super::kernels::{accumulate, lane_sums, par_matmul, use_avx2, MAX_N};
+use super::kernels::use_avx2;
 use super::{check_finite, check_len, QuantError, ScaleRule};
 
 /// Elements per MXFP4 block.
@@ -153,27 +154,12 @@ impl Mxfp4Matrix {
 
     /// Dequantizes the whole matrix to row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        if self.cols > 0 {
-            out.par_chunks_mut(self.cols)
-                .enumerate()
-                .for_each(|(r, row)| self.dequantize_row(r, row));
-        }
-        out
+        fp4::dequantize(self)
     }
 
     /// Dequantizes row `r` into `out[..cols]`. Panics if `r >= rows` or `out` is too short.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / MXFP4_BLOCK;
-        let bytes = &self.blocks[r * self.cols / 2..(r + 1) * self.cols / 2];
-        let scales = &self.scales[r * nb..(r + 1) * nb];
-        for ((o, b), &s) in out[..self.cols]
-            .chunks_exact_mut(MXFP4_BLOCK)
-            .zip(bytes.chunks_exact(MXFP4_BLOCK / 2))
-            .zip(scales)
-        {
-            decode_packed(b, e8m0_decode(s), o);
-        }
+        fp4::dequantize_row(self, r, out)
     }
 
     /// `y[n, rows] = x[n, cols] · Wᵀ` (row-major), dequantizing 32-element blocks in
@@ -186,54 +172,13 @@ impl Mxfp4Matrix {
         self.matmul_impl(x, n, y, use_avx2());
     }
 
-    /// Panics unless the (public) fields are still consistent; the SIMD kernels rely on it.
-    fn assert_consistent(&self) {
-        assert!(
-            self.cols.is_multiple_of(MXFP4_BLOCK)
-                && self.blocks.len() == self.rows * self.cols / 2
-                && self.scales.len() == self.rows * self.cols / MXFP4_BLOCK,
-            "Mxfp4Matrix fields are inconsistent with rows = {}, cols = {}",
-            self.rows,
-            self.cols
-        );
-    }
-
     pub(crate) fn matmul_impl(&self, x: &[f32], n: usize, y: &mut [f32], simd: bool) {
-        self.assert_consistent();
-        par_matmul(self.rows, self.cols, x, n, y, |r0, r1, xs, nn, out| {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is only true when `use_avx2()` confirmed the CPU features;
-                // all buffer sizes were validated at construction / by the driver.
-                unsafe { self.chunk_avx2(r0, r1, xs, nn, out) };
-                return;
-            }
-            let _ = simd;
-            self.chunk_scalar(r0, r1, xs, nn, out);
-        });
-    }
-
-    fn chunk_scalar(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
-        let (cols, nb) = (self.cols, self.cols / MXFP4_BLOCK);
-        let mut wv = [0f32; MXFP4_BLOCK];
-        for r in r0..r1 {
-            let mut acc = [[0f32; 8]; MAX_N];
-            for b in 0..nb {
-                let k = r * nb + b;
-                decode_packed(
-                    &self.blocks[k * 16..k * 16 + 16],
-                    e8m0_decode(self.scales[k]),
-                    &mut wv,
-                );
-                accumulate(&wv, xs, cols, b * MXFP4_BLOCK, nn, &mut acc);
-            }
-            lane_sums(&acc, nn, &mut out[(r - r0) * MAX_N..]);
-        }
+        fp4::matmul(self, x, n, y, simd)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn chunk_avx2(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
+    unsafe fn avx2_rows(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
         use super::kernels::avx2::{decode_fp4x32, fp4_lut, rows_x32};
         use std::arch::x86_64::*;
         let nb = self.cols / MXFP4_BLOCK;
@@ -253,6 +198,31 @@ impl Mxfp4Matrix {
     /// Storage size in bytes (codes + scales).
     pub fn bytes(&self) -> usize {
         self.blocks.len() + self.scales.len()
+    }
+}
+
+impl Fp4Matrix for Mxfp4Matrix {
+    const BLOCK: usize = MXFP4_BLOCK;
+    const NAME: &'static str = "Mxfp4Matrix";
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn codes(&self) -> &[u8] {
+        &self.blocks
+    }
+    fn scale_codes(&self) -> &[u8] {
+        &self.scales
+    }
+    fn block_mul(&self, k: usize) -> f32 {
+        e8m0_decode(self.scales[k])
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn chunk_avx2(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
+        // SAFETY: the trait's contract (AVX2/FMA/F16C present, fields consistent)
+        unsafe { self.avx2_rows(r0, r1, xs, nn, out) }
     }
 }
 

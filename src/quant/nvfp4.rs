@@ -6,9 +6,10 @@
 
 use rayon::prelude::*;
 
-use super::e2m1::{block_sse, decode_packed, encode_block, pack_codes};
+use super::e2m1::{block_sse, encode_block, pack_codes};
+use super::fp4::{self, Fp4Matrix};
 use super::e4m3::{e4m3_decode, e4m3_encode_rne, E4M3_MAX};
-use super::kernels::{accumulate, lane_sums, par_matmul, use_avx2, MAX_N};
+use super::kernels::{use_avx2, MAX_N};
 use super::{check_finite, check_len, QuantError, ScaleRule, E2M1_MAX};
 
 /// Elements per NVFP4 block.
@@ -160,27 +161,12 @@ impl Nvfp4Matrix {
 
     /// Dequantizes the whole matrix to row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        if self.cols > 0 {
-            out.par_chunks_mut(self.cols)
-                .enumerate()
-                .for_each(|(r, row)| self.dequantize_row(r, row));
-        }
-        out
+        fp4::dequantize(self)
     }
 
     /// Dequantizes row `r` into `out[..cols]`. Panics if `r >= rows` or `out` is too short.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / NVFP4_BLOCK;
-        let bytes = &self.packed[r * self.cols / 2..(r + 1) * self.cols / 2];
-        let scales = &self.scales[r * nb..(r + 1) * nb];
-        for ((o, b), &s) in out[..self.cols]
-            .chunks_exact_mut(NVFP4_BLOCK)
-            .zip(bytes.chunks_exact(NVFP4_BLOCK / 2))
-            .zip(scales)
-        {
-            decode_packed(b, e4m3_decode(s) * self.tensor_scale, o);
-        }
+        fp4::dequantize_row(self, r, out)
     }
 
     /// `y[n, rows] = x[n, cols] · Wᵀ` (row-major), dequantizing in registers (pairs of
@@ -193,51 +179,13 @@ impl Nvfp4Matrix {
         self.matmul_impl(x, n, y, use_avx2());
     }
 
-    /// Panics unless the (public) fields are still consistent; the SIMD kernels rely on it.
-    fn assert_consistent(&self) {
-        assert!(
-            self.cols.is_multiple_of(NVFP4_BLOCK)
-                && self.packed.len() == self.rows * self.cols / 2
-                && self.scales.len() == self.rows * self.cols / NVFP4_BLOCK,
-            "Nvfp4Matrix fields are inconsistent with rows = {}, cols = {}",
-            self.rows,
-            self.cols
-        );
-    }
-
     pub(crate) fn matmul_impl(&self, x: &[f32], n: usize, y: &mut [f32], simd: bool) {
-        self.assert_consistent();
-        par_matmul(self.rows, self.cols, x, n, y, |r0, r1, xs, nn, out| {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is only true when `use_avx2()` confirmed the CPU features;
-                // buffer sizes were validated at construction / by the driver.
-                unsafe { self.chunk_avx2(r0, r1, xs, nn, out) };
-                return;
-            }
-            let _ = simd;
-            self.chunk_scalar(r0, r1, xs, nn, out);
-        });
-    }
-
-    fn chunk_scalar(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
-        let (cols, nb) = (self.cols, self.cols / NVFP4_BLOCK);
-        let mut wv = [0f32; NVFP4_BLOCK];
-        for r in r0..r1 {
-            let mut acc = [[0f32; 8]; MAX_N];
-            for b in 0..nb {
-                let k = r * nb + b;
-                let s = e4m3_decode(self.scales[k]) * self.tensor_scale;
-                decode_packed(&self.packed[k * 8..k * 8 + 8], s, &mut wv);
-                accumulate(&wv, xs, cols, b * NVFP4_BLOCK, nn, &mut acc);
-            }
-            lane_sums(&acc, nn, &mut out[(r - r0) * MAX_N..]);
-        }
+        fp4::matmul(self, x, n, y, simd)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn chunk_avx2(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
+    unsafe fn avx2_rows(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
         use super::kernels::avx2::{
             decode_fp4x16, decode_fp4x32, fma_block2, fma_block4, fp4_lut, rows_x32, store,
         };
@@ -302,6 +250,31 @@ impl Nvfp4Matrix {
     /// Storage size in bytes (codes + block scales + the f32 tensor scale).
     pub fn bytes(&self) -> usize {
         self.packed.len() + self.scales.len() + 4
+    }
+}
+
+impl Fp4Matrix for Nvfp4Matrix {
+    const BLOCK: usize = NVFP4_BLOCK;
+    const NAME: &'static str = "Nvfp4Matrix";
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn codes(&self) -> &[u8] {
+        &self.packed
+    }
+    fn scale_codes(&self) -> &[u8] {
+        &self.scales
+    }
+    fn block_mul(&self, k: usize) -> f32 {
+        e4m3_decode(self.scales[k]) * self.tensor_scale
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn chunk_avx2(&self, r0: usize, r1: usize, xs: &[f32], nn: usize, out: &mut [f32]) {
+        // SAFETY: the trait's contract (AVX2/FMA/F16C present, fields consistent)
+        unsafe { self.avx2_rows(r0, r1, xs, nn, out) }
     }
 }
 
