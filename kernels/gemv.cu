@@ -165,6 +165,15 @@ GEMV_ACC_ENTRY(7, 2) GEMV_ACC_ENTRY(8, 2)
 #ifndef GEMV_SPLIT_PRE
 #define GEMV_SPLIT_PRE 4
 #endif
+// acc += the 8 weights of 16-byte chunk c (in wq) . x's chunk c
+template <typename TX>
+__device__ __forceinline__ void split_chunk(uint4 wq, const TX* __restrict__ x, int c, float& acc) {
+    float w[8], xv[8];
+    unpack8(wq, w);
+    load8_bf16(x + c * 8, xv);
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc += w[e] * xv[e];
+}
 template <typename TX, int KS, bool ACC = false, typename Wait = NoWait>
 __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
                                 int rows, int cols, const float* __restrict__ bias, Wait wait = Wait()) {
@@ -189,22 +198,10 @@ __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restri
 #pragma unroll
         for (int p = 0; p < PRE; p++) {
             const int c = k * 32 + lane + p * 32 * KS;
-            if (c < c8) {
-                float w[8], xv[8];
-                unpack8(pre[p], w);
-                load8_bf16(x + c * 8, xv);
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc += w[e] * xv[e];
-            }
+            if (c < c8) split_chunk(pre[p], x, c, acc);
         }
 #pragma unroll GEMV_SPLIT_UNROLL
-        for (int c = k * 32 + lane + PRE * 32 * KS; c < c8; c += 32 * KS) {
-            float w[8], xv[8];
-            unpack8(__ldg((const uint4*)(wr + c * 8)), w);
-            load8_bf16(x + c * 8, xv);
-#pragma unroll
-            for (int e = 0; e < 8; e++) acc += w[e] * xv[e];
-        }
+        for (int c = k * 32 + lane + PRE * 32 * KS; c < c8; c += 32 * KS) split_chunk(__ldg((const uint4*)(wr + c * 8)), x, c, acc);
     }
     acc = warp_sum(acc);
     if (lane == 0) part[warp] = acc;
