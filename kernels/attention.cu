@@ -43,14 +43,28 @@ template <> __device__ __forceinline__ void ld_row<8>(const bf16_t* p, float* o)
 // are loaded before the PDL wait. Positions before len - 1 were written by earlier steps; the
 // new token's (written by this step's RoPE kernel) is loaded again after the wait, and q is
 // read after it.
-template <int EPL, int NW, typename Wait = NoWait>
+// The RoPE fold of a step of ONE row (attention_rope_d*): q holds the raw q|k|v of the token
+// (the q|k|v GEMV's output, before any norm or rotation), and each block computes what
+// rope_qk_kv would have: its query heads normalised and rotated (into shared memory), and,
+// in the block whose split holds the token's position, its kv head's k (rotated) and v,
+// which it writes to the caches and reads back from shared memory. One launch fewer per layer.
+struct AttnRope {
+    const int* positions;
+    const float* inv_freq;
+    const bf16_t* q_norm;  // per-head RMSNorm weights [D] or null
+    const bf16_t* k_norm;
+    bf16_t* k_w;           // the caches, written at the token's position
+    bf16_t* v_w;
+    float eps, mscale;
+};
+template <int EPL, int NW, typename Wait = NoWait, bool ROPE = false>
 __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                                 const bf16_t* __restrict__ vc, const int* __restrict__ slots,
                                 const int* __restrict__ seq_lens, float* __restrict__ part_acc,
                                 float* __restrict__ part_ml, int n_q, int n_kv, int layer, int n_layers,
                                 int max_pos, float scale, int window, int n_splits, long long q_stride,
                                 const float* __restrict__ sinks, float* __restrict__ out, unsigned* __restrict__ ctr,
-                                int bx, int by, int bz, Wait wait = Wait()) {
+                                int bx, int by, int bz, Wait wait = Wait(), AttnRope rp = AttnRope()) {
     constexpr int D = EPL * 32;
     // positions per warp per step, all loaded before the first is used
     constexpr int ATT_PU = EPL >= 8 ? 2 : 4;
@@ -75,8 +89,12 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     int chunk = (range + eff - 1) / eff;
     int start = lo + split * chunk, end = min(len, start + chunk);
     const long long base = (((long long)slot * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
-    // each warp's ATT_PU positions of a step, all loaded before the first is used
-    auto load_rows = [&](int p0, float (&kf)[ATT_PU][EPL], float (&vf)[ATT_PU][EPL]) {
+    // ROPE: the rotated query heads (f32) and the token's k|v rows (bf16, as cached)
+    __shared__ float sq[ROPE ? MAXG * D : 1];
+    __shared__ __align__(16) bf16_t skv[ROPE ? 2 * D : 8];
+    int newp = -1;  // the position whose k|v rows come from skv
+    const int first = start + warp * ATT_PU;
+    auto load_global = [&](int p0, float (&kf)[ATT_PU][EPL], float (&vf)[ATT_PU][EPL]) {
 #pragma unroll
         for (int u = 0; u < ATT_PU; u++) {
             int p = min(p0 + u, end - 1);  // clamp: loads stay in bounds, masked below
@@ -84,9 +102,71 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
             ld_row<EPL>(vc + base + (long long)p * D + lane * EPL, vf[u]);
         }
     };
-    const int first = start + warp * ATT_PU;
+    // the token's own rows come from shared memory (ROPE; newp is -1 until they are there)
+    auto patch = [&](int p0, float (&kf)[ATT_PU][EPL], float (&vf)[ATT_PU][EPL]) {
+#pragma unroll
+        for (int u = 0; u < ATT_PU; u++)
+            if (ROPE && min(p0 + u, end - 1) == newp) {
+                ld_row<EPL>(skv + lane * EPL, kf[u]);
+                ld_row<EPL>(skv + D + lane * EPL, vf[u]);
+            }
+    };
+    // rows of the position loop's first step, loaded ahead (PRE: before the PDL wait;
+    // ROPE_EARLY: before the RoPE work, the token's own row patched in after it)
+    float kf0[ATT_PU][EPL], vf0[ATT_PU][EPL];  // unused (optimised out) otherwise
+#ifdef ATT_ROPE_LATE
+    constexpr bool ROPE_EARLY = false;
+#else
+    constexpr bool ROPE_EARLY = ROPE;
+#endif
+    if constexpr (ROPE) {
+        const int pos = rp.positions[0];
+        const bool store = slot >= 0 && pos >= 0 && pos < max_pos;
+        const bool covers = store && pos >= start && pos < end;
+        // as rope_qk_kv, the rows are cached even when no split attends to them
+        const bool writes = store && grp == 0 && (covers || (split == 0 && !(pos >= lo && pos < len)));
+        const float* row = q + (long long)s * q_stride;
+        const float fpos = (float)pos;
+        if (ROPE_EARLY && first < end) load_global(first, kf0, vf0);
+        constexpr int half = D / 2;
+        for (int task = warp; task <= ng; task += NW) {
+            if (task < ng) {
+                const float* x = row + (long long)(g0 + task) * D;
+                const float inv = rope_head_inv(x, rp.q_norm, D, rp.eps, lane);
+                for (int i = lane; i < half; i += 32) {
+                    float ra, rb;
+                    rope_pair(x, rp.q_norm, inv, i, half, fpos, rp.inv_freq, rp.mscale, ra, rb);
+                    sq[task * D + i] = ra;
+                    sq[task * D + i + half] = rb;
+                }
+            } else if (covers || writes) {
+                const float* xk = row + (long long)(n_q + kvh) * D;
+                const float* xv = row + (long long)(n_q + n_kv + kvh) * D;
+                const float inv = rope_head_inv(xk, rp.k_norm, D, rp.eps, lane);
+                const long long off = base + (long long)pos * D;
+                for (int i = lane; i < half; i += 32) {
+                    float ra, rb;
+                    rope_pair(xk, rp.k_norm, inv, i, half, fpos, rp.inv_freq, rp.mscale, ra, rb);
+                    const bf16_t ka = f2bf(ra), kb = f2bf(rb), va = f2bf(xv[i]), vb = f2bf(xv[i + half]);
+                    skv[i] = ka; skv[i + half] = kb; skv[D + i] = va; skv[D + i + half] = vb;
+                    if (writes) {
+                        rp.k_w[off + i] = ka; rp.k_w[off + i + half] = kb;
+                        rp.v_w[off + i] = va; rp.v_w[off + i + half] = vb;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        if (covers) newp = pos;
+        if (ROPE_EARLY && first < end) patch(first, kf0, vf0);
+    }
+    // each warp's ATT_PU positions of a step, all loaded before the first is used
+    auto load_rows = [&](int p0, float (&kf)[ATT_PU][EPL], float (&vf)[ATT_PU][EPL]) {
+        load_global(p0, kf, vf);
+        patch(p0, kf, vf);
+    };
     constexpr bool PRE = WaitsInside<Wait>::value;
-    float kf0[ATT_PU][EPL], vf0[ATT_PU][EPL];  // unused (optimised out) without PRE
+    static_assert(!(ROPE && PRE), "the RoPE fold loads its rows after the wait");
     if constexpr (PRE) {
         // in a step of several rows, rows may be tokens of one sequence (prefill, DFlash
         // verify): any position may be this step's, so those wait first
@@ -107,12 +187,13 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
             acc[g][e] = 0.f;
-            qr[g][e] = g < ng ? q[(long long)s * q_stride + (long long)(g0 + g) * D + lane * EPL + e] * scale : 0.f;
+            qr[g][e] = g < ng ? (ROPE ? sq[g * D + lane * EPL + e] : q[(long long)s * q_stride + (long long)(g0 + g) * D + lane * EPL + e]) * scale
+                              : 0.f;
         }
     }
     for (int p0 = first; p0 < end; p0 += NW * ATT_PU) {
         float kf[ATT_PU][EPL], vf[ATT_PU][EPL];
-        if (PRE && p0 == first) {
+        if ((PRE || ROPE_EARLY) && p0 == first) {
 #pragma unroll
             for (int u = 0; u < ATT_PU; u++)
 #pragma unroll
@@ -252,3 +333,12 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
 extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { ATT_CALL(2, 8) }
 extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { ATT_CALL(4, 8) }
 extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { ATT_CALL(8, 4) }
+
+// The RoPE fold (steps of ONE row, grid z = 1): q = the raw q|k|v row, see AttnRope.
+#define ATT_ROPE_ARGS ATT_ARGS, const int* positions, const float* inv_freq, const bf16_t* q_norm, const bf16_t* k_norm, \
+    bf16_t* k_w, bf16_t* v_w, float eps, float mscale
+#define ATT_ROPE_CALL(EPL, NW) PDL_ENTRY(); \
+    attn_split_impl<EPL, NW, NoWait, true>(ATT_PASS, NoWait(), AttnRope{positions, inv_freq, q_norm, k_norm, k_w, v_w, eps, mscale});
+extern "C" __global__ void __launch_bounds__(256) attention_rope_d64(ATT_ROPE_ARGS) { ATT_ROPE_CALL(2, 8) }
+extern "C" __global__ void __launch_bounds__(256) attention_rope_d128(ATT_ROPE_ARGS) { ATT_ROPE_CALL(4, 8) }
+extern "C" __global__ void __launch_bounds__(128) attention_rope_d256(ATT_ROPE_ARGS) { ATT_ROPE_CALL(8, 4) }

@@ -119,6 +119,28 @@ __device__ __forceinline__ void prefetch_l2_warp(const void* p, long long bytes)
 #endif
 }
 
+// ---- RoPE (rope_qk_kv, and attention_rope_* in the fold of one-row steps) ----
+// The per-head RMSNorm factor of head x [D] (1 without a norm weight): each lane sums dims
+// lane, lane + 32, ... then the warp sums (the same order wherever it is computed).
+__device__ __forceinline__ float rope_head_inv(const float* x, const bf16_t* nw, int D, float eps, int lane) {
+    if (!nw) return 1.f;
+    float ss = 0.f;
+    for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
+    ss = warp_sum(ss);
+    return rsqrtf(ss / (float)D + eps);
+}
+// Dims i and i + D/2 of head x after the norm (when nw) and neox rotate-half RoPE at `pos`.
+__device__ __forceinline__ void rope_pair(const float* x, const bf16_t* nw, float inv, int i, int half, float pos,
+                                          const float* inv_freq, float mscale, float& ra, float& rb) {
+    float a = x[i], b = x[i + half];
+    if (nw) { a = a * inv * bf2f(nw[i]); b = b * inv * bf2f(nw[i + half]); }
+    float s, c;
+    sincosf(pos * inv_freq[i], &s, &c);
+    c *= mscale; s *= mscale;
+    ra = a * c - b * s;
+    rb = b * c + a * s;
+}
+
 // ---- Last block of a grid ----
 // A kernel can finish with work that needs all of its blocks' output (attention's split
 // combine): each block counts itself done on `ctr`, and the block that finishes last does

@@ -22,12 +22,13 @@ template <int R> struct GemvPre<NoWait, R> { static const int chunks = 0; };
 // `wait()` is called once by every thread before x is read: the persistent step passes
 // its dependency wait, so the first PRE 16-byte weight chunks of each lane's rows are
 // already loaded (in registers) when the input becomes ready.
-template <typename TX, int N, int R, typename Wait = NoWait, bool ACC = false>
+// NW warps per block (0: blockDim.x / 32).
+template <typename TX, int N, int R, typename Wait = NoWait, bool ACC = false, int NW = 8>
 __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
                           int rows, int cols, const float* __restrict__ bias, int bx, Wait wait = Wait()) {
     constexpr int PRE = GemvPre<Wait, R>::chunks;
     const int lane = threadIdx.x & 31;
-    const int row0 = (bx * 8 + (threadIdx.x >> 5)) * R;
+    const int row0 = (bx * (NW > 0 ? NW : (int)(blockDim.x >> 5)) + (threadIdx.x >> 5)) * R;
     const bf16_t* wr[R];
 #pragma unroll
     for (int r = 0; r < R; r++) wr[r] = W + (long long)min(row0 + r, rows - 1) * cols;  // clamped: never stored
@@ -146,7 +147,10 @@ GEMV_ENTRY(1, 1) GEMV_ENTRY(2, 1) GEMV_ENTRY(3, 1) GEMV_ENTRY(4, 2) GEMV_ENTRY(5
 #define GEMV_ACC_ENTRY(NN, RR) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_f32x_acc_n##NN(const bf16_t* W, const float* x, float* y, int rows, \
         int cols, const float* bias) { \
-    GEMV_CALL(float, NN, RR, true) }
+    GEMV_CALL(float, NN, RR, true) } \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_acc_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, \
+        int cols, const float* bias) { \
+    GEMV_CALL(bf16_t, NN, RR, true) }
 GEMV_ACC_ENTRY(1, 1) GEMV_ACC_ENTRY(2, 1) GEMV_ACC_ENTRY(3, 1) GEMV_ACC_ENTRY(4, 2) GEMV_ACC_ENTRY(5, 2) GEMV_ACC_ENTRY(6, 2)
 GEMV_ACC_ENTRY(7, 2) GEMV_ACC_ENTRY(8, 2)
 
@@ -174,13 +178,13 @@ __device__ __forceinline__ void split_chunk(uint4 wq, const TX* __restrict__ x, 
 #pragma unroll
     for (int e = 0; e < 8; e++) acc += w[e] * xv[e];
 }
-template <typename TX, int KS, bool ACC = false, typename Wait = NoWait>
+template <typename TX, int KS, bool ACC = false, typename Wait = NoWait, int NW = 8>
 __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y,
-                                int rows, int cols, const float* __restrict__ bias, Wait wait = Wait()) {
+                                int rows, int cols, const float* __restrict__ bias, int bx, Wait wait = Wait()) {
     constexpr int PRE = GemvPre<Wait, 1>::chunks > 0 ? GEMV_SPLIT_PRE : 0;
-    __shared__ float part[8];
+    __shared__ float part[NW > 0 ? NW : 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row = blockIdx.x * (8 / KS) + warp / KS, k = warp % KS;
+    const int row = bx * ((NW > 0 ? NW : (int)(blockDim.x >> 5)) / KS) + warp / KS, k = warp % KS;
     const int c8 = cols / 8;
     const bf16_t* wr = W + (long long)min(row, rows - 1) * cols;
     uint4 pre[PRE > 0 ? PRE : 1];
@@ -224,9 +228,9 @@ __device__ __forceinline__ void gemv_split_pdl_entry(const bf16_t* W, int rows, 
     PDL_POST();
 }
 #ifdef GEMV_PRELOAD
-#define GEMV_SPLIT_CALL(TX, KS, ACC) PDL_PRE(); gemv_split_impl<TX, KS, ACC, PdlWait>(W, x, y, rows, cols, bias, PdlWait());
+#define GEMV_SPLIT_CALL(TX, KS, ACC) PDL_PRE(); gemv_split_impl<TX, KS, ACC, PdlWait>(W, x, y, rows, cols, bias, blockIdx.x, PdlWait());
 #else
-#define GEMV_SPLIT_CALL(TX, KS, ACC) gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<TX, KS, ACC>(W, x, y, rows, cols, bias);
+#define GEMV_SPLIT_CALL(TX, KS, ACC) gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<TX, KS, ACC>(W, x, y, rows, cols, bias, blockIdx.x);
 #endif
 #define GEMV_SPLIT_ENTRY(KS) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_bf16x(const bf16_t* W, const bf16_t* x, float* y, int rows, \
@@ -239,5 +243,96 @@ GEMV_SPLIT_ENTRY(2) GEMV_SPLIT_ENTRY(4) GEMV_SPLIT_ENTRY(8)
 #define GEMV_SPLIT_ACC_ENTRY(KS) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_f32x_acc(const bf16_t* W, const float* x, float* y, int rows, \
         int cols, const float* bias) { \
-    GEMV_SPLIT_CALL(float, KS, true) }
+    GEMV_SPLIT_CALL(float, KS, true) } \
+extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_bf16x_acc(const bf16_t* W, const bf16_t* x, float* y, int rows, \
+        int cols, const float* bias) { \
+    GEMV_SPLIT_CALL(bf16_t, KS, true) }
 GEMV_SPLIT_ACC_ENTRY(2) GEMV_SPLIT_ACC_ENTRY(4) GEMV_SPLIT_ACC_ENTRY(8)
+
+// ---- One-row GEMVs that normalise their input themselves (the decode fold) ----
+// x = bf16(rmsnorm(residual) * ln) is computed by every block, into shared memory, right after
+// the PDL wait (the weights' first chunks are already in registers): the residual is complete
+// when the kernel before (the MoE down GEMV with its combine, or an accumulating down / o-proj
+// GEMV) ends, so no rmsnorm launch sits between them. The sum of squares runs in the order of
+// rms_row / rms_moe_row in a block of 1024 threads (the separate launch at < 64 rows), so the
+// results equal the separate launches' bit for bit. cols % 8 == 0, cols <= GEMV_NORM_MAX;
+// block 256 or 512 (warps per row KS, rows per block blockDim / 32 / KS).
+#define GEMV_NORM_MAX 8192
+// blocks of 512 threads per SM the registers are sized for (2: 54 registers, no spill; 3: 40)
+#ifndef GEMV_NORM_MINB
+#define GEMV_NORM_MINB 2
+#endif
+struct sbf16_t { bf16_t v; };  // an activation in shared memory: plain loads, never __ldg
+__device__ __forceinline__ void load8_bf16(const sbf16_t* p, float* o) { unpack8(*(const uint4*)p, o); }
+__device__ __forceinline__ float to_f(sbf16_t v) { return bf2f(v.v); }
+struct NormWait {
+    const float* x;
+    const bf16_t* ln;
+    bf16_t* xs;
+    int hidden;
+    float eps;
+    // Nothing is held in registers across the barriers (the first version kept the row and
+    // the norm weights there: 88 registers, one 512-thread block per SM); the second pass
+    // reads the row again, from L1.
+    __device__ __forceinline__ void operator()() const {
+        __shared__ float sh[33];
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+        const int n8 = hidden / 8, virt = 1024 / blockDim.x;  // virtual 1024-thread block
+        PDL_POST();
+        // thread i plays virtual threads i + j * blockDim.x (n8 <= 1024: one chunk each),
+        // of virtual warp (warp + j * nw)
+        for (int j = 0; j < virt; j++) {
+            const int i8 = threadIdx.x + j * blockDim.x;
+            float ss = 0.f;
+            if (i8 < n8) {
+                float v[8];
+                load8(x + i8 * 8, v);
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss += v[e] * v[e];
+            }
+            ss = warp_sum(ss);
+            if (lane == 0) sh[warp + j * nw] = ss;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const float t = warp_sum(sh[lane]);
+            if (lane == 0) sh[32] = t;
+        }
+        __syncthreads();
+        const float inv = rsqrtf(sh[32] / (float)hidden + eps);
+        for (int i8 = threadIdx.x; i8 < n8; i8 += blockDim.x) {
+            float v[8], w[8], o[8];
+            load8(x + i8 * 8, v);
+            unpack8(__ldg((const uint4*)(ln + i8 * 8)), w);
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = v[e] * inv * w[e];
+            st8(xs + i8 * 8, o);
+        }
+        __syncthreads();
+    }
+};
+#define GEMV_NORM_ARGS const bf16_t* W, const float* x, float* y, int rows, int cols, const float* bias, const bf16_t* ln, float eps
+// The grid is at most a few blocks per SM (the host sizes it), each normalising the row once
+// and then taking row tiles bx = blockIdx.x, + gridDim.x, ...: one block per row tile (up to
+// ten waves of them for Qwen3's q|k|v) measured 18% slower per Qwen3-30B-A3B step on the H100.
+extern "C" __global__ void __launch_bounds__(512, GEMV_NORM_MINB) bf16_gemv_norm_n1(GEMV_NORM_ARGS) {
+    __shared__ __align__(16) bf16_t xs[GEMV_NORM_MAX];
+    PDL_PRE();
+    const int tiles = (rows + (blockDim.x >> 5) - 1) / (blockDim.x >> 5);
+    gemv_impl<sbf16_t, 1, 1, NormWait, false, 0>(W, (const sbf16_t*)xs, y, rows, cols, bias, blockIdx.x,
+                                                 NormWait{x, ln, xs, cols, eps});
+    for (int bx = blockIdx.x + gridDim.x; bx < tiles; bx += gridDim.x)
+        gemv_impl<sbf16_t, 1, 1, NoWait, false, 0>(W, (const sbf16_t*)xs, y, rows, cols, bias, bx);
+}
+#define GEMV_NORM_ENTRY(KS) \
+extern "C" __global__ void __launch_bounds__(512, GEMV_NORM_MINB) bf16_gemv_norm_k##KS(GEMV_NORM_ARGS) { \
+    __shared__ __align__(16) bf16_t xs[GEMV_NORM_MAX]; \
+    PDL_PRE(); \
+    const int tiles = (rows + (blockDim.x >> 5) / KS - 1) / ((blockDim.x >> 5) / KS); \
+    gemv_split_impl<sbf16_t, KS, false, NormWait, 0>(W, (const sbf16_t*)xs, y, rows, cols, bias, blockIdx.x, \
+                                                     NormWait{x, ln, xs, cols, eps}); \
+    for (int bx = blockIdx.x + gridDim.x; bx < tiles; bx += gridDim.x) { \
+        __syncthreads(); /* the tile before has read its partial sums */ \
+        gemv_split_impl<sbf16_t, KS, false, NoWait, 0>(W, (const sbf16_t*)xs, y, rows, cols, bias, bx); \
+    } }
+GEMV_NORM_ENTRY(2) GEMV_NORM_ENTRY(4) GEMV_NORM_ENTRY(8)

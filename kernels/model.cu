@@ -120,22 +120,12 @@ __device__ void rope_qk_kv_impl(float* __restrict__ qkv, const int* __restrict__
     const bool is_k = h >= n_q;
     const bf16_t* nw = is_k ? k_norm : q_norm;
     long long koff = is_k ? ((((long long)slot * n_layers + layer) * n_kv + (h - n_q)) * max_pos + p) * D : 0;
-    int half = D / 2;
-    float inv = 1.f;
-    if (nw) {
-        float ss = 0.f;
-        for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
-        ss = warp_sum(ss);
-        inv = rsqrtf(ss / (float)D + eps);
-    }
-    float pos = (float)p;
+    const int half = D / 2;
+    const float inv = rope_head_inv(x, nw, D, eps, lane);
+    const float pos = (float)p;
     for (int i = lane; i < half; i += 32) {
-        float a = x[i], b = x[i + half];
-        if (nw) { a = a * inv * bf2f(nw[i]); b = b * inv * bf2f(nw[i + half]); }
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
-        c *= mscale; s *= mscale;
-        float ra = a * c - b * s, rb = b * c + a * s;
+        float ra, rb;
+        rope_pair(x, nw, inv, i, half, pos, inv_freq, mscale, ra, rb);
         x[i] = ra;
         x[i + half] = rb;
         if (is_k && store) { k_cache[koff + i] = f2bf(ra); k_cache[koff + i + half] = f2bf(rb); }

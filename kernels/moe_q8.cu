@@ -157,6 +157,74 @@ extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_rank_l8(const u8* blo
     mx_q8_rank_impl<8, 3>(blocks, scales, xq, xd, y, rows, cols, logits, E, k, x_div);
 }
 
+// The folded MoE block's expert down GEMV for a step of ONE row, with the combine:
+//   residual[row] += sum_r w[r] * (W[e_r] . act_r + ebias[e_r, row])   (r in order, as rms_moe_row)
+// so the residual is complete when the next layer's q|k|v GEMV normalises it itself
+// (bf16_gemv_norm_*): no combine + rmsnorm launch between them. Warp w takes pick w % k of the
+// block's row group w / k (32/LPR rows per warp), so a block holds all k picks of its rows and
+// sums them in shared memory. Experts: ranked from `logits` [E] before the PDL wait (as
+// mx_q8_rank_impl; E <= blockDim.x <= 256) or, with logits null, read from ids [k] after it.
+// Weights wk [k] (moe_gate_up_q8_topk's). ebias [E, rows] or null.
+// grid ceil(rows / (G * 32/LPR)), block 32 * k * G (the host picks G).
+template <int LPR, int U>
+__device__ void mx_q8_combine_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+                                   const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                   float* __restrict__ residual, int rows, int cols, const float* __restrict__ logits,
+                                   const int* __restrict__ ids, const float* __restrict__ wk,
+                                   const float* __restrict__ ebias, int E, int k) {
+    constexpr int RPW = 32 / LPR;
+    __shared__ int s_ids[32];
+    __shared__ float s_w[32];
+    __shared__ float s_y[32][32];
+    PDL_PRE();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, sub = lane % LPR;
+    const int r = warp % k, g = warp / k, rpb = (blockDim.x >> 5) / k * RPW;
+    const int row = blockIdx.x * rpb + g * RPW + lane / LPR;
+    const int nb = cols / 32;
+    float acc = 0.f;
+    if (logits) {
+        router_rank_topk<true>(logits, E, k, 0, false, s_ids, s_w);
+        const long long e = s_ids[r];
+        const long long wr = e * rows + min(row, rows - 1);  // clamped rows: computed, never stored
+        acc = row_dot_pre<LPR, U>(blocks + wr * nb * 16, scales + wr * nb, nb, xq + (long long)r * cols,
+                                  xd + (long long)r * nb, sub, PdlWait());
+    } else {
+        PDL_POST();
+        if (threadIdx.x < k) s_ids[threadIdx.x] = ids[threadIdx.x];
+        __syncthreads();
+        const long long e = s_ids[r];
+        if (e >= 0) {  // < 0: another rank's expert, zeros
+            const long long wr = e * rows + min(row, rows - 1);
+            acc = row_dot<LPR, U>(blocks + wr * nb * 16, scales + wr * nb, nb, xq + (long long)r * cols,
+                                  xd + (long long)r * nb, sub);
+        }
+    }
+#pragma unroll
+    for (int o = LPR / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (sub == 0) s_y[r][g * RPW + lane / LPR] = acc;
+    __syncthreads();
+    const int t = threadIdx.x, rr = blockIdx.x * rpb + t;
+    if (t < rpb && rr < rows) {
+        float s = 0.f;
+        for (int j = 0; j < k; j++) {
+            float yv = s_y[j][t];
+            if (ebias && s_ids[j] >= 0) yv += ebias[(long long)s_ids[j] * rows + rr];
+            s += __ldcg(wk + j) * yv;
+        }
+        residual[rr] += s;
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_combine_l32(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* residual, int rows, int cols, const float* logits, const int* ids, const float* wk,
+        const float* ebias, int E, int k) {
+    mx_q8_combine_impl<32, 2>(blocks, scales, xq, xd, residual, rows, cols, logits, ids, wk, ebias, E, k);
+}
+extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_combine_l8(const u8* blocks, const u8* scales, const signed char* xq,
+        const float* xd, float* residual, int rows, int cols, const float* logits, const int* ids, const float* wk,
+        const float* ebias, int E, int k) {
+    mx_q8_combine_impl<8, 3>(blocks, scales, xq, xd, residual, rows, cols, logits, ids, wk, ebias, E, k);
+}
+
 // Expert gate/up GEMV fused with the gated activation, writing the activation in int8.
 // Fused rows per expert: act 0 (SiLU-GLU): gate = row j, up = row I + j;
 //                        act 1 (gpt-oss):  gate = row 2j, up = row 2j + 1, with

@@ -105,6 +105,23 @@ pub(super) fn gemv_kernel(xt: &str, n: usize, ks: usize, acc: bool) -> (String, 
     }
 }
 
+/// Longest input row of the normalising GEMVs (`bf16_gemv_norm_*`: GEMV_NORM_MAX, a bf16 copy
+/// in shared memory).
+pub const GEMV_NORM_MAX: usize = 8192;
+/// What [`CudaContext::attention_decode_rope`] needs of `rope_qk_kv`'s arguments.
+pub struct AttnRope<'a> {
+    /// i32 `[1]`: the token's position
+    pub positions: &'a CudaSlice<i32>,
+    /// f32 `[head_dim / 2]`
+    pub inv_freq: &'a CudaSlice<f32>,
+    /// per-head RMSNorm weights bf16 `[head_dim]` (Qwen3), or none
+    pub q_norm: Option<&'a CudaSlice<u16>>,
+    pub k_norm: Option<&'a CudaSlice<u16>>,
+    pub eps: f32,
+    /// cos/sin factor (1 unless YaRN)
+    pub mscale: f32,
+}
+
 /// Most splits `attention_decode` takes (shared memory of its combining block: ATT_RMAX).
 pub const ATTN_MAX_SPLITS: usize = 512;
 /// Most rows one `argmax` call takes.
@@ -298,11 +315,75 @@ impl CudaContext {
         window: usize,
         n_splits: usize,
     ) -> Result<()> {
+        self.attention_launch(q, k_cache, v_cache, slots, seq_lens, sinks, out, ws, n_seq, n_q, q_stride, layer, kv, scale, window, n_splits, None)
+    }
+
+    /// [`Self::attention_decode`] for a step of ONE row that also does `rope_qk_kv`'s work:
+    /// `qkv` is the token's raw q|k|v row (`[n_q + 2 n_kv, D]`); every block normalises and
+    /// rotates its query heads itself, and the block whose split holds `rope.positions[0]`
+    /// writes the token's rotated k and its v to the caches (kernels/attention.cu, AttnRope).
+    /// Bit-equal to `rope_qk_kv` followed by `attention_decode`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_rope(
+        &self,
+        qkv: &CudaSlice<f32>,
+        k_cache: &mut CudaSlice<u16>,
+        v_cache: &mut CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        sinks: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        ws: &mut AttnWorkspace,
+        layer: usize,
+        kv: &KvShape,
+        n_q: usize,
+        scale: f32,
+        window: usize,
+        n_splits: usize,
+        rope: &AttnRope<'_>,
+    ) -> Result<()> {
         let d = kv.head_dim;
-        let name = match d {
-            64 => "attention_split_d64",
-            128 => "attention_split_d128",
-            256 => "attention_split_d256",
+        len_at_least(rope.positions, 1, "positions")?;
+        len_at_least(rope.inv_freq, d / 2, "inv_freq")?;
+        for nw in [rope.q_norm, rope.k_norm].into_iter().flatten() {
+            len_at_least(nw, d, "q/k norm")?;
+        }
+        let stride = (n_q + 2 * kv.n_kv_heads) * d;
+        len_at_least(qkv, stride, "qkv")?;
+        self.attention_launch(
+            qkv, k_cache, v_cache, slots, seq_lens, sinks, out, ws, 1, n_q, stride, layer, kv, scale, window, n_splits, Some(rope),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_launch(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        sinks: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        ws: &mut AttnWorkspace,
+        n_seq: usize,
+        n_q: usize,
+        q_stride: usize,
+        layer: usize,
+        kv: &KvShape,
+        scale: f32,
+        window: usize,
+        n_splits: usize,
+        rope: Option<&AttnRope<'_>>,
+    ) -> Result<()> {
+        let d = kv.head_dim;
+        let name = match (d, rope.is_some()) {
+            (64, false) => "attention_split_d64",
+            (128, false) => "attention_split_d128",
+            (256, false) => "attention_split_d256",
+            (64, true) => "attention_rope_d64",
+            (128, true) => "attention_rope_d128",
+            (256, true) => "attention_rope_d256",
             _ => {
                 return Err(CudaError::Shape(format!(
                     "attention: head_dim {d} not in 64/128/256"
@@ -366,6 +447,17 @@ impl CudaContext {
             None => b.arg(&NULL),
         };
         b.arg(out).arg(&mut ws.cnt);
+        if let Some(r) = rope {
+            b.arg(r.positions).arg(r.inv_freq);
+            for nw in [r.q_norm, r.k_norm] {
+                match nw {
+                    Some(w) => b.arg(w),
+                    None => b.arg(&NULL),
+                };
+            }
+            // the caches again, written at the token's position (the reads above never touch it)
+            b.arg(k_cache).arg(v_cache).arg(&r.eps).arg(&r.mscale);
+        }
         // 8 warps per block for D <= 128, 4 for D = 256 (shared memory)
         let block = if d == 256 { 128 } else { 256 };
         unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, block)) }?;

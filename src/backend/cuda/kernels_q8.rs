@@ -104,6 +104,76 @@ impl CudaContext {
         Ok(())
     }
 
+    /// Groups of `top_k` warps per block that [`Self::mxfp4_moe_down_combine`] takes for these
+    /// shapes (a block holds all picks of its rows), or None where it cannot run: more than 8
+    /// picks, or more experts than threads to rank them.
+    pub fn down_combine_groups(n_experts: usize, top_k: usize) -> Option<usize> {
+        let g = (8 / top_k.max(1)).max(1);
+        (top_k <= 8 && n_experts <= 32 * top_k * g && n_experts <= TOPK_FUSED_MAX_EXPERTS).then_some(g)
+    }
+
+    /// The expert down GEMV of a step of ONE row with the MoE combine: residual f32 `[rows]`
+    /// += sum over picks r (in order) of `wk[r]` * (W[e_r] . act_r + `ebias`[e_r]), as the
+    /// combine + rmsnorm launch (`rmsnorm_moe_*`) adds it, so the next norm can be folded into
+    /// the following GEMV. Experts as `Experts::Rank` (ranked from the router logits, before
+    /// the PDL wait) or `Experts::Ids` (`[top_k]`). Weights MXFP4 `[E, rows, cols/32(, 16)]`;
+    /// activations `xq`/`xd` `[top_k, cols]` int8 blocks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mxfp4_moe_down_combine(
+        &self,
+        blocks: &CudaSlice<u8>,
+        scales: &CudaSlice<u8>,
+        xq: &CudaSlice<i8>,
+        xd: &CudaSlice<f32>,
+        residual: &mut CudaSlice<f32>,
+        experts: Experts<'_>,
+        wk: &CudaSlice<f32>,
+        ebias: Option<&CudaSlice<f32>>,
+        top_k: usize,
+        rows: usize,
+        cols: usize,
+        n_experts: usize,
+    ) -> Result<()> {
+        let g = Self::down_combine_groups(n_experts, top_k)
+            .ok_or_else(|| super::CudaError::Shape(format!("down + combine: E {n_experts}, k {top_k}")))?;
+        need(cols.is_multiple_of(32), || "down + combine: cols % 32 != 0".into())?;
+        len_at_least(blocks, n_experts * rows * cols / 2, "blocks")?;
+        len_at_least(scales, n_experts * rows * cols / 32, "scales")?;
+        len_at_least(xq, top_k * cols, "xq")?;
+        len_at_least(xd, top_k * cols / 32, "xd")?;
+        len_at_least(residual, rows, "residual")?;
+        len_at_least(wk, top_k, "weights")?;
+        if let Some(b) = ebias {
+            len_at_least(b, n_experts * rows, "expert biases")?;
+        }
+        experts.check(top_k, n_experts)?;
+        let (logits, ids) = match experts {
+            Experts::Rank { logits, top_k: kk } if kk == top_k => (Some(logits), None),
+            Experts::Ids(ids) => (None, Some(ids)),
+            _ => return Err(super::CudaError::Shape("down + combine: experts by rank (of top_k) or ids only".into())),
+        };
+        let (lanes, rows_per_warp) = if cols >= 1536 { ("l32", 1) } else { ("l8", 4) };
+        let a = [rows as i32, cols as i32, n_experts as i32, top_k as i32];
+        let mut b = self.launch(&format!("mxfp4_q8_combine_{lanes}"));
+        b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(residual).arg(&a[0]).arg(&a[1]);
+        match logits {
+            Some(l) => b.arg(l),
+            None => b.arg(&NULL),
+        };
+        match ids {
+            Some(i) => b.arg(i),
+            None => b.arg(&NULL),
+        };
+        b.arg(wk);
+        match ebias {
+            Some(e) => b.arg(e),
+            None => b.arg(&NULL),
+        };
+        b.arg(&a[2]).arg(&a[3]);
+        unsafe { b.launch(grid(rows.div_ceil(g * rows_per_warp), 1, 1, (32 * top_k * g) as u32)) }?;
+        Ok(())
+    }
+
     /// Expert gate/up GEMV + gated activation, written as int8 blocks:
     /// weights MXFP4 `[E, 2*inter, cols/32(, 16)]` (rows fused as `act` says),
     /// `bias` f32 `[E, 2*inter]`; out `aq` i8 `[n_assign, inter]`, `ad` f32 `[n_assign, inter/32]`.

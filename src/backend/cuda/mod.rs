@@ -51,6 +51,9 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_split_d64",
             "attention_split_d128",
             "attention_split_d256",
+            "attention_rope_d64",
+            "attention_rope_d128",
+            "attention_rope_d256",
         ],
     ),
     // entries ending in "_n" are loaded as _n1 ..= _n8
@@ -74,6 +77,8 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up_q8_topk",
             "mxfp4_q8_rank_l32",
             "mxfp4_q8_rank_l8",
+            "mxfp4_q8_combine_l32",
+            "mxfp4_q8_combine_l8",
         ],
     ),
     (
@@ -92,6 +97,14 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "bf16_gemv_k2_f32x_acc",
             "bf16_gemv_k4_f32x_acc",
             "bf16_gemv_k8_f32x_acc",
+            "bf16_gemv_bf16x_acc_n",
+            "bf16_gemv_k2_bf16x_acc",
+            "bf16_gemv_k4_bf16x_acc",
+            "bf16_gemv_k8_bf16x_acc",
+            "bf16_gemv_norm_n1",
+            "bf16_gemv_norm_k2",
+            "bf16_gemv_norm_k4",
+            "bf16_gemv_norm_k8",
         ],
     ),
     (
@@ -198,6 +211,25 @@ pub struct CudaContext {
     /// (`Experts::Rank`) and loads its first weights before it waits on the gate/up kernel;
     /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
     pub down_rank: bool,
+    /// steps of one row fold each pre-attention rmsnorm into the q|k|v GEMV after it
+    /// (`bf16_gemv_norm_*`) and the MoE combine into the expert down GEMV
+    /// (`mxfp4_q8_combine_*`), or a dense MLP's down projection adds itself to the residual:
+    /// one launch fewer per layer. A model's backend sets it (`model::step_folds`);
+    /// `KAIROS_CUDA_NORM_FOLD=0|1` wins
+    pub norm_fold: bool,
+    /// threads per block of the normalising GEMVs (256 or 512; each block normalises the
+    /// input row itself, so fewer, larger blocks read it fewer times).
+    /// `KAIROS_CUDA_NORM_THREADS` for A/B
+    pub norm_gemv_threads: usize,
+    /// with `norm_fold`, the q|k|v GEMV normalises (else a plain rmsnorm launch does, and only
+    /// the combine / accumulating down projection is folded); `KAIROS_CUDA_QKV_NORM=0`: A/B
+    pub qkv_norm: bool,
+    /// blocks per SM of the normalising GEMVs' grid (2; `KAIROS_CUDA_NORM_BLOCKS` for A/B)
+    pub norm_gemv_blocks_per_sm: usize,
+    /// steps of one row fold RoPE, the q/k norms and the KV-cache write into the attention
+    /// kernel (`attention_rope_d*`): one launch fewer per layer. A model's backend sets it
+    /// (`model::step_folds`); `KAIROS_CUDA_ROPE_FOLD=0|1` wins
+    pub rope_fold: bool,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -364,7 +396,12 @@ impl PdlFlavor {
 
 /// `KAIROS_CUDA_PDL=0|1`, when set.
 fn pdl_env() -> Option<bool> {
-    std::env::var("KAIROS_CUDA_PDL").ok().map(|v| v != "0")
+    env_flag("KAIROS_CUDA_PDL")
+}
+
+/// An on/off switch from the environment: "0" off, anything else on, unset None.
+pub(crate) fn env_flag(name: &str) -> Option<bool> {
+    std::env::var(name).ok().map(|v| v != "0")
 }
 
 /// Whether a CUDA driver library can be loaded and reports at least one device
@@ -478,6 +515,14 @@ impl CudaContext {
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
+            norm_fold: env_flag("KAIROS_CUDA_NORM_FOLD").unwrap_or(true),
+            rope_fold: env_flag("KAIROS_CUDA_ROPE_FOLD").unwrap_or(true),
+            norm_gemv_blocks_per_sm: std::env::var("KAIROS_CUDA_NORM_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|&b| b > 0).unwrap_or(2),
+            qkv_norm: std::env::var("KAIROS_CUDA_QKV_NORM").map_or(true, |v| v != "0"),
+            norm_gemv_threads: match std::env::var("KAIROS_CUDA_NORM_THREADS").ok().as_deref() {
+                Some("256") => 256,
+                _ => 512,
+            },
             argmax_scratch,
             recorder: std::sync::Mutex::new(None),
             opts_list,
@@ -590,7 +635,7 @@ mod tests {
             .flat_map(|(_, _, e)| e.iter())
             .flat_map(|e| if e.ends_with("_n") { (1..=8).map(|n| format!("{e}{n}")).collect() } else { vec![e.to_string()] })
             .collect();
-        for (xt, acc) in [("bf16", false), ("f32", false), ("f32", true)] {
+        for (xt, acc) in [("bf16", false), ("f32", false), ("f32", true), ("bf16", true)] {
             for n in 1..=8 {
                 let (name, rows) = kernels::gemv_kernel(xt, n, 1, acc);
                 assert!(loaded.contains(&name), "{name} not loaded");

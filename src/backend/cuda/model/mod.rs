@@ -286,10 +286,26 @@ pub(crate) fn pdl_flavor(c: &ModelConfig) -> super::PdlFlavor {
     }
 }
 
+/// Which folds of one-row steps a model's decode takes by default: (norm fold, RoPE fold)
+/// (`CudaContext::norm_fold`, `rope_fold`). Chosen by measurement (H100, bench/results
+/// cuda_decode_h100.md, session 11), graph-only step times at batch 1 against neither fold:
+/// - SmolLM2-135M (dense, head_dim 64): either fold -6%, both -6% (ctx 128), -4.5% (ctx 2048);
+/// - gpt-oss-20b (MoE, head_dim 64): RoPE fold -1.3% / -0.4%, norm fold +2.6%;
+/// - Qwen3-30B-A3B (MoE, head_dim 128, q/k norms): RoPE fold +4% (+16% at ctx 2048 with
+///   its first rows loaded early: 178 registers), norm fold +6.5%, the combine alone +1.5%.
+///
+/// So: the norm fold for dense models, the RoPE fold for head_dim 64 without q/k norms.
+pub(crate) fn step_folds(c: &ModelConfig) -> (bool, bool) {
+    (c.moe.is_none(), c.head_dim <= 64 && !c.qk_norm)
+}
+
 impl CudaBackend {
     fn assemble(mut cx: CudaContext, c: ModelConfig, w: DWeights, opts: CudaBackendOptions) -> std::result::Result<Self, BackendError> {
         let pdl_rows = (opts.pdl.unwrap_or(true), opts.pdl.unwrap_or(c.moe.is_none()));
         cx.set_pdl(pdl_rows.0);
+        let (norm_fold, rope_fold) = step_folds(&c);
+        cx.norm_fold = super::env_flag("KAIROS_CUDA_NORM_FOLD").unwrap_or(norm_fold);
+        cx.rope_fold = super::env_flag("KAIROS_CUDA_ROPE_FOLD").unwrap_or(rope_fold);
         cx.gemv_split &= opts.gemv_split;
         let t = opts.max_step_tokens.max(1).next_power_of_two();
         let max_context = opts.max_context.unwrap_or(c.max_position_embeddings.min(8192)).max(1);

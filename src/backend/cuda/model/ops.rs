@@ -9,7 +9,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 
 use super::{CudaContext, CudaError, Res};
 use crate::backend::cuda::gemm::{BlasGemm, GEMM_MIN_ROWS};
-use crate::backend::cuda::kernels::{gemv_kernel, Act, KvShape};
+use crate::backend::cuda::kernels::{gemv_kernel, Act, KvShape, GEMV_NORM_MAX};
 use crate::model::config::Activation;
 
 pub(super) fn lc(x: usize, y: usize, z: usize, block: u32) -> LaunchConfig {
@@ -62,11 +62,67 @@ impl CudaContext {
         self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, false)
     }
 
-    /// y f32 [n, rows] += x f32 [n, cols] . W^T (+ bias): `gemv_ext` adding into y (the
-    /// o-projection into the residual stream).
+    /// y f32 [n, rows] += x [n, cols] . W^T (+ bias): `gemv_ext` adding into y (the
+    /// o-projection, f32 x, and a dense down projection, bf16 x, into the residual stream).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemv_acc(&self, w: &CudaSlice<u16>, x: u64, y: u64, rows: usize, cols: usize, n: usize, bias: Option<&CudaSlice<f32>>) -> Res<()> {
-        self.gemv_rows(w, x, false, y, rows, cols, n, bias, true)
+    pub(super) fn gemv_acc(
+        &self,
+        w: &CudaSlice<u16>,
+        x: u64,
+        x_bf16: bool,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        n: usize,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Res<()> {
+        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, true)
+    }
+
+    /// Whether [`Self::gemv_norm`] takes inputs of `hidden` values.
+    pub(super) fn gemv_norm_fits(hidden: usize) -> bool {
+        hidden.is_multiple_of(8) && (8..=GEMV_NORM_MAX).contains(&hidden)
+    }
+
+    /// y f32 [rows] = bf16(rmsnorm(x) * ln) . W^T (+ bias) for ONE row x f32 [cols]: the norm
+    /// computed by every block of the GEMV (bf16_gemv_norm_*), bit-equal to
+    /// `rmsnorm_residual` (no delta) followed by `gemv_ext` on its bf16 output.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemv_norm(
+        &self,
+        w: &CudaSlice<u16>,
+        x: &CudaSlice<f32>,
+        ln: &CudaSlice<u16>,
+        eps: f32,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Res<()> {
+        if !Self::gemv_norm_fits(cols) || x.len() < cols || ln.len() < cols || w.len() < rows * cols {
+            return Err(CudaError::Shape(format!("normalising GEMV: {rows} x {cols}")));
+        }
+        if let Some(b) = bias {
+            if b.len() < rows {
+                return Err(CudaError::Shape(format!("GEMV bias: {} values for {rows} rows", b.len())));
+            }
+        }
+        let ks = self.gemv_split_warps(rows, cols, 1);
+        let name = if ks > 1 { format!("bf16_gemv_norm_k{ks}") } else { "bf16_gemv_norm_n1".to_string() };
+        let threads = self.norm_gemv_threads;
+        let (r, c, null) = (rows as i32, cols as i32, 0u64);
+        let mut b = self.launch(&name);
+        b.arg(w).arg(x).arg(&y).arg(&r).arg(&c);
+        match bias {
+            Some(bb) => b.arg(bb),
+            None => b.arg(&null),
+        };
+        b.arg(ln).arg(&eps);
+        // a few blocks per SM, each normalising once and then taking row tiles in turn
+        let tiles = rows.div_ceil(threads / 32 / ks);
+        let blocks = tiles.min(self.sm_count as usize * self.norm_gemv_blocks_per_sm);
+        unsafe { b.launch(lc(blocks, 1, 1, threads as u32)) }?;
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -82,9 +138,6 @@ impl CudaContext {
         bias: Option<&CudaSlice<f32>>,
         acc: bool,
     ) -> Res<()> {
-        if acc && x_bf16 {
-            return Err(CudaError::Shape("accumulating GEMV: f32 inputs only".into()));
-        }
         if let Some(b) = bias {
             if b.len() < rows {
                 return Err(CudaError::Shape(format!("GEMV bias: {} values for {rows} rows", b.len())));

@@ -8,6 +8,8 @@ use cudarc::driver::CudaSlice;
 
 use super::{activation, capture, dense, dptr, lc, pre_norm, shard, CudaBackend, CudaError, DMlp, Pend, Res};
 use crate::backend::cuda::gemm::GEMM_MIN_ROWS;
+use crate::backend::cuda::kernels::AttnRope;
+use crate::backend::cuda::CudaContext;
 use crate::backend::cuda::kernels_q8::{Experts, GateAct, GROUP_MAX_ASSIGN, TOPK_FUSED_MAX_EXPERTS};
 use crate::model::config::{Activation, RouterKind};
 
@@ -25,6 +27,9 @@ impl CudaBackend {
         // top-k; the accumulating o-projection 1.6% on SmolLM2). Not in a recording for the
         // persistent step, which has no form of these kernels.
         let fold = *layer_fusion && fused && shard.is_none() && n == 1 && !cx.is_recording();
+        // ... and the residual is complete after each MLP (the MoE down GEMV combines, a dense
+        // down projection accumulates), so the next q|k|v GEMV normalises it itself
+        let norm_fold = fold && cx.norm_fold && CudaContext::gemv_norm_fits(c.hidden_size);
         let st = cx.stream.clone();
         let reduce = |buf: &mut CudaSlice<f32>, len: usize| -> Res<()> {
             match comm.as_ref() {
@@ -50,12 +55,22 @@ impl CudaBackend {
             None => cx.embedding_gather::<f32>(&w.embed, &b.ids, &mut b.x, n, h)?,
         }
         for (li, l) in w.layers.iter().enumerate() {
-            pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &l.ln1, &mut b.h, n, h, eps)?;
+            let qkv_norm = norm_fold && cx.qkv_norm && matches!(pend, Pend::None);
+            if !qkv_norm {
+                pre_norm(cx, &mut b.x, pend, &b.delta, &b.ye, &b.tw, k_top, moe_bias.map(|mb| (mb, &b.tid)), &l.ln1, &mut b.h, n, h, eps)?;
+            }
             if li > 0 {
                 capture::after_layer(cx, capt.as_ref(), dptr(&b.x, &st), li - 1, n, h)?;
             }
-            dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
-            if fused {
+            if qkv_norm {
+                cx.gemv_norm(&l.wqkv, &b.x, &l.ln1, eps, dptr(&b.qkv, &st), qkvd, h, l.bqkv.as_ref())?;
+            } else {
+                dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
+            }
+            let rope_fold = fold && cx.rope_fold && matches!(hd, 64 | 128 | 256);
+            if rope_fold {
+                // attention_rope_d* below normalises, rotates and caches itself
+            } else if fused {
                 let a = [nq as i32, nkv as i32, hd as i32];
                 let b2 = [li as i32, kv.n_layers as i32, kv.max_pos as i32];
                 let null = 0u64;
@@ -76,7 +91,20 @@ impl CudaBackend {
                 cx.rope_qk(&mut b.qkv, &b.pos, &w.inv_freq, l.q_norm.as_ref(), l.k_norm.as_ref(), n, nq, nkv, hd, eps, w.mscale)?;
                 cx.kv_cache_write(&b.qkv, k_cache, v_cache, &b.slots, &b.pos, n, nq, li, kv)?;
             }
-            if matches!(hd, 64 | 128 | 256) {
+            if rope_fold {
+                let rope = AttnRope {
+                    positions: &b.pos,
+                    inv_freq: &w.inv_freq,
+                    q_norm: l.q_norm.as_ref(),
+                    k_norm: l.k_norm.as_ref(),
+                    eps,
+                    mscale: w.mscale,
+                };
+                cx.attention_decode_rope(
+                    &b.qkv, k_cache, v_cache, &b.slots, &b.lens, l.sinks.as_ref(), &mut b.attn, &mut b.ws, li, kv, nq, *scale, l.window,
+                    splits, &rope,
+                )?;
+            } else if matches!(hd, 64 | 128 | 256) {
                 cx.attention_decode(
                     &b.qkv, k_cache, v_cache, &b.slots, &b.lens, l.sinks.as_ref(), &mut b.attn, &mut b.ws, n, nq, qkvd, li,
                     kv, *scale, l.window, splits,
@@ -101,7 +129,7 @@ impl CudaBackend {
                 unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
             }
             if fold {
-                cx.gemv_acc(&l.wo, dptr(&b.attn, &st), dptr(&b.x, &st), h, nq * hd, n, l.bo.as_ref())?;
+                cx.gemv_acc(&l.wo, dptr(&b.attn, &st), false, dptr(&b.x, &st), h, nq * hd, n, l.bo.as_ref())?;
             } else {
                 dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
                 if tp_reduce {
@@ -125,6 +153,11 @@ impl CudaBackend {
                     let inter = *inter;
                     dense(cx, gemm, gu, dptr(&b.h, &st), true, dptr(&b.gu, &st), 2 * inter, h, n, None)?;
                     activation(cx, c.activation, &b.gu, &mut b.act, n, inter)?;
+                    if norm_fold {
+                        cx.gemv_acc(down, dptr(&b.act, &st), true, dptr(&b.x, &st), h, inter, n, None)?;
+                        pend = Pend::None;
+                        continue;
+                    }
                     dense(cx, gemm, down, dptr(&b.act, &st), true, dptr(&b.delta, &st), h, inter, n, None)?;
                     if tp_reduce {
                         reduce(&mut b.delta, n * h)?;
@@ -153,6 +186,13 @@ impl CudaBackend {
                         // weights while the gate/up kernel runs (the same ids: the same ranking)
                         let experts =
                             if cx.pdl && cx.down_rank { Experts::Rank { logits: &b.rlogits, top_k: k } } else { Experts::Ids(&b.tid) };
+                        if norm_fold && CudaContext::down_combine_groups(e, k).is_some() {
+                            cx.mxfp4_moe_down_combine(
+                                &down.blocks, &down.scales, &b.aq, &b.ad, &mut b.x, experts, &b.tw, down_bias.as_ref(), k, h, inter, e,
+                            )?;
+                            pend = Pend::None;
+                            continue;
+                        }
                         cx.mxfp4_moe_gemv_q8(&down.blocks, &down.scales, &b.aq, &b.ad, &mut b.ye, experts, n * k, 1, h, inter, e)?;
                         moe_bias = down_bias.as_ref();
                         pend = Pend::Moe;
