@@ -114,9 +114,8 @@ pub fn evaluate(
             None => None,
         };
         // The logits at window position j predict token begin + j + 1.
-        for t in first..end {
-            let j = t - 1 - begin;
-            let target = tokens[t] as usize;
+        for (t, &target) in tokens.iter().enumerate().take(end).skip(first) {
+            let (j, target) = (t - 1 - begin, target as usize);
             let rq = &q[j * vocab..(j + 1) * vocab];
             log_softmax(rq, &mut lq);
             nll -= lq[target];

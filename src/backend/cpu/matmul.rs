@@ -200,10 +200,14 @@ fn dot1_bf16(w: &[bf16], x: &[f32]) -> f32 {
     dot_bf16(w, x)
 }
 
+/// Four rows' dot products with one x row at once (prefill: the rows share each load of x).
+type Dot4<T> = fn([&[T]; 4], &[f32]) -> [f32; 4];
+
 /// `y[n, rows] = x[n, cols] · Wᵀ` for a row-major `[rows, cols]` float matrix of
 /// element type `T`: parallel over blocks of rows, one row at a time. (Blocking
 /// four rows to share the loads of x measured ~30% slower here: it turns one
 /// sequential stream through W into four short ones that the prefetchers follow worse.)
+#[allow(clippy::too_many_arguments)]
 fn float_matmul<T: Sync>(
     data: &[T],
     rows: usize,
@@ -212,7 +216,7 @@ fn float_matmul<T: Sync>(
     n: usize,
     y: &mut [f32],
     dot1: impl Fn(&[T], &[f32]) -> f32 + Sync,
-    dot4: Option<fn([&[T]; 4], &[f32]) -> [f32; 4]>,
+    dot4: Option<Dot4<T>>,
 ) {
     let per = rows_per_task(rows, cols, std::mem::size_of::<T>());
     // One block of rows `r0..r0+out.len()/n`, written row-major `[rows_in_block, n]`.
@@ -289,7 +293,9 @@ fn quant_override(data: &[f32], rows: usize, cols: usize) -> Option<Arc<qdot::QM
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static MODE: OnceLock<Option<Option<qdot::QFormat>>> = OnceLock::new();
-    static CACHE: OnceLock<Mutex<HashMap<(usize, usize, usize), Arc<qdot::QMatrix>>>> = OnceLock::new();
+    // keyed by (weight address, rows, cols)
+    type Cache = Mutex<HashMap<(usize, usize, usize), Arc<qdot::QMatrix>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let mode = *MODE.get_or_init(|| match std::env::var("KAIROS_CPU_QUANT").ok()?.as_str() {
         "auto" => Some(None),
         "q8_0" => Some(Some(qdot::QFormat::Q8_0)),

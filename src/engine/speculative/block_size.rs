@@ -50,7 +50,7 @@ pub struct BlockSizeChooser {
     accepted: Vec<f64>,
     /// Exponential moving average of measured step seconds, per B (index B).
     cost: Vec<Option<f64>>,
-    /// Steps taken through [`next`](Self::next).
+    /// Steps taken through [`next_block`](Self::next_block).
     steps: usize,
 }
 
@@ -90,7 +90,7 @@ impl BlockSizeChooser {
     /// step, which measures plain decoding (B = 1 runs no drafter pass, a cost no
     /// model of the verify step predicts), and every [`EXPLORE_EVERY`]-th step, which
     /// runs the longest block and plain decoding in turn.
-    pub fn next(&mut self) -> usize {
+    pub fn next_block(&mut self) -> usize {
         self.steps += 1;
         if self.steps == 2 && self.cost[1].is_none() {
             1
@@ -235,7 +235,7 @@ mod tests {
     #[test]
     fn a_short_choice_still_explores_the_longest_block() {
         let mut c = trained(0.05, 2000, 8, CostModel::dense(1.0));
-        let picks: Vec<usize> = (0..4 * EXPLORE_EVERY).map(|_| c.next()).collect();
+        let picks: Vec<usize> = (0..4 * EXPLORE_EVERY).map(|_| c.next_block()).collect();
         assert_eq!(picks.iter().filter(|&&b| b == 8).count(), 2, "{picks:?}");
         assert!(picks.iter().filter(|&&b| b == 1).count() >= 4 * EXPLORE_EVERY - 2, "{picks:?}");
     }
@@ -243,14 +243,14 @@ mod tests {
     #[test]
     fn a_long_choice_measures_plain_decoding_early_and_again() {
         let mut c = trained(0.9, 2000, 16, CostModel::dense(0.03));
-        let picks: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| c.next()).collect();
+        let picks: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| c.next_block()).collect();
         assert_eq!(picks[1], 1, "{picks:?}");
         assert_eq!(picks[2 * EXPLORE_EVERY - 1], 1, "{picks:?}");
         assert_eq!(picks.iter().filter(|&&b| b == 1).count(), 2, "{picks:?}");
         // once measured, B = 1 is not re-measured at the second step of a new chooser's life
         let mut d = trained(0.9, 2000, 16, CostModel::dense(0.03));
         d.observe_cost(1, 1.0);
-        assert_eq!((d.next(), d.next()), (16, 16));
+        assert_eq!((d.next_block(), d.next_block()), (16, 16));
     }
 
     #[test]

@@ -185,7 +185,7 @@ fn generate_with(
 fn drive(run: &mut step::Run<'_>, max_b: usize, mut chooser: Option<&mut BlockSizeChooser>) -> Result<(), BackendError> {
     let mut first = true;
     while run.any_active() {
-        let b = chooser.as_deref_mut().map_or(max_b, BlockSizeChooser::next);
+        let b = chooser.as_deref_mut().map_or(max_b, BlockSizeChooser::next_block);
         let t = Instant::now();
         let outcomes = run.step(b)?;
         if let Some(c) = chooser.as_deref_mut() {

@@ -108,7 +108,9 @@ impl<'a> ShardSource<'a> {
             None => return Cut::default(),
         };
         let is_expert = prefix.contains(".experts.") && prefix.split('.').any(|p| p.parse::<usize>().is_ok());
-        let linear: Option<(Option<Range<usize>>, Option<Range<usize>>, bool)> = match prefix {
+        // (rows kept, columns kept, bias zeroed on this rank)
+        type Keep = (Option<Range<usize>>, Option<Range<usize>>, bool);
+        let linear: Option<Keep> = match prefix {
             "self_attn.q_proj" => Some((Some(q.clone()), None, false)),
             "self_attn.k_proj" | "self_attn.v_proj" => Some((Some(kv.clone()), None, false)),
             "self_attn.o_proj" => Some((None, Some(q.clone()), !s.owns_o_bias)),
@@ -242,6 +244,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of ranges to keep: here one
     fn select_keeps_ranges_along_an_axis() {
         // [2, 3, 2]: keep rows 0 and 2 of the middle axis.
         let data: Vec<u32> = (0..12).collect();
