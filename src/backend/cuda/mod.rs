@@ -10,6 +10,7 @@
 pub mod comm;
 pub mod gemm;
 pub mod kernels;
+pub mod kernels_attention;
 pub mod kernels_q8;
 pub mod launch;
 pub mod model;
@@ -515,8 +516,9 @@ impl CudaContext {
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
-            norm_fold: env_flag("KAIROS_CUDA_NORM_FOLD").unwrap_or(true),
-            rope_fold: env_flag("KAIROS_CUDA_ROPE_FOLD").unwrap_or(true),
+            // set per model when a CudaBackend is assembled (model::step_folds, env first)
+            norm_fold: false,
+            rope_fold: false,
             norm_gemv_blocks_per_sm: std::env::var("KAIROS_CUDA_NORM_BLOCKS").ok().and_then(|v| v.parse().ok()).filter(|&b| b > 0).unwrap_or(2),
             qkv_norm: std::env::var("KAIROS_CUDA_QKV_NORM").map_or(true, |v| v != "0"),
             norm_gemv_threads: match std::env::var("KAIROS_CUDA_NORM_THREADS").ok().as_deref() {

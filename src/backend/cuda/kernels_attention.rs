@@ -1,0 +1,346 @@
+//! Launch wrappers of the attention path: RoPE and the KV-cache write, split-K decode
+//! attention (with the RoPE fold of one-row steps) and its workspace. Shapes are checked
+//! against slice lengths; launches are asynchronous on `ctx.stream`.
+
+use cudarc::driver::CudaSlice;
+
+use super::kernels::{grid, len_at_least, need, KvShape, NULL};
+use super::{CudaContext, CudaError, Result};
+
+/// Scratch for split-K decode attention: partial outputs of every split.
+pub struct AttnWorkspace {
+    pub acc: CudaSlice<f32>,
+    pub ml: CudaSlice<f32>,
+    /// per (sequence, kv head, head group) count of finished splits, 0 at rest
+    pub cnt: CudaSlice<u32>,
+    pub max_seqs: usize,
+    pub n_q_heads: usize,
+    pub max_splits: usize,
+    pub head_dim: usize,
+}
+
+impl AttnWorkspace {
+    pub fn new(
+        cx: &CudaContext,
+        max_seqs: usize,
+        n_q_heads: usize,
+        max_splits: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let n = max_seqs * n_q_heads * max_splits;
+        Ok(Self {
+            acc: cx.stream.alloc_zeros::<f32>(n * head_dim)?,
+            ml: cx.stream.alloc_zeros::<f32>(n * 2)?,
+            cnt: cx.stream.alloc_zeros::<u32>((max_seqs * n_q_heads).max(1))?,
+            max_seqs,
+            n_q_heads,
+            max_splits,
+            head_dim,
+        })
+    }
+}
+
+
+/// What [`CudaContext::attention_decode_rope`] needs of `rope_qk_kv`'s arguments.
+pub struct AttnRope<'a> {
+    /// i32 `[1]`: the token's position
+    pub positions: &'a CudaSlice<i32>,
+    /// f32 `[head_dim / 2]`
+    pub inv_freq: &'a CudaSlice<f32>,
+    /// per-head RMSNorm weights bf16 `[head_dim]` (Qwen3), or none
+    pub q_norm: Option<&'a CudaSlice<u16>>,
+    pub k_norm: Option<&'a CudaSlice<u16>>,
+    pub eps: f32,
+    /// cos/sin factor (1 unless YaRN)
+    pub mscale: f32,
+}
+
+/// Most splits `attention_decode` takes (shared memory of its combining block: ATT_RMAX).
+pub const ATTN_MAX_SPLITS: usize = 512;
+impl CudaContext {
+    /// In place on qkv f32 [n_tokens, (n_q + 2 n_kv) * head_dim] ([q | k | v] per token):
+    /// optional per-head RMSNorm of q and k (weights bf16 [head_dim]), then
+    /// rotate-half RoPE with angle positions[t] * inv_freq[i], inv_freq f32 [head_dim/2];
+    /// cos and sin are scaled by `mscale` (1.0 unless YaRN).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qk(
+        &self,
+        qkv: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        q_norm: Option<&CudaSlice<u16>>,
+        k_norm: Option<&CudaSlice<u16>>,
+        n_tokens: usize,
+        n_q: usize,
+        n_kv: usize,
+        head_dim: usize,
+        eps: f32,
+        mscale: f32,
+    ) -> Result<()> {
+        len_at_least(qkv, n_tokens * (n_q + 2 * n_kv) * head_dim, "qkv")?;
+        len_at_least(positions, n_tokens, "positions")?;
+        len_at_least(inv_freq, head_dim / 2, "inv_freq")?;
+        need(head_dim.is_multiple_of(2), || {
+            "head_dim must be even".into()
+        })?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let (nq, nk, d) = (n_q as i32, n_kv as i32, head_dim as i32);
+        let mut b = self.launch("rope_qk");
+        b.arg(qkv).arg(positions).arg(inv_freq);
+        match q_norm {
+            Some(w) => b.arg(w),
+            None => b.arg(&NULL),
+        };
+        match k_norm {
+            Some(w) => b.arg(w),
+            None => b.arg(&NULL),
+        };
+        b.arg(&nq).arg(&nk).arg(&d).arg(&eps).arg(&mscale);
+        unsafe { b.launch(grid(n_tokens * (n_q + n_kv), 1, 1, 32)) }?;
+        Ok(())
+    }
+
+    /// Writes each token's k and v (from qkv f32, as laid out for `rope_qk`) into the
+    /// bf16 caches at (slots[t], layer, head, positions[t]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_cache_write(
+        &self,
+        qkv: &CudaSlice<f32>,
+        k_cache: &mut CudaSlice<u16>,
+        v_cache: &mut CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        positions: &CudaSlice<i32>,
+        n_tokens: usize,
+        n_q: usize,
+        layer: usize,
+        kv: &KvShape,
+    ) -> Result<()> {
+        len_at_least(
+            qkv,
+            n_tokens * (n_q + 2 * kv.n_kv_heads) * kv.head_dim,
+            "qkv",
+        )?;
+        len_at_least(k_cache, kv.len(), "k_cache")?;
+        len_at_least(v_cache, kv.len(), "v_cache")?;
+        len_at_least(slots, n_tokens, "slots")?;
+        len_at_least(positions, n_tokens, "positions")?;
+        need(layer < kv.n_layers, || "layer out of range".into())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let a = [
+            n_q as i32,
+            kv.n_kv_heads as i32,
+            kv.head_dim as i32,
+            layer as i32,
+            kv.n_layers as i32,
+            kv.max_pos as i32,
+        ];
+        let mut b = self.launch("kv_cache_write");
+        b.arg(qkv)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(slots)
+            .arg(positions);
+        for v in a.iter() {
+            b.arg(v);
+        }
+        unsafe { b.launch(grid(n_tokens, kv.n_kv_heads, 1, 64)) }?;
+        Ok(())
+    }
+
+    /// Decode attention: q f32 (sequence s at q[s * q_stride..], [n_q, D]; q_stride = n_q*D
+    /// when packed, (n_q + 2 n_kv)*D to read it from the qkv buffer of `rope_qk`)
+    /// -> out f32 [n_seq, n_q, D], over the
+    /// first seq_lens[s] positions of cache slot slots[s] (the last `window` of them
+    /// when window > 0), with optional per-head sinks f32 [n_q]. Split-K over
+    /// `n_splits` chunks (fixed grid: graph-capturable; lengths are read on device).
+    /// head_dim must be 64, 128 or 256; n_q a multiple of n_kv.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        sinks: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        ws: &mut AttnWorkspace,
+        n_seq: usize,
+        n_q: usize,
+        q_stride: usize,
+        layer: usize,
+        kv: &KvShape,
+        scale: f32,
+        window: usize,
+        n_splits: usize,
+    ) -> Result<()> {
+        self.attention_launch(q, k_cache, v_cache, slots, seq_lens, sinks, out, ws, n_seq, n_q, q_stride, layer, kv, scale, window, n_splits, None)
+    }
+
+    /// [`Self::attention_decode`] for a step of ONE row that also does `rope_qk_kv`'s work:
+    /// `qkv` is the token's raw q|k|v row (`[n_q + 2 n_kv, D]`); every block normalises and
+    /// rotates its query heads itself, and the block whose split holds `rope.positions[0]`
+    /// writes the token's rotated k and its v to the caches (kernels/attention.cu, AttnRope).
+    /// Bit-equal to `rope_qk_kv` followed by `attention_decode`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_rope(
+        &self,
+        qkv: &CudaSlice<f32>,
+        k_cache: &mut CudaSlice<u16>,
+        v_cache: &mut CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        sinks: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        ws: &mut AttnWorkspace,
+        layer: usize,
+        kv: &KvShape,
+        n_q: usize,
+        scale: f32,
+        window: usize,
+        n_splits: usize,
+        rope: &AttnRope<'_>,
+    ) -> Result<()> {
+        let d = kv.head_dim;
+        len_at_least(rope.positions, 1, "positions")?;
+        len_at_least(rope.inv_freq, d / 2, "inv_freq")?;
+        for nw in [rope.q_norm, rope.k_norm].into_iter().flatten() {
+            len_at_least(nw, d, "q/k norm")?;
+        }
+        let stride = (n_q + 2 * kv.n_kv_heads) * d;
+        len_at_least(qkv, stride, "qkv")?;
+        self.attention_launch(
+            qkv, k_cache, v_cache, slots, seq_lens, sinks, out, ws, 1, n_q, stride, layer, kv, scale, window, n_splits, Some(rope),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_launch(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        sinks: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        ws: &mut AttnWorkspace,
+        n_seq: usize,
+        n_q: usize,
+        q_stride: usize,
+        layer: usize,
+        kv: &KvShape,
+        scale: f32,
+        window: usize,
+        n_splits: usize,
+        rope: Option<&AttnRope<'_>>,
+    ) -> Result<()> {
+        let d = kv.head_dim;
+        let name = match (d, rope.is_some()) {
+            (64, false) => "attention_split_d64",
+            (128, false) => "attention_split_d128",
+            (256, false) => "attention_split_d256",
+            (64, true) => "attention_rope_d64",
+            (128, true) => "attention_rope_d128",
+            (256, true) => "attention_rope_d256",
+            _ => {
+                return Err(CudaError::Shape(format!(
+                    "attention: head_dim {d} not in 64/128/256"
+                )))
+            }
+        };
+        need(n_q.is_multiple_of(kv.n_kv_heads), || {
+            "n_q not a multiple of n_kv".into()
+        })?;
+        need(
+            (1..=ATTN_MAX_SPLITS).contains(&n_splits)
+                && n_splits <= ws.max_splits
+                && n_seq <= ws.max_seqs
+                && n_q <= ws.n_q_heads
+                && d <= ws.head_dim,
+            || "attention workspace too small".into(),
+        )?;
+        need(layer < kv.n_layers, || "layer out of range".into())?;
+        need(q_stride >= n_q * d, || {
+            "attention: q_stride < n_q * head_dim".into()
+        })?;
+        if n_seq > 0 {
+            len_at_least(q, (n_seq - 1) * q_stride + n_q * d, "q")?;
+        }
+        len_at_least(out, n_seq * n_q * d, "out")?;
+        len_at_least(k_cache, kv.len(), "k_cache")?;
+        len_at_least(v_cache, kv.len(), "v_cache")?;
+        len_at_least(slots, n_seq, "slots")?;
+        len_at_least(seq_lens, n_seq, "seq_lens")?;
+        if let Some(s) = sinks {
+            len_at_least(s, n_q, "sinks")?;
+        }
+        if n_seq == 0 {
+            return Ok(());
+        }
+        let g = n_q / kv.n_kv_heads;
+        let groups = g.div_ceil(8);
+        let a = [
+            n_q as i32,
+            kv.n_kv_heads as i32,
+            layer as i32,
+            kv.n_layers as i32,
+            kv.max_pos as i32,
+        ];
+        let (win, ns) = (window as i32, n_splits as i32);
+        let mut b = self.launch(name);
+        b.arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(slots)
+            .arg(seq_lens)
+            .arg(&mut ws.acc)
+            .arg(&mut ws.ml);
+        for v in a.iter() {
+            b.arg(v);
+        }
+        let qs = q_stride as i64;
+        b.arg(&scale).arg(&win).arg(&ns).arg(&qs);
+        match sinks {
+            Some(s) => b.arg(s),
+            None => b.arg(&NULL),
+        };
+        b.arg(out).arg(&mut ws.cnt);
+        if let Some(r) = rope {
+            b.arg(r.positions).arg(r.inv_freq);
+            for nw in [r.q_norm, r.k_norm] {
+                match nw {
+                    Some(w) => b.arg(w),
+                    None => b.arg(&NULL),
+                };
+            }
+            // the caches again, written at the token's position (the reads above never touch it)
+            b.arg(k_cache).arg(v_cache).arg(&r.eps).arg(&r.mscale);
+        }
+        // 8 warps per block for D <= 128, 4 for D = 256 (shared memory)
+        let block = if d == 256 { 128 } else { 256 };
+        unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, block)) }?;
+        Ok(())
+    }
+
+    /// A split count for `attention_decode` that gives the GPU ~8 blocks per SM for
+    /// sequences of up to `max_len` positions (at least 32 positions per split, at most `cap`).
+    pub fn attention_splits(
+        &self,
+        n_seq: usize,
+        n_q: usize,
+        n_kv: usize,
+        max_len: usize,
+        cap: usize,
+    ) -> usize {
+        let groups = (n_q / n_kv.max(1)).div_ceil(8).max(1);
+        let blocks = (n_seq * n_kv * groups).max(1);
+        let want = (8 * self.sm_count as usize).div_ceil(blocks);
+        want.min(max_len.div_ceil(32)).clamp(1, cap.max(1))
+    }
+
+}
