@@ -6,14 +6,22 @@
 // seq_lens i32 [n_seq] number of valid positions (the new token's k/v already written)
 // window  > 0: attend only to positions >= len - window (sliding window); 0: all
 // sinks   f32 [n_q] or null: a learned logit per head that joins the softmax denominator
-// attention_split_d{64,128,256}: grid (n_splits, n_kv * ceil(G/8), n_seq), block 32 * NW
-// (NW = 8 warps for D <= 128, 4 for D = 256). Each block: one kv head, up to 8 of its query
-// heads, one chunk of positions; it writes its partial (unnormalised) output to part_acc
+// attention_split_d{64,128,256}: grid (n_splits, n_kv * ceil(G/hpb), n_seq), block 32 * NW
+// (NW = 8 warps for D <= 128, 4 for D = 256). Each block: one kv head, hpb (<= HG) of its
+// query heads, one chunk of positions; it writes its partial (unnormalised) output to part_acc
 // [n_seq, n_q, n_splits, D] and (max, sum) to part_ml [n_seq, n_q, n_splits, 2]. The block
 // that finishes last for its (sequence, kv head, group) — counted on ctr — combines the
 // splits and writes out f32 [n_seq, n_q, D]: no second launch (the reduce used to be one,
 // ~3-6 us per layer at batch 1 on the H100).
+// HG: most query heads per block (the register arrays), MAXG for the entries without a suffix,
+// 1 for the _h1 entries. hpb, the launch's heads per block, is at most HG. Fewer heads per
+// block shorten each warp's dependent chain (every head's scores are reduced one after the
+// other) and free registers, at the price of more blocks reading the same K/V rows (from L2).
+// On the H100, one head per block made Qwen3-30B-A3B's b1 step 5.9% faster at ctx 128 and
+// 4.4% at 2048 (bench/results/cuda_decode_h100.md, session 12).
+#ifndef MAXG
 #define MAXG 8
+#endif
 #define ATT_RMAX 512
 // fewest positions a split takes (the grid is sized for the longest context; shorter
 // sequences use fewer splits, the rest of the blocks leave at once). 64 or 128 measured
@@ -57,26 +65,27 @@ struct AttnRope {
     bf16_t* v_w;
     float eps, mscale;
 };
-template <int EPL, int NW, typename Wait = NoWait, bool ROPE = false>
+template <int EPL, int NW, typename Wait = NoWait, bool ROPE = false, int HG = MAXG>
 __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                                 const bf16_t* __restrict__ vc, const int* __restrict__ slots,
                                 const int* __restrict__ seq_lens, float* __restrict__ part_acc,
                                 float* __restrict__ part_ml, int n_q, int n_kv, int layer, int n_layers,
                                 int max_pos, float scale, int window, int n_splits, long long q_stride,
                                 const float* __restrict__ sinks, float* __restrict__ out, unsigned* __restrict__ ctr,
-                                int bx, int by, int bz, Wait wait = Wait(), AttnRope rp = AttnRope()) {
+                                int bx, int by, int bz, Wait wait = Wait(), AttnRope rp = AttnRope(), int hpb = HG) {
     constexpr int D = EPL * 32;
     // positions per warp per step, all loaded before the first is used
     constexpr int ATT_PU = EPL >= 8 ? 2 : 4;
     // per-warp partials; reused by the combining block for the split weights
-    __shared__ float sm_acc[NW * MAXG * D];
-    __shared__ float sm_m[NW][MAXG], sm_l[NW][MAXG], sm_inv[MAXG];
-    static_assert(NW * MAXG * D >= MAXG * ATT_RMAX, "split weights must fit in sm_acc");
+    __shared__ float sm_acc[NW * HG * D];
+    __shared__ float sm_m[NW][HG], sm_l[NW][HG], sm_inv[HG];
+    static_assert(NW * HG * D >= HG * ATT_RMAX, "split weights must fit in sm_acc");
+    if (hpb < 1 || hpb > HG) __trap();  // the host sized the grid for heads this build lacks
     const int G = n_q / n_kv;
-    const int groups = (G + MAXG - 1) / MAXG;
+    const int groups = (G + hpb - 1) / hpb;
     const int split = bx, kvh = by / groups, grp = by % groups, s = bz;
-    const int g0 = kvh * G + grp * MAXG;
-    const int ng = min(MAXG, G - grp * MAXG);
+    const int g0 = kvh * G + grp * hpb;
+    const int ng = min(hpb, G - grp * hpb);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int len = min(seq_lens[s], max_pos);
     int slot = slots[s];
@@ -90,7 +99,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     int start = lo + split * chunk, end = min(len, start + chunk);
     const long long base = (((long long)slot * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
     // ROPE: the rotated query heads (f32) and the token's k|v rows (bf16, as cached)
-    __shared__ float sq[ROPE ? MAXG * D : 1];
+    __shared__ float sq[ROPE ? HG * D : 1];
     __shared__ __align__(16) bf16_t skv[ROPE ? 2 * D : 8];
     int newp = -1;  // the position whose k|v rows come from skv
     const int first = start + warp * ATT_PU;
@@ -180,9 +189,9 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
         }
     }
 
-    float qr[MAXG][EPL], acc[MAXG][EPL], m[MAXG], l[MAXG];
+    float qr[HG][EPL], acc[HG][EPL], m[HG], l[HG];
 #pragma unroll
-    for (int g = 0; g < MAXG; g++) {
+    for (int g = 0; g < HG; g++) {
         m[g] = NEG_INF; l[g] = 0.f;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
@@ -202,7 +211,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
             load_rows(p0, kf, vf);
         }
 #pragma unroll
-        for (int g = 0; g < MAXG; g++) {
+        for (int g = 0; g < HG; g++) {
             if (g < ng) {
                 float sc[ATT_PU];
 #pragma unroll
@@ -238,9 +247,9 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
         }
     }
 #pragma unroll
-    for (int g = 0; g < MAXG; g++) {
+    for (int g = 0; g < HG; g++) {
 #pragma unroll
-        for (int e = 0; e < EPL; e++) sm_acc[(warp * MAXG + g) * D + lane * EPL + e] = acc[g][e];
+        for (int e = 0; e < EPL; e++) sm_acc[(warp * HG + g) * D + lane * EPL + e] = acc[g][e];
         if (lane == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
     }
     __syncthreads();
@@ -258,7 +267,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
                 if (mw != NEG_INF) {
                     float f = __expf(mw - M);
                     L += sm_l[w][g] * f;
-                    o += sm_acc[(w * MAXG + g) * D + d] * f;
+                    o += sm_acc[(w * HG + g) * D + d] * f;
                 }
             }
         }
@@ -280,7 +289,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     if (eff == 1) return;
     if (!last_block(ctr + ((long long)s * n_kv + kvh) * groups + grp, (unsigned)eff)) return;
     // Combine the eff splits of this block's heads (other blocks' partials: read through L2).
-    float* sw = sm_acc;  // [MAXG][ATT_RMAX]
+    float* sw = sm_acc;  // [HG][ATT_RMAX]
     for (int g = warp; g < ng; g += NW) {
         const long long pb = ((long long)s * n_q + g0 + g) * n_splits;
         float M = NEG_INF;
@@ -301,7 +310,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     }
     __syncthreads();
     // every (head, dim) output of the block at once, so the split loop's loads are all in flight
-    constexpr int OPT = MAXG * D / (NW * 32);
+    constexpr int OPT = (HG * D + NW * 32 - 1) / (NW * 32);
     float o[OPT];
 #pragma unroll
     for (int u = 0; u < OPT; u++) o[u] = 0.f;
@@ -322,23 +331,29 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
 
 #define ATT_ARGS const float* q, const bf16_t* kc, const bf16_t* vc, const int* slots, const int* seq_lens, \
     float* part_acc, float* part_ml, int n_q, int n_kv, int layer, int n_layers, int max_pos, float scale, int window, int n_splits, \
-    long long q_stride, const float* sinks, float* out, unsigned* ctr
+    long long q_stride, const float* sinks, float* out, unsigned* ctr, int hpb
 #define ATT_PASS q, kc, vc, slots, seq_lens, part_acc, part_ml, n_q, n_kv, layer, n_layers, max_pos, scale, window, n_splits, q_stride, \
     sinks, out, ctr, blockIdx.x, blockIdx.y, blockIdx.z
 #ifdef ATT_PRELOAD
-#define ATT_CALL(EPL, NW) PDL_PRE(); attn_split_impl<EPL, NW, PdlWait>(ATT_PASS, PdlWait());
+#define ATT_CALL(EPL, NW, HG) PDL_PRE(); attn_split_impl<EPL, NW, PdlWait, false, HG>(ATT_PASS, PdlWait(), AttnRope(), hpb);
 #else
-#define ATT_CALL(EPL, NW) PDL_ENTRY(); attn_split_impl<EPL, NW>(ATT_PASS);
+#define ATT_CALL(EPL, NW, HG) PDL_ENTRY(); attn_split_impl<EPL, NW, NoWait, false, HG>(ATT_PASS, NoWait(), AttnRope(), hpb);
 #endif
-extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { ATT_CALL(2, 8) }
-extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { ATT_CALL(4, 8) }
-extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { ATT_CALL(8, 4) }
+extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { ATT_CALL(2, 8, MAXG) }
+extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { ATT_CALL(4, 8, MAXG) }
+extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { ATT_CALL(8, 4, MAXG) }
+extern "C" __global__ void __launch_bounds__(256) attention_split_d64_h1(ATT_ARGS) { ATT_CALL(2, 8, 1) }
+extern "C" __global__ void __launch_bounds__(256) attention_split_d128_h1(ATT_ARGS) { ATT_CALL(4, 8, 1) }
+extern "C" __global__ void __launch_bounds__(128) attention_split_d256_h1(ATT_ARGS) { ATT_CALL(8, 4, 1) }
 
 // The RoPE fold (steps of ONE row, grid z = 1): q = the raw q|k|v row, see AttnRope.
 #define ATT_ROPE_ARGS ATT_ARGS, const int* positions, const float* inv_freq, const bf16_t* q_norm, const bf16_t* k_norm, \
     bf16_t* k_w, bf16_t* v_w, float eps, float mscale
-#define ATT_ROPE_CALL(EPL, NW) PDL_ENTRY(); \
-    attn_split_impl<EPL, NW, NoWait, true>(ATT_PASS, NoWait(), AttnRope{positions, inv_freq, q_norm, k_norm, k_w, v_w, eps, mscale});
-extern "C" __global__ void __launch_bounds__(256) attention_rope_d64(ATT_ROPE_ARGS) { ATT_ROPE_CALL(2, 8) }
-extern "C" __global__ void __launch_bounds__(256) attention_rope_d128(ATT_ROPE_ARGS) { ATT_ROPE_CALL(4, 8) }
-extern "C" __global__ void __launch_bounds__(128) attention_rope_d256(ATT_ROPE_ARGS) { ATT_ROPE_CALL(8, 4) }
+#define ATT_ROPE_CALL(EPL, NW, HG) PDL_ENTRY(); \
+    attn_split_impl<EPL, NW, NoWait, true, HG>(ATT_PASS, NoWait(), AttnRope{positions, inv_freq, q_norm, k_norm, k_w, v_w, eps, mscale}, hpb);
+extern "C" __global__ void __launch_bounds__(256) attention_rope_d64(ATT_ROPE_ARGS) { ATT_ROPE_CALL(2, 8, MAXG) }
+extern "C" __global__ void __launch_bounds__(256) attention_rope_d128(ATT_ROPE_ARGS) { ATT_ROPE_CALL(4, 8, MAXG) }
+extern "C" __global__ void __launch_bounds__(128) attention_rope_d256(ATT_ROPE_ARGS) { ATT_ROPE_CALL(8, 4, MAXG) }
+extern "C" __global__ void __launch_bounds__(256) attention_rope_d64_h1(ATT_ROPE_ARGS) { ATT_ROPE_CALL(2, 8, 1) }
+extern "C" __global__ void __launch_bounds__(256) attention_rope_d128_h1(ATT_ROPE_ARGS) { ATT_ROPE_CALL(4, 8, 1) }
+extern "C" __global__ void __launch_bounds__(128) attention_rope_d256_h1(ATT_ROPE_ARGS) { ATT_ROPE_CALL(8, 4, 1) }

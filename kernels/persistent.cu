@@ -154,7 +154,7 @@ __device__ void pk_run(const unsigned long long* a, int vb, PkWait wait) {
     case PK_OP_ATTENTION_SPLIT:
         PK_ATTN(PA(const float*, 0), PA(const bf16_t*, 1), PA(const bf16_t*, 2), PA(const int*, 3), PA(const int*, 4),
                 PA(float*, 5), PA(float*, 6), PI(7), PI(8), PI(9), PI(10), PI(11), PF(12), PI(13), PI(14), PL(15),
-                PA(const float*, 16), PA(float*, 17), PA(unsigned*, 18), bx, by, bz);
+                PA(const float*, 16), PA(float*, 17), PA(unsigned*, 18), bx, by, bz, NoWait(), AttnRope(), PI(19));
         break;
     case PK_OP_MOE_ROUTER_TOPK:  // launched with 4 warps per block, one token per warp
         router_topk_impl<8>(PA(const float*, 0), PA(int*, 1), PA(float*, 2), PI(3), PI(4), PI(5), PI(6), vb * 8 + warp,

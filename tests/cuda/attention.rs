@@ -8,6 +8,17 @@ use crate::support::*;
 fn attention_decode() {
     guard!();
     let c = cx();
+    // every heads-per-block the launcher may pick (kernels/attention.cu's hpb): groups that
+    // split a kv head's query heads unevenly (3 = 2 + 1), and more heads per block than a kv head has
+    for hpb in [8usize, 4, 2, 1] {
+        let mut own = CudaContext::new(0).expect("a second context");
+        own.attention_heads = Some(hpb);
+        attention_cases(&own, hpb);
+    }
+    attention_timing(c);
+}
+
+fn attention_cases(c: &CudaContext, hpb: usize) {
     let mut r = rng();
     // (n_q, n_kv, D, n_seq, max_pos, window, sinks, n_splits)
     for &(nq, nkv, d, nseq, maxp, window, sinks, nsp) in &[
@@ -63,6 +74,8 @@ fn attention_decode() {
         let (dk, dv, dq, ds, dl, dsk) = (up(&kc), up(&vc), up(&q), up(&slots), up(&lens), up(&sk));
         let mut ws = AttnWorkspace::new(c, nseq, nq, nsp, d).unwrap();
         let mut out = nan_f32(nseq * nq * d);
+        // the buffers were written on the shared context's stream; `c` has its own
+        cx().stream.synchronize().unwrap();
         c.attention_decode(
             &dq,
             &dk,
@@ -82,13 +95,18 @@ fn attention_decode() {
             nsp,
         )
         .unwrap();
+        c.stream.synchronize().unwrap();
         check(
-            &format!("attention q {nq} kv {nkv} D {d} seqs {nseq} lens<={maxp} win {window} sinks {sinks} splits {nsp}"),
+            &format!("attention q {nq} kv {nkv} D {d} seqs {nseq} lens<={maxp} win {window} sinks {sinks} splits {nsp} heads/block {hpb}"),
             &down(&out),
             &want,
             1e-4,
         );
     }
+}
+
+fn attention_timing(c: &CudaContext) {
+    let mut r = rng();
     // timing: 8 sequences x 4096 positions, Qwen3-30B (32/4 x 128), SmolLM2 (9/3 x 64), gpt-oss (64/8 x 64)
     for &(nq, nkv, d, nseq, len) in &[
         (32usize, 4usize, 128usize, 8usize, 4096usize),

@@ -5,7 +5,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::kernels::{grid, len_at_least, need, KvShape, NULL};
-use super::{CudaContext, CudaError, Result};
+use super::{CudaContext, Result};
 
 /// Scratch for split-K decode attention: partial outputs of every split.
 pub struct AttnWorkspace {
@@ -240,19 +240,7 @@ impl CudaContext {
         rope: Option<&AttnRope<'_>>,
     ) -> Result<()> {
         let d = kv.head_dim;
-        let name = match (d, rope.is_some()) {
-            (64, false) => "attention_split_d64",
-            (128, false) => "attention_split_d128",
-            (256, false) => "attention_split_d256",
-            (64, true) => "attention_rope_d64",
-            (128, true) => "attention_rope_d128",
-            (256, true) => "attention_rope_d256",
-            _ => {
-                return Err(CudaError::Shape(format!(
-                    "attention: head_dim {d} not in 64/128/256"
-                )))
-            }
-        };
+        need(matches!(d, 64 | 128 | 256), || format!("attention: head_dim {d} not in 64/128/256"))?;
         need(n_q.is_multiple_of(kv.n_kv_heads), || {
             "n_q not a multiple of n_kv".into()
         })?;
@@ -283,7 +271,14 @@ impl CudaContext {
             return Ok(());
         }
         let g = n_q / kv.n_kv_heads;
-        let groups = g.div_ceil(8);
+        let hpb = self.attention_heads_per_block(g, n_seq);
+        let groups = g.div_ceil(hpb);
+        // the _h1 entries hold one head's registers (kernels/attention.cu, HG)
+        let name = format!(
+            "attention_{}_d{d}{}",
+            if rope.is_some() { "rope" } else { "split" },
+            if hpb == 1 { "_h1" } else { "" }
+        );
         let a = [
             n_q as i32,
             kv.n_kv_heads as i32,
@@ -292,7 +287,7 @@ impl CudaContext {
             kv.max_pos as i32,
         ];
         let (win, ns) = (window as i32, n_splits as i32);
-        let mut b = self.launch(name);
+        let mut b = self.launch(&name);
         b.arg(q)
             .arg(k_cache)
             .arg(v_cache)
@@ -309,7 +304,7 @@ impl CudaContext {
             Some(s) => b.arg(s),
             None => b.arg(&NULL),
         };
-        b.arg(out).arg(&mut ws.cnt);
+        b.arg(out).arg(&mut ws.cnt).arg(&(hpb as i32));
         if let Some(r) = rope {
             b.arg(r.positions).arg(r.inv_freq);
             for nw in [r.q_norm, r.k_norm] {
@@ -327,6 +322,22 @@ impl CudaContext {
         Ok(())
     }
 
+    /// Query heads per attention block (kernels/attention.cu's hpb, 1–8) for `g` query heads
+    /// per kv head and steps of `rows` rows: one for up to 4 rows, where the K/V rows that
+    /// the group's blocks each read stay in L2 (H100, session 12: Qwen3-30B-A3B b1 −5.9% at
+    /// ctx 128, b4 −14% at ctx 2048; gpt-oss-20b b1 −2.5%; SmolLM2 b1 −11% at ctx 128, equal
+    /// at 2048); 8 above (unmeasured with fewer: each head's block would read the whole
+    /// context). 8 while a step is recorded for the persistent kernel (its attention is built
+    /// for 8). `CudaContext::attention_heads` overrides.
+    pub(crate) fn attention_heads_per_block(&self, g: usize, rows: usize) -> usize {
+        let hpb = if self.is_recording() {
+            8
+        } else {
+            self.attention_heads.unwrap_or(if rows <= 4 { 1 } else { 8 })
+        };
+        hpb.clamp(1, g.max(1))
+    }
+
     /// A split count for `attention_decode` that gives the GPU ~8 blocks per SM for
     /// sequences of up to `max_len` positions (at least 32 positions per split, at most `cap`).
     pub fn attention_splits(
@@ -337,7 +348,8 @@ impl CudaContext {
         max_len: usize,
         cap: usize,
     ) -> usize {
-        let groups = (n_q / n_kv.max(1)).div_ceil(8).max(1);
+        let g = n_q / n_kv.max(1);
+        let groups = g.div_ceil(self.attention_heads_per_block(g, n_seq)).max(1);
         let blocks = (n_seq * n_kv * groups).max(1);
         let want = (8 * self.sm_count as usize).div_ceil(blocks);
         want.min(max_len.div_ceil(32)).clamp(1, cap.max(1))

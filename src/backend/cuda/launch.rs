@@ -80,6 +80,8 @@ pub struct Launch<'a> {
     func: RawFunction,
     pdl: bool,
     cooperative: bool,
+    /// never enqueued (`KAIROS_CUDA_SKIP`, profiling by ablation)
+    skipped: bool,
     rec: Option<(&'a Recorder, String)>,
     args: [u64; MAX_ARGS],
     n: usize,
@@ -87,7 +89,7 @@ pub struct Launch<'a> {
 
 impl<'a> Launch<'a> {
     pub(crate) fn new(stream: &'a CudaStream, func: RawFunction, pdl: bool) -> Self {
-        Self { stream, func, pdl, cooperative: false, rec: None, args: [0; MAX_ARGS], n: 0 }
+        Self { stream, func, pdl, cooperative: false, skipped: false, rec: None, args: [0; MAX_ARGS], n: 0 }
     }
 
     /// While `rec` is recording, this launch is recorded there (as `name`) instead.
@@ -95,6 +97,12 @@ impl<'a> Launch<'a> {
         if rec.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
             self.rec = Some((rec, name.to_string()));
         }
+        self
+    }
+
+    /// `launch` does nothing (see `LaunchProbe` in mod.rs).
+    pub(crate) fn skipped(mut self, skip: bool) -> Self {
+        self.skipped = skip;
         self
     }
 
@@ -116,6 +124,9 @@ impl<'a> Launch<'a> {
     /// type, and the buffers must be large enough for the grid (the typed
     /// wrappers in `kernels.rs` check the sizes).
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        if self.skipped {
+            return Ok(());
+        }
         if let Some((rec, name)) = &self.rec {
             let mut g = rec.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = g.as_mut() {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Where a batch-1 decode step's time goes inside the CUDA graph, by ablation: for each kernel the
+# step launches, the step time with that kernel skipped (KAIROS_CUDA_SKIP; the results are then
+# wrong, only the time counts). The marginal cost (base - skipped) includes what PDL overlaps, which
+# a serialising profiler misses. Run on the GPU machine:
+#   scripts/ablate_decode.sh KAIROS_BINARY OUT_DIR [shapes...]
+# then tools/ablation_table.py OUT_DIR. Skipping changes values downstream (stale activations, other
+# experts picked), so treat marginals under ~2% of the step as noise.
+set -u
+K=${1:?kairos binary}; O=${2:?output dir}; shift 2
+shapes=${*:-qwen3-30b-a3b gpt-oss-20b smollm2-135m}
+mkdir -p "$O"
+one() {  # $1 shape $2 label, rest env
+  local sh=$1 l=$2; shift 2
+  env "$@" timeout 150 "$K" bench decode --shapes "$sh" --batches 1 --contexts 128,2048 --steps 50 --no-prefill \
+    --out "$O/abl_${sh}_${l}.json" > "$O/abl_${sh}_${l}.log" 2>&1 || echo "$sh $l: failed (see $O/abl_${sh}_${l}.log)"
+}
+for sh in $shapes; do
+  # the kernel names a step launches (weight initialisation's fill kernels too: they serve as a noise check)
+  KAIROS_CUDA_LAUNCH_LOG=1 timeout 300 "$K" bench decode --shapes "$sh" --batches 1 --contexts 128 --steps 5 --no-prefill \
+    > "$O/names_$sh.log" 2>&1
+  grep -o 'launch of kernel [A-Za-z0-9_]*' "$O/names_$sh.log" | sed 's/.* //' | sort -u > "$O/names_$sh.txt"
+  one "$sh" base
+  while read -r n; do one "$sh" "skip_$n" KAIROS_CUDA_SKIP="$n"; done < "$O/names_$sh.txt"
+done
