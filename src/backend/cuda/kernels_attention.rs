@@ -330,12 +330,7 @@ impl CudaContext {
     /// context). 8 while a step is recorded for the persistent kernel (its attention is built
     /// for 8). `CudaContext::attention_heads` overrides.
     pub(crate) fn attention_heads_per_block(&self, g: usize, rows: usize) -> usize {
-        let hpb = if self.is_recording() {
-            8
-        } else {
-            self.attention_heads.unwrap_or(if rows <= 4 { 1 } else { 8 })
-        };
-        hpb.clamp(1, g.max(1))
+        heads_per_block(g, rows, self.is_recording(), self.attention_heads)
     }
 
     /// A split count for `attention_decode` that gives the GPU ~8 blocks per SM for
@@ -350,9 +345,62 @@ impl CudaContext {
     ) -> usize {
         let g = n_q / n_kv.max(1);
         let groups = g.div_ceil(self.attention_heads_per_block(g, n_seq)).max(1);
-        let blocks = (n_seq * n_kv * groups).max(1);
-        let want = (8 * self.sm_count as usize).div_ceil(blocks);
-        want.min(max_len.div_ceil(32)).clamp(1, cap.max(1))
+        splits_for(self.sm_count as usize, n_seq * n_kv * groups, max_len, cap)
     }
 
+}
+
+/// `CudaContext::attention_heads_per_block` without the context: `recording` (the persistent
+/// step's attention holds 8 heads) and `forced` (`KAIROS_CUDA_ATT_HEADS`) first, else one head
+/// for steps of up to 4 rows and 8 above; never more than the `g` heads a kv head has.
+fn heads_per_block(g: usize, rows: usize, recording: bool, forced: Option<usize>) -> usize {
+    let hpb = if recording { 8 } else { forced.unwrap_or(if rows <= 4 { 1 } else { 8 }) };
+    hpb.clamp(1, g.max(1))
+}
+
+/// Splits for ~8 blocks per SM over `blocks` (kv head, head group, row) blocks, at least 32
+/// positions each for `max_len`, at most `cap`.
+fn splits_for(sm_count: usize, blocks: usize, max_len: usize, cap: usize) -> usize {
+    let want = (8 * sm_count).div_ceil(blocks.max(1));
+    want.min(max_len.div_ceil(32)).clamp(1, cap.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_head_per_block_for_steps_of_up_to_four_rows() {
+        // Qwen3-30B-A3B (32 / 4 heads: g 8), gpt-oss (64 / 8: g 8), SmolLM2 (9 / 3: g 3)
+        for g in [8, 3] {
+            for rows in 1..=4 {
+                assert_eq!(heads_per_block(g, rows, false, None), 1);
+            }
+            assert_eq!(heads_per_block(g, 5, false, None), g.min(8));
+            assert_eq!(heads_per_block(g, 64, false, None), g.min(8));
+            // the persistent step records the 8-head kernel, whatever the rows or the override
+            assert_eq!(heads_per_block(g, 1, true, Some(1)), g.min(8));
+        }
+        assert_eq!(heads_per_block(8, 1, false, Some(4)), 4);
+        assert_eq!(heads_per_block(8, 64, false, Some(2)), 2);
+        // more heads than a kv head has: one group holding all of them
+        assert_eq!(heads_per_block(1, 64, false, None), 1);
+        assert_eq!(heads_per_block(3, 1, false, Some(8)), 3);
+        assert_eq!(heads_per_block(0, 1, false, None), 1);
+    }
+
+    #[test]
+    fn split_count_follows_blocks_and_context() {
+        // H100 (132 SMs), Qwen3 b1: 4 kv heads x 8 groups of one head -> 33 splits at long contexts
+        assert_eq!(splits_for(132, 4 * 8, 8192, 256), 33);
+        // the old 8-head blocks: 4 blocks -> 264, capped at 256
+        assert_eq!(splits_for(132, 4, 8192, 256), 256);
+        // short contexts: never under 32 positions per split
+        assert_eq!(splits_for(132, 4 * 8, 128, 256), 4);
+        assert_eq!(splits_for(132, 4 * 8, 1, 256), 1);
+        // many rows: one split
+        assert_eq!(splits_for(132, 64 * 4, 2048, 256), 5);
+        assert_eq!(splits_for(132, 10_000, 2048, 256), 1);
+        assert_eq!(splits_for(132, 0, 2048, 0), 1);
+    }
 }
