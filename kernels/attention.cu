@@ -18,7 +18,8 @@
 // block shorten each warp's dependent chain (every head's scores are reduced one after the
 // other) and free registers, at the price of more blocks reading the same K/V rows (from L2).
 // On the H100, one head per block made Qwen3-30B-A3B's b1 step 5.9% faster at ctx 128 and
-// 4.4% at 2048 (bench/results/cuda_decode_h100.md, session 12).
+// 4.4% at 2048 (bench/results/cuda_decode_h100.md, session 12); the host's rule for it is
+// CudaContext::attention_one_head_rows.
 #ifndef MAXG
 #define MAXG 8
 #endif

@@ -323,14 +323,11 @@ impl CudaContext {
     }
 
     /// Query heads per attention block (kernels/attention.cu's hpb, 1–8) for `g` query heads
-    /// per kv head and steps of `rows` rows: one for up to 4 rows, where the K/V rows that
-    /// the group's blocks each read stay in L2 (H100, session 12: Qwen3-30B-A3B b1 −5.9% at
-    /// ctx 128, b4 −14% at ctx 2048; gpt-oss-20b b1 −2.5%; SmolLM2 b1 −11% at ctx 128, equal
-    /// at 2048); 8 above (unmeasured with fewer: each head's block would read the whole
-    /// context). 8 while a step is recorded for the persistent kernel (its attention is built
-    /// for 8). `CudaContext::attention_heads` overrides.
+    /// per kv head and steps of `rows` rows: one for steps of up to
+    /// `CudaContext::attention_one_head_rows` rows, else 8; 8 while a step is recorded for the
+    /// persistent kernel (its attention is built for 8). `CudaContext::attention_heads` overrides.
     pub(crate) fn attention_heads_per_block(&self, g: usize, rows: usize) -> usize {
-        heads_per_block(g, rows, self.is_recording(), self.attention_heads)
+        heads_per_block(g, rows, self.is_recording(), self.attention_heads, self.attention_one_head_rows)
     }
 
     /// A split count for `attention_decode` that gives the GPU ~8 blocks per SM for
@@ -352,9 +349,9 @@ impl CudaContext {
 
 /// `CudaContext::attention_heads_per_block` without the context: `recording` (the persistent
 /// step's attention holds 8 heads) and `forced` (`KAIROS_CUDA_ATT_HEADS`) first, else one head
-/// for steps of up to 4 rows and 8 above; never more than the `g` heads a kv head has.
-fn heads_per_block(g: usize, rows: usize, recording: bool, forced: Option<usize>) -> usize {
-    let hpb = if recording { 8 } else { forced.unwrap_or(if rows <= 4 { 1 } else { 8 }) };
+/// for steps of up to `one_head_rows` rows and 8 above; never more than the `g` heads a kv head has.
+fn heads_per_block(g: usize, rows: usize, recording: bool, forced: Option<usize>, one_head_rows: usize) -> usize {
+    let hpb = if recording { 8 } else { forced.unwrap_or(if rows <= one_head_rows { 1 } else { 8 }) };
     hpb.clamp(1, g.max(1))
 }
 
@@ -370,23 +367,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_head_per_block_for_steps_of_up_to_four_rows() {
+    fn one_head_per_block_for_short_steps() {
         // Qwen3-30B-A3B (32 / 4 heads: g 8), gpt-oss (64 / 8: g 8), SmolLM2 (9 / 3: g 3)
         for g in [8, 3] {
             for rows in 1..=4 {
-                assert_eq!(heads_per_block(g, rows, false, None), 1);
+                assert_eq!(heads_per_block(g, rows, false, None, 4), 1);
+                // the rule off (the default until the _h1 kernels are verified on a GPU)
+                assert_eq!(heads_per_block(g, rows, false, None, 0), g.min(8));
             }
-            assert_eq!(heads_per_block(g, 5, false, None), g.min(8));
-            assert_eq!(heads_per_block(g, 64, false, None), g.min(8));
+            assert_eq!(heads_per_block(g, 5, false, None, 4), g.min(8));
+            assert_eq!(heads_per_block(g, 64, false, None, 4), g.min(8));
             // the persistent step records the 8-head kernel, whatever the rows or the override
-            assert_eq!(heads_per_block(g, 1, true, Some(1)), g.min(8));
+            assert_eq!(heads_per_block(g, 1, true, Some(1), 4), g.min(8));
         }
-        assert_eq!(heads_per_block(8, 1, false, Some(4)), 4);
-        assert_eq!(heads_per_block(8, 64, false, Some(2)), 2);
+        assert_eq!(heads_per_block(8, 1, false, Some(4), 4), 4);
+        assert_eq!(heads_per_block(8, 64, false, Some(2), 0), 2);
         // more heads than a kv head has: one group holding all of them
-        assert_eq!(heads_per_block(1, 64, false, None), 1);
-        assert_eq!(heads_per_block(3, 1, false, Some(8)), 3);
-        assert_eq!(heads_per_block(0, 1, false, None), 1);
+        assert_eq!(heads_per_block(1, 64, false, None, 4), 1);
+        assert_eq!(heads_per_block(3, 1, false, Some(8), 4), 3);
+        assert_eq!(heads_per_block(0, 1, false, None, 4), 1);
     }
 
     #[test]

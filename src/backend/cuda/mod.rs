@@ -243,6 +243,12 @@ pub struct CudaContext {
     /// query heads per decode-attention block (1–8) for every step, instead of
     /// `attention_heads_per_block`'s rule; `KAIROS_CUDA_ATT_HEADS` for A/B
     pub attention_heads: Option<usize>,
+    /// steps of up to this many rows run one query head per attention block (the `_h1`
+    /// kernels), longer ones 8. On the H100, 4 measured fastest (session 12: Qwen3-30B-A3B
+    /// b1 −5.9% at ctx 128, b4 −14% at ctx 2048; SmolLM2 b1 −11%). Default 0 (off) until
+    /// the `_h1` kernels have passed `attention::attention_decode` against f64 on a GPU,
+    /// which the device time of that session did not allow. `KAIROS_CUDA_ATT_ONE_HEAD_ROWS`
+    pub attention_one_head_rows: usize,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -576,6 +582,7 @@ impl CudaContext {
                 _ => 512,
             },
             attention_heads: std::env::var("KAIROS_CUDA_ATT_HEADS").ok().and_then(|v| v.parse().ok()).filter(|h| (1..=8).contains(h)),
+            attention_one_head_rows: std::env::var("KAIROS_CUDA_ATT_ONE_HEAD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
             argmax_scratch,
             probe: LaunchProbe::from_env(),
             recorder: std::sync::Mutex::new(None),
