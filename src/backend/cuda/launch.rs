@@ -170,3 +170,57 @@ impl<'a> Launch<'a> {
         sys::cuLaunchKernelEx(&config, self.func.0, params.as_mut_ptr(), std::ptr::null_mut()).result()
     }
 }
+
+/// Where a decode step's time goes, measured inside the CUDA graph: a kernel's marginal
+/// cost is the step time with it minus the step time without it (HOPPER.md's method;
+/// serialising profilers miss what PDL overlaps). For benchmarks only: a skipped kernel
+/// leaves its outputs stale, so the results are wrong.
+/// - `KAIROS_CUDA_SKIP=name,name`: those kernels (exact names) are never enqueued.
+/// - `KAIROS_CUDA_LAUNCH_LOG=1`: each kernel name is printed to stderr the first time it
+///   is launched (to pick names to skip).
+#[derive(Default)]
+pub(crate) struct LaunchProbe {
+    skip: Vec<String>,
+    log: Option<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl LaunchProbe {
+    pub(crate) fn from_env() -> Self {
+        let skip = std::env::var("KAIROS_CUDA_SKIP").unwrap_or_default();
+        Self::new(&skip, super::env_flag("KAIROS_CUDA_LAUNCH_LOG") == Some(true))
+    }
+
+    /// `skip`: comma-separated exact kernel names.
+    fn new(skip: &str, log: bool) -> Self {
+        let skip = skip.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        Self { skip, log: log.then(Default::default) }
+    }
+
+    /// Whether `name` is skipped; logs it first if it is new.
+    pub(crate) fn skips(&self, name: &str) -> bool {
+        let skip = self.skip.iter().any(|s| s == name);
+        if let Some(seen) = &self.log {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.insert(name.to_string()) {
+                tracing::warn!("first launch of kernel {name} (skipped: {skip})");
+            }
+        }
+        skip
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LaunchProbe;
+
+    #[test]
+    fn launch_probe_skips_exact_names_only() {
+        let p = LaunchProbe::new(" attention_split_d128, bf16_gemv_f32x_n1 ,", true);
+        assert!(p.skips("attention_split_d128"));
+        assert!(p.skips("bf16_gemv_f32x_n1"));
+        assert!(!p.skips("bf16_gemv_f32x_n1_ks4"), "a prefix must not match");
+        assert!(!p.skips("rope_qk"));
+        assert_eq!(p.log.as_ref().map(|s| s.lock().map_or(0, |s| s.len())), Some(4));
+        assert!(!LaunchProbe::new("", false).skips(""), "nothing skipped by default");
+    }
+}

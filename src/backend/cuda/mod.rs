@@ -239,7 +239,7 @@ pub struct CudaContext {
     pub rope_fold: bool,
     /// Profiling by ablation (`KAIROS_CUDA_SKIP`): kernels never enqueued, and the names
     /// already reported (`KAIROS_CUDA_LAUNCH_LOG`). See `LaunchProbe`.
-    probe: LaunchProbe,
+    probe: launch::LaunchProbe,
     /// query heads per decode-attention block (1–8) for every step, instead of
     /// `attention_heads_per_block`'s rule; `KAIROS_CUDA_ATT_HEADS` for A/B
     pub attention_heads: Option<usize>,
@@ -257,44 +257,6 @@ pub struct CudaContext {
     opts_list: Vec<String>,
     /// persistent step kernels by (head_dim, blocks per SM, rows per step), compiled on first use
     persistent: HashMap<(usize, u32, usize), RawFunction>,
-}
-
-/// Where a decode step's time goes, measured inside the CUDA graph: a kernel's marginal
-/// cost is the step time with it minus the step time without it (HOPPER.md's method;
-/// serialising profilers miss what PDL overlaps). For benchmarks only: a skipped kernel
-/// leaves its outputs stale, so the results are wrong.
-/// - `KAIROS_CUDA_SKIP=name,name`: those kernels (exact names) are never enqueued.
-/// - `KAIROS_CUDA_LAUNCH_LOG=1`: each kernel name is printed to stderr the first time it
-///   is launched (to pick names to skip).
-#[derive(Default)]
-struct LaunchProbe {
-    skip: Vec<String>,
-    log: Option<std::sync::Mutex<std::collections::HashSet<String>>>,
-}
-
-impl LaunchProbe {
-    fn from_env() -> Self {
-        let skip = std::env::var("KAIROS_CUDA_SKIP").unwrap_or_default();
-        Self::new(&skip, env_flag("KAIROS_CUDA_LAUNCH_LOG") == Some(true))
-    }
-
-    /// `skip`: comma-separated exact kernel names.
-    fn new(skip: &str, log: bool) -> Self {
-        let skip = skip.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-        Self { skip, log: log.then(Default::default) }
-    }
-
-    /// Whether `name` is skipped; logs it first if it is new.
-    fn skips(&self, name: &str) -> bool {
-        let skip = self.skip.iter().any(|s| s == name);
-        if let Some(seen) = &self.log {
-            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.insert(name.to_string()) {
-                tracing::warn!("first launch of kernel {name} (skipped: {skip})");
-            }
-        }
-        skip
-    }
 }
 
 fn fnv1a(h: &mut u64, bytes: &[u8]) {
@@ -584,7 +546,7 @@ impl CudaContext {
             attention_heads: std::env::var("KAIROS_CUDA_ATT_HEADS").ok().and_then(|v| v.parse().ok()).filter(|h| (1..=8).contains(h)),
             attention_one_head_rows: std::env::var("KAIROS_CUDA_ATT_ONE_HEAD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
             argmax_scratch,
-            probe: LaunchProbe::from_env(),
+            probe: launch::LaunchProbe::from_env(),
             recorder: std::sync::Mutex::new(None),
             opts_list,
             persistent: HashMap::new(),
@@ -690,17 +652,6 @@ mod tests {
 
     /// Every GEMV the launch paths can name (`kernels::gemv_kernel`) is an entry point the
     /// context loads (entries ending in "_n" stand for _n1 ..= _n8).
-    #[test]
-    fn launch_probe_skips_exact_names_only() {
-        let p = LaunchProbe::new(" attention_split_d128, bf16_gemv_f32x_n1 ,", true);
-        assert!(p.skips("attention_split_d128"));
-        assert!(p.skips("bf16_gemv_f32x_n1"));
-        assert!(!p.skips("bf16_gemv_f32x_n1_ks4"), "a prefix must not match");
-        assert!(!p.skips("rope_qk"));
-        assert_eq!(p.log.as_ref().map(|s| s.lock().map_or(0, |s| s.len())), Some(4));
-        assert!(!LaunchProbe::new("", false).skips(""), "nothing skipped by default");
-    }
-
     #[test]
     fn every_gemv_name_is_loaded() {
         let loaded: Vec<String> = SOURCES
