@@ -340,21 +340,18 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
 #else
 #define ATT_CALL(EPL, NW, HG) PDL_ENTRY(); attn_split_impl<EPL, NW, NoWait, false, HG>(ATT_PASS, NoWait(), AttnRope(), hpb);
 #endif
-extern "C" __global__ void __launch_bounds__(256) attention_split_d64(ATT_ARGS) { ATT_CALL(2, 8, MAXG) }
-extern "C" __global__ void __launch_bounds__(256) attention_split_d128(ATT_ARGS) { ATT_CALL(4, 8, MAXG) }
-extern "C" __global__ void __launch_bounds__(128) attention_split_d256(ATT_ARGS) { ATT_CALL(8, 4, MAXG) }
-extern "C" __global__ void __launch_bounds__(256) attention_split_d64_h1(ATT_ARGS) { ATT_CALL(2, 8, 1) }
-extern "C" __global__ void __launch_bounds__(256) attention_split_d128_h1(ATT_ARGS) { ATT_CALL(4, 8, 1) }
-extern "C" __global__ void __launch_bounds__(128) attention_split_d256_h1(ATT_ARGS) { ATT_CALL(8, 4, 1) }
+// attention_<KIND>_d{64,128,256}<SFX>: 8 warps for D <= 128, 4 for D = 256 (shared memory)
+#define ATT_ENTRIES(KIND, ARGS, CALL, SFX, HG) \
+    extern "C" __global__ void __launch_bounds__(256) attention_##KIND##_d64##SFX(ARGS) { CALL(2, 8, HG) } \
+    extern "C" __global__ void __launch_bounds__(256) attention_##KIND##_d128##SFX(ARGS) { CALL(4, 8, HG) } \
+    extern "C" __global__ void __launch_bounds__(128) attention_##KIND##_d256##SFX(ARGS) { CALL(8, 4, HG) }
+ATT_ENTRIES(split, ATT_ARGS, ATT_CALL, , MAXG)
+ATT_ENTRIES(split, ATT_ARGS, ATT_CALL, _h1, 1)
 
 // The RoPE fold (steps of ONE row, grid z = 1): q = the raw q|k|v row, see AttnRope.
 #define ATT_ROPE_ARGS ATT_ARGS, const int* positions, const float* inv_freq, const bf16_t* q_norm, const bf16_t* k_norm, \
     bf16_t* k_w, bf16_t* v_w, float eps, float mscale
 #define ATT_ROPE_CALL(EPL, NW, HG) PDL_ENTRY(); \
     attn_split_impl<EPL, NW, NoWait, true, HG>(ATT_PASS, NoWait(), AttnRope{positions, inv_freq, q_norm, k_norm, k_w, v_w, eps, mscale}, hpb);
-extern "C" __global__ void __launch_bounds__(256) attention_rope_d64(ATT_ROPE_ARGS) { ATT_ROPE_CALL(2, 8, MAXG) }
-extern "C" __global__ void __launch_bounds__(256) attention_rope_d128(ATT_ROPE_ARGS) { ATT_ROPE_CALL(4, 8, MAXG) }
-extern "C" __global__ void __launch_bounds__(128) attention_rope_d256(ATT_ROPE_ARGS) { ATT_ROPE_CALL(8, 4, MAXG) }
-extern "C" __global__ void __launch_bounds__(256) attention_rope_d64_h1(ATT_ROPE_ARGS) { ATT_ROPE_CALL(2, 8, 1) }
-extern "C" __global__ void __launch_bounds__(256) attention_rope_d128_h1(ATT_ROPE_ARGS) { ATT_ROPE_CALL(4, 8, 1) }
-extern "C" __global__ void __launch_bounds__(128) attention_rope_d256_h1(ATT_ROPE_ARGS) { ATT_ROPE_CALL(8, 4, 1) }
+ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, , MAXG)
+ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, _h1, 1)
