@@ -347,6 +347,8 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     extern "C" __global__ void __launch_bounds__(128) attention_##KIND##_d256##SFX(ARGS) { CALL(8, 4, HG) }
 ATT_ENTRIES(split, ATT_ARGS, ATT_CALL, , MAXG)
 ATT_ENTRIES(split, ATT_ARGS, ATT_CALL, _h1, 1)
+ATT_ENTRIES(split, ATT_ARGS, ATT_CALL, _h2, 2)
+ATT_ENTRIES(split, ATT_ARGS, ATT_CALL, _h4, 4)
 
 // The RoPE fold (steps of ONE row, grid z = 1): q = the raw q|k|v row, see AttnRope.
 #define ATT_ROPE_ARGS ATT_ARGS, const int* positions, const float* inv_freq, const bf16_t* q_norm, const bf16_t* k_norm, \
@@ -355,3 +357,5 @@ ATT_ENTRIES(split, ATT_ARGS, ATT_CALL, _h1, 1)
     attn_split_impl<EPL, NW, NoWait, true, HG>(ATT_PASS, NoWait(), AttnRope{positions, inv_freq, q_norm, k_norm, k_w, v_w, eps, mscale}, hpb);
 ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, , MAXG)
 ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, _h1, 1)
+ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, _h2, 2)
+ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, _h4, 4)

@@ -10,7 +10,7 @@ fn attention_decode() {
     let c = cx();
     // every heads-per-block the launcher may pick (kernels/attention.cu's hpb): groups that
     // split a kv head's query heads unevenly (3 = 2 + 1), and more heads per block than a kv head has
-    for hpb in [8usize, 4, 2, 1] {
+    for hpb in [8usize, 4, 3, 2, 1] {
         let mut own = CudaContext::new(0).expect("a second context");
         own.attention_heads = Some(hpb);
         attention_cases(&own, hpb);
@@ -129,7 +129,7 @@ fn attention_timing(c: &CudaContext) {
         let dq = up(&randn(&mut r, nseq * nq * d, 1.0));
         let ds = up(&(0..nseq as i32).collect::<Vec<_>>());
         let dl = up(&vec![len as i32; nseq]);
-        let nsp = c.attention_splits(nseq, nq, nkv, len, 128);
+        let nsp = c.attention_splits(nseq, nq, nkv, d, false, len, 128);
         let mut ws = AttnWorkspace::new(c, nseq, nq, nsp, d).unwrap();
         let mut out = nan_f32(nseq * nq * d);
         let us = bench(|_| {

@@ -273,11 +273,10 @@ impl CudaContext {
         let g = n_q / kv.n_kv_heads;
         let hpb = self.attention_heads_per_block(g, n_seq);
         let groups = g.div_ceil(hpb);
-        // the _h1 entries hold one head's registers (kernels/attention.cu, HG)
         let name = format!(
             "attention_{}_d{d}{}",
             if rope.is_some() { "rope" } else { "split" },
-            if hpb == 1 { "_h1" } else { "" }
+            entry_suffix(hpb)
         );
         let a = [
             n_q as i32,
@@ -330,21 +329,34 @@ impl CudaContext {
         heads_per_block(g, rows, self.is_recording(), self.attention_heads, self.attention_one_head_rows)
     }
 
-    /// A split count for `attention_decode` that gives the GPU ~8 blocks per SM for
-    /// sequences of up to `max_len` positions (at least 32 positions per split, at most `cap`).
+    /// A split count for `attention_decode` (head_dim `d`) that gives the GPU
+    /// ~`attention_blocks_per_sm` blocks per SM (0: one wave of the attention entry the step
+    /// runs, with the RoPE fold's where `rope` may take it) for sequences of up to `max_len`
+    /// positions (at least 32 positions per split, at most `cap`).
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_splits(
         &self,
         n_seq: usize,
         n_q: usize,
         n_kv: usize,
+        d: usize,
+        rope: bool,
         max_len: usize,
         cap: usize,
     ) -> usize {
         let g = n_q / n_kv.max(1);
-        let groups = g.div_ceil(self.attention_heads_per_block(g, n_seq)).max(1);
-        splits_for(self.sm_count as usize, n_seq * n_kv * groups, max_len, cap)
+        let hpb = self.attention_heads_per_block(g, n_seq);
+        let groups = g.div_ceil(hpb).max(1);
+        let per_sm = match self.attention_blocks_per_sm {
+            0 => {
+                let block = if d == 256 { 128 } else { 256 };
+                let fits = |kind: &str| self.blocks_per_sm(&format!("attention_{kind}_d{d}{}", entry_suffix(hpb)), block);
+                if rope { fits("split").min(fits("rope")) } else { fits("split") }
+            }
+            b => b,
+        };
+        splits_for(self.sm_count as usize * per_sm, n_seq * n_kv * groups, max_len, cap)
     }
-
 }
 
 /// `CudaContext::attention_heads_per_block` without the context: `recording` (the persistent
@@ -355,10 +367,21 @@ fn heads_per_block(g: usize, rows: usize, recording: bool, forced: Option<usize>
     hpb.clamp(1, g.max(1))
 }
 
-/// Splits for ~8 blocks per SM over `blocks` (kv head, head group, row) blocks, at least 32
-/// positions each for `max_len`, at most `cap`.
-fn splits_for(sm_count: usize, blocks: usize, max_len: usize, cap: usize) -> usize {
-    let want = (8 * sm_count).div_ceil(blocks.max(1));
+/// The attention entry whose register arrays fit `hpb` heads and no more (kernels/attention.cu,
+/// HG): fewer heads per block need fewer registers, and a block's registers bound its speed.
+fn entry_suffix(hpb: usize) -> &'static str {
+    match hpb {
+        1 => "_h1",
+        2 => "_h2",
+        3 | 4 => "_h4",
+        _ => "",
+    }
+}
+
+/// Splits for ~`target` blocks in all over `blocks` (kv head, head group, row) blocks, at least
+/// 32 positions each for `max_len`, at most `cap`.
+fn splits_for(target: usize, blocks: usize, max_len: usize, cap: usize) -> usize {
+    let want = target.div_ceil(blocks.max(1));
     want.min(max_len.div_ceil(32)).clamp(1, cap.max(1))
 }
 
@@ -372,7 +395,7 @@ mod tests {
         for g in [8, 3] {
             for rows in 1..=4 {
                 assert_eq!(heads_per_block(g, rows, false, None, 4), 1);
-                // the rule off (the default until the _h1 kernels are verified on a GPU)
+                // the rule off
                 assert_eq!(heads_per_block(g, rows, false, None, 0), g.min(8));
             }
             assert_eq!(heads_per_block(g, 5, false, None, 4), g.min(8));
@@ -389,17 +412,32 @@ mod tests {
     }
 
     #[test]
+    fn entry_holds_the_heads_of_a_block() {
+        // the smallest register arrays (HG) that hold hpb heads
+        let hg = |s: &str| match s {
+            "_h1" => 1,
+            "_h2" => 2,
+            "_h4" => 4,
+            _ => 8,
+        };
+        for hpb in 1..=8 {
+            let h = hg(entry_suffix(hpb));
+            assert!(h >= hpb && h < 2 * hpb, "hpb {hpb} -> HG {h}");
+        }
+    }
+
+    #[test]
     fn split_count_follows_blocks_and_context() {
         // H100 (132 SMs), Qwen3 b1: 4 kv heads x 8 groups of one head -> 33 splits at long contexts
-        assert_eq!(splits_for(132, 4 * 8, 8192, 256), 33);
+        assert_eq!(splits_for(8 * 132, 4 * 8, 8192, 256), 33);
         // the old 8-head blocks: 4 blocks -> 264, capped at 256
-        assert_eq!(splits_for(132, 4, 8192, 256), 256);
+        assert_eq!(splits_for(8 * 132, 4, 8192, 256), 256);
         // short contexts: never under 32 positions per split
-        assert_eq!(splits_for(132, 4 * 8, 128, 256), 4);
-        assert_eq!(splits_for(132, 4 * 8, 1, 256), 1);
+        assert_eq!(splits_for(8 * 132, 4 * 8, 128, 256), 4);
+        assert_eq!(splits_for(8 * 132, 4 * 8, 1, 256), 1);
         // many rows: one split
-        assert_eq!(splits_for(132, 64 * 4, 2048, 256), 5);
-        assert_eq!(splits_for(132, 10_000, 2048, 256), 1);
-        assert_eq!(splits_for(132, 0, 2048, 0), 1);
+        assert_eq!(splits_for(8 * 132, 64 * 4, 2048, 256), 5);
+        assert_eq!(splits_for(8 * 132, 10_000, 2048, 256), 1);
+        assert_eq!(splits_for(8 * 132, 0, 2048, 0), 1);
     }
 }

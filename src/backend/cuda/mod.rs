@@ -61,6 +61,18 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_rope_d64_h1",
             "attention_rope_d128_h1",
             "attention_rope_d256_h1",
+            "attention_split_d64_h2",
+            "attention_split_d128_h2",
+            "attention_split_d256_h2",
+            "attention_rope_d64_h2",
+            "attention_rope_d128_h2",
+            "attention_rope_d256_h2",
+            "attention_split_d64_h4",
+            "attention_split_d128_h4",
+            "attention_split_d256_h4",
+            "attention_rope_d64_h4",
+            "attention_rope_d128_h4",
+            "attention_rope_d256_h4",
         ],
     ),
     // entries ending in "_n" are loaded as _n1 ..= _n8
@@ -244,11 +256,15 @@ pub struct CudaContext {
     /// `attention_heads_per_block`'s rule; `KAIROS_CUDA_ATT_HEADS` for A/B
     pub attention_heads: Option<usize>,
     /// steps of up to this many rows run one query head per attention block (the `_h1`
-    /// kernels), longer ones 8. On the H100, 4 measured fastest (session 12: Qwen3-30B-A3B
-    /// b1 −5.9% at ctx 128, b4 −14% at ctx 2048; SmolLM2 b1 −11%). Default 0 (off) until
-    /// the `_h1` kernels have passed `attention::attention_decode` against f64 on a GPU,
-    /// which the device time of that session did not allow. `KAIROS_CUDA_ATT_ONE_HEAD_ROWS`
+    /// kernels), longer ones 8. Default 4: on the H100 (session 13, same call) Qwen3-30B-A3B
+    /// b1 −6.5% at ctx 128 and −5.3% at ctx 2048, b4 −14% at ctx 2048; gpt-oss-20b b1 −2.3% /
+    /// −3.8%; SmolLM2 b1 −4% at ctx 128 but +6% at ctx 2048. `KAIROS_CUDA_ATT_ONE_HEAD_ROWS`
+    /// (0: off) for A/B.
     pub attention_one_head_rows: usize,
+    /// the decode attention's split count aims at this many blocks per SM; 0: as many as fit
+    /// at once (one wave, by the kernel's occupancy). Default 8; `KAIROS_CUDA_ATT_BLOCKS_PER_SM`
+    /// for A/B. More splits: shorter position loops, more partials to combine.
+    pub attention_blocks_per_sm: usize,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -544,7 +560,8 @@ impl CudaContext {
                 _ => 512,
             },
             attention_heads: std::env::var("KAIROS_CUDA_ATT_HEADS").ok().and_then(|v| v.parse().ok()).filter(|h| (1..=8).contains(h)),
-            attention_one_head_rows: std::env::var("KAIROS_CUDA_ATT_ONE_HEAD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            attention_one_head_rows: std::env::var("KAIROS_CUDA_ATT_ONE_HEAD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(4),
+            attention_blocks_per_sm: std::env::var("KAIROS_CUDA_ATT_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).unwrap_or(8),
             argmax_scratch,
             probe: launch::LaunchProbe::from_env(),
             recorder: std::sync::Mutex::new(None),
@@ -621,6 +638,19 @@ impl CudaContext {
     /// where unsupported). `KAIROS_CUDA_PDL=0|1` in the environment wins.
     pub fn set_pdl(&mut self, on: bool) {
         self.pdl = self.pdl_supported && pdl_env().unwrap_or(on);
+    }
+
+    /// How many blocks of `block` threads of kernel `name` one SM holds at once (registers and
+    /// static shared memory); 1 where the driver cannot say.
+    pub(crate) fn blocks_per_sm(&self, name: &str, block: u32) -> usize {
+        let Some(f) = self.funcs.get(name) else { return 1 };
+        if self.ctx.bind_to_thread().is_err() {
+            return 1;
+        }
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: `f` is a function of a module this context loaded and keeps until `Drop`.
+        let r = unsafe { cudarc::driver::sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f.0, block as std::ffi::c_int, 0) };
+        if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS && n > 0 { n as usize } else { 1 }
     }
 
     /// Starts a launch of kernel `name` on this context's stream.

@@ -527,7 +527,7 @@ impl CudaDFlash {
         let c = &self.cfg.decoder;
         // padded passes split attention for the longest context, as their graphs must
         let max_len = if padded { self.kv.max_pos } else { plan.lens.iter().copied().max().unwrap_or(1).max(1) as usize };
-        let splits = self.cx.attention_splits(nb, c.num_heads, c.num_kv_heads, max_len, MAX_SPLITS);
+        let splits = self.cx.attention_splits(nb, c.num_heads, c.num_kv_heads, c.head_dim, false, max_len, MAX_SPLITS);
         if padded && self.use_graphs {
             self.launch_graph(nb, nc, splits)?;
         } else {

@@ -453,7 +453,9 @@ impl CudaBackend {
     }
 
     fn splits_for(&self, n: usize, max_len: usize) -> usize {
-        self.cx.attention_splits(n, self.cfg.num_heads, self.cfg.num_kv_heads, max_len, MAX_SPLITS)
+        // a step of one row may take the RoPE fold (step.rs)
+        let rope = n == 1 && self.cx.rope_fold;
+        self.cx.attention_splits(n, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim, rope, max_len, MAX_SPLITS)
     }
 
     /// Uploads step inputs for `rows` (token, slot, position), padded to `n_pad` rows.
