@@ -430,6 +430,8 @@ mod tests {
     fn split_count_follows_blocks_and_context() {
         // H100 (132 SMs), Qwen3 b1: 4 kv heads x 8 groups of one head -> 33 splits at long contexts
         assert_eq!(splits_for(8 * 132, 4 * 8, 8192, 256), 33);
+        // the default target, 2 blocks per SM: 9 splits of ~910 positions
+        assert_eq!(splits_for(2 * 132, 4 * 8, 8192, 256), 9);
         // the old 8-head blocks: 4 blocks -> 264, capped at 256
         assert_eq!(splits_for(8 * 132, 4, 8192, 256), 256);
         // short contexts: never under 32 positions per split

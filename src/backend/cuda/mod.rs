@@ -264,8 +264,12 @@ pub struct CudaContext {
     /// (0: off) for A/B.
     pub attention_one_head_rows: usize,
     /// the decode attention's split count aims at this many blocks per SM; 0: as many as fit
-    /// at once (one wave, by the kernel's occupancy). Default 8; `KAIROS_CUDA_ATT_BLOCKS_PER_SM`
-    /// for A/B. More splits: shorter position loops, more partials to combine.
+    /// at once (one wave, by the kernel's occupancy). More splits: shorter position loops, but
+    /// more blocks re-reading the kv head's rows from L2, more partials to combine and, past
+    /// the occupancy, a second wave. Default 2: on the H100 (session 13, same call) against 8,
+    /// Qwen3-30B-A3B b1 ctx 2048 −6.2%, b4 −3%, b16/b64 −1 to −2%; gpt-oss-20b b4/b16 −1 to −2%
+    /// (b64 ctx 2048 +2.3%); SmolLM2 b1 ctx 2048 −10.5% (b1 ctx 128 +3.6%, b16 ctx 2048 +7%).
+    /// 1 and 0 measured slower. `KAIROS_CUDA_ATT_BLOCKS_PER_SM` for A/B.
     pub attention_blocks_per_sm: usize,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
@@ -435,7 +439,7 @@ impl CudaContext {
             },
             attention_heads: std::env::var("KAIROS_CUDA_ATT_HEADS").ok().and_then(|v| v.parse().ok()).filter(|h| (1..=8).contains(h)),
             attention_one_head_rows: std::env::var("KAIROS_CUDA_ATT_ONE_HEAD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(4),
-            attention_blocks_per_sm: std::env::var("KAIROS_CUDA_ATT_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).unwrap_or(8),
+            attention_blocks_per_sm: std::env::var("KAIROS_CUDA_ATT_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).unwrap_or(2),
             argmax_scratch,
             probe: launch::LaunchProbe::from_env(),
             recorder: std::sync::Mutex::new(None),
