@@ -428,7 +428,7 @@ mod tests {
 
     #[test]
     fn split_count_follows_blocks_and_context() {
-        // H100 (132 SMs), Qwen3 b1: 4 kv heads x 8 groups of one head -> 33 splits at long contexts
+        // H100 (132 SMs) at 8 blocks per SM, Qwen3 b1: 4 kv heads x 8 groups of one head -> 33 splits at long contexts
         assert_eq!(splits_for(8 * 132, 4 * 8, 8192, 256), 33);
         // the default target, 2 blocks per SM: 9 splits of ~910 positions
         assert_eq!(splits_for(2 * 132, 4 * 8, 8192, 256), 9);
