@@ -315,9 +315,7 @@ impl CudaContext {
             // the caches again, written at the token's position (the reads above never touch it)
             b.arg(k_cache).arg(v_cache).arg(&r.eps).arg(&r.mscale);
         }
-        // 8 warps per block for D <= 128, 4 for D = 256 (shared memory)
-        let block = if d == 256 { 128 } else { 256 };
-        unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, block)) }?;
+        unsafe { b.launch(grid(n_splits, kv.n_kv_heads * groups, n_seq, attention_block_threads(d))) }?;
         Ok(())
     }
 
@@ -349,7 +347,7 @@ impl CudaContext {
         let groups = g.div_ceil(hpb).max(1);
         let per_sm = match self.attention_blocks_per_sm {
             0 => {
-                let block = if d == 256 { 128 } else { 256 };
+                let block = attention_block_threads(d);
                 let fits = |kind: &str| self.blocks_per_sm(&format!("attention_{kind}_d{d}{}", entry_suffix(hpb)), block);
                 if rope { fits("split").min(fits("rope")) } else { fits("split") }
             }
@@ -365,6 +363,12 @@ impl CudaContext {
 fn heads_per_block(g: usize, rows: usize, recording: bool, forced: Option<usize>, one_head_rows: usize) -> usize {
     let hpb = if recording { 8 } else { forced.unwrap_or(if rows <= one_head_rows { 1 } else { 8 }) };
     hpb.clamp(1, g.max(1))
+}
+
+/// Threads per decode-attention block: 8 warps for head_dim <= 128, 4 for 256 (shared memory;
+/// kernels/attention.cu's NW).
+fn attention_block_threads(d: usize) -> u32 {
+    if d == 256 { 128 } else { 256 }
 }
 
 /// The attention entry whose register arrays fit `hpb` heads and no more (kernels/attention.cu,
