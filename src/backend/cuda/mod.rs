@@ -259,8 +259,8 @@ pub struct CudaContext {
     pub attention_heads: Option<usize>,
     /// steps of up to this many rows run one query head per attention block (the `_h1`
     /// kernels), longer ones 8. Default 4: on the H100 (session 13, same call) Qwen3-30B-A3B
-    /// b1 −6.5% at ctx 128 and −5.3% at ctx 2048, b4 −14% at ctx 2048; gpt-oss-20b b1 −2.3% /
-    /// −3.8%; SmolLM2 b1 −4% at ctx 128 but +6% at ctx 2048. `KAIROS_CUDA_ATT_ONE_HEAD_ROWS`
+    /// b1 −6.4% at ctx 128 and −5.1% at ctx 2048, b4 −14% at ctx 2048; gpt-oss-20b b1 −2.4% /
+    /// −3.8%; SmolLM2 b1 −4% at ctx 128 but +6.2% at ctx 2048. `KAIROS_CUDA_ATT_ONE_HEAD_ROWS`
     /// (0: off) for A/B.
     pub attention_one_head_rows: usize,
     /// the decode attention's split count aims at this many blocks per SM; 0: as many as fit
@@ -268,7 +268,7 @@ pub struct CudaContext {
     /// more blocks re-reading the kv head's rows from L2, more partials to combine and, past
     /// the occupancy, a second wave. Default 2: on the H100 (session 13, same call) against 8,
     /// Qwen3-30B-A3B b1 ctx 2048 −6.2%, b4 −3%, b16/b64 −1 to −2%; gpt-oss-20b b4/b16 −1 to −2%
-    /// (b64 ctx 2048 +2.3%); SmolLM2 b1 ctx 2048 −10.5% (b1 ctx 128 +3.6%, b16 ctx 2048 +7%).
+    /// (b64 ctx 2048 +2.3%); SmolLM2 b1 ctx 2048 −10.7% (b1 ctx 128 +3.8%, b16 ctx 2048 +6.5%).
     /// 1 and 0 measured slower. `KAIROS_CUDA_ATT_BLOCKS_PER_SM` for A/B.
     pub attention_blocks_per_sm: usize,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
