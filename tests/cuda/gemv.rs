@@ -92,6 +92,77 @@ fn bf16_gemv() {
     }
 }
 
+/// The bulk-copy GEMV (kernels/gemv_bulk.cu): against the f64 reference with bias and
+/// accumulation, bit for bit against the one-warp-per-row GEMV (the same sums in the same
+/// order), on tiles resident whole, streamed through a ring, and through a single buffer.
+#[test]
+fn bf16_gemv_bulk() {
+    guard!();
+    let c = cx();
+    let mut r = rng();
+    for &(rows, cols) in &[
+        (5120usize, 2048usize), // Qwen3 q|k|v: 5 chunks per block, all resident
+        (2048, 4096),           // Qwen3 o-proj
+        (128, 2048),            // fewer rows than SMs
+        (20000, 2048),          // more chunks than the ring holds
+        (700, 8192),            // 128 KB chunks: one buffer, refilled
+        (5120, 2880),           // gpt-oss q|k|v: partial last activation chunk per lane
+        (960, 576),
+        (77, 1032),
+        (3, 8),
+    ] {
+        let plan = c.gemv_bulk_plan(rows, cols).expect("a bulk plan");
+        let w = rbf(&randn(&mut r, rows * cols, 1.0));
+        let dw = up(&to_bf(&w));
+        let x = rbf(&randn(&mut r, cols, 1.0));
+        let bias = randn(&mut r, rows, 1.0);
+        let y0 = randn(&mut r, rows, 1.0);
+        let dot = ref_gemv(&w, &x, rows, cols, 1);
+        let what = format!("bf16_gemv_bulk {rows}x{cols} (tile {}, stages {}, p{})", plan.tile, plan.stages, plan.pmax);
+        // f32 x, no bias: bit for bit the one-warp-per-row kernel's
+        let mut y = nan_f32(rows);
+        c.bf16_gemv_bulk(&dw, &up(&x), &mut y, rows, cols, None, false).unwrap();
+        let got = down(&y);
+        check(&format!("{what} f32-x"), &got, &dot, 1e-5);
+        let mut y1 = nan_f32(rows);
+        c.bf16_gemv_split(&dw, &up(&x), &mut y1, rows, cols, 1, 1).unwrap();
+        let one = down(&y1);
+        let diff = got.iter().zip(&one).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(diff, 0, "{what}: {diff} rows differ from bf16_gemv_f32x_n1");
+        // bf16 x, with bias, accumulating
+        let want: Vec<f64> = dot.iter().zip(&bias).zip(&y0).map(|((d, b), y)| d + *b as f64 + *y as f64).collect();
+        let mut y = up(&y0);
+        c.bf16_gemv_bulk(&dw, &up(&to_bf(&x)), &mut y, rows, cols, Some(&up(&bias)), true).unwrap();
+        check(&format!("{what} bf16-x bias acc"), &down(&y), &want, 1e-5);
+        // bias, not accumulating (whatever y held is overwritten)
+        let want: Vec<f64> = dot.iter().zip(&bias).map(|(d, b)| d + *b as f64).collect();
+        let mut y = nan_f32(rows);
+        c.bf16_gemv_bulk(&dw, &up(&x), &mut y, rows, cols, Some(&up(&bias)), false).unwrap();
+        check(&format!("{what} f32-x bias"), &down(&y), &want, 1e-5);
+    }
+    assert!(c.gemv_bulk_plan(100, 100).is_none(), "cols % 8");
+    assert!(c.bf16_gemv_bulk(&up(&[0u16; 100]), &up(&[0f32; 10]), &mut nan_f32(10), 10, 10, None, false).is_err());
+    // timing, eager launches (no predecessor to overlap): weights rotated past L2
+    for &(rows, cols, what) in &[
+        (5120usize, 2048usize, "Qwen3-30B q|k|v"),
+        (2048, 4096, "Qwen3-30B o_proj"),
+        (5120, 2880, "gpt-oss-20b q|k|v"),
+        (2880, 4096, "gpt-oss-20b o_proj"),
+        (151936, 2048, "Qwen3 lm_head"),
+        (960, 576, "SmolLM2 q|k|v"),
+    ] {
+        let w = up(&to_bf(&randn(&mut r, rows * cols, 1.0)));
+        let ws = copies(&w, 256 << 20);
+        let x = up(&randn(&mut r, cols, 1.0));
+        let mut y = nan_f32(rows);
+        let bytes = (rows * cols * 2 + cols * 4 + rows * 4) as f64;
+        let us = bench(|i| c.bf16_gemv(&ws[i % ws.len()], &x, &mut y, rows, cols, 1).unwrap());
+        report("bf16_gemv", &format!("{what} {rows}x{cols} (split {})", c.gemv_split_warps(rows, cols, 1)), us, bytes);
+        let us = bench(|i| c.bf16_gemv_bulk(&ws[i % ws.len()], &x, &mut y, rows, cols, None, false).unwrap());
+        report("bf16_gemv_bulk", &format!("{what} {rows}x{cols}"), us, bytes);
+    }
+}
+
 #[test]
 fn mxfp4_gemv() {
     guard!();

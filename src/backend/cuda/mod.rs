@@ -9,6 +9,7 @@
 
 pub mod comm;
 pub mod gemm;
+pub mod gemv_bulk;
 pub mod kernels;
 pub mod kernels_attention;
 pub mod kernels_q8;
@@ -128,6 +129,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "bf16_gemv_norm_k8",
         ],
     ),
+    ("gemv_bulk", include_str!("../../../kernels/gemv_bulk.cu"), gemv_bulk::ENTRIES),
     (
         "swiglu",
         include_str!("../../../kernels/swiglu.cu"),
@@ -211,6 +213,8 @@ pub struct CudaContext {
     pub arch: String,
     pub name: String,
     pub sm_count: u32,
+    /// dynamic shared memory a block may opt into (bytes; 227 KB on Hopper)
+    pub smem_optin: usize,
     /// how many modules came from the on-disk cache (the rest were compiled)
     pub ptx_cache_hits: usize,
     funcs: HashMap<String, RawFunction>,
@@ -222,6 +226,10 @@ pub struct CudaContext {
     /// one-row GEMVs on matrices with few rows split each row over 2–8 warps
     /// (`gemv_split_warps`); `KAIROS_CUDA_GEMV_SPLIT=0` turns it off
     pub gemv_split: bool,
+    /// one-row GEMVs of a step (not recorded for the persistent step) stream their weights
+    /// through shared memory by bulk copies issued before the PDL wait (`gemv_bulk.rs`);
+    /// `KAIROS_CUDA_GEMV_BULK=0|1`
+    pub gemv_bulk: bool,
     /// `gemv_split_warps` splits rows while the matrix has fewer than this many warps'
     /// worth of rows (16384; `KAIROS_CUDA_GEMV_SPLIT_TARGET` for A/B)
     pub gemv_split_target: usize,
@@ -308,6 +316,27 @@ impl PdlFlavor {
 }
 
 /// `KAIROS_CUDA_PDL=0|1`, when set.
+/// The bulk GEMVs may take all the shared memory a block can opt into. With
+/// `KAIROS_CUDA_CARVEOUT=N` (percent of the unified L1 / shared memory, A/B) every kernel
+/// prefers that carveout, so blocks of kernels with different needs can share an SM.
+fn set_function_attributes(funcs: &HashMap<String, RawFunction>, smem_optin: usize) -> Result<()> {
+    use cudarc::driver::sys::{cuFuncSetAttribute, CUfunction_attribute as A};
+    let carveout = std::env::var("KAIROS_CUDA_CARVEOUT").ok().and_then(|v| v.parse::<i32>().ok()).filter(|v| (0..=100).contains(v));
+    for (name, f) in funcs {
+        // SAFETY: `f` belongs to a module loaded on the current context, kept until `Drop`.
+        unsafe {
+            if gemv_bulk::ENTRIES.contains(&name.as_str()) {
+                let bytes = smem_optin.saturating_sub(gemv_bulk::STATIC_SMEM) as std::ffi::c_int;
+                cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes).result()?;
+            }
+            if let Some(c) = carveout {
+                cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, c).result()?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn pdl_env() -> Option<bool> {
     env_flag("KAIROS_CUDA_PDL")
 }
@@ -356,6 +385,9 @@ impl CudaContext {
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as u32;
+        let smem_optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_or(48 * 1024, |v| v.max(0) as usize);
         let mut opts_list: Vec<String> =
             vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
         opts_list.extend(flavor.defines().iter().map(|d| d.to_string()));
@@ -409,6 +441,7 @@ impl CudaContext {
                 funcs.insert(name, RawFunction(f));
             }
         }
+        set_function_attributes(&funcs, smem_optin)?;
         let pdl_supported = maj >= 9;
         let pdl = pdl_supported && pdl_env().unwrap_or(true);
         let argmax_scratch =
@@ -419,12 +452,14 @@ impl CudaContext {
             arch,
             name,
             sm_count,
+            smem_optin,
             ptx_cache_hits: hits,
             funcs,
             modules,
             pdl,
             pdl_supported,
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
+            gemv_bulk: env_flag("KAIROS_CUDA_GEMV_BULK").unwrap_or(false),
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),

@@ -146,6 +146,12 @@ impl CudaContext {
         let null = 0u64;
         let xs = if x_bf16 { 2 } else { 4 };
         let (r, c) = (rows as i32, cols as i32);
+        if n == 1 && self.gemv_bulk && !self.is_recording() && w.len() >= rows * cols && self.gemv_bulk_plan(rows, cols).is_some() {
+            let wp = dptr(w, &self.stream);
+            if wp.is_multiple_of(16) {
+                return self.gemv_bulk_raw(wp, x, x_bf16, y, rows, cols, bias, acc);
+            }
+        }
         let mut j0 = 0;
         while j0 < n {
             let nn = (n - j0).min(8);
