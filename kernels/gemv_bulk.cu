@@ -65,9 +65,21 @@ __device__ __forceinline__ float dot8_acc(uint4 wq, uint4 xq, float acc) {
 #define BULK_PRE 8
 // widest row (columns) with BULK_XS: 16 KB of static shared memory
 #define BULK_XS_MAX 8192
+// Asks L2 for block b's share of [pf, pf + bytes) (16-byte aligned), 64 KB per instruction:
+// the next dense weight of the step, so that it streams in while the latency-bound kernels
+// in between run (KAIROS_CUDA_BULK_PREFETCH).
+__device__ __forceinline__ void bulk_prefetch_l2(const char* pf, long long bytes) {
+    const long long share = ((bytes + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+    const long long lo = (long long)blockIdx.x * share, hi = min(bytes, lo + share);
+    for (long long o = lo; o < hi; o += 65536) {
+        const u32 n = (u32)min(65536LL, hi - o);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(pf + o), "r"(n) : "memory");
+    }
+}
 template <typename TX, int PMAX>
 __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y, int rows,
-                               int cols, const float* __restrict__ bias, int acc_mode, int tile, int stages) {
+                               int cols, const float* __restrict__ bias, int acc_mode, int tile, int stages,
+                               const char* pf, long long pf_bytes) {
     extern __shared__ __align__(128) unsigned char bulk_smem[];
     __shared__ __align__(8) unsigned long long bar[BULK_MAX_STAGES];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -87,6 +99,7 @@ __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restric
         for (int s = 0; s < stages; s++) mbar_init(&bar[s], 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int i = 0; i < min(stages, nchunks); i++) issue(i);
+        if (pf) bulk_prefetch_l2(pf, pf_bytes);
     }
     // the biases of this warp's first BULK_PRE rows (weights too) before the wait; the values
     // added to (acc) right after it: no dependent round trip at the end of a row
@@ -159,9 +172,9 @@ __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restric
 #undef BULK_X
 #define GEMV_BULK_ENTRY(P) \
 extern "C" __global__ void __launch_bounds__(256, 1) bf16_gemv_bulk_bf16x_p##P(const bf16_t* W, const bf16_t* x, float* y, \
-        int rows, int cols, const float* bias, int acc, int tile, int stages) { \
-    gemv_bulk_impl<bf16_t, P>(W, x, y, rows, cols, bias, acc, tile, stages); } \
+        int rows, int cols, const float* bias, int acc, int tile, int stages, const char* pf, long long pf_bytes) { \
+    gemv_bulk_impl<bf16_t, P>(W, x, y, rows, cols, bias, acc, tile, stages, pf, pf_bytes); } \
 extern "C" __global__ void __launch_bounds__(256, 1) bf16_gemv_bulk_f32x_p##P(const bf16_t* W, const float* x, float* y, \
-        int rows, int cols, const float* bias, int acc, int tile, int stages) { \
-    gemv_bulk_impl<float, P>(W, x, y, rows, cols, bias, acc, tile, stages); }
+        int rows, int cols, const float* bias, int acc, int tile, int stages, const char* pf, long long pf_bytes) { \
+    gemv_bulk_impl<float, P>(W, x, y, rows, cols, bias, acc, tile, stages, pf, pf_bytes); }
 GEMV_BULK_ENTRY(4) GEMV_BULK_ENTRY(8) GEMV_BULK_ENTRY(16) GEMV_BULK_ENTRY(32)

@@ -92,11 +92,13 @@ impl CudaContext {
         let p = |s: &CudaSlice<u16>| cudarc::driver::DevicePtr::device_ptr(s, st).0;
         let xp = cudarc::driver::DevicePtr::device_ptr(x, st).0;
         let yp = cudarc::driver::DevicePtr::device_ptr(&*y, st).0;
-        self.gemv_bulk_raw(p(w), xp, X::NAME == "bf16", yp, rows, cols, bias, acc)
+        self.gemv_bulk_raw(p(w), xp, X::NAME == "bf16", yp, rows, cols, bias, acc, None)
     }
 
     /// The launch of [`Self::bf16_gemv_bulk`] on raw device pointers (the step's buffers);
-    /// sizes are the caller's to check. The weight must be 16-byte aligned.
+    /// sizes are the caller's to check. The weight must be 16-byte aligned. `next` (device
+    /// pointer, bytes): a weight the blocks ask L2 for before their wait (the step's next
+    /// dense GEMV), ignored unless 16-byte aligned.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemv_bulk_raw(
         &self,
@@ -108,6 +110,7 @@ impl CudaContext {
         cols: usize,
         bias: Option<&CudaSlice<f32>>,
         acc: bool,
+        next: Option<(u64, usize)>,
     ) -> Result<()> {
         let plan = self
             .gemv_bulk_plan(rows, cols)
@@ -123,6 +126,8 @@ impl CudaContext {
             None => b.arg(&null),
         };
         b.arg(&a[2]).arg(&a[3]).arg(&a[4]);
+        let (pf, pf_bytes) = next.filter(|(p, _)| p.is_multiple_of(16)).map_or((0u64, 0i64), |(p, n)| (p, (n / 16 * 16) as i64));
+        b.arg(&pf).arg(&pf_bytes);
         let mut cfg = grid(plan.blocks, 1, 1, 256);
         cfg.shared_mem_bytes = plan.smem as u32;
         unsafe { b.launch(cfg) }?;

@@ -230,6 +230,10 @@ pub struct CudaContext {
     /// through shared memory by bulk copies issued before the PDL wait (`gemv_bulk.rs`);
     /// `KAIROS_CUDA_GEMV_BULK=0|1`
     pub gemv_bulk: bool,
+    /// each bulk GEMV of a step asks L2 for the step's next dense weight before its wait
+    /// (q|k|v for the o-projection, the o-projection for the next q|k|v);
+    /// `KAIROS_CUDA_BULK_PREFETCH=0|1`
+    pub bulk_prefetch: bool,
     /// `gemv_split_warps` splits rows while the matrix has fewer than this many warps'
     /// worth of rows (16384; `KAIROS_CUDA_GEMV_SPLIT_TARGET` for A/B)
     pub gemv_split_target: usize,
@@ -460,6 +464,7 @@ impl CudaContext {
             pdl_supported,
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
             gemv_bulk: env_flag("KAIROS_CUDA_GEMV_BULK").unwrap_or(false),
+            bulk_prefetch: env_flag("KAIROS_CUDA_BULK_PREFETCH").unwrap_or(false),
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),

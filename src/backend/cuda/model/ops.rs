@@ -59,7 +59,7 @@ impl CudaContext {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
     ) -> Res<()> {
-        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, false)
+        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, false, None)
     }
 
     /// y f32 [n, rows] += x [n, cols] . W^T (+ bias): `gemv_ext` adding into y (the
@@ -76,7 +76,27 @@ impl CudaContext {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
     ) -> Res<()> {
-        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, true)
+        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, true, None)
+    }
+
+    /// `gemv_ext` (`acc` false) or `gemv_acc` whose bulk GEMV (one row, `gemv_bulk`) also asks
+    /// L2 for `next` (the step's next dense weight) before its wait, when `bulk_prefetch` is on.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemv_then(
+        &self,
+        w: &CudaSlice<u16>,
+        x: u64,
+        x_bf16: bool,
+        y: u64,
+        rows: usize,
+        cols: usize,
+        n: usize,
+        bias: Option<&CudaSlice<f32>>,
+        acc: bool,
+        next: &CudaSlice<u16>,
+    ) -> Res<()> {
+        let next = self.bulk_prefetch.then(|| (dptr(next, &self.stream), next.len() * 2));
+        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, acc, next)
     }
 
     /// Whether [`Self::gemv_norm`] takes inputs of `hidden` values.
@@ -137,6 +157,7 @@ impl CudaContext {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
         acc: bool,
+        next: Option<(u64, usize)>,
     ) -> Res<()> {
         if let Some(b) = bias {
             if b.len() < rows {
@@ -149,7 +170,7 @@ impl CudaContext {
         if n == 1 && self.gemv_bulk && !self.is_recording() && w.len() >= rows * cols && self.gemv_bulk_plan(rows, cols).is_some() {
             let wp = dptr(w, &self.stream);
             if wp.is_multiple_of(16) {
-                return self.gemv_bulk_raw(wp, x, x_bf16, y, rows, cols, bias, acc);
+                return self.gemv_bulk_raw(wp, x, x_bf16, y, rows, cols, bias, acc, next);
             }
         }
         let mut j0 = 0;
