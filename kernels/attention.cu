@@ -76,11 +76,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
                                 int bx, int by, int bz, Wait wait = Wait(), AttnRope rp = AttnRope(), int hpb = HG) {
     constexpr int D = EPL * 32;
     // positions per warp per step, all loaded before the first is used
-#ifdef ATT_PU_N
-    constexpr int ATT_PU = ATT_PU_N;  // A/B: KAIROS_NVRTC_DEFINES=ATT_PU_N=8
-#else
     constexpr int ATT_PU = EPL >= 8 ? 2 : 4;
-#endif
     // per-warp partials; reused by the combining block for the split weights
     __shared__ float sm_acc[NW * HG * D];
     __shared__ float sm_m[NW][HG], sm_l[NW][HG], sm_inv[HG];
@@ -205,22 +201,6 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
                               : 0.f;
         }
     }
-#ifdef ATT_L2PF
-    // A/B (KAIROS_NVRTC_DEFINES=ATT_L2PF): ask L2 for every row this warp reads after its first
-    // step, so the position loop's later round trips hit L2 instead of DRAM. i walks (step, u,
-    // k|v, 128-byte line) with the position non-decreasing, so the first position past `end`
-    // ends the walk.
-    {
-        constexpr int LINES = (D * 2 + 127) / 128, PER_STEP = ATT_PU * 2 * LINES;
-        for (int i = lane;; i += 32) {
-            const int st = i / PER_STEP, r = i % PER_STEP, u = r / (2 * LINES), kv = (r / LINES) & 1, ln = r % LINES;
-            const int p = first + (st + 1) * NW * ATT_PU + u;
-            if (p >= end) break;
-            const bf16_t* row = (kv ? vc : kc) + base + (long long)p * D;
-            asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)row + ln * 128));
-        }
-    }
-#endif
     for (int p0 = first; p0 < end; p0 += NW * ATT_PU) {
         float kf[ATT_PU][EPL], vf[ATT_PU][EPL];
         if ((PRE || ROPE_EARLY) && p0 == first) {
