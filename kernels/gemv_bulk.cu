@@ -1,10 +1,12 @@
 // One-row bf16 GEMVs whose weights stream through shared memory by bulk asynchronous
-// copies (cp.async.bulk: Hopper's TMA engine without a tensor map), ALL issued before the
-// PDL wait. At batch 1 the register-path GEMVs (gemv.cu) are latency-bound: a block asks
-// for a few KB per round trip and the grid is many waves (Qwen3's o-projection: 2048
-// blocks), so only the first wave's L2 prefetch overlaps the kernel before. Here one block
-// per SM owns a contiguous tile of rows and asks for up to ~200 KB of it with a handful of
-// instructions the moment it is resident, while its predecessor still runs.
+// copies (cp.async.bulk: Hopper's TMA engine without a tensor map), the first ones issued
+// before the PDL wait. One block per SM owns a contiguous tile of rows and keeps up to
+// ~200 KB of it in flight with a handful of instructions. For a large weight streamed once
+// per step (an LM head) that is the copy bandwidth: Qwen3's 622 MB head in 205 us against
+// 222 us for the register-path GEMV (H100, session 14). For the small per-layer weights it
+// lost (+3% per Qwen3 step): a block that needs ~160 KB of shared memory cannot share an SM
+// with the kernel before it, so nothing overlaps. The host sends only large weights here
+// (CudaContext::gemv_bulk_min_bytes).
 //   y f32 [rows] (= or += with acc) x [cols] . W^T (+ bias f32 [rows] or null)
 // W bf16 [rows, cols], cols % 8 == 0, cols <= 256 * PMAX; x bf16 or f32 (rounded to bf16
 // as it is read, as every GEMV here). Block b owns rows [b * tile, min(rows, (b+1) * tile));
@@ -63,23 +65,11 @@ __device__ __forceinline__ float dot8_acc(uint4 wq, uint4 xq, float acc) {
 #define BULK_MAX_STAGES 32
 // rows per warp whose bias and accumulated value are loaded before the loop
 #define BULK_PRE 8
-// widest row (columns) with BULK_XS: 16 KB of static shared memory
-#define BULK_XS_MAX 8192
-// Asks L2 for block b's share of [pf, pf + bytes) (16-byte aligned), 64 KB per instruction:
-// the next dense weight of the step, so that it streams in while the latency-bound kernels
-// in between run (KAIROS_CUDA_BULK_PREFETCH).
-__device__ __forceinline__ void bulk_prefetch_l2(const char* pf, long long bytes) {
-    const long long share = ((bytes + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
-    const long long lo = (long long)blockIdx.x * share, hi = min(bytes, lo + share);
-    for (long long o = lo; o < hi; o += 65536) {
-        const u32 n = (u32)min(65536LL, hi - o);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(pf + o), "r"(n) : "memory");
-    }
-}
+// widest row (columns): 16 KB of static shared memory for the activation
+#define BULK_X_MAX 8192
 template <typename TX, int PMAX>
 __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x, float* __restrict__ y, int rows,
-                               int cols, const float* __restrict__ bias, int acc_mode, int tile, int stages,
-                               const char* pf, long long pf_bytes) {
+                               int cols, const float* __restrict__ bias, int acc_mode, int tile, int stages) {
     extern __shared__ __align__(128) unsigned char bulk_smem[];
     __shared__ __align__(8) unsigned long long bar[BULK_MAX_STAGES];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -99,7 +89,6 @@ __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restric
         for (int s = 0; s < stages; s++) mbar_init(&bar[s], 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int i = 0; i < min(stages, nchunks); i++) issue(i);
-        if (pf) bulk_prefetch_l2(pf, pf_bytes);
     }
     // the biases of this warp's first BULK_PRE rows (weights too) before the wait; the values
     // added to (acc) right after it: no dependent round trip at the end of a row
@@ -116,24 +105,12 @@ __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restric
         const int r = j * 8 + warp;
         y0[j] = acc_mode && lane == 0 && r < nrows ? y[row0 + r] : 0.f;
     }
-#ifdef BULK_XS
-    // the activation chunks in shared memory (A/B: KAIROS_NVRTC_DEFINES=BULK_XS; registers
-    // for the activation cost 64 per thread at 4096 columns, which can keep the block from
-    // sharing an SM with the kernel before)
-    __shared__ uint4 xs[BULK_XS_MAX / 8];
+    // the activation in shared memory: in registers (64 per thread at 4096 columns) it kept
+    // the block from sharing an SM with the kernel before (H100, session 14: +12% per
+    // Qwen3-30B-A3B step with every one-row GEMV here, +3% with the activation in shared memory)
+    __shared__ uint4 xs[BULK_X_MAX / 8];
     for (int c = threadIdx.x; c < c8; c += blockDim.x) xs[c] = load_x8(x + c * 8);
     __syncthreads();
-#define BULK_X(p, c) xs[c]
-#else
-    // this lane's activation chunks, lane + 32p, in registers
-    uint4 xr[PMAX];
-#pragma unroll
-    for (int p = 0; p < PMAX; p++) {
-        const int c = lane + 32 * p;
-        xr[p] = c < c8 ? load_x8(x + c * 8) : make_uint4(0, 0, 0, 0);
-    }
-#define BULK_X(p, c) xr[p]
-#endif
     for (int i = 0; i < nchunks; i++) {
         const int r = i * 8 + warp, s = i % stages;
         mbar_wait(&bar[s], (u32)(i / stages) & 1u);
@@ -143,7 +120,7 @@ __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restric
 #pragma unroll
             for (int p = 0; p < PMAX; p++) {
                 const int c = lane + 32 * p;
-                if (c < c8) acc = dot8_acc(wr[c], BULK_X(p, c), acc);
+                if (c < c8) acc = dot8_acc(wr[c], xs[c], acc);
             }
             acc = warp_sum(acc);
             if (lane == 0) {
@@ -169,12 +146,11 @@ __device__ void gemv_bulk_impl(const bf16_t* __restrict__ W, const TX* __restric
         }
     }
 }
-#undef BULK_X
 #define GEMV_BULK_ENTRY(P) \
 extern "C" __global__ void __launch_bounds__(256, 1) bf16_gemv_bulk_bf16x_p##P(const bf16_t* W, const bf16_t* x, float* y, \
-        int rows, int cols, const float* bias, int acc, int tile, int stages, const char* pf, long long pf_bytes) { \
-    gemv_bulk_impl<bf16_t, P>(W, x, y, rows, cols, bias, acc, tile, stages, pf, pf_bytes); } \
+        int rows, int cols, const float* bias, int acc, int tile, int stages) { \
+    gemv_bulk_impl<bf16_t, P>(W, x, y, rows, cols, bias, acc, tile, stages); } \
 extern "C" __global__ void __launch_bounds__(256, 1) bf16_gemv_bulk_f32x_p##P(const bf16_t* W, const float* x, float* y, \
-        int rows, int cols, const float* bias, int acc, int tile, int stages, const char* pf, long long pf_bytes) { \
-    gemv_bulk_impl<float, P>(W, x, y, rows, cols, bias, acc, tile, stages, pf, pf_bytes); }
+        int rows, int cols, const float* bias, int acc, int tile, int stages) { \
+    gemv_bulk_impl<float, P>(W, x, y, rows, cols, bias, acc, tile, stages); }
 GEMV_BULK_ENTRY(4) GEMV_BULK_ENTRY(8) GEMV_BULK_ENTRY(16) GEMV_BULK_ENTRY(32)

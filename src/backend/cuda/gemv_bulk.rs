@@ -1,7 +1,7 @@
 //! One-row bf16 GEMVs that stream their weights through shared memory by bulk
-//! asynchronous copies issued before the PDL wait (`kernels/gemv_bulk.cu`): one block
-//! per SM, each owning a contiguous tile of rows. `CudaContext::gemv_bulk` routes the
-//! one-row GEMVs of a step here (`KAIROS_CUDA_GEMV_BULK=0|1`).
+//! asynchronous copies (`kernels/gemv_bulk.cu`): one block per SM, each owning a
+//! contiguous tile of rows. A step's one-row GEMVs over weights of at least
+//! `CudaContext::gemv_bulk_min_bytes` come here (the LM head).
 
 use cudarc::driver::CudaSlice;
 
@@ -15,8 +15,7 @@ const MAX_STAGES: usize = 32;
 /// Activation chunks per lane the entries are compiled for (`_p4` ..= `_p32`): a row of up
 /// to 256 * p columns.
 const PMAX: [usize; 4] = [4, 8, 16, 32];
-/// Static shared memory of the kernel (its barriers; with `-DBULK_XS` the activation, 16 KB)
-/// and a margin.
+/// Static shared memory of the kernel (its barriers and the activation, 16 KB) and a margin.
 pub(super) const STATIC_SMEM: usize = 17 * 1024;
 /// Entry points, for the module table and the shared-memory opt-in.
 pub(super) const ENTRIES: &[&str] = &[
@@ -92,13 +91,11 @@ impl CudaContext {
         let p = |s: &CudaSlice<u16>| cudarc::driver::DevicePtr::device_ptr(s, st).0;
         let xp = cudarc::driver::DevicePtr::device_ptr(x, st).0;
         let yp = cudarc::driver::DevicePtr::device_ptr(&*y, st).0;
-        self.gemv_bulk_raw(p(w), xp, X::NAME == "bf16", yp, rows, cols, bias, acc, None)
+        self.gemv_bulk_raw(p(w), xp, X::NAME == "bf16", yp, rows, cols, bias, acc)
     }
 
     /// The launch of [`Self::bf16_gemv_bulk`] on raw device pointers (the step's buffers);
-    /// sizes are the caller's to check. The weight must be 16-byte aligned. `next` (device
-    /// pointer, bytes): a weight the blocks ask L2 for before their wait (the step's next
-    /// dense GEMV), ignored unless 16-byte aligned.
+    /// sizes are the caller's to check. The weight must be 16-byte aligned.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemv_bulk_raw(
         &self,
@@ -110,7 +107,6 @@ impl CudaContext {
         cols: usize,
         bias: Option<&CudaSlice<f32>>,
         acc: bool,
-        next: Option<(u64, usize)>,
     ) -> Result<()> {
         let plan = self
             .gemv_bulk_plan(rows, cols)
@@ -126,8 +122,6 @@ impl CudaContext {
             None => b.arg(&null),
         };
         b.arg(&a[2]).arg(&a[3]).arg(&a[4]);
-        let (pf, pf_bytes) = next.filter(|(p, _)| p.is_multiple_of(16)).map_or((0u64, 0i64), |(p, n)| (p, (n / 16 * 16) as i64));
-        b.arg(&pf).arg(&pf_bytes);
         let mut cfg = grid(plan.blocks, 1, 1, 256);
         cfg.shared_mem_bytes = plan.smem as u32;
         unsafe { b.launch(cfg) }?;

@@ -276,7 +276,7 @@ impl CudaContext {
         let name = format!(
             "attention_{}_d{d}{}",
             if rope.is_some() { "rope" } else { "split" },
-            entry_suffix(hpb)
+            entry_suffix(hpb, self.is_recording())
         );
         let a = [
             n_q as i32,
@@ -348,7 +348,9 @@ impl CudaContext {
         let per_sm = match self.attention_blocks_per_sm {
             0 => {
                 let block = attention_block_threads(d);
-                let fits = |kind: &str| self.blocks_per_sm(&format!("attention_{kind}_d{d}{}", entry_suffix(hpb)), block);
+                let fits = |kind: &str| {
+                    self.blocks_per_sm(&format!("attention_{kind}_d{d}{}", entry_suffix(hpb, self.is_recording())), block)
+                };
                 if rope { fits("split").min(fits("rope")) } else { fits("split") }
             }
             b => b,
@@ -373,7 +375,12 @@ fn attention_block_threads(d: usize) -> u32 {
 
 /// The attention entry whose register arrays fit `hpb` heads and no more (kernels/attention.cu,
 /// HG): fewer heads per block need fewer registers, and a block's registers bound its speed.
-fn entry_suffix(hpb: usize) -> &'static str {
+/// A step recorded for the persistent kernel takes the plain entry whatever `hpb` (a model
+/// with 2 query heads per kv head clamps 8 to 2): the persistent step has only that one.
+fn entry_suffix(hpb: usize, recording: bool) -> &'static str {
+    if recording {
+        return "";
+    }
     match hpb {
         1 => "_h1",
         2 => "_h2",
@@ -425,8 +432,9 @@ mod tests {
             _ => 8,
         };
         for hpb in 1..=8 {
-            let h = hg(entry_suffix(hpb));
+            let h = hg(entry_suffix(hpb, false));
             assert!(h >= hpb && h < 2 * hpb, "hpb {hpb} -> HG {h}");
+            assert_eq!(entry_suffix(hpb, true), "", "a recorded step runs the persistent kernel's one attention");
         }
     }
 

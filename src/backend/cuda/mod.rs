@@ -226,14 +226,11 @@ pub struct CudaContext {
     /// one-row GEMVs on matrices with few rows split each row over 2–8 warps
     /// (`gemv_split_warps`); `KAIROS_CUDA_GEMV_SPLIT=0` turns it off
     pub gemv_split: bool,
-    /// one-row GEMVs of a step (not recorded for the persistent step) stream their weights
-    /// through shared memory by bulk copies issued before the PDL wait (`gemv_bulk.rs`);
-    /// `KAIROS_CUDA_GEMV_BULK=0|1`
-    pub gemv_bulk: bool,
-    /// each bulk GEMV of a step asks L2 for the step's next dense weight before its wait
-    /// (q|k|v for the o-projection, the o-projection for the next q|k|v);
-    /// `KAIROS_CUDA_BULK_PREFETCH=0|1`
-    pub bulk_prefetch: bool,
+    /// one-row GEMVs over weights of at least this many bytes (not recorded for the persistent
+    /// step) stream them through shared memory by bulk copies (`gemv_bulk.rs`): the LM head.
+    /// 32 MiB; `KAIROS_CUDA_GEMV_BULK_MIN_MB=N` (0: every one-row GEMV),
+    /// `KAIROS_CUDA_GEMV_BULK=0`: none
+    pub gemv_bulk_min_bytes: usize,
     /// `gemv_split_warps` splits rows while the matrix has fewer than this many warps'
     /// worth of rows (16384; `KAIROS_CUDA_GEMV_SPLIT_TARGET` for A/B)
     pub gemv_split_target: usize,
@@ -320,22 +317,14 @@ impl PdlFlavor {
 }
 
 /// `KAIROS_CUDA_PDL=0|1`, when set.
-/// The bulk GEMVs may take all the shared memory a block can opt into. With
-/// `KAIROS_CUDA_CARVEOUT=N` (percent of the unified L1 / shared memory, A/B) every kernel
-/// prefers that carveout, so blocks of kernels with different needs can share an SM.
+/// The bulk GEMVs may take all the shared memory a block can opt into.
 fn set_function_attributes(funcs: &HashMap<String, RawFunction>, smem_optin: usize) -> Result<()> {
     use cudarc::driver::sys::{cuFuncSetAttribute, CUfunction_attribute as A};
-    let carveout = std::env::var("KAIROS_CUDA_CARVEOUT").ok().and_then(|v| v.parse::<i32>().ok()).filter(|v| (0..=100).contains(v));
-    for (name, f) in funcs {
-        // SAFETY: `f` belongs to a module loaded on the current context, kept until `Drop`.
-        unsafe {
-            if gemv_bulk::ENTRIES.contains(&name.as_str()) {
-                let bytes = smem_optin.saturating_sub(gemv_bulk::STATIC_SMEM) as std::ffi::c_int;
-                cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes).result()?;
-            }
-            if let Some(c) = carveout {
-                cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, c).result()?;
-            }
+    for name in gemv_bulk::ENTRIES {
+        if let Some(f) = funcs.get(*name) {
+            let bytes = smem_optin.saturating_sub(gemv_bulk::STATIC_SMEM) as std::ffi::c_int;
+            // SAFETY: `f` belongs to a module loaded on the current context, kept until `Drop`.
+            unsafe { cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes) }.result()?;
         }
     }
     Ok(())
@@ -463,8 +452,10 @@ impl CudaContext {
             pdl,
             pdl_supported,
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
-            gemv_bulk: env_flag("KAIROS_CUDA_GEMV_BULK").unwrap_or(false),
-            bulk_prefetch: env_flag("KAIROS_CUDA_BULK_PREFETCH").unwrap_or(false),
+            gemv_bulk_min_bytes: match env_flag("KAIROS_CUDA_GEMV_BULK") {
+                Some(false) => usize::MAX,
+                _ => std::env::var("KAIROS_CUDA_GEMV_BULK_MIN_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(32) << 20,
+            },
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),

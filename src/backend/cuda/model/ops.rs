@@ -59,7 +59,7 @@ impl CudaContext {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
     ) -> Res<()> {
-        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, false, None)
+        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, false)
     }
 
     /// y f32 [n, rows] += x [n, cols] . W^T (+ bias): `gemv_ext` adding into y (the
@@ -76,27 +76,7 @@ impl CudaContext {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
     ) -> Res<()> {
-        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, true, None)
-    }
-
-    /// `gemv_ext` (`acc` false) or `gemv_acc` whose bulk GEMV (one row, `gemv_bulk`) also asks
-    /// L2 for `next` (the step's next dense weight) before its wait, when `bulk_prefetch` is on.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemv_then(
-        &self,
-        w: &CudaSlice<u16>,
-        x: u64,
-        x_bf16: bool,
-        y: u64,
-        rows: usize,
-        cols: usize,
-        n: usize,
-        bias: Option<&CudaSlice<f32>>,
-        acc: bool,
-        next: &CudaSlice<u16>,
-    ) -> Res<()> {
-        let next = self.bulk_prefetch.then(|| (dptr(next, &self.stream), next.len() * 2));
-        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, acc, next)
+        self.gemv_rows(w, x, x_bf16, y, rows, cols, n, bias, true)
     }
 
     /// Whether [`Self::gemv_norm`] takes inputs of `hidden` values.
@@ -157,7 +137,6 @@ impl CudaContext {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
         acc: bool,
-        next: Option<(u64, usize)>,
     ) -> Res<()> {
         if let Some(b) = bias {
             if b.len() < rows {
@@ -167,10 +146,11 @@ impl CudaContext {
         let null = 0u64;
         let xs = if x_bf16 { 2 } else { 4 };
         let (r, c) = (rows as i32, cols as i32);
-        if n == 1 && self.gemv_bulk && !self.is_recording() && w.len() >= rows * cols && self.gemv_bulk_plan(rows, cols).is_some() {
+        // a large weight (the LM head) at one row: streamed through shared memory
+        if n == 1 && rows * cols * 2 >= self.gemv_bulk_min_bytes && w.len() >= rows * cols && !self.is_recording() {
             let wp = dptr(w, &self.stream);
-            if wp.is_multiple_of(16) {
-                return self.gemv_bulk_raw(wp, x, x_bf16, y, rows, cols, bias, acc, next);
+            if wp.is_multiple_of(16) && self.gemv_bulk_plan(rows, cols).is_some() {
+                return self.gemv_bulk_raw(wp, x, x_bf16, y, rows, cols, bias, acc);
             }
         }
         let mut j0 = 0;

@@ -64,9 +64,6 @@ impl CudaBackend {
             }
             if qkv_norm {
                 cx.gemv_norm(&l.wqkv, &b.x, &l.ln1, eps, dptr(&b.qkv, &st), qkvd, h, l.bqkv.as_ref())?;
-            } else if n < GEMM_MIN_ROWS {
-                // the o-projection's weight streams into L2 while RoPE and attention run (bulk_prefetch)
-                cx.gemv_then(&l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref(), false, &l.wo)?;
             } else {
                 dense(cx, gemm, &l.wqkv, dptr(&b.h, &st), true, dptr(&b.qkv, &st), qkvd, h, n, l.bqkv.as_ref())?;
             }
@@ -132,11 +129,7 @@ impl CudaBackend {
                 unsafe { lb.launch(lc(nq, n, 1, 128)) }?;
             }
             if fold {
-                match w.layers.get(li + 1) {
-                    // ... and the next q|k|v weight while the MLP runs
-                    Some(nl) => cx.gemv_then(&l.wo, dptr(&b.attn, &st), false, dptr(&b.x, &st), h, nq * hd, n, l.bo.as_ref(), true, &nl.wqkv)?,
-                    None => cx.gemv_acc(&l.wo, dptr(&b.attn, &st), false, dptr(&b.x, &st), h, nq * hd, n, l.bo.as_ref())?,
-                }
+                cx.gemv_acc(&l.wo, dptr(&b.attn, &st), false, dptr(&b.x, &st), h, nq * hd, n, l.bo.as_ref())?;
             } else {
                 dense(cx, gemm, &l.wo, dptr(&b.attn, &st), false, dptr(&b.delta, &st), h, nq * hd, n, l.bo.as_ref())?;
                 if tp_reduce {
