@@ -185,7 +185,7 @@ impl CudaContext {
             .arg(&a[1])
             .arg(&NULL)
             .arg(&xdiv);
-        unsafe { b.launch(grid(self.gemv_blocks(rows.div_ceil(rows_per_block)), 1, 1, 256)) }?;
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
         Ok(())
     }
 

@@ -320,7 +320,6 @@ impl PdlFlavor {
     }
 }
 
-/// `KAIROS_CUDA_PDL=0|1`, when set.
 /// The bulk GEMVs may take all the shared memory a block can opt into.
 fn set_function_attributes(funcs: &HashMap<String, RawFunction>, smem_optin: usize) -> Result<()> {
     use cudarc::driver::sys::{cuFuncSetAttribute, CUfunction_attribute as A};
@@ -334,6 +333,7 @@ fn set_function_attributes(funcs: &HashMap<String, RawFunction>, smem_optin: usi
     Ok(())
 }
 
+/// `KAIROS_CUDA_PDL=0|1`, when set.
 fn pdl_env() -> Option<bool> {
     env_flag("KAIROS_CUDA_PDL")
 }
