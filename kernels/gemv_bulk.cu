@@ -6,7 +6,7 @@
 // 222 us for the register-path GEMV (H100, session 14). For the small per-layer weights it
 // lost (+3% per Qwen3 step): a block that needs ~160 KB of shared memory cannot share an SM
 // with the kernel before it, so nothing overlaps. The host sends only large weights here
-// (CudaContext::gemv_bulk_min_bytes).
+// (CudaContext::gemv_bulk_min_bytes, 128 MiB).
 //   y f32 [rows] (= or += with acc) x [cols] . W^T (+ bias f32 [rows] or null)
 // W bf16 [rows, cols], cols % 8 == 0, cols <= 256 * PMAX; x bf16 or f32 (rounded to bf16
 // as it is read, as every GEMV here). Block b owns rows [b * tile, min(rows, (b+1) * tile));

@@ -1,7 +1,7 @@
 //! One-row bf16 GEMVs that stream their weights through shared memory by bulk
 //! asynchronous copies (`kernels/gemv_bulk.cu`): one block per SM, each owning a
 //! contiguous tile of rows. A step's one-row GEMVs over weights of at least
-//! `CudaContext::gemv_bulk_min_bytes` come here (the LM head).
+//! `CudaContext::gemv_bulk_min_bytes` come here (a large LM head).
 
 use cudarc::driver::CudaSlice;
 
