@@ -300,10 +300,10 @@ async fn kafka_overload_answers_in_budget_with_bounded_memory() {
     let (n, rate, pad) = (2500u64, 250.0, 1000);
     let setup = Setup {
         group: "g-overload".into(),
-        // 300 ms left no model answer at all once in CI: on a loaded 2-core box the
-        // prefill estimate of an ~800-token event can exceed what is left of the budget
-        // after the Kafka hop, so every event was shed. 600 ms keeps the overload (the
-        // model answers tens per second of the 250 offered) with room for model answers.
+        // 300 ms left no model answer at all once in CI (a loaded 2-core box; most likely
+        // every ~800-token event was shed as hopeless: its prefill estimate above what
+        // the Kafka hop had left of the budget). 600 ms keeps the overload (the model
+        // answers tens per second of the 250 offered) with room for model answers.
         budget_ms: 600,
         max_batch: 2,
         // librdkafka's own prefetch is bounded to 2 MB (default 64 MB)
