@@ -232,6 +232,14 @@ pub struct CudaContext {
     /// -1.7%, SmolLM2's 57 MB +0.8%); `KAIROS_CUDA_GEMV_BULK_MIN_MB=N` (0: every one-row GEMV),
     /// `KAIROS_CUDA_GEMV_BULK=0`: none
     pub gemv_bulk_min_bytes: usize,
+    /// one-row-or-more GEMV grids (gemv.cu) of at most this many blocks per SM, each block
+    /// taking row tiles in turn and asking L2 for all of them before its PDL wait (0: one
+    /// tile per block); `KAIROS_CUDA_GEMV_WAVE_BLOCKS` for A/B
+    pub gemv_wave_blocks: usize,
+    /// threads per block of the batch-1 expert gate/up kernel (256 or 512; 0: 512 while
+    /// its grid fits one wave at 2 blocks per SM, else 256); `KAIROS_CUDA_GATE_UP_THREADS`
+    /// for A/B (kernels compiled with `GU_PAIR` need more registers per thread)
+    pub gate_up_threads: usize,
     /// `gemv_split_warps` splits rows while the matrix has fewer than this many warps'
     /// worth of rows (16384; `KAIROS_CUDA_GEMV_SPLIT_TARGET` for A/B)
     pub gemv_split_target: usize,
@@ -453,6 +461,11 @@ impl CudaContext {
             pdl,
             pdl_supported,
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
+            gemv_wave_blocks: std::env::var("KAIROS_CUDA_GEMV_WAVE_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+            gate_up_threads: match std::env::var("KAIROS_CUDA_GATE_UP_THREADS").ok().and_then(|v| v.parse().ok()) {
+                Some(t @ (256 | 512)) => t,
+                _ => 0,
+            },
             gemv_bulk_min_bytes: match env_flag("KAIROS_CUDA_GEMV_BULK") {
                 Some(false) => usize::MAX,
                 _ => std::env::var("KAIROS_CUDA_GEMV_BULK_MIN_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(128) << 20,
@@ -496,6 +509,17 @@ impl CudaContext {
             ks *= 2;
         }
         ks
+    }
+
+    /// Blocks of a GEMV grid of `tiles` row tiles (gemv.cu's entries loop over tiles):
+    /// capped at `gemv_wave_blocks` per SM, never while recording (the persistent step
+    /// runs a tile per virtual block).
+    pub(crate) fn gemv_blocks(&self, tiles: usize) -> usize {
+        if self.gemv_wave_blocks == 0 || self.is_recording() {
+            tiles
+        } else {
+            tiles.min(self.sm_count as usize * self.gemv_wave_blocks).max(1)
+        }
     }
 
     /// Whether launches are being recorded for the persistent step (which runs only the
