@@ -43,8 +43,8 @@ pub struct BulkPlan {
     pub pmax: usize,
 }
 
-/// The plan for one block per SM on `sm_count` SMs with `smem_max` bytes of dynamic shared
-/// memory per block, or `None` where the kernel does not apply (cols % 8 != 0, rows wider
+/// The plan for `sm_count` blocks (one per SM, or `CudaContext::gemv_bulk_bps` per SM)
+/// with `smem_max` bytes of dynamic shared memory per block, or `None` where the kernel does not apply (cols % 8 != 0, rows wider
 /// than 256 * 32 columns, or a chunk that does not fit).
 pub fn bulk_plan(rows: usize, cols: usize, sm_count: usize, smem_max: usize) -> Option<BulkPlan> {
     if rows == 0 || cols == 0 || !cols.is_multiple_of(8) || sm_count == 0 {
@@ -61,9 +61,16 @@ pub fn bulk_plan(rows: usize, cols: usize, sm_count: usize, smem_max: usize) -> 
 }
 
 impl CudaContext {
-    /// [`bulk_plan`] on this device (one block per SM, the opted-in shared memory).
+    /// [`bulk_plan`] on this device: `gemv_bulk_bps` blocks per SM, each with its share of
+    /// the opted-in shared memory (at most `gemv_bulk_ring` bytes of ring, where set).
     pub fn gemv_bulk_plan(&self, rows: usize, cols: usize) -> Option<BulkPlan> {
-        bulk_plan(rows, cols, self.sm_count as usize, self.smem_optin.saturating_sub(STATIC_SMEM))
+        let bps = self.gemv_bulk_bps.max(1);
+        // an SM's shared memory is the opt-in per block plus 1 KB reserved per block
+        let mut ring = ((self.smem_optin + 1024) / bps).saturating_sub(1024 + STATIC_SMEM);
+        if self.gemv_bulk_ring > 0 {
+            ring = ring.min(self.gemv_bulk_ring);
+        }
+        bulk_plan(rows, cols, self.sm_count as usize * bps, ring)
     }
 
     /// y f32 [rows] = x [cols] . W^T (+ bias), or `+=` with `acc`, through the bulk GEMV,

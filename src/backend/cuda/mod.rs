@@ -232,6 +232,12 @@ pub struct CudaContext {
     /// -1.7%, SmolLM2's 57 MB +0.8%); `KAIROS_CUDA_GEMV_BULK_MIN_MB=N` (0: every one-row GEMV),
     /// `KAIROS_CUDA_GEMV_BULK=0`: none
     pub gemv_bulk_min_bytes: usize,
+    /// bulk GEMV blocks per SM (1; `KAIROS_CUDA_GEMV_BULK_BPS` for A/B: several smaller
+    /// blocks can share an SM with the kernel before them)
+    pub gemv_bulk_bps: usize,
+    /// most bytes of a bulk GEMV block's chunk ring (0: what fits;
+    /// `KAIROS_CUDA_GEMV_BULK_RING_KB` for A/B)
+    pub gemv_bulk_ring: usize,
     /// one-row-or-more GEMV grids (gemv.cu) of at most this many blocks per SM, each block
     /// taking row tiles in turn and asking L2 for all of them before its PDL wait (0: one
     /// tile per block); `KAIROS_CUDA_GEMV_WAVE_BLOCKS` for A/B
@@ -461,6 +467,8 @@ impl CudaContext {
             pdl,
             pdl_supported,
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
+            gemv_bulk_bps: std::env::var("KAIROS_CUDA_GEMV_BULK_BPS").ok().and_then(|v| v.parse().ok()).filter(|&b| (1..=4).contains(&b)).unwrap_or(1),
+            gemv_bulk_ring: std::env::var("KAIROS_CUDA_GEMV_BULK_RING_KB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0) << 10,
             gemv_wave_blocks: std::env::var("KAIROS_CUDA_GEMV_WAVE_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
             gate_up_threads: match std::env::var("KAIROS_CUDA_GATE_UP_THREADS").ok().and_then(|v| v.parse().ok()) {
                 Some(t @ (256 | 512)) => t,
