@@ -91,36 +91,6 @@ __device__ __forceinline__ float row_dot_pre(const u8* __restrict__ wrow, const 
     return acc;
 }
 
-// row_dot over NR rows at once: U blocks of every row loaded before any is used (NR * U
-// 16-byte loads in flight per lane). Each row's sum runs in row_dot's order, so the
-// results are row_dot's.
-template <int NR, int U>
-__device__ __forceinline__ void rows_dot(const u8* const (&wrow)[NR], const u8* const (&srow)[NR], int nb,
-                                         const signed char* __restrict__ xq, const float* __restrict__ xd, int sub,
-                                         float (&acc)[NR]) {
-#pragma unroll
-    for (int i = 0; i < NR; i++) acc[i] = 0.f;
-    for (int base = 0; base < nb; base += 32 * U) {
-        uint4 w[NR][U];
-        u32 s[NR][U];
-#pragma unroll
-        for (int i = 0; i < NR; i++)
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int b = base + u * 32 + sub;
-                w[i][u] = b < nb ? ld_stream16(wrow[i] + b * 16) : make_uint4(0, 0, 0, 0);
-                s[i][u] = b < nb ? (u32)__ldg(srow[i] + b) : 127u;
-            }
-#pragma unroll
-        for (int i = 0; i < NR; i++)
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int b = base + u * 32 + sub;
-                if (b < nb) acc[i] += (float)dot_block(w[i][u], xq + b * 32) * (0.5f * e8m0_q8(s[i][u]) * LDG_ACT(xd + b));
-            }
-    }
-}
-
 // y f32 [n_assign, rows]: grid (ceil(rows / (8 * 32/LPR)), n_assign), block 256.
 template <int LPR, int U>
 __device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales, const signed char* __restrict__ xq,
@@ -283,9 +253,14 @@ __device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restr
     const float* da = xd + (long long)(a / x_div) * nb;
     const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
     const u8* es = scales + e * 2 * I * (long long)nb;
-    // lane 0 of the warp: the gated activation of output j (slot t of the block's 32)
-    auto finish = [&](int j, int t, float g, float u) {
+#pragma unroll 2
+    for (int t = 0; t < per; t++) {
+        const int j = bx * 32 + warp * per + t;
         const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
+        float g = row_dot<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
+        float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
+        g = warp_sum(g);
+        u = warp_sum(u);
         if (lane == 0) {
             if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
             float v;
@@ -296,40 +271,7 @@ __device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restr
             } else {
                 v = g / (1.f + expf(-g)) * u;
             }
-            out[t] = v;
-        }
-    };
-#ifdef GU_PAIR
-    // GU_PAIR=U: the gate and up rows of two outputs (4 rows) loaded together, U blocks
-    // per lane and row (U = 2: cols 2048 in one round trip) before any is used
-    if (per >= 2) {
-        for (int t = 0; t < per; t += 2) {
-            const int j0 = bx * 32 + warp * per + t;
-            const u8* wr[4];
-            const u8* sr[4];
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const int j = j0 + i, gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
-                wr[2 * i] = eb + (long long)gr * nb * 16; sr[2 * i] = es + (long long)gr * nb;
-                wr[2 * i + 1] = eb + (long long)ur * nb * 16; sr[2 * i + 1] = es + (long long)ur * nb;
-            }
-            float acc[4];
-            rows_dot<4, GU_PAIR>(wr, sr, nb, xa, da, lane, acc);
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[i] = warp_sum(acc[i]);
-            finish(j0, warp * per + t, acc[0], acc[1]);
-            finish(j0 + 1, warp * per + t + 1, acc[2], acc[3]);
-        }
-    } else
-#endif
-    {
-#pragma unroll 2
-        for (int t = 0; t < per; t++) {
-            const int j = bx * 32 + warp * per + t;
-            const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
-            float g = row_dot<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
-            float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
-            finish(j, warp * per + t, warp_sum(g), warp_sum(u));
+            out[warp * per + t] = v;
         }
     }
     __syncthreads();

@@ -342,11 +342,7 @@ impl CudaContext {
         // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
         // 16 warps made it 0.6% slower)
         let blocks = inter / 32 * n_assign;
-        let threads = match self.gate_up_threads {
-            0 if blocks <= 2 * self.sm_count as usize => 512,
-            0 => 256,
-            t => t as u32,
-        };
+        let threads = if blocks <= 2 * self.sm_count as usize { 512 } else { 256 };
         unsafe { b.launch(grid(inter / 32, n_assign, 1, threads)) }?;
         Ok(())
     }

@@ -242,10 +242,6 @@ pub struct CudaContext {
     /// taking row tiles in turn and asking L2 for all of them before its PDL wait (0: one
     /// tile per block); `KAIROS_CUDA_GEMV_WAVE_BLOCKS` for A/B
     pub gemv_wave_blocks: usize,
-    /// threads per block of the batch-1 expert gate/up kernel (256 or 512; 0: 512 while
-    /// its grid fits one wave at 2 blocks per SM, else 256); `KAIROS_CUDA_GATE_UP_THREADS`
-    /// for A/B (kernels compiled with `GU_PAIR` need more registers per thread)
-    pub gate_up_threads: usize,
     /// `gemv_split_warps` splits rows while the matrix has fewer than this many warps'
     /// worth of rows (16384; `KAIROS_CUDA_GEMV_SPLIT_TARGET` for A/B)
     pub gemv_split_target: usize,
@@ -470,10 +466,6 @@ impl CudaContext {
             gemv_bulk_bps: std::env::var("KAIROS_CUDA_GEMV_BULK_BPS").ok().and_then(|v| v.parse().ok()).filter(|&b| (1..=4).contains(&b)).unwrap_or(1),
             gemv_bulk_ring: std::env::var("KAIROS_CUDA_GEMV_BULK_RING_KB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0) << 10,
             gemv_wave_blocks: std::env::var("KAIROS_CUDA_GEMV_WAVE_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
-            gate_up_threads: match std::env::var("KAIROS_CUDA_GATE_UP_THREADS").ok().and_then(|v| v.parse().ok()) {
-                Some(t @ (256 | 512)) => t,
-                _ => 0,
-            },
             gemv_bulk_min_bytes: match env_flag("KAIROS_CUDA_GEMV_BULK") {
                 Some(false) => usize::MAX,
                 _ => std::env::var("KAIROS_CUDA_GEMV_BULK_MIN_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(128) << 20,
