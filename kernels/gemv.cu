@@ -117,30 +117,21 @@ __device__ void gemv_impl(const bf16_t* __restrict__ W, const TX* __restrict__ x
 }
 // The weights never depend on the previous kernel: each warp asks L2 for its rows
 // before waiting on it (PDL), so the weight stream overlaps the predecessor's tail.
-// A block takes row tiles blockIdx.x, + gridDim.x, ... (the host's grid is one tile per
-// block unless CudaContext::gemv_wave_blocks caps it): it asks for the rows of all of them
-// first, so with a capped grid every row of the matrix is requested before the wait, not
-// only the first wave's.
 template <int R>
 __device__ __forceinline__ void gemv_pdl_entry(const bf16_t* W, int rows, int cols) {
     PDL_PRE();
-    for (int bx = blockIdx.x; bx * 8 * R < rows; bx += gridDim.x) {
-        const int row0 = (bx * 8 + (threadIdx.x >> 5)) * R;
-        if (row0 < rows) prefetch_l2_warp(W + (long long)row0 * cols, (long long)min(R, rows - row0) * cols * 2);
-    }
+    const int row0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
+    if (row0 < rows) prefetch_l2_warp(W + (long long)row0 * cols, (long long)min(R, rows - row0) * cols * 2);
     PDL_POST();
 }
 // -DGEMV_PRELOAD: instead of the L2 prefetch, each lane loads its first weight chunks into
 // registers before the PDL wait (gemv_impl's Wait = PdlWait), as the persistent step does.
 #ifdef GEMV_PRELOAD
 #define GEMV_CALL(TX, NN, RR, ACC) \
-    PDL_PRE(); gemv_impl<TX, NN, RR, PdlWait, ACC>(W, x, y, rows, cols, bias, blockIdx.x, PdlWait()); \
-    for (int bx = blockIdx.x + gridDim.x; bx * 8 * RR < rows; bx += gridDim.x) \
-        gemv_impl<TX, NN, RR, NoWait, ACC>(W, x, y, rows, cols, bias, bx);
+    PDL_PRE(); gemv_impl<TX, NN, RR, PdlWait, ACC>(W, x, y, rows, cols, bias, blockIdx.x, PdlWait());
 #else
 #define GEMV_CALL(TX, NN, RR, ACC) \
-    gemv_pdl_entry<RR>(W, rows, cols); \
-    for (int bx = blockIdx.x; bx * 8 * RR < rows; bx += gridDim.x) gemv_impl<TX, NN, RR, NoWait, ACC>(W, x, y, rows, cols, bias, bx);
+    gemv_pdl_entry<RR>(W, rows, cols); gemv_impl<TX, NN, RR, NoWait, ACC>(W, x, y, rows, cols, bias, blockIdx.x);
 #endif
 #define GEMV_ENTRY(NN, RR) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_bf16x_n##NN(const bf16_t* W, const bf16_t* x, float* y, int rows, int cols, \
@@ -227,30 +218,19 @@ __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restri
         y[row] = ACC ? y0 + o : o;
     }
 }
-// As gemv_pdl_entry: each warp asks L2 for its share of its row, in each of the block's
-// row tiles, before the PDL wait.
+// As gemv_pdl_entry: each warp asks L2 for its share of its row before the PDL wait.
 template <int KS>
 __device__ __forceinline__ void gemv_split_pdl_entry(const bf16_t* W, int rows, int cols) {
     PDL_PRE();
-    const int warp = threadIdx.x >> 5, k = warp % KS;
+    const int warp = threadIdx.x >> 5, row = blockIdx.x * (8 / KS) + warp / KS, k = warp % KS;
     const long long bytes = (long long)cols * 2 / KS;
-    for (int bx = blockIdx.x; bx * (8 / KS) < rows; bx += gridDim.x) {
-        const int row = bx * (8 / KS) + warp / KS;
-        if (row < rows) prefetch_l2_warp((const char*)(W + (long long)row * cols) + k * bytes, bytes);
-    }
+    if (row < rows) prefetch_l2_warp((const char*)(W + (long long)row * cols) + k * bytes, bytes);
     PDL_POST();
 }
-// row tiles after the block's first (a capped grid); the tile before has read its partial sums
-#define GEMV_SPLIT_REST(TX, KS, ACC) \
-    for (int bx = blockIdx.x + gridDim.x; bx * (8 / KS) < rows; bx += gridDim.x) { \
-        __syncthreads(); \
-        gemv_split_impl<TX, KS, ACC>(W, x, y, rows, cols, bias, bx); }
 #ifdef GEMV_PRELOAD
-#define GEMV_SPLIT_CALL(TX, KS, ACC) PDL_PRE(); gemv_split_impl<TX, KS, ACC, PdlWait>(W, x, y, rows, cols, bias, blockIdx.x, PdlWait()); \
-    GEMV_SPLIT_REST(TX, KS, ACC)
+#define GEMV_SPLIT_CALL(TX, KS, ACC) PDL_PRE(); gemv_split_impl<TX, KS, ACC, PdlWait>(W, x, y, rows, cols, bias, blockIdx.x, PdlWait());
 #else
-#define GEMV_SPLIT_CALL(TX, KS, ACC) gemv_split_pdl_entry<KS>(W, rows, cols); \
-    gemv_split_impl<TX, KS, ACC>(W, x, y, rows, cols, bias, blockIdx.x); GEMV_SPLIT_REST(TX, KS, ACC)
+#define GEMV_SPLIT_CALL(TX, KS, ACC) gemv_split_pdl_entry<KS>(W, rows, cols); gemv_split_impl<TX, KS, ACC>(W, x, y, rows, cols, bias, blockIdx.x);
 #endif
 #define GEMV_SPLIT_ENTRY(KS) \
 extern "C" __global__ void __launch_bounds__(256) bf16_gemv_k##KS##_bf16x(const bf16_t* W, const bf16_t* x, float* y, int rows, \

@@ -271,7 +271,7 @@ impl CudaContext {
         let (name, rows_per_block) = gemv_kernel(X::NAME, n, ks, false);
         let mut b = self.launch(&name);
         b.arg(w).arg(x).arg(y).arg(&a[0]).arg(&a[1]).arg(&NULL);
-        unsafe { b.launch(grid(self.gemv_blocks(rows.div_ceil(rows_per_block)), 1, 1, 256)) }?;
+        unsafe { b.launch(grid(rows.div_ceil(rows_per_block), 1, 1, 256)) }?;
         Ok(())
     }
 

@@ -238,10 +238,6 @@ pub struct CudaContext {
     /// most bytes of a bulk GEMV block's chunk ring (0: what fits;
     /// `KAIROS_CUDA_GEMV_BULK_RING_KB` for A/B)
     pub gemv_bulk_ring: usize,
-    /// one-row-or-more GEMV grids (gemv.cu) of at most this many blocks per SM, each block
-    /// taking row tiles in turn and asking L2 for all of them before its PDL wait (0: one
-    /// tile per block); `KAIROS_CUDA_GEMV_WAVE_BLOCKS` for A/B
-    pub gemv_wave_blocks: usize,
     /// `gemv_split_warps` splits rows while the matrix has fewer than this many warps'
     /// worth of rows (16384; `KAIROS_CUDA_GEMV_SPLIT_TARGET` for A/B)
     pub gemv_split_target: usize,
@@ -465,7 +461,6 @@ impl CudaContext {
             gemv_split: std::env::var("KAIROS_CUDA_GEMV_SPLIT").map_or(true, |v| v != "0"),
             gemv_bulk_bps: std::env::var("KAIROS_CUDA_GEMV_BULK_BPS").ok().and_then(|v| v.parse().ok()).filter(|&b| (1..=4).contains(&b)).unwrap_or(1),
             gemv_bulk_ring: std::env::var("KAIROS_CUDA_GEMV_BULK_RING_KB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0) << 10,
-            gemv_wave_blocks: std::env::var("KAIROS_CUDA_GEMV_WAVE_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
             gemv_bulk_min_bytes: match env_flag("KAIROS_CUDA_GEMV_BULK") {
                 Some(false) => usize::MAX,
                 _ => std::env::var("KAIROS_CUDA_GEMV_BULK_MIN_MB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(128) << 20,
@@ -509,17 +504,6 @@ impl CudaContext {
             ks *= 2;
         }
         ks
-    }
-
-    /// Blocks of a GEMV grid of `tiles` row tiles (gemv.cu's entries loop over tiles):
-    /// capped at `gemv_wave_blocks` per SM, never while recording (the persistent step
-    /// runs a tile per virtual block).
-    pub(crate) fn gemv_blocks(&self, tiles: usize) -> usize {
-        if self.gemv_wave_blocks == 0 || self.is_recording() {
-            tiles
-        } else {
-            tiles.min(self.sm_count as usize * self.gemv_wave_blocks).max(1)
-        }
     }
 
     /// Whether launches are being recorded for the persistent step (which runs only the

@@ -166,7 +166,7 @@ impl CudaContext {
                 Some(bb) => b.arg(bb),
                 None => b.arg(&null),
             };
-            unsafe { b.launch(lc(self.gemv_blocks(rows.div_ceil(rpb)), 1, 1, 256)) }?;
+            unsafe { b.launch(lc(rows.div_ceil(rpb), 1, 1, 256)) }?;
             j0 += nn;
         }
         Ok(())
