@@ -66,6 +66,53 @@ struct AttnRope {
     bf16_t* v_w;
     float eps, mscale;
 };
+// The last block of a (sequence, kv head, head group): combines the eff splits' partials
+// of its ng heads g0 .. (other blocks' partials: read through L2) into out.
+// sw: shared memory for HG * ATT_RMAX split weights; sm_inv: HG floats.
+template <int D, int NW, int HG>
+__device__ void att_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+                            const float* __restrict__ sinks, float* __restrict__ out, float* sw, float* sm_inv,
+                            int s, int n_q, int n_splits, int g0, int ng, int eff) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int g = warp; g < ng; g += NW) {
+        const long long pb = ((long long)s * n_q + g0 + g) * n_splits;
+        float M = NEG_INF;
+        for (int i = lane; i < eff; i += 32) M = fmaxf(M, __ldcg(part_ml + (pb + i) * 2));
+        M = warp_max(M);
+        const float sk = sinks ? sinks[g0 + g] : NEG_INF;
+        M = fmaxf(M, sk);
+        float L = 0.f;
+        for (int i = lane; i < eff; i += 32) {
+            float mi = __ldcg(part_ml + (pb + i) * 2);
+            float w = mi == NEG_INF ? 0.f : __expf(mi - M);
+            sw[g * ATT_RMAX + i] = w;
+            L += w * __ldcg(part_ml + (pb + i) * 2 + 1);
+        }
+        L = warp_sum(L);
+        if (sinks && M != NEG_INF) L += __expf(sk - M);
+        if (lane == 0) sm_inv[g] = L > 0.f ? 1.f / L : 0.f;
+    }
+    __syncthreads();
+    // every (head, dim) output of the block at once, so the split loop's loads are all in flight
+    constexpr int OPT = (HG * D + NW * 32 - 1) / (NW * 32);
+    float o[OPT];
+#pragma unroll
+    for (int u = 0; u < OPT; u++) o[u] = 0.f;
+#pragma unroll 4
+    for (int i = 0; i < eff; i++) {
+#pragma unroll
+        for (int u = 0; u < OPT; u++) {
+            const int idx = threadIdx.x + u * NW * 32, g = idx / D, d = idx % D;
+            if (g < ng) o[u] += __ldcg(part_acc + (((long long)s * n_q + g0 + g) * n_splits + i) * D + d) * sw[g * ATT_RMAX + i];
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < OPT; u++) {
+        const int idx = threadIdx.x + u * NW * 32, g = idx / D, d = idx % D;
+        if (g < ng) out[((long long)s * n_q + g0 + g) * D + d] = o[u] * sm_inv[g];
+    }
+}
+
 template <int EPL, int NW, typename Wait = NoWait, bool ROPE = false, int HG = MAXG>
 __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __restrict__ kc,
                                 const bf16_t* __restrict__ vc, const int* __restrict__ slots,
@@ -289,45 +336,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
     }
     if (eff == 1) return;
     if (!last_block(ctr + ((long long)s * n_kv + kvh) * groups + grp, (unsigned)eff)) return;
-    // Combine the eff splits of this block's heads (other blocks' partials: read through L2).
-    float* sw = sm_acc;  // [HG][ATT_RMAX]
-    for (int g = warp; g < ng; g += NW) {
-        const long long pb = ((long long)s * n_q + g0 + g) * n_splits;
-        float M = NEG_INF;
-        for (int i = lane; i < eff; i += 32) M = fmaxf(M, __ldcg(part_ml + (pb + i) * 2));
-        M = warp_max(M);
-        const float sk = sinks ? sinks[g0 + g] : NEG_INF;
-        M = fmaxf(M, sk);
-        float L = 0.f;
-        for (int i = lane; i < eff; i += 32) {
-            float mi = __ldcg(part_ml + (pb + i) * 2);
-            float w = mi == NEG_INF ? 0.f : __expf(mi - M);
-            sw[g * ATT_RMAX + i] = w;
-            L += w * __ldcg(part_ml + (pb + i) * 2 + 1);
-        }
-        L = warp_sum(L);
-        if (sinks && M != NEG_INF) L += __expf(sk - M);
-        if (lane == 0) sm_inv[g] = L > 0.f ? 1.f / L : 0.f;
-    }
-    __syncthreads();
-    // every (head, dim) output of the block at once, so the split loop's loads are all in flight
-    constexpr int OPT = (HG * D + NW * 32 - 1) / (NW * 32);
-    float o[OPT];
-#pragma unroll
-    for (int u = 0; u < OPT; u++) o[u] = 0.f;
-#pragma unroll 4
-    for (int i = 0; i < eff; i++) {
-#pragma unroll
-        for (int u = 0; u < OPT; u++) {
-            const int idx = threadIdx.x + u * NW * 32, g = idx / D, d = idx % D;
-            if (g < ng) o[u] += __ldcg(part_acc + (((long long)s * n_q + g0 + g) * n_splits + i) * D + d) * sw[g * ATT_RMAX + i];
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < OPT; u++) {
-        const int idx = threadIdx.x + u * NW * 32, g = idx / D, d = idx % D;
-        if (g < ng) out[((long long)s * n_q + g0 + g) * D + d] = o[u] * sm_inv[g];
-    }
+    att_combine<D, NW, HG>(part_acc, part_ml, sinks, out, sm_acc, sm_inv, s, n_q, n_splits, g0, ng, eff);
 }
 
 #define ATT_ARGS const float* q, const bf16_t* kc, const bf16_t* vc, const int* slots, const int* seq_lens, \
@@ -359,3 +368,157 @@ ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, , MAXG)
 ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, _h1, 1)
 ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, _h2, 2)
 ATT_ENTRIES(rope, ATT_ROPE_ARGS, ATT_ROPE_CALL, _h4, 4)
+
+// ---- Decode attention from shared-memory tiles (A/B: KAIROS_CUDA_ATT_TILE) ----
+// The split kernel above is a chain of dependent round trips: each warp loads ATT_PU positions'
+// rows, reduces their scores, then loads the next ones (Qwen3-30B-A3B b1: ~7 us per layer at
+// ctx 128, ~16 at 2048, for 0.26 / 4 MB of K/V). Here a block copies a whole sub-tile of
+// TILE_P positions' K and V rows to shared memory at once (cp.async, 16 bytes per copy, all in
+// flight: one round trip per sub-tile, and the next sub-tile's copies fly while this one is
+// computed), and one block takes ALL the query heads of its kv head, so each K/V byte is read
+// once. Same arguments, workspace, splits and partial format as attention_split_*; the last
+// block combines (att_combine).
+//   grid (n_splits, n_kv, n_seq), block 256; dynamic shared memory 2 * TILE_P * D * 4 bytes
+//   (two buffers of K|V rows); G = n_q / n_kv <= 8 (the host checks).
+//   scores  thread t: position t % TILE_P of the sub-tile, heads t / TILE_P and + 4; K rows are
+//           stored XOR-swizzled in 16-byte units so a quarter-warp's 8 positions hit distinct banks
+//   softmax warp g: head g's running max and sum (online, as the split kernel)
+//   P . V   warp g: head g; lane: dims lane * EPL ..
+#define TILE_P 64
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+template <int D>
+__device__ void attn_tile_impl(const float* __restrict__ q, const bf16_t* __restrict__ kc, const bf16_t* __restrict__ vc,
+                               const int* __restrict__ slots, const int* __restrict__ seq_lens, float* __restrict__ part_acc,
+                               float* __restrict__ part_ml, int n_q, int n_kv, int layer, int n_layers, int max_pos,
+                               float scale, int window, int n_splits, long long q_stride, const float* __restrict__ sinks,
+                               float* __restrict__ out, unsigned* __restrict__ ctr) {
+    constexpr int NW = 8, HG = 8, EPL = D / 32, C16 = D / 8;  // C16: 16-byte chunks per row
+    static_assert(C16 >= 8, "the swizzle permutes 8 chunks");
+    extern __shared__ __align__(16) unsigned char tile_smem[];
+    __shared__ float sq[HG * D];          // q * scale, f32
+    __shared__ float ss[HG][TILE_P];      // scores, then probabilities
+    __shared__ float sm_inv[HG];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int split = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+    const int G = n_q / n_kv, g0 = kvh * G, ng = min(G, HG);
+    PDL_ENTRY();
+    const int len = min(seq_lens[s], max_pos), slot = slots[s];
+    const int lo = window > 0 ? max(0, len - window) : 0, range = max(0, len - lo);
+    const int eff = min(n_splits, max(1, (range + ATT_MINPOS - 1) / ATT_MINPOS));
+    if (split >= eff) return;
+    const int chunk = (range + eff - 1) / eff;
+    const int start = lo + split * chunk, end = min(len, start + chunk);
+    const long long base = (((long long)slot * n_layers + layer) * n_kv + kvh) * (long long)max_pos * D;
+    // buffer b: K rows at b * 2 * TILE_P * D, V rows TILE_P * D after them (bf16 elements)
+    bf16_t* const tiles = (bf16_t*)tile_smem;
+    // sub-tile at position p0 into buffer b: K rows swizzled, V rows as they are
+    auto issue = [&](int p0, int b) {
+        const int n = min(TILE_P, end - p0);
+        bf16_t* sk = tiles + b * 2 * TILE_P * D;
+        bf16_t* sv = sk + TILE_P * D;
+        for (int i = threadIdx.x; i < n * C16; i += blockDim.x) {
+            const int r = i / C16, c = i % C16;
+            const long long src = base + (long long)(p0 + r) * D + c * 8;
+            cp_async16(sk + r * D + ((c ^ (r & 7)) * 8), kc + src);
+            cp_async16(sv + r * D + c * 8, vc + src);
+        }
+        cp_async_commit();
+    };
+    if (start < end) issue(start, 0);
+    for (int i = threadIdx.x; i < ng * D; i += blockDim.x) sq[i] = q[(long long)s * q_stride + (long long)g0 * D + i] * scale;
+    float acc[EPL], m = NEG_INF, l = 0.f;  // warp g's head g: dims lane * EPL ..
+#pragma unroll
+    for (int e = 0; e < EPL; e++) acc[e] = 0.f;
+    const int p = threadIdx.x % TILE_P, hq = threadIdx.x / TILE_P;
+    int b = 0;
+    for (int p0 = start; p0 < end; p0 += TILE_P, b ^= 1) {
+        const int n = min(TILE_P, end - p0);
+        if (p0 + TILE_P < end) {
+            issue(p0 + TILE_P, b ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // the sub-tile (every thread's copies) and sq are in shared memory
+        const bf16_t* sk = tiles + b * 2 * TILE_P * D;
+        const bf16_t* sv = sk + TILE_P * D;
+        float sc[2] = {0.f, 0.f};
+        if (p < n) {
+            const uint4* krow = (const uint4*)(sk + p * D);
+#pragma unroll
+            for (int c = 0; c < C16; c++) {
+                float kf[8];
+                unpack8(krow[c ^ (p & 7)], kf);
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const float* qg = sq + (hq + 4 * j) * D + c * 8;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) sc[j] += qg[e] * kf[e];
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            if (hq + 4 * j < ng) ss[hq + 4 * j][p] = p < n ? sc[j] : NEG_INF;
+        __syncthreads();
+        if (warp < ng) {
+            float mx = NEG_INF;
+            for (int i = lane; i < n; i += 32) mx = fmaxf(mx, ss[warp][i]);
+            const float mn = fmaxf(m, warp_max(mx));
+            const float corr = m == NEG_INF ? 0.f : __expf(m - mn);
+            float sum = 0.f;
+            for (int i = lane; i < n; i += 32) {
+                const float pr = __expf(ss[warp][i] - mn);
+                ss[warp][i] = pr;
+                sum += pr;
+            }
+            l = l * corr + warp_sum(sum);
+            m = mn;
+            __syncwarp();
+#pragma unroll
+            for (int e = 0; e < EPL; e++) acc[e] *= corr;
+#pragma unroll 4
+            for (int i = 0; i < n; i++) {
+                float vf[EPL];
+                ld_row<EPL>(sv + i * D + lane * EPL, vf);
+                const float pr = ss[warp][i];
+#pragma unroll
+                for (int e = 0; e < EPL; e++) acc[e] += pr * vf[e];
+            }
+        }
+        __syncthreads();  // buffer b and ss are free for the next sub-tile
+    }
+    if (eff == 1) {
+        if (warp < ng) {
+            const float sk = sinks ? sinks[g0 + warp] : NEG_INF;
+            const float Mx = fmaxf(m, sk);
+            const float f = m == NEG_INF ? 0.f : __expf(m - Mx);
+            float Lt = f * l;
+            if (sinks && Mx != NEG_INF) Lt += __expf(sk - Mx);
+            const float inv = Lt > 0.f ? 1.f / Lt : 0.f;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) out[((long long)s * n_q + g0 + warp) * D + lane * EPL + e] = acc[e] * f * inv;
+        }
+        return;
+    }
+    if (warp < ng) {
+        const long long pi = ((long long)s * n_q + g0 + warp) * n_splits + split;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) part_acc[pi * D + lane * EPL + e] = acc[e];
+        if (lane == 0) { part_ml[pi * 2] = m; part_ml[pi * 2 + 1] = l; }
+    }
+    if (!last_block(ctr + (long long)s * n_kv + kvh, (unsigned)eff)) return;
+    att_combine<D, NW, HG>(part_acc, part_ml, sinks, out, (float*)tile_smem, sm_inv, s, n_q, n_splits, g0, ng, eff);
+}
+#define ATT_TILE_ARGS const float* q, const bf16_t* kc, const bf16_t* vc, const int* slots, const int* seq_lens, \
+    float* part_acc, float* part_ml, int n_q, int n_kv, int layer, int n_layers, int max_pos, float scale, int window, int n_splits, \
+    long long q_stride, const float* sinks, float* out, unsigned* ctr
+#define ATT_TILE_PASS q, kc, vc, slots, seq_lens, part_acc, part_ml, n_q, n_kv, layer, n_layers, max_pos, scale, window, n_splits, \
+    q_stride, sinks, out, ctr
+extern "C" __global__ void __launch_bounds__(256) attention_tile_d64(ATT_TILE_ARGS) { attn_tile_impl<64>(ATT_TILE_PASS); }
+extern "C" __global__ void __launch_bounds__(256) attention_tile_d128(ATT_TILE_ARGS) { attn_tile_impl<128>(ATT_TILE_PASS); }

@@ -13,12 +13,17 @@ fn attention_decode() {
     for hpb in [8usize, 4, 3, 2, 1] {
         let mut own = CudaContext::new(0).expect("a second context");
         own.attention_heads = Some(hpb);
-        attention_cases(&own, hpb);
+        attention_cases(&own, &format!("heads/block {hpb}"));
     }
-    attention_timing(c);
+    // the shared-memory tile kernel (head_dim 64 / 128; the D 256 case runs the split kernel)
+    let mut tile = CudaContext::new(0).expect("a third context");
+    tile.attention_tile_rows = 1;
+    attention_cases(&tile, "tile");
+    attention_timing(c, "attention_decode");
+    attention_timing(&tile, "attention_tile");
 }
 
-fn attention_cases(c: &CudaContext, hpb: usize) {
+fn attention_cases(c: &CudaContext, kernel: &str) {
     let mut r = rng();
     // (n_q, n_kv, D, n_seq, max_pos, window, sinks, n_splits)
     for &(nq, nkv, d, nseq, maxp, window, sinks, nsp) in &[
@@ -97,7 +102,7 @@ fn attention_cases(c: &CudaContext, hpb: usize) {
         .unwrap();
         c.stream.synchronize().unwrap();
         check(
-            &format!("attention q {nq} kv {nkv} D {d} seqs {nseq} lens<={maxp} win {window} sinks {sinks} splits {nsp} heads/block {hpb}"),
+            &format!("attention q {nq} kv {nkv} D {d} seqs {nseq} lens<={maxp} win {window} sinks {sinks} splits {nsp} {kernel}"),
             &down(&out),
             &want,
             1e-4,
@@ -105,7 +110,7 @@ fn attention_cases(c: &CudaContext, hpb: usize) {
     }
 }
 
-fn attention_timing(c: &CudaContext) {
+fn attention_timing(c: &CudaContext, name: &str) {
     let mut r = rng();
     // timing: 8 sequences x 4096 positions, Qwen3-30B (32/4 x 128), SmolLM2 (9/3 x 64), gpt-oss (64/8 x 64)
     for &(nq, nkv, d, nseq, len) in &[
@@ -130,9 +135,11 @@ fn attention_timing(c: &CudaContext) {
         let ds = up(&(0..nseq as i32).collect::<Vec<_>>());
         let dl = up(&vec![len as i32; nseq]);
         let nsp = c.attention_splits(nseq, nq, nkv, d, false, len, 128);
+        // the buffers were written on the shared context's stream; `c` may have its own
+        cx().stream.synchronize().unwrap();
         let mut ws = AttnWorkspace::new(c, nseq, nq, nsp, d).unwrap();
         let mut out = nan_f32(nseq * nq * d);
-        let us = bench(|_| {
+        let us = bench_on(c, |_| {
             c.attention_decode(
                 &dq,
                 &dk,
@@ -154,7 +161,7 @@ fn attention_timing(c: &CudaContext) {
             .unwrap()
         });
         report(
-            "attention_decode",
+            name,
             &format!("q {nq} kv {nkv} D {d} seqs {nseq} len {len} splits {nsp}"),
             us,
             (kv.len() * 4) as f64,

@@ -93,9 +93,14 @@ pub fn check(what: &str, got: &[f32], want: &[f64], tol: f64) -> f64 {
     rel
 }
 
-/// Median microseconds per call of `f(i)` (i = call index, for rotating inputs).
-pub fn bench(mut f: impl FnMut(usize)) -> f64 {
-    let c = cx();
+/// Median microseconds per call of `f(i)` (i = call index, for rotating inputs) on the
+/// shared context's stream.
+pub fn bench(f: impl FnMut(usize)) -> f64 {
+    bench_on(cx(), f)
+}
+
+/// [`bench`] for launches on `c`'s stream (events are recorded there).
+pub fn bench_on(c: &CudaContext, mut f: impl FnMut(usize)) -> f64 {
     for i in 0..3 {
         f(i);
     }

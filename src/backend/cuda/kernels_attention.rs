@@ -271,6 +271,9 @@ impl CudaContext {
             return Ok(());
         }
         let g = n_q / kv.n_kv_heads;
+        if rope.is_none() && self.attention_tile_applies(d, g, n_seq) {
+            return self.attention_tile_launch(q, k_cache, v_cache, slots, seq_lens, sinks, out, ws, n_seq, n_q, q_stride, layer, kv, scale, window, n_splits);
+        }
         let hpb = self.attention_heads_per_block(g, n_seq);
         let groups = g.div_ceil(hpb);
         let name = format!(
@@ -319,6 +322,55 @@ impl CudaContext {
         Ok(())
     }
 
+    /// Whether a decode attention of head_dim `d` with `g` query heads per kv head over `rows`
+    /// rows runs the tile kernel (`attention_tile_rows`; never while a step is recorded: the
+    /// persistent step has only the split kernel).
+    pub(crate) fn attention_tile_applies(&self, d: usize, g: usize, rows: usize) -> bool {
+        tile_applies(self.attention_tile_rows, self.is_recording(), d, g, rows)
+    }
+
+    /// `attention_tile_d{d}`: as the split kernel's launch, a block per (split, kv head, sequence).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_tile_launch(
+        &self,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<u16>,
+        v_cache: &CudaSlice<u16>,
+        slots: &CudaSlice<i32>,
+        seq_lens: &CudaSlice<i32>,
+        sinks: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        ws: &mut AttnWorkspace,
+        n_seq: usize,
+        n_q: usize,
+        q_stride: usize,
+        layer: usize,
+        kv: &KvShape,
+        scale: f32,
+        window: usize,
+        n_splits: usize,
+    ) -> Result<()> {
+        let d = kv.head_dim;
+        let name = format!("attention_tile_d{d}");
+        let a = [n_q as i32, kv.n_kv_heads as i32, layer as i32, kv.n_layers as i32, kv.max_pos as i32];
+        let (win, ns, qs) = (window as i32, n_splits as i32, q_stride as i64);
+        let mut b = self.launch(&name);
+        b.arg(q).arg(k_cache).arg(v_cache).arg(slots).arg(seq_lens).arg(&mut ws.acc).arg(&mut ws.ml);
+        for v in a.iter() {
+            b.arg(v);
+        }
+        b.arg(&scale).arg(&win).arg(&ns).arg(&qs);
+        match sinks {
+            Some(s) => b.arg(s),
+            None => b.arg(&NULL),
+        };
+        b.arg(out).arg(&mut ws.cnt);
+        let mut cfg = grid(n_splits, kv.n_kv_heads, n_seq, 256);
+        cfg.shared_mem_bytes = tile_smem(d) as u32;
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
     /// Query heads per attention block (kernels/attention.cu's hpb, 1–8) for `g` query heads
     /// per kv head and steps of `rows` rows: one for steps of up to
     /// `CudaContext::attention_one_head_rows` rows, else 8; 8 while a step is recorded for the
@@ -343,6 +395,9 @@ impl CudaContext {
         cap: usize,
     ) -> usize {
         let g = n_q / n_kv.max(1);
+        if !rope && self.attention_tile_applies(d, g, n_seq) {
+            return tile_splits(self.sm_count as usize * self.attention_tile_bps, n_seq * n_kv, max_len, cap);
+        }
         let hpb = self.attention_heads_per_block(g, n_seq);
         let groups = g.div_ceil(hpb).max(1);
         let per_sm = match self.attention_blocks_per_sm {
@@ -365,6 +420,26 @@ impl CudaContext {
 fn heads_per_block(g: usize, rows: usize, recording: bool, forced: Option<usize>, one_head_rows: usize) -> usize {
     let hpb = if recording { 8 } else { forced.unwrap_or(if rows <= one_head_rows { 1 } else { 8 }) };
     hpb.clamp(1, g.max(1))
+}
+
+/// Positions per shared-memory sub-tile of `attention_tile_*` (kernels/attention.cu's TILE_P).
+const TILE_P: usize = 64;
+/// Dynamic shared memory of `attention_tile_d{d}`: two buffers of TILE_P positions' K and V rows.
+const fn tile_smem(d: usize) -> usize {
+    2 * TILE_P * d * 2 * 2
+}
+/// The tile entries and the dynamic shared memory each opts into.
+pub(super) const TILE_SMEM: &[(&str, usize)] = &[("attention_tile_d64", tile_smem(64)), ("attention_tile_d128", tile_smem(128))];
+
+/// [`CudaContext::attention_tile_applies`] without the context.
+fn tile_applies(min_rows: usize, recording: bool, d: usize, g: usize, rows: usize) -> bool {
+    min_rows > 0 && rows >= min_rows && !recording && matches!(d, 64 | 128) && (1..=8).contains(&g)
+}
+
+/// Splits of the tile kernel: ~`target` blocks over `blocks` (kv head, row) pairs, and enough
+/// that no split of `max_len` positions has more than 4 sub-tiles to walk one after the other.
+fn tile_splits(target: usize, blocks: usize, max_len: usize, cap: usize) -> usize {
+    splits_for(target, blocks, max_len, cap).max(max_len.div_ceil(4 * TILE_P).min(cap.max(1)))
 }
 
 /// Threads per decode-attention block: 8 warps for head_dim <= 128, 4 for 256 (shared memory;
@@ -436,6 +511,21 @@ mod tests {
             assert!(h >= hpb && h < 2 * hpb, "hpb {hpb} -> HG {h}");
             assert_eq!(entry_suffix(hpb, true), "", "a recorded step runs the persistent kernel's one attention");
         }
+    }
+
+    #[test]
+    fn tile_kernel_rule_and_splits() {
+        // rows, head_dim 64 / 128, at most 8 query heads per kv head, never while recording
+        assert!(tile_applies(16, false, 128, 8, 16) && tile_applies(16, false, 64, 3, 64));
+        assert!(!tile_applies(16, false, 128, 8, 4), "fewer rows than the threshold");
+        assert!(!tile_applies(0, false, 128, 8, 64), "0: off");
+        assert!(!tile_applies(1, true, 128, 8, 1), "recording");
+        assert!(!tile_applies(1, false, 256, 8, 1) && !tile_applies(1, false, 128, 16, 1));
+        // Qwen3 b1 ctx 2048: one wave of 4 kv heads; SmolLM2 b16: 48 pairs, yet <= 256 positions a split
+        assert_eq!(tile_splits(132, 4, 2048, 256), 33);
+        assert_eq!(tile_splits(132, 48, 2048, 256), 8);
+        assert_eq!(tile_splits(132, 48, 128, 256), 3);
+        assert_eq!(tile_splits(132, 4, 100_000, 64), 64, "capped");
     }
 
     #[test]

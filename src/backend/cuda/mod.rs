@@ -76,6 +76,8 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "attention_rope_d64_h4",
             "attention_rope_d128_h4",
             "attention_rope_d256_h4",
+            "attention_tile_d64",
+            "attention_tile_d128",
         ],
     ),
     // entries ending in "_n" are loaded as _n1 ..= _n8
@@ -287,6 +289,17 @@ pub struct CudaContext {
     /// (b64 ctx 2048 +2.3%); SmolLM2 b1 ctx 2048 −10.7% (b1 ctx 128 +3.8%, b16 ctx 2048 +6.5%).
     /// 1 and 0 measured slower. `KAIROS_CUDA_ATT_BLOCKS_PER_SM` for A/B.
     pub attention_blocks_per_sm: usize,
+    /// Decode attention from shared-memory tiles (`attention_tile_d{64,128}`, kernels/attention.cu)
+    /// for steps of at least this many rows (0: never): one block per (kv head, split) with all
+    /// its query heads, each sub-tile of K/V rows copied in one round trip. It reads each K/V
+    /// byte once where the split kernel re-reads it per query head, but a block does all its heads'
+    /// work, so short steps are faster with the split kernel. Default 16: on the H100 (session 16,
+    /// same call) b16 / b64 at ctx 2048 −12% / −9.5% per Qwen3-30B-A3B step, −6.5% / −11% gpt-oss-20b,
+    /// −12% / −3% SmolLM2 (SmolLM2 b64 ctx 128 +7%); at b1 Qwen3 +5% / +9% (ctx 128 / 2048), at b4
+    /// Qwen3 ctx 128 +2%. `KAIROS_CUDA_ATT_TILE_ROWS`.
+    pub attention_tile_rows: usize,
+    /// the tile kernel's split count aims at this many blocks per SM (`KAIROS_CUDA_ATT_TILE_BPS`, 1)
+    pub attention_tile_bps: usize,
     /// scratch for `argmax` (u64 keys, ARGMAX_MAX_ROWS x ARGMAX_PARTS)
     pub(crate) argmax_scratch: CudaSlice<u64>,
     /// launches go here instead of the stream while a step is recorded (persistent.rs)
@@ -323,9 +336,16 @@ impl PdlFlavor {
     }
 }
 
-/// The bulk GEMVs may take all the shared memory a block can opt into.
+/// The bulk GEMVs may take all the shared memory a block can opt into, the tile attention
+/// what its two K/V buffers need.
 fn set_function_attributes(funcs: &HashMap<String, RawFunction>, smem_optin: usize) -> Result<()> {
     use cudarc::driver::sys::{cuFuncSetAttribute, CUfunction_attribute as A};
+    for (name, bytes) in kernels_attention::TILE_SMEM {
+        if let Some(f) = funcs.get(*name) {
+            // SAFETY: as below.
+            unsafe { cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, *bytes as std::ffi::c_int) }.result()?;
+        }
+    }
     for name in gemv_bulk::ENTRIES {
         if let Some(f) = funcs.get(*name) {
             let bytes = smem_optin.saturating_sub(gemv_bulk::STATIC_SMEM) as std::ffi::c_int;
@@ -480,6 +500,8 @@ impl CudaContext {
             attention_heads: std::env::var("KAIROS_CUDA_ATT_HEADS").ok().and_then(|v| v.parse().ok()).filter(|h| (1..=8).contains(h)),
             attention_one_head_rows: std::env::var("KAIROS_CUDA_ATT_ONE_HEAD_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(4),
             attention_blocks_per_sm: std::env::var("KAIROS_CUDA_ATT_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).unwrap_or(2),
+            attention_tile_rows: std::env::var("KAIROS_CUDA_ATT_TILE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(16),
+            attention_tile_bps: std::env::var("KAIROS_CUDA_ATT_TILE_BPS").ok().and_then(|v| v.parse().ok()).filter(|&b| (1..=8).contains(&b)).unwrap_or(1),
             argmax_scratch,
             probe: launch::LaunchProbe::from_env(),
             recorder: std::sync::Mutex::new(None),
