@@ -271,16 +271,19 @@ impl CudaContext {
             return Ok(());
         }
         let g = n_q / kv.n_kv_heads;
-        if rope.is_none() && self.attention_tile_applies(d, g, n_seq) {
-            return self.attention_tile_launch(q, k_cache, v_cache, slots, seq_lens, sinks, out, ws, n_seq, n_q, q_stride, layer, kv, scale, window, n_splits);
-        }
-        let hpb = self.attention_heads_per_block(g, n_seq);
+        // the tile kernel takes the split kernel's arguments up to the counters, then none
+        let tile = rope.is_none() && self.attention_tile_applies(d, g, n_seq);
+        let hpb = if tile { g } else { self.attention_heads_per_block(g, n_seq) };
         let groups = g.div_ceil(hpb);
-        let name = format!(
-            "attention_{}_d{d}{}",
-            if rope.is_some() { "rope" } else { "split" },
-            entry_suffix(hpb, self.is_recording())
-        );
+        let name = if tile {
+            format!("attention_tile_d{d}")
+        } else {
+            format!(
+                "attention_{}_d{d}{}",
+                if rope.is_some() { "rope" } else { "split" },
+                entry_suffix(hpb, self.is_recording())
+            )
+        };
         let a = [
             n_q as i32,
             kv.n_kv_heads as i32,
@@ -306,7 +309,15 @@ impl CudaContext {
             Some(s) => b.arg(s),
             None => b.arg(&NULL),
         };
-        b.arg(out).arg(&mut ws.cnt).arg(&(hpb as i32));
+        b.arg(out).arg(&mut ws.cnt);
+        if tile {
+            let mut cfg = grid(n_splits, kv.n_kv_heads, n_seq, 256);
+            cfg.shared_mem_bytes = tile_smem(d) as u32;
+            unsafe { b.launch(cfg) }?;
+            return Ok(());
+        }
+        let hpb_arg = hpb as i32;
+        b.arg(&hpb_arg);
         if let Some(r) = rope {
             b.arg(r.positions).arg(r.inv_freq);
             for nw in [r.q_norm, r.k_norm] {
@@ -327,48 +338,6 @@ impl CudaContext {
     /// persistent step has only the split kernel).
     pub(crate) fn attention_tile_applies(&self, d: usize, g: usize, rows: usize) -> bool {
         tile_applies(self.attention_tile_rows, self.is_recording(), d, g, rows)
-    }
-
-    /// `attention_tile_d{d}`: as the split kernel's launch, a block per (split, kv head, sequence).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_tile_launch(
-        &self,
-        q: &CudaSlice<f32>,
-        k_cache: &CudaSlice<u16>,
-        v_cache: &CudaSlice<u16>,
-        slots: &CudaSlice<i32>,
-        seq_lens: &CudaSlice<i32>,
-        sinks: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
-        ws: &mut AttnWorkspace,
-        n_seq: usize,
-        n_q: usize,
-        q_stride: usize,
-        layer: usize,
-        kv: &KvShape,
-        scale: f32,
-        window: usize,
-        n_splits: usize,
-    ) -> Result<()> {
-        let d = kv.head_dim;
-        let name = format!("attention_tile_d{d}");
-        let a = [n_q as i32, kv.n_kv_heads as i32, layer as i32, kv.n_layers as i32, kv.max_pos as i32];
-        let (win, ns, qs) = (window as i32, n_splits as i32, q_stride as i64);
-        let mut b = self.launch(&name);
-        b.arg(q).arg(k_cache).arg(v_cache).arg(slots).arg(seq_lens).arg(&mut ws.acc).arg(&mut ws.ml);
-        for v in a.iter() {
-            b.arg(v);
-        }
-        b.arg(&scale).arg(&win).arg(&ns).arg(&qs);
-        match sinks {
-            Some(s) => b.arg(s),
-            None => b.arg(&NULL),
-        };
-        b.arg(out).arg(&mut ws.cnt);
-        let mut cfg = grid(n_splits, kv.n_kv_heads, n_seq, 256);
-        cfg.shared_mem_bytes = tile_smem(d) as u32;
-        unsafe { b.launch(cfg) }?;
-        Ok(())
     }
 
     /// Query heads per attention block (kernels/attention.cu's hpb, 1–8) for `g` query heads
