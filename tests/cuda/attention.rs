@@ -118,7 +118,10 @@ fn attention_timing(c: &CudaContext, name: &str) {
         (9, 3, 64, 8, 4096),
         (64, 8, 64, 1, 8192),
         (32, 4, 128, 1, 32768),
-        // batch-1 decode at a short context
+        // batch-1 decode at the bench's contexts
+        (32, 4, 128, 1, 2048),
+        (64, 8, 64, 1, 2048),
+        (32, 4, 128, 4, 2048),
         (32, 4, 128, 1, 128),
         (64, 8, 64, 1, 128),
     ] {
