@@ -369,17 +369,22 @@ impl CudaContext {
         }
         let hpb = self.attention_heads_per_block(g, n_seq);
         let groups = g.div_ceil(hpb).max(1);
+        let block = attention_block_threads(d);
+        let fits = |kind: &str| self.blocks_per_sm(&format!("attention_{kind}_d{d}{}", entry_suffix(hpb, self.is_recording())), block);
         let per_sm = match self.attention_blocks_per_sm {
-            0 => {
-                let block = attention_block_threads(d);
-                let fits = |kind: &str| {
-                    self.blocks_per_sm(&format!("attention_{kind}_d{d}{}", entry_suffix(hpb, self.is_recording())), block)
-                };
-                if rope { fits("split").min(fits("rope")) } else { fits("split") }
-            }
+            0 if rope => fits("split").min(fits("rope")),
+            0 => fits("split"),
             b => b,
         };
-        splits_for(self.sm_count as usize * per_sm, n_seq * n_kv * groups, max_len, cap)
+        let blocks = n_seq * n_kv * groups;
+        let splits = splits_for(self.sm_count as usize * per_sm, blocks, max_len, cap);
+        if !rope {
+            return splits;
+        }
+        // The RoPE fold's kernel holds more registers (Qwen3-30B-A3B b1: 99, 2 blocks per SM): a
+        // grid past one wave of it runs a second wave at long contexts (9 splits x 32 heads =
+        // 288 blocks on 264 places: +7.5% per step at ctx 2048, H100, session 17).
+        splits.min(one_wave_splits(self.sm_count as usize * fits("rope"), blocks))
     }
 }
 
@@ -409,6 +414,11 @@ fn tile_applies(min_rows: usize, recording: bool, d: usize, g: usize, rows: usiz
 /// that no split of `max_len` positions has more than 4 sub-tiles to walk one after the other.
 fn tile_splits(target: usize, blocks: usize, max_len: usize, cap: usize) -> usize {
     splits_for(target, blocks, max_len, cap).max(max_len.div_ceil(4 * TILE_P).min(cap.max(1)))
+}
+
+/// Most splits of `blocks` (kv head, group, row) triples whose grid fits `wave` resident blocks (at least 1).
+fn one_wave_splits(wave: usize, blocks: usize) -> usize {
+    (wave / blocks.max(1)).max(1)
 }
 
 /// Threads per decode-attention block: 8 warps for head_dim <= 128, 4 for 256 (shared memory;
@@ -495,6 +505,17 @@ mod tests {
         assert_eq!(tile_splits(132, 48, 2048, 256), 8);
         assert_eq!(tile_splits(132, 48, 128, 256), 3);
         assert_eq!(tile_splits(132, 4, 100_000, 64), 64, "capped");
+    }
+
+    #[test]
+    fn rope_fold_grid_fits_one_wave() {
+        // Qwen3 b1: 32 one-head blocks a split, 2 blocks per SM on 132 SMs -> 8 splits (256 blocks)
+        assert_eq!(one_wave_splits(264, 32), 8);
+        assert_eq!(splits_for(264, 32, 8192, 256).min(one_wave_splits(264, 32)), 8);
+        // SmolLM2 b1: 9 heads, 4 blocks per SM -> 58 allowed, the target's 30 stays
+        assert_eq!(splits_for(264, 9, 8192, 256).min(one_wave_splits(528, 9)), 30);
+        assert_eq!(one_wave_splits(100, 1000), 1);
+        assert_eq!(one_wave_splits(0, 0), 1);
     }
 
     #[test]
