@@ -66,6 +66,17 @@ struct AttnRope {
     bf16_t* v_w;
     float eps, mscale;
 };
+// The factor that normalises one split's (m, l, acc) when it covers the whole context, with
+// the head's sink (gpt-oss) as one more logit: acc * one_split_scale(..) is what the combine
+// below gives for a single split.
+__device__ __forceinline__ float one_split_scale(float m, float l, const float* sinks, int head) {
+    const float sk = sinks ? sinks[head] : NEG_INF;
+    const float Mx = fmaxf(m, sk);
+    const float f = m == NEG_INF ? 0.f : __expf(m - Mx);
+    float Lt = f * l;
+    if (sinks && Mx != NEG_INF) Lt += __expf(sk - Mx);
+    return Lt > 0.f ? f / Lt : 0.f;
+}
 // The last block of a (sequence, kv head, head group): combines the eff splits' partials
 // of its ng heads g0 .. (other blocks' partials: read through L2) into out.
 // sw: shared memory for HG * ATT_RMAX split weights; sm_inv: HG floats.
@@ -321,13 +332,7 @@ __device__ void attn_split_impl(const float* __restrict__ q, const bf16_t* __res
         }
         if (eff == 1) {
             // one split covers the context: normalise here (as the combine below would)
-            const float sk = sinks ? sinks[g0 + g] : NEG_INF;
-            const float Mx = fmaxf(M, sk);
-            const float f = M == NEG_INF ? 0.f : __expf(M - Mx);
-            float Lt = f * L;
-            if (sinks && Mx != NEG_INF) Lt += __expf(sk - Mx);
-            const float inv = Lt > 0.f ? 1.f / Lt : 0.f;
-            out[((long long)s * n_q + g0 + g) * D + d] = (o * f) * inv;
+            out[((long long)s * n_q + g0 + g) * D + d] = o * one_split_scale(M, L, sinks, g0 + g);
             continue;
         }
         long long pi = ((long long)s * n_q + g0 + g) * n_splits + split;
@@ -495,14 +500,9 @@ __device__ void attn_tile_impl(const float* __restrict__ q, const bf16_t* __rest
     }
     if (eff == 1) {
         if (warp < ng) {
-            const float sk = sinks ? sinks[g0 + warp] : NEG_INF;
-            const float Mx = fmaxf(m, sk);
-            const float f = m == NEG_INF ? 0.f : __expf(m - Mx);
-            float Lt = f * l;
-            if (sinks && Mx != NEG_INF) Lt += __expf(sk - Mx);
-            const float inv = Lt > 0.f ? 1.f / Lt : 0.f;
+            const float sc = one_split_scale(m, l, sinks, g0 + warp);
 #pragma unroll
-            for (int e = 0; e < EPL; e++) out[((long long)s * n_q + g0 + warp) * D + lane * EPL + e] = acc[e] * f * inv;
+            for (int e = 0; e < EPL; e++) out[((long long)s * n_q + g0 + warp) * D + lane * EPL + e] = acc[e] * sc;
         }
         return;
     }
