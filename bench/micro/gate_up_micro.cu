@@ -1,0 +1,222 @@
+// Micro-benchmark of the MoE expert gate/up GEMV at batch 1 (kernels/moe_q8.cu), alone,
+// with the experts' weights cold (each launch picks k random experts of E; the expert set
+// is far larger than L2). Why: at batch 1 this kernel cannot load a byte before the router
+// is done (its experts are unknown), so all of its time is on the step's critical path,
+// yet it reads at ~1/3 of the copy bandwidth (session 8 ncu: 26% of DRAM, 37% of warp
+// time waiting on L1TEX). The variants here change one thing each:
+//   shipped        moe_gate_up_q8 (256 threads: 8 warps x 4 outputs; per output its gate row,
+//                  then its up row), and the step's moe_gate_up_q8_topk at 256 / 512 threads
+//   v2 T R X       every warp issues the loads of R rows (R/2 outputs' gate + up) before it
+//                  uses any; X=1: this lane's activation blocks held in registers for all
+//                  rows (else re-read from L1 per row, as shipped)
+// Each variant's int8 activation output must equal the shipped kernel's bit for bit (same
+// sums in the same order). Build + run on the device:
+//   nvcc -O3 -arch=sm_90 -o /tmp/gum bench/micro/gate_up_micro.cu && /tmp/gum
+#include <cuda_runtime.h>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <algorithm>
+#include <random>
+#include "../../kernels/common.cuh"
+#include "../../kernels/moe_q8.cu"
+
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1); } } while (0)
+
+// R rows in flight per warp (R even: R/2 outputs), U blocks per lane per row (U * 32 >= nb).
+template <int R, int U, bool XREG>
+__global__ void __launch_bounds__(256) gate_up_v2(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
+        int I, int cols, int act, float alpha, float limit, signed char* __restrict__ aq, float* __restrict__ ad) {
+    __shared__ float out[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y, bx = blockIdx.x;
+    const int nb = cols / 32, per = 32 / (blockDim.x >> 5);
+    const long long e = ids[a];
+    const signed char* xa = xq + (long long)(a / x_div) * cols;
+    const float* da = xd + (long long)(a / x_div) * nb;
+    const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
+    const u8* es = scales + e * 2 * I * (long long)nb;
+    int4 xr[XREG ? U : 1][2];
+    float dr[XREG ? U : 1];
+    if (XREG) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int b = u * 32 + lane;
+            if (b < nb) {
+                xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
+                xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
+                dr[u] = LDG_ACT(da + b);
+            }
+        }
+    }
+    for (int t0 = 0; t0 < per; t0 += R / 2) {
+        uint4 w[R][U];
+        u32 s[R][U];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int j = bx * 32 + warp * per + t0 + r / 2;
+            const int row = (r & 1) == 0 ? (act == 1 ? 2 * j : j) : (act == 1 ? 2 * j + 1 : I + j);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int b = u * 32 + lane;
+                w[r][u] = b < nb ? ld_stream16(eb + ((long long)row * nb + b) * 16) : make_uint4(0, 0, 0, 0);
+                s[r][u] = b < nb ? (u32)__ldg(es + (long long)row * nb + b) : 127u;
+            }
+        }
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            acc[r] = 0.f;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int b = u * 32 + lane;
+                if (b < nb) {
+                    int d;
+                    if (XREG) {
+                        int lo, hi;
+                        d = 0;
+                        e2m1x8_to_i8(w[r][u].x, lo, hi); d = __dp4a(lo, xr[u][0].x, d); d = __dp4a(hi, xr[u][0].y, d);
+                        e2m1x8_to_i8(w[r][u].y, lo, hi); d = __dp4a(lo, xr[u][0].z, d); d = __dp4a(hi, xr[u][0].w, d);
+                        e2m1x8_to_i8(w[r][u].z, lo, hi); d = __dp4a(lo, xr[u][1].x, d); d = __dp4a(hi, xr[u][1].y, d);
+                        e2m1x8_to_i8(w[r][u].w, lo, hi); d = __dp4a(lo, xr[u][1].z, d); d = __dp4a(hi, xr[u][1].w, d);
+                    } else {
+                        d = dot_block(w[r][u], xa + b * 32);
+                    }
+                    acc[r] += (float)d * (0.5f * e8m0_q8(s[r][u]) * (XREG ? dr[u] : LDG_ACT(da + b)));
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r += 2) {
+            const int j = bx * 32 + warp * per + t0 + r / 2;
+            float g = warp_sum(acc[r]), u = warp_sum(acc[r + 1]);
+            if (lane == 0) {
+                float v;
+                if (act == 1) {
+                    g = fminf(g, limit);
+                    u = fminf(fmaxf(u, -limit), limit);
+                    v = (u + 1.f) * (g / (1.f + expf(-alpha * g)));
+                } else {
+                    v = g / (1.f + expf(-g)) * u;
+                }
+                out[j - bx * 32] = v;
+            }
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float v = out[lane];
+        float d = warp_max(fabsf(v)) / 127.f;
+        long long o = (long long)a * I + bx * 32 + lane;
+        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
+    }
+}
+
+struct Shape { const char* name; int E, k, I, cols, act; };
+
+int main() {
+    cudaStream_t s; CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaDeviceProp p; CK(cudaGetDeviceProperties(&p, 0));
+    printf("device %s, %d SMs, L2 %d MB\n", p.name, p.multiProcessorCount, p.l2CacheSize >> 20);
+    std::mt19937 rng(7);
+    const int NL = 96, REPS = 15;  // launches per graph (each its own experts), graph replays
+    Shape shapes[] = {{"qwen3-30b-a3b", 128, 8, 768, 2048, 0}, {"gpt-oss-20b", 32, 4, 2880, 2880, 1}};
+    for (const Shape& sh : shapes) {
+        const int nb = sh.cols / 32;
+        const size_t bper = (size_t)sh.E * 2 * sh.I * nb * 16, sper = (size_t)sh.E * 2 * sh.I * nb;
+        std::vector<u8> hb(bper), hs(sper);
+        for (auto& v : hb) v = rng() & 0xff;
+        for (auto& v : hs) v = 118 + rng() % 12;
+        std::vector<signed char> hx(sh.cols);
+        for (auto& v : hx) v = (signed char)((int)(rng() % 255) - 127);
+        std::vector<float> hd(nb);
+        for (auto& v : hd) v = 0.01f + (rng() % 100) * 1e-4f;
+        std::vector<int> hids((size_t)NL * sh.k);
+        for (int l = 0; l < NL; l++) {
+            std::vector<int> perm(sh.E);
+            for (int e = 0; e < sh.E; e++) perm[e] = e;
+            std::shuffle(perm.begin(), perm.end(), rng);
+            for (int j = 0; j < sh.k; j++) hids[(size_t)l * sh.k + j] = perm[j];
+        }
+        u8 *db, *ds; signed char *dx, *daq, *daq_ref; float *dd, *dad, *dad_ref; int* dids;
+        CK(cudaMalloc(&db, bper)); CK(cudaMalloc(&ds, sper));
+        CK(cudaMalloc(&dx, sh.cols)); CK(cudaMalloc(&dd, nb * 4)); CK(cudaMalloc(&dids, hids.size() * 4));
+        const size_t na = (size_t)sh.k * sh.I;
+        CK(cudaMalloc(&daq, na)); CK(cudaMalloc(&daq_ref, na)); CK(cudaMalloc(&dad, na / 32 * 4)); CK(cudaMalloc(&dad_ref, na / 32 * 4));
+        CK(cudaMemcpy(db, hb.data(), bper, cudaMemcpyHostToDevice)); CK(cudaMemcpy(ds, hs.data(), sper, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dx, hx.data(), sh.cols, cudaMemcpyHostToDevice)); CK(cudaMemcpy(dd, hd.data(), nb * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dids, hids.data(), hids.size() * 4, cudaMemcpyHostToDevice));
+        std::vector<float> hlg((size_t)NL * sh.E);
+        for (int l = 0; l < NL; l++) {
+            for (int e = 0; e < sh.E; e++) hlg[(size_t)l * sh.E + e] = -1.f - (rng() % 1000) * 1e-3f;
+            for (int j = 0; j < sh.k; j++) hlg[(size_t)l * sh.E + hids[(size_t)l * sh.k + j]] = 10.f - j;
+        }
+        float *dlg, *dtw; int* dtid;
+        CK(cudaMalloc(&dlg, hlg.size() * 4)); CK(cudaMalloc(&dtw, sh.k * 4)); CK(cudaMalloc(&dtid, sh.k * 4));
+        CK(cudaMemcpy(dlg, hlg.data(), hlg.size() * 4, cudaMemcpyHostToDevice));
+        const double mb = (double)sh.k * 2 * sh.I * nb * 17 / 1e6;  // bytes one launch reads
+        printf("%s: E %d, top-%d, %d x %d per expert (gate+up), %.1f MB per launch\n", sh.name, sh.E, sh.k, 2 * sh.I, sh.cols, mb);
+        const float alpha = 1.702f, limit = 7.f;
+        auto shipped = [&](int threads, int l, signed char* aq, float* ad) {
+            moe_gate_up_q8<<<dim3(sh.I / 32, sh.k), threads, 0, s>>>(db, ds, dx, dd, dids + l * sh.k, sh.k, nullptr, sh.I,
+                                                                   sh.cols, sh.act, alpha, limit, aq, ad);
+        };
+        auto time_us = [&](auto launch) {
+            cudaGraph_t g; cudaGraphExec_t ge;
+            CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+            for (int l = 0; l < NL; l++) launch(l);
+            CK(cudaStreamEndCapture(s, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
+            cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
+            std::vector<float> t;
+            for (int r = 0; r < REPS; r++) {
+                CK(cudaEventRecord(a, s)); CK(cudaGraphLaunch(ge, s)); CK(cudaEventRecord(b, s)); CK(cudaEventSynchronize(b));
+                float ms; CK(cudaEventElapsedTime(&ms, a, b)); t.push_back(ms * 1e3f / NL);
+            }
+            std::sort(t.begin(), t.end());
+            CK(cudaGraphExecDestroy(ge)); CK(cudaGraphDestroy(g));
+            return t[t.size() / 2];
+        };
+        shipped(256, 0, daq_ref, dad_ref);
+        CK(cudaStreamSynchronize(s)); CK(cudaGetLastError());
+        std::vector<signed char> ref_q(na); std::vector<float> ref_d(na / 32);
+        CK(cudaMemcpy(ref_q.data(), daq_ref, na, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(ref_d.data(), dad_ref, na / 32 * 4, cudaMemcpyDeviceToHost));
+        auto report = [&](const char* what, auto launch) {
+            CK(cudaMemset(daq, 0x55, na)); CK(cudaMemset(dad, 0xff, na / 32 * 4));
+            launch(0); CK(cudaStreamSynchronize(s)); CK(cudaGetLastError());
+            std::vector<signed char> q(na); std::vector<float> d(na / 32);
+            CK(cudaMemcpy(q.data(), daq, na, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(d.data(), dad, na / 32 * 4, cudaMemcpyDeviceToHost));
+            size_t bad = 0;
+            for (size_t i = 0; i < na; i++) bad += q[i] != ref_q[i];
+            for (size_t i = 0; i < na / 32; i++) bad += d[i] != ref_d[i];
+            const float us = time_us(launch);
+            printf("  %-22s %8.2f us  %6.0f GB/s  %s\n", what, us, mb / us * 1e3, bad ? "MISMATCH" : "equal");
+            if (bad) printf("    %zu outputs differ from the shipped kernel\n", bad);
+        };
+        report("shipped 256", [&](int l) { shipped(256, l, daq, dad); });
+        // the batch-1 kernel of the step: ranks the router logits itself (made so that its
+        // top-k are this launch's ids, in order)
+        for (int th : {256, 512}) {
+            char name[64]; snprintf(name, sizeof name, "shipped topk %d", th);
+            report(name, [&](int l) {
+                moe_gate_up_q8_topk<<<dim3(sh.I / 32, sh.k), th, 0, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1,
+                    dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
+            });
+        }
+        const dim3 grid(sh.I / 32, sh.k);
+#define V2(T, R, U, X) report("v2 " #T " R" #R " X" #X, [&](int l) { gate_up_v2<R, U, X><<<grid, T, 0, s>>>(db, ds, dx, dd, \
+            dids + l * sh.k, sh.k, sh.I, sh.cols, sh.act, alpha, limit, daq, dad); })
+        if (nb <= 64) {
+            V2(256, 2, 2, false); V2(256, 4, 2, false); V2(256, 8, 2, false);
+            V2(256, 4, 2, true); V2(256, 8, 2, true); V2(128, 4, 2, true); V2(128, 8, 2, true);
+        } else {
+            V2(256, 2, 3, false); V2(256, 4, 3, false); V2(256, 8, 3, false);
+            V2(256, 4, 3, true); V2(256, 8, 3, true); V2(128, 4, 3, true); V2(128, 8, 3, true);
+        }
+#undef V2
+        cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids);
+        cudaFree(daq); cudaFree(daq_ref); cudaFree(dad); cudaFree(dad_ref); cudaFree(dlg); cudaFree(dtw); cudaFree(dtid);
+    }
+    printf("done\n");
+    return 0;
+}
