@@ -232,30 +232,6 @@ extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_combine_l8(const u8* 
 // bias f32 [E, 2I] (rows as fused) or null. Out: aq i8 [n_assign, I], ad f32 [n_assign, I/32].
 // grid (I / 32, n_assign), block 256 (512, 1024): 8 (16, 32) warps x 4 (2, 1) outputs = one
 // 32-block of the activation.
-// The gated activation of one output from its gate and up sums (rows gr, ur of expert e).
-__device__ __forceinline__ float gate_up_act(float g, float u, const float* __restrict__ bias, long long e, int I, int gr,
-                                             int ur, int act, float alpha, float limit) {
-    if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
-    if (act == 1) {
-        g = fminf(g, limit);
-        u = fminf(fmaxf(u, -limit), limit);
-        return (u + 1.f) * (g / (1.f + expf(-alpha * g)));
-    }
-    return g / (1.f + expf(-g)) * u;
-}
-// The block's 32 outputs (shared memory) as one int8 32-block of assignment a's activation.
-__device__ __forceinline__ void gate_up_store(const float* out, signed char* __restrict__ aq, float* __restrict__ ad,
-                                              int a, int I, int bx) {
-    __syncthreads();
-    if ((threadIdx.x >> 5) == 0) {
-        const int lane = threadIdx.x & 31;
-        float v = out[lane];
-        float d = warp_max(fabsf(v)) / 127.f;
-        long long o = (long long)a * I + bx * 32 + lane;
-        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
-        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
-    }
-}
 // gate_up_q8_body: assignment a (= by) with its expert e already known.
 __device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, long long e, int x_div,
@@ -285,85 +261,27 @@ __device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restr
         float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
         g = warp_sum(g);
         u = warp_sum(u);
-        if (lane == 0) out[warp * per + t] = gate_up_act(g, u, bias, e, I, gr, ur, act, alpha, limit);
-    }
-    gate_up_store(out, aq, ad, a, I, bx);
-}
-// gate_up_q8_body with every warp's weight loads issued before any is used: R rows (the gate
-// and up rows of R/2 outputs) of U 16-byte blocks per lane (cols <= U * 1024), and this lane's
-// activation blocks held in registers for all of them. The sums are row_dot's, in its order,
-// so the results are bit-equal. The shipped body waits one DRAM round trip per row: at batch 1
-// a warp's 4-8 rows are 4-8 dependent round trips (bench/micro/gate_up_micro.cu).
-// Needs (32 / warps per block) % (R / 2) == 0.
-template <int R, int U>
-__device__ void gate_up_q8_body_lf(const u8* __restrict__ blocks, const u8* __restrict__ scales,
-        const signed char* __restrict__ xq, const float* __restrict__ xd, long long e, int x_div,
-        const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
-        signed char* __restrict__ aq, float* __restrict__ ad, int bx, int by) {
-    __shared__ float out[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = by;
-    const int nb = cols / 32, per = 32 / (blockDim.x >> 5);
-    if (e < 0 || nb > U * 32) {  // another rank's expert, or rows too long for U
-        gate_up_q8_body(blocks, scales, xq, xd, e, x_div, bias, I, cols, act, alpha, limit, aq, ad, bx, by);
-        return;
-    }
-    const signed char* xa = xq + (long long)(a / x_div) * cols;
-    const float* da = xd + (long long)(a / x_div) * nb;
-    const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
-    const u8* es = scales + e * 2 * I * (long long)nb;
-    int4 xr[U][2];
-    float dr[U];
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int b = u * 32 + lane;
-        xr[u][0] = xr[u][1] = make_int4(0, 0, 0, 0);
-        dr[u] = 0.f;
-        if (b < nb) {
-            xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
-            xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
-            dr[u] = LDG_ACT(da + b);
-        }
-    }
-    for (int t0 = 0; t0 < per; t0 += R / 2) {
-        uint4 w[R][U];
-        u32 s[R][U];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int j = bx * 32 + warp * per + t0 + r / 2;
-            const long long row = (r & 1) == 0 ? (act == 1 ? 2 * j : j) : (act == 1 ? 2 * j + 1 : I + j);
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int b = u * 32 + lane;
-                w[r][u] = b < nb ? ld_stream16(eb + (row * nb + b) * 16) : make_uint4(0, 0, 0, 0);
-                s[r][u] = b < nb ? (u32)__ldg(es + row * nb + b) : 127u;
+        if (lane == 0) {
+            if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
+            float v;
+            if (act == 1) {
+                g = fminf(g, limit);
+                u = fminf(fmaxf(u, -limit), limit);
+                v = (u + 1.f) * (g / (1.f + expf(-alpha * g)));
+            } else {
+                v = g / (1.f + expf(-g)) * u;
             }
-        }
-#pragma unroll
-        for (int r = 0; r < R; r += 2) {
-            float acc[2];
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                acc[h] = 0.f;
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    if (u * 32 + lane < nb) {
-                        const uint4 q = w[r + h][u];
-                        int lo, hi, d = 0;
-                        e2m1x8_to_i8(q.x, lo, hi); d = __dp4a(lo, xr[u][0].x, d); d = __dp4a(hi, xr[u][0].y, d);
-                        e2m1x8_to_i8(q.y, lo, hi); d = __dp4a(lo, xr[u][0].z, d); d = __dp4a(hi, xr[u][0].w, d);
-                        e2m1x8_to_i8(q.z, lo, hi); d = __dp4a(lo, xr[u][1].x, d); d = __dp4a(hi, xr[u][1].y, d);
-                        e2m1x8_to_i8(q.w, lo, hi); d = __dp4a(lo, xr[u][1].z, d); d = __dp4a(hi, xr[u][1].w, d);
-                        acc[h] += (float)d * (0.5f * e8m0_q8(s[r + h][u]) * dr[u]);
-                    }
-                }
-            }
-            const int j = bx * 32 + warp * per + t0 + r / 2;
-            const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
-            const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
-            if (lane == 0) out[j - bx * 32] = gate_up_act(g, u, bias, e, I, gr, ur, act, alpha, limit);
+            out[warp * per + t] = v;
         }
     }
-    gate_up_store(out, aq, ad, a, I, bx);
+    __syncthreads();
+    if (warp == 0) {
+        float v = out[lane];
+        float d = warp_max(fabsf(v)) / 127.f;
+        long long o = (long long)a * I + bx * 32 + lane;
+        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
+    }
 }
 __device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
@@ -487,9 +405,7 @@ extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __
 // layer inside this kernel on the H100). Blocks of row tile 0 also store the pick and its
 // weight in ids / wout [n*k] for the down GEMV and the combine. k <= 32, x_div = k.
 // grid (I / 32, n * k), block 256 or 512.
-// R = 0: gate_up_q8_body; else gate_up_q8_body_lf<R, U>
-template <int R, int U>
-__device__ void gate_up_q8_topk_impl(const u8* blocks, const u8* scales,
+extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
         const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
         const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
     // the dependent is let go only after the wait, whatever PDL_LATE says: mxfp4_q8_rank_*
@@ -505,21 +421,8 @@ __device__ void gate_up_q8_topk_impl(const u8* blocks, const u8* scales,
         ids[a] = s_ids[r];
         wout[a] = s_w[r];
     }
-    if (R == 0)
-        gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
-    else
-        gate_up_q8_body_lf<R ? R : 2, U>(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad,
-                                         blockIdx.x, a);
+    gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
 }
-#define GU_TOPK_ARGS const u8* blocks, const u8* scales, const signed char* xq, const float* xd, const float* logits, \
-    int E, int k, int renorm, int* ids, float* wout, const float* bias, int I, int cols, int act, float alpha, float limit, \
-    signed char* aq, float* ad
-#define GU_TOPK_PASS blocks, scales, xq, xd, logits, E, k, renorm, ids, wout, bias, I, cols, act, alpha, limit, aq, ad
-extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(GU_TOPK_ARGS) { gate_up_q8_topk_impl<0, 1>(GU_TOPK_PASS); }
-// loads first (gate_up_q8_body_lf): R rows in flight per warp, cols <= 1024 U; block 256
-extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf4_u2(GU_TOPK_ARGS) { gate_up_q8_topk_impl<4, 2>(GU_TOPK_PASS); }
-extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf8_u2(GU_TOPK_ARGS) { gate_up_q8_topk_impl<8, 2>(GU_TOPK_PASS); }
-extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf4_u3(GU_TOPK_ARGS) { gate_up_q8_topk_impl<4, 3>(GU_TOPK_PASS); }
 
 // ---- Grouped expert GEMVs (steps of many rows) ----
 // The kernels above read an expert's weights once per ASSIGNMENT; with many rows per step

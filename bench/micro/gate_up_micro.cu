@@ -3,14 +3,14 @@
 // is far larger than L2). Why: at batch 1 this kernel cannot load a byte before the router
 // is done (its experts are unknown), so all of its time is on the step's critical path,
 // yet it reads at ~1/3 of the copy bandwidth (session 8 ncu: 26% of DRAM, 37% of warp
-// time waiting on L1TEX). The kernels timed:
+// time waiting on L1TEX). The variants here change one thing each:
 //   shipped        moe_gate_up_q8 (256 threads: 8 warps x 4 outputs; per output its gate row,
 //                  then its up row), and the step's moe_gate_up_q8_topk at 256 / 512 threads
-//   topk lfR_uU T  moe_gate_up_q8_topk_lfR_uU: every warp issues the loads of R rows (R/2
-//                  outputs' gate + up) before it uses any, its lane's activation blocks in
-//                  registers (gate_up_q8_body_lf)
-// Each one's int8 activation output must equal moe_gate_up_q8's bit for bit (same sums in the
-// same order). Build + run on the device:
+//   v2 T R X       every warp issues the loads of R rows (R/2 outputs' gate + up) before it
+//                  uses any; X=1: this lane's activation blocks held in registers for all
+//                  rows (else re-read from L1 per row, as shipped)
+// Each variant's int8 activation output must equal the shipped kernel's bit for bit (same
+// sums in the same order). Build + run on the device:
 //   nvcc -O3 -arch=sm_90 -o /tmp/gum bench/micro/gate_up_micro.cu && /tmp/gum
 #include <cuda_runtime.h>
 #include <cstdio>
@@ -22,6 +22,96 @@
 #include "../../kernels/moe_q8.cu"
 
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1); } } while (0)
+
+// R rows in flight per warp (R even: R/2 outputs), U blocks per lane per row (U * 32 >= nb).
+template <int R, int U, bool XREG>
+__global__ void __launch_bounds__(256) gate_up_v2(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
+        int I, int cols, int act, float alpha, float limit, signed char* __restrict__ aq, float* __restrict__ ad) {
+    __shared__ float out[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y, bx = blockIdx.x;
+    const int nb = cols / 32, per = 32 / (blockDim.x >> 5);
+    const long long e = ids[a];
+    const signed char* xa = xq + (long long)(a / x_div) * cols;
+    const float* da = xd + (long long)(a / x_div) * nb;
+    const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
+    const u8* es = scales + e * 2 * I * (long long)nb;
+    int4 xr[XREG ? U : 1][2];
+    float dr[XREG ? U : 1];
+    if (XREG) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int b = u * 32 + lane;
+            if (b < nb) {
+                xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
+                xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
+                dr[u] = LDG_ACT(da + b);
+            }
+        }
+    }
+    for (int t0 = 0; t0 < per; t0 += R / 2) {
+        uint4 w[R][U];
+        u32 s[R][U];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int j = bx * 32 + warp * per + t0 + r / 2;
+            const int row = (r & 1) == 0 ? (act == 1 ? 2 * j : j) : (act == 1 ? 2 * j + 1 : I + j);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int b = u * 32 + lane;
+                w[r][u] = b < nb ? ld_stream16(eb + ((long long)row * nb + b) * 16) : make_uint4(0, 0, 0, 0);
+                s[r][u] = b < nb ? (u32)__ldg(es + (long long)row * nb + b) : 127u;
+            }
+        }
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            acc[r] = 0.f;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int b = u * 32 + lane;
+                if (b < nb) {
+                    int d;
+                    if (XREG) {
+                        int lo, hi;
+                        d = 0;
+                        e2m1x8_to_i8(w[r][u].x, lo, hi); d = __dp4a(lo, xr[u][0].x, d); d = __dp4a(hi, xr[u][0].y, d);
+                        e2m1x8_to_i8(w[r][u].y, lo, hi); d = __dp4a(lo, xr[u][0].z, d); d = __dp4a(hi, xr[u][0].w, d);
+                        e2m1x8_to_i8(w[r][u].z, lo, hi); d = __dp4a(lo, xr[u][1].x, d); d = __dp4a(hi, xr[u][1].y, d);
+                        e2m1x8_to_i8(w[r][u].w, lo, hi); d = __dp4a(lo, xr[u][1].z, d); d = __dp4a(hi, xr[u][1].w, d);
+                    } else {
+                        d = dot_block(w[r][u], xa + b * 32);
+                    }
+                    acc[r] += (float)d * (0.5f * e8m0_q8(s[r][u]) * (XREG ? dr[u] : LDG_ACT(da + b)));
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r += 2) {
+            const int j = bx * 32 + warp * per + t0 + r / 2;
+            float g = warp_sum(acc[r]), u = warp_sum(acc[r + 1]);
+            if (lane == 0) {
+                float v;
+                if (act == 1) {
+                    g = fminf(g, limit);
+                    u = fminf(fmaxf(u, -limit), limit);
+                    v = (u + 1.f) * (g / (1.f + expf(-alpha * g)));
+                } else {
+                    v = g / (1.f + expf(-g)) * u;
+                }
+                out[j - bx * 32] = v;
+            }
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float v = out[lane];
+        float d = warp_max(fabsf(v)) / 127.f;
+        long long o = (long long)a * I + bx * 32 + lane;
+        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
+    }
+}
 
 struct Shape { const char* name; int E, k, I, cols, act; };
 
@@ -113,23 +203,17 @@ int main() {
                     dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
             });
         }
-        // the loads-first entries (gate_up_q8_body_lf), at 256 and 128 threads
-        auto lf = [&](const char* what, int threads, auto kernel) {
-            report(what, [&](int l) {
-                kernel<<<dim3(sh.I / 32, sh.k), threads, 0, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1,
-                    dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
-            });
-        };
+        const dim3 grid(sh.I / 32, sh.k);
+#define V2(T, R, U, X) report("v2 " #T " R" #R " X" #X, [&](int l) { gate_up_v2<R, U, X><<<grid, T, 0, s>>>(db, ds, dx, dd, \
+            dids + l * sh.k, sh.k, sh.I, sh.cols, sh.act, alpha, limit, daq, dad); })
         if (nb <= 64) {
-            lf("topk lf4_u2 256", 256, moe_gate_up_q8_topk_lf4_u2);
-            lf("topk lf4_u2 128", 128, moe_gate_up_q8_topk_lf4_u2);
-            lf("topk lf8_u2 256", 256, moe_gate_up_q8_topk_lf8_u2);
-            lf("topk lf8_u2 128", 128, moe_gate_up_q8_topk_lf8_u2);
+            V2(256, 2, 2, false); V2(256, 4, 2, false); V2(256, 8, 2, false);
+            V2(256, 4, 2, true); V2(256, 8, 2, true); V2(128, 4, 2, true); V2(128, 8, 2, true);
+        } else {
+            V2(256, 2, 3, false); V2(256, 4, 3, false); V2(256, 8, 3, false);
+            V2(256, 4, 3, true); V2(256, 8, 3, true); V2(128, 4, 3, true); V2(128, 8, 3, true);
         }
-        if (nb <= 96) {
-            lf("topk lf4_u3 256", 256, moe_gate_up_q8_topk_lf4_u3);
-            lf("topk lf4_u3 128", 128, moe_gate_up_q8_topk_lf4_u3);
-        }
+#undef V2
         cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids);
         cudaFree(daq); cudaFree(daq_ref); cudaFree(dad); cudaFree(dad_ref); cudaFree(dlg); cudaFree(dtw); cudaFree(dtid);
     }

@@ -4,7 +4,7 @@
 //! float tolerance (not to the int8 rounding). Needs a GPU: `cargo test --release
 //! --features cuda --test cuda -- moe_q8::`; without one it prints a skip line.
 
-use std::sync::atomic::Ordering;
+
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -327,8 +327,7 @@ fn router_norm_matches_reference() {
 /// `moe_gate_up_q8_topk` (each block ranking its token's router logits) gives what
 /// `moe_router_topk` followed by `moe_gate_up_q8` gives: the same expert ids in the same
 /// order and bit for bit the same int8 activations; the weights (stored by the blocks of
-/// row tile 0) to float rounding (the softmax sum runs in another order); in every form
-/// of the kernel (loads-first rows, threads per block: `CudaContext::gate_up_lf`). Shapes:
+/// row tile 0) to float rounding (the softmax sum runs in another order). Shapes:
 /// Qwen3-30B-A3B (128 experts top-8, 2048 -> 2x768) at 1 and 8 rows, gpt-oss-like
 /// (32 top-4, 2880, biases, clamped GLU, no renormalisation) and 256 experts top-32.
 #[test]
@@ -358,29 +357,22 @@ fn gate_up_topk_matches_separate_launches() {
         let mut aq = up(c, &vec![-128i8; n_assign * inter]);
         let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
         c.moe_gate_up_q8(&dbl, &dsc, &dxq, &dxd, Experts::Ids(&ids), bias_arg, act, &mut aq, &mut ad, n_assign, k, inter, cols, ne).unwrap();
-        // one launch, in every form: (loads-first rows, threads), 0 = the default
+        // one launch
+        let mut ids2 = up(c, &vec![-7i32; n_assign]);
+        let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
+        let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
+        let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
+        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne)
+            .unwrap();
         let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");
         let ids1 = down(c, &ids);
         assert!(ids1.iter().all(|&e| e >= 0 && (e as usize) < ne), "{what}: separate top-k ids {ids1:?}");
-        for &(lf, threads) in &[(0usize, 0usize), (0, 256), (0, 512), (4, 256), (8, 256), (4, 128), (8, 128)] {
-            c.gate_up_lf.store(lf, Ordering::Relaxed);
-            c.gate_up_threads.store(threads, Ordering::Relaxed);
-            let mut ids2 = up(c, &vec![-7i32; n_assign]);
-            let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
-            let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
-            let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
-            let done = c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne);
-            c.gate_up_lf.store(0, Ordering::Relaxed);
-            c.gate_up_threads.store(0, Ordering::Relaxed);
-            done.unwrap();
-            let what = format!("{what} (loads first {lf}, threads {threads})");
-            assert_eq!(down(c, &ids2), ids1, "{what}: expert ids");
-            let (w1, w2) = (down(c, &tw), down(c, &tw2));
-            assert!(w1.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-30)), "{what}: weights {w1:?} vs {w2:?}");
-            assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
-            let (d1, d2) = (down(c, &ad), down(c, &ad2));
-            assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
-        }
+        assert_eq!(down(c, &ids2), ids1, "{what}: expert ids");
+        let (w1, w2) = (down(c, &tw), down(c, &tw2));
+        assert!(w1.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-30)), "{what}: weights {w1:?} vs {w2:?}");
+        assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
+        let (d1, d2) = (down(c, &ad), down(c, &ad2));
+        assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
         // the down GEMV that ranks the logits itself reads the experts the ids name
         let (dbl2, dsc2) = rand_mx(&mut r, ne, cols, inter);
         let (dbl2, dsc2) = (up(c, &dbl2), up(c, &dsc2));

@@ -4,8 +4,6 @@
 //! the down GEMV reads that. Activations as int8 blocks `xq` i8 `[rows, cols]`
 //! with scales `xd` f32 `[rows, cols / 32]`.
 
-use std::sync::atomic::Ordering;
-
 use cudarc::driver::CudaSlice;
 
 use super::kernels::{grid, len_at_least, need, NULL};
@@ -333,33 +331,18 @@ impl CudaContext {
             GateAct::GptOss { alpha, limit } => (1, alpha, limit),
         };
         let a = [n_experts as i32, top_k as i32, renorm as i32, inter as i32, cols as i32];
-        // the loads-first entries (`gate_up_lf`) take 128 or 256 threads, rows of <= 1024 U
-        // columns and (32 / warps) % (R / 2) == 0 outputs per warp
-        let nb = cols / 32;
-        let lf = self.gate_up_lf.load(Ordering::Relaxed);
-        let forced = self.gate_up_threads.load(Ordering::Relaxed);
-        let entry = match lf {
-            4 if nb <= 64 => Some("moe_gate_up_q8_topk_lf4_u2"),
-            8 if nb <= 64 => Some("moe_gate_up_q8_topk_lf8_u2"),
-            4 if nb <= 96 => Some("moe_gate_up_q8_topk_lf4_u3"),
-            _ => None,
-        };
-        let n_blocks = inter / 32 * n_assign;
-        let (name, threads) = match entry {
-            Some(e) => (e, if forced == 128 { 128 } else { 256 }),
-            // 16 warps per block while the grid fits in one wave at 2 blocks per SM (Qwen3-30B-A3B
-            // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
-            // 16 warps made it 0.6% slower)
-            None if forced == 256 || forced == 512 => ("moe_gate_up_q8_topk", forced as u32),
-            None => ("moe_gate_up_q8_topk", if n_blocks <= 2 * self.sm_count as usize { 512 } else { 256 }),
-        };
-        let mut b = self.launch(name);
+        let mut b = self.launch("moe_gate_up_q8_topk");
         b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(logits).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(ids).arg(weights);
         match bias {
             Some(bb) => b.arg(bb),
             None => b.arg(&NULL),
         };
         b.arg(&a[3]).arg(&a[4]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
+        // 16 warps per block while the grid fits in one wave at 2 blocks per SM (Qwen3-30B-A3B
+        // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
+        // 16 warps made it 0.6% slower)
+        let blocks = inter / 32 * n_assign;
+        let threads = if blocks <= 2 * self.sm_count as usize { 512 } else { 256 };
         unsafe { b.launch(grid(inter / 32, n_assign, 1, threads)) }?;
         Ok(())
     }

@@ -20,7 +20,6 @@ pub mod persistent;
 pub mod sharded;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DriverError};
@@ -100,9 +99,6 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up_q8_grouped",
             "router_norm_q8",
             "moe_gate_up_q8_topk",
-            "moe_gate_up_q8_topk_lf4_u2",
-            "moe_gate_up_q8_topk_lf8_u2",
-            "moe_gate_up_q8_topk_lf4_u3",
             "mxfp4_q8_rank_l32",
             "mxfp4_q8_rank_l8",
             "mxfp4_q8_combine_l32",
@@ -254,13 +250,6 @@ pub struct CudaContext {
     /// (`Experts::Rank`) and loads its first weights before it waits on the gate/up kernel;
     /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
     pub down_rank: bool,
-    /// `moe_gate_up_q8_topk` issues each warp's weight loads for this many rows (4 or 8) before
-    /// it uses any (the `_lf` entries; 0: one row's loads at a time). For A/B until measured
-    /// in the step: `KAIROS_CUDA_GATE_UP_LF`; tests set it to run every variant.
-    pub gate_up_lf: AtomicUsize,
-    /// threads per `moe_gate_up_q8_topk` block (0: the rule in the launch wrapper);
-    /// `KAIROS_CUDA_GATE_UP_THREADS` for A/B
-    pub gate_up_threads: AtomicUsize,
     /// steps of one row fold each pre-attention rmsnorm into the q|k|v GEMV after it
     /// (`bf16_gemv_norm_*`) and the MoE combine into the expert down GEMV
     /// (`mxfp4_q8_combine_*`), or a dense MLP's down projection adds itself to the residual:
@@ -375,11 +364,6 @@ fn pdl_env() -> Option<bool> {
 /// An on/off switch from the environment: "0" off, anything else on, unset None.
 pub(crate) fn env_flag(name: &str) -> Option<bool> {
     std::env::var(name).ok().map(|v| v != "0")
-}
-
-/// A count from the environment (None when unset or not a number).
-pub(crate) fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// Whether a CUDA driver library can be loaded and reports at least one device
@@ -504,8 +488,6 @@ impl CudaContext {
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
-            gate_up_lf: AtomicUsize::new(env_usize("KAIROS_CUDA_GATE_UP_LF").unwrap_or(0)),
-            gate_up_threads: AtomicUsize::new(env_usize("KAIROS_CUDA_GATE_UP_THREADS").unwrap_or(0)),
             // set per model when a CudaBackend is assembled (model::step_folds, env first)
             norm_fold: false,
             rope_fold: false,
