@@ -3,15 +3,20 @@
 // is far larger than L2). Why: at batch 1 this kernel cannot load a byte before the router
 // is done (its experts are unknown), so all of its time is on the step's critical path,
 // yet it reads at ~1/3 of the copy bandwidth (session 8 ncu: 26% of DRAM, 37% of warp
-// time waiting on L1TEX). The variants here change one thing each:
+// time waiting on L1TEX). The kernels timed:
 //   shipped        moe_gate_up_q8 (256 threads: 8 warps x 4 outputs; per output its gate row,
 //                  then its up row), and the step's moe_gate_up_q8_topk at 256 / 512 threads
-//   v2 T R X       every warp issues the loads of R rows (R/2 outputs' gate + up) before it
-//                  uses any; X=1: this lane's activation blocks held in registers for all
-//                  rows (else re-read from L1 per row, as shipped)
-// Each variant's int8 activation output must equal the shipped kernel's bit for bit (same
-// sums in the same order). Build + run on the device:
+//   topk lfR_uU T  moe_gate_up_q8_topk_lfR_uU: every warp issues the loads of R rows (R/2
+//                  outputs' gate + up) before it uses any, its lane's activation blocks in
+//                  registers (gate_up_q8_body_lf)
+// Each one's int8 activation output must equal moe_gate_up_q8's bit for bit (same sums in the
+// same order). Build + run on the device:
 //   nvcc -O3 -arch=sm_90 -o /tmp/gum bench/micro/gate_up_micro.cu && /tmp/gum
+// Session 18 (H100 80GB HBM3; bench/results/cuda_gate_up_micro_h100_s18.txt): Qwen3 shape
+// shipped topk 512 11.31 us, lf4_u2 256 11.03 us (-2.5%); gpt-oss shipped topk 256 21.76 us,
+// lf4_u3 256 20.21 us (-7.1%); R = 8 slower than R = 4. All at 1.0-1.8 TB/s of ~3 TB/s: the
+// per-row round trips are not what holds the kernel back. In the step the lf forms lost
+// (Qwen3 +3.1%), so they live only here.
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -23,30 +28,66 @@
 
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1); } } while (0)
 
-// R rows in flight per warp (R even: R/2 outputs), U blocks per lane per row (U * 32 >= nb).
-template <int R, int U, bool XREG>
-__global__ void __launch_bounds__(256) gate_up_v2(const u8* __restrict__ blocks, const u8* __restrict__ scales,
-        const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
-        int I, int cols, int act, float alpha, float limit, signed char* __restrict__ aq, float* __restrict__ ad) {
+// ---- The loads-first form, as measured in session 18 (it was in kernels/moe_q8.cu for that
+// call, opt-in, and was removed after it: in the decode step it made Qwen3-30B-A3B b1 3.1%
+// slower and gpt-oss-20b 0.4% faster; bench/results/cuda_decode_h100.md, session 18).
+// The gated activation of one output from its gate and up sums (rows gr, ur of expert e).
+__device__ __forceinline__ float gate_up_act(float g, float u, const float* __restrict__ bias, long long e, int I, int gr,
+                                             int ur, int act, float alpha, float limit) {
+    if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
+    if (act == 1) {
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+        return (u + 1.f) * (g / (1.f + expf(-alpha * g)));
+    }
+    return g / (1.f + expf(-g)) * u;
+}
+// The block's 32 outputs (shared memory) as one int8 32-block of assignment a's activation.
+__device__ __forceinline__ void gate_up_store(const float* out, signed char* __restrict__ aq, float* __restrict__ ad,
+                                              int a, int I, int bx) {
+    __syncthreads();
+    if ((threadIdx.x >> 5) == 0) {
+        const int lane = threadIdx.x & 31;
+        float v = out[lane];
+        float d = warp_max(fabsf(v)) / 127.f;
+        long long o = (long long)a * I + bx * 32 + lane;
+        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
+    }
+}
+// gate_up_q8_body with every warp's weight loads issued before any is used: R rows (the gate
+// and up rows of R/2 outputs) of U 16-byte blocks per lane (cols <= U * 1024), and this lane's
+// activation blocks held in registers for all of them. The sums are row_dot's, in its order,
+// so the results are bit-equal. The shipped body waits one DRAM round trip per row: at batch 1
+// a warp's 4-8 rows are 4-8 dependent round trips (bench/micro/gate_up_micro.cu).
+// Needs (32 / warps per block) % (R / 2) == 0.
+template <int R, int U>
+__device__ void gate_up_q8_body_lf(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, long long e, int x_div,
+        const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
+        signed char* __restrict__ aq, float* __restrict__ ad, int bx, int by) {
     __shared__ float out[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y, bx = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = by;
     const int nb = cols / 32, per = 32 / (blockDim.x >> 5);
-    const long long e = ids[a];
+    if (e < 0 || nb > U * 32) {  // another rank's expert, or rows too long for U
+        gate_up_q8_body(blocks, scales, xq, xd, e, x_div, bias, I, cols, act, alpha, limit, aq, ad, bx, by);
+        return;
+    }
     const signed char* xa = xq + (long long)(a / x_div) * cols;
     const float* da = xd + (long long)(a / x_div) * nb;
     const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
     const u8* es = scales + e * 2 * I * (long long)nb;
-    int4 xr[XREG ? U : 1][2];
-    float dr[XREG ? U : 1];
-    if (XREG) {
+    int4 xr[U][2];
+    float dr[U];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int b = u * 32 + lane;
-            if (b < nb) {
-                xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
-                xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
-                dr[u] = LDG_ACT(da + b);
-            }
+    for (int u = 0; u < U; u++) {
+        const int b = u * 32 + lane;
+        xr[u][0] = xr[u][1] = make_int4(0, 0, 0, 0);
+        dr[u] = 0.f;
+        if (b < nb) {
+            xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
+            xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
+            dr[u] = LDG_ACT(da + b);
         }
     }
     for (int t0 = 0; t0 < per; t0 += R / 2) {
@@ -55,63 +96,73 @@ __global__ void __launch_bounds__(256) gate_up_v2(const u8* __restrict__ blocks,
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const int j = bx * 32 + warp * per + t0 + r / 2;
-            const int row = (r & 1) == 0 ? (act == 1 ? 2 * j : j) : (act == 1 ? 2 * j + 1 : I + j);
+            const long long row = (r & 1) == 0 ? (act == 1 ? 2 * j : j) : (act == 1 ? 2 * j + 1 : I + j);
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int b = u * 32 + lane;
-                w[r][u] = b < nb ? ld_stream16(eb + ((long long)row * nb + b) * 16) : make_uint4(0, 0, 0, 0);
-                s[r][u] = b < nb ? (u32)__ldg(es + (long long)row * nb + b) : 127u;
-            }
-        }
-        float acc[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            acc[r] = 0.f;
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int b = u * 32 + lane;
-                if (b < nb) {
-                    int d;
-                    if (XREG) {
-                        int lo, hi;
-                        d = 0;
-                        e2m1x8_to_i8(w[r][u].x, lo, hi); d = __dp4a(lo, xr[u][0].x, d); d = __dp4a(hi, xr[u][0].y, d);
-                        e2m1x8_to_i8(w[r][u].y, lo, hi); d = __dp4a(lo, xr[u][0].z, d); d = __dp4a(hi, xr[u][0].w, d);
-                        e2m1x8_to_i8(w[r][u].z, lo, hi); d = __dp4a(lo, xr[u][1].x, d); d = __dp4a(hi, xr[u][1].y, d);
-                        e2m1x8_to_i8(w[r][u].w, lo, hi); d = __dp4a(lo, xr[u][1].z, d); d = __dp4a(hi, xr[u][1].w, d);
-                    } else {
-                        d = dot_block(w[r][u], xa + b * 32);
-                    }
-                    acc[r] += (float)d * (0.5f * e8m0_q8(s[r][u]) * (XREG ? dr[u] : LDG_ACT(da + b)));
-                }
+                w[r][u] = b < nb ? ld_stream16(eb + (row * nb + b) * 16) : make_uint4(0, 0, 0, 0);
+                s[r][u] = b < nb ? (u32)__ldg(es + row * nb + b) : 127u;
             }
         }
 #pragma unroll
         for (int r = 0; r < R; r += 2) {
-            const int j = bx * 32 + warp * per + t0 + r / 2;
-            float g = warp_sum(acc[r]), u = warp_sum(acc[r + 1]);
-            if (lane == 0) {
-                float v;
-                if (act == 1) {
-                    g = fminf(g, limit);
-                    u = fminf(fmaxf(u, -limit), limit);
-                    v = (u + 1.f) * (g / (1.f + expf(-alpha * g)));
-                } else {
-                    v = g / (1.f + expf(-g)) * u;
+            float acc[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                acc[h] = 0.f;
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    if (u * 32 + lane < nb) {
+                        const uint4 q = w[r + h][u];
+                        int lo, hi, d = 0;
+                        e2m1x8_to_i8(q.x, lo, hi); d = __dp4a(lo, xr[u][0].x, d); d = __dp4a(hi, xr[u][0].y, d);
+                        e2m1x8_to_i8(q.y, lo, hi); d = __dp4a(lo, xr[u][0].z, d); d = __dp4a(hi, xr[u][0].w, d);
+                        e2m1x8_to_i8(q.z, lo, hi); d = __dp4a(lo, xr[u][1].x, d); d = __dp4a(hi, xr[u][1].y, d);
+                        e2m1x8_to_i8(q.w, lo, hi); d = __dp4a(lo, xr[u][1].z, d); d = __dp4a(hi, xr[u][1].w, d);
+                        acc[h] += (float)d * (0.5f * e8m0_q8(s[r + h][u]) * dr[u]);
+                    }
                 }
-                out[j - bx * 32] = v;
             }
+            const int j = bx * 32 + warp * per + t0 + r / 2;
+            const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
+            const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
+            if (lane == 0) out[j - bx * 32] = gate_up_act(g, u, bias, e, I, gr, ur, act, alpha, limit);
         }
     }
-    __syncthreads();
-    if (warp == 0) {
-        float v = out[lane];
-        float d = warp_max(fabsf(v)) / 127.f;
-        long long o = (long long)a * I + bx * 32 + lane;
-        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
-        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
-    }
+    gate_up_store(out, aq, ad, a, I, bx);
 }
+// R = 0: gate_up_q8_body; else gate_up_q8_body_lf<R, U>
+template <int R, int U>
+__device__ void gate_up_q8_topk_impl(const u8* blocks, const u8* scales,
+        const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
+        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
+    // the dependent is let go only after the wait, whatever PDL_LATE says: mxfp4_q8_rank_*
+    // reads the router logits before its own wait
+    PDL_WAIT();
+    PDL_TRIGGER();
+    __shared__ int s_ids[32];
+    __shared__ float s_w[32];
+    const int a = blockIdx.y, t = a / k, r = a % k;
+    // only row tile 0 stores the weights: the other blocks skip the softmax
+    router_rank_topk(logits + (long long)t * E, E, k, renorm, blockIdx.x == 0, s_ids, s_w);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        ids[a] = s_ids[r];
+        wout[a] = s_w[r];
+    }
+    if (R == 0)
+        gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
+    else
+        gate_up_q8_body_lf<R ? R : 2, U>(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad,
+                                         blockIdx.x, a);
+}
+#define GU_TOPK_ARGS const u8* blocks, const u8* scales, const signed char* xq, const float* xd, const float* logits, \
+    int E, int k, int renorm, int* ids, float* wout, const float* bias, int I, int cols, int act, float alpha, float limit, \
+    signed char* aq, float* ad
+#define GU_TOPK_PASS blocks, scales, xq, xd, logits, E, k, renorm, ids, wout, bias, I, cols, act, alpha, limit, aq, ad
+// loads first (gate_up_q8_body_lf): R rows in flight per warp, cols <= 1024 U; block 256
+__global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf4_u2(GU_TOPK_ARGS) { gate_up_q8_topk_impl<4, 2>(GU_TOPK_PASS); }
+__global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf8_u2(GU_TOPK_ARGS) { gate_up_q8_topk_impl<8, 2>(GU_TOPK_PASS); }
+__global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf4_u3(GU_TOPK_ARGS) { gate_up_q8_topk_impl<4, 3>(GU_TOPK_PASS); }
 
 struct Shape { const char* name; int E, k, I, cols, act; };
 
@@ -203,17 +254,23 @@ int main() {
                     dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
             });
         }
-        const dim3 grid(sh.I / 32, sh.k);
-#define V2(T, R, U, X) report("v2 " #T " R" #R " X" #X, [&](int l) { gate_up_v2<R, U, X><<<grid, T, 0, s>>>(db, ds, dx, dd, \
-            dids + l * sh.k, sh.k, sh.I, sh.cols, sh.act, alpha, limit, daq, dad); })
+        // the loads-first entries (gate_up_q8_body_lf), at 256 and 128 threads
+        auto lf = [&](const char* what, int threads, auto kernel) {
+            report(what, [&](int l) {
+                kernel<<<dim3(sh.I / 32, sh.k), threads, 0, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1,
+                    dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
+            });
+        };
         if (nb <= 64) {
-            V2(256, 2, 2, false); V2(256, 4, 2, false); V2(256, 8, 2, false);
-            V2(256, 4, 2, true); V2(256, 8, 2, true); V2(128, 4, 2, true); V2(128, 8, 2, true);
-        } else {
-            V2(256, 2, 3, false); V2(256, 4, 3, false); V2(256, 8, 3, false);
-            V2(256, 4, 3, true); V2(256, 8, 3, true); V2(128, 4, 3, true); V2(128, 8, 3, true);
+            lf("topk lf4_u2 256", 256, moe_gate_up_q8_topk_lf4_u2);
+            lf("topk lf4_u2 128", 128, moe_gate_up_q8_topk_lf4_u2);
+            lf("topk lf8_u2 256", 256, moe_gate_up_q8_topk_lf8_u2);
+            lf("topk lf8_u2 128", 128, moe_gate_up_q8_topk_lf8_u2);
         }
-#undef V2
+        if (nb <= 96) {
+            lf("topk lf4_u3 256", 256, moe_gate_up_q8_topk_lf4_u3);
+            lf("topk lf4_u3 128", 128, moe_gate_up_q8_topk_lf4_u3);
+        }
         cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids);
         cudaFree(daq); cudaFree(daq_ref); cudaFree(dad); cudaFree(dad_ref); cudaFree(dlg); cudaFree(dtw); cudaFree(dtid);
     }

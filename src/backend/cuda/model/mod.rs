@@ -290,18 +290,18 @@ pub(crate) fn pdl_flavor(c: &ModelConfig) -> super::PdlFlavor {
 
 /// Which folds of one-row steps a model's decode takes by default: (norm fold, RoPE fold)
 /// (`CudaContext::norm_fold`, `rope_fold`). Chosen by measurement (H100, bench/results
-/// cuda_decode_h100.md, sessions 11 and 17), graph-only step times at batch 1 against neither fold:
+/// cuda_decode_h100.md, sessions 11, 17 and 18), graph-only step times at batch 1 against neither fold:
 /// - SmolLM2-135M (dense, head_dim 64): either fold -6%, both -6% (ctx 128), -4.5% (ctx 2048);
 /// - gpt-oss-20b (MoE, head_dim 64): RoPE fold -1.3% / -0.4%, norm fold +2.6% (+2.3%, session 17);
 /// - Qwen3-30B-A3B (MoE, head_dim 128, q/k norms): norm fold +6.5% (+4%, session 17). The RoPE
-///   fold lost (+4%) while attention blocks held 8 query heads; with one head a block (session
-///   13) it measured -2.8% at ctx 128 but +7.5% at ctx 2048 (session 17), where its grid ran a
-///   second wave. `attention_splits` now caps the fold's grid at one wave; whether that makes
-///   the fold a win at ctx 2048 is not measured yet (`KAIROS_CUDA_ROPE_FOLD=1` for the A/B).
+///   fold lost (+4%) while attention blocks held 8 query heads; with one head a block it won at
+///   ctx 128 but lost 7.5% at ctx 2048, where its grid ran a second wave (session 17). With the
+///   grid capped at one wave (`attention_splits`) it is -2.1% at ctx 128 and -1.0% at ctx 2048
+///   (session 18: 2.626 -> 2.571 ms, 2.918 -> 2.889 ms).
 ///
-/// So: the norm fold for dense models, the RoPE fold for head_dim 64 without q/k norms.
+/// So: the norm fold for dense models, the RoPE fold for every model.
 pub(crate) fn step_folds(c: &ModelConfig) -> (bool, bool) {
-    (c.moe.is_none(), c.head_dim <= 64 && !c.qk_norm)
+    (c.moe.is_none(), true)
 }
 
 impl CudaBackend {
