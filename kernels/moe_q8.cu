@@ -405,9 +405,9 @@ extern "C" __global__ void __launch_bounds__(256) router_norm_q8(const float* __
 // layer inside this kernel on the H100). Blocks of row tile 0 also store the pick and its
 // weight in ids / wout [n*k] for the down GEMV and the combine. k <= 32, x_div = k.
 // grid (I / 32, n * k), block 256 or 512.
-extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
-        const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
-        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
+// The PDL hand-over and the pick of assignment a = blockIdx.y: its expert (returned), stored
+// with its weight in ids / wout by the block of row tile 0.
+__device__ __forceinline__ int gate_up_topk_pick(const float* logits, int E, int k, int renorm, int* ids, float* wout) {
     // the dependent is let go only after the wait, whatever PDL_LATE says: mxfp4_q8_rank_*
     // reads the router logits before its own wait
     PDL_WAIT();
@@ -421,7 +421,13 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
         ids[a] = s_ids[r];
         wout[a] = s_w[r];
     }
-    gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
+    return s_ids[r];
+}
+extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* blocks, const u8* scales,
+        const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
+        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
+    const int e = gate_up_topk_pick(logits, E, k, renorm, ids, wout);
+    gate_up_q8_body(blocks, scales, xq, xd, e, k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, blockIdx.y);
 }
 
 // ---- Grouped expert GEMVs (steps of many rows) ----

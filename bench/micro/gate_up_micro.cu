@@ -59,7 +59,7 @@ __device__ __forceinline__ void gate_up_store(const float* out, signed char* __r
 // and up rows of R/2 outputs) of U 16-byte blocks per lane (cols <= U * 1024), and this lane's
 // activation blocks held in registers for all of them. The sums are row_dot's, in its order,
 // so the results are bit-equal. The shipped body waits one DRAM round trip per row: at batch 1
-// a warp's 4-8 rows are 4-8 dependent round trips (bench/micro/gate_up_micro.cu).
+// a warp's 4-8 rows are 4-8 dependent round trips.
 // Needs (32 / warps per block) % (R / 2) == 0.
 template <int R, int U>
 __device__ void gate_up_q8_body_lf(const u8* __restrict__ blocks, const u8* __restrict__ scales,
@@ -131,29 +131,13 @@ __device__ void gate_up_q8_body_lf(const u8* __restrict__ blocks, const u8* __re
     }
     gate_up_store(out, aq, ad, a, I, bx);
 }
-// R = 0: gate_up_q8_body; else gate_up_q8_body_lf<R, U>
+// moe_gate_up_q8_topk with gate_up_q8_body_lf<R, U> as its body
 template <int R, int U>
 __device__ void gate_up_q8_topk_impl(const u8* blocks, const u8* scales,
         const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
         const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) {
-    // the dependent is let go only after the wait, whatever PDL_LATE says: mxfp4_q8_rank_*
-    // reads the router logits before its own wait
-    PDL_WAIT();
-    PDL_TRIGGER();
-    __shared__ int s_ids[32];
-    __shared__ float s_w[32];
-    const int a = blockIdx.y, t = a / k, r = a % k;
-    // only row tile 0 stores the weights: the other blocks skip the softmax
-    router_rank_topk(logits + (long long)t * E, E, k, renorm, blockIdx.x == 0, s_ids, s_w);
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        ids[a] = s_ids[r];
-        wout[a] = s_w[r];
-    }
-    if (R == 0)
-        gate_up_q8_body(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, a);
-    else
-        gate_up_q8_body_lf<R ? R : 2, U>(blocks, scales, xq, xd, s_ids[r], k, bias, I, cols, act, alpha, limit, aq, ad,
-                                         blockIdx.x, a);
+    const int e = gate_up_topk_pick(logits, E, k, renorm, ids, wout);
+    gate_up_q8_body_lf<R, U>(blocks, scales, xq, xd, e, k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, blockIdx.y);
 }
 #define GU_TOPK_ARGS const u8* blocks, const u8* scales, const signed char* xq, const float* xd, const float* logits, \
     int E, int k, int renorm, int* ids, float* wout, const float* bias, int I, int cols, int act, float alpha, float limit, \

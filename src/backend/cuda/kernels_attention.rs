@@ -371,20 +371,18 @@ impl CudaContext {
         let groups = g.div_ceil(hpb).max(1);
         let block = attention_block_threads(d);
         let fits = |kind: &str| self.blocks_per_sm(&format!("attention_{kind}_d{d}{}", entry_suffix(hpb, self.is_recording())), block);
-        let per_sm = match self.attention_blocks_per_sm {
-            0 if rope => fits("split").min(fits("rope")),
-            0 => fits("split"),
-            b => b,
+        let rope_fits = rope.then(|| fits("rope"));
+        let per_sm = match (self.attention_blocks_per_sm, rope_fits) {
+            (0, Some(r)) => fits("split").min(r),
+            (0, None) => fits("split"),
+            (b, _) => b,
         };
         let blocks = n_seq * n_kv * groups;
         let splits = splits_for(self.sm_count as usize * per_sm, blocks, max_len, cap);
-        if !rope {
-            return splits;
-        }
         // The RoPE fold's kernel holds more registers (Qwen3-30B-A3B b1: 99, 2 blocks per SM): a
         // grid past one wave of it runs a second wave at long contexts (9 splits x 32 heads =
         // 288 blocks on 264 places: +7.5% per step at ctx 2048, H100, session 17).
-        splits.min(one_wave_splits(self.sm_count as usize * fits("rope"), blocks))
+        rope_fits.map_or(splits, |r| splits.min(one_wave_splits(self.sm_count as usize * r, blocks)))
     }
 }
 
