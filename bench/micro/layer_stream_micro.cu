@@ -1,0 +1,608 @@
+// Feasibility micro-benchmark for issue 4's next structural step: the whole batch-1 decode
+// of the Qwen3-30B-A3B shape (48 layers, without the LM head) as ONE persistent kernel,
+// one block per SM, in which a loader warp streams every weight byte of the step into a
+// ring of shared-memory stages by bulk copies (cp.async.bulk, mbarriers), running ahead of
+// the consumer warps across phase and layer boundaries, while the consumer warps compute
+// the layer's dependent phases separated by grid barriers. The question it answers: does
+// the weight stream stay near the copy bandwidth when the step's ~6 dependent phases per
+// layer are grid barriers instead of kernel boundaries? Sessions 11-18 found that in the
+// CUDA graph of separate kernels each kernel's ramp and drain sits on the critical path
+// (Qwen3 b1: 2.571 ms, 44.5% of the copy roofline, H100, session 18).
+//
+// A layer here (bytes as the engine's, layouts of this file's own):
+//   norm(resid) -> h;  qkv = Wqkv h (bf16 5120 x 2048)            | B1
+//   attention, one block per query head (K/V bf16, ctx positions)  | B2
+//   resid += Wo attn (bf16 2048 x 4096)                            | B3
+//   norm(resid) -> h2;  logits = Wr h2 (bf16 128 x 2048)           | B4
+//   top-8 of 128 (every block, and every loader, redundantly)
+//   act[k] = silu(G_k h2q) * (U_k h2q)  (MXFP4 768 x 2 x 2048, int8 h2q) | B5
+//   resid += sum_k w_k D_k act_kq       (MXFP4 2048 x 768, int8 act)     | B6
+// (no RoPE, q/k norm, KV append or norm weights: they add no weight bytes.) MXFP4 rows are
+// records [16-byte blocks of 32 E2M1 codes][E8M0 scale per block][pad to 16 bytes]; a
+// gate/up expert interleaves gate row j and up row j (rows 2j, 2j+1), so a block's share of
+// outputs is one contiguous byte range per expert. Arithmetic is the engine's (moe_q8.cu's
+// E2M1 -> int8 permutes and dp4a; bf16 x f32 GEMV dots), so consumer cost is realistic.
+//
+// Modes: full (the above); stream (no grid barriers, fixed experts: the weight stream and
+// the consumers alone, the floor for this design); sync (no weights: barriers, norms,
+// attention and top-k alone: the dependent chain). The full mode is checked against plain
+// kernels doing the same arithmetic (one launch per phase), final residual after 48 layers.
+//   nvcc -O3 -arch=sm_90 -o /tmp/lsm bench/micro/layer_stream_micro.cu && /tmp/lsm
+// (-DCW=<consumer warps>, default 8; argument 1: ring stages of 16 KB, default 11.)
+#include <cuda_runtime.h>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <cmath>
+#include <algorithm>
+#include "../../kernels/common.cuh"
+#include "../../kernels/moe_q8.cu"
+#include "../../kernels/gemv_bulk.cu"
+
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1); } } while (0)
+
+#ifndef CW
+#define CW 8  // consumer warps per block (warp 0 is the loader)
+#endif
+constexpr int HID = 2048, NQ = 32, NKV = 4, HD = 128, QKV = (NQ + 2 * NKV) * HD, ODIM = NQ * HD;
+constexpr int NE = 128, TOPK = 8, INTER = 768;
+constexpr int GU_NB = HID / 32, D_NB = INTER / 32;
+constexpr int GU_REC = (GU_NB * 17 + 15) / 16 * 16, D_REC = (D_NB * 17 + 15) / 16 * 16;  // 1088, 416
+constexpr int STAGE = 16384;
+constexpr int MAX_STAGES = 12;
+constexpr int BARRIERS = 6;  // grid barriers per layer
+constexpr int DMAX = 32;     // most down outputs a block owns
+enum { PH_QKV, PH_O, PH_R, PH_GU, PH_D };
+enum { FULL = 0, STREAM = 1, SYNC = 2 };
+
+struct Net {
+    const bf16_t *wqkv, *wo, *wr, *kc, *vc;
+    const u8 *wgu, *wd;
+    int layers, ctx;
+    float *resid, *qkv, *attn, *logits, *act;
+    unsigned* ctr;
+    unsigned long long* stamps;  // [layers][BARRIERS + 1], block 0
+};
+
+// ---- arithmetic shared by the persistent kernel and the reference kernels ----
+__device__ __forceinline__ void csync() { asm volatile("bar.sync 1, %0;" :: "r"(CW * 32) : "memory"); }
+// one warp's dot of a bf16 row (cols / 8 16-byte pieces) with f32 x
+__device__ __forceinline__ float dot_bf16(const uint4* w, const float* x, int c8, int lane) {
+    float acc = 0.f;
+    for (int c = lane; c < c8; c += 32) {
+        float wf[8];
+        unpack8(w[c], wf);
+        const float4 a = ((const float4*)x)[2 * c], b = ((const float4*)x)[2 * c + 1];
+        acc += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+    }
+    return warp_sum(acc);
+}
+// one warp's dot of an MXFP4 record (nb blocks) with int8 x (xq, per-block scales xd)
+__device__ __forceinline__ float dot_fp4(const u8* rec, int nb, const signed char* xq, const float* xd, int lane) {
+    float acc = 0.f;
+    for (int b = lane; b < nb; b += 32) {
+        const uint4 w = *(const uint4*)(rec + b * 16);
+        const int4 x0 = ((const int4*)(xq + b * 32))[0], x1 = ((const int4*)(xq + b * 32))[1];
+        int lo, hi, d = 0;
+        e2m1x8_to_i8(w.x, lo, hi); d = __dp4a(lo, x0.x, d); d = __dp4a(hi, x0.y, d);
+        e2m1x8_to_i8(w.y, lo, hi); d = __dp4a(lo, x0.z, d); d = __dp4a(hi, x0.w, d);
+        e2m1x8_to_i8(w.z, lo, hi); d = __dp4a(lo, x1.x, d); d = __dp4a(hi, x1.y, d);
+        e2m1x8_to_i8(w.w, lo, hi); d = __dp4a(lo, x1.z, d); d = __dp4a(hi, x1.w, d);
+        acc += (float)d * (0.5f * e8m0_q8(rec[nb * 16 + b]) * xd[b]);
+    }
+    return warp_sum(acc);
+}
+// sum / max over the CW consumer warps (t = consumer thread index); red: CW floats
+__device__ __forceinline__ float c_sum(float v, float* red, int t) {
+    v = warp_sum(v);
+    if ((t & 31) == 0) red[t >> 5] = v;
+    csync();
+    float s = 0.f;
+    for (int w = 0; w < CW; w++) s += red[w];
+    csync();
+    return s;
+}
+__device__ __forceinline__ float c_max(float v, float* red, int t) {
+    v = warp_max(v);
+    if ((t & 31) == 0) red[t >> 5] = v;
+    csync();
+    float s = NEG_INF;
+    for (int w = 0; w < CW; w++) s = fmaxf(s, red[w]);
+    csync();
+    return s;
+}
+// out = resid / rms(resid) (no norm weight); resid read through L2 (written by other blocks)
+__device__ void norm_into(const float* resid, float* out, float* red, int t) {
+    float ss = 0.f;
+    for (int i = t; i < HID; i += CW * 32) { const float v = __ldcg(resid + i); ss += v * v; }
+    const float inv = rsqrtf(c_sum(ss, red, t) / HID + 1e-6f);
+    for (int i = t; i < HID; i += CW * 32) out[i] = __ldcg(resid + i) * inv;
+    csync();
+}
+// int8 per 32-block: one warp per block
+__device__ void quant_into(const float* x, int n, signed char* xq, float* xd, int t) {
+    const int lane = t & 31;
+    for (int b = t >> 5; b < n / 32; b += CW) {
+        const float v = x[b * 32 + lane];
+        const float d = warp_max(fabsf(v)) / 127.f;
+        xq[b * 32 + lane] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+        if (lane == 0) xd[b] = d;
+    }
+    csync();
+}
+// top-8 of NE logits and their softmax weights, by one warp (every lane gets them)
+__device__ void topk8(const float* logits, int* ids, float* wts, int lane) {
+    float v[NE / 32];
+    for (int i = 0; i < NE / 32; i++) v[i] = __ldcg(logits + lane + 32 * i);
+    float top[TOPK];
+    for (int k = 0; k < TOPK; k++) {
+        float bv = NEG_INF; int bi = NE;
+        for (int i = 0; i < NE / 32; i++)
+            if (v[i] > bv) { bv = v[i]; bi = lane + 32 * i; }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        top[k] = bv;
+        ids[k] = bi;
+        if ((bi & 31) == lane) v[bi >> 5] = NEG_INF;
+    }
+    float s = 0.f;
+    for (int k = 0; k < TOPK; k++) s += expf(top[k] - top[0]);
+    for (int k = 0; k < TOPK; k++) wts[k] = expf(top[k] - top[0]) / s;
+}
+__device__ __forceinline__ void fixed_experts(int l, int* ids, float* wts) {
+    for (int k = 0; k < TOPK; k++) { ids[k] = (l * 37 + k * 13) % NE; wts[k] = 1.f / TOPK; }
+}
+// one query head: q (f32 HD), K/V bf16 [ctx][HD] of its kv head; sc: ctx floats, part: CW x HD
+__device__ void attend(const float* q, const bf16_t* K, const bf16_t* V, float* out, int ctx, float* sc, float* part,
+                       float* red, int t) {
+    const int lane = t & 31, w = t >> 5;
+    float qv[4];
+    for (int i = 0; i < 4; i++) qv[i] = __ldcg(q + lane * 4 + i);
+    for (int p = w; p < ctx; p += CW) {
+        const uint2 k = *(const uint2*)(K + (long long)p * HD + lane * 4);
+        float s = qv[0] * bf2f(k.x & 0xffff) + qv[1] * bf2f(k.x >> 16) + qv[2] * bf2f(k.y & 0xffff) + qv[3] * bf2f(k.y >> 16);
+        s = warp_sum(s);
+        if (lane == 0) sc[p] = s * 0.08838834764831845f;
+    }
+    csync();
+    float m = NEG_INF;
+    for (int p = t; p < ctx; p += CW * 32) m = fmaxf(m, sc[p]);
+    m = c_max(m, red, t);
+    float l = 0.f;
+    for (int p = t; p < ctx; p += CW * 32) { const float e = expf(sc[p] - m); sc[p] = e; l += e; }
+    l = c_sum(l, red, t);
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int p = w; p < ctx; p += CW) {
+        const uint2 v = *(const uint2*)(V + (long long)p * HD + lane * 4);
+        const float e = sc[p];
+        o[0] += e * bf2f(v.x & 0xffff); o[1] += e * bf2f(v.x >> 16); o[2] += e * bf2f(v.y & 0xffff); o[3] += e * bf2f(v.y >> 16);
+    }
+    for (int i = 0; i < 4; i++) part[w * HD + lane * 4 + i] = o[i];
+    csync();
+    if (t < HD) {
+        float s = 0.f;
+        for (int i = 0; i < CW; i++) s += part[i * HD + t];
+        out[t] = s / l;
+    }
+    csync();
+}
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+// ---- the block's share of each phase, and its chunks (loader and consumers walk the same) ----
+__device__ __forceinline__ void split(int n, int G, int b, int& u0, int& u1) {
+    u0 = (int)((long long)n * b / G); u1 = (int)((long long)n * (b + 1) / G);
+}
+__device__ __forceinline__ int unit_bytes(int ph) {
+    return ph == PH_QKV || ph == PH_R ? HID * 2 : ph == PH_O ? ODIM * 2 : ph == PH_GU ? 2 * GU_REC : D_REC;
+}
+__device__ __forceinline__ void phase_range(int ph, int b, int G, int& u0, int& u1) {
+    if (ph == PH_QKV) split(QKV, G, b, u0, u1);
+    else if (ph == PH_O) split(HID, G, b, u0, u1);
+    else if (ph == PH_R) split(NE, G, b, u0, u1);
+    else if (ph == PH_GU) split(TOPK * INTER, G, b, u0, u1);
+    else { split(HID / 2, G, b, u0, u1); u0 *= 2; u1 *= 2; }  // down: pairs (16-byte aligned scale rows)
+}
+struct Chunk { const char* src; u32 bytes; int f0, n; };
+// chunk starting at unit f of the block's share of phase ph (layer l); advances f
+__device__ bool next_chunk(const Net& net, int l, int ph, int u0, int u1, const int* ids, int& f, Chunk& c) {
+    const int total = ph == PH_D ? TOPK * (u1 - u0) : u1 - u0;
+    if (f >= total) return false;
+    const int ub = unit_bytes(ph), upc = STAGE / ub;
+    int n = min(upc, total - f);
+    const char* src;
+    if (ph == PH_QKV) src = (const char*)net.wqkv + ((long long)l * QKV + u0 + f) * ub;
+    else if (ph == PH_O) src = (const char*)net.wo + ((long long)l * HID + u0 + f) * ub;
+    else if (ph == PH_R) src = (const char*)net.wr + ((long long)l * NE + u0 + f) * ub;
+    else if (ph == PH_GU) {
+        const int g = u0 + f, k = g / INTER, j = g % INTER;
+        n = min(n, INTER - j);
+        src = (const char*)net.wgu + (((long long)l * NE + ids[k]) * 2 * INTER + 2 * j) * GU_REC;
+    } else {
+        const int nb = u1 - u0, k = f / nb, o = u0 + f % nb;
+        n = min(n, nb - f % nb);
+        src = (const char*)net.wd + (((long long)l * NE + ids[k]) * HID + o) * D_REC;
+    }
+    c.src = src; c.bytes = (u32)(n * ub); c.f0 = f; c.n = n;
+    f += n;
+    return true;
+}
+
+// ---- the persistent step ----
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void grid_sync(unsigned* ctr, unsigned target, int t) {
+    csync();
+    if (t == 0) {
+        __threadfence();
+        atomicAdd(ctr, 1u);
+        while (ld_acquire(ctr) < target) { }
+        __threadfence();
+    }
+    csync();
+}
+__device__ __forceinline__ unsigned long long gtime() {
+    unsigned long long v;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+    return v;
+}
+
+struct Smem {  // static part; the ring is dynamic shared memory
+    unsigned long long full[MAX_STAGES], empty[MAX_STAGES];
+    float xs[ODIM];               // f32 activation of the bf16 GEMVs
+    signed char xq[TOPK * INTER]; // int8 activation of the expert GEMVs
+    float xd[TOPK * INTER / 32];
+    float sc[2048];               // attention scores
+    float part[CW * HD];
+    float dacc[TOPK * DMAX];
+    float red[CW];
+    int ids[TOPK], lids[TOPK];
+    float wts[TOPK], lwts[TOPK];
+};
+
+extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers(Net net, int mode, int stages, unsigned base) {
+    extern __shared__ __align__(128) unsigned char ring[];
+    __shared__ Smem S;
+    const int G = gridDim.x, b = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; s++) { mbar_init(&S.full[s], 1); mbar_init(&S.empty[s], CW); }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const bool weights = mode != SYNC, barriers = mode != STREAM;
+    if (warp == 0) {  // ---- the loader ----
+        int cidx = 0;
+        for (int l = 0; l < net.layers; l++) {
+            for (int ph = PH_QKV; ph <= PH_D; ph++) {
+                if (ph == PH_GU) {
+                    if (mode == FULL) {  // the experts are known once the router's barrier (B4) is passed
+                        const unsigned target = base + (unsigned)((l * BARRIERS + 4) * G);
+                        if (lane == 0) while (ld_acquire(net.ctr) < target) __nanosleep(32);
+                        __syncwarp();
+                        topk8(net.logits, S.lids, S.lwts, lane);
+                    } else if (lane == 0) fixed_experts(l, S.lids, S.lwts);
+                    __syncwarp();
+                }
+                if (weights && lane == 0) {
+                    int u0, u1, f = 0;
+                    phase_range(ph, b, G, u0, u1);
+                    Chunk c;
+                    while (next_chunk(net, l, ph, u0, u1, S.lids, f, c)) {
+                        const int s = cidx % stages;
+                        if (cidx >= stages) mbar_wait(&S.empty[s], (u32)(cidx / stages - 1) & 1u);
+                        // the stage was read through the generic proxy; the copy writes through the async one
+                        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                        mbar_expect_tx(&S.full[s], c.bytes);
+                        bulk_copy_g2s(ring + (size_t)s * STAGE, c.src, c.bytes, &S.full[s]);
+                        cidx++;
+                    }
+                }
+                __syncwarp();
+            }
+        }
+        return;
+    }
+    // ---- the consumers ----
+    const int t = threadIdx.x - 32, w = warp - 1;
+    int cidx = 0, nbar = 0;
+    auto gsync = [&](int l) {
+        ++nbar;
+        if (barriers) grid_sync(net.ctr, base + (unsigned)(nbar * G), t);
+        else csync();
+        if (b == 0 && t == 0) net.stamps[l * (BARRIERS + 1) + (nbar - (l * BARRIERS)) ] = gtime();
+    };
+    // every consumer warp waits for every chunk (so its release counts for that chunk) and
+    // works on the units f with f % CW == w
+    auto consume = [&](int l, int ph, auto&& unit) {
+        if (!weights) return;
+        int u0, u1, f = 0;
+        phase_range(ph, b, G, u0, u1);
+        Chunk c;
+        while (next_chunk(net, l, ph, u0, u1, S.ids, f, c)) {
+            const int s = cidx % stages;
+            mbar_wait(&S.full[s], (u32)(cidx / stages) & 1u);
+            const unsigned char* p = ring + (size_t)s * STAGE;
+            const int ub = c.bytes / c.n;
+            for (int i = (w - c.f0 % CW + CW) % CW; i < c.n; i += CW) unit(u0, u1, c.f0 + i, p + (size_t)i * ub);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&S.empty[s]);
+            cidx++;
+        }
+    };
+    for (int l = 0; l < net.layers; l++) {
+        if (b == 0 && t == 0) net.stamps[l * (BARRIERS + 1)] = gtime();
+        norm_into(net.resid, S.xs, S.red, t);
+        consume(l, PH_QKV, [&](int u0, int, int f, const unsigned char* p) {
+            const float v = dot_bf16((const uint4*)p, S.xs, HID / 8, lane);
+            if (lane == 0) net.qkv[u0 + f] = v;
+        });
+        gsync(l);  // B1
+        if (b < NQ) {
+            const int kvh = b / (NQ / NKV);
+            const long long kv = ((long long)l * NKV + kvh) * net.ctx * HD;
+            attend(net.qkv + b * HD, net.kc + kv, net.vc + kv, net.attn + b * HD, net.ctx, S.sc, S.part, S.red, t);
+        }
+        gsync(l);  // B2
+        for (int i = t; i < ODIM; i += CW * 32) S.xs[i] = __ldcg(net.attn + i);
+        csync();
+        consume(l, PH_O, [&](int u0, int, int f, const unsigned char* p) {
+            const float v = dot_bf16((const uint4*)p, S.xs, ODIM / 8, lane);
+            if (lane == 0) net.resid[u0 + f] = __ldcg(net.resid + u0 + f) + v;
+        });
+        gsync(l);  // B3
+        norm_into(net.resid, S.xs, S.red, t);
+        quant_into(S.xs, HID, S.xq, S.xd, t);
+        consume(l, PH_R, [&](int u0, int, int f, const unsigned char* p) {
+            const float v = dot_bf16((const uint4*)p, S.xs, HID / 8, lane);
+            if (lane == 0) net.logits[u0 + f] = v;
+        });
+        gsync(l);  // B4
+        if (w == 0) {
+            if (mode != STREAM) topk8(net.logits, S.ids, S.wts, lane);
+            else if (lane == 0) fixed_experts(l, S.ids, S.wts);
+        }
+        csync();
+        consume(l, PH_GU, [&](int u0, int, int f, const unsigned char* p) {
+            const float g = dot_fp4(p, GU_NB, S.xq, S.xd, lane), u = dot_fp4(p + GU_REC, GU_NB, S.xq, S.xd, lane);
+            if (lane == 0) net.act[u0 + f] = silu_mul(g, u);
+        });
+        gsync(l);  // B5
+        {
+            // the experts' activations, int8 per 32-block (xs holds them as f32 first)
+            float* a = S.xs;  // TOPK * INTER = 6144 > ODIM: quantize in two halves
+            for (int half = 0; half < 2; half++) {
+                const int off = half * (TOPK * INTER / 2);
+                for (int i = t; i < TOPK * INTER / 2; i += CW * 32) a[i] = __ldcg(net.act + off + i);
+                csync();
+                quant_into(a, TOPK * INTER / 2, S.xq + off, S.xd + off / 32, t);
+            }
+        }
+        int d0, d1;
+        phase_range(PH_D, b, G, d0, d1);
+        consume(l, PH_D, [&](int u0, int u1, int f, const unsigned char* p) {
+            const int nb = u1 - u0, k = f / nb;
+            const float v = dot_fp4(p, D_NB, S.xq + k * INTER, S.xd + k * D_NB, lane);
+            if (lane == 0) S.dacc[k * DMAX + f % nb] = __fmul_rn(S.wts[k], v);
+        });
+        csync();
+        if (weights && t < d1 - d0) {
+            float s = 0.f;
+            for (int k = 0; k < TOPK; k++) s += S.dacc[k * DMAX + t];
+            net.resid[d0 + t] = __ldcg(net.resid + d0 + t) + s;
+        }
+        gsync(l);  // B6
+    }
+}
+
+// ---- the reference: the same arithmetic, one plain kernel per phase ----
+__global__ void __launch_bounds__(32 * CW) ref_norm(const float* resid, float* out) {
+    __shared__ float red[CW];
+    norm_into(resid, out, red, threadIdx.x);
+}
+__global__ void __launch_bounds__(32 * CW) ref_quant(const float* x, int n, signed char* xq, float* xd) {
+    quant_into(x, n, xq, xd, threadIdx.x);
+}
+__global__ void __launch_bounds__(32 * CW) ref_gemv(const bf16_t* W, const float* x, float* y, int rows, int cols, int acc) {
+    const int r = blockIdx.x * CW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const float v = dot_bf16((const uint4*)(W + (long long)r * cols), x, cols / 8, lane);
+    if (lane == 0) y[r] = acc ? y[r] + v : v;
+}
+__global__ void __launch_bounds__(32 * CW) ref_attend(const float* qkv, const bf16_t* kc, const bf16_t* vc, float* attn, int l, int ctx) {
+    __shared__ float sc[2048], part[CW * HD], red[CW];
+    const int h = blockIdx.x, kvh = h / (NQ / NKV);
+    const long long kv = ((long long)l * NKV + kvh) * ctx * HD;
+    attend(qkv + h * HD, kc + kv, vc + kv, attn + h * HD, ctx, sc, part, red, threadIdx.x);
+}
+__global__ void ref_topk(const float* logits, int* ids, float* wts) {
+    __shared__ int si[TOPK];
+    __shared__ float sw[TOPK];
+    topk8(logits, si, sw, threadIdx.x);
+    __syncwarp();
+    if (threadIdx.x < TOPK) { ids[threadIdx.x] = si[threadIdx.x]; wts[threadIdx.x] = sw[threadIdx.x]; }
+}
+__global__ void __launch_bounds__(32 * CW) ref_gate_up(const u8* wgu, const int* ids, const signed char* xq, const float* xd, float* act, int l) {
+    const int g = blockIdx.x * CW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (g >= TOPK * INTER) return;
+    const int k = g / INTER, j = g % INTER;
+    const u8* rec = wgu + (((long long)l * NE + ids[k]) * 2 * INTER + 2 * j) * GU_REC;
+    const float gv = dot_fp4(rec, GU_NB, xq, xd, lane), uv = dot_fp4(rec + GU_REC, GU_NB, xq, xd, lane);
+    if (lane == 0) act[g] = silu_mul(gv, uv);
+}
+__global__ void __launch_bounds__(32 * CW) ref_down(const u8* wd, const int* ids, const float* wts, const signed char* aq, const float* ad, float* resid, int l) {
+    const int o = blockIdx.x * CW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (o >= HID) return;
+    float s = 0.f;
+    for (int k = 0; k < TOPK; k++) {
+        const u8* rec = wd + (((long long)l * NE + ids[k]) * HID + o) * D_REC;
+        const float v = dot_fp4(rec, D_NB, aq + k * INTER, ad + k * D_NB, lane);
+        s += __fmul_rn(wts[k], v);
+    }
+    if (lane == 0) resid[o] = resid[o] + s;
+}
+
+// ---- set-up ----
+__device__ __forceinline__ u32 hash32(unsigned long long i, u32 seed) {
+    u32 x = (u32)i * 0x9E3779B1u ^ (u32)(i >> 32) * 0x85EBCA77u ^ seed * 0xC2B2AE3Du;
+    x ^= x >> 15; x *= 0x2C1B3C6Du; x ^= x >> 12; x *= 0x297A2D39u; x ^= x >> 15;
+    return x;
+}
+__global__ void fill_bf16(bf16_t* p, long long n, float amp, u32 seed) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        p[i] = f2bf(amp * ((hash32(i, seed) >> 8) * (2.f / 16777216.f) - 1.f));
+}
+// MXFP4 records: random codes, scales 2^-7..2^-5, zero padding
+__global__ void fill_fp4(u8* p, long long recs, int nb, int rec, u32 seed) {
+    const long long n = recs * rec;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const int o = (int)(i % rec);
+        p[i] = o < nb * 16 ? (u8)hash32(i, seed) : o < nb * 17 ? (u8)(120 + hash32(i, seed) % 3) : 0;
+    }
+}
+__global__ void fill_f32(float* p, int n, u32 seed) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        p[i] = (hash32(i, seed) >> 8) * (2.f / 16777216.f) - 1.f;
+}
+
+int main(int argc, char** argv) {
+    const int stages = argc > 1 ? atoi(argv[1]) : 11;
+    const int L = 48, CTX_MAX = 2048;
+    if (stages < 2 || stages > MAX_STAGES) { printf("stages 2..%d\n", MAX_STAGES); return 1; }
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    const int G = prop.multiProcessorCount;
+    Net net{};
+    bf16_t *wqkv, *wo, *wr, *kc, *vc;
+    u8 *wgu, *wd;
+    CK(cudaMalloc(&wqkv, (size_t)L * QKV * HID * 2));
+    CK(cudaMalloc(&wo, (size_t)L * HID * ODIM * 2));
+    CK(cudaMalloc(&wr, (size_t)L * NE * HID * 2));
+    CK(cudaMalloc(&wgu, (size_t)L * NE * 2 * INTER * GU_REC));
+    CK(cudaMalloc(&wd, (size_t)L * NE * HID * D_REC));
+    CK(cudaMalloc(&kc, (size_t)L * NKV * CTX_MAX * HD * 2));
+    CK(cudaMalloc(&vc, (size_t)L * NKV * CTX_MAX * HD * 2));
+    fill_bf16<<<1024, 256>>>(wqkv, (long long)L * QKV * HID, 0.03f, 1);
+    fill_bf16<<<1024, 256>>>(wo, (long long)L * HID * ODIM, 0.02f, 2);
+    fill_bf16<<<1024, 256>>>(wr, (long long)L * NE * HID, 0.05f, 3);
+    fill_fp4<<<1024, 256>>>(wgu, (long long)L * NE * 2 * INTER, GU_NB, GU_REC, 4);
+    fill_fp4<<<1024, 256>>>(wd, (long long)L * NE * HID, D_NB, D_REC, 5);
+    fill_bf16<<<1024, 256>>>(kc, (long long)L * NKV * CTX_MAX * HD, 1.f, 6);
+    fill_bf16<<<1024, 256>>>(vc, (long long)L * NKV * CTX_MAX * HD, 1.f, 7);
+    net.wqkv = wqkv; net.wo = wo; net.wr = wr; net.kc = kc; net.vc = vc; net.wgu = wgu; net.wd = wd;
+    net.layers = L;
+    float *resid0, *hbuf, *xd, *ad;
+    signed char *xq, *aq;
+    int* ids;
+    float* wts;
+    CK(cudaMalloc(&net.resid, HID * 4)); CK(cudaMalloc(&resid0, HID * 4)); CK(cudaMalloc(&hbuf, HID * 4));
+    CK(cudaMalloc(&net.qkv, QKV * 4)); CK(cudaMalloc(&net.attn, ODIM * 4)); CK(cudaMalloc(&net.logits, NE * 4));
+    CK(cudaMalloc(&net.act, TOPK * INTER * 4)); CK(cudaMalloc(&net.ctr, 4)); CK(cudaMemset(net.ctr, 0, 4));
+    CK(cudaMalloc(&net.stamps, (size_t)L * (BARRIERS + 1) * 8));
+    CK(cudaMalloc(&xq, HID)); CK(cudaMalloc(&xd, HID / 32 * 4)); CK(cudaMalloc(&aq, TOPK * INTER));
+    CK(cudaMalloc(&ad, TOPK * INTER / 32 * 4)); CK(cudaMalloc(&ids, TOPK * 4)); CK(cudaMalloc(&wts, TOPK * 4));
+    fill_f32<<<8, 256>>>(resid0, HID, 8);
+    CK(cudaDeviceSynchronize());
+
+    const size_t dyn = (size_t)stages * STAGE;
+    CK(cudaFuncSetAttribute(persistent_layers, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
+    int per_sm = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_layers, 32 * (CW + 1), dyn));
+    printf("device %s, %d SMs, CW %d, stages %d (%zu KB ring + %zu B static), blocks/SM %d\n", prop.name, G, CW, stages,
+           dyn / 1024, sizeof(Smem), per_sm);
+    if (per_sm < 1) return 1;
+    unsigned base = 0;
+    auto launch = [&](int mode) {
+        void* args[] = {&net, (void*)&mode, (void*)&stages, &base};
+        CK(cudaLaunchCooperativeKernel((void*)persistent_layers, G, 32 * (CW + 1), args, dyn, 0));
+        if (mode != STREAM) base += (unsigned)(L * BARRIERS * G);
+    };
+
+    // correctness: one full launch against the reference kernels, from the same residual
+    net.ctx = 128;
+    CK(cudaMemcpy(net.resid, resid0, HID * 4, cudaMemcpyDeviceToDevice));
+    launch(FULL);
+    CK(cudaDeviceSynchronize());
+    std::vector<float> got(HID), want(HID);
+    CK(cudaMemcpy(got.data(), net.resid, HID * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(net.resid, resid0, HID * 4, cudaMemcpyDeviceToDevice));
+    for (int l = 0; l < L; l++) {
+        ref_norm<<<1, 32 * CW>>>(net.resid, hbuf);
+        ref_gemv<<<QKV / CW, 32 * CW>>>(wqkv + (size_t)l * QKV * HID, hbuf, net.qkv, QKV, HID, 0);
+        ref_attend<<<NQ, 32 * CW>>>(net.qkv, kc, vc, net.attn, l, net.ctx);
+        ref_gemv<<<HID / CW, 32 * CW>>>(wo + (size_t)l * HID * ODIM, net.attn, net.resid, HID, ODIM, 1);
+        ref_norm<<<1, 32 * CW>>>(net.resid, hbuf);
+        ref_quant<<<1, 32 * CW>>>(hbuf, HID, xq, xd);
+        ref_gemv<<<NE / CW, 32 * CW>>>(wr + (size_t)l * NE * HID, hbuf, net.logits, NE, HID, 0);
+        ref_topk<<<1, 32>>>(net.logits, ids, wts);
+        ref_gate_up<<<TOPK * INTER / CW, 32 * CW>>>(wgu, ids, xq, xd, net.act, l);
+        ref_quant<<<1, 32 * CW>>>(net.act, TOPK * INTER, aq, ad);
+        ref_down<<<HID / CW, 32 * CW>>>(wd, ids, wts, aq, ad, net.resid, l);
+    }
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(want.data(), net.resid, HID * 4, cudaMemcpyDeviceToHost));
+    double md = 0, mx = 0;
+    int nonfinite = 0;
+    for (int i = 0; i < HID; i++) {
+        if (!std::isfinite(got[i]) || !std::isfinite(want[i])) nonfinite++;
+        md = std::max(md, (double)fabsf(got[i] - want[i]));
+        mx = std::max(mx, (double)fabsf(want[i]));
+    }
+    const bool ok = nonfinite == 0 && md <= 1e-4 * std::max(1.0, mx);
+    printf("check: final residual after %d layers, max |ref| %.4g, max |persistent - ref| %.3g, non-finite %d: %s\n", L, mx,
+           md, nonfinite, ok ? "PASS" : "FAIL");
+
+    // copy bandwidth (read + write bytes, as kairos bench's copy_bandwidth)
+    const size_t cn = (size_t)1 << 30;
+    void *ca, *cb;
+    CK(cudaMalloc(&ca, cn)); CK(cudaMalloc(&cb, cn));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 3; i++) CK(cudaMemcpyAsync(cb, ca, cn, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < 20; i++) CK(cudaMemcpyAsync(cb, ca, cn, cudaMemcpyDeviceToDevice));
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float cms;
+    CK(cudaEventElapsedTime(&cms, e0, e1));
+    const double copy_gbps = 2.0 * cn * 20 / (cms * 1e-3) / 1e9;
+    CK(cudaFree(ca)); CK(cudaFree(cb));
+    printf("copy bandwidth %.0f GB/s\n", copy_gbps);
+
+    const char* names[] = {"full", "stream", "sync"};
+    std::vector<unsigned long long> st((size_t)L * (BARRIERS + 1));
+    for (int ctx : {128, 2048}) {
+        net.ctx = ctx;
+        const double layer_bytes = (double)QKV * HID * 2 + (double)HID * ODIM * 2 + (double)NE * HID * 2 +
+                                   (double)TOPK * 2 * INTER * GU_REC + (double)TOPK * HID * D_REC + 2.0 * NKV * ctx * HD * 2;
+        for (int mode : {FULL, STREAM, SYNC}) {
+            if (mode == STREAM && ctx != 128) continue;
+            for (int i = 0; i < 3; i++) launch(mode);
+            const int reps = 20;
+            CK(cudaEventRecord(e0));
+            for (int i = 0; i < reps; i++) launch(mode);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            const double us = ms * 1e3 / reps, bytes = mode == SYNC ? 2.0 * NKV * ctx * HD * 2 * L : layer_bytes * L;
+            printf("%-6s ctx %4d: %8.1f us per %d layers = %5.2f us/layer, %6.1f MB, %6.0f GB/s = %5.1f%% of copy\n",
+                   names[mode], ctx, us, L, us / L, bytes / 1e6, bytes / (us * 1e-6) / 1e9,
+                   100.0 * bytes / (us * 1e-6) / 1e9 / copy_gbps);
+            CK(cudaMemcpy(st.data(), net.stamps, st.size() * 8, cudaMemcpyDeviceToHost));
+            double ph[BARRIERS] = {0};
+            for (int l = 1; l < L; l++)
+                for (int m = 0; m < BARRIERS; m++) ph[m] += (double)(st[l * (BARRIERS + 1) + m + 1] - st[l * (BARRIERS + 1) + m]) / 1e3 / (L - 1);
+            printf("        block 0, us per layer: norm+qkv %.2f | attention %.2f | o %.2f | norm+router %.2f | top-k+gate/up %.2f | down %.2f\n",
+                   ph[0], ph[1], ph[2], ph[3], ph[4], ph[5]);
+        }
+    }
+    return ok ? 0 : 2;
+}
