@@ -23,12 +23,15 @@
 // outputs is one contiguous byte range per expert. Arithmetic is the engine's (moe_q8.cu's
 // E2M1 -> int8 permutes and dp4a; bf16 x f32 GEMV dots), so consumer cost is realistic.
 //
-// Modes: full (the above); stream (no grid barriers, fixed experts: the weight stream and
-// the consumers alone, the floor for this design); sync (no weights: barriers, norms,
-// attention and top-k alone: the dependent chain). The full mode is checked against plain
+// Modes: full (the above); fixed (full, but the experts fixed in advance, so the loader
+// never waits for the router: what the experts' dependence costs); stream (no grid
+// barriers, fixed experts: the weight stream and the consumers' work alone); drain (no
+// barriers, the consumers only take and release the chunks: the loader's stream alone);
+// sync (no weights: barriers, norms, attention and top-k alone: the dependent chain). The full mode is checked against plain
 // kernels doing the same arithmetic (one launch per phase), final residual after 48 layers.
 //   nvcc -O3 -arch=sm_90 -o /tmp/lsm bench/micro/layer_stream_micro.cu && /tmp/lsm
-// (-DCW=<consumer warps>, default 8; argument 1: ring stages of 16 KB, default 11.)
+// (-DCW=<consumer warps>, default 8; -DSTAGE_KB=<stage size>, default 16; argument 1: ring
+// stages, default 11; argument 2: chunks of several segments, 1 (default) or 0.)
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -48,20 +51,27 @@ constexpr int HID = 2048, NQ = 32, NKV = 4, HD = 128, QKV = (NQ + 2 * NKV) * HD,
 constexpr int NE = 128, TOPK = 8, INTER = 768;
 constexpr int GU_NB = HID / 32, D_NB = INTER / 32;
 constexpr int GU_REC = (GU_NB * 17 + 15) / 16 * 16, D_REC = (D_NB * 17 + 15) / 16 * 16;  // 1088, 416
-constexpr int STAGE = 16384;
-constexpr int MAX_STAGES = 12;
+#ifndef STAGE_KB
+#define STAGE_KB 16  // ring stage (one bulk copy of whole rows at most)
+#endif
+constexpr int STAGE = STAGE_KB * 1024;
+constexpr int MAX_STAGES = 192 / STAGE_KB;
 constexpr int BARRIERS = 6;  // grid barriers per layer
+constexpr int STAMPS = 10;   // time stamps per layer (block 0): start, norm, B1, B2, B3, norm+quant, B4, B5, act quant, B6
 constexpr int DMAX = 32;     // most down outputs a block owns
 enum { PH_QKV, PH_O, PH_R, PH_GU, PH_D };
-enum { FULL = 0, STREAM = 1, SYNC = 2 };
+enum { FULL = 0, STREAM = 1, SYNC = 2, FIXED = 3, DRAIN = 4 };
 
 struct Net {
     const bf16_t *wqkv, *wo, *wr, *kc, *vc;
     const u8 *wgu, *wd;
     int layers, ctx;
-    float *resid, *qkv, *attn, *logits, *act;
+    int pack;  // chunks of several segments (see Chunk)
+    float *resid, *qkv, *attn, *aml, *attn_out, *logits, *act;  // attn: NQ * NSPLIT partial outputs of HD
+    unsigned* waits;  // [10]: S.cnt summed over blocks and launches
+    unsigned* hctr;  // per query head: split blocks done (grows across layers and launches)
     unsigned* ctr;
-    unsigned long long* stamps;  // [layers][BARRIERS + 1], block 0
+    unsigned long long* stamps;  // [layers][STAMPS], block 0
 };
 
 // ---- arithmetic shared by the persistent kernel and the reference kernels ----
@@ -111,22 +121,44 @@ __device__ __forceinline__ float c_max(float v, float* red, int t) {
     csync();
     return s;
 }
-// out = resid / rms(resid) (no norm weight); resid read through L2 (written by other blocks)
-__device__ void norm_into(const float* resid, float* out, float* red, int t) {
+// int8 of one 32-block held by 4 lanes (lanes 4j..4j+3), 8 values each; e0: the first of
+// the 8 elements. Every lane of the warp must call it (the max is a shuffle).
+__device__ __forceinline__ void quant8(const float (&v)[8], bool valid, signed char* xq, float* xd, int e0, int lane) {
+    float m = 0.f;
+    for (int i = 0; i < 8; i++) m = fmaxf(m, fabsf(v[i]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float d = m / 127.f;
+    if (!valid) return;
+    u32 q[2] = {0u, 0u};
+    for (int i = 0; i < 8; i++) q[i / 4] |= ((u32)(u8)(signed char)__float2int_rn(d > 0.f ? v[i] / d : 0.f)) << (8 * (i % 4));
+    *(uint2*)(xq + e0) = make_uint2(q[0], q[1]);
+    if ((lane & 3) == 0) xd[e0 / 32] = d;
+}
+// out = resid / rms(resid) (no norm weight) and, with xq, its int8 form; resid read through
+// L2 (written by other blocks). One group of 8 per thread (HID / 8 <= CW * 32). (A warp per
+// 32-block, one shuffle reduction each, made norm + quantization ~3 us: session 19 call 2.)
+__device__ void norm_quant(const float* resid, float* out, signed char* xq, float* xd, float* red, int t) {
+    static_assert(HID / 8 <= CW * 32, "one group of 8 per thread");
+    const bool valid = t < HID / 8;
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (valid) ld8f_cg(resid + 8 * t, v);
     float ss = 0.f;
-    for (int i = t; i < HID; i += CW * 32) { const float v = __ldcg(resid + i); ss += v * v; }
+    for (int i = 0; i < 8; i++) ss += v[i] * v[i];
     const float inv = rsqrtf(c_sum(ss, red, t) / HID + 1e-6f);
-    for (int i = t; i < HID; i += CW * 32) out[i] = __ldcg(resid + i) * inv;
+    for (int i = 0; i < 8; i++) v[i] *= inv;
+    if (valid) st8(out + 8 * t, v);
+    if (xq && (t >> 5) * 32 < HID / 8) quant8(v, valid, xq, xd, 8 * t, t & 31);
     csync();
 }
-// int8 per 32-block: one warp per block
-__device__ void quant_into(const float* x, int n, signed char* xq, float* xd, int t) {
-    const int lane = t & 31;
-    for (int b = t >> 5; b < n / 32; b += CW) {
-        const float v = x[b * 32 + lane];
-        const float d = warp_max(fabsf(v)) / 127.f;
-        xq[b * 32 + lane] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
-        if (lane == 0) xd[b] = d;
+// int8 of n f32 values in global memory (written by other blocks: read through L2)
+__device__ void act_quant(const float* x, int n, signed char* xq, float* xd, int t) {
+    for (int g0 = t - (t & 31); g0 < n / 8; g0 += CW * 32) {
+        const int g = g0 + (t & 31);
+        const bool valid = g < n / 8;
+        float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (valid) ld8f_cg(x + 8 * g, v);
+        quant8(v, valid, xq, xd, 8 * g, t & 31);
     }
     csync();
 }
@@ -155,29 +187,37 @@ __device__ void topk8(const float* logits, int* ids, float* wts, int lane) {
 __device__ __forceinline__ void fixed_experts(int l, int* ids, float* wts) {
     for (int k = 0; k < TOPK; k++) { ids[k] = (l * 37 + k * 13) % NE; wts[k] = 1.f / TOPK; }
 }
-// one query head: q (f32 HD), K/V bf16 [ctx][HD] of its kv head; sc: ctx floats, part: CW x HD
-__device__ void attend(const float* q, const bf16_t* K, const bf16_t* V, float* out, int ctx, float* sc, float* part,
-                       float* red, int t) {
+// One query head over positions [p0, p1): unnormalised output o (HD floats) and its (max, sum)
+// into ml; q f32 (HD), K/V bf16 [ctx][HD] of its kv head. One thread per position for the
+// scores, warps over positions for the output. qs: HD floats, sc: p1 - p0, part: CW x HD.
+__device__ void attend_part(const float* q, const bf16_t* K, const bf16_t* V, int p0, int p1, float* o_out, float* ml,
+                            float* qs, float* sc, float* part, float* red, int t) {
     const int lane = t & 31, w = t >> 5;
-    float qv[4];
-    for (int i = 0; i < 4; i++) qv[i] = __ldcg(q + lane * 4 + i);
-    for (int p = w; p < ctx; p += CW) {
-        const uint2 k = *(const uint2*)(K + (long long)p * HD + lane * 4);
-        float s = qv[0] * bf2f(k.x & 0xffff) + qv[1] * bf2f(k.x >> 16) + qv[2] * bf2f(k.y & 0xffff) + qv[3] * bf2f(k.y >> 16);
-        s = warp_sum(s);
-        if (lane == 0) sc[p] = s * 0.08838834764831845f;
-    }
+    if (t < HD) qs[t] = __ldcg(q + t);
     csync();
     float m = NEG_INF;
-    for (int p = t; p < ctx; p += CW * 32) m = fmaxf(m, sc[p]);
+    for (int p = p0 + t; p < p1; p += CW * 32) {
+        const uint4* k = (const uint4*)(K + (long long)p * HD);
+        float s = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < HD / 8; c++) {
+            float kf[8];
+            unpack8(k[c], kf);
+            for (int e = 0; e < 8; e++) s += qs[c * 8 + e] * kf[e];
+        }
+        s *= 0.08838834764831845f;
+        sc[p - p0] = s;
+        m = fmaxf(m, s);
+    }
     m = c_max(m, red, t);
     float l = 0.f;
-    for (int p = t; p < ctx; p += CW * 32) { const float e = expf(sc[p] - m); sc[p] = e; l += e; }
+    for (int p = p0 + t; p < p1; p += CW * 32) { const float e = expf(sc[p - p0] - m); sc[p - p0] = e; l += e; }
     l = c_sum(l, red, t);
     float o[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int p = w; p < ctx; p += CW) {
+#pragma unroll 4
+    for (int p = p0 + w; p < p1; p += CW) {
         const uint2 v = *(const uint2*)(V + (long long)p * HD + lane * 4);
-        const float e = sc[p];
+        const float e = sc[p - p0];
         o[0] += e * bf2f(v.x & 0xffff); o[1] += e * bf2f(v.x >> 16); o[2] += e * bf2f(v.y & 0xffff); o[3] += e * bf2f(v.y >> 16);
     }
     for (int i = 0; i < 4; i++) part[w * HD + lane * 4 + i] = o[i];
@@ -185,9 +225,27 @@ __device__ void attend(const float* q, const bf16_t* K, const bf16_t* V, float* 
     if (t < HD) {
         float s = 0.f;
         for (int i = 0; i < CW; i++) s += part[i * HD + t];
-        out[t] = s / l;
+        o_out[t] = s;
     }
+    if (t == 0) { ml[0] = m; ml[1] = l; }
     csync();
+}
+// Head h's output (HD floats) from its NSPLIT partial results: ao (NQ * NSPLIT x HD), aml
+// ((max, sum) per partial). Run by the last of the head's split blocks to finish. (Every block
+// combining all heads while loading the o-projection's input cost ~2.5 us: session 19 call 2.)
+constexpr int NSPLIT = 4;
+__device__ void combine_head(const float* ao, const float* aml, float* out, int h, int t) {
+    if (t >= HD) return;
+    float M = NEG_INF, ml[2 * NSPLIT];
+    for (int s = 0; s < 2 * NSPLIT; s++) ml[s] = __ldcg(aml + h * NSPLIT * 2 + s);
+    for (int s = 0; s < NSPLIT; s++) M = fmaxf(M, ml[2 * s]);
+    float L = 0.f, o = 0.f;
+    for (int s = 0; s < NSPLIT; s++) {
+        const float f = ml[2 * s + 1] > 0.f ? expf(ml[2 * s] - M) : 0.f;
+        L += ml[2 * s + 1] * f;
+        o += __ldcg(ao + (h * NSPLIT + s) * HD + t) * f;
+    }
+    out[h * HD + t] = o / L;
 }
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + expf(-g)) * u; }
 
@@ -205,28 +263,43 @@ __device__ __forceinline__ void phase_range(int ph, int b, int G, int& u0, int& 
     else if (ph == PH_GU) split(TOPK * INTER, G, b, u0, u1);
     else { split(HID / 2, G, b, u0, u1); u0 *= 2; u1 *= 2; }  // down: pairs (16-byte aligned scale rows)
 }
-struct Chunk { const char* src; u32 bytes; int f0, n; };
-// chunk starting at unit f of the block's share of phase ph (layer l); advances f
+// A chunk: n units from f0 on, in up to MAX_SEG contiguous segments (one bulk copy each)
+// packed back to back in one stage. With net.pack = 0 a chunk is one segment, so a stage
+// may hold little (a down chunk is one expert's ~16 rows, 6.6 KB of a 16 KB stage).
+constexpr int MAX_SEG = 4;
+struct Chunk { const char* src[MAX_SEG]; u32 bytes[MAX_SEG]; int nseg, f0, n; };
+// The segment at unit f of the block's share of phase ph (layer l): its source and how many
+// units it may hold (up to a boundary: another expert's rows follow).
+__device__ __forceinline__ const char* unit_src(const Net& net, int l, int ph, int u0, int u1, const int* ids, int f, int& run) {
+    const int ub = unit_bytes(ph);
+    if (ph == PH_QKV) { run = u1 - u0 - f; return (const char*)net.wqkv + ((long long)l * QKV + u0 + f) * ub; }
+    if (ph == PH_O) { run = u1 - u0 - f; return (const char*)net.wo + ((long long)l * HID + u0 + f) * ub; }
+    if (ph == PH_R) { run = u1 - u0 - f; return (const char*)net.wr + ((long long)l * NE + u0 + f) * ub; }
+    if (ph == PH_GU) {
+        const int g = u0 + f, k = g / INTER, j = g % INTER;
+        run = min(u1 - g, INTER - j);
+        return (const char*)net.wgu + (((long long)l * NE + ids[k]) * 2 * INTER + 2 * j) * GU_REC;
+    }
+    const int nb = u1 - u0, k = f / nb, o = u0 + f % nb;
+    run = nb - f % nb;
+    return (const char*)net.wd + (((long long)l * NE + ids[k]) * HID + o) * D_REC;
+}
+// the chunk starting at unit f of the block's share of phase ph; advances f (SRC: fill in the
+// segments' sources, which only the loader needs)
+template <bool SRC = false>
 __device__ bool next_chunk(const Net& net, int l, int ph, int u0, int u1, const int* ids, int& f, Chunk& c) {
     const int total = ph == PH_D ? TOPK * (u1 - u0) : u1 - u0;
     if (f >= total) return false;
-    const int ub = unit_bytes(ph), upc = STAGE / ub;
-    int n = min(upc, total - f);
-    const char* src;
-    if (ph == PH_QKV) src = (const char*)net.wqkv + ((long long)l * QKV + u0 + f) * ub;
-    else if (ph == PH_O) src = (const char*)net.wo + ((long long)l * HID + u0 + f) * ub;
-    else if (ph == PH_R) src = (const char*)net.wr + ((long long)l * NE + u0 + f) * ub;
-    else if (ph == PH_GU) {
-        const int g = u0 + f, k = g / INTER, j = g % INTER;
-        n = min(n, INTER - j);
-        src = (const char*)net.wgu + (((long long)l * NE + ids[k]) * 2 * INTER + 2 * j) * GU_REC;
-    } else {
-        const int nb = u1 - u0, k = f / nb, o = u0 + f % nb;
-        n = min(n, nb - f % nb);
-        src = (const char*)net.wd + (((long long)l * NE + ids[k]) * HID + o) * D_REC;
+    const int ub = unit_bytes(ph), upc = STAGE / ub, maxseg = net.pack ? MAX_SEG : 1;
+    c.f0 = f; c.n = 0; c.nseg = 0;
+    while (c.nseg < maxseg && c.n < upc && f < total) {
+        int run;
+        const char* src = unit_src(net, l, ph, u0, u1, ids, f, run);
+        const int n = min(run, upc - c.n);
+        if (SRC) { c.src[c.nseg] = src; c.bytes[c.nseg] = (u32)(n * ub); }
+        c.nseg++;
+        c.n += n; f += n;
     }
-    c.src = src; c.bytes = (u32)(n * ub); c.f0 = f; c.n = n;
-    f += n;
     return true;
 }
 
@@ -239,13 +312,28 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_u32(bar)) : "memory");
 }
+// whether the phase of `parity` has completed, without waiting
+__device__ __forceinline__ bool mbar_ready(unsigned long long* bar, u32 parity) {
+    u32 r;
+    asm volatile("{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(r) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+    return r != 0;
+}
+// Grid barrier over the consumer warps of every block: arrive on one counter, poll it until
+// `target` blocks have. Default: fences around a relaxed atomic (as cooperative groups);
+// -DBAR_RELACQ: a release reduction and acquire polling, no fences (as CUTLASS's barrier).
 __device__ __forceinline__ void grid_sync(unsigned* ctr, unsigned target, int t) {
     csync();
     if (t == 0) {
+#ifdef BAR_RELACQ
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(ctr) : "memory");
+        while (ld_acquire(ctr) < target) { }
+#else
         __threadfence();
         atomicAdd(ctr, 1u);
         while (ld_acquire(ctr) < target) { }
         __threadfence();
+#endif
     }
     csync();
 }
@@ -257,27 +345,31 @@ __device__ __forceinline__ unsigned long long gtime() {
 
 struct Smem {  // static part; the ring is dynamic shared memory
     unsigned long long full[MAX_STAGES], empty[MAX_STAGES];
-    float xs[ODIM];               // f32 activation of the bf16 GEMVs
+    float xs[TOPK * INTER];       // f32 activation of the bf16 GEMVs, and the experts' before quantization
     signed char xq[TOPK * INTER]; // int8 activation of the expert GEMVs
     float xd[TOPK * INTER / 32];
-    float sc[2048];               // attention scores
+    float sc[2048 / NSPLIT];      // attention scores
+    float qs[HD];
+    int last;
+    unsigned cnt[10];  // per weight phase: chunks taken by a warp, and of those not ready at first look
     float part[CW * HD];
     float dacc[TOPK * DMAX];
     float red[CW];
-    int ids[TOPK], lids[TOPK];
-    float wts[TOPK], lwts[TOPK];
+    int ids[TOPK], lids[TOPK], tids[TOPK];
+    float wts[TOPK], lwts[TOPK], twts[TOPK];
 };
 
 extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers(Net net, int mode, int stages, unsigned base) {
     extern __shared__ __align__(128) unsigned char ring[];
     __shared__ Smem S;
     const int G = gridDim.x, b = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x < 10) S.cnt[threadIdx.x] = 0u;
     if (threadIdx.x == 0) {
         for (int s = 0; s < stages; s++) { mbar_init(&S.full[s], 1); mbar_init(&S.empty[s], CW); }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    const bool weights = mode != SYNC, barriers = mode != STREAM;
+    const bool weights = mode != SYNC, barriers = mode == FULL || mode == SYNC || mode == FIXED;
     if (warp == 0) {  // ---- the loader ----
         int cidx = 0;
         for (int l = 0; l < net.layers; l++) {
@@ -295,13 +387,14 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
                     int u0, u1, f = 0;
                     phase_range(ph, b, G, u0, u1);
                     Chunk c;
-                    while (next_chunk(net, l, ph, u0, u1, S.lids, f, c)) {
+                    while (next_chunk<true>(net, l, ph, u0, u1, S.lids, f, c)) {
                         const int s = cidx % stages;
                         if (cidx >= stages) mbar_wait(&S.empty[s], (u32)(cidx / stages - 1) & 1u);
                         // the stage was read through the generic proxy; the copy writes through the async one
                         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                        mbar_expect_tx(&S.full[s], c.bytes);
-                        bulk_copy_g2s(ring + (size_t)s * STAGE, c.src, c.bytes, &S.full[s]);
+                        mbar_expect_tx(&S.full[s], (u32)(c.n * unit_bytes(ph)));
+                        unsigned char* dst = ring + (size_t)s * STAGE;
+                        for (int g = 0; g < c.nseg; g++) { bulk_copy_g2s(dst, c.src[g], c.bytes[g], &S.full[s]); dst += c.bytes[g]; }
                         cidx++;
                     }
                 }
@@ -313,12 +406,32 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
     // ---- the consumers ----
     const int t = threadIdx.x - 32, w = warp - 1;
     int cidx = 0, nbar = 0;
+    if (mode == DRAIN) {  // the chunks only: wait, release
+        for (int l = 0; l < net.layers; l++) {
+            if (t == 0) fixed_experts(l, S.ids, S.wts);
+            csync();
+            for (int ph = PH_QKV; ph <= PH_D; ph++) {
+                int u0, u1, f = 0;
+                phase_range(ph, b, G, u0, u1);
+                Chunk c;
+                while (next_chunk(net, l, ph, u0, u1, S.ids, f, c)) {
+                    const int s = cidx % stages;
+                    mbar_wait(&S.full[s], (u32)(cidx / stages) & 1u);
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(&S.empty[s]);
+                    cidx++;
+                }
+            }
+            csync();
+        }
+        return;
+    }
     auto gsync = [&](int l) {
         ++nbar;
         if (barriers) grid_sync(net.ctr, base + (unsigned)(nbar * G), t);
         else csync();
-        if (b == 0 && t == 0) net.stamps[l * (BARRIERS + 1) + (nbar - (l * BARRIERS)) ] = gtime();
     };
+    auto stamp = [&](int l, int i) { if (b == 0 && t == 0) net.stamps[l * STAMPS + i] = gtime(); };
     // every consumer warp waits for every chunk (so its release counts for that chunk) and
     // works on the units f with f % CW == w
     auto consume = [&](int l, int ph, auto&& unit) {
@@ -328,9 +441,11 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
         Chunk c;
         while (next_chunk(net, l, ph, u0, u1, S.ids, f, c)) {
             const int s = cidx % stages;
-            mbar_wait(&S.full[s], (u32)(cidx / stages) & 1u);
+            const bool ready = mbar_ready(&S.full[s], (u32)(cidx / stages) & 1u);
+            if (!ready) mbar_wait(&S.full[s], (u32)(cidx / stages) & 1u);
+            if (lane == 0) { atomicAdd(&S.cnt[2 * ph], 1u); if (!ready) atomicAdd(&S.cnt[2 * ph + 1], 1u); }
             const unsigned char* p = ring + (size_t)s * STAGE;
-            const int ub = c.bytes / c.n;
+            const int ub = unit_bytes(ph);
             for (int i = (w - c.f0 % CW + CW) % CW; i < c.n; i += CW) unit(u0, u1, c.f0 + i, p + (size_t)i * ub);
             __syncwarp();
             if (lane == 0) mbar_arrive(&S.empty[s]);
@@ -338,36 +453,61 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
         }
     };
     for (int l = 0; l < net.layers; l++) {
-        if (b == 0 && t == 0) net.stamps[l * (BARRIERS + 1)] = gtime();
-        norm_into(net.resid, S.xs, S.red, t);
+        stamp(l, 0);
+        norm_quant(net.resid, S.xs, nullptr, nullptr, S.red, t);
+        stamp(l, 1);
         consume(l, PH_QKV, [&](int u0, int, int f, const unsigned char* p) {
             const float v = dot_bf16((const uint4*)p, S.xs, HID / 8, lane);
             if (lane == 0) net.qkv[u0 + f] = v;
         });
         gsync(l);  // B1
-        if (b < NQ) {
-            const int kvh = b / (NQ / NKV);
+        stamp(l, 2);
+        if (b < NQ * NSPLIT) {
+            const int h = b / NSPLIT, sp = b % NSPLIT, kvh = h / (NQ / NKV);
             const long long kv = ((long long)l * NKV + kvh) * net.ctx * HD;
-            attend(net.qkv + b * HD, net.kc + kv, net.vc + kv, net.attn + b * HD, net.ctx, S.sc, S.part, S.red, t);
+            attend_part(net.qkv + h * HD, net.kc + kv, net.vc + kv, net.ctx * sp / NSPLIT, net.ctx * (sp + 1) / NSPLIT,
+                        net.attn + b * HD, net.aml + 2 * b, S.qs, S.sc, S.part, S.red, t);
+            // the last of the head's splits to finish combines them (counters only grow: the
+            // NSPLIT-th arrival of a layer is the last)
+            if (t == 0) {
+                __threadfence();
+                S.last = atomicAdd(net.hctr + h, 1u) % NSPLIT == NSPLIT - 1;
+            }
+            csync();
+            if (S.last) {
+                __threadfence();
+                combine_head(net.attn, net.aml, net.attn_out, h, t);
+            }
         }
         gsync(l);  // B2
-        for (int i = t; i < ODIM; i += CW * 32) S.xs[i] = __ldcg(net.attn + i);
+        stamp(l, 3);
+        for (int i = t; i < ODIM / 8; i += CW * 32) {
+            float v[8];
+            ld8f_cg(net.attn_out + 8 * i, v);
+            st8(S.xs + 8 * i, v);
+        }
         csync();
         consume(l, PH_O, [&](int u0, int, int f, const unsigned char* p) {
             const float v = dot_bf16((const uint4*)p, S.xs, ODIM / 8, lane);
             if (lane == 0) net.resid[u0 + f] = __ldcg(net.resid + u0 + f) + v;
         });
         gsync(l);  // B3
-        norm_into(net.resid, S.xs, S.red, t);
-        quant_into(S.xs, HID, S.xq, S.xd, t);
+        stamp(l, 4);
+        norm_quant(net.resid, S.xs, S.xq, S.xd, S.red, t);
+        stamp(l, 5);
         consume(l, PH_R, [&](int u0, int, int f, const unsigned char* p) {
             const float v = dot_bf16((const uint4*)p, S.xs, HID / 8, lane);
             if (lane == 0) net.logits[u0 + f] = v;
         });
         gsync(l);  // B4
+        stamp(l, 6);
         if (w == 0) {
-            if (mode != STREAM) topk8(net.logits, S.ids, S.wts, lane);
-            else if (lane == 0) fixed_experts(l, S.ids, S.wts);
+            if (mode == FULL || mode == SYNC) topk8(net.logits, S.ids, S.wts, lane);
+            else {
+                if (mode == FIXED) topk8(net.logits, S.tids, S.twts, lane);  // the work, not the result
+                __syncwarp();
+                if (lane == 0) fixed_experts(l, S.ids, S.wts);
+            }
         }
         csync();
         consume(l, PH_GU, [&](int u0, int, int f, const unsigned char* p) {
@@ -375,16 +515,9 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
             if (lane == 0) net.act[u0 + f] = silu_mul(g, u);
         });
         gsync(l);  // B5
-        {
-            // the experts' activations, int8 per 32-block (xs holds them as f32 first)
-            float* a = S.xs;  // TOPK * INTER = 6144 > ODIM: quantize in two halves
-            for (int half = 0; half < 2; half++) {
-                const int off = half * (TOPK * INTER / 2);
-                for (int i = t; i < TOPK * INTER / 2; i += CW * 32) a[i] = __ldcg(net.act + off + i);
-                csync();
-                quant_into(a, TOPK * INTER / 2, S.xq + off, S.xd + off / 32, t);
-            }
-        }
+        stamp(l, 7);
+        act_quant(net.act, TOPK * INTER, S.xq, S.xd, t);  // the experts' activations, int8 per 32-block
+        stamp(l, 8);
         int d0, d1;
         phase_range(PH_D, b, G, d0, d1);
         consume(l, PH_D, [&](int u0, int u1, int f, const unsigned char* p) {
@@ -399,16 +532,18 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
             net.resid[d0 + t] = __ldcg(net.resid + d0 + t) + s;
         }
         gsync(l);  // B6
+        if (l == net.layers - 1) stamp(l, 9);
     }
+    if (t < 10) atomicAdd(net.waits + t, S.cnt[t]);
 }
 
 // ---- the reference: the same arithmetic, one plain kernel per phase ----
-__global__ void __launch_bounds__(32 * CW) ref_norm(const float* resid, float* out) {
+__global__ void __launch_bounds__(32 * CW) ref_norm_quant(const float* resid, float* out, signed char* xq, float* xd) {
     __shared__ float red[CW];
-    norm_into(resid, out, red, threadIdx.x);
+    norm_quant(resid, out, xq, xd, red, threadIdx.x);
 }
-__global__ void __launch_bounds__(32 * CW) ref_quant(const float* x, int n, signed char* xq, float* xd) {
-    quant_into(x, n, xq, xd, threadIdx.x);
+__global__ void __launch_bounds__(32 * CW) ref_act_quant(const float* x, int n, signed char* xq, float* xd) {
+    act_quant(x, n, xq, xd, threadIdx.x);
 }
 __global__ void __launch_bounds__(32 * CW) ref_gemv(const bf16_t* W, const float* x, float* y, int rows, int cols, int acc) {
     const int r = blockIdx.x * CW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -416,11 +551,16 @@ __global__ void __launch_bounds__(32 * CW) ref_gemv(const bf16_t* W, const float
     const float v = dot_bf16((const uint4*)(W + (long long)r * cols), x, cols / 8, lane);
     if (lane == 0) y[r] = acc ? y[r] + v : v;
 }
-__global__ void __launch_bounds__(32 * CW) ref_attend(const float* qkv, const bf16_t* kc, const bf16_t* vc, float* attn, int l, int ctx) {
-    __shared__ float sc[2048], part[CW * HD], red[CW];
-    const int h = blockIdx.x, kvh = h / (NQ / NKV);
+__global__ void __launch_bounds__(32 * CW) ref_attend(const float* qkv, const bf16_t* kc, const bf16_t* vc, float* attn,
+                                                      float* aml, int l, int ctx) {
+    __shared__ float qs[HD], sc[2048 / NSPLIT], part[CW * HD], red[CW];
+    const int b = blockIdx.x, h = b / NSPLIT, sp = b % NSPLIT, kvh = h / (NQ / NKV);
     const long long kv = ((long long)l * NKV + kvh) * ctx * HD;
-    attend(qkv + h * HD, kc + kv, vc + kv, attn + h * HD, ctx, sc, part, red, threadIdx.x);
+    attend_part(qkv + h * HD, kc + kv, vc + kv, ctx * sp / NSPLIT, ctx * (sp + 1) / NSPLIT, attn + b * HD, aml + 2 * b, qs,
+                sc, part, red, threadIdx.x);
+}
+__global__ void __launch_bounds__(32 * CW) ref_combine(const float* attn, const float* aml, float* out) {
+    combine_head(attn, aml, out, blockIdx.x, threadIdx.x);
 }
 __global__ void ref_topk(const float* logits, int* ids, float* wts) {
     __shared__ int si[TOPK];
@@ -474,6 +614,7 @@ __global__ void fill_f32(float* p, int n, u32 seed) {
 
 int main(int argc, char** argv) {
     const int stages = argc > 1 ? atoi(argv[1]) : 11;
+    const int pack = argc > 2 ? atoi(argv[2]) : 1;
     const int L = 48, CTX_MAX = 2048;
     if (stages < 2 || stages > MAX_STAGES) { printf("stages 2..%d\n", MAX_STAGES); return 1; }
     cudaDeviceProp prop;
@@ -498,14 +639,17 @@ int main(int argc, char** argv) {
     fill_bf16<<<1024, 256>>>(vc, (long long)L * NKV * CTX_MAX * HD, 1.f, 7);
     net.wqkv = wqkv; net.wo = wo; net.wr = wr; net.kc = kc; net.vc = vc; net.wgu = wgu; net.wd = wd;
     net.layers = L;
-    float *resid0, *hbuf, *xd, *ad;
+    net.pack = pack;
+    float *resid0, *hbuf, *abuf, *xd, *ad;
     signed char *xq, *aq;
     int* ids;
     float* wts;
     CK(cudaMalloc(&net.resid, HID * 4)); CK(cudaMalloc(&resid0, HID * 4)); CK(cudaMalloc(&hbuf, HID * 4));
-    CK(cudaMalloc(&net.qkv, QKV * 4)); CK(cudaMalloc(&net.attn, ODIM * 4)); CK(cudaMalloc(&net.logits, NE * 4));
+    CK(cudaMalloc(&net.qkv, QKV * 4)); CK(cudaMalloc(&net.attn, NQ * NSPLIT * HD * 4));
+    CK(cudaMalloc(&net.aml, NQ * NSPLIT * 2 * 4)); CK(cudaMalloc(&abuf, ODIM * 4));
+    CK(cudaMalloc(&net.attn_out, ODIM * 4)); CK(cudaMalloc(&net.hctr, NQ * 4)); CK(cudaMalloc(&net.waits, 40)); CK(cudaMemset(net.hctr, 0, NQ * 4)); CK(cudaMalloc(&net.logits, NE * 4));
     CK(cudaMalloc(&net.act, TOPK * INTER * 4)); CK(cudaMalloc(&net.ctr, 4)); CK(cudaMemset(net.ctr, 0, 4));
-    CK(cudaMalloc(&net.stamps, (size_t)L * (BARRIERS + 1) * 8));
+    CK(cudaMalloc(&net.stamps, (size_t)L * STAMPS * 8));
     CK(cudaMalloc(&xq, HID)); CK(cudaMalloc(&xd, HID / 32 * 4)); CK(cudaMalloc(&aq, TOPK * INTER));
     CK(cudaMalloc(&ad, TOPK * INTER / 32 * 4)); CK(cudaMalloc(&ids, TOPK * 4)); CK(cudaMalloc(&wts, TOPK * 4));
     fill_f32<<<8, 256>>>(resid0, HID, 8);
@@ -515,14 +659,14 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(persistent_layers, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
     int per_sm = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_layers, 32 * (CW + 1), dyn));
-    printf("device %s, %d SMs, CW %d, stages %d (%zu KB ring + %zu B static), blocks/SM %d\n", prop.name, G, CW, stages,
+    printf("device %s, %d SMs, CW %d, pack %d, stages %d of %d KB (%zu KB ring + %zu B static), blocks/SM %d\n", prop.name, G, CW, pack, stages, STAGE_KB,
            dyn / 1024, sizeof(Smem), per_sm);
     if (per_sm < 1) return 1;
     unsigned base = 0;
     auto launch = [&](int mode) {
         void* args[] = {&net, (void*)&mode, (void*)&stages, &base};
         CK(cudaLaunchCooperativeKernel((void*)persistent_layers, G, 32 * (CW + 1), args, dyn, 0));
-        if (mode != STREAM) base += (unsigned)(L * BARRIERS * G);
+        if (mode == FULL || mode == SYNC || mode == FIXED) base += (unsigned)(L * BARRIERS * G);
     };
 
     // correctness: one full launch against the reference kernels, from the same residual
@@ -534,17 +678,17 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(got.data(), net.resid, HID * 4, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(net.resid, resid0, HID * 4, cudaMemcpyDeviceToDevice));
     for (int l = 0; l < L; l++) {
-        ref_norm<<<1, 32 * CW>>>(net.resid, hbuf);
-        ref_gemv<<<QKV / CW, 32 * CW>>>(wqkv + (size_t)l * QKV * HID, hbuf, net.qkv, QKV, HID, 0);
-        ref_attend<<<NQ, 32 * CW>>>(net.qkv, kc, vc, net.attn, l, net.ctx);
-        ref_gemv<<<HID / CW, 32 * CW>>>(wo + (size_t)l * HID * ODIM, net.attn, net.resid, HID, ODIM, 1);
-        ref_norm<<<1, 32 * CW>>>(net.resid, hbuf);
-        ref_quant<<<1, 32 * CW>>>(hbuf, HID, xq, xd);
-        ref_gemv<<<NE / CW, 32 * CW>>>(wr + (size_t)l * NE * HID, hbuf, net.logits, NE, HID, 0);
+        ref_norm_quant<<<1, 32 * CW>>>(net.resid, hbuf, nullptr, nullptr);
+        ref_gemv<<<(QKV + CW - 1) / CW, 32 * CW>>>(wqkv + (size_t)l * QKV * HID, hbuf, net.qkv, QKV, HID, 0);
+        ref_attend<<<NQ * NSPLIT, 32 * CW>>>(net.qkv, kc, vc, net.attn, net.aml, l, net.ctx);
+        ref_combine<<<NQ, 32 * CW>>>(net.attn, net.aml, abuf);
+        ref_gemv<<<(HID + CW - 1) / CW, 32 * CW>>>(wo + (size_t)l * HID * ODIM, abuf, net.resid, HID, ODIM, 1);
+        ref_norm_quant<<<1, 32 * CW>>>(net.resid, hbuf, xq, xd);
+        ref_gemv<<<(NE + CW - 1) / CW, 32 * CW>>>(wr + (size_t)l * NE * HID, hbuf, net.logits, NE, HID, 0);
         ref_topk<<<1, 32>>>(net.logits, ids, wts);
-        ref_gate_up<<<TOPK * INTER / CW, 32 * CW>>>(wgu, ids, xq, xd, net.act, l);
-        ref_quant<<<1, 32 * CW>>>(net.act, TOPK * INTER, aq, ad);
-        ref_down<<<HID / CW, 32 * CW>>>(wd, ids, wts, aq, ad, net.resid, l);
+        ref_gate_up<<<(TOPK * INTER + CW - 1) / CW, 32 * CW>>>(wgu, ids, xq, xd, net.act, l);
+        ref_act_quant<<<1, 32 * CW>>>(net.act, TOPK * INTER, aq, ad);
+        ref_down<<<(HID + CW - 1) / CW, 32 * CW>>>(wd, ids, wts, aq, ad, net.resid, l);
     }
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(want.data(), net.resid, HID * 4, cudaMemcpyDeviceToHost));
@@ -576,16 +720,17 @@ int main(int argc, char** argv) {
     CK(cudaFree(ca)); CK(cudaFree(cb));
     printf("copy bandwidth %.0f GB/s\n", copy_gbps);
 
-    const char* names[] = {"full", "stream", "sync"};
-    std::vector<unsigned long long> st((size_t)L * (BARRIERS + 1));
+    const char* names[] = {"full", "stream", "sync", "fixed", "drain"};
+    std::vector<unsigned long long> st((size_t)L * STAMPS);
     for (int ctx : {128, 2048}) {
         net.ctx = ctx;
         const double layer_bytes = (double)QKV * HID * 2 + (double)HID * ODIM * 2 + (double)NE * HID * 2 +
                                    (double)TOPK * 2 * INTER * GU_REC + (double)TOPK * HID * D_REC + 2.0 * NKV * ctx * HD * 2;
-        for (int mode : {FULL, STREAM, SYNC}) {
-            if (mode == STREAM && ctx != 128) continue;
+        for (int mode : {FULL, FIXED, STREAM, DRAIN, SYNC}) {
+            if ((mode == STREAM || mode == DRAIN) && ctx != 128) continue;
             for (int i = 0; i < 3; i++) launch(mode);
             const int reps = 20;
+            CK(cudaMemset(net.waits, 0, 40));
             CK(cudaEventRecord(e0));
             for (int i = 0; i < reps; i++) launch(mode);
             CK(cudaEventRecord(e1));
@@ -597,11 +742,22 @@ int main(int argc, char** argv) {
                    names[mode], ctx, us, L, us / L, bytes / 1e6, bytes / (us * 1e-6) / 1e9,
                    100.0 * bytes / (us * 1e-6) / 1e9 / copy_gbps);
             CK(cudaMemcpy(st.data(), net.stamps, st.size() * 8, cudaMemcpyDeviceToHost));
-            double ph[BARRIERS] = {0};
-            for (int l = 1; l < L; l++)
-                for (int m = 0; m < BARRIERS; m++) ph[m] += (double)(st[l * (BARRIERS + 1) + m + 1] - st[l * (BARRIERS + 1) + m]) / 1e3 / (L - 1);
-            printf("        block 0, us per layer: norm+qkv %.2f | attention %.2f | o %.2f | norm+router %.2f | top-k+gate/up %.2f | down %.2f\n",
-                   ph[0], ph[1], ph[2], ph[3], ph[4], ph[5]);
+            // block 0's time per layer between stamps, averaged over layers 1..L-2 (the next
+            // layer's start stands for this one's B6)
+            double ph[STAMPS - 1] = {0};
+            for (int l = 1; l + 1 < L; l++)
+                for (int m = 0; m + 1 < STAMPS; m++) {
+                    const unsigned long long end = m + 1 == STAMPS - 1 ? st[(l + 1) * STAMPS] : st[l * STAMPS + m + 1];
+                    ph[m] += (double)(end - st[l * STAMPS + m]) / 1e3 / (L - 2);
+                }
+            if (mode != DRAIN) printf("        block 0, us per layer: norm %.2f qkv %.2f | attention %.2f | combine+o %.2f | norm+quant %.2f router %.2f"
+                   " | top-k+gate/up %.2f | act quant %.2f down %.2f\n", ph[0], ph[1], ph[2], ph[3], ph[4], ph[5], ph[6], ph[7], ph[8]);
+            unsigned wt[10];
+            CK(cudaMemcpy(wt, net.waits, 40, cudaMemcpyDeviceToHost));
+            if (mode != SYNC && mode != DRAIN)
+                printf("        chunks a warp found not yet loaded: qkv %.0f%% o %.0f%% router %.0f%% gate/up %.0f%% down %.0f%%\n",
+                       100.0 * wt[1] / std::max(1u, wt[0]), 100.0 * wt[3] / std::max(1u, wt[2]), 100.0 * wt[5] / std::max(1u, wt[4]),
+                       100.0 * wt[7] / std::max(1u, wt[6]), 100.0 * wt[9] / std::max(1u, wt[8]));
         }
     }
     return ok ? 0 : 2;
