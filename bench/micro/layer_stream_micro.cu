@@ -76,14 +76,62 @@ struct Net {
 
 // ---- arithmetic shared by the persistent kernel and the reference kernels ----
 __device__ __forceinline__ void csync() { asm volatile("bar.sync 1, %0;" :: "r"(CW * 32) : "memory"); }
-// one warp's dot of a bf16 row (cols / 8 16-byte pieces) with f32 x
-__device__ __forceinline__ float dot_bf16(const uint4* w, const float* x, int c8, int lane) {
-    float acc = 0.f;
-    for (int c = lane; c < c8; c += 32) {
-        float wf[8];
-        unpack8(w[c], wf);
+// A GEMV's input, rounded to bf16 as every engine GEMV reads it, packed 8 to a 16-byte piece
+// in shared memory: a lane reads its pieces lane + 32p next to its neighbours' (no bank
+// conflicts), 16 bytes per 16 bytes of weights. (f32 x read per row, 32 bytes per 16 bytes of
+// weights with 2-way conflicts, made the dense phases shared-memory bound: ~3 us of consumer
+// time per 160 KB share, session 19 call 4, where 98% of the chunks were already loaded when a
+// warp came to them. x in registers spilled: 64 registers for a 4096-wide row.)
+__device__ __forceinline__ void pack_x(const float* x, uint4* xb, int c8, int t) {
+    for (int c = t; c < c8; c += CW * 32) {
         const float4 a = ((const float4*)x)[2 * c], b = ((const float4*)x)[2 * c + 1];
-        acc += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y + wf[6] * b.z + wf[7] * b.w;
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        xb[c] = pack8_bf16(v);
+    }
+    csync();
+}
+// one warp's dot of a bf16 row (c8 16-byte pieces) with packed bf16 x
+__device__ __forceinline__ float dot_bf16(const uint4* w, const uint4* xb, int c8, int lane) {
+    float acc = 0.f;
+#pragma unroll 4
+    for (int c = lane; c < c8; c += 32) {
+        float wf[8], xf[8];
+        unpack8(w[c], wf);
+        unpack8(xb[c], xf);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc += wf[e] * xf[e];
+    }
+    return warp_sum(acc);
+}
+// An expert GEMV's int8 input in registers: lane's 32-blocks lane + 32i (NBL of them).
+template <int NBL> struct XQ { int4 x[NBL][2]; float d[NBL]; };
+template <int NBL>
+__device__ __forceinline__ void load_xq(const signed char* xq, const float* xd, int nb, XQ<NBL>& r, int lane) {
+#pragma unroll
+    for (int i = 0; i < NBL; i++) {
+        const int b = lane + 32 * i;
+        r.x[i][0] = b < nb ? ((const int4*)(xq + b * 32))[0] : make_int4(0, 0, 0, 0);
+        r.x[i][1] = b < nb ? ((const int4*)(xq + b * 32))[1] : make_int4(0, 0, 0, 0);
+        r.d[i] = b < nb ? xd[b] : 0.f;
+    }
+}
+// dot_fp4 (below) with its input in registers: the same sums in the same order
+template <int NBL>
+__device__ __forceinline__ float dot_fp4_xq(const u8* rec, int nb, const XQ<NBL>& r, int lane) {
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < NBL; i++) {
+        const int b = lane + 32 * i;
+        if (b < nb) {
+            const uint4 w = *(const uint4*)(rec + b * 16);
+            const int4 x0 = r.x[i][0], x1 = r.x[i][1];
+            int lo, hi, d = 0;
+            e2m1x8_to_i8(w.x, lo, hi); d = __dp4a(lo, x0.x, d); d = __dp4a(hi, x0.y, d);
+            e2m1x8_to_i8(w.y, lo, hi); d = __dp4a(lo, x0.z, d); d = __dp4a(hi, x0.w, d);
+            e2m1x8_to_i8(w.z, lo, hi); d = __dp4a(lo, x1.x, d); d = __dp4a(hi, x1.y, d);
+            e2m1x8_to_i8(w.w, lo, hi); d = __dp4a(lo, x1.z, d); d = __dp4a(hi, x1.w, d);
+            acc += (float)d * (0.5f * e8m0_q8(rec[nb * 16 + b]) * r.d[i]);
+        }
     }
     return warp_sum(acc);
 }
@@ -345,7 +393,8 @@ __device__ __forceinline__ unsigned long long gtime() {
 
 struct Smem {  // static part; the ring is dynamic shared memory
     unsigned long long full[MAX_STAGES], empty[MAX_STAGES];
-    float xs[TOPK * INTER];       // f32 activation of the bf16 GEMVs, and the experts' before quantization
+    float xs[ODIM];               // f32 activation of the bf16 GEMVs
+    uint4 xb[ODIM / 8];           // the same as packed bf16 (pack_x)
     signed char xq[TOPK * INTER]; // int8 activation of the expert GEMVs
     float xd[TOPK * INTER / 32];
     float sc[2048 / NSPLIT];      // attention scores
@@ -456,8 +505,9 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
         stamp(l, 0);
         norm_quant(net.resid, S.xs, nullptr, nullptr, S.red, t);
         stamp(l, 1);
+        pack_x(S.xs, S.xb, HID / 8, t);
         consume(l, PH_QKV, [&](int u0, int, int f, const unsigned char* p) {
-            const float v = dot_bf16((const uint4*)p, S.xs, HID / 8, lane);
+            const float v = dot_bf16((const uint4*)p, S.xb, HID / 8, lane);
             if (lane == 0) net.qkv[u0 + f] = v;
         });
         gsync(l);  // B1
@@ -487,16 +537,18 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
             st8(S.xs + 8 * i, v);
         }
         csync();
+        pack_x(S.xs, S.xb, ODIM / 8, t);
         consume(l, PH_O, [&](int u0, int, int f, const unsigned char* p) {
-            const float v = dot_bf16((const uint4*)p, S.xs, ODIM / 8, lane);
+            const float v = dot_bf16((const uint4*)p, S.xb, ODIM / 8, lane);
             if (lane == 0) net.resid[u0 + f] = __ldcg(net.resid + u0 + f) + v;
         });
         gsync(l);  // B3
         stamp(l, 4);
         norm_quant(net.resid, S.xs, S.xq, S.xd, S.red, t);
         stamp(l, 5);
+        pack_x(S.xs, S.xb, HID / 8, t);
         consume(l, PH_R, [&](int u0, int, int f, const unsigned char* p) {
-            const float v = dot_bf16((const uint4*)p, S.xs, HID / 8, lane);
+            const float v = dot_bf16((const uint4*)p, S.xb, HID / 8, lane);
             if (lane == 0) net.logits[u0 + f] = v;
         });
         gsync(l);  // B4
@@ -510,19 +562,26 @@ extern "C" __global__ void __launch_bounds__(32 * (CW + 1), 1) persistent_layers
             }
         }
         csync();
-        consume(l, PH_GU, [&](int u0, int, int f, const unsigned char* p) {
-            const float g = dot_fp4(p, GU_NB, S.xq, S.xd, lane), u = dot_fp4(p + GU_REC, GU_NB, S.xq, S.xd, lane);
-            if (lane == 0) net.act[u0 + f] = silu_mul(g, u);
-        });
+        {
+            XQ<(GU_NB + 31) / 32> xg;
+            load_xq(S.xq, S.xd, GU_NB, xg, lane);
+            consume(l, PH_GU, [&](int u0, int, int f, const unsigned char* p) {
+                const float g = dot_fp4_xq(p, GU_NB, xg, lane), u = dot_fp4_xq(p + GU_REC, GU_NB, xg, lane);
+                if (lane == 0) net.act[u0 + f] = silu_mul(g, u);
+            });
+        }
         gsync(l);  // B5
         stamp(l, 7);
         act_quant(net.act, TOPK * INTER, S.xq, S.xd, t);  // the experts' activations, int8 per 32-block
         stamp(l, 8);
         int d0, d1;
         phase_range(PH_D, b, G, d0, d1);
+        XQ<(D_NB + 31) / 32> xd;
+        int xk = -1;  // the expert whose input xd holds (a warp's rows go expert by expert)
         consume(l, PH_D, [&](int u0, int u1, int f, const unsigned char* p) {
             const int nb = u1 - u0, k = f / nb;
-            const float v = dot_fp4(p, D_NB, S.xq + k * INTER, S.xd + k * D_NB, lane);
+            if (k != xk) { load_xq(S.xq + k * INTER, S.xd + k * D_NB, D_NB, xd, lane); xk = k; }
+            const float v = dot_fp4_xq(p, D_NB, xd, lane);
             if (lane == 0) S.dacc[k * DMAX + f % nb] = __fmul_rn(S.wts[k], v);
         });
         csync();
@@ -546,9 +605,11 @@ __global__ void __launch_bounds__(32 * CW) ref_act_quant(const float* x, int n, 
     act_quant(x, n, xq, xd, threadIdx.x);
 }
 __global__ void __launch_bounds__(32 * CW) ref_gemv(const bf16_t* W, const float* x, float* y, int rows, int cols, int acc) {
+    __shared__ uint4 xb[ODIM / 8];
+    pack_x(x, xb, cols / 8, threadIdx.x);
     const int r = blockIdx.x * CW + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (r >= rows) return;
-    const float v = dot_bf16((const uint4*)(W + (long long)r * cols), x, cols / 8, lane);
+    const float v = dot_bf16((const uint4*)(W + (long long)r * cols), xb, cols / 8, lane);
     if (lane == 0) y[r] = acc ? y[r] + v : v;
 }
 __global__ void __launch_bounds__(32 * CW) ref_attend(const float* qkv, const bf16_t* kc, const bf16_t* vc, float* attn,
