@@ -26,16 +26,19 @@ __device__ __forceinline__ void e2m1x8_to_i8(u32 q, int& lo4, int& hi4) {
     lo4 = (int)__byte_perm(__byte_perm(T0, T1, a), __byte_perm(T2, T3, a), sel);
     hi4 = (int)__byte_perm(__byte_perm(T0, T1, b), __byte_perm(T2, T3, b), sel >> 16);
 }
-// integer dot of one 32-weight block with 32 int8 activations (32-byte aligned)
-__device__ __forceinline__ int dot_block(uint4 w, const signed char* __restrict__ xq) {
-    const int4* xv = (const int4*)xq;
-    int4 x0 = LDG_ACT(xv), x1 = LDG_ACT(xv + 1);
+// integer dot of one 32-weight block with 32 int8 activations held in x0, x1
+__device__ __forceinline__ int dot_block_i8(uint4 w, int4 x0, int4 x1) {
     int lo, hi, d = 0;
     e2m1x8_to_i8(w.x, lo, hi); d = __dp4a(lo, x0.x, d); d = __dp4a(hi, x0.y, d);
     e2m1x8_to_i8(w.y, lo, hi); d = __dp4a(lo, x0.z, d); d = __dp4a(hi, x0.w, d);
     e2m1x8_to_i8(w.z, lo, hi); d = __dp4a(lo, x1.x, d); d = __dp4a(hi, x1.y, d);
     e2m1x8_to_i8(w.w, lo, hi); d = __dp4a(lo, x1.z, d); d = __dp4a(hi, x1.w, d);
     return d;
+}
+// the same with the activations read from xq (32-byte aligned)
+__device__ __forceinline__ int dot_block(uint4 w, const signed char* __restrict__ xq) {
+    const int4* xv = (const int4*)xq;
+    return dot_block_i8(w, LDG_ACT(xv), LDG_ACT(xv + 1));
 }
 // One row's dot product, spread over LPR lanes (lane `sub` takes blocks sub, sub+LPR, ...),
 // U blocks per lane loaded before any is used. Returns the partial sum of this lane.

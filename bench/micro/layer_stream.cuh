@@ -82,13 +82,7 @@ __device__ __forceinline__ float dot_fp4_xq(const u8* rec, int nb, const XQ<NBL>
     for (int i = 0; i < NBL; i++) {
         const int b = lane + 32 * i;
         if (b < nb) {
-            const uint4 w = *(const uint4*)(rec + b * 16);
-            const int4 x0 = r.x[i][0], x1 = r.x[i][1];
-            int lo, hi, d = 0;
-            e2m1x8_to_i8(w.x, lo, hi); d = __dp4a(lo, x0.x, d); d = __dp4a(hi, x0.y, d);
-            e2m1x8_to_i8(w.y, lo, hi); d = __dp4a(lo, x0.z, d); d = __dp4a(hi, x0.w, d);
-            e2m1x8_to_i8(w.z, lo, hi); d = __dp4a(lo, x1.x, d); d = __dp4a(hi, x1.y, d);
-            e2m1x8_to_i8(w.w, lo, hi); d = __dp4a(lo, x1.z, d); d = __dp4a(hi, x1.w, d);
+            const int d = dot_block_i8(*(const uint4*)(rec + b * 16), r.x[i][0], r.x[i][1]);
             acc += (float)d * (0.5f * e8m0_q8(rec[nb * 16 + b]) * r.d[i]);
         }
     }
@@ -100,11 +94,7 @@ __device__ __forceinline__ float dot_fp4(const u8* rec, int nb, const signed cha
     for (int b = lane; b < nb; b += 32) {
         const uint4 w = *(const uint4*)(rec + b * 16);
         const int4 x0 = ((const int4*)(xq + b * 32))[0], x1 = ((const int4*)(xq + b * 32))[1];
-        int lo, hi, d = 0;
-        e2m1x8_to_i8(w.x, lo, hi); d = __dp4a(lo, x0.x, d); d = __dp4a(hi, x0.y, d);
-        e2m1x8_to_i8(w.y, lo, hi); d = __dp4a(lo, x0.z, d); d = __dp4a(hi, x0.w, d);
-        e2m1x8_to_i8(w.z, lo, hi); d = __dp4a(lo, x1.x, d); d = __dp4a(hi, x1.y, d);
-        e2m1x8_to_i8(w.w, lo, hi); d = __dp4a(lo, x1.z, d); d = __dp4a(hi, x1.w, d);
+        const int d = dot_block_i8(w, x0, x1);
         acc += (float)d * (0.5f * e8m0_q8(rec[nb * 16 + b]) * xd[b]);
     }
     return warp_sum(acc);
