@@ -235,6 +235,27 @@ extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_combine_l8(const u8* 
 // bias f32 [E, 2I] (rows as fused) or null. Out: aq i8 [n_assign, I], ad f32 [n_assign, I/32].
 // grid (I / 32, n_assign), block 256 (512, 1024): 8 (16, 32) warps x 4 (2, 1) outputs = one
 // 32-block of the activation.
+// The gated activation of one output from its gate and up sums (biases added).
+__device__ __forceinline__ float gate_up_act(float g, float u, int act, float alpha, float limit) {
+    if (act == 1) {
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+        return (u + 1.f) * (g / (1.f + expf(-alpha * g)));
+    }
+    return g / (1.f + expf(-g)) * u;
+}
+// The block's 32 outputs (shared memory) as int8 32-block bx of assignment a's activation.
+__device__ __forceinline__ void gate_up_store(const float* out, signed char* __restrict__ aq, float* __restrict__ ad,
+                                              int a, int I, int bx) {
+    __syncthreads();
+    if ((threadIdx.x >> 5) == 0) {
+        const int lane = threadIdx.x & 31;
+        const float v = out[lane];
+        const float d = warp_max(fabsf(v)) / 127.f;
+        aq[(long long)a * I + bx * 32 + lane] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
+        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
+    }
+}
 // gate_up_q8_body: assignment a (= by) with its expert e already known.
 __device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, long long e, int x_div,
@@ -266,25 +287,10 @@ __device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restr
         u = warp_sum(u);
         if (lane == 0) {
             if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
-            float v;
-            if (act == 1) {
-                g = fminf(g, limit);
-                u = fminf(fmaxf(u, -limit), limit);
-                v = (u + 1.f) * (g / (1.f + expf(-alpha * g)));
-            } else {
-                v = g / (1.f + expf(-g)) * u;
-            }
-            out[warp * per + t] = v;
+            out[warp * per + t] = gate_up_act(g, u, act, alpha, limit);
         }
     }
-    __syncthreads();
-    if (warp == 0) {
-        float v = out[lane];
-        float d = warp_max(fabsf(v)) / 127.f;
-        long long o = (long long)a * I + bx * 32 + lane;
-        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
-        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
-    }
+    gate_up_store(out, aq, ad, a, I, bx);
 }
 __device__ void gate_up_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ ids, int x_div,
@@ -432,6 +438,116 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
     const int e = gate_up_topk_pick(logits, E, k, renorm, ids, wout);
     gate_up_q8_body(blocks, scales, xq, xd, e, k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, blockIdx.y);
 }
+
+// moe_gate_up_q8_topk with each warp's weight rows brought to shared memory by bulk copies.
+// The register kernel reads Qwen3-30B-A3B's 13.4 MB at ~1.2 TB/s alone, and issuing a warp's
+// rows before using any did not help (session 18). Here, once the top-k is known, lane 0 of
+// warp w copies the gate and up rows of the warp's PER = 32 / NW outputs and their scales
+// (act 0: rows j and I + j, two copies each; act 1: rows 2j, 2j + 1 interleaved, one copy
+// each) onto the warp's own mbarrier: all of the block's bytes are in flight after a few
+// instructions, and a warp waits for its own rows only. The sums are row_dot<32, 2>'s, in
+// its order, so the outputs equal moe_gate_up_q8_topk's bit for bit.
+// grid (I / 32, n * k), block 32 * NW (>= E); dynamic shared memory GU_BULK_SMEM(nb) with
+// nb = cols / 32 <= 32 * GU_BULK_U. The host checks that every copy is a multiple of 16 bytes
+// and 16-byte aligned: PER * nb % 16 == 0 (act 0), 2 * PER * nb % 16 == 0 (act 1).
+#define GU_BULK_U 3
+#define GU_BULK_SMEM(nb) (64 * (nb) * 17)
+template <int NW>
+__device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, const float* logits, int E, int k, int renorm,
+        int* ids, float* wout, const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
+        signed char* __restrict__ aq, float* __restrict__ ad) {
+    constexpr int PER = 32 / NW;
+    extern __shared__ __align__(128) unsigned char gu_smem[];
+    __shared__ __align__(8) unsigned long long bar[NW];
+    __shared__ float out[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y, bx = blockIdx.x;
+    const int nb = cols / 32;
+    // the warp's barrier before the wait: nothing in it depends on the kernel before
+    if (lane == 0) {
+        mbar_init(&bar[warp], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+    const long long e = gate_up_topk_pick(logits, E, k, renorm, ids, wout);
+    if (e < 0) {  // expert held by another rank (expert parallel): a zero activation
+        if (lane < PER) out[warp * PER + lane] = 0.f;
+        gate_up_store(out, aq, ad, a, I, bx);
+        return;
+    }
+    const int jw = bx * 32 + warp * PER;  // the warp's first output
+    // shared memory: the warp's rows (act 0: PER gate rows, then PER up rows; act 1: 2 PER
+    // interleaved rows) at warp * 2 PER rows, all scales after all weights
+    u8* ws = gu_smem + (size_t)warp * 2 * PER * nb * 16;
+    u8* ss = gu_smem + (size_t)64 * nb * 16 + (size_t)warp * 2 * PER * nb;
+    const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
+    const u8* es = scales + e * 2 * I * (long long)nb;
+    float bg[PER] = {}, bu[PER] = {};
+    if (lane == 0) {
+        const u32 wb = (u32)(PER * nb * 16), sb = (u32)(PER * nb);
+        mbar_expect_tx(&bar[warp], 2 * (wb + sb));
+        if (act == 1) {
+            bulk_copy_g2s(ws, eb + (long long)2 * jw * nb * 16, 2 * wb, &bar[warp]);
+            bulk_copy_g2s(ss, es + (long long)2 * jw * nb, 2 * sb, &bar[warp]);
+        } else {
+            bulk_copy_g2s(ws, eb + (long long)jw * nb * 16, wb, &bar[warp]);
+            bulk_copy_g2s(ws + wb, eb + (long long)(I + jw) * nb * 16, wb, &bar[warp]);
+            bulk_copy_g2s(ss, es + (long long)jw * nb, sb, &bar[warp]);
+            bulk_copy_g2s(ss + sb, es + (long long)(I + jw) * nb, sb, &bar[warp]);
+        }
+        // the biases while the rows fly (the register kernel loads them after its sums)
+#pragma unroll
+        for (int t = 0; t < PER; t++) {
+            const int j = jw + t;
+            const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
+            bg[t] = bias ? bias[e * 2 * I + gr] : 0.f;
+            bu[t] = bias ? bias[e * 2 * I + ur] : 0.f;
+        }
+    }
+    // the lane's activation blocks lane + 32 i, also while the rows fly
+    const signed char* xa = xq + (long long)(a / k) * cols;
+    const float* da = xd + (long long)(a / k) * nb;
+    int4 xr[GU_BULK_U][2];
+    float dr[GU_BULK_U];
+#pragma unroll
+    for (int u = 0; u < GU_BULK_U; u++) {
+        const int b = u * 32 + lane;
+        xr[u][0] = xr[u][1] = make_int4(0, 0, 0, 0);
+        dr[u] = 0.f;
+        if (b < nb) {
+            xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
+            xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
+            dr[u] = LDG_ACT(da + b);
+        }
+    }
+    mbar_wait(&bar[warp], 0);
+#pragma unroll
+    for (int t = 0; t < PER; t++) {
+        float acc[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            // local row of output t's gate (h 0) or up (h 1) row
+            const int lr = act == 1 ? 2 * t + h : h * PER + t;
+            const uint4* wr = (const uint4*)(ws + (size_t)lr * nb * 16);
+            const u8* sr = ss + (size_t)lr * nb;
+            acc[h] = 0.f;
+#pragma unroll
+            for (int u = 0; u < GU_BULK_U; u++) {
+                const int b = u * 32 + lane;
+                if (b < nb) acc[h] += (float)dot_block_i8(wr[b], xr[u][0], xr[u][1]) * (0.5f * e8m0_q8(sr[b]) * dr[u]);
+            }
+        }
+        const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
+        if (lane == 0) out[warp * PER + t] = gate_up_act(g + bg[t], u + bu[t], act, alpha, limit);
+    }
+    gate_up_store(out, aq, ad, a, I, bx);
+}
+#define GATE_UP_BULK_ENTRY(NW) \
+extern "C" __global__ void __launch_bounds__(NW * 32) moe_gate_up_q8_topk_bulk##NW(const u8* blocks, const u8* scales, \
+        const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout, \
+        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) { \
+    gate_up_q8_bulk_impl<NW>(blocks, scales, xq, xd, logits, E, k, renorm, ids, wout, bias, I, cols, act, alpha, limit, aq, ad); }
+GATE_UP_BULK_ENTRY(8) GATE_UP_BULK_ENTRY(16)
 
 // ---- Grouped expert GEMVs (steps of many rows) ----
 // The kernels above read an expert's weights once per ASSIGNMENT; with many rows per step

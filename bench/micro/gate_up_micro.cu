@@ -31,30 +31,7 @@
 // ---- The loads-first form, as measured in session 18 (it was in kernels/moe_q8.cu for that
 // call, opt-in, and was removed after it: in the decode step it made Qwen3-30B-A3B b1 3.1%
 // slower and gpt-oss-20b 0.4% faster; bench/results/cuda_decode_h100.md, session 18).
-// The gated activation of one output from its gate and up sums (rows gr, ur of expert e).
-__device__ __forceinline__ float gate_up_act(float g, float u, const float* __restrict__ bias, long long e, int I, int gr,
-                                             int ur, int act, float alpha, float limit) {
-    if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
-    if (act == 1) {
-        g = fminf(g, limit);
-        u = fminf(fmaxf(u, -limit), limit);
-        return (u + 1.f) * (g / (1.f + expf(-alpha * g)));
-    }
-    return g / (1.f + expf(-g)) * u;
-}
-// The block's 32 outputs (shared memory) as one int8 32-block of assignment a's activation.
-__device__ __forceinline__ void gate_up_store(const float* out, signed char* __restrict__ aq, float* __restrict__ ad,
-                                              int a, int I, int bx) {
-    __syncthreads();
-    if ((threadIdx.x >> 5) == 0) {
-        const int lane = threadIdx.x & 31;
-        float v = out[lane];
-        float d = warp_max(fabsf(v)) / 127.f;
-        long long o = (long long)a * I + bx * 32 + lane;
-        aq[o] = (signed char)__float2int_rn(d > 0.f ? v / d : 0.f);
-        if (lane == 0) ad[(long long)a * (I / 32) + bx] = d;
-    }
-}
+// (gate_up_act and gate_up_store are kernels/moe_q8.cu's.)
 // gate_up_q8_body with every warp's weight loads issued before any is used: R rows (the gate
 // and up rows of R/2 outputs) of U 16-byte blocks per lane (cols <= U * 1024), and this lane's
 // activation blocks held in registers for all of them. The sums are row_dot's, in its order,
@@ -125,8 +102,11 @@ __device__ void gate_up_q8_body_lf(const u8* __restrict__ blocks, const u8* __re
             }
             const int j = bx * 32 + warp * per + t0 + r / 2;
             const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
-            const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
-            if (lane == 0) out[j - bx * 32] = gate_up_act(g, u, bias, e, I, gr, ur, act, alpha, limit);
+            float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
+            if (lane == 0) {
+                if (bias) { g += bias[e * 2 * I + gr]; u += bias[e * 2 * I + ur]; }
+                out[j - bx * 32] = gate_up_act(g, u, act, alpha, limit);
+            }
         }
     }
     gate_up_store(out, aq, ad, a, I, bx);
