@@ -447,11 +447,23 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
 // each) onto the warp's own mbarrier: all of the block's bytes are in flight after a few
 // instructions, and a warp waits for its own rows only. The sums are row_dot<32, 2>'s, in
 // its order, so the outputs equal moe_gate_up_q8_topk's bit for bit.
-// grid (I / 32, n * k), block 32 * NW (>= E); dynamic shared memory GU_BULK_SMEM(nb) with
-// nb = cols / 32 <= 32 * GU_BULK_U. The host checks that every copy is a multiple of 16 bytes
-// and 16-byte aligned: PER * nb % 16 == 0 (act 0), 2 * PER * nb % 16 == 0 (act 1).
+// grid (I / 32, n * k), block 32 * NW (>= E); dynamic shared memory GU_BULK_SMEM(nb, NW)
+// with nb = cols / 32 <= 32 * GU_BULK_U; blocks and scales 16-byte aligned. A scale range
+// need not be: it is copied as its enclosing 16-byte span (within the buffer, whose size
+// E * 2I * nb is a multiple of 16), into a slot GU_BULK_SLOT(nb, NW) bytes long.
 #define GU_BULK_U 3
-#define GU_BULK_SMEM(nb) (64 * (nb) * 17)
+#define GU_BULK_SLOT(nb, NW) (((32 / (NW)) * (nb) + 15) / 16 * 16 + 16)
+#define GU_BULK_SMEM(nb, NW) (64 * (nb) * 16 + (NW) * 2 * GU_BULK_SLOT(nb, NW))
+// global [p, p + n) as its enclosing 16-byte-aligned span, to dst (16-byte aligned); adds the
+// span's size to bytes; returns where p's byte lands. With issue false it only computes.
+__device__ __forceinline__ const u8* bulk_span(u8* dst, const u8* p, u32 n, unsigned long long* bar, bool issue) {
+    const unsigned long long a = (unsigned long long)p & ~15ull, e = ((unsigned long long)p + n + 15) & ~15ull;
+    if (issue) bulk_copy_g2s(dst, (const void*)a, (u32)(e - a), bar);
+    return dst + ((unsigned long long)p - a);
+}
+__device__ __forceinline__ u32 span_bytes(const u8* p, u32 n) {
+    return (u32)((((unsigned long long)p + n + 15) & ~15ull) - ((unsigned long long)p & ~15ull));
+}
 template <int NW>
 __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, const float* logits, int E, int k, int renorm,
@@ -477,23 +489,27 @@ __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __
     }
     const int jw = bx * 32 + warp * PER;  // the warp's first output
     // shared memory: the warp's rows (act 0: PER gate rows, then PER up rows; act 1: 2 PER
-    // interleaved rows) at warp * 2 PER rows, all scales after all weights
+    // interleaved rows) at warp * 2 PER rows; scales after all weights, in two slots per warp
+    // (act 0: gate rows' and up rows'; act 1: all in the first)
     u8* ws = gu_smem + (size_t)warp * 2 * PER * nb * 16;
-    u8* ss = gu_smem + (size_t)64 * nb * 16 + (size_t)warp * 2 * PER * nb;
+    u8* ss = gu_smem + (size_t)64 * nb * 16 + (size_t)warp * 2 * GU_BULK_SLOT(nb, NW);
     const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
     const u8* es = scales + e * 2 * I * (long long)nb;
+    const u32 wb = (u32)(PER * nb * 16), sb = (u32)(PER * nb);
+    const u8* sg = es + (long long)(act == 1 ? 2 * jw : jw) * nb;  // first gate row's scales
+    const u8* su = es + (long long)(I + jw) * nb;                   // act 0: first up row's
+    const bool issue = lane == 0;
+    // where the rows' scales land (every lane), the copies issued by lane 0
+    if (issue) mbar_expect_tx(&bar[warp], 2 * wb + (act == 1 ? span_bytes(sg, 2 * sb) : span_bytes(sg, sb) + span_bytes(su, sb)));
+    const u8* sgl = bulk_span(ss, sg, act == 1 ? 2 * sb : sb, &bar[warp], issue);
+    const u8* sul = act == 1 ? sgl : bulk_span(ss + GU_BULK_SLOT(nb, NW), su, sb, &bar[warp], issue);
     float bg[PER] = {}, bu[PER] = {};
-    if (lane == 0) {
-        const u32 wb = (u32)(PER * nb * 16), sb = (u32)(PER * nb);
-        mbar_expect_tx(&bar[warp], 2 * (wb + sb));
+    if (issue) {
         if (act == 1) {
             bulk_copy_g2s(ws, eb + (long long)2 * jw * nb * 16, 2 * wb, &bar[warp]);
-            bulk_copy_g2s(ss, es + (long long)2 * jw * nb, 2 * sb, &bar[warp]);
         } else {
             bulk_copy_g2s(ws, eb + (long long)jw * nb * 16, wb, &bar[warp]);
             bulk_copy_g2s(ws + wb, eb + (long long)(I + jw) * nb * 16, wb, &bar[warp]);
-            bulk_copy_g2s(ss, es + (long long)jw * nb, sb, &bar[warp]);
-            bulk_copy_g2s(ss + sb, es + (long long)(I + jw) * nb, sb, &bar[warp]);
         }
         // the biases while the rows fly (the register kernel loads them after its sums)
 #pragma unroll
@@ -529,7 +545,7 @@ __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __
             // local row of output t's gate (h 0) or up (h 1) row
             const int lr = act == 1 ? 2 * t + h : h * PER + t;
             const uint4* wr = (const uint4*)(ws + (size_t)lr * nb * 16);
-            const u8* sr = ss + (size_t)lr * nb;
+            const u8* sr = act == 1 ? sgl + (size_t)lr * nb : (h == 0 ? sgl : sul) + (size_t)t * nb;
             acc[h] = 0.f;
 #pragma unroll
             for (int u = 0; u < GU_BULK_U; u++) {

@@ -202,21 +202,20 @@ int main(int argc, char** argv) {
         }
         report("read regs U4", false, [&](int l) { read_regs<4><<<grid, 256, 0, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
         report("read regs U8", false, [&](int l) { read_regs<8><<<grid, 256, 0, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
-        const int smem = GU_BULK_SMEM(nb);
+        const int smem = 64 * nb * 17;
         CK(cudaFuncSetAttribute(read_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         report("read bulk", false, [&](int l) { read_bulk<<<grid, 256, smem, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
         auto bulk = [&](const char* what, int nw, auto kernel) {
-            CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            const int gsmem = GU_BULK_SMEM(nb, nw);
+            CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gsmem));
             report(what, true, [&](int l) {
-                kernel<<<grid, nw * 32, smem, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1, dtid, dtw, nullptr,
+                kernel<<<grid, nw * 32, gsmem, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1, dtid, dtw, nullptr,
                                                   sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
             });
         };
         bulk("bulk 8 warps", 8, moe_gate_up_q8_topk_bulk8);
-        if (sh.act == 0) {  // gpt-oss: 2 outputs' scales are 360 bytes, not a bulk copy's multiple of 16
-            bulk("bulk 16 warps", 16, moe_gate_up_q8_topk_bulk16);
-            bulk("bulk 32 warps", 32, moe_gate_up_q8_topk_bulk32);
-        }
+        bulk("bulk 16 warps", 16, moe_gate_up_q8_topk_bulk16);
+        bulk("bulk 32 warps", 32, moe_gate_up_q8_topk_bulk32);
         cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids); cudaFree(sink);
         cudaFree(daq); cudaFree(daq_ref); cudaFree(dad); cudaFree(dad_ref); cudaFree(dlg); cudaFree(dtw); cudaFree(dtid);
     }

@@ -365,7 +365,7 @@ fn gate_up_topk_matches_separate_launches() {
         let form0 = c.gate_up_bulk.load(Ordering::Relaxed);
         for form in [0usize, 8, 16] {
             c.gate_up_bulk.store(form, Ordering::Relaxed);
-            let ran = c.gate_up_bulk_warps(ne, cols, act).map_or("registers".to_string(), |w| format!("bulk, {w} warps"));
+            let ran = c.gate_up_bulk_warps(ne, cols).map_or("registers".to_string(), |w| format!("bulk, {w} warps"));
             let mut ids2 = up(c, &vec![-7i32; n_assign]);
             let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
             let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);

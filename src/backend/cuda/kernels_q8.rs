@@ -18,15 +18,17 @@ pub const TOPK_FUSED_MAX_EXPERTS: usize = 256;
 
 /// Widest rows the bulk-copy gate/up takes (GU_BULK_U = 3 blocks of 32 per lane).
 const GATE_UP_BULK_MAX_COLS: usize = 3072;
-/// Dynamic shared memory of the bulk gate/up for rows of `cols`: its 64 rows and their
-/// scales (GU_BULK_SMEM in kernels/moe_q8.cu).
-const fn gate_up_bulk_smem(cols: usize) -> usize {
-    64 * (cols / 32) * 17
+/// Dynamic shared memory of the bulk gate/up with `warps` warps for rows of `cols`: its 64
+/// rows, and two 16-byte-padded scale slots per warp (GU_BULK_SMEM in kernels/moe_q8.cu).
+const fn gate_up_bulk_smem(cols: usize, warps: usize) -> usize {
+    let nb = cols / 32;
+    let slot = (32 / warps * nb).div_ceil(16) * 16 + 16;
+    64 * nb * 16 + warps * 2 * slot
 }
 /// The bulk gate/up entries and the most dynamic shared memory each may ask for.
 pub const GATE_UP_BULK_SMEM: &[(&str, usize)] = &[
-    ("moe_gate_up_q8_topk_bulk8", gate_up_bulk_smem(GATE_UP_BULK_MAX_COLS)),
-    ("moe_gate_up_q8_topk_bulk16", gate_up_bulk_smem(GATE_UP_BULK_MAX_COLS)),
+    ("moe_gate_up_q8_topk_bulk8", gate_up_bulk_smem(GATE_UP_BULK_MAX_COLS, 8)),
+    ("moe_gate_up_q8_topk_bulk16", gate_up_bulk_smem(GATE_UP_BULK_MAX_COLS, 16)),
 ];
 
 /// Which gated activation the fused gate/up kernel applies.
@@ -344,7 +346,7 @@ impl CudaContext {
             GateAct::GptOss { alpha, limit } => (1, alpha, limit),
         };
         let a = [n_experts as i32, top_k as i32, renorm as i32, inter as i32, cols as i32];
-        let bulk = self.gate_up_bulk_warps(n_experts, cols, act);
+        let bulk = self.gate_up_bulk_warps(n_experts, cols);
         let name = match bulk {
             Some(w) => format!("moe_gate_up_q8_topk_bulk{w}"),
             None => "moe_gate_up_q8_topk".to_string(),
@@ -363,7 +365,7 @@ impl CudaContext {
         let cfg = match bulk {
             Some(w) => {
                 let mut cfg = grid(inter / 32, n_assign, 1, 32 * w as u32);
-                cfg.shared_mem_bytes = gate_up_bulk_smem(cols) as u32;
+                cfg.shared_mem_bytes = gate_up_bulk_smem(cols, w) as u32;
                 cfg
             }
             None => grid(inter / 32, n_assign, 1, if blocks <= 2 * self.sm_count as usize { 512 } else { 256 }),
@@ -374,20 +376,11 @@ impl CudaContext {
 
     /// The warps per block of the bulk-copy gate/up (`moe_gate_up_q8_topk_bulk*`) for this
     /// shape, or None for the register kernel: when `gate_up_bulk` is 0, while a step is
-    /// recorded for the persistent kernel (which has no such body), for rows wider than 3072,
-    /// more experts than threads (one logit each), or copies that would not be whole
-    /// 16-byte multiples (a warp's rows' scales: per * cols / 32 bytes, twice per for gpt-oss).
-    pub fn gate_up_bulk_warps(&self, n_experts: usize, cols: usize, act: GateAct) -> Option<usize> {
+    /// recorded for the persistent kernel (which has no such body), for rows wider than 3072
+    /// or more experts than threads (the top-k ranks one logit per thread).
+    pub fn gate_up_bulk_warps(&self, n_experts: usize, cols: usize) -> Option<usize> {
         let w = self.gate_up_bulk.load(std::sync::atomic::Ordering::Relaxed);
-        if w == 0 || self.is_recording() || cols > GATE_UP_BULK_MAX_COLS || n_experts > 32 * w {
-            return None;
-        }
-        let per = 32 / w;
-        let rows_per_copy = match act {
-            GateAct::SiluGlu => per,
-            GateAct::GptOss { .. } => 2 * per,
-        };
-        (rows_per_copy * (cols / 32)).is_multiple_of(16).then_some(w)
+        (w != 0 && !self.is_recording() && cols <= GATE_UP_BULK_MAX_COLS && n_experts <= 32 * w).then_some(w)
     }
 
     /// Lists the assignments of every expert: `ids` i32 `[n_assign]` (< 0: skipped) ->
