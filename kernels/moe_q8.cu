@@ -446,7 +446,10 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
 // (act 0: rows j and I + j, two copies each; act 1: rows 2j, 2j + 1 interleaved, one copy
 // each) onto the warp's own mbarrier: all of the block's bytes are in flight after a few
 // instructions, and a warp waits for its own rows only. The sums are row_dot<32, 2>'s, in
-// its order, so the outputs equal moe_gate_up_q8_topk's bit for bit.
+// its order, so the outputs equal moe_gate_up_q8_topk's bit for bit. Opt-in
+// (KAIROS_CUDA_GATE_UP_BULK=8|16): written without a GPU (session 20); its first device call
+// is bench/micro/expert_bulk_micro.cu, moe_q8::gate_up_topk_matches_separate_launches and
+// the step A/B (bench/results/cuda_decode_h100.md, session 20).
 // grid (I / 32, n * k), block 32 * NW (>= E); dynamic shared memory GU_BULK_SMEM(nb, NW)
 // with nb = cols / 32 <= 32 * GU_BULK_U; blocks and scales 16-byte aligned. A scale range
 // need not be: it is copied as its enclosing 16-byte span (within the buffer, whose size

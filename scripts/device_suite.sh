@@ -27,23 +27,9 @@
 # steps of a call so that suite.log + their logs/JSON stay within that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export KAIROS_PTX_CACHE=${KAIROS_PTX_CACHE:-/tmp/ptx} KAIROS_REQUIRE_CUDA=1 NCCL_NVLS_ENABLE=0
-# cudarc opens libnccl.so; the machines ship only libnccl.so.2
-nccl=$(ldconfig -p | grep -o '/[^ ]*libnccl\.so\.2' | head -1 || true)
-if [ -n "$nccl" ]; then
-  mkdir -p /tmp/ncclib && ln -sf "$nccl" /tmp/ncclib/libnccl.so
-  export LD_LIBRARY_PATH=/tmp/ncclib:$LD_LIBRARY_PATH
-fi
+source scripts/device_env.sh
 out=${OUT:-bench/out}
 mkdir -p "$out"
-# the binaries travel xz-compressed (scripts/device_build.sh)
-bin=/tmp/kairos-bin
-mkdir -p "$bin"
-for f in .dev/kairos.xz .dev/cuda.xz; do
-  [ -f "$f" ] || { echo "missing $f: run scripts/device_build.sh here first" >&2; exit 1; }
-  xz -dc "$f" >"$bin/$(basename "$f" .xz)" && chmod +x "$bin/$(basename "$f" .xz)"
-done
 model=${KAIROS_TEST_MODEL:-}
 failed=0
 run() { # name, command...: runs, logs, counts a failure

@@ -253,8 +253,9 @@ pub struct CudaContext {
     /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
     pub down_rank: bool,
     /// warps per block of the bulk-copy expert gate/up (`moe_gate_up_q8_topk_bulk{8,16}`,
-    /// kernels_q8.rs `gate_up_bulk_warps`), 0: the register kernel. `KAIROS_CUDA_GATE_UP_BULK`;
-    /// an atomic so that a test can run every form on one context.
+    /// kernels_q8.rs `gate_up_bulk_warps`), 0: the register kernel. `KAIROS_CUDA_GATE_UP_BULK`
+    /// (default 0: written in session 20, which had no GPU; not yet measured or run). An
+    /// atomic so that a test can run every form on one context.
     pub gate_up_bulk: std::sync::atomic::AtomicUsize,
     /// steps of one row fold each pre-attention rmsnorm into the q|k|v GEMV after it
     /// (`bf16_gemv_norm_*`) and the MoE combine into the expert down GEMV
