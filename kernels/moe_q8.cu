@@ -439,6 +439,23 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
     gate_up_q8_body(blocks, scales, xq, xd, e, k, bias, I, cols, act, alpha, limit, aq, ad, blockIdx.x, blockIdx.y);
 }
 
+// A lane's int8 activation blocks lane + 32 u (u < U; zeros past nb) and their scales, in
+// registers for every row the warp takes.
+template <int U>
+__device__ __forceinline__ void x_blocks_lane(const signed char* __restrict__ xa, const float* __restrict__ da, int nb,
+                                              int lane, int4 (&xr)[U][2], float (&dr)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int b = u * 32 + lane;
+        xr[u][0] = xr[u][1] = make_int4(0, 0, 0, 0);
+        dr[u] = 0.f;
+        if (b < nb) {
+            xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
+            xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
+            dr[u] = LDG_ACT(da + b);
+        }
+    }
+}
 // moe_gate_up_q8_topk with each warp's weight rows brought to shared memory by bulk copies.
 // The register kernel reads Qwen3-30B-A3B's 13.4 MB at ~1.2 TB/s alone, and issuing a warp's
 // rows before using any did not help (session 18). Here, once the top-k is known, lane 0 of
@@ -448,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
 // instructions, and a warp waits for its own rows only. The sums are row_dot<32, 2>'s, in
 // its order, so the outputs equal moe_gate_up_q8_topk's bit for bit. Opt-in
 // (KAIROS_CUDA_GATE_UP_BULK=8|16): written without a GPU (session 20); its first device call
-// is bench/micro/expert_bulk_micro.cu, moe_q8::gate_up_topk_matches_separate_launches and
+// is bench/micro/gate_up_micro.cu, moe_q8::gate_up_topk_matches_separate_launches and
 // the step A/B (bench/results/cuda_decode_h100.md, session 20).
 // grid (I / 32, n * k), block 32 * NW (>= E); dynamic shared memory GU_BULK_SMEM(nb, NW)
 // with nb = cols / 32 <= 32 * GU_BULK_U; blocks and scales 16-byte aligned. A scale range
@@ -524,21 +541,9 @@ __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __
         }
     }
     // the lane's activation blocks lane + 32 i, also while the rows fly
-    const signed char* xa = xq + (long long)(a / k) * cols;
-    const float* da = xd + (long long)(a / k) * nb;
     int4 xr[GU_BULK_U][2];
     float dr[GU_BULK_U];
-#pragma unroll
-    for (int u = 0; u < GU_BULK_U; u++) {
-        const int b = u * 32 + lane;
-        xr[u][0] = xr[u][1] = make_int4(0, 0, 0, 0);
-        dr[u] = 0.f;
-        if (b < nb) {
-            xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
-            xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
-            dr[u] = LDG_ACT(da + b);
-        }
-    }
+    x_blocks_lane<GU_BULK_U>(xq + (long long)(a / k) * cols, xd + (long long)(a / k) * nb, nb, lane, xr, dr);
     mbar_wait(&bar[warp], 0);
 #pragma unroll
     for (int t = 0; t < PER; t++) {

@@ -8,6 +8,7 @@
 //      weight loads before waiting on the previous kernel.
 // Every timed kernel is checked against a host reference on random data first.
 // Build + run on the device:  nvcc -O3 -arch=sm_90 -o /tmp/dm bench/micro/decode_micro.cu && /tmp/dm
+#include "harness.cuh"
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -19,7 +20,6 @@
 #include "../../kernels/gemv.cu"
 #include "../../kernels/mxfp4.cu"
 
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1); } } while (0)
 
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;" :::); }

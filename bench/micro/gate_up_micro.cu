@@ -17,6 +17,15 @@
 // lf4_u3 256 20.21 us (-7.1%); R = 8 slower than R = 4. All at 1.0-1.8 TB/s of ~3 TB/s: the
 // per-row round trips are not what holds the kernel back. In the step the lf forms lost
 // (Qwen3 +3.1%), so they live only here.
+// Session 20 added (not yet run: no machine that session):
+//   read regs U    floor 1: the shipped grid reads the same bytes with U 16-byte loads per
+//                  thread in flight, no arithmetic
+//   read bulk      floor 2: the same blocks copy their bytes to shared memory in one go
+//   bulk NW        moe_gate_up_q8_topk_bulkNW (kernels/moe_q8.cu): after the top-k, lane 0 of
+//                  every warp copies the warp's rows to shared memory (all of the block's bytes
+//                  in flight after a few instructions), then the warp computes from there
+// Usage: /tmp/gum [launches per graph, default 96]
+#include "harness.cuh"
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -26,7 +35,6 @@
 #include "../../kernels/common.cuh"
 #include "../../kernels/moe_q8.cu"
 
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1); } } while (0)
 
 // ---- The loads-first form, as measured in session 18 (it was in kernels/moe_q8.cu for that
 // call, opt-in, and was removed after it: in the decode step it made Qwen3-30B-A3B b1 3.1%
@@ -56,17 +64,7 @@ __device__ void gate_up_q8_body_lf(const u8* __restrict__ blocks, const u8* __re
     const u8* es = scales + e * 2 * I * (long long)nb;
     int4 xr[U][2];
     float dr[U];
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int b = u * 32 + lane;
-        xr[u][0] = xr[u][1] = make_int4(0, 0, 0, 0);
-        dr[u] = 0.f;
-        if (b < nb) {
-            xr[u][0] = LDG_ACT((const int4*)(xa + b * 32));
-            xr[u][1] = LDG_ACT((const int4*)(xa + b * 32) + 1);
-            dr[u] = LDG_ACT(da + b);
-        }
-    }
+    x_blocks_lane<U>(xa, da, nb, lane, xr, dr);
     for (int t0 = 0; t0 < per; t0 += R / 2) {
         uint4 w[R][U];
         u32 s[R][U];
@@ -128,14 +126,99 @@ __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf4_u2(GU_TOPK_ARGS) 
 __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf8_u2(GU_TOPK_ARGS) { gate_up_q8_topk_impl<8, 2>(GU_TOPK_PASS); }
 __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_lf4_u3(GU_TOPK_ARGS) { gate_up_q8_topk_impl<4, 3>(GU_TOPK_PASS); }
 
+// The byte ranges block (bx, a) of a gate/up launch reads: its 32 outputs' gate and up rows
+// (act 0: rows j and I + j, two ranges; act 1: rows 2j, 2j + 1, one range) and their scales.
+struct GuRanges {
+    const u8* w[2];
+    const u8* s[2];
+    u32 wbytes, sbytes;  // per range
+    int nr;              // ranges (1 or 2)
+};
+__device__ __forceinline__ GuRanges gu_ranges(const u8* blocks, const u8* scales, long long e, int I, int nb, int act,
+                                              int j0, int rows) {
+    GuRanges r;
+    const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
+    const u8* es = scales + e * 2 * I * (long long)nb;
+    if (act == 1) {
+        r.nr = 1;
+        r.w[0] = r.w[1] = eb + (long long)2 * j0 * nb * 16;
+        r.s[0] = r.s[1] = es + (long long)2 * j0 * nb;
+        r.wbytes = (u32)(2 * rows * nb * 16);
+        r.sbytes = (u32)(2 * rows * nb);
+    } else {
+        r.nr = 2;
+        r.w[0] = eb + (long long)j0 * nb * 16;
+        r.w[1] = eb + (long long)(I + j0) * nb * 16;
+        r.s[0] = es + (long long)j0 * nb;
+        r.s[1] = es + (long long)(I + j0) * nb;
+        r.wbytes = (u32)(rows * nb * 16);
+        r.sbytes = (u32)(rows * nb);
+    }
+    return r;
+}
+
+// floor 1: register loads, U 16-byte loads per thread in flight, XOR-folded
+template <int U>
+__global__ void __launch_bounds__(256) read_regs(const u8* blocks, const u8* scales, const int* ids, int I, int cols,
+                                                 int act, u32* sink) {
+    const int nb = cols / 32;
+    const GuRanges r = gu_ranges(blocks, scales, ids[blockIdx.y], I, nb, act, blockIdx.x * 32, 32);
+    u32 x = 0;
+    for (int q = 0; q < r.nr; q++) {
+        const uint4* w = (const uint4*)r.w[q];
+        const int n16 = r.wbytes / 16;
+        for (int i0 = threadIdx.x; i0 < n16; i0 += 256 * U) {
+            uint4 v[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = i0 + u * 256;
+                v[u] = i < n16 ? ld_stream16(w + i) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+        }
+        for (int i = threadIdx.x; i < (int)r.sbytes / 4; i += 256) x ^= __ldg((const u32*)r.s[q] + i);
+    }
+    x = __reduce_xor_sync(0xffffffffu, x);
+    if ((threadIdx.x & 31) == 0) atomicXor(sink + blockIdx.y, x);
+}
+
+// floor 2: the block's ranges copied to shared memory by thread 0, one copy each
+__global__ void __launch_bounds__(256) read_bulk(const u8* blocks, const u8* scales, const int* ids, int I, int cols,
+                                                 int act, u32* sink) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ __align__(8) unsigned long long bar;
+    const int nb = cols / 32;
+    const GuRanges r = gu_ranges(blocks, scales, ids[blockIdx.y], I, nb, act, blockIdx.x * 32, 32);
+    if (threadIdx.x == 0) {
+        mbar_init(&bar, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        mbar_expect_tx(&bar, r.nr * (r.wbytes + r.sbytes));
+        for (int q = 0; q < r.nr; q++) {
+            bulk_copy_g2s(smem + q * r.wbytes, r.w[q], r.wbytes, &bar);
+            bulk_copy_g2s(smem + r.nr * r.wbytes + q * r.sbytes, r.s[q], r.sbytes, &bar);
+        }
+    }
+    __syncthreads();
+    mbar_wait(&bar, 0);
+    if (threadIdx.x < 32) {
+        u32 x = ((const u32*)smem)[threadIdx.x] ^ ((const u32*)(smem + r.nr * r.wbytes))[threadIdx.x];
+        x = __reduce_xor_sync(0xffffffffu, x);
+        if (threadIdx.x == 0) atomicXor(sink + blockIdx.y, x);
+    }
+}
+
+// kernels/moe_q8.cu's bulk gate/up with 32 warps (4 KB of rows per warp copy), here only
+GATE_UP_BULK_ENTRY(32)
+
 struct Shape { const char* name; int E, k, I, cols, act; };
 
-int main() {
+int main(int argc, char** argv) {
+    const int NL = argc > 1 ? atoi(argv[1]) : 96, REPS = 15;  // launches per graph (each its own experts), replays
     cudaStream_t s; CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     cudaDeviceProp p; CK(cudaGetDeviceProperties(&p, 0));
-    printf("device %s, %d SMs, L2 %d MB\n", p.name, p.multiProcessorCount, p.l2CacheSize >> 20);
+    printf("device %s, %d SMs, L2 %d MB, %d launches per graph\n", p.name, p.multiProcessorCount, p.l2CacheSize >> 20, NL);
     std::mt19937 rng(7);
-    const int NL = 96, REPS = 15;  // launches per graph (each its own experts), graph replays
     Shape shapes[] = {{"qwen3-30b-a3b", 128, 8, 768, 2048, 0}, {"gpt-oss-20b", 32, 4, 2880, 2880, 1}};
     for (const Shape& sh : shapes) {
         const int nb = sh.cols / 32;
@@ -154,8 +237,8 @@ int main() {
             std::shuffle(perm.begin(), perm.end(), rng);
             for (int j = 0; j < sh.k; j++) hids[(size_t)l * sh.k + j] = perm[j];
         }
-        u8 *db, *ds; signed char *dx, *daq, *daq_ref; float *dd, *dad, *dad_ref; int* dids;
-        CK(cudaMalloc(&db, bper)); CK(cudaMalloc(&ds, sper));
+        u8 *db, *ds; signed char *dx, *daq, *daq_ref; float *dd, *dad, *dad_ref; int* dids; u32* sink;
+        CK(cudaMalloc(&db, bper)); CK(cudaMalloc(&ds, sper)); CK(cudaMalloc(&sink, sh.k * 4));
         CK(cudaMalloc(&dx, sh.cols)); CK(cudaMalloc(&dd, nb * 4)); CK(cudaMalloc(&dids, hids.size() * 4));
         const size_t na = (size_t)sh.k * sh.I;
         CK(cudaMalloc(&daq, na)); CK(cudaMalloc(&daq_ref, na)); CK(cudaMalloc(&dad, na / 32 * 4)); CK(cudaMalloc(&dad_ref, na / 32 * 4));
@@ -177,21 +260,7 @@ int main() {
             moe_gate_up_q8<<<dim3(sh.I / 32, sh.k), threads, 0, s>>>(db, ds, dx, dd, dids + l * sh.k, sh.k, nullptr, sh.I,
                                                                    sh.cols, sh.act, alpha, limit, aq, ad);
         };
-        auto time_us = [&](auto launch) {
-            cudaGraph_t g; cudaGraphExec_t ge;
-            CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-            for (int l = 0; l < NL; l++) launch(l);
-            CK(cudaStreamEndCapture(s, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
-            cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
-            std::vector<float> t;
-            for (int r = 0; r < REPS; r++) {
-                CK(cudaEventRecord(a, s)); CK(cudaGraphLaunch(ge, s)); CK(cudaEventRecord(b, s)); CK(cudaEventSynchronize(b));
-                float ms; CK(cudaEventElapsedTime(&ms, a, b)); t.push_back(ms * 1e3f / NL);
-            }
-            std::sort(t.begin(), t.end());
-            CK(cudaGraphExecDestroy(ge)); CK(cudaGraphDestroy(g));
-            return t[t.size() / 2];
-        };
+        auto time_us = [&](auto launch) { return graph_time_us(s, NL, REPS, launch); };
         shipped(256, 0, daq_ref, dad_ref);
         CK(cudaStreamSynchronize(s)); CK(cudaGetLastError());
         std::vector<signed char> ref_q(na); std::vector<float> ref_d(na / 32);
@@ -235,7 +304,31 @@ int main() {
             lf("topk lf4_u3 256", 256, moe_gate_up_q8_topk_lf4_u3);
             lf("topk lf4_u3 128", 128, moe_gate_up_q8_topk_lf4_u3);
         }
-        cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids);
+        // the floors: the same blocks' bytes, no arithmetic, no output
+        const dim3 grid(sh.I / 32, sh.k);
+        auto floor = [&](const char* what, auto launch) {
+            launch(0); CK(cudaStreamSynchronize(s)); CK(cudaGetLastError());
+            const float us = time_us(launch);
+            printf("  %-22s %8.2f us  %6.0f GB/s  (floor)\n", what, us, mb / us * 1e3);
+        };
+        floor("read regs U4", [&](int l) { read_regs<4><<<grid, 256, 0, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
+        floor("read regs U8", [&](int l) { read_regs<8><<<grid, 256, 0, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
+        const int smem = 64 * nb * 17;
+        CK(cudaFuncSetAttribute(read_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        floor("read bulk", [&](int l) { read_bulk<<<grid, 256, smem, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
+        // the bulk-copy gate/up (kernels/moe_q8.cu), 8, 16 and 32 warps
+        auto bulk = [&](const char* what, int nw, auto kernel) {
+            const int gsmem = GU_BULK_SMEM(nb, nw);
+            CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gsmem));
+            report(what, [&](int l) {
+                kernel<<<grid, nw * 32, gsmem, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1, dtid, dtw, nullptr,
+                                                  sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
+            });
+        };
+        bulk("topk bulk 8 warps", 8, moe_gate_up_q8_topk_bulk8);
+        bulk("topk bulk 16 warps", 16, moe_gate_up_q8_topk_bulk16);
+        bulk("topk bulk 32 warps", 32, moe_gate_up_q8_topk_bulk32);
+        cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids); cudaFree(sink);
         cudaFree(daq); cudaFree(daq_ref); cudaFree(dad); cudaFree(dad_ref); cudaFree(dlg); cudaFree(dtw); cudaFree(dtid);
     }
     printf("done\n");

@@ -38,6 +38,7 @@
 // at the copy bandwidth (drain, ~19 us a layer), but the whole kernel takes 52.5 us a layer at
 // best (16 consumer warps, release/acquire barrier) against ~49 for the engine's CUDA graph: the
 // consumers' serial pieces and compute, not the stream, set the pace.
+#include "harness.cuh"
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -48,7 +49,6 @@
 #include "../../kernels/moe_q8.cu"
 #include "../../kernels/gemv_bulk.cu"
 
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(1); } } while (0)
 
 #include "layer_stream.cuh"
 
