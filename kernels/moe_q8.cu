@@ -460,22 +460,25 @@ __device__ __forceinline__ void x_blocks_lane(const signed char* __restrict__ xa
 // The register kernel reads Qwen3-30B-A3B's 13.4 MB at ~1.2 TB/s alone, and issuing a warp's
 // rows before using any did not help (session 18). Here, once the top-k is known, lane 0 of
 // warp w copies the gate and up rows of the warp's PER = 32 / NW outputs and their scales
-// (act 0: rows j and I + j, two copies each; act 1: rows 2j, 2j + 1 interleaved, one copy
-// each) onto the warp's own mbarrier: all of the block's bytes are in flight after a few
-// instructions, and a warp waits for its own rows only. The sums are row_dot<32, 2>'s, in
-// its order, so the outputs equal moe_gate_up_q8_topk's bit for bit. Opt-in
-// (KAIROS_CUDA_GATE_UP_BULK=8|16): written without a GPU (session 20); its first device call
-// is bench/micro/gate_up_micro.cu, moe_q8::gate_up_topk_matches_separate_launches and
-// the step A/B (bench/results/cuda_decode_h100.md, session 20).
-// grid (I / 32, n * k), block 32 * NW (>= E); dynamic shared memory GU_BULK_SMEM(nb, NW)
-// with nb = cols / 32 <= 32 * GU_BULK_U; blocks and scales 16-byte aligned. A scale range
-// need not be: it is copied as its enclosing 16-byte span (within the buffer, whose size
-// E * 2I * nb is a multiple of 16), into a slot GU_BULK_SLOT(nb, NW) bytes long.
+// with cp.async.bulk: a few instructions put all of them in flight. Each output has a slot
+// (its two rows, then their scales) and an mbarrier, so a warp computes output t as soon as
+// its rows are in. With S < PER slots the warp's outputs go through a ring: output t + S is
+// copied into t's slot once t is done (less shared memory, so more blocks per SM: gpt-oss-20b's
+// 360 blocks are 1.4 waves at 2 blocks per SM with every output in flight).
+// The sums are row_dot<32, 2>'s, in its order, so the outputs equal moe_gate_up_q8_topk's bit
+// for bit. Opt-in (KAIROS_CUDA_GATE_UP_BULK): written without a GPU (session 20); its first
+// device call is bench/micro/gate_up_micro.cu, moe_q8::gate_up_topk_matches_separate_launches
+// and the step A/B (bench/results/cuda_decode_h100.md, session 20).
+// grid (I / 32, n * k), block 32 * NW (>= E); dynamic shared memory GU_BULK_SMEM(nb, NW, S)
+// with nb = cols / 32 <= 32 * GU_BULK_U; blocks and scales 16-byte aligned. A row's scales
+// need not be: they are copied as their enclosing 16-byte span (inside the buffer, whose size
+// E * 2I * nb is a multiple of 16), into a piece GU_BULK_SPAN(nb) bytes long.
 #define GU_BULK_U 3
-#define GU_BULK_SLOT(nb, NW) (((32 / (NW)) * (nb) + 15) / 16 * 16 + 16)
-#define GU_BULK_SMEM(nb, NW) (64 * (nb) * 16 + (NW) * 2 * GU_BULK_SLOT(nb, NW))
-// global [p, p + n) as its enclosing 16-byte-aligned span, to dst (16-byte aligned); adds the
-// span's size to bytes; returns where p's byte lands. With issue false it only computes.
+#define GU_BULK_SPAN(nb) (((nb) + 15) / 16 * 16 + 16)
+#define GU_BULK_SLOT(nb) (2 * (nb) * 16 + 2 * GU_BULK_SPAN(nb))
+#define GU_BULK_SMEM(nb, NW, S) ((NW) * (S) * GU_BULK_SLOT(nb))
+// global [p, p + n) as its enclosing 16-byte-aligned span, to dst (16-byte aligned), when
+// issue; returns where p's byte lands
 __device__ __forceinline__ const u8* bulk_span(u8* dst, const u8* p, u32 n, unsigned long long* bar, bool issue) {
     const unsigned long long a = (unsigned long long)p & ~15ull, e = ((unsigned long long)p + n + 15) & ~15ull;
     if (issue) bulk_copy_g2s(dst, (const void*)a, (u32)(e - a), bar);
@@ -484,20 +487,48 @@ __device__ __forceinline__ const u8* bulk_span(u8* dst, const u8* p, u32 n, unsi
 __device__ __forceinline__ u32 span_bytes(const u8* p, u32 n) {
     return (u32)((((unsigned long long)p + n + 15) & ~15ull) - ((unsigned long long)p & ~15ull));
 }
-template <int NW>
+// Output j's rows of expert e (blocks eb, scales es) into slot sl: the gate row, then the up
+// row (act 1: rows 2j, 2j + 1, one copy; act 0: rows j and I + j), then the two rows' scales
+// (act 1: one span; act 0: two). Lane 0 issues (with the barrier's byte count); every lane
+// gets where the gate and up rows' scales landed.
+__device__ __forceinline__ void gate_up_slot(u8* sl, const u8* eb, const u8* es, int j, int I, int nb, int act,
+                                             unsigned long long* bar, bool issue, const u8*& sg, const u8*& su) {
+    const u32 rb = (u32)nb * 16;
+    const long long gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
+    u8* ss = sl + 2 * rb;
+    if (issue) {
+        const u32 sbytes = act == 1 ? span_bytes(es + gr * nb, 2 * nb) : span_bytes(es + gr * nb, nb) + span_bytes(es + ur * nb, nb);
+        mbar_expect_tx(bar, 2 * rb + sbytes);
+        if (act == 1) {
+            bulk_copy_g2s(sl, eb + gr * rb, 2 * rb, bar);
+        } else {
+            bulk_copy_g2s(sl, eb + gr * rb, rb, bar);
+            bulk_copy_g2s(sl + rb, eb + ur * rb, rb, bar);
+        }
+    }
+    if (act == 1) {
+        sg = bulk_span(ss, es + gr * nb, 2 * nb, bar, issue);
+        su = sg + nb;
+    } else {
+        sg = bulk_span(ss, es + gr * nb, nb, bar, issue);
+        su = bulk_span(ss + GU_BULK_SPAN(nb), es + ur * nb, nb, bar, issue);
+    }
+}
+template <int NW, int S>
 __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, const float* logits, int E, int k, int renorm,
         int* ids, float* wout, const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
         signed char* __restrict__ aq, float* __restrict__ ad) {
     constexpr int PER = 32 / NW;
+    static_assert(S >= 1 && S <= PER, "slots per warp");
     extern __shared__ __align__(128) unsigned char gu_smem[];
-    __shared__ __align__(8) unsigned long long bar[NW];
+    __shared__ __align__(8) unsigned long long bar[NW][S];
     __shared__ float out[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y, bx = blockIdx.x;
     const int nb = cols / 32;
-    // the warp's barrier before the wait: nothing in it depends on the kernel before
+    // the warp's barriers before the wait: nothing in them depends on the kernel before
     if (lane == 0) {
-        mbar_init(&bar[warp], 1);
+        for (int q = 0; q < S; q++) mbar_init(&bar[warp][q], 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncwarp();
@@ -508,52 +539,37 @@ __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __
         return;
     }
     const int jw = bx * 32 + warp * PER;  // the warp's first output
-    // shared memory: the warp's rows (act 0: PER gate rows, then PER up rows; act 1: 2 PER
-    // interleaved rows) at warp * 2 PER rows; scales after all weights, in two slots per warp
-    // (act 0: gate rows' and up rows'; act 1: all in the first)
-    u8* ws = gu_smem + (size_t)warp * 2 * PER * nb * 16;
-    u8* ss = gu_smem + (size_t)64 * nb * 16 + (size_t)warp * 2 * GU_BULK_SLOT(nb, NW);
+    u8* slots = gu_smem + (size_t)warp * S * GU_BULK_SLOT(nb);
     const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
     const u8* es = scales + e * 2 * I * (long long)nb;
-    const u32 wb = (u32)(PER * nb * 16), sb = (u32)(PER * nb);
-    const u8* sg = es + (long long)(act == 1 ? 2 * jw : jw) * nb;  // first gate row's scales
-    const u8* su = es + (long long)(I + jw) * nb;                   // act 0: first up row's
     const bool issue = lane == 0;
-    // where the rows' scales land (every lane), the copies issued by lane 0
-    if (issue) mbar_expect_tx(&bar[warp], 2 * wb + (act == 1 ? span_bytes(sg, 2 * sb) : span_bytes(sg, sb) + span_bytes(su, sb)));
-    const u8* sgl = bulk_span(ss, sg, act == 1 ? 2 * sb : sb, &bar[warp], issue);
-    const u8* sul = act == 1 ? sgl : bulk_span(ss + GU_BULK_SLOT(nb, NW), su, sb, &bar[warp], issue);
+    const u8 *sg[S], *su[S];  // where each slot's gate and up rows' scales landed
+#pragma unroll
+    for (int t = 0; t < S; t++) gate_up_slot(slots + t * GU_BULK_SLOT(nb), eb, es, jw + t, I, nb, act, &bar[warp][t], issue, sg[t], su[t]);
+    // the biases while the rows fly (the register kernel loads them after its sums)
     float bg[PER] = {}, bu[PER] = {};
-    if (issue) {
-        if (act == 1) {
-            bulk_copy_g2s(ws, eb + (long long)2 * jw * nb * 16, 2 * wb, &bar[warp]);
-        } else {
-            bulk_copy_g2s(ws, eb + (long long)jw * nb * 16, wb, &bar[warp]);
-            bulk_copy_g2s(ws + wb, eb + (long long)(I + jw) * nb * 16, wb, &bar[warp]);
-        }
-        // the biases while the rows fly (the register kernel loads them after its sums)
+    if (issue && bias) {
 #pragma unroll
         for (int t = 0; t < PER; t++) {
             const int j = jw + t;
-            const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
-            bg[t] = bias ? bias[e * 2 * I + gr] : 0.f;
-            bu[t] = bias ? bias[e * 2 * I + ur] : 0.f;
+            bg[t] = bias[e * 2 * I + (act == 1 ? 2 * j : j)];
+            bu[t] = bias[e * 2 * I + (act == 1 ? 2 * j + 1 : I + j)];
         }
     }
     // the lane's activation blocks lane + 32 i, also while the rows fly
     int4 xr[GU_BULK_U][2];
     float dr[GU_BULK_U];
     x_blocks_lane<GU_BULK_U>(xq + (long long)(a / k) * cols, xd + (long long)(a / k) * nb, nb, lane, xr, dr);
-    mbar_wait(&bar[warp], 0);
 #pragma unroll
     for (int t = 0; t < PER; t++) {
+        const int q = t % S;
+        const u8* sl = slots + q * GU_BULK_SLOT(nb);
+        mbar_wait(&bar[warp][q], (u32)(t / S) & 1u);
         float acc[2];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            // local row of output t's gate (h 0) or up (h 1) row
-            const int lr = act == 1 ? 2 * t + h : h * PER + t;
-            const uint4* wr = (const uint4*)(ws + (size_t)lr * nb * 16);
-            const u8* sr = act == 1 ? sgl + (size_t)lr * nb : (h == 0 ? sgl : sul) + (size_t)t * nb;
+        for (int h = 0; h < 2; h++) {  // gate (h 0), up (h 1)
+            const uint4* wr = (const uint4*)(sl + (size_t)h * nb * 16);
+            const u8* sr = h == 0 ? sg[q] : su[q];
             acc[h] = 0.f;
 #pragma unroll
             for (int u = 0; u < GU_BULK_U; u++) {
@@ -563,15 +579,24 @@ __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __
         }
         const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
         if (lane == 0) out[warp * PER + t] = gate_up_act(g + bg[t], u + bu[t], act, alpha, limit);
+        if (t + S < PER) {  // the ring: output t + S into this slot, once every lane has read it
+            __syncwarp();
+            // the slot was read through the generic proxy; the copy writes through the async one
+            if (issue) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            gate_up_slot((u8*)sl, eb, es, jw + t + S, I, nb, act, &bar[warp][q], issue, sg[q], su[q]);
+        }
     }
     gate_up_store(out, aq, ad, a, I, bx);
 }
-#define GATE_UP_BULK_ENTRY(NW) \
-extern "C" __global__ void __launch_bounds__(NW * 32) moe_gate_up_q8_topk_bulk##NW(const u8* blocks, const u8* scales, \
+// moe_gate_up_q8_topk_bulk<NW>[_r<S>]: NW warps, S slots per warp (default: every output)
+#define GATE_UP_BULK_ENTRY(NAME, NW, S) \
+extern "C" __global__ void __launch_bounds__(NW * 32) NAME(const u8* blocks, const u8* scales, \
         const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout, \
         const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) { \
-    gate_up_q8_bulk_impl<NW>(blocks, scales, xq, xd, logits, E, k, renorm, ids, wout, bias, I, cols, act, alpha, limit, aq, ad); }
-GATE_UP_BULK_ENTRY(8) GATE_UP_BULK_ENTRY(16)
+    gate_up_q8_bulk_impl<NW, S>(blocks, scales, xq, xd, logits, E, k, renorm, ids, wout, bias, I, cols, act, alpha, limit, aq, ad); }
+GATE_UP_BULK_ENTRY(moe_gate_up_q8_topk_bulk8, 8, 4)
+GATE_UP_BULK_ENTRY(moe_gate_up_q8_topk_bulk8_r2, 8, 2)
+GATE_UP_BULK_ENTRY(moe_gate_up_q8_topk_bulk16, 16, 2)
 
 // ---- Grouped expert GEMVs (steps of many rows) ----
 // The kernels above read an expert's weights once per ASSIGNMENT; with many rows per step

@@ -21,9 +21,10 @@
 //   read regs U    floor 1: the shipped grid reads the same bytes with U 16-byte loads per
 //                  thread in flight, no arithmetic
 //   read bulk      floor 2: the same blocks copy their bytes to shared memory in one go
-//   bulk NW        moe_gate_up_q8_topk_bulkNW (kernels/moe_q8.cu): after the top-k, lane 0 of
-//                  every warp copies the warp's rows to shared memory (all of the block's bytes
-//                  in flight after a few instructions), then the warp computes from there
+//   bulk NW [r2]   moe_gate_up_q8_topk_bulkNW[_r2] (kernels/moe_q8.cu): after the top-k, lane 0
+//                  of every warp copies the warp's rows to shared memory (all of the block's
+//                  bytes in flight after a few instructions; r2: 2 outputs at a time, a ring),
+//                  then the warp computes from there
 // Usage: /tmp/gum [launches per graph, default 96]
 #include "harness.cuh"
 #include <cuda_runtime.h>
@@ -208,8 +209,8 @@ __global__ void __launch_bounds__(256) read_bulk(const u8* blocks, const u8* sca
     }
 }
 
-// kernels/moe_q8.cu's bulk gate/up with 32 warps (4 KB of rows per warp copy), here only
-GATE_UP_BULK_ENTRY(32)
+// kernels/moe_q8.cu's bulk gate/up with 32 warps (one output each), here only
+GATE_UP_BULK_ENTRY(moe_gate_up_q8_topk_bulk32, 32, 1)
 
 struct Shape { const char* name; int E, k, I, cols, act; };
 
@@ -316,18 +317,20 @@ int main(int argc, char** argv) {
         const int smem = 64 * nb * 17;
         CK(cudaFuncSetAttribute(read_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         floor("read bulk", [&](int l) { read_bulk<<<grid, 256, smem, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
-        // the bulk-copy gate/up (kernels/moe_q8.cu), 8, 16 and 32 warps
-        auto bulk = [&](const char* what, int nw, auto kernel) {
-            const int gsmem = GU_BULK_SMEM(nb, nw);
+        // the bulk-copy gate/up (kernels/moe_q8.cu): 8 warps with a slot per output or a ring of
+        // 2, 16 and 32 warps
+        auto bulk = [&](const char* what, int nw, int slots, auto kernel) {
+            const int gsmem = GU_BULK_SMEM(nb, nw, slots);
             CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gsmem));
             report(what, [&](int l) {
                 kernel<<<grid, nw * 32, gsmem, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1, dtid, dtw, nullptr,
                                                   sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
             });
         };
-        bulk("topk bulk 8 warps", 8, moe_gate_up_q8_topk_bulk8);
-        bulk("topk bulk 16 warps", 16, moe_gate_up_q8_topk_bulk16);
-        bulk("topk bulk 32 warps", 32, moe_gate_up_q8_topk_bulk32);
+        bulk("topk bulk 8 warps", 8, 4, moe_gate_up_q8_topk_bulk8);
+        bulk("topk bulk 8 warps r2", 8, 2, moe_gate_up_q8_topk_bulk8_r2);
+        bulk("topk bulk 16 warps", 16, 2, moe_gate_up_q8_topk_bulk16);
+        bulk("topk bulk 32 warps", 32, 1, moe_gate_up_q8_topk_bulk32);
         cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids); cudaFree(sink);
         cudaFree(daq); cudaFree(daq_ref); cudaFree(dad); cudaFree(dad_ref); cudaFree(dlg); cudaFree(dtw); cudaFree(dtid);
     }

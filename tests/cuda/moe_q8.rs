@@ -331,8 +331,9 @@ fn router_norm_matches_reference() {
 /// row tile 0) to float rounding (the softmax sum runs in another order). Shapes:
 /// Qwen3-30B-A3B (128 experts top-8, 2048 -> 2x768) at 1 and 8 rows, gpt-oss-like
 /// (32 top-4, 2880, biases, clamped GLU, no renormalisation) and 256 experts top-32. Every
-/// form of the one-launch kernel runs: registers, and the bulk-copy kernel at 8 and 16 warps
-/// where the shape allows it (each case prints which ran).
+/// form of the one-launch kernel runs: registers, and the bulk-copy kernel at 8 warps (a slot
+/// per output, and a ring of 2) and 16 warps where the shape allows it (each case prints which
+/// ran).
 #[test]
 fn gate_up_topk_matches_separate_launches() {
     let Some(c) = cx() else { return };
@@ -360,19 +361,22 @@ fn gate_up_topk_matches_separate_launches() {
         let mut aq = up(c, &vec![-128i8; n_assign * inter]);
         let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
         c.moe_gate_up_q8(&dbl, &dsc, &dxq, &dxd, Experts::Ids(&ids), bias_arg, act, &mut aq, &mut ad, n_assign, k, inter, cols, ne).unwrap();
-        // one launch, by every form: the register kernel, the bulk-copy kernel at 8 and 16 warps
+        // one launch, by every form: the register kernel; the bulk-copy kernel at 8 warps (a slot
+        // per output, and a ring of 2) and 16 warps
         let ids1 = down(c, &ids);
-        let form0 = c.gate_up_bulk.load(Ordering::Relaxed);
-        for form in [0usize, 8, 16] {
-            c.gate_up_bulk.store(form, Ordering::Relaxed);
-            let ran = c.gate_up_bulk_warps(ne, cols).map_or("registers".to_string(), |w| format!("bulk, {w} warps"));
+        let form0 = (c.gate_up_bulk.load(Ordering::Relaxed), c.gate_up_bulk_slots.load(Ordering::Relaxed));
+        for (warps, slots) in [(0usize, 0usize), (8, 0), (8, 2), (16, 0)] {
+            c.gate_up_bulk.store(warps, Ordering::Relaxed);
+            c.gate_up_bulk_slots.store(slots, Ordering::Relaxed);
+            let ran = c.gate_up_bulk_form(ne, cols).map_or("registers", |(_, _, name)| name);
             let mut ids2 = up(c, &vec![-7i32; n_assign]);
             let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
             let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
             let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
             let res =
                 c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne);
-            c.gate_up_bulk.store(form0, Ordering::Relaxed);
+            c.gate_up_bulk.store(form0.0, Ordering::Relaxed);
+            c.gate_up_bulk_slots.store(form0.1, Ordering::Relaxed);
             res.unwrap();
             let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols} ({ran})");
             assert!(ids1.iter().all(|&e| e >= 0 && (e as usize) < ne), "{what}: separate top-k ids {ids1:?}");

@@ -100,6 +100,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "router_norm_q8",
             "moe_gate_up_q8_topk",
             "moe_gate_up_q8_topk_bulk8",
+            "moe_gate_up_q8_topk_bulk8_r2",
             "moe_gate_up_q8_topk_bulk16",
             "mxfp4_q8_rank_l32",
             "mxfp4_q8_rank_l8",
@@ -252,11 +253,14 @@ pub struct CudaContext {
     /// (`Experts::Rank`) and loads its first weights before it waits on the gate/up kernel;
     /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
     pub down_rank: bool,
-    /// warps per block of the bulk-copy expert gate/up (`moe_gate_up_q8_topk_bulk{8,16}`,
-    /// kernels_q8.rs `gate_up_bulk_warps`), 0: the register kernel. `KAIROS_CUDA_GATE_UP_BULK`
-    /// (default 0: written in session 20, which had no GPU; not yet measured or run). An
-    /// atomic so that a test can run every form on one context.
+    /// warps per block of the bulk-copy expert gate/up (`moe_gate_up_q8_topk_bulk*`, kernels_q8.rs
+    /// `gate_up_bulk_form`), 0: the register kernel. `KAIROS_CUDA_GATE_UP_BULK=8|16` (default 0:
+    /// written in session 20, which had no GPU; not yet measured or run). Atomics (this and the
+    /// next) so that a test can run every form on one context.
     pub gate_up_bulk: std::sync::atomic::AtomicUsize,
+    /// output slots per warp of the bulk gate/up: 2 (at 8 warps) copies a warp's outputs through
+    /// a ring of 2, else every output has its own. `KAIROS_CUDA_GATE_UP_SLOTS`.
+    pub gate_up_bulk_slots: std::sync::atomic::AtomicUsize,
     /// steps of one row fold each pre-attention rmsnorm into the q|k|v GEMV after it
     /// (`bf16_gemv_norm_*`) and the MoE combine into the expert down GEMV
     /// (`mxfp4_q8_combine_*`), or a dense MLP's down projection adds itself to the residual:
@@ -503,6 +507,9 @@ impl CudaContext {
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
             gate_up_bulk: std::sync::atomic::AtomicUsize::new(
                 std::env::var("KAIROS_CUDA_GATE_UP_BULK").ok().and_then(|v| v.parse().ok()).filter(|w| [0, 8, 16].contains(w)).unwrap_or(0),
+            ),
+            gate_up_bulk_slots: std::sync::atomic::AtomicUsize::new(
+                std::env::var("KAIROS_CUDA_GATE_UP_SLOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
             ),
             // set per model when a CudaBackend is assembled (model::step_folds, env first)
             norm_fold: false,
