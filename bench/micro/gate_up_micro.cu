@@ -36,7 +36,6 @@
 #include "../../kernels/common.cuh"
 #include "../../kernels/moe_q8.cu"
 
-
 // ---- The loads-first form, as measured in session 18 (it was in kernels/moe_q8.cu for that
 // call, opt-in, and was removed after it: in the decode step it made Qwen3-30B-A3B b1 3.1%
 // slower and gpt-oss-20b 0.4% faster; bench/results/cuda_decode_h100.md, session 18).
@@ -136,7 +135,7 @@ struct GuRanges {
     int nr;              // ranges (1 or 2)
 };
 __device__ __forceinline__ GuRanges gu_ranges(const u8* blocks, const u8* scales, long long e, int I, int nb, int act,
-                                              int j0, int rows) {
+                                              int j0) {
     GuRanges r;
     const u8* eb = blocks + e * 2 * I * (long long)nb * 16;
     const u8* es = scales + e * 2 * I * (long long)nb;
@@ -144,16 +143,16 @@ __device__ __forceinline__ GuRanges gu_ranges(const u8* blocks, const u8* scales
         r.nr = 1;
         r.w[0] = r.w[1] = eb + (long long)2 * j0 * nb * 16;
         r.s[0] = r.s[1] = es + (long long)2 * j0 * nb;
-        r.wbytes = (u32)(2 * rows * nb * 16);
-        r.sbytes = (u32)(2 * rows * nb);
+        r.wbytes = (u32)(2 * 32 * nb * 16);
+        r.sbytes = (u32)(2 * 32 * nb);
     } else {
         r.nr = 2;
         r.w[0] = eb + (long long)j0 * nb * 16;
         r.w[1] = eb + (long long)(I + j0) * nb * 16;
         r.s[0] = es + (long long)j0 * nb;
         r.s[1] = es + (long long)(I + j0) * nb;
-        r.wbytes = (u32)(rows * nb * 16);
-        r.sbytes = (u32)(rows * nb);
+        r.wbytes = (u32)(32 * nb * 16);
+        r.sbytes = (u32)(32 * nb);
     }
     return r;
 }
@@ -163,7 +162,7 @@ template <int U>
 __global__ void __launch_bounds__(256) read_regs(const u8* blocks, const u8* scales, const int* ids, int I, int cols,
                                                  int act, u32* sink) {
     const int nb = cols / 32;
-    const GuRanges r = gu_ranges(blocks, scales, ids[blockIdx.y], I, nb, act, blockIdx.x * 32, 32);
+    const GuRanges r = gu_ranges(blocks, scales, ids[blockIdx.y], I, nb, act, blockIdx.x * 32);
     u32 x = 0;
     for (int q = 0; q < r.nr; q++) {
         const uint4* w = (const uint4*)r.w[q];
@@ -190,7 +189,7 @@ __global__ void __launch_bounds__(256) read_bulk(const u8* blocks, const u8* sca
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) unsigned long long bar;
     const int nb = cols / 32;
-    const GuRanges r = gu_ranges(blocks, scales, ids[blockIdx.y], I, nb, act, blockIdx.x * 32, 32);
+    const GuRanges r = gu_ranges(blocks, scales, ids[blockIdx.y], I, nb, act, blockIdx.x * 32);
     if (threadIdx.x == 0) {
         mbar_init(&bar, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");

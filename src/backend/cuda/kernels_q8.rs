@@ -359,17 +359,19 @@ impl CudaContext {
             None => b.arg(&NULL),
         };
         b.arg(&a[3]).arg(&a[4]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
-        // 16 warps per block while the grid fits in one wave at 2 blocks per SM (Qwen3-30B-A3B
-        // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
-        // 16 warps made it 0.6% slower)
-        let blocks = inter / 32 * n_assign;
         let cfg = match bulk {
             Some((w, slots, _)) => {
                 let mut cfg = grid(inter / 32, n_assign, 1, 32 * w as u32);
                 cfg.shared_mem_bytes = gate_up_bulk_smem(cols, w, slots) as u32;
                 cfg
             }
-            None => grid(inter / 32, n_assign, 1, if blocks <= 2 * self.sm_count as usize { 512 } else { 256 }),
+            // the register kernel: 16 warps per block while the grid fits in one wave at 2 blocks
+            // per SM (Qwen3-30B-A3B b1: 192 blocks, -2.2% per step on the H100), else 8
+            // (gpt-oss-20b b1: 360 blocks, 16 warps made it 0.6% slower)
+            None => {
+                let one_wave = inter / 32 * n_assign <= 2 * self.sm_count as usize;
+                grid(inter / 32, n_assign, 1, if one_wave { 512 } else { 256 })
+            }
         };
         unsafe { b.launch(cfg) }?;
         Ok(())
