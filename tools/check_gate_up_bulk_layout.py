@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Checks the bulk gate/up's copy layout (kernels/moe_q8.cu, gate_up_slot and
-gate_up_q8_bulk_impl) by address arithmetic, without a GPU: every weight block and scale byte a
-warp reads from shared memory was copied there (into the output's slot, through the ring when
-there are fewer slots than outputs) from the global address the register kernel
-(gate_up_q8_body / row_dot) reads for it; every bulk copy is 16-byte aligned and sized; the
-scale spans stay inside the scales buffer and their pieces; everything fits GU_BULK_SMEM. Mirrors
-the kernel's index arithmetic, so change both together. Run: python3 tools/check_gate_up_bulk_layout.py"""
+"""Checks the bulk gate/up's copy layout (bench/micro/gate_up_bulk.cuh: gate_up_slot and
+gate_up_q8_bulk_impl; gate_up_q8_ranges_impl as S = 0) by address arithmetic, without a GPU:
+every weight block and scale byte a warp reads from shared memory was copied there (into the
+output's slot, through the ring when there are fewer slots than outputs) from the global address
+the register kernel (gate_up_q8_body / row_dot) reads for it; every bulk copy is 16-byte aligned
+and sized; the scale spans stay inside the scales buffer and their pieces; everything fits
+GU_BULK_SMEM (GU_RANGES_SMEM). Mirrors the kernel's index arithmetic, so change both together.
+Run: python3 tools/check_gate_up_bulk_layout.py"""
 
 
 def span_piece(nb):  # GU_BULK_SPAN
@@ -47,6 +48,35 @@ def check(E, I, cols, act, NW, S, e, bx):
         copy(sl + rb, eb + ur * rb, rb)
         return span(ss, es + gr * nb, nb, span_piece(nb)), span(ss + span_piece(nb), es + ur * nb, nb, span_piece(nb))
 
+    if S == 0:  # the ranges form: a warp's rows in one or two copies, then its scales
+        warp_bytes = 2 * PER * rb + 2 * span_piece(PER * nb)  # GU_RANGES_WARP
+        for warp in range(NW):
+            jw = bx * 32 + warp * PER
+            rows = warp * warp_bytes
+            ss = rows + 2 * PER * rb
+            g0, u0 = (2 * jw, 2 * jw + 1) if act == 1 else (jw, I + jw)
+            if act == 1:
+                copy(rows, eb + g0 * rb, 2 * PER * rb)
+                sg = span(ss, es + g0 * nb, 2 * PER * nb, 2 * span_piece(PER * nb))
+                su = sg + nb
+            else:
+                copy(rows, eb + g0 * rb, PER * rb)
+                copy(rows + PER * rb, eb + u0 * rb, PER * rb)
+                sg = span(ss, es + g0 * nb, PER * nb, span_piece(PER * nb))
+                su = span(ss + span_piece(PER * nb), es + u0 * nb, PER * nb, span_piece(PER * nb))
+            rstep, uoff = (2, 1) if act == 1 else (1, PER)
+            for t in range(PER):
+                j = jw + t
+                for h in range(2):
+                    row = (2 * j + h) if act == 1 else (j if h == 0 else I + j)
+                    wr = rows + (t * rstep + h * uoff) * rb
+                    sr = (su if h else sg) + t * rstep * nb
+                    for b in range(nb):
+                        for i in range(16):
+                            assert smem[wr + b * 16 + i] == eb + (row * nb + b) * 16 + i, ("w", warp, t, h, b)
+                        assert smem[sr + b] == es + row * nb + b, ("s", warp, t, h, b)
+        assert max(smem) < NW * warp_bytes, (max(smem), NW * warp_bytes)
+        return
     for warp in range(NW):
         jw = bx * 32 + warp * PER
         slots = warp * S * slot_bytes(nb)
@@ -69,7 +99,7 @@ def check(E, I, cols, act, NW, S, e, bx):
 n = 0
 for (E, I, cols, act) in [(128, 768, 2048, 0), (32, 2880, 2880, 1), (32, 96, 2880, 1), (256, 64, 256, 0),
                           (64, 1536, 512, 0), (8, 64, 96, 1), (8, 64, 160, 0)]:
-    for NW, S in [(8, 4), (8, 2), (16, 2), (32, 1), (8, 1)]:
+    for NW, S in [(8, 4), (8, 2), (16, 2), (32, 1), (8, 1), (8, 0), (16, 0), (32, 0)]:
         if E > 32 * NW:
             continue
         for e in sorted({0, 1, E - 1}):

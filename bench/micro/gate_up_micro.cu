@@ -17,14 +17,20 @@
 // lf4_u3 256 20.21 us (-7.1%); R = 8 slower than R = 4. All at 1.0-1.8 TB/s of ~3 TB/s: the
 // per-row round trips are not what holds the kernel back. In the step the lf forms lost
 // (Qwen3 +3.1%), so they live only here.
-// Session 20 added (not yet run: no machine that session):
+// Session 20 added (run in session 21, H100: bench/results/cuda_gate_up_micro_h100_s21.txt):
 //   read regs U    floor 1: the shipped grid reads the same bytes with U 16-byte loads per
 //                  thread in flight, no arithmetic
 //   read bulk      floor 2: the same blocks copy their bytes to shared memory in one go
-//   bulk NW [r2]   moe_gate_up_q8_topk_bulkNW[_r2] (kernels/moe_q8.cu): after the top-k, lane 0
-//                  of every warp copies the warp's rows to shared memory (all of the block's
-//                  bytes in flight after a few instructions; r2: 2 outputs at a time, a ring),
-//                  then the warp computes from there
+//   bulk NW [r2]   moe_gate_up_q8_topk_bulkNW[_r2] (gate_up_bulk.cuh): after the top-k,
+//                  lane 0 of every warp copies the warp's rows to shared memory (all of the
+//                  block's bytes in flight after a few instructions; r2: 2 outputs at a time,
+//                  a ring), then the warp computes from there
+// Session 21 found the floors far apart (Qwen3: regs U4 8.5 us, bulk 6.3 us) and the bulk forms
+// no faster than shipped (12.4-13.3 us), and added:
+//   ranges NW      moe_gate_up_q8_topk_rangesNW: a warp's rows in 2-4 large copies, not 3-4
+//                  small ones per output, and one wait (as slow: 13.1 us)
+//   ranges 8, ...  the ranges form taken apart: the launch's ids instead of the top-k, and/or
+//                  no sums (only the copies, the wait and the store): where its time goes
 // Usage: /tmp/gum [launches per graph, default 96]
 #include "harness.cuh"
 #include <cuda_runtime.h>
@@ -35,6 +41,7 @@
 #include <random>
 #include "../../kernels/common.cuh"
 #include "../../kernels/moe_q8.cu"
+#include "gate_up_bulk.cuh"
 
 // ---- The loads-first form, as measured in session 18 (it was in kernels/moe_q8.cu for that
 // call, opt-in, and was removed after it: in the decode step it made Qwen3-30B-A3B b1 3.1%
@@ -210,6 +217,16 @@ __global__ void __launch_bounds__(256) read_bulk(const u8* blocks, const u8* sca
 
 // kernels/moe_q8.cu's bulk gate/up with 32 warps (one output each), here only
 GATE_UP_BULK_ENTRY(moe_gate_up_q8_topk_bulk32, 32, 1)
+GATE_UP_RANGES_ENTRY(moe_gate_up_q8_topk_ranges32, 32)
+// the ranges form taken apart: without the top-k (the launch's ids), without the sums, neither
+#define GATE_UP_RANGES_DIAG(NAME, PICK, COMPUTE) \
+extern "C" __global__ void __launch_bounds__(256) NAME(const u8* blocks, const u8* scales, \
+        const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout, \
+        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad) { \
+    gate_up_q8_ranges_impl<8, PICK, COMPUTE>(blocks, scales, xq, xd, logits, E, k, renorm, ids, wout, bias, I, cols, act, alpha, limit, aq, ad); }
+GATE_UP_RANGES_DIAG(ranges8_ids, false, true)
+GATE_UP_RANGES_DIAG(ranges8_pick_nosum, true, false)
+GATE_UP_RANGES_DIAG(ranges8_ids_nosum, false, false)
 
 struct Shape { const char* name; int E, k, I, cols, act; };
 
@@ -316,7 +333,7 @@ int main(int argc, char** argv) {
         const int smem = 64 * nb * 17;
         CK(cudaFuncSetAttribute(read_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         floor("read bulk", [&](int l) { read_bulk<<<grid, 256, smem, s>>>(db, ds, dids + l * sh.k, sh.I, sh.cols, sh.act, sink); });
-        // the bulk-copy gate/up (kernels/moe_q8.cu): 8 warps with a slot per output or a ring of
+        // the bulk-copy gate/up (gate_up_bulk.cuh): 8 warps with a slot per output or a ring of
         // 2, 16 and 32 warps
         auto bulk = [&](const char* what, int nw, int slots, auto kernel) {
             const int gsmem = GU_BULK_SMEM(nb, nw, slots);
@@ -330,6 +347,33 @@ int main(int argc, char** argv) {
         bulk("topk bulk 8 warps r2", 8, 2, moe_gate_up_q8_topk_bulk8_r2);
         bulk("topk bulk 16 warps", 16, 2, moe_gate_up_q8_topk_bulk16);
         bulk("topk bulk 32 warps", 32, 1, moe_gate_up_q8_topk_bulk32);
+        auto ranges = [&](const char* what, int nw, auto kernel) {
+            const int gsmem = GU_RANGES_SMEM(nb, nw);
+            CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gsmem));
+            report(what, [&](int l) {
+                kernel<<<grid, nw * 32, gsmem, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1, dtid, dtw, nullptr,
+                                                  sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
+            });
+        };
+        ranges("topk ranges 8 warps", 8, moe_gate_up_q8_topk_ranges8);
+        ranges("topk ranges 16 warps", 16, moe_gate_up_q8_topk_ranges16);
+        ranges("topk ranges 32 warps", 32, moe_gate_up_q8_topk_ranges32);
+        {  // the ranges form taken apart (8 warps): where its time goes
+            const int gsmem = GU_RANGES_SMEM(nb, 8);
+            // ids: the launch's experts given (no top-k); sums: its outputs are checked
+            auto diag = [&](const char* what, bool ids, bool sums, auto kernel) {
+                CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gsmem));
+                auto launch = [&](int l) {
+                    kernel<<<grid, 256, gsmem, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1, ids ? dids + l * sh.k : dtid,
+                                                    dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
+                };
+                if (sums) report(what, launch);
+                else floor(what, launch);
+            };
+            diag("ranges 8, ids, sums", true, true, ranges8_ids);
+            diag("ranges 8, top-k, no sums", false, false, ranges8_pick_nosum);
+            diag("ranges 8, ids, no sums", true, false, ranges8_ids_nosum);
+        }
         cudaFree(db); cudaFree(ds); cudaFree(dx); cudaFree(dd); cudaFree(dids); cudaFree(sink);
         cudaFree(daq); cudaFree(daq_ref); cudaFree(dad); cudaFree(dad_ref); cudaFree(dlg); cudaFree(dtw); cudaFree(dtid);
     }

@@ -433,29 +433,6 @@ fn layer_fusion_matches_separate_launches() {
     }
 }
 
-/// The bulk-copy expert gate/up (`CudaContext::gate_up_bulk`: each warp's rows copied to
-/// shared memory; 8 warps with a slot per output or a ring of 2, 16 warps) sums as the register
-/// kernel does: logits bit for bit equal over 10 graph steps of one row (the folded MoE block,
-/// where the step takes it).
-#[test]
-fn gate_up_bulk_matches_register_kernel() {
-    guard!();
-    for (what, w) in [("qwen3-moe 16x4", small_moe(16, 4, 51)), ("moe 128x8", small_moe(128, 8, 52)), ("gpt-oss-like", prepared("gpt_oss"))] {
-        for (warps, slots) in [(8usize, 0usize), (8, 2), (16, 0)] {
-            let mut b = CudaBackend::new(&w, opts()).unwrap();
-            *b.context_mut().gate_up_bulk.get_mut() = 0;
-            let mut a = CudaBackend::new(&w, opts()).unwrap();
-            *a.context_mut().gate_up_bulk.get_mut() = warps;
-            *a.context_mut().gate_up_bulk_slots.get_mut() = slots;
-            let v = w.config.vocab_size as u32;
-            let p: Vec<u32> = (0..20).map(|i| (i * 3 + 2) % v).collect();
-            let form = format!("bulk gate/up, {warps} warps, slots {slots}");
-            worst_step_diff(&mut a, &mut b, &p, 10, 0.0, &format!("{what}: {form}"));
-            println!("  {what}: {form} == register kernel (bitwise) over 10 steps");
-        }
-    }
-}
-
 /// The norm fold of one-row steps (`CudaContext::norm_fold`: the MoE down GEMV adds the
 /// combine to the residual, or a dense down projection accumulates into it, and the next
 /// q|k|v GEMV normalises its input itself, in every block) sums in the order of the separate

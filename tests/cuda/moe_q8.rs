@@ -5,7 +5,6 @@
 //! --features cuda --test cuda -- moe_q8::`; without one it prints a skip line.
 
 
-use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -330,10 +329,7 @@ fn router_norm_matches_reference() {
 /// order and bit for bit the same int8 activations; the weights (stored by the blocks of
 /// row tile 0) to float rounding (the softmax sum runs in another order). Shapes:
 /// Qwen3-30B-A3B (128 experts top-8, 2048 -> 2x768) at 1 and 8 rows, gpt-oss-like
-/// (32 top-4, 2880, biases, clamped GLU, no renormalisation) and 256 experts top-32. Every
-/// form of the one-launch kernel runs: registers, and the bulk-copy kernel at 8 warps (a slot
-/// per output, and a ring of 2) and 16 warps where the shape allows it (each case prints which
-/// ran).
+/// (32 top-4, 2880, biases, clamped GLU, no renormalisation) and 256 experts top-32.
 #[test]
 fn gate_up_topk_matches_separate_launches() {
     let Some(c) = cx() else { return };
@@ -361,34 +357,22 @@ fn gate_up_topk_matches_separate_launches() {
         let mut aq = up(c, &vec![-128i8; n_assign * inter]);
         let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
         c.moe_gate_up_q8(&dbl, &dsc, &dxq, &dxd, Experts::Ids(&ids), bias_arg, act, &mut aq, &mut ad, n_assign, k, inter, cols, ne).unwrap();
-        // one launch, by every form: the register kernel; the bulk-copy kernel at 8 warps (a slot
-        // per output, and a ring of 2) and 16 warps
-        let ids1 = down(c, &ids);
-        let form0 = (c.gate_up_bulk.load(Ordering::Relaxed), c.gate_up_bulk_slots.load(Ordering::Relaxed));
-        for (warps, slots) in [(0usize, 0usize), (8, 0), (8, 2), (16, 0)] {
-            c.gate_up_bulk.store(warps, Ordering::Relaxed);
-            c.gate_up_bulk_slots.store(slots, Ordering::Relaxed);
-            let ran = c.gate_up_bulk_form(ne, cols).map_or("registers", |(_, _, name)| name);
-            let mut ids2 = up(c, &vec![-7i32; n_assign]);
-            let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
-            let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
-            let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
-            let res =
-                c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne);
-            c.gate_up_bulk.store(form0.0, Ordering::Relaxed);
-            c.gate_up_bulk_slots.store(form0.1, Ordering::Relaxed);
-            res.unwrap();
-            let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols} ({ran})");
-            assert!(ids1.iter().all(|&e| e >= 0 && (e as usize) < ne), "{what}: separate top-k ids {ids1:?}");
-            assert_eq!(down(c, &ids2), ids1, "{what}: expert ids");
-            let (w1, w2) = (down(c, &tw), down(c, &tw2));
-            assert!(w1.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-30)), "{what}: weights {w1:?} vs {w2:?}");
-            assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
-            let (d1, d2) = (down(c, &ad), down(c, &ad2));
-            assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
-            println!("  moe_gate_up_q8_topk {what}: equal to top-k + gate/up");
-        }
+        // one launch
+        let mut ids2 = up(c, &vec![-7i32; n_assign]);
+        let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
+        let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
+        let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
+        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne)
+            .unwrap();
         let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");
+        let ids1 = down(c, &ids);
+        assert!(ids1.iter().all(|&e| e >= 0 && (e as usize) < ne), "{what}: separate top-k ids {ids1:?}");
+        assert_eq!(down(c, &ids2), ids1, "{what}: expert ids");
+        let (w1, w2) = (down(c, &tw), down(c, &tw2));
+        assert!(w1.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-30)), "{what}: weights {w1:?} vs {w2:?}");
+        assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
+        let (d1, d2) = (down(c, &ad), down(c, &ad2));
+        assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
         // the down GEMV that ranks the logits itself reads the experts the ids name
         let (dbl2, dsc2) = rand_mx(&mut r, ne, cols, inter);
         let (dbl2, dsc2) = (up(c, &dbl2), up(c, &dsc2));
@@ -400,6 +384,6 @@ fn gate_up_topk_matches_separate_launches() {
         let (y1, y2) = (down(c, &y1), down(c, &y2));
         assert!(y1.iter().all(|v| v.is_finite()), "{what}: down GEMV by ids left outputs unwritten");
         assert!(y1.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: down GEMV ranking its experts");
-        println!("  {what}: the ranking down GEMV equals the ids one");
+        println!("  moe_gate_up_q8_topk {what}: equal to top-k + gate/up; the ranking down GEMV equals the ids one");
     }
 }

@@ -16,26 +16,6 @@ pub const ROUTER_NORM_MAX_ROWS: usize = 8;
 /// Most experts `moe_gate_up_q8_topk` picks from (8 logits per lane of one warp).
 pub const TOPK_FUSED_MAX_EXPERTS: usize = 256;
 
-/// Widest rows the bulk-copy gate/up takes (GU_BULK_U = 3 blocks of 32 per lane).
-const GATE_UP_BULK_MAX_COLS: usize = 3072;
-/// Dynamic shared memory of the bulk gate/up with `warps` warps of `slots` output slots each
-/// for rows of `cols`: a slot holds an output's gate and up rows and their scales in two
-/// 16-byte-padded spans (GU_BULK_SMEM in kernels/moe_q8.cu).
-const fn gate_up_bulk_smem(cols: usize, warps: usize, slots: usize) -> usize {
-    let nb = cols / 32;
-    let span = nb.div_ceil(16) * 16 + 16;
-    warps * slots * (2 * nb * 16 + 2 * span)
-}
-/// The bulk gate/up entries: (warps, slots per warp), and the most dynamic shared memory each
-/// may ask for.
-const GATE_UP_BULK_FORMS: [(usize, usize, &str); 3] =
-    [(8, 4, "moe_gate_up_q8_topk_bulk8"), (8, 2, "moe_gate_up_q8_topk_bulk8_r2"), (16, 2, "moe_gate_up_q8_topk_bulk16")];
-pub const GATE_UP_BULK_SMEM: &[(&str, usize)] = &[
-    (GATE_UP_BULK_FORMS[0].2, gate_up_bulk_smem(GATE_UP_BULK_MAX_COLS, 8, 4)),
-    (GATE_UP_BULK_FORMS[1].2, gate_up_bulk_smem(GATE_UP_BULK_MAX_COLS, 8, 2)),
-    (GATE_UP_BULK_FORMS[2].2, gate_up_bulk_smem(GATE_UP_BULK_MAX_COLS, 16, 2)),
-];
-
 /// Which gated activation the fused gate/up kernel applies.
 #[derive(Clone, Copy, Debug)]
 pub enum GateAct {
@@ -351,47 +331,20 @@ impl CudaContext {
             GateAct::GptOss { alpha, limit } => (1, alpha, limit),
         };
         let a = [n_experts as i32, top_k as i32, renorm as i32, inter as i32, cols as i32];
-        let bulk = self.gate_up_bulk_form(n_experts, cols);
-        let mut b = self.launch(bulk.map_or("moe_gate_up_q8_topk", |(_, _, name)| name));
+        let mut b = self.launch("moe_gate_up_q8_topk");
         b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(logits).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(ids).arg(weights);
         match bias {
             Some(bb) => b.arg(bb),
             None => b.arg(&NULL),
         };
         b.arg(&a[3]).arg(&a[4]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
-        let cfg = match bulk {
-            Some((w, slots, _)) => {
-                let mut cfg = grid(inter / 32, n_assign, 1, 32 * w as u32);
-                cfg.shared_mem_bytes = gate_up_bulk_smem(cols, w, slots) as u32;
-                cfg
-            }
-            // the register kernel: 16 warps per block while the grid fits in one wave at 2 blocks
-            // per SM (Qwen3-30B-A3B b1: 192 blocks, -2.2% per step on the H100), else 8
-            // (gpt-oss-20b b1: 360 blocks, 16 warps made it 0.6% slower)
-            None => {
-                let one_wave = inter / 32 * n_assign <= 2 * self.sm_count as usize;
-                grid(inter / 32, n_assign, 1, if one_wave { 512 } else { 256 })
-            }
-        };
-        unsafe { b.launch(cfg) }?;
+        // 16 warps per block while the grid fits in one wave at 2 blocks per SM (Qwen3-30B-A3B
+        // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
+        // 16 warps made it 0.6% slower)
+        let blocks = inter / 32 * n_assign;
+        let threads = if blocks <= 2 * self.sm_count as usize { 512 } else { 256 };
+        unsafe { b.launch(grid(inter / 32, n_assign, 1, threads)) }?;
         Ok(())
-    }
-
-    /// The form of the bulk-copy gate/up (`moe_gate_up_q8_topk_bulk*`) for this shape as
-    /// (warps, output slots per warp, entry), or None for the register kernel: when
-    /// `gate_up_bulk` is 0, while a step is recorded for the persistent kernel (which has no
-    /// such body), for rows wider than 3072 or more experts than threads (the top-k ranks one
-    /// logit per thread). `gate_up_bulk_slots` 2 picks the ring of 2 slots at 8 warps; any
-    /// other value, a slot for each of the warp's outputs.
-    pub fn gate_up_bulk_form(&self, n_experts: usize, cols: usize) -> Option<(usize, usize, &'static str)> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let w = self.gate_up_bulk.load(Relaxed);
-        if w == 0 || self.is_recording() || cols > GATE_UP_BULK_MAX_COLS || n_experts > 32 * w {
-            return None;
-        }
-        let slots = self.gate_up_bulk_slots.load(Relaxed);
-        let pick = |s: usize| GATE_UP_BULK_FORMS.iter().find(|f| f.0 == w && f.1 == s).copied();
-        pick(slots).or_else(|| pick(32 / w))
     }
 
     /// Lists the assignments of every expert: `ids` i32 `[n_assign]` (< 0: skipped) ->

@@ -99,9 +99,6 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up_q8_grouped",
             "router_norm_q8",
             "moe_gate_up_q8_topk",
-            "moe_gate_up_q8_topk_bulk8",
-            "moe_gate_up_q8_topk_bulk8_r2",
-            "moe_gate_up_q8_topk_bulk16",
             "mxfp4_q8_rank_l32",
             "mxfp4_q8_rank_l8",
             "mxfp4_q8_combine_l32",
@@ -253,14 +250,6 @@ pub struct CudaContext {
     /// (`Experts::Rank`) and loads its first weights before it waits on the gate/up kernel;
     /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
     pub down_rank: bool,
-    /// warps per block of the bulk-copy expert gate/up (`moe_gate_up_q8_topk_bulk*`, kernels_q8.rs
-    /// `gate_up_bulk_form`), 0: the register kernel. `KAIROS_CUDA_GATE_UP_BULK=8|16` (default 0:
-    /// written in session 20, which had no GPU; not yet measured or run). Atomics (this and the
-    /// next) so that a test can run every form on one context.
-    pub gate_up_bulk: std::sync::atomic::AtomicUsize,
-    /// output slots per warp of the bulk gate/up: 2 (at 8 warps) copies a warp's outputs through
-    /// a ring of 2, else every output has its own. `KAIROS_CUDA_GATE_UP_SLOTS`.
-    pub gate_up_bulk_slots: std::sync::atomic::AtomicUsize,
     /// steps of one row fold each pre-attention rmsnorm into the q|k|v GEMV after it
     /// (`bf16_gemv_norm_*`) and the MoE combine into the expert down GEMV
     /// (`mxfp4_q8_combine_*`), or a dense MLP's down projection adds itself to the residual:
@@ -348,16 +337,10 @@ impl PdlFlavor {
 }
 
 /// The bulk GEMVs may take all the shared memory a block can opt into, the tile attention
-/// what its two K/V buffers need, the bulk gate/up its widest rows.
+/// what its two K/V buffers need.
 fn set_function_attributes(funcs: &HashMap<String, RawFunction>, smem_optin: usize) -> Result<()> {
     use cudarc::driver::sys::{cuFuncSetAttribute, CUfunction_attribute as A};
     for (name, bytes) in kernels_attention::TILE_SMEM {
-        if let Some(f) = funcs.get(*name) {
-            // SAFETY: as below.
-            unsafe { cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, *bytes as std::ffi::c_int) }.result()?;
-        }
-    }
-    for (name, bytes) in kernels_q8::GATE_UP_BULK_SMEM {
         if let Some(f) = funcs.get(*name) {
             // SAFETY: as below.
             unsafe { cuFuncSetAttribute(f.0, A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, *bytes as std::ffi::c_int) }.result()?;
@@ -505,12 +488,6 @@ impl CudaContext {
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
-            gate_up_bulk: std::sync::atomic::AtomicUsize::new(
-                std::env::var("KAIROS_CUDA_GATE_UP_BULK").ok().and_then(|v| v.parse().ok()).filter(|w| [0, 8, 16].contains(w)).unwrap_or(0),
-            ),
-            gate_up_bulk_slots: std::sync::atomic::AtomicUsize::new(
-                std::env::var("KAIROS_CUDA_GATE_UP_SLOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
-            ),
             // set per model when a CudaBackend is assembled (model::step_folds, env first)
             norm_fold: false,
             rope_fold: false,
