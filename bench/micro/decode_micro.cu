@@ -246,7 +246,7 @@ int main() {
             float us = graph_us(s, [&] { for (int c = 0; c < sh.copies; c++) body(c); }, sh.copies);
             printf("  %-24s %-26s %8.2f us  %6.0f GB/s\n", sh.name, what, us, mb / us * 1e3);
         };
-        run("v0 shipped", [&](int c) { lk(false, g, b, s, bf16_gemv_bf16x_n1, dw + per * c, dx, dy, sh.rows, sh.cols); });
+        run("v0 shipped", [&](int c) { lk(false, g, b, s, bf16_gemv_bf16x_n1, dw + per * c, dx, dy, sh.rows, sh.cols, (const float*)nullptr); });
         run("v1 U=8", [&](int c) { lk(false, g, b, s, gemv_v1<8, false>, dw + per * c, dx, dy, sh.rows, sh.cols); });
         run("v1 U=16", [&](int c) { lk(false, g, b, s, gemv_v1<16, false>, dw + per * c, dx, dy, sh.rows, sh.cols); });
         run("v1 U=8 PDL", [&](int c) { lk(true, g, b, s, gemv_v1<8, true>, dw + per * c, dx, dy, sh.rows, sh.cols); });
@@ -320,15 +320,15 @@ int main() {
                 int m = l % LM;
                 lk(pdl, dim3(1), dim3(1024), s, pdl ? to_bf16<true> : to_bf16<false>, f1, xb, 2048);           // rmsnorm
                 if (v1) lk(pdl, dim3(640), dim3(256), s, pdl ? gemv_v1<8, true> : gemv_v1<8, false>, wq + qkv * l, xb, f2, 5120, 2048);
-                else lk(false, dim3(640), dim3(256), s, bf16_gemv_bf16x_n1, wq + qkv * l, xb, f2, 5120, 2048);
+                else lk(false, dim3(640), dim3(256), s, bf16_gemv_bf16x_n1, wq + qkv * l, xb, f2, 5120, 2048, (const float*)nullptr);
                 lk(pdl, dim3(40), dim3(32), s, pdl ? tiny<true> : tiny<false>, f2, f1, 5120);                   // rope + kv
                 lk(pdl, dim3(32), dim3(128), s, pdl ? tiny<true> : tiny<false>, f1, f2, 4096);                  // attention split
                 lk(pdl, dim3(32), dim3(128), s, pdl ? to_bf16<true> : to_bf16<false>, f2, xb, 4096);            // attention reduce
                 if (v1) lk(pdl, dim3(256), dim3(256), s, pdl ? gemv_v1<16, true> : gemv_v1<16, false>, wo + o * l, xb, f1, 2048, 4096);
-                else lk(false, dim3(256), dim3(256), s, bf16_gemv_bf16x_n1, wo + o * l, xb, f1, 2048, 4096);
+                else lk(false, dim3(256), dim3(256), s, bf16_gemv_bf16x_n1, wo + o * l, xb, f1, 2048, 4096, (const float*)nullptr);
                 lk(pdl, dim3(1), dim3(1024), s, pdl ? to_bf16<true> : to_bf16<false>, f1, xb, 2048);           // rmsnorm
                 if (v1) lk(pdl, dim3(16), dim3(256), s, pdl ? gemv_v1<8, true> : gemv_v1<8, false>, wr + rt * l, xb, f2, 128, 2048);
-                else lk(false, dim3(16), dim3(256), s, bf16_gemv_bf16x_n1, wr + rt * l, xb, f2, 128, 2048);
+                else lk(false, dim3(16), dim3(256), s, bf16_gemv_bf16x_n1, wr + rt * l, xb, f2, 128, 2048, (const float*)nullptr);
                 lk(pdl, dim3(1), dim3(128), s, pdl ? tiny<true> : tiny<false>, f2, f1, 128);                    // top-k
                 if (v1) {
                     lk(pdl, dim3(8), dim3(256), s, quantize_q8<true>, xb, xq, xd, 2048);
