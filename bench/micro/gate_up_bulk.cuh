@@ -83,6 +83,32 @@ __device__ __forceinline__ void gate_up_slot(u8* sl, const u8* eb, const u8* es,
         su = bulk_span(ss + GU_BULK_SPAN(nb), es + ur * nb, nb, bar, issue);
     }
 }
+// The biases of the warp's PER outputs from jw (lane 0 only; zeros without biases).
+template <int PER>
+__device__ __forceinline__ void gate_up_biases(const float* __restrict__ bias, long long e, int I, int jw, int act,
+                                               bool issue, float (&bg)[PER], float (&bu)[PER]) {
+#pragma unroll
+    for (int t = 0; t < PER; t++) bg[t] = bu[t] = 0.f;
+    if (issue && bias) {
+#pragma unroll
+        for (int t = 0; t < PER; t++) {
+            const int j = jw + t;
+            bg[t] = bias[e * 2 * I + (act == 1 ? 2 * j : j)];
+            bu[t] = bias[e * 2 * I + (act == 1 ? 2 * j + 1 : I + j)];
+        }
+    }
+}
+// One row's sum from shared memory (blocks wr, scales sr), the lane's part, in row_dot<32, 2>'s order.
+__device__ __forceinline__ float row_sum_smem(const uint4* wr, const u8* sr, int nb, int lane,
+                                              const int4 (&xr)[GU_BULK_U][2], const float (&dr)[GU_BULK_U]) {
+    float acc = 0.f;
+#pragma unroll
+    for (int u = 0; u < GU_BULK_U; u++) {
+        const int b = u * 32 + lane;
+        if (b < nb) acc += (float)dot_block_i8(wr[b], xr[u][0], xr[u][1]) * (0.5f * e8m0_q8(sr[b]) * dr[u]);
+    }
+    return acc;
+}
 template <int NW, int S>
 __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
         const signed char* __restrict__ xq, const float* __restrict__ xd, const float* logits, int E, int k, int renorm,
@@ -116,15 +142,8 @@ __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __
 #pragma unroll
     for (int t = 0; t < S; t++) gate_up_slot(slots + t * GU_BULK_SLOT(nb), eb, es, jw + t, I, nb, act, &bar[warp][t], issue, sg[t], su[t]);
     // the biases while the rows fly (the register kernel loads them after its sums)
-    float bg[PER] = {}, bu[PER] = {};
-    if (issue && bias) {
-#pragma unroll
-        for (int t = 0; t < PER; t++) {
-            const int j = jw + t;
-            bg[t] = bias[e * 2 * I + (act == 1 ? 2 * j : j)];
-            bu[t] = bias[e * 2 * I + (act == 1 ? 2 * j + 1 : I + j)];
-        }
-    }
+    float bg[PER], bu[PER];
+    gate_up_biases<PER>(bias, e, I, jw, act, issue, bg, bu);
     // the lane's activation blocks lane + 32 i, also while the rows fly
     int4 xr[GU_BULK_U][2];
     float dr[GU_BULK_U];
@@ -134,19 +153,8 @@ __device__ void gate_up_q8_bulk_impl(const u8* __restrict__ blocks, const u8* __
         const int q = t % S;
         const u8* sl = slots + q * GU_BULK_SLOT(nb);
         mbar_wait(&bar[warp][q], (u32)(t / S) & 1u);
-        float acc[2];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {  // gate (h 0), up (h 1)
-            const uint4* wr = (const uint4*)(sl + (size_t)h * nb * 16);
-            const u8* sr = h == 0 ? sg[q] : su[q];
-            acc[h] = 0.f;
-#pragma unroll
-            for (int u = 0; u < GU_BULK_U; u++) {
-                const int b = u * 32 + lane;
-                if (b < nb) acc[h] += (float)dot_block_i8(wr[b], xr[u][0], xr[u][1]) * (0.5f * e8m0_q8(sr[b]) * dr[u]);
-            }
-        }
-        const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
+        const float g = warp_sum(row_sum_smem((const uint4*)sl, sg[q], nb, lane, xr, dr));
+        const float u = warp_sum(row_sum_smem((const uint4*)(sl + (size_t)nb * 16), su[q], nb, lane, xr, dr));
         if (lane == 0) out[warp * PER + t] = gate_up_act(g + bg[t], u + bu[t], act, alpha, limit);
         if (t + S < PER) {  // the ring: output t + S into this slot, once every lane has read it
             __syncwarp();
@@ -231,35 +239,17 @@ __device__ void gate_up_q8_ranges_impl(const u8* __restrict__ blocks, const u8* 
     }
     // output t's rows and scales: act 1 every other row from 0 (gate) and 1 (up); act 0 rows t, PER + t
     const int rstep = act == 1 ? 2 : 1, uoff = act == 1 ? 1 : PER;
-    float bg[PER] = {}, bu[PER] = {};
-    if (issue && bias) {
-#pragma unroll
-        for (int t = 0; t < PER; t++) {
-            const int j = jw + t;
-            bg[t] = bias[e * 2 * I + (act == 1 ? 2 * j : j)];
-            bu[t] = bias[e * 2 * I + (act == 1 ? 2 * j + 1 : I + j)];
-        }
-    }
+    float bg[PER], bu[PER];
+    gate_up_biases<PER>(bias, e, I, jw, act, issue, bg, bu);
     int4 xr[GU_BULK_U][2];
     float dr[GU_BULK_U];
     x_blocks_lane<GU_BULK_U>(xq + (long long)(a / k) * cols, xd + (long long)(a / k) * nb, nb, lane, xr, dr);
     mbar_wait(&bar[warp], 0);
 #pragma unroll
     for (int t = 0; t < (COMPUTE ? PER : 0); t++) {
-        float acc[2];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {  // gate (h 0), up (h 1)
-            const int r = t * rstep + h * uoff;
-            const uint4* wr = (const uint4*)(rows + (size_t)r * rb);
-            const u8* sr = (h == 0 ? sg : su) + (size_t)t * rstep * nb;
-            acc[h] = 0.f;
-#pragma unroll
-            for (int u = 0; u < GU_BULK_U; u++) {
-                const int b = u * 32 + lane;
-                if (b < nb) acc[h] += (float)dot_block_i8(wr[b], xr[u][0], xr[u][1]) * (0.5f * e8m0_q8(sr[b]) * dr[u]);
-            }
-        }
-        const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
+        const size_t so = (size_t)t * rstep * nb;  // output t's scales past output 0's
+        const float g = warp_sum(row_sum_smem((const uint4*)(rows + (size_t)t * rstep * rb), sg + so, nb, lane, xr, dr));
+        const float u = warp_sum(row_sum_smem((const uint4*)(rows + (size_t)(t * rstep + uoff) * rb), su + so, nb, lane, xr, dr));
         if (lane == 0) out[warp * PER + t] = gate_up_act(g + bg[t], u + bu[t], act, alpha, limit);
     }
     if (!COMPUTE && lane < PER) out[warp * PER + lane] = (float)rows[lane * rb] + (float)sg[lane] + dr[0];
