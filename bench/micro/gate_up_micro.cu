@@ -31,6 +31,8 @@
 //                  small ones per output, and one wait (as slow: 13.1 us)
 //   ranges 8, ...  the ranges form taken apart: the launch's ids instead of the top-k, and/or
 //                  no sums (only the copies, the wait and the store): where its time goes
+//   topk fine 8/block  moe_gate_up_q8_topk_fine (kernels/moe_q8.cu): a warp per output, 8 per
+//                  block, 4x the blocks; the int8 block of 32 finished by the last of its 4
 // Usage: /tmp/gum [launches per graph, default 96]
 #include "harness.cuh"
 #include <cuda_runtime.h>
@@ -303,6 +305,15 @@ int main(int argc, char** argv) {
                 moe_gate_up_q8_topk<<<dim3(sh.I / 32, sh.k), th, 0, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1,
                     dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad);
             });
+        }
+        {  // 8 outputs per block (session 21): 4x the blocks, an int8 block finished by its 4th
+            float* daf; unsigned* dgc;
+            CK(cudaMalloc(&daf, na * 4)); CK(cudaMalloc(&dgc, na / 32 * 8)); CK(cudaMemset(dgc, 0, na / 32 * 8));
+            report("topk fine 8/block", [&](int l) {
+                moe_gate_up_q8_topk_fine<<<dim3(sh.I / 8, sh.k), 256, 0, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1,
+                    dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad, daf, dgc);
+            });
+            cudaFree(daf); cudaFree(dgc);
         }
         // the loads-first entries (gate_up_q8_body_lf), at 256 and 128 threads
         auto lf = [&](const char* what, int threads, auto kernel) {

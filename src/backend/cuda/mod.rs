@@ -99,6 +99,7 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up_q8_grouped",
             "router_norm_q8",
             "moe_gate_up_q8_topk",
+            "moe_gate_up_q8_topk_fine",
             "mxfp4_q8_rank_l32",
             "mxfp4_q8_rank_l8",
             "mxfp4_q8_combine_l32",
@@ -250,6 +251,11 @@ pub struct CudaContext {
     /// (`Experts::Rank`) and loads its first weights before it waits on the gate/up kernel;
     /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
     pub down_rank: bool,
+    /// the one-row expert gate/up takes 8 outputs per block (`moe_gate_up_q8_topk_fine`, 4x
+    /// the blocks, an int8 block finished by the last of its 4) where the caller passes its
+    /// scratch. `KAIROS_CUDA_GATE_UP_FINE=1` (default off: written in session 21). Atomic so
+    /// that a test can run both forms on one context.
+    pub gate_up_fine: std::sync::atomic::AtomicBool,
     /// steps of one row fold each pre-attention rmsnorm into the q|k|v GEMV after it
     /// (`bf16_gemv_norm_*`) and the MoE combine into the expert down GEMV
     /// (`mxfp4_q8_combine_*`), or a dense MLP's down projection adds itself to the residual:
@@ -488,6 +494,7 @@ impl CudaContext {
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
+            gate_up_fine: std::sync::atomic::AtomicBool::new(std::env::var("KAIROS_CUDA_GATE_UP_FINE").is_ok_and(|v| v == "1")),
             // set per model when a CudaBackend is assembled (model::step_folds, env first)
             norm_fold: false,
             rope_fold: false,
