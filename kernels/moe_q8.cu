@@ -448,10 +448,13 @@ extern "C" __global__ void __launch_bounds__(512) moe_gate_up_q8_topk(const u8* 
 // the same d, so the same bytes) and zeroes gmax / cnt for the next launch.
 // grid (I / 8, n_assign), block 256; af f32 [n_assign, I], gcnt u32 [2 * n_assign * I / 32]
 // (max, count per 32-block), zero before the first launch and left zero by every launch.
-extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_fine(const u8* blocks, const u8* scales,
-        const signed char* xq, const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout,
-        const float* bias, int I, int cols, int act, float alpha, float limit, signed char* aq, float* ad, float* af,
-        unsigned* gcnt) {
+// _lf: for rows of up to 96 blocks, a lane's gate and up blocks are all loaded before any is
+// used (one round trip, not two), summed in row_dot<32, 2>'s order.
+template <bool LF>
+__device__ void gate_up_fine_impl(const u8* __restrict__ blocks, const u8* __restrict__ scales,
+        const signed char* __restrict__ xq, const float* __restrict__ xd, const float* logits, int E, int k, int renorm,
+        int* ids, float* wout, const float* __restrict__ bias, int I, int cols, int act, float alpha, float limit,
+        signed char* __restrict__ aq, float* __restrict__ ad, float* af, unsigned* gcnt) {
     const int e = gate_up_topk_pick(logits, E, k, renorm, ids, wout);
     __shared__ float out[8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, a = blockIdx.y;
@@ -463,8 +466,34 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_fine(const
         const u8* eb = blocks + (long long)e * 2 * I * nb * 16;
         const u8* es = scales + (long long)e * 2 * I * nb;
         const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
-        float g = row_dot<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
-        float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
+        const u8 *gw = eb + (long long)gr * nb * 16, *uw = eb + (long long)ur * nb * 16;
+        const u8 *gs = es + (long long)gr * nb, *us = es + (long long)ur * nb;
+        float g = 0.f, u = 0.f;
+        if (LF && nb <= 96) {
+            uint4 wg[3], wu[3];
+            u32 sg[3], su[3];
+#pragma unroll
+            for (int t = 0; t < 3; t++) {
+                const int b = t * 32 + lane;
+                if (b < nb) {
+                    wg[t] = ld_stream16(gw + b * 16);
+                    wu[t] = ld_stream16(uw + b * 16);
+                    sg[t] = __ldg(gs + b);
+                    su[t] = __ldg(us + b);
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < 3; t++) {
+                const int b = t * 32 + lane;
+                if (b < nb) {
+                    g += (float)dot_block(wg[t], xa + b * 32) * (0.5f * e8m0_q8(sg[t]) * LDG_ACT(da + b));
+                    u += (float)dot_block(wu[t], xa + b * 32) * (0.5f * e8m0_q8(su[t]) * LDG_ACT(da + b));
+                }
+            }
+        } else {
+            g = row_dot<32, 2>(gw, gs, nb, xa, da, lane);
+            u = row_dot<32, 2>(uw, us, nb, xa, da, lane);
+        }
         g = warp_sum(g);
         u = warp_sum(u);
         if (bias) { g += bias[(long long)e * 2 * I + gr]; u += bias[(long long)e * 2 * I + ur]; }
@@ -499,6 +528,14 @@ extern "C" __global__ void __launch_bounds__(256) moe_gate_up_q8_topk_fine(const
     aq[(long long)a * I + (blockIdx.x >> 2) * 32 + lane] = (signed char)__float2int_rn(d > 0.f ? y / d : 0.f);
     if (lane == 0) ad[q] = d;
 }
+#define GATE_UP_FINE_ENTRY(NAME, LF) \
+extern "C" __global__ void __launch_bounds__(256) NAME(const u8* blocks, const u8* scales, const signed char* xq, \
+        const float* xd, const float* logits, int E, int k, int renorm, int* ids, float* wout, const float* bias, int I, \
+        int cols, int act, float alpha, float limit, signed char* aq, float* ad, float* af, unsigned* gcnt) { \
+    gate_up_fine_impl<LF>(blocks, scales, xq, xd, logits, E, k, renorm, ids, wout, bias, I, cols, act, alpha, limit, aq, ad, \
+                          af, gcnt); }
+GATE_UP_FINE_ENTRY(moe_gate_up_q8_topk_fine, false)
+GATE_UP_FINE_ENTRY(moe_gate_up_q8_topk_fine_lf, true)
 
 // ---- Grouped expert GEMVs (steps of many rows) ----
 // The kernels above read an expert's weights once per ASSIGNMENT; with many rows per step

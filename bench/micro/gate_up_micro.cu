@@ -33,6 +33,7 @@
 //                  no sums (only the copies, the wait and the store): where its time goes
 //   topk fine 8/block  moe_gate_up_q8_topk_fine (kernels/moe_q8.cu): a warp per output, 8 per
 //                  block, 4x the blocks; the int8 block of 32 finished by the last of its 4
+//                  (lf: a lane's gate and up blocks loaded before any is used)
 // Usage: /tmp/gum [launches per graph, default 96]
 #include "harness.cuh"
 #include <cuda_runtime.h>
@@ -312,6 +313,10 @@ int main(int argc, char** argv) {
             report("topk fine 8/block", [&](int l) {
                 moe_gate_up_q8_topk_fine<<<dim3(sh.I / 8, sh.k), 256, 0, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k, 1,
                     dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad, daf, dgc);
+            });
+            report("topk fine 8/block lf", [&](int l) {
+                moe_gate_up_q8_topk_fine_lf<<<dim3(sh.I / 8, sh.k), 256, 0, s>>>(db, ds, dx, dd, dlg + (size_t)l * sh.E, sh.E, sh.k,
+                    1, dtid, dtw, nullptr, sh.I, sh.cols, sh.act, alpha, limit, daq, dad, daf, dgc);
             });
             cudaFree(daf); cudaFree(dgc);
         }

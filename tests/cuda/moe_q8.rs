@@ -360,14 +360,14 @@ fn gate_up_topk_matches_separate_launches() {
         let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
         c.moe_gate_up_q8(&dbl, &dsc, &dxq, &dxd, Experts::Ids(&ids), bias_arg, act, &mut aq, &mut ad, n_assign, k, inter, cols, ne).unwrap();
         // one launch: 32 outputs per block, then 8 (`gate_up_fine`, twice on the same scratch:
-        // each launch must leave it zero for the next)
+        // each launch must leave it zero for the next), then 8 with the loads first
         let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");
         let ids1 = down(c, &ids);
         assert!(ids1.iter().all(|&e| e >= 0 && (e as usize) < ne), "{what}: separate top-k ids {ids1:?}");
         let mut af = up(c, &vec![f32::NAN; n_assign * inter]);
         let mut gcnt = up(c, &vec![0u32; 2 * n_assign * inter / 32]);
         let fine0 = c.gate_up_fine.load(Ordering::Relaxed);
-        for (fine, form) in [(false, "32 outputs per block"), (true, "8 per block"), (true, "8 per block, again")] {
+        for (fine, form) in [(0, "32 outputs per block"), (1, "8 per block"), (1, "8 per block, again"), (2, "8 per block, loads first")] {
             let mut ids2 = up(c, &vec![-7i32; n_assign]);
             let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
             let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);

@@ -284,7 +284,8 @@ impl CudaContext {
     /// the choice is also stored in `ids` / `weights` `[n_rows * k]` for the down GEMV and the
     /// combine. E <= 256, k <= 32. With `fine` scratch (`af` f32 `[n_rows * k * inter]`,
     /// `gcnt` u32 `[2 * n_rows * k * inter / 32]`, zeroed once and left zero) and
-    /// `gate_up_fine` on, 8 outputs per block (`moe_gate_up_q8_topk_fine`): the same bytes.
+    /// `gate_up_fine` 1 or 2, 8 outputs per block (`moe_gate_up_q8_topk_fine[_lf]`): the same
+    /// bytes.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_gate_up_q8_topk(
         &self,
@@ -335,12 +336,18 @@ impl CudaContext {
         };
         let a = [n_experts as i32, top_k as i32, renorm as i32, inter as i32, cols as i32];
         // not while a step is recorded for the persistent kernel (it has no such body)
-        let fine = fine.filter(|_| self.gate_up_fine.load(std::sync::atomic::Ordering::Relaxed) && !self.is_recording());
+        let form = self.gate_up_fine.load(std::sync::atomic::Ordering::Relaxed);
+        let fine = fine.filter(|_| form != 0 && !self.is_recording());
         if let Some((af, gcnt)) = &fine {
             len_at_least(af, n_assign * inter, "af")?;
             len_at_least(gcnt, 2 * n_assign * inter / 32, "gcnt")?;
         }
-        let mut b = self.launch(if fine.is_some() { "moe_gate_up_q8_topk_fine" } else { "moe_gate_up_q8_topk" });
+        let entry = match (&fine, form) {
+            (None, _) => "moe_gate_up_q8_topk",
+            (Some(_), 2) => "moe_gate_up_q8_topk_fine_lf",
+            (Some(_), _) => "moe_gate_up_q8_topk_fine",
+        };
+        let mut b = self.launch(entry);
         b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(logits).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(ids).arg(weights);
         match bias {
             Some(bb) => b.arg(bb),
