@@ -31,7 +31,7 @@
 //                  small ones per output, and one wait (as slow: 13.1 us)
 //   ranges 8, ...  the ranges form taken apart: the launch's ids instead of the top-k, and/or
 //                  no sums (only the copies, the wait and the store): where its time goes
-//   topk fine 8/block  moe_gate_up_q8_topk_fine (kernels/moe_q8.cu): a warp per output, 8 per
+//   topk fine 8/block  moe_gate_up_q8_topk_fine (gate_up_fine.cuh): a warp per output, 8 per
 //                  block, 4x the blocks; the int8 block of 32 finished by the last of its 4
 //                  (lf: a lane's gate and up blocks loaded before any is used)
 // Usage: /tmp/gum [launches per graph, default 96]
@@ -45,6 +45,7 @@
 #include "../../kernels/common.cuh"
 #include "../../kernels/moe_q8.cu"
 #include "gate_up_bulk.cuh"
+#include "gate_up_fine.cuh"
 
 // ---- The loads-first form, as measured in session 18 (it was in kernels/moe_q8.cu for that
 // call, opt-in, and was removed after it: in the decode step it made Qwen3-30B-A3B b1 3.1%

@@ -433,27 +433,6 @@ fn layer_fusion_matches_separate_launches() {
     }
 }
 
-/// The one-row expert gate/up with 8 outputs per block (`CudaContext::gate_up_fine` 1 and 2,
-/// an int8 block finished by the last of its 4 blocks) sums and quantizes as the 32-output kernel does:
-/// logits bit for bit equal over 10 graph steps of one row (48 launches a step reuse the
-/// scratch, which each must leave zero).
-#[test]
-fn gate_up_fine_matches_register_kernel() {
-    guard!();
-    for (what, w) in [("qwen3-moe 16x4", small_moe(16, 4, 51)), ("moe 128x8", small_moe(128, 8, 52)), ("gpt-oss-like", prepared("gpt_oss"))] {
-        for form in [1usize, 2] {
-            let mut b = CudaBackend::new(&w, opts()).unwrap();
-            *b.context_mut().gate_up_fine.get_mut() = 0;
-            let mut a = CudaBackend::new(&w, opts()).unwrap();
-            *a.context_mut().gate_up_fine.get_mut() = form;
-            let v = w.config.vocab_size as u32;
-            let p: Vec<u32> = (0..20).map(|i| (i * 3 + 2) % v).collect();
-            worst_step_diff(&mut a, &mut b, &p, 10, 0.0, &format!("{what}: gate/up 8 outputs per block, form {form}"));
-            println!("  {what}: gate/up with 8 outputs per block (form {form}) == 32 per block (bitwise) over 10 steps");
-        }
-    }
-}
-
 /// The norm fold of one-row steps (`CudaContext::norm_fold`: the MoE down GEMV adds the
 /// combine to the residual, or a dense down projection accumulates into it, and the next
 /// q|k|v GEMV normalises its input itself, in every block) sums in the order of the separate

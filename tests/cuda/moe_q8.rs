@@ -5,7 +5,6 @@
 //! --features cuda --test cuda -- moe_q8::`; without one it prints a skip line.
 
 
-use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -330,8 +329,7 @@ fn router_norm_matches_reference() {
 /// order and bit for bit the same int8 activations; the weights (stored by the blocks of
 /// row tile 0) to float rounding (the softmax sum runs in another order). Shapes:
 /// Qwen3-30B-A3B (128 experts top-8, 2048 -> 2x768) at 1 and 8 rows, gpt-oss-like
-/// (32 top-4, 2880, biases, clamped GLU, no renormalisation) and 256 experts top-32; with
-/// 32 outputs per block and with 8 (`gate_up_fine`).
+/// (32 top-4, 2880, biases, clamped GLU, no renormalisation) and 256 experts top-32.
 #[test]
 fn gate_up_topk_matches_separate_launches() {
     let Some(c) = cx() else { return };
@@ -359,36 +357,22 @@ fn gate_up_topk_matches_separate_launches() {
         let mut aq = up(c, &vec![-128i8; n_assign * inter]);
         let mut ad = up(c, &vec![f32::NAN; n_assign * inter / 32]);
         c.moe_gate_up_q8(&dbl, &dsc, &dxq, &dxd, Experts::Ids(&ids), bias_arg, act, &mut aq, &mut ad, n_assign, k, inter, cols, ne).unwrap();
-        // one launch: 32 outputs per block, then 8 (`gate_up_fine`, twice on the same scratch:
-        // each launch must leave it zero for the next), then 8 with the loads first
+        // one launch
+        let mut ids2 = up(c, &vec![-7i32; n_assign]);
+        let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
+        let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
+        let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
+        c.moe_gate_up_q8_topk(&dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2, n, inter, cols, ne)
+            .unwrap();
         let what = format!("rows {n} experts {ne} top-{k} inter {inter} cols {cols}");
         let ids1 = down(c, &ids);
         assert!(ids1.iter().all(|&e| e >= 0 && (e as usize) < ne), "{what}: separate top-k ids {ids1:?}");
-        let mut af = up(c, &vec![f32::NAN; n_assign * inter]);
-        let mut gcnt = up(c, &vec![0u32; 2 * n_assign * inter / 32]);
-        let fine0 = c.gate_up_fine.load(Ordering::Relaxed);
-        for (fine, form) in [(0, "32 outputs per block"), (1, "8 per block"), (1, "8 per block, again"), (2, "8 per block, loads first")] {
-            let mut ids2 = up(c, &vec![-7i32; n_assign]);
-            let mut tw2 = up(c, &vec![f32::NAN; n_assign]);
-            let mut aq2 = up(c, &vec![-128i8; n_assign * inter]);
-            let mut ad2 = up(c, &vec![f32::NAN; n_assign * inter / 32]);
-            c.gate_up_fine.store(fine, Ordering::Relaxed);
-            let res = c.moe_gate_up_q8_topk(
-                &dbl, &dsc, &dxq, &dxd, &dlg, k, renorm, &mut ids2, &mut tw2, bias_arg, act, &mut aq2, &mut ad2,
-                Some((&mut af, &mut gcnt)), n, inter, cols, ne,
-            );
-            c.gate_up_fine.store(fine0, Ordering::Relaxed);
-            res.unwrap();
-            let what = format!("{what} ({form})");
-            assert_eq!(down(c, &ids2), ids1, "{what}: expert ids");
-            let (w1, w2) = (down(c, &tw), down(c, &tw2));
-            assert!(w1.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-30)), "{what}: weights {w1:?} vs {w2:?}");
-            assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
-            let (d1, d2) = (down(c, &ad), down(c, &ad2));
-            assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
-            assert!(down(c, &gcnt).iter().all(|&v| v == 0), "{what}: the scratch's max / count left non-zero");
-            println!("  moe_gate_up_q8_topk {what}: equal to top-k + gate/up");
-        }
+        assert_eq!(down(c, &ids2), ids1, "{what}: expert ids");
+        let (w1, w2) = (down(c, &tw), down(c, &tw2));
+        assert!(w1.iter().zip(&w2).all(|(a, b)| (a - b).abs() <= 1e-6 * a.abs().max(1e-30)), "{what}: weights {w1:?} vs {w2:?}");
+        assert_eq!(down(c, &aq2), down(c, &aq), "{what}: int8 activations");
+        let (d1, d2) = (down(c, &ad), down(c, &ad2));
+        assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: activation scales");
         // the down GEMV that ranks the logits itself reads the experts the ids name
         let (dbl2, dsc2) = rand_mx(&mut r, ne, cols, inter);
         let (dbl2, dsc2) = (up(c, &dbl2), up(c, &dsc2));
@@ -400,6 +384,6 @@ fn gate_up_topk_matches_separate_launches() {
         let (y1, y2) = (down(c, &y1), down(c, &y2));
         assert!(y1.iter().all(|v| v.is_finite()), "{what}: down GEMV by ids left outputs unwritten");
         assert!(y1.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: down GEMV ranking its experts");
-        println!("  {what}: the ranking down GEMV equals the ids one");
+        println!("  moe_gate_up_q8_topk {what}: equal to top-k + gate/up; the ranking down GEMV equals the ids one");
     }
 }

@@ -282,10 +282,7 @@ impl CudaContext {
     /// `moe_gate_up_q8` over the `n_rows * k` assignments of `n_rows` tokens, with the router
     /// top-k (as `moe_router_topk`) redone by every block from `logits` f32 `[n_rows, E]`;
     /// the choice is also stored in `ids` / `weights` `[n_rows * k]` for the down GEMV and the
-    /// combine. E <= 256, k <= 32. With `fine` scratch (`af` f32 `[n_rows * k * inter]`,
-    /// `gcnt` u32 `[2 * n_rows * k * inter / 32]`, zeroed once and left zero) and
-    /// `gate_up_fine` 1 or 2, 8 outputs per block (`moe_gate_up_q8_topk_fine[_lf]`): the same
-    /// bytes.
+    /// combine. E <= 256, k <= 32.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_gate_up_q8_topk(
         &self,
@@ -302,7 +299,6 @@ impl CudaContext {
         act: GateAct,
         aq: &mut CudaSlice<i8>,
         ad: &mut CudaSlice<f32>,
-        fine: Option<(&mut CudaSlice<f32>, &mut CudaSlice<u32>)>,
         n_rows: usize,
         inter: usize,
         cols: usize,
@@ -335,30 +331,13 @@ impl CudaContext {
             GateAct::GptOss { alpha, limit } => (1, alpha, limit),
         };
         let a = [n_experts as i32, top_k as i32, renorm as i32, inter as i32, cols as i32];
-        // not while a step is recorded for the persistent kernel (it has no such body)
-        let form = self.gate_up_fine.load(std::sync::atomic::Ordering::Relaxed);
-        let fine = fine.filter(|_| form != 0 && !self.is_recording());
-        if let Some((af, gcnt)) = &fine {
-            len_at_least(af, n_assign * inter, "af")?;
-            len_at_least(gcnt, 2 * n_assign * inter / 32, "gcnt")?;
-        }
-        let entry = match (&fine, form) {
-            (None, _) => "moe_gate_up_q8_topk",
-            (Some(_), 2) => "moe_gate_up_q8_topk_fine_lf",
-            (Some(_), _) => "moe_gate_up_q8_topk_fine",
-        };
-        let mut b = self.launch(entry);
+        let mut b = self.launch("moe_gate_up_q8_topk");
         b.arg(blocks).arg(scales).arg(xq).arg(xd).arg(logits).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(ids).arg(weights);
         match bias {
             Some(bb) => b.arg(bb),
             None => b.arg(&NULL),
         };
         b.arg(&a[3]).arg(&a[4]).arg(&kind).arg(&alpha).arg(&limit).arg(aq).arg(ad);
-        if let Some((af, gcnt)) = fine {
-            b.arg(af).arg(gcnt);
-            unsafe { b.launch(grid(inter / 8, n_assign, 1, 256)) }?;
-            return Ok(());
-        }
         // 16 warps per block while the grid fits in one wave at 2 blocks per SM (Qwen3-30B-A3B
         // b1: 192 blocks, -2.2% per step on the H100), else 8 (gpt-oss-20b b1: 360 blocks,
         // 16 warps made it 0.6% slower)

@@ -99,8 +99,6 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
             "moe_gate_up_q8_grouped",
             "router_norm_q8",
             "moe_gate_up_q8_topk",
-            "moe_gate_up_q8_topk_fine",
-            "moe_gate_up_q8_topk_fine_lf",
             "mxfp4_q8_rank_l32",
             "mxfp4_q8_rank_l8",
             "mxfp4_q8_combine_l32",
@@ -252,12 +250,6 @@ pub struct CudaContext {
     /// (`Experts::Rank`) and loads its first weights before it waits on the gate/up kernel;
     /// `KAIROS_CUDA_DOWN_RANK=0`: it reads the ids the gate/up kernel stored
     pub down_rank: bool,
-    /// the one-row expert gate/up takes 8 outputs per block (`moe_gate_up_q8_topk_fine`, 4x
-    /// the blocks, an int8 block finished by the last of its 4) where the caller passes its
-    /// scratch: 1, or 2 with a lane's gate and up blocks loaded before any is used (`_fine_lf`);
-    /// 0: 32 outputs per block. `KAIROS_CUDA_GATE_UP_FINE=0|1|2` (default 0: written in
-    /// session 21). Atomic so that a test can run every form on one context.
-    pub gate_up_fine: std::sync::atomic::AtomicUsize,
     /// steps of one row fold each pre-attention rmsnorm into the q|k|v GEMV after it
     /// (`bf16_gemv_norm_*`) and the MoE combine into the expert down GEMV
     /// (`mxfp4_q8_combine_*`), or a dense MLP's down projection adds itself to the residual:
@@ -496,9 +488,6 @@ impl CudaContext {
             gemv_split_target: std::env::var("KAIROS_CUDA_GEMV_SPLIT_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(16384),
             topk_rank: std::env::var("KAIROS_CUDA_TOPK_RANK").map_or(true, |v| v != "0"),
             down_rank: std::env::var("KAIROS_CUDA_DOWN_RANK").map_or(true, |v| v != "0"),
-            gate_up_fine: std::sync::atomic::AtomicUsize::new(
-                std::env::var("KAIROS_CUDA_GATE_UP_FINE").ok().and_then(|v| v.parse().ok()).filter(|f| *f <= 2).unwrap_or(0),
-            ),
             // set per model when a CudaBackend is assembled (model::step_folds, env first)
             norm_fold: false,
             rope_fold: false,

@@ -230,10 +230,6 @@ struct Bufs {
     hd: CudaSlice<f32>,
     aq: CudaSlice<i8>,
     ad: CudaSlice<f32>,
-    /// scratch of the one-row gate/up with 8 outputs per block (`CudaContext::gate_up_fine`):
-    /// its f32 outputs, and (max, count) per int8 block, kept zero between launches
-    af: CudaSlice<f32>,
-    gcnt: CudaSlice<u32>,
     logits: CudaSlice<f32>,
     am: CudaSlice<i32>,
     /// per-row sampling inputs of `decode_sample`: temperature, top-p, uniform draw
@@ -356,8 +352,6 @@ impl CudaBackend {
                 hd: z32(t * h / 32)?,
                 aq: z8(t * act_w)?,
                 ad: z32(t * act_w / 32)?,
-                af: z32(t * act_w)?,
-                gcnt: st.alloc_zeros::<u32>(2 * t * act_w / 32)?,
                 logits: z32(t * v)?,
                 am: zi(t)?,
                 samp: z32(3 * t)?,

@@ -180,7 +180,7 @@ impl CudaBackend {
                         cx.router_norm_q8(&b.x, &l.ln2, router, router_bias.as_ref(), &mut b.rlogits, &mut b.hq, &mut b.hd, n, h, e, eps)?;
                         cx.moe_gate_up_q8_topk(
                             &gu.blocks, &gu.scales, &b.hq, &b.hd, &b.rlogits, k, renorm, &mut b.tid, &mut b.tw, gu_bias.as_ref(), act,
-                            &mut b.aq, &mut b.ad, Some((&mut b.af, &mut b.gcnt)), n, inter, h, e,
+                            &mut b.aq, &mut b.ad, n, inter, h, e,
                         )?;
                         // under PDL the down GEMV picks its experts itself, so it can load its
                         // weights while the gate/up kernel runs (the same ids: the same ranking)
