@@ -34,6 +34,10 @@
 //   topk fine 8/block  moe_gate_up_q8_topk_fine (gate_up_fine.cuh): a warp per output, 8 per
 //                  block, 4x the blocks; the int8 block of 32 finished by the last of its 4
 //                  (lf: a lane's gate and up blocks loaded before any is used)
+// Session 21 on the H100 (cuda_gate_up_micro_h100_s21_{a,c,d}.txt), Qwen3 / gpt-oss us: shipped
+// topk 512 11.3 / 22.0; no bulk, ranges or fine form beats it by more than noise, and none wins
+// a decode step (bench/results/cuda_decode_h100.md, "Session 21"). Taken apart, the ranges form
+// spends 6.2 / 13.7 us on its bytes, 1.0-1.4 on the top-k and 5.8 / 10.6 on the sums.
 // Usage: /tmp/gum [launches per graph, default 96]
 #include "harness.cuh"
 #include <cuda_runtime.h>
