@@ -5,7 +5,7 @@
 #   scripts/device_ab.sh PREFIX SHAPES BATCHES CONTEXTS RUNS VARIANT...
 #
 #   VARIANT  name, or name:ENV=VALUE[,ENV=VALUE...] (environment switches, e.g.
-#            bulk8:KAIROS_CUDA_GATE_UP_BULK=8; "def" for the defaults)
+#            nosplit:KAIROS_CUDA_GEMV_SPLIT=0; "def" for the defaults)
 # Every variant runs `kairos bench decode --shapes SHAPES --batches BATCHES --contexts
 # CONTEXTS --steps ${STEPS:-30} --no-prefill` RUNS times, alternated (run 1 of every
 # variant, then run 2, ...), into $OUT/PREFIX_<card>_<name>_r<run>.json (card: h100 or h200);
