@@ -4,22 +4,45 @@
 # wrong, only the time counts). The marginal cost (base - skipped) includes what PDL overlaps, which
 # a serialising profiler misses. Run on the GPU machine:
 #   scripts/ablate_decode.sh KAIROS_BINARY OUT_DIR [shapes...]
-# then tools/ablation_table.py OUT_DIR. Skipping changes values downstream (stale activations, other
-# experts picked), so treat marginals under ~2% of the step as noise.
+# It writes two files into OUT_DIR, as each shape finishes (a device call returns only a few
+# files): ablation.json, every run merged ({shape: {"base" | "skip_<kernel>": run}}), and
+# ablation.md, tools/ablation_table.py's table of it. The runs and their logs stay in
+# ${ABL_WORK:-/tmp/ablate}. Skipping changes values downstream (stale activations, other experts
+# picked), so treat marginals under ~2% of the step as noise.
 set -u
 K=${1:?kairos binary}; O=${2:?output dir}; shift 2
 shapes=${*:-qwen3-30b-a3b gpt-oss-20b smollm2-135m}
-mkdir -p "$O"
+W=${ABL_WORK:-/tmp/ablate}
+mkdir -p "$O" "$W"
+here=$(cd "$(dirname "$0")/.." && pwd)
 one() {  # $1 shape $2 label, rest env
   local sh=$1 l=$2; shift 2
   env "$@" timeout 150 "$K" bench decode --shapes "$sh" --batches 1 --contexts 128,2048 --steps 50 --no-prefill \
-    --out "$O/abl_${sh}_${l}.json" > "$O/abl_${sh}_${l}.log" 2>&1 || echo "$sh $l: failed (see $O/abl_${sh}_${l}.log)"
+    --out "$W/abl_${sh}_${l}.json" > "$W/abl_${sh}_${l}.log" 2>&1 || echo "$sh $l: failed (see $W/abl_${sh}_${l}.log)"
+}
+merge() {  # the runs so far into OUT_DIR
+  python3 - "$W" "$O/ablation.json" <<'PY'
+import glob, json, os, sys
+runs = {}
+for p in glob.glob(os.path.join(sys.argv[1], "abl_*.json")):
+    name = os.path.basename(p)[len("abl_"):-len(".json")]
+    shape, sep, kernel = name.partition("_skip_")
+    label = "skip_" + kernel if sep else "base"
+    if not sep:
+        shape = name[: -len("_base")]
+    with open(p) as f:
+        runs.setdefault(shape, {})[label] = json.load(f)
+with open(sys.argv[2], "w") as f:
+    json.dump(runs, f)
+PY
+  python3 "$here/tools/ablation_table.py" "$O/ablation.json" > "$O/ablation.md"
 }
 for sh in $shapes; do
   # the kernel names a step launches (weight initialisation's fill kernels too: they serve as a noise check)
   KAIROS_CUDA_LAUNCH_LOG=1 timeout 300 "$K" bench decode --shapes "$sh" --batches 1 --contexts 128 --steps 5 --no-prefill \
-    > "$O/names_$sh.log" 2>&1
-  grep -o 'launch of kernel [A-Za-z0-9_]*' "$O/names_$sh.log" | sed 's/.* //' | sort -u > "$O/names_$sh.txt"
+    > "$W/names_$sh.log" 2>&1
+  grep -o 'launch of kernel [A-Za-z0-9_]*' "$W/names_$sh.log" | sed 's/.* //' | sort -u > "$W/names_$sh.txt"
   one "$sh" base
-  while read -r n; do one "$sh" "skip_$n" KAIROS_CUDA_SKIP="$n"; done < "$O/names_$sh.txt"
+  while read -r n; do one "$sh" "skip_$n" KAIROS_CUDA_SKIP="$n"; merge; done < "$W/names_$sh.txt"
+  merge
 done
