@@ -26,6 +26,38 @@ __device__ __forceinline__ void e2m1x8_to_i8(u32 q, int& lo4, int& hi4) {
     lo4 = (int)__byte_perm(__byte_perm(T0, T1, a), __byte_perm(T2, T3, a), sel);
     hi4 = (int)__byte_perm(__byte_perm(T0, T1, b), __byte_perm(T2, T3, b), sel >> 16);
 }
+#ifdef E2M1_PN
+// -DE2M1_PN (KAIROS_NVRTC_DEFINES, for A/B; written in session 21, not yet timed): 8 codes as
+// their positive and negative parts, 2 byte permutes and 3 logic ops per 8 codes instead of 6
+// and ~5, for 4 dp4a instead of 2. prmt's sign-replicate mode (bit 3 of a selector nibble, the
+// code's sign) turns a table byte m (< 128) into 0, so the table read with the codes gives m
+// where the sign is clear and with the signs flipped m where it is set: w = pos - neg. The
+// integer sum is exact either way, so the result is the same int (tools/check_e2m1_pn.py checks
+// the byte arithmetic for every code).
+// prmt.b32 in its generic mode, spelled out: PTX defines bit 3 of each selector nibble as
+// "replicate the selected byte's sign" (CUDA documents __byte_perm with 3-bit selectors only)
+__device__ __forceinline__ int prmt_signed(u32 a, u32 b, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return (int)r;
+}
+__device__ __forceinline__ int dot_word_pn(u32 q, int xlo, int xhi, int d, int& n) {
+    const u32 T0 = 0x03020100u, T1 = 0x0C080604u, qn = q ^ 0x88888888u;
+    d = __dp4a(prmt_signed(T0, T1, q), xlo, d);
+    n = __dp4a(prmt_signed(T0, T1, qn), xlo, n);
+    d = __dp4a(prmt_signed(T0, T1, q >> 16), xhi, d);
+    n = __dp4a(prmt_signed(T0, T1, qn >> 16), xhi, n);
+    return d;
+}
+__device__ __forceinline__ int dot_block_i8(uint4 w, int4 x0, int4 x1) {
+    int d = 0, n = 0;
+    d = dot_word_pn(w.x, x0.x, x0.y, d, n);
+    d = dot_word_pn(w.y, x0.z, x0.w, d, n);
+    d = dot_word_pn(w.z, x1.x, x1.y, d, n);
+    d = dot_word_pn(w.w, x1.z, x1.w, d, n);
+    return d - n;
+}
+#else
 // integer dot of one 32-weight block with 32 int8 activations held in x0, x1
 __device__ __forceinline__ int dot_block_i8(uint4 w, int4 x0, int4 x1) {
     int lo, hi, d = 0;
@@ -35,6 +67,7 @@ __device__ __forceinline__ int dot_block_i8(uint4 w, int4 x0, int4 x1) {
     e2m1x8_to_i8(w.w, lo, hi); d = __dp4a(lo, x1.z, d); d = __dp4a(hi, x1.w, d);
     return d;
 }
+#endif
 // the same with the activations read from xq (32-byte aligned)
 __device__ __forceinline__ int dot_block(uint4 w, const signed char* __restrict__ xq) {
     const int4* xv = (const int4*)xq;

@@ -38,6 +38,8 @@
 // topk 512 11.3 / 22.0; no bulk, ranges or fine form beats it by more than noise, and none wins
 // a decode step (bench/results/cuda_decode_h100.md, "Session 21"). Taken apart, the ranges form
 // spends 6.2 / 13.7 us on its bytes, 1.0-1.4 on the top-k and 5.8 / 10.6 on the sums.
+// Built with -DE2M1_PN every kernel here sums with kernels/moe_q8.cu's E2M1_PN dot (the same
+// integers, fewer instructions: tools/check_e2m1_pn.py); build both and compare the two runs.
 // Usage: /tmp/gum [launches per graph, default 96]
 #include "harness.cuh"
 #include <cuda_runtime.h>
