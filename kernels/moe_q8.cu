@@ -28,8 +28,8 @@ __device__ __forceinline__ void e2m1x8_to_i8(u32 q, int& lo4, int& hi4) {
 }
 #ifdef E2M1_PN
 // -DE2M1_PN (KAIROS_NVRTC_DEFINES, for A/B; written in session 21, not yet timed): 8 codes as
-// their positive and negative parts, 2 byte permutes and 3 logic ops per 8 codes instead of 6
-// and ~5, for 4 dp4a instead of 2. prmt's sign-replicate mode (bit 3 of a selector nibble, the
+// their positive and negative parts, 4 byte permutes and 3 logic ops per 8 codes instead of 6
+// and ~5, with 4 dp4a instead of 2. prmt's sign-replicate mode (bit 3 of a selector nibble, the
 // code's sign) turns a table byte m (< 128) into 0, so the table read with the codes gives m
 // where the sign is clear and with the signs flipped m where it is set: w = pos - neg. The
 // integer sum is exact either way, so the result is the same int (tools/check_e2m1_pn.py checks

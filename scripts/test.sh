@@ -18,6 +18,13 @@ nvrtc_lib=$(scripts/fetch_nvrtc.sh)
 if [ -n "${CI:-}" ]; then export KAIROS_REQUIRE_NVRTC=1; fi
 LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --release --features cuda --lib -- backend::cuda
+# the A/B define waiting for a device call compiles too
+KAIROS_NVRTC_DEFINES=E2M1_PN LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --release --features cuda --lib -- every_kernel_module_compiles
+# Kernel arithmetic checked without a GPU: the E2M1_PN dot against the shipped conversion
+# (prmt and dp4a emulated), the micro-only bulk gate/up's copy layout.
+python3 tools/check_e2m1_pn.py
+python3 tools/check_gate_up_bulk_layout.py
 # Broker tests start real brokers and rebalance consumer groups under a
 # 2-core load; a known rare flake (see connectors/README.md) gets one retry.
 cargo test --release -p kairos-connectors --test kafka \
