@@ -79,6 +79,10 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
 // writes are visible. Without the attribute both instructions are no-ops.
 // Kernels that load something independent of their predecessor (weights) first split it:
 // PDL_PRE(), the independent loads, PDL_POST().
+// `#pragma unroll N` with N a macro (a tuning define): NVRTC expands macros in a pragma, nvcc
+// (bench/micro) does not, _Pragma works for both
+#define KAIROS_PRAGMA(x) _Pragma(#x)
+#define UNROLL_BY(n) KAIROS_PRAGMA(unroll n)
 // -DPDL_LATE: the dependent is let go only after this kernel's own wait, so at most one
 // grid waits ahead of the running one (by default single-wave grids let theirs go at once,
 // and a chain of them can be resident, waiting, together).

@@ -165,9 +165,6 @@ GEMV_ACC_ENTRY(7, 2) GEMV_ACC_ENTRY(8, 2)
 #ifndef GEMV_SPLIT_UNROLL
 #define GEMV_SPLIT_UNROLL 4
 #endif
-// `#pragma unroll N` with N a macro: NVRTC expands it, nvcc (the micro-benchmarks) does not
-#define GEMV_PRAGMA(x) _Pragma(#x)
-#define GEMV_UNROLL(n) GEMV_PRAGMA(unroll n)
 // Wait: as gemv_impl's (PdlWait: the first SPLIT_PRE chunks of each lane are loaded before it).
 #ifndef GEMV_SPLIT_PRE
 #define GEMV_SPLIT_PRE 4
@@ -207,7 +204,7 @@ __device__ void gemv_split_impl(const bf16_t* __restrict__ W, const TX* __restri
             const int c = k * 32 + lane + p * 32 * KS;
             if (c < c8) split_chunk(pre[p], x, c, acc);
         }
-        GEMV_UNROLL(GEMV_SPLIT_UNROLL)
+        UNROLL_BY(GEMV_SPLIT_UNROLL)
         for (int c = k * 32 + lane + PRE * 32 * KS; c < c8; c += 32 * KS) split_chunk(__ldg((const uint4*)(wr + c * 8)), x, c, acc);
     }
     acc = warp_sum(acc);

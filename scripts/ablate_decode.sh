@@ -5,7 +5,7 @@
 # a serialising profiler misses. Run on the GPU machine:
 #   scripts/ablate_decode.sh KAIROS_BINARY OUT_DIR [shapes...]
 # It writes two files into OUT_DIR, as each shape finishes (a device call returns only a few
-# files): ablation.json, every run merged ({shape: {"base" | "skip_<kernel>": run}}), and
+# files): ablation.json, every run merged (tools/merge_runs.py: {"abl_<shape>_<label>": run}), and
 # ablation.md, tools/ablation_table.py's table of it. The runs and their logs stay in
 # ${ABL_WORK:-/tmp/ablate}. Skipping changes values downstream (stale activations, other experts
 # picked), so treat marginals under ~2% of the step as noise.
@@ -21,20 +21,7 @@ one() {  # $1 shape $2 label, rest env
     --out "$W/abl_${sh}_${l}.json" > "$W/abl_${sh}_${l}.log" 2>&1 || echo "$sh $l: failed (see $W/abl_${sh}_${l}.log)"
 }
 merge() {  # the runs so far into OUT_DIR
-  python3 - "$W" "$O/ablation.json" <<'PY'
-import glob, json, os, sys
-runs = {}
-for p in glob.glob(os.path.join(sys.argv[1], "abl_*.json")):
-    name = os.path.basename(p)[len("abl_"):-len(".json")]
-    shape, sep, kernel = name.partition("_skip_")
-    label = "skip_" + kernel if sep else "base"
-    if not sep:
-        shape = name[: -len("_base")]
-    with open(p) as f:
-        runs.setdefault(shape, {})[label] = json.load(f)
-with open(sys.argv[2], "w") as f:
-    json.dump(runs, f)
-PY
+  python3 "$here/tools/merge_runs.py" "$W" 'abl_*.json' "$O/ablation.json"
   python3 "$here/tools/ablation_table.py" "$O/ablation.json" > "$O/ablation.md"
 }
 for sh in $shapes; do

@@ -24,15 +24,7 @@ names=()
 for v in "$@"; do names+=("${v%%:*}"); done
 merged="$out/${prefix}_${card}.json"
 merge() {  # the runs so far into one file, and its table
-  python3 - "$work" "$merged" <<'PY'
-import glob, json, os, sys
-runs = {}
-for p in glob.glob(os.path.join(sys.argv[1], "*_r*.json")):
-    with open(p) as f:
-        runs[os.path.basename(p)[:-5]] = json.load(f)
-with open(sys.argv[2], "w") as f:
-    json.dump(runs, f)
-PY
+  python3 tools/merge_runs.py "$work" '*_r*.json' "$merged"
   python3 tools/ab_table.py "$merged" "${names[@]}" > "${merged%.json}.md"
 }
 failed=0

@@ -4,8 +4,10 @@
 skipped (KAIROS_CUDA_SKIP), its marginal cost (base minus skipped) per step and per layer.
 
 usage: tools/ablation_table.py DIR    (abl_<shape>_base.json, abl_<shape>_skip_<kernel>.json)
-       tools/ablation_table.py FILE   (those runs merged: {shape: {"base" | "skip_<kernel>": run}},
-                                       e.g. bench/results/cuda_ablation_h200_s12.json)
+       tools/ablation_table.py FILE   (those runs merged by tools/merge_runs.py, as
+                                       scripts/ablate_decode.sh writes them, or keyed
+                                       {shape: {"base" | "skip_<kernel>": run}}, e.g.
+                                       bench/results/cuda_ablation_h200_s12.json)
 """
 import glob
 import json
@@ -19,18 +21,30 @@ def rows(run):
     return {(r["batch"], r["context"]): r["graph_step_ms"] for r in run["rows"]}
 
 
+def split(stem):
+    """abl_<shape>_base / abl_<shape>_skip_<kernel> -> (shape, "base" | "skip_<kernel>")"""
+    name = stem[len("abl_"):]
+    shape, sep, kernel = name.partition("_skip_")
+    return (shape, "skip_" + kernel) if sep else (name[: -len("_base")], "base")
+
+
 def load(path):
-    """{shape: {label: run}} from a merged file or a directory of runs."""
+    """{shape: {label: run}} from a directory of runs, their merge (tools/merge_runs.py), or an
+    older merge already keyed by shape."""
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)
+            merged = json.load(f)
+        if not all(k.startswith("abl_") for k in merged):
+            return merged
+    else:
+        merged = {}
+        for p in glob.glob(os.path.join(path, "abl_*.json")):
+            with open(p) as f:
+                merged[os.path.basename(p)[: -len(".json")]] = json.load(f)
     runs = {}
-    for p in glob.glob(os.path.join(path, "abl_*.json")):
-        name = os.path.basename(p)[len("abl_"):-len(".json")]
-        shape, _, label = name.partition("_skip_") if "_skip_" in name else name.rpartition("_")
-        label = "skip_" + label if "_skip_" in name else label
-        with open(p) as f:
-            runs.setdefault(shape, {})[label] = json.load(f)
+    for stem, run in merged.items():
+        shape, label = split(stem)
+        runs.setdefault(shape, {})[label] = run
     return runs
 
 

@@ -415,7 +415,7 @@ impl CudaContext {
         if std::env::var("KAIROS_CUDA_PREFETCH").is_ok_and(|v| v == "0") {
             opts_list.push("-DKAIROS_NO_PREFETCH".into());
         }
-        // tuning experiments: `KAIROS_NVRTC_DEFINES="GEMV_UNROLL=8 ..."` (part of the PTX cache key)
+        // tuning experiments: `KAIROS_NVRTC_DEFINES="GEMV_SPLIT_UNROLL=8 ..."` (part of the PTX cache key)
         if let Ok(defs) = std::env::var("KAIROS_NVRTC_DEFINES") {
             opts_list.extend(defs.split_whitespace().map(|d| format!("-D{d}")));
         }
