@@ -31,5 +31,12 @@ for sh in $shapes; do
   grep -o 'launch of kernel [A-Za-z0-9_]*' "$W/names_$sh.log" | sed 's/.* //' | sort -u > "$W/names_$sh.txt"
   one "$sh" base
   while read -r n; do one "$sh" "skip_$n" KAIROS_CUDA_SKIP="$n"; merge; done < "$W/names_$sh.txt"
+  # two groups: every kernel that streams weights (GEMVs, expert kernels), and every other one.
+  # The step without the first is the chain's latency floor; without the second, the weight
+  # streams alone. Their sum against the base says how much of the two overlaps.
+  wk=$(grep -E 'gemv|gate_up|mxfp4' "$W/names_$sh.txt" | paste -sd, -)
+  rk=$(grep -vE 'gemv|gate_up|mxfp4' "$W/names_$sh.txt" | paste -sd, -)
+  [ -n "$wk" ] && one "$sh" "skip_GROUP:weight-kernels" KAIROS_CUDA_SKIP="$wk"
+  [ -n "$rk" ] && one "$sh" "skip_GROUP:all-other-kernels" KAIROS_CUDA_SKIP="$rk"
   merge
 done
