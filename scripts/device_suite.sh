@@ -22,14 +22,17 @@
 # The SmolLM2 GGUF is 98 MB (over one call's 64 MiB): send it in the parts that
 # scripts/device_build.sh cuts (.dev/g1..g3) over consecutive calls into /tmp and set
 # KAIROS_TEST_MODEL to the joined file (md5 a1231443440b107ff29f02bdb38c9d0a).
-# Every step writes its log under $OUT (default bench/out); the exit status is the
-# number of failed steps. At most 8 files come back from one device call: pick the
-# steps of a call so that suite.log + their logs/JSON stay within that.
+# Every step writes its log and results under ${SUITE_WORK:-/tmp/suite}; at the end they are
+# packed into $OUT/suite.tar.gz (OUT default bench/out), next to a copy of suite.log, because a
+# device call returns at most 8 files from $OUT (`tar xzf suite.tar.gz` unpacks them here). The
+# exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/device_env.sh
-out=${OUT:-bench/out}
-mkdir -p "$out"
+dest=${OUT:-bench/out} out=${SUITE_WORK:-/tmp/suite}
+mkdir -p "$dest" "$out"
+pack() { tar czf "$dest/suite.tar.gz" -C "$out" . && cp "$out/suite.log" "$dest/suite.log"; }
+trap pack EXIT
 model=${KAIROS_TEST_MODEL:-}
 failed=0
 run() { # name, command...: runs, logs, counts a failure
