@@ -5,18 +5,20 @@
 # register and shared-memory counts, before a device call runs them:
 #   N=$(scripts/fetch_nvcc.sh); PATH=$N/bin:$PATH nvcc -O3 -arch=sm_90 -I$N/include -L$N/lib \
 #     -Xptxas -v -o /tmp/lsm bench/micro/layer_stream_micro.cu
-# No GPU is needed to compile; the binaries run only on the device machine.
+# No GPU is needed to compile; the binaries run only on the device machine. cuobjdump and
+# nvdisasm come too, for reading the SASS here (scripts/sass_counts.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=models/cache/nvcc
 root="$dest/nvidia/cu13"
-if [ -x "$root/bin/nvcc" ] && [ -d "$root/nvvm" ]; then
+if [ -x "$root/bin/nvcc" ] && [ -d "$root/nvvm" ] && [ -x "$root/bin/nvdisasm" ]; then
   echo "$PWD/$root"
   exit 0
 fi
 mkdir -p "$dest"
 python3 -m pip download --quiet --no-deps -d "$dest" \
-  nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 nvidia-cuda-crt==13.5.37 nvidia-nvvm==13.5.37 >&2
+  nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 nvidia-cuda-crt==13.5.37 nvidia-nvvm==13.5.37 \
+  nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37 >&2
 python3 - "$dest" <<'PY'
 import glob, os, stat, sys, zipfile
 dest = sys.argv[1]
