@@ -73,6 +73,14 @@ __device__ __forceinline__ int dot_block(uint4 w, const signed char* __restrict_
     const int4* xv = (const int4*)xq;
     return dot_block_i8(w, LDG_ACT(xv), LDG_ACT(xv + 1));
 }
+// Blocks of 32 weights per lane in flight in the warp-per-row kernels (LPR 32): 2 covers a
+// row of up to 2048 columns (Qwen3's 64 blocks) in one round trip; gpt-oss-20b's 2880-column
+// rows (90 blocks) take two at 2 and one at 3, with the same sums in the same order (a lane adds
+// blocks sub, sub + 32, ... either way), so the result is bit for bit the same.
+// KAIROS_NVRTC_DEFINES=MX_ROW_U=3 for A/B (session 22, not yet timed).
+#ifndef MX_ROW_U
+#define MX_ROW_U 2
+#endif
 // One row's dot product, spread over LPR lanes (lane `sub` takes blocks sub, sub+LPR, ...),
 // U blocks per lane loaded before any is used. Returns the partial sum of this lane.
 template <int LPR, int U>
@@ -150,7 +158,7 @@ __device__ void mx_q8_impl(const u8* __restrict__ blocks, const u8* __restrict__
 // long rows (cols >= 1536): a warp per row; short rows: 8 lanes per row
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l32(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* y, int rows, int cols, const int* ids, int x_div) { PDL_ENTRY();
-    mx_q8_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, ids, x_div, blockIdx.x, blockIdx.y);
+    mx_q8_impl<32, MX_ROW_U>(blocks, scales, xq, xd, y, rows, cols, ids, x_div, blockIdx.x, blockIdx.y);
 }
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_l8(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* y, int rows, int cols, const int* ids, int x_div) { PDL_ENTRY();
@@ -186,7 +194,7 @@ __device__ void mx_q8_rank_impl(const u8* __restrict__ blocks, const u8* __restr
 }
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_rank_l32(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* y, int rows, int cols, const float* logits, int E, int k, int x_div) {
-    mx_q8_rank_impl<32, 2>(blocks, scales, xq, xd, y, rows, cols, logits, E, k, x_div);
+    mx_q8_rank_impl<32, MX_ROW_U>(blocks, scales, xq, xd, y, rows, cols, logits, E, k, x_div);
 }
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_rank_l8(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* y, int rows, int cols, const float* logits, int E, int k, int x_div) {
@@ -253,7 +261,7 @@ __device__ void mx_q8_combine_impl(const u8* __restrict__ blocks, const u8* __re
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_combine_l32(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* residual, int rows, int cols, const float* logits, const int* ids, const float* wk,
         const float* ebias, int E, int k) {
-    mx_q8_combine_impl<32, 2>(blocks, scales, xq, xd, residual, rows, cols, logits, ids, wk, ebias, E, k);
+    mx_q8_combine_impl<32, MX_ROW_U>(blocks, scales, xq, xd, residual, rows, cols, logits, ids, wk, ebias, E, k);
 }
 extern "C" __global__ void __launch_bounds__(256) mxfp4_q8_combine_l8(const u8* blocks, const u8* scales, const signed char* xq,
         const float* xd, float* residual, int rows, int cols, const float* logits, const int* ids, const float* wk,
@@ -314,8 +322,8 @@ __device__ void gate_up_q8_body(const u8* __restrict__ blocks, const u8* __restr
     for (int t = 0; t < per; t++) {
         const int j = bx * 32 + warp * per + t;
         const int gr = act == 1 ? 2 * j : j, ur = act == 1 ? 2 * j + 1 : I + j;
-        float g = row_dot<32, 2>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
-        float u = row_dot<32, 2>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
+        float g = row_dot<32, MX_ROW_U>(eb + (long long)gr * nb * 16, es + (long long)gr * nb, nb, xa, da, lane);
+        float u = row_dot<32, MX_ROW_U>(eb + (long long)ur * nb * 16, es + (long long)ur * nb, nb, xa, da, lane);
         g = warp_sum(g);
         u = warp_sum(u);
         if (lane == 0) {

@@ -18,8 +18,8 @@ nvrtc_lib=$(scripts/fetch_nvrtc.sh)
 if [ -n "${CI:-}" ]; then export KAIROS_REQUIRE_NVRTC=1; fi
 LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --release --features cuda --lib -- backend::cuda
-# the A/B define waiting for a device call compiles too
-KAIROS_NVRTC_DEFINES=E2M1_PN LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+# the A/B defines waiting for a device call compile too
+KAIROS_NVRTC_DEFINES="E2M1_PN MX_ROW_U=3" LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --release --features cuda --lib -- every_kernel_module_compiles
 # Kernel arithmetic checked without a GPU: the E2M1_PN dot against the shipped conversion
 # (prmt and dp4a emulated), the micro-only bulk gate/up's copy layout.
